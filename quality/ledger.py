@@ -1,0 +1,156 @@
+"""The batch ledger: every landed batch, what happened to it, and why.
+
+SQLite in WAL mode so the sensor, run workers and the CLI can read and write it at once.
+Status moves forward only: received -> stored -> validated | quarantined.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+STATUSES = ("received", "stored", "validated", "quarantined")
+FINAL = ("validated", "quarantined")
+
+_SCHEMA = """
+create table if not exists batches (
+    batch_id     text primary key,
+    dataset      text not null,
+    source_name  text not null,
+    source_path  text not null,
+    status       text not null check (status in ('received','stored','validated','quarantined')),
+    rows         integer,
+    reason       text,
+    received_at  text not null,
+    updated_at   text not null
+);
+create index if not exists batches_dataset on batches(dataset, received_at);
+create table if not exists batch_events (
+    id        integer primary key autoincrement,
+    batch_id  text not null,
+    at        text not null,
+    event     text not null,
+    detail    text
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    batch_id: str
+    dataset: str
+    source_name: str
+    source_path: str
+    status: str
+    rows: int | None
+    reason: str | None
+    received_at: str
+    updated_at: str
+
+
+class BatchLedger:
+    """Record of every batch that landed; the single source of truth for `loopline batches`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            con.execute("pragma journal_mode=wal")
+            con.execute("pragma synchronous=normal")
+            con.execute("pragma busy_timeout=30000")
+            con.row_factory = sqlite3.Row
+            yield con
+        finally:
+            con.close()
+
+    def receive(self, batch_id: str, dataset: str, source_path: Path) -> bool:
+        """Record a newly landed batch; False (and a `duplicate` event) if its id is known."""
+        now = _now()
+        with self._connect() as con:
+            cur = con.execute(
+                "insert or ignore into batches values (?,?,?,?,'received',null,null,?,?)",
+                (batch_id, dataset, Path(source_path).name, str(source_path), now, now),
+            )
+            inserted = cur.rowcount == 1
+            con.execute(
+                "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
+                (batch_id, now, "received" if inserted else "duplicate", str(source_path)),
+            )
+        return inserted
+
+    def mark(
+        self, batch_id: str, status: str, *, rows: int | None = None, reason: str | None = None
+    ) -> None:
+        """Move a batch to ``status``, keeping the row count and reason."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown batch status {status!r}; expected one of {STATUSES}")
+        now = _now()
+        with self._connect() as con:
+            cur = con.execute(
+                "update batches set status=?, rows=coalesce(?, rows), reason=?, updated_at=? "
+                "where batch_id=?",
+                (status, rows, reason, now, batch_id),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"batch {batch_id!r} is not in the ledger")
+            con.execute(
+                "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
+                (batch_id, now, status, reason),
+            )
+
+    def get(self, batch_id: str) -> BatchRecord | None:
+        with self._connect() as con:
+            row = con.execute("select * from batches where batch_id=?", (batch_id,)).fetchone()
+        return BatchRecord(**dict(row)) if row else None
+
+    def batches(
+        self, *, dataset: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[BatchRecord]:
+        """Batches newest first, optionally filtered."""
+        sql, args = "select * from batches where 1=1", []
+        if dataset:
+            sql += " and dataset=?"
+            args.append(dataset)
+        if status:
+            sql += " and status=?"
+            args.append(status)
+        sql += " order by received_at desc, batch_id"
+        if limit:
+            sql += " limit ?"
+            args.append(limit)
+        with self._connect() as con:
+            return [BatchRecord(**dict(r)) for r in con.execute(sql, args)]
+
+    def events(self, batch_id: str | None = None) -> list[dict]:
+        sql, args = "select * from batch_events", []
+        if batch_id:
+            sql += " where batch_id=?"
+            args.append(batch_id)
+        with self._connect() as con:
+            return [dict(r) for r in con.execute(sql + " order by id", args)]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per dataset and status: batch count and row count (the reconciliation view)."""
+        out: dict[str, dict[str, int]] = {}
+        with self._connect() as con:
+            for r in con.execute(
+                "select dataset, status, count(*) n, coalesce(sum(rows),0) r "
+                "from batches group by dataset, status"
+            ):
+                out.setdefault(r["dataset"], {})[f"{r['status']}_batches"] = r["n"]
+                out[r["dataset"]][f"{r['status']}_rows"] = r["r"]
+        return out
