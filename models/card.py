@@ -1,0 +1,100 @@
+"""Markdown model card stored with each version: what it was trained on, how well it does, where not to trust it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from models.evaluate import EvaluationReport, evaluation_markdown
+from models.gate import GateDecision
+from models.spec import FeatureSpec
+
+DEFAULT_LIMITATIONS = (
+    "Trained on historical labelled transactions; labels arrive late, so the most recent "
+    "fraud patterns are under-represented in the training window.",
+    "Slices with small support have wide uncertainty; their metrics are indicative only.",
+    "Categories unseen in training (new countries, merchant categories) share one "
+    "'unknown' embedding; expect weaker scores for them until the next retrain.",
+    "Probabilities are calibrated on the validation split; calibration drifts as the fraud "
+    "rate changes, so re-check the threshold after a base-rate shift.",
+)
+
+
+def model_card(
+    *,
+    name: str,
+    version: str | None,
+    spec: FeatureSpec,
+    training: Mapping[str, Any],
+    reports: Mapping[str, EvaluationReport],
+    decision: GateDecision | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    limitations: Sequence[str] = DEFAULT_LIMITATIONS,
+) -> str:
+    """Renders the card; `training` is TrainResult.summary(), `reports` challenger first."""
+    window = training.get("data_window", {})
+    lines = [
+        f"# Model card: {name}" + (f" {version}" if version else ""),
+        "",
+        "## Intended use",
+        "",
+        "Scores card transactions for fraud risk in real time; transactions at or above the "
+        "decision threshold are flagged for review.",
+        "",
+        "## Data window",
+        "",
+        f"- Events from {window.get('start')} to {window.get('end')} "
+        f"({window.get('rows')} rows, {window.get('positives')} positives)",
+    ]
+    for split, part in (window.get("splits") or {}).items():
+        lines.append(
+            f"- {split}: {part.get('start')} to {part.get('end')} "
+            f"({part.get('rows')} rows, {part.get('positives')} positives)"
+        )
+    if lineage:
+        lines += ["", "## Lineage", ""]
+        lines += [f"- {k}: {_short(v)}" for k, v in lineage.items() if k != "artifacts"]
+    lines += [
+        "",
+        "## Features",
+        "",
+        f"- Numeric ({len(spec.numeric)}): " + ", ".join(spec.numeric),
+        f"- Categorical ({len(spec.categorical)}): " + ", ".join(spec.categorical),
+        "- Nulls in numeric features are imputed with the training median and flagged by a "
+        "missing indicator; unknown categories map to an out-of-vocabulary embedding.",
+        "",
+        "## Training",
+        "",
+    ]
+    config = training.get("config", {})
+    lines += [
+        f"- Kind: {training.get('kind')}; hidden layers {config.get('hidden')}, "
+        f"lr {config.get('lr')}, batch {config.get('batch_size')}, seed {config.get('seed')}",
+        f"- Epochs run: {training.get('epochs_run')} (best {training.get('best_epoch')}, "
+        f"early stop: {training.get('stopped_early')}) on {training.get('train_device')}",
+        f"- Imbalance: {config.get('imbalance')} (pos_weight {_num(training.get('pos_weight'))}); "
+        f"calibration: {(training.get('calibration') or {}).get('method')}",
+        "",
+        "## Metrics",
+        "",
+        evaluation_markdown(reports).rstrip(),
+    ]
+    if decision is not None:
+        lines += ["", "## Validation gate", "", decision.to_markdown().rstrip()]
+    lines += ["", "## Limitations", "", *[f"- {item}" for item in limitations], ""]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list | tuple) and len(value) > 10:
+        return ", ".join(map(str, value[:10])) + f", ... ({len(value)} in all)"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    return str(value)

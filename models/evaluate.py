@@ -1,0 +1,301 @@
+"""Evaluation on the held-out split: headline metrics, calibration, and the same per slice."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from models.jsonutil import json_safe
+from models.loop import predict_logits
+from models.metrics import (
+    CalibrationCurve,
+    best_f1_threshold,
+    binary_metrics,
+    calibration_curve,
+    precision_recall_curve,
+)
+from models.preprocess import Preprocessor, TabularBatch, label_array
+from models.spec import AMOUNT_BUCKET_EDGES, AMOUNT_BUCKET_LABELS, DEFAULT_SLICES
+
+HEADLINE = ("pr_auc", "roc_auc", "log_loss", "brier", "precision", "recall", "f1")
+NULL_SLICE = "(null)"
+
+
+def amount_bucket_expr(amount: str = "amount") -> pl.Expr:
+    """<10, 10-100, 100-1000, >=1000 (left-closed), nulls stay null."""
+    col = pl.col(amount)
+    lo, mid, hi = AMOUNT_BUCKET_EDGES
+    b0, b1, b2, b3 = AMOUNT_BUCKET_LABELS
+    return (
+        pl.when(col.is_null())
+        .then(pl.lit(None, dtype=pl.String))
+        .when(col < lo)
+        .then(pl.lit(b0))
+        .when(col < mid)
+        .then(pl.lit(b1))
+        .when(col < hi)
+        .then(pl.lit(b2))
+        .otherwise(pl.lit(b3))
+        .alias("amount_bucket")
+    )
+
+
+def with_amount_bucket(frame: pl.DataFrame, amount: str = "amount") -> pl.DataFrame:
+    return frame.with_columns(amount_bucket_expr(amount))
+
+
+def predict_proba(
+    module: nn.Module,
+    preprocessor: Preprocessor,
+    data: pl.DataFrame | Sequence[Mapping[str, Any]],
+    batch_size: int = 65536,
+) -> np.ndarray:
+    """Fraud probabilities on CPU, float64, one per row."""
+    batch: TabularBatch = preprocessor.transform(data)
+    logits = predict_logits(module.cpu(), batch.numeric, batch.categorical, batch_size)
+    return torch.sigmoid(logits.double()).numpy()
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """Metrics on the rows of one slice value, e.g. country == "DE"."""
+
+    column: str
+    value: str
+    metrics: dict[str, float]
+
+    @property
+    def support(self) -> int:
+        return int(self.metrics["support"])
+
+    @property
+    def positives(self) -> int:
+        return int(self.metrics["positives"])
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """One model on one split; slices and calibration included. JSON round-trips via to_dict."""
+
+    model: str
+    split: str
+    threshold: float
+    threshold_split: str
+    metrics: dict[str, float]
+    calibration: CalibrationCurve
+    pr_curve: dict[str, list[float]]
+    slices: tuple[SliceResult, ...]
+
+    @property
+    def support(self) -> int:
+        return int(self.metrics["support"])
+
+    def slice(self, column: str, value: str) -> SliceResult | None:
+        for s in self.slices:
+            if s.column == column and s.value == value:
+                return s
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "model": self.model,
+                "split": self.split,
+                "threshold": self.threshold,
+                "threshold_split": self.threshold_split,
+                "metrics": self.metrics,
+                "calibration": self.calibration.to_dict(),
+                "pr_curve": self.pr_curve,
+                "slices": [
+                    {"column": s.column, "value": s.value, "metrics": s.metrics}
+                    for s in self.slices
+                ],
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
+        cal = data["calibration"]
+        return cls(
+            model=data["model"],
+            split=data["split"],
+            threshold=float(data["threshold"]),
+            threshold_split=data["threshold_split"],
+            metrics=_floats(data["metrics"]),
+            calibration=CalibrationCurve(
+                tuple(cal["prob_pred"]),
+                tuple(cal["prob_true"]),
+                tuple(cal["counts"]),
+                _float(cal["ece"]),
+            ),
+            pr_curve={k: list(v) for k, v in data["pr_curve"].items()},
+            slices=tuple(
+                SliceResult(s["column"], s["value"], _floats(s["metrics"])) for s in data["slices"]
+            ),
+        )
+
+
+def evaluate_scores(
+    name: str,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    slice_frame: pl.DataFrame | None = None,
+    *,
+    slice_columns: Sequence[str] = DEFAULT_SLICES,
+    split: str = "test",
+    threshold_split: str = "validation",
+    n_bins: int = 10,
+) -> EvaluationReport:
+    """Builds a report from labels and probabilities (slice_frame rows align with them)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    metrics = binary_metrics(y, p, threshold)
+    calibration = calibration_curve(y, p, n_bins)
+    metrics["ece"] = calibration.ece
+    precision, recall, _ = precision_recall_curve(y, p)
+    keep = _downsample(precision.size, 200)
+    slices: list[SliceResult] = []
+    if slice_frame is not None:
+        if slice_frame.height != y.size:
+            raise ValueError("slice_frame must have one row per prediction")
+        for column in slice_columns:
+            if column not in slice_frame.columns:
+                raise KeyError(f"slice column {column!r} is not in the evaluation frame")
+            groups = (
+                slice_frame.select(pl.col(column).cast(pl.String).fill_null(NULL_SLICE).alias("v"))
+                .with_row_index("i")
+                .group_by("v")
+                .agg(pl.col("i"))
+                .sort("v")
+            )
+            for value, idx in groups.iter_rows():
+                rows = np.asarray(idx, dtype=np.int64)
+                slices.append(
+                    SliceResult(column, value, binary_metrics(y[rows], p[rows], threshold))
+                )
+        slices.sort(key=lambda s: (slice_columns.index(s.column), -s.support, s.value))
+    return EvaluationReport(
+        model=name,
+        split=split,
+        threshold=float(threshold),
+        threshold_split=threshold_split,
+        metrics=metrics,
+        calibration=calibration,
+        pr_curve={
+            "precision": [float(v) for v in precision[keep]],
+            "recall": [float(v) for v in recall[keep]],
+        },
+        slices=tuple(slices),
+    )
+
+
+def evaluate_model(
+    module: nn.Module,
+    preprocessor: Preprocessor,
+    frame: pl.DataFrame,
+    *,
+    name: str,
+    threshold: float | None = None,
+    split: str = "test",
+    threshold_split: str = "validation",
+    slice_columns: Sequence[str] = DEFAULT_SLICES,
+    n_bins: int = 10,
+) -> EvaluationReport:
+    """Scores `split`; the decision threshold (best F1) is chosen on `threshold_split`, not test."""
+    frame = with_amount_bucket(frame) if "amount" in frame.columns else frame
+    label = preprocessor.spec.label
+    test = frame.filter(pl.col("split") == split)
+    if test.height == 0:
+        raise ValueError(f"the {split!r} split is empty: nothing to evaluate")
+    if threshold is None:
+        tuning = frame.filter(pl.col("split") == threshold_split)
+        if tuning.height == 0:
+            raise ValueError(f"the {threshold_split!r} split is empty: cannot choose a threshold")
+        threshold = best_f1_threshold(
+            label_array(tuning, label), predict_proba(module, preprocessor, tuning)
+        )
+    else:
+        threshold_split = "given"
+    return evaluate_scores(
+        name,
+        label_array(test, label),
+        predict_proba(module, preprocessor, test),
+        threshold,
+        test,
+        slice_columns=slice_columns,
+        split=split,
+        threshold_split=threshold_split,
+        n_bins=n_bins,
+    )
+
+
+def evaluation_markdown(
+    reports: Mapping[str, EvaluationReport], slice_metric: str = "pr_auc", max_slice_rows: int = 25
+) -> str:
+    """Side-by-side tables (challenger, baseline, champion...) for the Dagster UI and the card."""
+    names = list(reports)
+    if not names:
+        return "_no evaluation_\n"
+    first = reports[names[0]]
+    lines = [
+        f"**Split:** {first.split} ({first.support} rows, {int(first.metrics['positives'])} positives)",
+        "",
+        "| model | " + " | ".join(HEADLINE) + " | threshold |",
+        "|---" * (len(HEADLINE) + 2) + "|",
+    ]
+    for n in names:
+        r = reports[n]
+        cells = " | ".join(_fmt(r.metrics.get(m)) for m in HEADLINE)
+        lines.append(f"| {n} | {cells} | {_fmt(r.threshold)} ({r.threshold_split}) |")
+    columns = list(dict.fromkeys(s.column for s in first.slices))
+    for column in columns:
+        lines += [
+            "",
+            f"**Slices by {column}** ({slice_metric}; recall at threshold)",
+            "",
+            "| value | support | positives | "
+            + " | ".join(f"{n} {slice_metric}" for n in names)
+            + " | "
+            + " | ".join(f"{n} recall" for n in names)
+            + " |",
+            "|---" * (3 + 2 * len(names)) + "|",
+        ]
+        rows = [s for s in first.slices if s.column == column][:max_slice_rows]
+        for s in rows:
+            others = [reports[n].slice(column, s.value) for n in names]
+            metric_cells = " | ".join(
+                _fmt(o.metrics.get(slice_metric) if o else None) for o in others
+            )
+            recall_cells = " | ".join(_fmt(o.metrics.get("recall") if o else None) for o in others)
+            lines.append(
+                f"| {s.value} | {s.support} | {s.positives} | {metric_cells} | {recall_cells} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _downsample(size: int, limit: int) -> np.ndarray:
+    if size <= limit:
+        return np.arange(size)
+    return np.unique(np.linspace(0, size - 1, limit).round().astype(np.int64))
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _floats(data: Mapping[str, Any]) -> dict[str, float]:
+    return {k: _float(v) for k, v in data.items()}

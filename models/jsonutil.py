@@ -1,0 +1,24 @@
+"""JSON-safe conversion shared by reports, sidecars and the registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON has no NaN), numpy scalars -> Python, datetimes -> ISO text."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

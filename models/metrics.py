@@ -1,0 +1,198 @@
+"""Binary-classification metrics in NumPy (scikit-learn is not a dependency).
+
+Definitions follow scikit-learn's so figures compare: average precision is the step-wise
+sum over distinct thresholds (no interpolation), ROC-AUC is the Mann-Whitney statistic with
+ties counted half. A metric that is undefined for the data (one class only) is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-15
+
+
+def _as_arrays(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
+    return y, s
+
+
+def _distinct_threshold_counts(
+    y: np.ndarray, s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative true/false positives at each distinct score, highest score first."""
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted = s[order]
+    y_sorted = y[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s_sorted)), y_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    return tps, fps, s_sorted[last_of_run]
+
+
+def precision_recall_curve(
+    y_true: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall when flagging `score >= threshold`, thresholds descending."""
+    y, s = _as_arrays(y_true, scores)
+    if y.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    tps, fps, thresholds = _distinct_threshold_counts(y, s)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1] if tps[-1] > 0 else np.full(tps.shape, np.nan)
+    return precision, recall, thresholds
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision: sum over thresholds of (R_n - R_{n-1}) * P_n."""
+    y, s = _as_arrays(y_true, scores)
+    if y.sum() == 0:
+        return math.nan
+    precision, recall, _ = precision_recall_curve(y, s)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks (scipy's 'average')."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_vals)) + 1]
+    ends = np.r_[starts[1:], sorted_vals.size]
+    mean_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    y, s = _as_arrays(y_true, scores)
+    n_pos = float(y.sum())
+    n_neg = float(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = average_ranks(s)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(y_true: np.ndarray, probs: np.ndarray, eps: float = EPS) -> float:
+    """Mean negative log-likelihood with probabilities clipped to [eps, 1 - eps]."""
+    y, p = _as_arrays(y_true, probs)
+    if y.size == 0:
+        return math.nan
+    p = np.clip(p, eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared error of the probabilities."""
+    y, p = _as_arrays(y_true, probs)
+    return float(np.mean((p - y) ** 2)) if y.size else math.nan
+
+
+@dataclass(frozen=True)
+class CalibrationCurve:
+    """Per non-empty bin: mean predicted probability, observed positive rate, row count."""
+
+    prob_pred: tuple[float, ...]
+    prob_true: tuple[float, ...]
+    counts: tuple[int, ...]
+    ece: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "prob_pred": list(self.prob_pred),
+            "prob_true": list(self.prob_true),
+            "counts": list(self.counts),
+            "ece": self.ece,
+        }
+
+
+def calibration_curve(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10, strategy: str = "uniform"
+) -> CalibrationCurve:
+    """Reliability diagram data and expected calibration error (count-weighted |gap|)."""
+    y, p = _as_arrays(y_true, probs)
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+    elif strategy == "quantile":
+        edges = (
+            np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1))) if p.size else np.zeros(2)
+        )
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    bins = np.clip(np.searchsorted(edges[1:-1], p, side="right"), 0, len(edges) - 2)
+    counts = np.bincount(bins, minlength=len(edges) - 1)
+    sum_p = np.bincount(bins, weights=p, minlength=len(edges) - 1)
+    sum_y = np.bincount(bins, weights=y, minlength=len(edges) - 1)
+    nonempty = counts > 0
+    prob_pred = sum_p[nonempty] / counts[nonempty]
+    prob_true = sum_y[nonempty] / counts[nonempty]
+    weights = counts[nonempty] / max(p.size, 1)
+    ece = float(np.sum(weights * np.abs(prob_true - prob_pred))) if p.size else math.nan
+    return CalibrationCurve(
+        tuple(float(v) for v in prob_pred),
+        tuple(float(v) for v in prob_true),
+        tuple(int(v) for v in counts[nonempty]),
+        ece,
+    )
+
+
+def best_f1_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold maximising F1 (flag `score >= threshold`); chosen on validation."""
+    precision, recall, thresholds = precision_recall_curve(y_true, scores)
+    if thresholds.size == 0 or np.isnan(recall).all():
+        return 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def threshold_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Precision, recall, F1 and flag rate when flagging `score >= threshold`."""
+    y, s = _as_arrays(y_true, scores)
+    flagged = s >= threshold
+    tp = float(np.sum(flagged & (y == 1)))
+    fp = float(np.sum(flagged & (y == 0)))
+    fn = float(np.sum(~flagged & (y == 1)))
+    precision = tp / (tp + fp) if tp + fp > 0 else math.nan
+    recall = tp / (tp + fn) if tp + fn > 0 else math.nan
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if tp > 0 and not math.isnan(precision + recall)
+        else (0.0 if tp + fp + fn > 0 else math.nan)
+    )
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "flag_rate": float(flagged.mean()) if y.size else math.nan,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def binary_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every headline metric for one set of predictions."""
+    y, p = _as_arrays(y_true, probs)
+    out = {
+        "support": float(y.size),
+        "positives": float(y.sum()),
+        "base_rate": float(y.mean()) if y.size else math.nan,
+        "pr_auc": average_precision(y, p),
+        "roc_auc": roc_auc(y, p),
+        "log_loss": log_loss(y, p),
+        "brier": brier_score(y, p),
+    }
+    out.update(threshold_metrics(y, p, threshold))
+    return out

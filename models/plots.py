@@ -1,0 +1,125 @@
+"""PNG plots for the UI and the model card, drawn without pyplot (no global state, no display)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from models.evaluate import EvaluationReport
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """Inline image for Dagster's MetadataValue.md or a markdown file."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def loss_curves_png(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> bytes:
+    """Train and validation loss per epoch, one colour per model."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], color=color, label=f"{name} train")
+        if history and "val_loss" in history[0]:
+            ax.plot(
+                epochs,
+                [h["val_loss"] for h in history],
+                color=color,
+                linestyle="--",
+                label=f"{name} validation",
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def calibration_png(reports: Mapping[str, EvaluationReport]) -> bytes:
+    """Reliability diagram: observed fraud rate against mean predicted probability."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
+    for i, (name, r) in enumerate(reports.items()):
+        ece = r.calibration.ece
+        ax.plot(
+            r.calibration.prob_pred,
+            r.calibration.prob_true,
+            marker="o",
+            color=f"C{i}",
+            label=f"{name} (ECE {ece:.3f})",
+        )
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title("Calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def pr_curve_png(reports: Mapping[str, EvaluationReport]) -> bytes:
+    """Precision-recall curves with PR-AUC in the legend."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    for i, (name, r) in enumerate(reports.items()):
+        ax.step(
+            r.pr_curve["recall"],
+            r.pr_curve["precision"],
+            where="post",
+            color=f"C{i}",
+            label=f"{name} (PR-AUC {r.metrics['pr_auc']:.3f})",
+        )
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def slice_metric_png(
+    reports: Mapping[str, EvaluationReport],
+    column: str,
+    metric: str = "pr_auc",
+    max_values: int = 15,
+) -> bytes:
+    """Grouped bars of one metric per slice value (largest slices first), support in labels."""
+    names = list(reports)
+    first = reports[names[0]]
+    slices = [s for s in first.slices if s.column == column][:max_values]
+    fig = Figure(figsize=(max(6, 0.6 * len(slices) * len(names)), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(slices))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        values = []
+        for s in slices:
+            other = reports[name].slice(column, s.value)
+            v = other.metrics.get(metric, math.nan) if other else math.nan
+            values.append(0.0 if v is None or math.isnan(v) else v)
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, color=f"C{i}", label=name)
+    ax.set_xticks(x, [f"{s.value}\n(n={s.support})" for s in slices], fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} by {column}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _png(fig)

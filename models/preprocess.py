@@ -1,0 +1,173 @@
+"""Turns feature rows into model tensors, identically at training and serving time.
+
+Serving hands in a list of dicts, training a Polars frame; both go through one Polars code
+path so they cannot drift apart. Everything fitted (imputation values, vocabularies) is
+plain JSON so it can sit beside a `weights_only` state_dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import polars as pl
+import torch
+
+from models.spec import FIRST_CATEGORY_INDEX, MISSING_INDEX, OOV_INDEX, FeatureSpec
+
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
+
+
+class TabularBatch(NamedTuple):
+    """Model inputs: numeric holds transformed values then missing indicators ([n, 2k])."""
+
+    numeric: torch.Tensor
+    categorical: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TabularBatch:
+        return TabularBatch(self.numeric.to(device), self.categorical.to(device))
+
+    def __len__(self) -> int:
+        return int(self.numeric.shape[0])
+
+
+def signed_log1p(values: np.ndarray) -> np.ndarray:
+    """Compresses heavy tails (amounts, counts, ratios) so one extreme value cannot dominate."""
+    finite = np.nan_to_num(values, nan=0.0, posinf=_FLOAT64_MAX, neginf=-_FLOAT64_MAX)
+    return np.sign(finite) * np.log1p(np.abs(finite))
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Fitted imputation values and vocabularies for one FeatureSpec.
+
+    Categorical index 0 is "missing", 1 is "unknown category" (OOV), 2.. the vocabulary.
+    A numeric null (or NaN) becomes the training median plus a 1 in its indicator column.
+    """
+
+    spec: FeatureSpec
+    impute: dict[str, float]
+    vocab: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def fit(
+        cls, frame: pl.DataFrame, spec: FeatureSpec, max_categories: int = 1000
+    ) -> Preprocessor:
+        """Learns statistics from the training rows only, so validation and test stay unseen."""
+        _require_columns(frame, spec.columns)
+        impute: dict[str, float] = {}
+        for name in spec.numeric:
+            values = frame.get_column(name).cast(pl.Float64).to_numpy()
+            values = values[np.isfinite(values)]
+            impute[name] = float(np.median(values)) if values.size else 0.0
+        vocab: dict[str, tuple[str, ...]] = {}
+        for name in spec.categorical:
+            counts = (
+                frame.select(pl.col(name).cast(pl.String).alias("v"))
+                .drop_nulls()
+                .group_by("v")
+                .agg(pl.len().alias("n"))
+                .sort(["n", "v"], descending=[True, False])
+                .head(max_categories)
+            )
+            vocab[name] = tuple(sorted(counts.get_column("v").to_list()))
+        return cls(spec=spec, impute=impute, vocab=vocab)
+
+    @property
+    def n_numeric_inputs(self) -> int:
+        return 2 * len(self.spec.numeric)
+
+    @property
+    def cardinalities(self) -> tuple[int, ...]:
+        return tuple(len(self.vocab[name]) + FIRST_CATEGORY_INDEX for name in self.spec.categorical)
+
+    def transform(self, data: pl.DataFrame | Sequence[Mapping[str, Any]]) -> TabularBatch:
+        """Rows -> tensors; unknown categories map to OOV, nulls to imputed value + indicator."""
+        frame = data if isinstance(data, pl.DataFrame) else self.records_to_frame(data)
+        _require_columns(frame, self.spec.columns)
+        n = frame.height
+        k = len(self.spec.numeric)
+        numeric = np.zeros((n, 2 * k), dtype=np.float32)
+        for j, name in enumerate(self.spec.numeric):
+            raw = frame.get_column(name).cast(pl.Float64).to_numpy()
+            missing = np.isnan(raw)
+            filled = np.where(missing, self.impute[name], raw)
+            numeric[:, j] = signed_log1p(filled)
+            numeric[:, k + j] = missing
+        if self.spec.categorical:
+            exprs = []
+            for name in self.spec.categorical:
+                mapping = {v: i + FIRST_CATEGORY_INDEX for i, v in enumerate(self.vocab[name])}
+                col = pl.col(name).cast(pl.String)
+                exprs.append(
+                    pl.when(col.is_null())
+                    .then(pl.lit(MISSING_INDEX, dtype=pl.Int64))
+                    .otherwise(
+                        col.replace_strict(mapping, default=OOV_INDEX, return_dtype=pl.Int64)
+                    )
+                    .alias(name)
+                )
+            categorical = np.array(frame.select(exprs).to_numpy(), dtype=np.int64)
+        else:
+            categorical = np.zeros((n, 0), dtype=np.int64)
+        return TabularBatch(
+            torch.from_numpy(np.ascontiguousarray(numeric)),
+            torch.from_numpy(np.ascontiguousarray(categorical)),
+        )
+
+    def records_to_frame(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+        """Builds a frame with a fixed schema, so a batch of one row types like a million."""
+        columns: dict[str, pl.Series] = {}
+        for name in self.spec.numeric:
+            values = [r.get(name) for r in records]
+            columns[name] = pl.Series(
+                name, [None if v is None else float(v) for v in values], dtype=pl.Float64
+            )
+        for name in self.spec.categorical:
+            values = [r.get(name) for r in records]
+            columns[name] = pl.Series(
+                name, [None if v is None else str(v) for v in values], dtype=pl.String
+            )
+        return pl.DataFrame(columns)
+
+    def labels(self, frame: pl.DataFrame) -> torch.Tensor:
+        """The 0/1 label as float32; nulls or other values are an error, not a silent 0."""
+        _require_columns(frame, (self.spec.label,))
+        return torch.from_numpy(label_array(frame, self.spec.label).astype(np.float32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "impute": dict(self.impute),
+            "vocab": {k: list(v) for k, v in self.vocab.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessor:
+        return cls(
+            spec=FeatureSpec.from_dict(data["spec"]),
+            impute={k: float(v) for k, v in data["impute"].items()},
+            vocab={k: tuple(v) for k, v in data["vocab"].items()},
+        )
+
+
+def label_array(frame: pl.DataFrame, label: str = "label") -> np.ndarray:
+    """Labels as int8, checked to be 0/1 with no nulls."""
+    column = frame.get_column(label)
+    if column.null_count():
+        raise ValueError(f"label column {label!r} has {column.null_count()} null values")
+    values = column.cast(pl.Int8).to_numpy()
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        raise ValueError(
+            f"label column {label!r} must be 0/1, found {sorted(set(values[bad]))[:5]}"
+        )
+    return values
+
+
+def _require_columns(frame: pl.DataFrame, names: Sequence[str]) -> None:
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise KeyError(f"input is missing feature columns {missing}")

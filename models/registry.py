@@ -1,0 +1,531 @@
+"""Model registry in SQLite (WAL): versions with lineage, aliases, an append-only event log.
+
+Version ids are sequential ("v0001", "v0002", ...): short enough for a CLI and for
+TorchServe version names, and ordered like promotion history. The sequence number is taken
+inside the registering transaction (BEGIN IMMEDIATE), so concurrent registrations cannot
+collide. Each version also stores a content hash over its artifact checksums; registering
+the same artifacts again returns the existing version instead of a duplicate, which makes
+a retried registration step idempotent.
+
+Every mutation is one transaction: a crash mid-registration leaves no half entry. Version
+rows and events cannot be updated or deleted (triggers enforce it); the champion history,
+and so rollback, is replayed from the event log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.checksum import sha256_file
+from models.jsonutil import json_safe
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EVENT_KINDS = ("registered", "rejected", "promoted", "rolled_back", "alias_set", "alias_removed")
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS versions (
+    version TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    model_name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    content_hash TEXT NOT NULL UNIQUE,
+    artifact_dir TEXT NOT NULL,
+    dagster_run_id TEXT,
+    code_version TEXT,
+    training_set_version TEXT NOT NULL,
+    feature_service TEXT NOT NULL,
+    training_batches TEXT NOT NULL,
+    data_window TEXT NOT NULL,
+    hyperparameters TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    extra TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    version TEXT NOT NULL REFERENCES versions(version),
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    PRIMARY KEY (version, path)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias TEXT PRIMARY KEY,
+    version TEXT NOT NULL REFERENCES versions(version),
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in EVENT_KINDS)})),
+    version TEXT REFERENCES versions(version),
+    reason TEXT,
+    reasons TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_version ON events(version);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS versions_no_update BEFORE UPDATE ON versions
+    BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END;
+CREATE TRIGGER IF NOT EXISTS versions_no_delete BEFORE DELETE ON versions
+    BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END;
+CREATE TRIGGER IF NOT EXISTS artifacts_no_update BEFORE UPDATE ON artifacts
+    BEGIN SELECT RAISE(ABORT, 'artifact records are immutable'); END;
+"""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (unknown version, no rollback target...)."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the caller knows about a trained model when registering it: its full lineage."""
+
+    model_name: str
+    artifact_dir: str
+    artifacts: Mapping[str, str]
+    training_set_version: str
+    feature_service: str
+    training_batches: Sequence[str]
+    hyperparameters: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    data_window: Mapping[str, Any]
+    dagster_run_id: str | None = None
+    code_version: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        lines = "".join(f"{sha}  {path}\n" for path, sha in sorted(self.artifacts.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered version as read back: lineage, artifacts, aliases and derived status."""
+
+    version: str
+    seq: int
+    model_name: str
+    created_at: str
+    content_hash: str
+    artifact_dir: str
+    dagster_run_id: str | None
+    code_version: str | None
+    training_set_version: str
+    feature_service: str
+    training_batches: list[str]
+    data_window: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    artifacts: dict[str, dict[str, Any]]
+    aliases: list[str]
+    status: str
+
+    def lineage(self) -> dict[str, Any]:
+        """The chain back to data and code: run, code, training set, batches, features, window."""
+        return {
+            "version": self.version,
+            "dagster_run_id": self.dagster_run_id,
+            "code_version": self.code_version,
+            "training_set_version": self.training_set_version,
+            "training_batches": list(self.training_batches),
+            "feature_service": self.feature_service,
+            "data_window": dict(self.data_window),
+            "artifact_dir": self.artifact_dir,
+            "artifacts": {p: a["sha256"] for p, a in self.artifacts.items()},
+        }
+
+    def artifact_path(self, name: str) -> Path:
+        return Path(self.artifact_dir) / name
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: str
+    kind: str
+    version: str | None
+    reason: str | None
+    reasons: list[str]
+    detail: dict[str, Any]
+
+
+class Registry:
+    """The model registry of one model (one SQLite file). Safe across processes."""
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect()
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        finally:
+            con.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        con.execute("PRAGMA foreign_keys=ON")
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # --- writing -------------------------------------------------------------------------
+
+    def register(
+        self, record: ModelRecord, *, as_challenger: bool = True, verify_files: bool = True
+    ) -> str:
+        """Adds a version with its lineage in one transaction; returns its id.
+
+        Artifact files are re-hashed first and must match `record.artifacts`, so the registry
+        never points at a file it has not seen intact. The same artifacts registered twice
+        return the first version.
+        """
+        if not record.artifacts:
+            raise ValueError("a model version needs at least one artifact file")
+        sizes = self._check_files(record) if verify_files else dict.fromkeys(record.artifacts, 0)
+        with self._transaction() as con:
+            existing = con.execute(
+                "SELECT version FROM versions WHERE content_hash = ?", (record.content_hash,)
+            ).fetchone()
+            if existing:
+                return str(existing["version"])
+            seq = con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions").fetchone()[0]
+            version = f"v{seq:04d}"
+            con.execute(
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    version,
+                    seq,
+                    record.model_name,
+                    _now(),
+                    record.content_hash,
+                    str(record.artifact_dir),
+                    record.dagster_run_id,
+                    record.code_version,
+                    record.training_set_version,
+                    record.feature_service,
+                    _dumps(list(record.training_batches)),
+                    _dumps(record.data_window),
+                    _dumps(record.hyperparameters),
+                    _dumps(record.metrics),
+                    _dumps(record.extra),
+                ),
+            )
+            self._insert_artifacts(con, version, record, sizes)
+            aliases = []
+            if as_challenger:
+                _set_alias(con, CHALLENGER, version)
+                aliases.append(CHALLENGER)
+            _event(con, "registered", version, detail={"aliases": aliases, "seq": seq})
+        return version
+
+    def _insert_artifacts(
+        self, con: sqlite3.Connection, version: str, record: ModelRecord, sizes: Mapping[str, int]
+    ) -> None:
+        con.executemany(
+            "INSERT INTO artifacts VALUES (?,?,?,?)",
+            [(version, p, sha, sizes[p]) for p, sha in sorted(record.artifacts.items())],
+        )
+
+    def _check_files(self, record: ModelRecord) -> dict[str, int]:
+        root = Path(record.artifact_dir)
+        sizes = {}
+        for rel, expected in record.artifacts.items():
+            path = root / rel
+            if not path.is_file():
+                raise RegistryError(f"artifact {path} does not exist")
+            if sha256_file(path) != expected:
+                raise RegistryError(f"artifact {path} does not match its recorded sha256")
+            sizes[rel] = path.stat().st_size
+        return sizes
+
+    def set_alias(self, alias: str, version: str, reason: str | None = None) -> None:
+        """Points an alias at a version; the champion moves only through promote/rollback."""
+        if alias == CHAMPION:
+            raise RegistryError("the champion alias moves only through promote() or rollback()")
+        with self._transaction() as con:
+            _require_version(con, version)
+            previous = _get_alias(con, alias)
+            _set_alias(con, alias, version)
+            _event(con, "alias_set", version, reason, detail={"alias": alias, "from": previous})
+
+    def remove_alias(self, alias: str, reason: str | None = None) -> None:
+        if alias == CHAMPION:
+            raise RegistryError("the champion alias moves only through promote() or rollback()")
+        with self._transaction() as con:
+            previous = _get_alias(con, alias)
+            if previous is None:
+                return
+            con.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
+            _event(con, "alias_removed", previous, reason, detail={"alias": alias})
+
+    def reject(self, version: str, reasons: Sequence[str]) -> None:
+        """Records a gate rejection with every reason; a rejected version stops being challenger."""
+        if not reasons:
+            raise ValueError("a rejection needs at least one reason")
+        with self._transaction() as con:
+            _require_version(con, version)
+            if _get_alias(con, CHAMPION) == version:
+                raise RegistryError(f"{version} is the champion; roll back before rejecting it")
+            cleared = _get_alias(con, CHALLENGER) == version
+            if cleared:
+                con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+            _event(
+                con,
+                "rejected",
+                version,
+                reasons=list(reasons),
+                detail={"challenger_alias_cleared": cleared},
+            )
+
+    def promote(self, version: str, reason: str, *, force: bool = False) -> str | None:
+        """Makes `version` the champion; returns the previous champion (None for the first).
+
+        A version the gate rejected is refused unless `force=True` (recorded in the event).
+        """
+        with self._transaction() as con:
+            _require_version(con, version)
+            previous = _get_alias(con, CHAMPION)
+            if previous == version:
+                raise RegistryError(f"{version} is already the champion")
+            verdict = con.execute(
+                "SELECT kind FROM events WHERE version = ? AND kind IN ('rejected', 'promoted') "
+                "ORDER BY id DESC LIMIT 1",
+                (version,),
+            ).fetchone()
+            if verdict and verdict["kind"] == "rejected" and not force:
+                raise RegistryError(
+                    f"{version} was rejected by the gate; pass force=True to override"
+                )
+            _set_alias(con, CHAMPION, version)
+            if _get_alias(con, CHALLENGER) == version:
+                con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+            _event(
+                con,
+                "promoted",
+                version,
+                reason,
+                detail={"from": previous, "to": version, "forced": force},
+            )
+            return previous
+
+    def rollback(self, reason: str) -> str:
+        """Restores the champion before the current one (per the event log); returns it."""
+        with self._transaction() as con:
+            current = _get_alias(con, CHAMPION)
+            if current is None:
+                raise RegistryError("there is no champion to roll back")
+            stack = _champion_stack(con)
+            if len(stack) < 2 or stack[-1] != current:
+                raise RegistryError(f"no previous champion to roll back to from {current}")
+            restored = stack[-2]
+            _set_alias(con, CHAMPION, restored)
+            _event(con, "rolled_back", current, reason, detail={"from": current, "to": restored})
+            return restored
+
+    # --- reading -------------------------------------------------------------------------
+
+    def get_alias(self, alias: str) -> str | None:
+        with self._read() as con:
+            return _get_alias(con, alias)
+
+    def aliases(self) -> dict[str, str]:
+        with self._read() as con:
+            return {
+                r["alias"]: r["version"] for r in con.execute("SELECT alias, version FROM aliases")
+            }
+
+    def get(self, version: str) -> ModelVersion:
+        with self._read() as con:
+            row = con.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+            if row is None:
+                raise KeyError(f"unknown model version {version!r}")
+            return self._version(con, row)
+
+    def list_versions(self) -> list[ModelVersion]:
+        with self._read() as con:
+            rows = con.execute("SELECT * FROM versions ORDER BY seq").fetchall()
+            return [self._version(con, r) for r in rows]
+
+    def events(self, version: str | None = None) -> list[Event]:
+        """The event log, oldest first; with a version, the events about it."""
+        with self._read() as con:
+            if version is None:
+                rows = con.execute("SELECT * FROM events ORDER BY id").fetchall()
+            else:
+                rows = con.execute(
+                    "SELECT * FROM events WHERE version = ? OR json_extract(detail, '$.to') = ? "
+                    "ORDER BY id",
+                    (version, version),
+                ).fetchall()
+            return [_to_event(r) for r in rows]
+
+    def lineage(self, version: str) -> dict[str, Any]:
+        return self.get(version).lineage()
+
+    def verify(self, version: str) -> list[str]:
+        """Re-hashes a version's files; the problems found (empty when intact)."""
+        mv = self.get(version)
+        problems = []
+        for rel, art in mv.artifacts.items():
+            path = mv.artifact_path(rel)
+            if not path.is_file():
+                problems.append(f"{rel} is missing")
+            elif sha256_file(path) != art["sha256"]:
+                problems.append(f"{rel} does not match its recorded sha256")
+        return problems
+
+    def _version(self, con: sqlite3.Connection, row: sqlite3.Row) -> ModelVersion:
+        version = row["version"]
+        artifacts = {
+            a["path"]: {"sha256": a["sha256"], "size_bytes": a["size_bytes"]}
+            for a in con.execute(
+                "SELECT path, sha256, size_bytes FROM artifacts WHERE version = ? ORDER BY path",
+                (version,),
+            )
+        }
+        aliases = [
+            a["alias"]
+            for a in con.execute(
+                "SELECT alias FROM aliases WHERE version = ? ORDER BY alias", (version,)
+            )
+        ]
+        return ModelVersion(
+            version=version,
+            seq=row["seq"],
+            model_name=row["model_name"],
+            created_at=row["created_at"],
+            content_hash=row["content_hash"],
+            artifact_dir=row["artifact_dir"],
+            dagster_run_id=row["dagster_run_id"],
+            code_version=row["code_version"],
+            training_set_version=row["training_set_version"],
+            feature_service=row["feature_service"],
+            training_batches=json.loads(row["training_batches"]),
+            data_window=json.loads(row["data_window"]),
+            hyperparameters=json.loads(row["hyperparameters"]),
+            metrics=json.loads(row["metrics"]),
+            extra=json.loads(row["extra"]),
+            artifacts=artifacts,
+            aliases=aliases,
+            status=_status(con, version, aliases),
+        )
+
+
+def _status(con: sqlite3.Connection, version: str, aliases: list[str]) -> str:
+    if CHAMPION in aliases:
+        return CHAMPION
+    last = con.execute(
+        "SELECT kind FROM events WHERE version = ? AND kind IN ('rejected', 'promoted', 'rolled_back') "
+        "ORDER BY id DESC LIMIT 1",
+        (version,),
+    ).fetchone()
+    if last is not None:
+        return "rejected" if last["kind"] == "rejected" else "retired"
+    return CHALLENGER if CHALLENGER in aliases else "registered"
+
+
+def _champion_stack(con: sqlite3.Connection) -> list[str]:
+    """Replays promotions (push) and rollbacks (pop) to get the champion history."""
+    stack: list[str] = []
+    for row in con.execute(
+        "SELECT kind, detail FROM events WHERE kind IN ('promoted', 'rolled_back') ORDER BY id"
+    ):
+        if row["kind"] == "promoted":
+            stack.append(json.loads(row["detail"])["to"])
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def _require_version(con: sqlite3.Connection, version: str) -> None:
+    if con.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is None:
+        raise KeyError(f"unknown model version {version!r}")
+
+
+def _get_alias(con: sqlite3.Connection, alias: str) -> str | None:
+    row = con.execute("SELECT version FROM aliases WHERE alias = ?", (alias,)).fetchone()
+    return None if row is None else str(row["version"])
+
+
+def _set_alias(con: sqlite3.Connection, alias: str, version: str) -> None:
+    con.execute(
+        "INSERT INTO aliases VALUES (?,?,?) "
+        "ON CONFLICT(alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+        (alias, version, _now()),
+    )
+
+
+def _event(
+    con: sqlite3.Connection,
+    kind: str,
+    version: str | None,
+    reason: str | None = None,
+    *,
+    reasons: Sequence[str] = (),
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    con.execute(
+        "INSERT INTO events (at, kind, version, reason, reasons, detail) VALUES (?,?,?,?,?,?)",
+        (_now(), kind, version, reason, _dumps(list(reasons)), _dumps(dict(detail or {}))),
+    )
+
+
+def _to_event(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        at=row["at"],
+        kind=row["kind"],
+        version=row["version"],
+        reason=row["reason"],
+        reasons=json.loads(row["reasons"]),
+        detail=json.loads(row["detail"]),
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(json_safe(value), sort_keys=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")

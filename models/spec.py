@@ -1,0 +1,107 @@
+"""Plain, frozen descriptions of what a model is trained on and how: no torch, no polars."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_SLICES = ("country", "merchant_category", "channel", "amount_bucket")
+AMOUNT_BUCKET_EDGES = (10.0, 100.0, 1000.0)
+AMOUNT_BUCKET_LABELS = ("<10", "10-100", "100-1000", ">=1000")
+MISSING_INDEX = 0
+OOV_INDEX = 1
+FIRST_CATEGORY_INDEX = 2
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which columns feed the model; the feature store owns the list, so it is passed in."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    label: str = "label"
+
+    def __post_init__(self) -> None:
+        names = (*self.numeric, *self.categorical)
+        if not names:
+            raise ValueError("FeatureSpec needs at least one feature column")
+        if len(set(names)) != len(names):
+            raise ValueError(f"FeatureSpec lists a column twice: {names}")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also listed as a feature")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.categorical)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "numeric": list(self.numeric),
+            "categorical": list(self.categorical),
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        return cls(
+            numeric=tuple(data["numeric"]),
+            categorical=tuple(data["categorical"]),
+            label=data.get("label", "label"),
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run; the orchestration layer maps its dg.Config onto this.
+
+    `embedding_dim=None` sizes each embedding from its vocabulary; the baseline sets
+    `hidden=()` and `embedding_dim=1`, which makes the same network a logistic regression.
+    """
+
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 2048
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    hidden: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    embedding_dim: int | None = None
+    max_embedding_dim: int = 16
+    max_categories: int = 1000
+    oov_rate: float = 0.01
+    patience: int = 3
+    min_delta: float = 1e-4
+    imbalance: Literal["pos_weight", "focal", "none"] = "pos_weight"
+    max_pos_weight: float = 100.0
+    focal_gamma: float = 2.0
+    calibrate: bool = True
+    numeric_clip: float = 8.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
+            raise ValueError("epochs and batch_size must be >= 1 and patience >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.oov_rate < 1.0:
+            raise ValueError("dropout and oov_rate must lie in [0, 1)")
+        if self.imbalance not in ("pos_weight", "focal", "none"):
+            raise ValueError(f"unknown imbalance strategy {self.imbalance!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden"] = list(self.hidden)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "hidden" in kwargs:
+            kwargs["hidden"] = tuple(kwargs["hidden"])
+        return cls(**kwargs)

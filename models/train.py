@@ -1,0 +1,180 @@
+"""Training entry point: a training_set frame in, a fitted model and its preprocessor out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from models.loop import FitResult, TensorData, fit, predict_logits, select_device
+from models.network import TabularNet, build_network, count_parameters
+from models.preprocess import Preprocessor, label_array
+from models.spec import SPLITS, FeatureSpec, TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained model (on CPU, eval mode) with everything needed to save, evaluate and explain it."""
+
+    model: TabularNet
+    preprocessor: Preprocessor
+    config: TrainConfig
+    fit: FitResult
+    pos_weight: float
+    calibration: dict[str, float | str]
+    data_window: dict[str, Any]
+    kind: str
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.fit.history
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts for the sidecar, the registry and the model card."""
+        return {
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "history": self.fit.history,
+            "best_epoch": self.fit.best_epoch,
+            "best_val_loss": self.fit.best_val_loss,
+            "stopped_early": self.fit.stopped_early,
+            "epochs_run": len(self.fit.history),
+            "train_device": self.fit.device,
+            "train_seconds": round(self.fit.seconds, 3),
+            "samples_per_s": round(self.fit.samples_per_s, 1),
+            "pos_weight": self.pos_weight,
+            "calibration": dict(self.calibration),
+            "parameters": count_parameters(self.model),
+            "data_window": self.data_window,
+        }
+
+
+def split_frame(frame: pl.DataFrame, split: str) -> pl.DataFrame:
+    return frame.filter(pl.col("split") == split)
+
+
+def data_window(frame: pl.DataFrame, label: str = "label") -> dict[str, Any]:
+    """Event-time span and row/positive counts, overall and per split (for lineage and the card)."""
+
+    def span(part: pl.DataFrame) -> dict[str, Any]:
+        ts = part.get_column("event_timestamp")
+        return {
+            "start": ts.min().isoformat() if part.height else None,
+            "end": ts.max().isoformat() if part.height else None,
+            "rows": part.height,
+            "positives": int(part.get_column(label).cast(pl.Int64).sum()) if part.height else 0,
+        }
+
+    out = span(frame)
+    out["splits"] = {s: span(split_frame(frame, s)) for s in SPLITS}
+    return out
+
+
+def tensor_data(preprocessor: Preprocessor, frame: pl.DataFrame) -> TensorData:
+    batch = preprocessor.transform(frame)
+    return TensorData(batch.numeric, batch.categorical, preprocessor.labels(frame))
+
+
+def train_model(
+    frame: pl.DataFrame, spec: FeatureSpec, config: TrainConfig, *, kind: str = "network"
+) -> TrainResult:
+    """Fits preprocessing on the train split, trains with early stopping on validation, calibrates.
+
+    Class imbalance: `pos_weight = n_neg / n_pos` (capped) or focal loss. Weighting
+    inflates probabilities, so the logits are Platt-scaled on the validation split
+    afterwards (falling back to the exact prior correction -log(pos_weight)).
+    """
+    missing = [c for c in ("split", "event_timestamp", spec.label) if c not in frame.columns]
+    if missing:
+        raise KeyError(f"training set is missing columns {missing}")
+    train_df = split_frame(frame, "train")
+    val_df = split_frame(frame, "validation")
+    y_train = label_array(train_df, spec.label)
+    n_pos = int(y_train.sum())
+    n_neg = int(y_train.shape[0] - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"the train split needs both classes, got {n_pos} positives and {n_neg} negatives"
+        )
+    preprocessor = Preprocessor.fit(train_df, spec, max_categories=config.max_categories)
+    train = tensor_data(preprocessor, train_df)
+    validation = tensor_data(preprocessor, val_df) if val_df.height else None
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_network(
+            preprocessor.n_numeric_inputs,
+            preprocessor.cardinalities,
+            hidden=config.hidden,
+            dropout=config.dropout,
+            embedding_dim=config.embedding_dim,
+            max_embedding_dim=config.max_embedding_dim,
+            numeric_clip=config.numeric_clip,
+        )
+    numeric64 = train.numeric.double()
+    model.set_normalization(numeric64.mean(0).float(), numeric64.std(0, correction=0).float())
+    pos_weight = (
+        min(n_neg / n_pos, config.max_pos_weight) if config.imbalance == "pos_weight" else 1.0
+    )
+    device = select_device(config.device)
+    result = fit(model, train, validation, config, device, pos_weight=pos_weight)
+    model.cpu().eval()
+
+    prior_bias = -math.log(pos_weight) if config.imbalance == "pos_weight" else 0.0
+    calibration: dict[str, float | str] = {"method": "prior", "scale": 1.0, "bias": prior_bias}
+    if config.calibrate and validation is not None:
+        fitted = platt_scale(model, validation)
+        if fitted is not None:
+            calibration = {"method": "platt", "scale": fitted[0], "bias": fitted[1]}
+    model.set_calibration(float(calibration["scale"]), float(calibration["bias"]))
+    return TrainResult(
+        model=model,
+        preprocessor=preprocessor,
+        config=config,
+        fit=result,
+        pos_weight=float(pos_weight),
+        calibration=calibration,
+        data_window=data_window(frame, spec.label),
+        kind=kind,
+    )
+
+
+def platt_scale(model: TabularNet, validation: TensorData) -> tuple[float, float] | None:
+    """Fits p = sigmoid(a * logit + b) on validation; None when it cannot be trusted."""
+    y = validation.label.double()
+    if y.numel() == 0 or y.min() == y.max():
+        return None
+    model.set_calibration(1.0, 0.0)
+    z = predict_logits(model, validation.numeric, validation.categorical).double().cpu()
+    a = torch.ones((), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(a * z + b, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    scale, bias = float(a.detach()), float(b.detach())
+    if not (math.isfinite(scale) and math.isfinite(bias) and scale > 0):
+        return None
+    return scale, bias
+
+
+def baseline_config(config: TrainConfig) -> TrainConfig:
+    """The same run as a logistic regression: no hidden layers, one weight per category.
+
+    A convex model tolerates (and needs, to converge in few epochs) a larger step size.
+    """
+    return replace(config, hidden=(), embedding_dim=1, dropout=0.0, lr=max(config.lr, 0.02))
+
+
+def train_baseline(frame: pl.DataFrame, spec: FeatureSpec, config: TrainConfig) -> TrainResult:
+    """Logistic regression on the same preprocessing, split and imbalance handling."""
+    return train_model(frame, spec, baseline_config(config), kind="baseline")

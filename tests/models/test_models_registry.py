@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from models.artifact import load_model, save_training_result
+from models.checksum import file_checksums
+from models.registry import ModelRecord, Registry, RegistryError
+from models.train import train_model
+from tests.models.testkit import FAST, SPEC
+
+
+def _record(tmp_path: Path, name: str, **overrides) -> ModelRecord:
+    root = tmp_path / "artifacts" / name
+    root.mkdir(parents=True)
+    (root / "model.pt").write_bytes(f"weights of {name}".encode())
+    (root / "model.json").write_text(json.dumps({"name": name}))
+    fields = {
+        "model_name": "fraud",
+        "artifact_dir": str(root),
+        "artifacts": file_checksums(root),
+        "training_set_version": f"ts-{name}",
+        "feature_service": "fraud_model_v1",
+        "training_batches": [f"{name}-b1", f"{name}-b2"],
+        "hyperparameters": {"lr": 0.003},
+        "metrics": {"pr_auc": 0.5},
+        "data_window": {"start": "2026-10-01T00:00:00+00:00", "end": "2026-10-31T00:00:00+00:00"},
+        "dagster_run_id": f"run-{name}",
+        "code_version": "abc123",
+    }
+    fields.update(overrides)
+    return ModelRecord(**fields)
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "registry.db")
+
+
+def test_registry_uses_wal(registry):
+    con = sqlite3.connect(registry.path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def test_lineage_of_a_registered_model_leads_back_to_its_data(registry, training_set, tmp_path):
+    result = train_model(training_set, SPEC, FAST)
+    saved = save_training_result(result, tmp_path / "m", golden_rows=training_set.head(8))
+    version = registry.register(
+        ModelRecord(
+            model_name="fraud",
+            artifact_dir=str(saved.path),
+            artifacts=saved.checksums,
+            training_set_version="training_set@2026-11-20T10:00",
+            feature_service="fraud_model_v1",
+            training_batches=["batch-0001", "batch-0002"],
+            hyperparameters=result.config.to_dict(),
+            metrics={"pr_auc": 0.81},
+            data_window=result.data_window,
+            dagster_run_id="run-42",
+            code_version="git:1a2b3c",
+        )
+    )
+    assert version == "v0001"
+    lineage = registry.lineage(version)
+    assert lineage["training_set_version"] == "training_set@2026-11-20T10:00"
+    assert lineage["training_batches"] == ["batch-0001", "batch-0002"]
+    assert lineage["dagster_run_id"] == "run-42" and lineage["code_version"] == "git:1a2b3c"
+    assert lineage["feature_service"] == "fraud_model_v1"
+    assert (
+        lineage["data_window"]["splits"]["test"]["rows"]
+        == result.data_window["splits"]["test"]["rows"]
+    )
+    assert lineage["artifacts"] == saved.checksums
+    mv = registry.get(version)
+    assert mv.hyperparameters["seed"] == FAST.seed and mv.status == "challenger"
+    assert registry.verify(version) == []
+    module, _ = load_model(mv.artifact_dir)
+    assert module.architecture == result.model.architecture
+    assert [e.kind for e in registry.events(version)] == ["registered"]
+
+
+def test_registering_the_same_artifacts_twice_returns_the_first_version(registry, tmp_path):
+    record = _record(tmp_path, "a")
+    assert registry.register(record) == registry.register(record) == "v0001"
+    assert len(registry.list_versions()) == 1 and len(registry.events()) == 1
+
+
+def test_artifacts_that_do_not_match_their_checksums_are_refused(registry, tmp_path):
+    record = _record(tmp_path, "a")
+    (Path(record.artifact_dir) / "model.pt").write_bytes(b"changed after hashing")
+    with pytest.raises(RegistryError, match="does not match"):
+        registry.register(record)
+    assert registry.list_versions() == [] and registry.events() == []
+
+
+def test_promote_then_rollback_restores_the_previous_champion(registry, tmp_path):
+    v1 = registry.register(_record(tmp_path, "a"))
+    v2 = registry.register(_record(tmp_path, "b"))
+    assert registry.get_alias("challenger") == v2
+    assert registry.promote(v1, "first model") is None
+    assert registry.promote(v2, "gate passed") == v1
+    assert registry.get_alias("champion") == v2 and registry.get_alias("challenger") is None
+    restored = registry.rollback("live precision dropped")
+    assert restored == v1 and registry.get_alias("champion") == v1
+    event = registry.events()[-1]
+    assert (event.kind, event.version, event.reason) == (
+        "rolled_back",
+        v2,
+        "live precision dropped",
+    )
+    assert event.detail == {"from": v2, "to": v1}
+    assert registry.get(v2).status == "retired" and registry.get(v1).status == "champion"
+    assert "rolled_back" in [e.kind for e in registry.events(v1)]
+    with pytest.raises(RegistryError, match="no previous champion"):
+        registry.rollback("again")
+
+
+def test_rollbacks_walk_back_through_champion_history(registry, tmp_path):
+    versions = [registry.register(_record(tmp_path, n)) for n in "abc"]
+    for v in versions:
+        registry.promote(v, "promote")
+    assert registry.rollback("r1") == versions[1]
+    assert registry.rollback("r2") == versions[0]
+    registry.promote(versions[2], "re-promote")
+    assert registry.rollback("r3") == versions[0]
+
+
+def test_rejection_records_every_reason_and_blocks_promotion(registry, tmp_path):
+    v1 = registry.register(_record(tmp_path, "a"))
+    reasons = ["does not beat baseline", "slice country=FR regresses by 0.12"]
+    registry.reject(v1, reasons)
+    event = registry.events(v1)[-1]
+    assert event.kind == "rejected" and event.reasons == reasons
+    assert registry.get(v1).status == "rejected" and registry.get_alias("challenger") is None
+    with pytest.raises(RegistryError, match="rejected"):
+        registry.promote(v1, "try anyway")
+    registry.promote(v1, "manual override", force=True)
+    assert registry.get_alias("champion") == v1
+    assert registry.events()[-1].detail["forced"] is True
+
+
+def test_event_log_and_versions_are_append_only(registry, tmp_path):
+    registry.register(_record(tmp_path, "a"))
+    con = sqlite3.connect(registry.path)
+    for sql in (
+        "UPDATE events SET kind = 'promoted'",
+        "DELETE FROM events",
+        "UPDATE versions SET training_set_version = 'other'",
+        "DELETE FROM versions",
+    ):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only|immutable"):
+            con.execute(sql)
+    con.close()
+
+
+def test_champion_alias_moves_only_by_promotion(registry, tmp_path):
+    v1 = registry.register(_record(tmp_path, "a"))
+    with pytest.raises(RegistryError, match="promote"):
+        registry.set_alias("champion", v1)
+    registry.set_alias("shadow", v1, reason="replay traffic")
+    assert registry.aliases() == {"challenger": v1, "shadow": v1}
+    with pytest.raises(KeyError):
+        registry.set_alias("shadow", "v0099")
+
+
+def test_a_crash_mid_registration_leaves_no_half_entry(registry, tmp_path):
+    record = _record(tmp_path, "a")
+    script = textwrap.dedent(
+        f"""
+        import os
+        from models.registry import ModelRecord, Registry
+        def crash(*args, **kwargs):
+            os._exit(7)  # the process dies after the version row, before artifacts and event
+        Registry._insert_artifacts = crash
+        Registry({str(registry.path)!r}).register(ModelRecord(**{record.__dict__!r}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 7, proc.stderr
+    assert registry.list_versions() == [] and registry.events() == [] and registry.aliases() == {}
+    assert registry.register(record) == "v0001"
+
+
+def test_concurrent_registrations_get_distinct_versions(registry, tmp_path):
+    records = [_record(tmp_path, f"m{i}") for i in range(6)]
+    got: list[str] = []
+    threads = [
+        threading.Thread(target=lambda r=r: got.append(registry.register(r))) for r in records
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [f"v{i:04d}" for i in range(1, 7)]
