@@ -1,0 +1,195 @@
+"""The `loopline` command line."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestration.settings import Settings
+
+console = Console()
+
+
+@click.group()
+def main() -> None:
+    """Loopline: a continuous-training ML platform on your machine."""
+
+
+def _simulator_options(f):
+    from features.simulator import FAULTS
+
+    opts = [
+        click.option("--seed", default=7, show_default=True, help="Scenario seed (deterministic)."),
+        click.option("--rows-per-batch", default=2000, show_default=True),
+        click.option("--cards", "n_cards", default=2000, show_default=True),
+        click.option("--merchants", "n_merchants", default=300, show_default=True),
+        click.option(
+            "--batch-hours", default=6.0, show_default=True, help="Simulated hours per batch."
+        ),
+        click.option(
+            "--drift", type=click.Choice(["none", "covariate", "concept"]), default="none"
+        ),
+        click.option(
+            "--drift-start", default=0, show_default=True, help="Batch index where drift starts."
+        ),
+        click.option("--fault", type=click.Choice(FAULTS), default=None, help="Inject one fault."),
+        click.option("--fault-batch", default=None, type=int, help="Batch index for the fault."),
+        click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet"),
+        click.option("--interval", default=5.0, show_default=True, help="Seconds between batches."),
+        click.option("--start-batch", default=0, show_default=True),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _scenario(opts: dict):
+    from datetime import timedelta
+
+    from features.simulator import ScenarioConfig
+
+    return ScenarioConfig(
+        seed=opts["seed"],
+        n_cards=opts["n_cards"],
+        n_merchants=opts["n_merchants"],
+        batch_span=timedelta(hours=opts["batch_hours"]),
+        rows_per_batch=opts["rows_per_batch"],
+        drift=opts["drift"],
+        drift_start_batch=opts["drift_start"],
+    )
+
+
+def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=None):
+    from features import simulator
+
+    def report(b) -> None:
+        fault = f" [red]fault={b.fault}[/]" if b.fault else ""
+        console.print(
+            f"landed [bold]{b.dataset}[/] batch {b.batch_index}: {b.rows} rows -> {b.path.name}{fault}"
+        )
+
+    return simulator.run(
+        _scenario(opts),
+        settings.landing,
+        batches=batches,
+        interval_s=opts["interval"],
+        fault=opts["fault"],
+        fault_batch=opts["fault_batch"],
+        fmt=opts["fmt"],
+        start_batch=opts["start_batch"],
+        on_batch=report,
+        stop=stop,
+    )
+
+
+@main.command()
+@_simulator_options
+@click.option("--batches", default=None, type=int, help="Land N batches and exit (default: run).")
+@click.option("--once", is_flag=True, help="Same as --batches 1.")
+def simulate(batches: int | None, once: bool, **opts) -> None:
+    """Land simulated card-payment batches into the landing folder."""
+    settings = Settings.from_env().ensure()
+    if once:
+        batches = 1
+    if batches is not None:
+        opts["interval"] = 0.0 if opts["interval"] == 5.0 else opts["interval"]
+    try:
+        landed = _run_simulator(settings, opts, batches)
+    except KeyboardInterrupt:
+        return
+    console.print(f"{len(landed)} files landed in {settings.landing}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True)
+@click.option("--no-simulator", is_flag=True, help="Do not land demo data.")
+@_simulator_options
+def run(host: str, port: int, no_simulator: bool, **opts) -> None:
+    """Run the platform: Dagster UI + daemon, and the demo data simulator."""
+    from orchestration import platform
+
+    settings = Settings.from_env().ensure()
+    if opts["fault"] is None and opts["fault_batch"] is None:
+        opts["fault"], opts["fault_batch"] = "renamed_column", 5  # show one quarantine in the demo
+    console.print(f"[bold]Loopline[/] home: {settings.home}")
+    dagster = platform.start_dagster(settings, host=host, port=port)
+    stop = threading.Event()
+    sim = None
+    try:
+        _wait_http(f"http://{host}:{port}/server_info", dagster, timeout=120)
+        console.print(f"Dagster UI: [link]http://{host}:{port}[/link]  (Ctrl-C stops everything)")
+        if not no_simulator:
+            sim = threading.Thread(
+                target=_run_simulator, args=(settings, opts, None, stop), daemon=True
+            )
+            sim.start()
+        while dagster.poll() is None:
+            time.sleep(0.5)
+        console.print(
+            f"[red]dagster exited with code {dagster.returncode}[/]; see {settings.home / 'dagster.log'}"
+        )
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        stop.set()
+        if sim is not None:
+            sim.join(timeout=10)
+        platform.stop(dagster)
+        console.print("stopped")
+
+
+def _wait_http(url: str, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with console.status(f"waiting for {url}"):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"process exited with code {proc.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+    raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
+
+
+@main.command()
+@click.option("--dataset", default=None)
+@click.option("--status", default=None)
+@click.option("--limit", default=50, show_default=True)
+def batches(dataset: str | None, status: str | None, limit: int) -> None:
+    """Print the batch ledger: every landed batch and what happened to it."""
+    from quality.ledger import BatchLedger
+
+    settings = Settings.from_env()
+    if not settings.ledger_path.exists():
+        console.print("no batches yet")
+        return
+    ledger = BatchLedger(settings.ledger_path)
+    table = Table(title=f"Batches ({settings.ledger_path})")
+    for col in ("batch", "dataset", "file", "status", "rows", "received", "reason"):
+        table.add_column(col, overflow="fold")
+    colours = {"validated": "green", "quarantined": "red", "stored": "yellow", "received": "cyan"}
+    for b in ledger.batches(dataset=dataset, status=status, limit=limit):
+        table.add_row(
+            b.batch_id,
+            b.dataset,
+            b.source_name,
+            f"[{colours[b.status]}]{b.status}[/]",
+            "" if b.rows is None else str(b.rows),
+            b.received_at[:19],
+            b.reason or "",
+        )
+    console.print(table)
+    totals = ledger.summary()
+    for ds, counts in sorted(totals.items()):
+        console.print(f"{ds}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+if __name__ == "__main__":
+    main()

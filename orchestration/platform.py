@@ -1,0 +1,81 @@
+"""Running the platform locally: the Dagster instance config and the process supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestration.settings import REPO_ROOT, Settings
+
+DAGSTER_YAML = """\
+# Written by `loopline run`; edit LOOPLINE_HOME, not this file.
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: {max_runs}
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+"""
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """Environment every Loopline process runs with (no telemetry, state under LOOPLINE_HOME)."""
+    env = dict(os.environ)
+    env.update(
+        LOOPLINE_HOME=str(settings.home),
+        DAGSTER_HOME=str(settings.dagster_home),
+        SODA_CORE_TELEMETRY_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    return env
+
+
+def write_instance_config(settings: Settings, max_runs: int = 2) -> Path:
+    """dagster.yaml for the local instance: queued runs, bounded concurrency for 2 cores."""
+    settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    path = settings.dagster_home / "dagster.yaml"
+    path.write_text(DAGSTER_YAML.format(max_runs=max_runs))
+    return path
+
+
+def start_dagster(
+    settings: Settings, host: str = "127.0.0.1", port: int = 3000
+) -> subprocess.Popen:
+    """`dagster dev` (webserver + daemon) in its own process group, so it can be stopped whole."""
+    write_instance_config(settings)
+    exe = Path(sys.executable).with_name("dagster")
+    cmd = [str(exe), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
+    log = open(settings.home / "dagster.log", "ab")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=environment(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Stop a process group politely (SIGINT), then firmly."""
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return proc.returncode
+            time.sleep(0.2)
+    return proc.wait()
