@@ -3,8 +3,6 @@
 One dynamic partition per landed batch, keyed by the batch's content hash.
 """
 
-from __future__ import annotations
-
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -332,3 +330,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
             PARTITIONS[ds].build_add_request(keys) for ds, keys in new_keys.items()
         ],
     )
+
+
+defs = dg.Definitions(
+    assets=[*RAW_ASSETS, *VALIDATED_ASSETS, reference_profile],
+    jobs=[*INGEST_JOBS.values(), reference_profile_job],
+    sensors=[landing_sensor],
+)

@@ -1,7 +1,5 @@
 """Dagster resources: the configured handle on Loopline's storage."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import dagster as dg
