@@ -299,16 +299,17 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
             context.log.warning(f"{landed.path.name}: {landed.problem}")
             continue
         existing = ledger.get(landed.batch_id)
-        if existing is not None:
-            if existing.source_path == str(landed.path):
-                continue  # requested on an earlier tick, its run has not archived it yet
+        if existing is not None and existing.source_path != str(landed.path):
             ledger.receive(landed.batch_id, landed.dataset, landed.path)  # logs the duplicate
             dup = settings.archive / "duplicates" / f"{landed.batch_id}__{landed.path.name}"
             dup.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(landed.path, dup)
             context.log.info(f"{landed.path.name} is a re-landed copy of batch {landed.batch_id}")
             continue
-        ledger.receive(landed.batch_id, landed.dataset, landed.path)
+        if existing is None:
+            ledger.receive(landed.batch_id, landed.dataset, landed.path)
+        # Still in the landing folder: not yet stored. Requesting again is safe (the run key
+        # dedupes) and recovers a tick whose requests were lost after the ledger recorded them.
         new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
         requests.append(
             dg.RunRequest(
