@@ -270,6 +270,7 @@ INGEST_JOBS = {
         f"ingest_{ds}",
         selection=dg.AssetSelection.assets(f"raw_{ds}", f"validated_{ds}"),
         partitions_def=PARTITIONS[ds],
+        executor_def=dg.in_process_executor,  # two small steps: a process each costs more
         description=f"Store and validate one landed {ds} batch.",
     )
     for ds in DATASETS
