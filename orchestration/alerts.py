@@ -1,0 +1,60 @@
+"""Alerts: drift, decay, a rejected challenger, a rollback.
+
+Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
+webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
+fail the run that noticed the problem; the failure is logged instead.
+"""
+
+import json
+import logging
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+KINDS = ("drift", "decay", "challenger_rejected", "rollback", "promotion")
+logger = logging.getLogger("loopline.alerts")
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+    severity: str = "warning"
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown alert kind {self.kind!r}; expected one of {KINDS}")
+
+    def to_json(self) -> str:
+        return json.dumps({"alert": self.kind, **asdict(self)}, default=str, sort_keys=True)
+
+
+def send(alert: Alert, webhook_url: str | None = None, timeout_s: float = 3.0) -> bool:
+    """Log the alert; POST it to ``webhook_url`` if given. True when every delivery succeeded."""
+    line = alert.to_json()
+    logger.warning(line)
+    if not webhook_url:
+        return True
+    if not webhook_url.startswith(("http://", "https://")):
+        logger.error(json.dumps({"alert_delivery": "refused", "reason": "not an http(s) URL"}))
+        return False
+    request = urllib.request.Request(
+        webhook_url,
+        data=line.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            ok = 200 <= response.status < 300
+    except OSError as exc:
+        logger.error(
+            json.dumps({"alert_delivery": "failed", "kind": alert.kind, "error": str(exc)})
+        )
+        return False
+    if not ok:
+        logger.error(json.dumps({"alert_delivery": "failed", "status": response.status}))
+    return ok

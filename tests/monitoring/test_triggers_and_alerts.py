@@ -1,0 +1,119 @@
+"""Trigger decisions (threshold, cooldown, single in flight) and alert delivery."""
+
+import json
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from orchestration import alerts
+from orchestration.triggers import (
+    Signal,
+    TriggerPolicy,
+    decay_signal,
+    decide,
+    drift_signal,
+    new_data_signal,
+)
+
+NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
+POLICY = TriggerPolicy(min_new_labelled_rows=1000, drift_psi=0.2, cooldown=timedelta(minutes=30))
+
+
+def test_thresholds_decide_whether_a_signal_exists():
+    assert new_data_signal(999, POLICY) is None
+    assert new_data_signal(1000, POLICY).kind == "new_data"
+    assert drift_signal({"amount": 0.19, "country": 0.05}, POLICY) is None
+    drift = drift_signal({"amount": 0.35, "country": 0.25, "hour": 0.01}, POLICY)
+    assert drift.value == pytest.approx(0.35)
+    assert "amount" in drift.reason and "country" in drift.reason and "hour" not in drift.reason
+    assert decay_signal(0.50, 0.60, 500, POLICY).value == pytest.approx(1 / 6)
+    assert decay_signal(0.40, 0.60, 500, POLICY).kind == "decay"
+    assert decay_signal(0.10, 0.60, 50, POLICY) is None  # too few labels to judge
+
+
+def test_decay_below_the_allowed_drop_does_not_fire():
+    assert decay_signal(0.52, 0.60, 500, POLICY) is None  # 13% drop < 15%
+
+
+def test_nothing_fires_while_a_retraining_is_in_flight():
+    signal = drift_signal({"amount": 0.9}, POLICY)
+    decision = decide([signal], in_flight=True, last_started=None, now=NOW, policy=POLICY)
+    assert not decision.fire
+    assert "in flight" in decision.why
+    manual = Signal("manual", "asked from the UI")
+    assert not decide([manual], in_flight=True, last_started=None, now=NOW, policy=POLICY).fire
+
+
+def test_cooldown_suppresses_automatic_triggers_but_not_a_person():
+    recent = NOW - timedelta(minutes=10)
+    drift = drift_signal({"amount": 0.9}, POLICY)
+    held = decide([drift], in_flight=False, last_started=recent, now=NOW, policy=POLICY)
+    assert not held.fire and "cooling down for 1200 s" in held.why
+    manual = Signal("manual", "loopline retrain")
+    asked = decide([drift, manual], in_flight=False, last_started=recent, now=NOW, policy=POLICY)
+    assert asked.fire and asked.signal.kind == "manual"
+    later = decide(
+        [drift], in_flight=False, last_started=NOW - timedelta(minutes=31), now=NOW, policy=POLICY
+    )
+    assert later.fire and later.signal.kind == "drift"
+
+
+def test_one_retraining_for_many_signals_most_important_first():
+    signals = [
+        new_data_signal(5000, POLICY),
+        Signal("schedule", "nightly"),
+        decay_signal(0.2, 0.6, 1000, POLICY),
+        drift_signal({"amount": 0.5}, POLICY),
+        None,
+    ]
+    decision = decide(signals, in_flight=False, last_started=None, now=NOW, policy=POLICY)
+    assert decision.fire and decision.signal.kind == "drift"
+    assert {s.kind for s in decision.suppressed} == {"new_data", "schedule", "decay"}
+    tags = decision.signal.tags()
+    assert tags["loopline/trigger"] == "drift" and "amount" in tags["loopline/reason"]
+
+
+def test_no_signal_no_run():
+    decision = decide([None, None], in_flight=False, last_started=None, now=NOW, policy=POLICY)
+    assert not decision.fire and decision.why == "no trigger"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Receiver.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_alert_is_logged_and_posted_to_a_local_webhook(caplog):
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        alert = alerts.Alert("drift", "PSI 0.41 on amount", {"psi": {"amount": 0.41}})
+        with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+            ok = alerts.send(alert, f"http://127.0.0.1:{server.server_port}/hook")
+    finally:
+        server.shutdown()
+    assert ok
+    [posted] = _Receiver.received
+    assert posted["alert"] == "drift" and posted["details"]["psi"]["amount"] == 0.41
+    assert json.loads(caplog.records[0].getMessage())["summary"] == "PSI 0.41 on amount"
+
+
+def test_a_dead_webhook_never_raises(caplog):
+    alert = alerts.Alert("rollback", "v0002 rolled back to v0001")
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        assert alerts.send(alert, "http://127.0.0.1:9/unreachable", timeout_s=1) is False
+    assert any("failed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError):
+        alerts.Alert("weather", "sunny")
