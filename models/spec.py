@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -105,3 +106,33 @@ class TrainConfig:
         if "hidden" in kwargs:
             kwargs["hidden"] = tuple(kwargs["hidden"])
         return cls(**kwargs)
+
+
+CATEGORICAL_DTYPES = frozenset({"String"})
+
+
+def feature_spec_from_fields(
+    schema: Iterable[tuple[str, str]],
+    *,
+    request_numeric: Sequence[str] = (),
+    request_categorical: Sequence[str] = (),
+    label: str = "label",
+) -> FeatureSpec:
+    """A feature store's fields, given as (name, dtype name), as a FeatureSpec.
+
+    String fields are categorical; numbers and booleans are numeric. Request-time columns
+    (what the transaction itself carries) follow the stored features; a name seen twice keeps
+    its first kind and place, so the column order, and with it the model's inputs, is stable.
+    """
+    kinds: dict[str, bool] = {}
+    for name, dtype in schema:
+        kinds.setdefault(name, dtype in CATEGORICAL_DTYPES)
+    for name in request_numeric:
+        kinds.setdefault(name, False)
+    for name in request_categorical:
+        kinds.setdefault(name, True)
+    return FeatureSpec(
+        numeric=tuple(n for n, cat in kinds.items() if not cat),
+        categorical=tuple(n for n, cat in kinds.items() if cat),
+        label=label,
+    )
