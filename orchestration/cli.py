@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from orchestration.cli_models import models
 from orchestration.settings import Settings
 
 console = Console()
@@ -190,6 +191,8 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
     for ds, counts in sorted(totals.items()):
         console.print(f"{ds}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
+
+main.add_command(models)
 
 if __name__ == "__main__":
     main()

@@ -53,6 +53,14 @@ class Settings:
         return self.home / "ledger.sqlite"
 
     @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.home / "registry" / "registry.sqlite"
+
+    @property
     def dagster_home(self) -> Path:
         return self.home / "dagster"
 

@@ -1,0 +1,355 @@
+"""Training: candidate and baseline models, evaluation beside the champion, the blocking
+validation gate, and the model registry.
+
+training_set -> candidate_model, baseline_model -> evaluation_report (+ model_validation, a
+blocking check) -> registered_model. Artifacts go under ``<home>/models/<run id>/``, the
+registry is ``<home>/registry/registry.sqlite``.
+"""
+
+import math
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from feast import FeatureService
+
+from features.feature_repo.definitions import build_definitions
+from features.training_set import TrainingSetRef
+from models.artifact import SavedModel, save_training_result
+from models.evaluate import evaluation_markdown
+from models.gate import GatePolicy
+from models.plots import (
+    calibration_png,
+    loss_curves_png,
+    png_markdown,
+    pr_curve_png,
+    slice_metric_png,
+)
+from models.registry import CHAMPION, Registry
+from models.release import (
+    Evaluation,
+    Lineage,
+    evaluate_candidate,
+    git_code_version,
+    register_candidate,
+)
+from models.spec import DEFAULT_SLICES, FeatureSpec, TrainConfig, feature_spec_from_fields
+from models.train import TrainResult, train_baseline, train_model
+from orchestration.resources import LooplineStorage
+from orchestration.settings import REPO_ROOT
+
+GROUP = "training"
+MODEL_NAME = "fraud_model"
+# Columns of the transaction itself, next to the FeatureService's stored features.
+REQUEST_NUMERIC = ("amount",)
+REQUEST_CATEGORICAL = ("country", "channel")
+HEADLINE_METADATA = ("pr_auc", "roc_auc", "log_loss", "brier", "ece", "precision", "recall")
+
+_TRAIN = TrainConfig()
+_GATE = GatePolicy()
+
+
+class _TrainingRunConfig(dg.Config):
+    seed: int = _TRAIN.seed
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    patience: int = _TRAIN.patience
+    device: str = _TRAIN.device
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.model_dump())
+
+
+class CandidateConfig(_TrainingRunConfig):
+    """Hyperparameters of the candidate network; see models.spec.TrainConfig."""
+
+    lr: float = _TRAIN.lr
+    weight_decay: float = _TRAIN.weight_decay
+    hidden: list[int] = list(_TRAIN.hidden)
+    dropout: float = _TRAIN.dropout
+    embedding_dim: int | None = _TRAIN.embedding_dim
+    max_embedding_dim: int = _TRAIN.max_embedding_dim
+    max_categories: int = _TRAIN.max_categories
+    imbalance: str = _TRAIN.imbalance
+    calibrate: bool = _TRAIN.calibrate
+
+
+class BaselineConfig(_TrainingRunConfig):
+    """The logistic-regression baseline; its step size is raised to at least 0.02."""
+
+
+class GateConfig(dg.Config):
+    """Thresholds of the champion/challenger gate; see models.gate.GatePolicy."""
+
+    primary_metric: str = _GATE.primary_metric
+    min_gain_over_baseline: float = _GATE.min_gain_over_baseline
+    min_gain_over_champion: float = _GATE.min_gain_over_champion
+    slice_tolerance: float = _GATE.slice_tolerance
+    slice_min_support: int = _GATE.slice_min_support
+    slice_min_positives: int = _GATE.slice_min_positives
+    max_model_bytes: int = _GATE.max_model_bytes
+    max_latency_ms_batch1: float = _GATE.max_latency_ms_batch1
+    max_latency_ms_batch64: float = _GATE.max_latency_ms_batch64
+    latency_repeats: int = _GATE.latency_repeats
+
+    def policy(self) -> GatePolicy:
+        return GatePolicy(**self.model_dump())
+
+
+class RegistrationConfig(dg.Config):
+    """promote_on_pass: with no deployment step yet, a version that passed the gate becomes
+    champion at once. Turn it off when a deployment (canary) step promotes instead."""
+
+    promote_on_pass: bool = True
+
+
+def feature_spec(home: Path, service_name: str) -> FeatureSpec:
+    """The model's inputs: the FeatureService's features plus the transaction's own columns."""
+    services = {d.name: d for d in build_definitions(home) if isinstance(d, FeatureService)}
+    if service_name not in services:
+        raise dg.Failure(f"unknown FeatureService {service_name!r}; known: {sorted(services)}")
+    schema = [
+        (f.name, str(f.dtype))
+        for projection in services[service_name].feature_view_projections
+        for f in projection.features
+    ]
+    return feature_spec_from_fields(
+        schema, request_numeric=REQUEST_NUMERIC, request_categorical=REQUEST_CATEGORICAL
+    )
+
+
+def _train_and_save(
+    context: dg.AssetExecutionContext,
+    storage: LooplineStorage,
+    training_set: TrainingSetRef,
+    config: TrainConfig,
+    kind: str,
+) -> dg.Output[SavedModel]:
+    settings = storage.settings
+    frame = pl.read_parquet(training_set.path)
+    spec = feature_spec(settings.home, training_set.feature_service)
+    result = (train_baseline if kind == "baseline" else train_model)(frame, spec, config)
+    saved = save_training_result(
+        result,
+        settings.models / context.run_id / kind,
+        golden_rows=frame.filter(pl.col("split") == "validation"),
+        metadata={
+            "model_name": MODEL_NAME,
+            "dagster_run_id": context.run_id,
+            "training_set": {
+                "version": training_set.version,
+                "path": training_set.path,
+                "feature_service": training_set.feature_service,
+                "batches": list(training_set.batches),
+            },
+        },
+    )
+    return dg.Output(saved, metadata=_training_metadata(result, saved, kind))
+
+
+def _training_metadata(result: TrainResult, saved: SavedModel, kind: str) -> dict:
+    summary = result.summary()
+    best = summary["best_val_loss"]
+    return {
+        "best_val_loss": dg.MetadataValue.float(best) if best is not None else "no validation",
+        "path": dg.MetadataValue.path(str(saved.path)),
+        "size_bytes": saved.size_bytes,
+        "parameters": summary["parameters"],
+        "device": summary["train_device"],
+        "epochs_run": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
+        "stopped_early": summary["stopped_early"],
+        "samples_per_s": dg.MetadataValue.float(summary["samples_per_s"]),
+        "train_seconds": dg.MetadataValue.float(summary["train_seconds"]),
+        "calibration": dg.MetadataValue.json(summary["calibration"]),
+        "hyperparameters": dg.MetadataValue.json(summary["config"]),
+        "loss_curves": dg.MetadataValue.md(
+            png_markdown(loss_curves_png({kind: result.history}), "loss curves")
+        ),
+    }
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"})
+def candidate_model(
+    context: dg.AssetExecutionContext,
+    config: CandidateConfig,
+    storage: LooplineStorage,
+    training_set: TrainingSetRef,
+) -> dg.Output[SavedModel]:
+    """The challenger: a tabular network trained on the training set (CUDA when present)."""
+    return _train_and_save(context, storage, training_set, config.train_config(), "candidate")
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"})
+def baseline_model(
+    context: dg.AssetExecutionContext,
+    config: BaselineConfig,
+    storage: LooplineStorage,
+    training_set: TrainingSetRef,
+) -> dg.Output[SavedModel]:
+    """Logistic regression on the same data and split: the bar every candidate must clear."""
+    return _train_and_save(context, storage, training_set, config.train_config(), "baseline")
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "model_validation",
+            asset="evaluation_report",
+            blocking=True,
+            description="Champion/challenger gate: beats baseline and champion, no slice "
+            "regression, reloads identically, within size and latency budgets.",
+        )
+    ],
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: GateConfig,
+    storage: LooplineStorage,
+    training_set: TrainingSetRef,
+    candidate_model: SavedModel,
+    baseline_model: SavedModel,
+):
+    """The candidate on the test split beside the baseline and the current champion, judged by the gate."""
+    settings = storage.settings
+    registry = Registry(settings.registry_path)
+    champion_version = registry.get_alias(CHAMPION)
+    champion = (
+        (champion_version, registry.get(champion_version).artifact_dir)
+        if champion_version
+        else None
+    )
+    lineage = Lineage(
+        training_set_version=training_set.version,
+        feature_service=training_set.feature_service,
+        training_batches=tuple(training_set.batches),
+        training_set_path=training_set.path,
+        dagster_run_id=context.run_id,
+        code_version=git_code_version(REPO_ROOT),
+    )
+    evaluation = evaluate_candidate(
+        pl.read_parquet(training_set.path),
+        candidate_model,
+        baseline_model,
+        config.policy(),
+        lineage,
+        champion=champion,
+        model_name=MODEL_NAME,
+    )
+    decision = evaluation.decision
+    check_metadata: dict = {
+        "champion": champion_version or "none",
+        "checks": dg.MetadataValue.md(decision.to_markdown()),
+        "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons) or "none"),
+        "policy": dg.MetadataValue.json(evaluation.policy.to_dict()),
+    }
+    if not decision.passed:
+        # Registered without the challenger alias, then rejected: the registry keeps the
+        # candidate, its card and every reason, and the champion does not move.
+        version = register_candidate(
+            registry,
+            evaluation,
+            model_name=MODEL_NAME,
+            dagster_run_id=context.run_id,
+            as_challenger=False,
+        )
+        registry.reject(version, decision.reasons)
+        check_metadata["rejected_version"] = version
+        context.log.warning(f"{version} rejected: {'; '.join(decision.reasons)}")
+    yield dg.Output(evaluation, metadata=_evaluation_metadata(evaluation))
+    yield dg.AssetCheckResult(
+        check_name="model_validation",
+        passed=decision.passed,
+        metadata=check_metadata,
+        description="passed" if decision.passed else "; ".join(decision.reasons),
+    )
+
+
+def _evaluation_metadata(evaluation: Evaluation) -> dict:
+    reports = evaluation.reports
+    challenger = evaluation.challenger
+    metadata: dict = {
+        name: dg.MetadataValue.float(float(challenger.metrics[name]))
+        for name in HEADLINE_METADATA
+        if math.isfinite(challenger.metrics.get(name, math.nan))
+    }
+    metadata.update(
+        {
+            "threshold": dg.MetadataValue.float(challenger.threshold),
+            "test_rows": challenger.support,
+            "champion": evaluation.champion_version or "none",
+            "gate_passed": evaluation.decision.passed,
+            "report": dg.MetadataValue.md(evaluation_markdown(reports)),
+            "model_card": dg.MetadataValue.md(evaluation.card),
+            "calibration": dg.MetadataValue.md(png_markdown(calibration_png(reports), "calib")),
+            "pr_curve": dg.MetadataValue.md(png_markdown(pr_curve_png(reports), "PR curve")),
+            "infra": dg.MetadataValue.json(evaluation.infra.to_dict()),
+        }
+    )
+    for column in DEFAULT_SLICES:
+        if any(s.column == column for s in challenger.slices):
+            png = slice_metric_png(reports, column)
+            metadata[f"slices_{column}"] = dg.MetadataValue.md(png_markdown(png, column))
+    return metadata
+
+
+@dg.asset(group_name=GROUP, kinds={"sqlite"})
+def registered_model(
+    context: dg.AssetExecutionContext,
+    config: RegistrationConfig,
+    storage: LooplineStorage,
+    candidate_model: SavedModel,
+    evaluation_report: Evaluation,
+) -> dg.Output[str]:
+    """The validated candidate in the model registry with its lineage; challenger or champion."""
+    evaluation = evaluation_report
+    if Path(evaluation.candidate.path) != Path(candidate_model.path):
+        raise dg.Failure(
+            f"evaluation_report judged {evaluation.candidate.path}, not the current "
+            f"candidate_model {candidate_model.path}; materialize evaluation_report first"
+        )
+    if not evaluation.decision.passed:
+        raise dg.Failure(
+            "the gate rejected this candidate: " + "; ".join(evaluation.decision.reasons)
+        )
+    registry = Registry(storage.settings.registry_path)
+    version = register_candidate(
+        registry,
+        evaluation,
+        model_name=MODEL_NAME,
+        dagster_run_id=context.run_id,
+        as_challenger=True,
+    )
+    if config.promote_on_pass and registry.get_alias(CHAMPION) != version:
+        previous = registry.promote(
+            version,
+            reason=f"passed model_validation in run {context.run_id} (promote_on_pass)",
+        )
+        context.log.info(f"{version} promoted to champion (was {previous or 'none'})")
+    registered = registry.get(version)
+    return dg.Output(
+        version,
+        metadata={
+            "version": version,
+            "status": registered.status,
+            "aliases": ", ".join(registered.aliases) or "none",
+            "registry": dg.MetadataValue.path(str(registry.path)),
+            "artifact_dir": dg.MetadataValue.path(registered.artifact_dir),
+            "pr_auc": dg.MetadataValue.float(float(registered.metrics["pr_auc"])),
+            "lineage": dg.MetadataValue.json(registered.lineage()),
+        },
+    )
+
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.assets("training_set") | dg.AssetSelection.groups(GROUP),
+    description="Rebuild the training set, then train, evaluate, validate and register a model.",
+)
+
+defs = dg.Definitions(
+    assets=[candidate_model, baseline_model, evaluation_report, registered_model],
+    jobs=[training_job],
+)
