@@ -1,0 +1,206 @@
+"""Training sets: labelled entity rows, point-in-time features, time splits, content version."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.engineering import (
+    CARD_VIEW,
+    MERCHANT_VIEW,
+    card_features,
+    merchant_features,
+    write_feature_file,
+)
+from features.store import apply_definitions, feature_store
+from features.training_set import (
+    SplitFractions,
+    assign_splits,
+    build_training_set,
+    labelled_transactions,
+    write_training_set,
+)
+from quality.schema import SCHEMAS, UTC_TS
+
+T0 = datetime(2024, 3, 1, tzinfo=UTC)
+CREATED = datetime(2024, 6, 1, tzinfo=UTC)
+D = timedelta(days=1)
+
+
+def _tx(n: int, seed: int = 3) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    minutes = np.sort(rng.integers(0, 30 * 24 * 60, n))
+    return pl.DataFrame(
+        {
+            "transaction_id": [f"t{i:04d}" for i in range(n)],
+            "card_id": rng.choice(["c1", "c2", "c3", "c4"], n),
+            "merchant_id": rng.choice(["m1", "m2", "m3"], n),
+            "amount": rng.gamma(2.0, 30.0, n).round(2),
+            "channel": rng.choice(["pos", "online"], n),
+            "country": rng.choice(["US", "GB"], n),
+            "event_timestamp": [T0 + timedelta(minutes=int(m)) for m in minutes],
+        }
+    ).select([pl.col(c).cast(t) for c, t in SCHEMAS["transactions"].items()])
+
+
+def _labels(tx: pl.DataFrame, seed: int = 4) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    return tx.select(
+        "transaction_id",
+        pl.Series("is_fraud", rng.random(tx.height) < 0.2),
+        (pl.col("event_timestamp") + 2 * D).alias("label_timestamp"),
+    )
+
+
+CARDS = pl.DataFrame(
+    {"card_id": ["c1", "c2", "c3", "c4"], "home_country": "US", "spending_profile": "low"}
+)
+MERCHANTS = pl.DataFrame(
+    {"merchant_id": ["m1", "m2", "m3"], "category": ["fuel", "travel", "grocery"], "country": "US"}
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    tx = _tx(400)
+    labels = _labels(tx)
+    home = tmp_path_factory.mktemp("ts") / "home"
+    write_feature_file(home, CARD_VIEW, "b1", card_features(tx, CARDS, created_at=CREATED))
+    write_feature_file(
+        home,
+        MERCHANT_VIEW,
+        "b1",
+        merchant_features(tx, labels, MERCHANTS, created_at=CREATED),
+    )
+    store = feature_store(home)
+    apply_definitions(store)
+    return home, store, tx, labels
+
+
+def test_labelled_transactions_keep_the_latest_label_and_only_mature_rows() -> None:
+    tx = _tx(6).with_columns(
+        pl.Series("event_timestamp", [T0 + i * D for i in range(6)], dtype=UTC_TS)
+    )
+    newest = T0 + 8 * D
+    labels = pl.DataFrame(
+        {
+            "transaction_id": ["t0000", "t0000", "t0001", "t0005", "t0003"],
+            "is_fraud": [False, True, False, True, True],  # t0000 corrected to fraud
+            "label_timestamp": [T0 + D, T0 + 3 * D, T0 + 2 * D, newest, newest],
+        },
+        schema=SCHEMAS["labels"],
+    )
+    rows = labelled_transactions(tx, labels, label_maturity=timedelta(days=5))
+    # t0002 and t0004 have no label; t0005 (day 5) is younger than newest label - 5 days.
+    assert dict(zip(rows["transaction_id"], rows["label"], strict=True)) == {
+        "t0000": 1,
+        "t0001": 0,
+        "t0003": 1,
+    }
+    assert rows["label"].dtype == pl.Int8
+    everything = labelled_transactions(tx, labels, label_maturity=timedelta(0))
+    assert set(everything["transaction_id"]) == {"t0000", "t0001", "t0003", "t0005"}
+
+
+def test_splits_are_consecutive_time_ranges_with_the_requested_shares() -> None:
+    stamps = [T0 + timedelta(hours=h // 2) for h in range(200)]  # every timestamp twice
+    frame = pl.DataFrame({"event_timestamp": pl.Series(stamps, dtype=UTC_TS), "label": 0})
+
+    out = assign_splits(frame)
+    counts = out.group_by("split").len().sort("split")
+    assert dict(counts.iter_rows()) == {"train": 140, "validation": 30, "test": 30}
+    windows = out.group_by("split").agg(
+        pl.col("event_timestamp").min().alias("lo"), pl.col("event_timestamp").max().alias("hi")
+    )
+    w = {r["split"]: (r["lo"], r["hi"]) for r in windows.to_dicts()}
+    assert w["train"][1] < w["validation"][0] and w["validation"][1] < w["test"][0]
+
+    odd = assign_splits(frame.head(101), SplitFractions(0.8, 0.2, 0.0))
+    assert set(odd["split"]) == {"train", "validation"}
+    ties = odd.group_by("event_timestamp").agg(pl.col("split").n_unique())
+    assert ties["split"].max() == 1  # a timestamp never straddles a cut
+    with pytest.raises(ValueError, match="sum to 1"):
+        SplitFractions(0.7, 0.2, 0.2)
+    with pytest.raises(ValueError):
+        SplitFractions(0.0, 0.5, 0.5)
+
+
+def test_training_set_has_labels_point_in_time_features_and_time_splits(world) -> None:
+    _, store, tx, labels = world
+    built = build_training_set(store, tx, labels, label_maturity=timedelta(0))
+    rows = built.frame
+
+    required = ["transaction_id", "card_id", "merchant_id", "event_timestamp", "amount"]
+    required += ["country", "channel", "merchant_category", "label", "split"]
+    assert set(required) <= set(rows.columns)
+    features = built.summary["features"]["numeric"] + built.summary["features"]["categorical"]
+    assert "card_tx_count_24h" in features and "tx_amount_to_card_mean_30d" in features
+    assert "merchant_category" in built.summary["features"]["categorical"]
+    assert rows.height == tx.height and rows["label"].sum() == labels["is_fraud"].sum()
+    assert rows["event_timestamp"].to_list() == sorted(tx["event_timestamp"].to_list())
+
+    # Features are as of just before each transaction: never count the transaction itself.
+    first = rows.sort("event_timestamp").unique("card_id", keep="first")
+    assert first["card_tx_count_24h"].null_count() == first.height
+    mine = tx.filter(pl.col("card_id") == "c1").sort("event_timestamp")
+    row = rows.filter(pl.col("transaction_id") == mine["transaction_id"][10]).row(0, named=True)
+    t = row["event_timestamp"]
+    before = mine.filter(pl.col("event_timestamp") < t, pl.col("event_timestamp") > t - 7 * D)
+    assert row["card_tx_count_7d"] == before.height
+    assert row["card_amount_max_7d"] == before["amount"].max()
+    assert row["merchant_category"] in {"fuel", "travel", "grocery"}
+
+    splits = built.summary["splits"]
+    assert [splits[s]["rows"] for s in ("train", "validation", "test")] == [280, 60, 60]
+    assert splits["train"]["end"] < splits["validation"]["start"]
+    assert splits["validation"]["end"] < splits["test"]["start"]
+    test_part = rows.filter(pl.col("split") == "test")
+    assert splits["test"]["fraud_rate"] == pytest.approx(test_part["label"].mean())
+
+
+def test_version_is_a_content_hash_and_the_file_is_written_once(world) -> None:
+    home, store, tx, labels = world
+    built = build_training_set(store, tx, labels, label_maturity=timedelta(0))
+    shuffled = build_training_set(
+        store,
+        tx.sample(fraction=1.0, shuffle=True, seed=1),
+        labels.reverse(),
+        label_maturity=timedelta(0),
+    )
+    assert shuffled.version == built.version  # input order does not matter
+    flipped = labels.with_columns(
+        pl.when(pl.col("transaction_id") == "t0100")
+        .then(~pl.col("is_fraud"))
+        .otherwise(pl.col("is_fraud"))
+        .alias("is_fraud")
+    )
+    assert build_training_set(store, tx, flipped, label_maturity=timedelta(0)).version != (
+        built.version
+    )
+    other_split = build_training_set(
+        store, tx, labels, label_maturity=timedelta(0), fractions=SplitFractions(0.8, 0.1, 0.1)
+    )
+    assert other_split.version != built.version
+
+    ref = write_training_set(home, built, ("b1",))
+    path = Path(ref.path)
+    assert path == home / "training_sets" / f"{built.version}.parquet"
+    assert ref.rows == built.frame.height and ref.feature_service == "fraud_model_v1"
+    assert pl.read_parquet(path).equals(built.frame)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["version"] == built.version and meta["splits"]["train"]["rows"] == 280
+    mtime = path.stat().st_mtime_ns
+    write_training_set(home, shuffled, ("b1",))
+    assert path.stat().st_mtime_ns == mtime
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_no_labelled_rows_is_an_error_not_an_empty_set(world) -> None:
+    _, store, tx, labels = world
+    with pytest.raises(ValueError, match="no labelled transactions"):
+        build_training_set(store, tx, labels, label_maturity=timedelta(days=365))
