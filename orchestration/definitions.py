@@ -5,10 +5,12 @@ Each asset group lives in its own module with its own ``defs``; this file merges
 
 import dagster as dg
 
-from orchestration import ingest
+from orchestration import features, ingest, training
 from orchestration.resources import LooplineStorage
 
 defs = dg.Definitions.merge(
     ingest.defs,
+    features.defs,
+    training.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

@@ -1,0 +1,186 @@
+"""Feature files per validated batch, and the online store kept in step with them.
+
+Each validated batch gets one file per feature view it can change, ``features/<view>/<batch>.parquet``:
+transactions batches for both views, labels batches for the merchant view (chargeback rates).
+A file holds only the rows the batch adds or changes (``compute_*_features``), and its presence
+is the record that the batch is done, so a failed or interrupted run is simply resumed. The
+online store loads the rows of files it has not loaded yet; a manifest of loaded files tells
+which, so late rows (recomputed with event times before the last load) are not skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+from feast import FeatureStore
+
+from features.engineering import (
+    CARD_VIEW,
+    FEATURE_SCHEMAS,
+    MERCHANT_VIEW,
+    TS,
+    compute_card_features,
+    compute_merchant_features,
+    history_start,
+    read_validated,
+    write_feature_file,
+)
+from features.storage import write_json_atomic
+from features.store import materialize
+from quality.schema import SCHEMAS
+
+# Which datasets' batches change which view.
+VIEW_DATASETS: dict[str, tuple[str, ...]] = {
+    CARD_VIEW: ("transactions",),
+    MERCHANT_VIEW: ("transactions", "labels"),
+}
+MANIFEST = Path("feast") / "online_manifest.json"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: its dataset and id (the content hash the ledger knows it by)."""
+
+    dataset: str
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class OnlineSync:
+    """What one online load did: files and rows read, interval loaded per view."""
+
+    files: int
+    rows: int
+    loaded: dict[str, tuple[datetime, datetime]]
+    changed_since: datetime | None
+
+
+def feature_dir(home: Path, view: str) -> Path:
+    return Path(home) / "features" / view
+
+
+def pending(home: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
+    """The batches, in the given (arrival) order, that change ``view`` and have no file yet."""
+    folder = feature_dir(home, view)
+    return [
+        b
+        for b in batches
+        if b.dataset in VIEW_DATASETS[view] and not (folder / f"{b.batch_id}.parquet").exists()
+    ]
+
+
+def _validated(home: Path, batch: Batch) -> pl.DataFrame:
+    path = Path(home) / "validated" / batch.dataset / f"{batch.batch_id}.parquet"
+    schema = SCHEMAS[batch.dataset]
+    return pl.read_parquet(path).select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def batch_rows(
+    home: Path,
+    view: str,
+    batch: Batch,
+    *,
+    created_at: datetime,
+    not_yet: Sequence[str] = (),
+) -> pl.DataFrame:
+    """The rows of ``view`` that ``batch`` adds or changes, from the history it needs only.
+
+    ``not_yet``: validated batches still waiting for this view; they are left out of the
+    history, so each batch is computed as if it were the newest (their turn comes next).
+    """
+    if batch.dataset not in VIEW_DATASETS[view]:
+        raise ValueError(f"{batch.dataset} batches do not change {view}")
+    new = _validated(home, batch)
+    is_tx = batch.dataset == "transactions"
+    new_tx = new if is_tx else pl.DataFrame(schema=SCHEMAS["transactions"])
+    new_labels = None if is_tx else new
+    since = history_start(new_tx, new_labels)
+    history = read_validated(
+        home, "transactions", since=since, exclude_batches=[batch.batch_id, *not_yet]
+    )
+    if view == CARD_VIEW:
+        return compute_card_features(new_tx, history, read_validated(home, "cards"), created_at)
+    labels = read_validated(home, "labels", since=since, exclude_batches=not_yet)
+    return compute_merchant_features(
+        new_tx, history, labels, read_validated(home, "merchants"), created_at, new_labels
+    )
+
+
+def update_view(
+    home: Path, view: str, batch: Batch, *, not_yet: Sequence[str] = ()
+) -> tuple[Path, int]:
+    """Compute and write ``batch``'s file of ``view`` (empty when the batch changes nothing);
+    return the file and its row count."""
+    rows = batch_rows(home, view, batch, created_at=datetime.now(UTC), not_yet=not_yet)
+    return write_feature_file(home, view, batch.batch_id, rows), rows.height
+
+
+def _files(home: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for view in FEATURE_SCHEMAS:
+        for path in sorted(feature_dir(home, view).glob("*.parquet")):
+            stat = path.stat()
+            out[str(path.relative_to(home))] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def view_version(home: Path, view: str) -> str:
+    """A fingerprint of a view's files (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    prefix = str(Path("features") / view)
+    for name, stat in _files(home).items():
+        if name.startswith(prefix):
+            digest.update(f"{name}|{stat[0]}|{stat[1]}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _loaded(home: Path) -> dict[str, tuple[int, int]]:
+    path = Path(home) / MANIFEST
+    if not path.exists():
+        return {}
+    return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def unloaded_files(home: Path) -> list[str]:
+    """Feature files (relative to ``home``) written or rewritten since the last online load."""
+    loaded = _loaded(home)
+    return [name for name, stat in _files(home).items() if loaded.get(name) != stat]
+
+
+def sync_online(store: FeatureStore, home: Path, *, end: datetime | None = None) -> OnlineSync:
+    """Load every feature row not yet in the online store, then record the files as loaded.
+
+    ``end`` defaults to now, or just after the newest row if that is later; rows of the new
+    files older than a view's last load are reloaded from the oldest of them (``changed_since``).
+    """
+    home = Path(home)
+    files = _files(home)
+    loaded = _loaded(home)
+    new = [home / name for name, stat in files.items() if loaded.get(name) != stat]
+    if not new:
+        return OnlineSync(files=0, rows=0, loaded={}, changed_since=None)
+    by_view: dict[str, list[Path]] = {}
+    for path in new:
+        by_view.setdefault(path.parent.name, []).append(path)
+    rows, lo, hi = (
+        pl.concat(
+            pl.scan_parquet(paths).select(
+                pl.len().alias("rows"), pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")
+            )
+            for paths in by_view.values()
+        )
+        .select(pl.col("rows").sum(), pl.col("lo").min(), pl.col("hi").max())
+        .collect()
+        .row(0)
+    )
+    now = datetime.now(UTC)
+    end = end or (now if hi is None or hi < now else hi + timedelta(microseconds=1))
+    intervals = materialize(store, end, changed_since=lo) if rows else {}
+    write_json_atomic({k: list(v) for k, v in files.items()}, home / MANIFEST)
+    return OnlineSync(files=len(new), rows=rows, loaded=intervals, changed_since=lo)

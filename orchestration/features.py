@@ -1,0 +1,237 @@
+"""Feature store assets: per-batch feature files, Feast registry, online store, training set.
+
+The per-batch feature assets are not partitioned: each run brings every validated batch that
+has no features yet up to date, in arrival order, and ``features_sensor`` starts such a run
+whenever validated batches wait (docs/decisions.md, "Features follow validated batches").
+"""
+
+import hashlib
+from datetime import timedelta
+
+import dagster as dg
+
+from features import incremental
+from features.engineering import CARD_VIEW, MERCHANT_VIEW
+from features.feature_repo.definitions import HASH_TAG
+from features.store import SERVICE, apply_definitions, feature_store
+from features.training_set import SplitFractions, TrainingSetRef, training_set_from_home
+from orchestration.ingest import _md_table
+from orchestration.resources import LooplineStorage
+
+GROUP = "features"
+_IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def validated_batches(storage: LooplineStorage) -> list[incremental.Batch]:
+    """Validated transactions and labels batches, in the order they arrived."""
+    records = [
+        r
+        for r in storage.ledger.batches(status="validated")
+        if r.dataset in ("transactions", "labels")
+    ]
+    records.sort(key=lambda r: (r.received_at, r.batch_id))
+    return [incremental.Batch(r.dataset, r.batch_id) for r in records]
+
+
+def _update(
+    context: dg.AssetExecutionContext, storage: LooplineStorage, view: str
+) -> dg.MaterializeResult:
+    home = storage.settings.home
+    todo = incremental.pending(home, view, validated_batches(storage))
+    written = []
+    for i, batch in enumerate(todo):
+        not_yet = [b.batch_id for b in todo[i + 1 :]]
+        path, rows = incremental.update_view(home, view, batch, not_yet=not_yet)
+        written.append({"batch": batch.batch_id, "dataset": batch.dataset, "rows": rows})
+        context.log.info(f"{view}: {batch.dataset} batch {batch.batch_id}: {rows} rows")
+    folder = incremental.feature_dir(home, view)
+    version = incremental.view_version(home, view)
+    return dg.MaterializeResult(
+        metadata={
+            "batches_processed": len(written),
+            "rows_written": sum(w["rows"] for w in written),
+            "batches": dg.MetadataValue.md(_md_table(written)),
+            "files": len(list(folder.glob("*.parquet"))),
+            "path": dg.MetadataValue.path(str(folder)),
+            "version": version,
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"polars", "parquet"},
+    deps=["validated_transactions", "validated_cards"],
+)
+def card_features(
+    context: dg.AssetExecutionContext, storage: LooplineStorage
+) -> dg.MaterializeResult:
+    """Card activity features: one parquet file per validated transactions batch."""
+    return _update(context, storage, CARD_VIEW)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"polars", "parquet"},
+    deps=["validated_transactions", "validated_labels", "validated_merchants"],
+)
+def merchant_features(
+    context: dg.AssetExecutionContext, storage: LooplineStorage
+) -> dg.MaterializeResult:
+    """Merchant volume and chargeback-rate features: one file per transactions or labels batch."""
+    return _update(context, storage, MERCHANT_VIEW)
+
+
+@dg.asset(group_name=GROUP, kinds={"feast"})
+def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
+    """Feast registry with the repo's declarations; re-applied only when they change."""
+    home = storage.settings.home
+    store = feature_store(home)
+    applied = apply_definitions(store, home)
+    service = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
+    fingerprint = service.tags[HASH_TAG]
+    return dg.MaterializeResult(
+        metadata={
+            "applied": applied,
+            "feature_service": SERVICE,
+            "features": sum(len(p.features) for p in service.feature_view_projections),
+            "registry": dg.MetadataValue.path(str(store.config.registry.path)),
+            "declarations_sha256": fingerprint,
+        },
+        data_version=dg.DataVersion(fingerprint[:16]),
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"feast", "sqlite"},
+    deps=[card_features, merchant_features, feature_registry],
+)
+def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
+    """Online store (SQLite) loaded with every feature row written since its last load."""
+    home = storage.settings.home
+    store = feature_store(home)
+    sync = incremental.sync_online(store, home)
+    intervals = [
+        {"view": v, "start": a.isoformat(), "end": b.isoformat()}
+        for v, (a, b) in sync.loaded.items()
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "files_loaded": sync.files,
+            "rows_read": sync.rows,
+            "changed_since": sync.changed_since.isoformat() if sync.changed_since else "",
+            "intervals": dg.MetadataValue.md(_md_table(intervals)),
+            "online_store": dg.MetadataValue.path(str(home / "feast" / "online.db")),
+        }
+    )
+
+
+class TrainingSetConfig(dg.Config):
+    """Split shares (in time order) and how old a transaction must be to count as labelled."""
+
+    train_fraction: float = 0.70
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    label_maturity_days: float = 7.0
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "parquet"},
+    deps=[card_features, merchant_features, feature_registry, "validated_labels"],
+)
+def training_set(
+    context: dg.AssetExecutionContext, config: TrainingSetConfig, storage: LooplineStorage
+) -> dg.Output[TrainingSetRef]:
+    """Labelled transactions with point-in-time features of fraud_model_v1, split by time."""
+    home = storage.settings.home
+    fractions = SplitFractions(
+        config.train_fraction, config.validation_fraction, config.test_fraction
+    )
+    ref, built = training_set_from_home(
+        home,
+        feature_store(home),
+        fractions=fractions,
+        label_maturity=timedelta(days=config.label_maturity_days),
+    )
+    splits = built.summary["splits"]
+    table = [
+        {
+            "split": name,
+            "rows": s["rows"],
+            "positives": s["positives"],
+            "fraud_rate": f"{s['fraud_rate']:.4f}" if s["fraud_rate"] is not None else "",
+            "start": s["start"] or "",
+            "end": s["end"] or "",
+        }
+        for name, s in splits.items()
+    ]
+    context.log.info(f"training set {ref.version}: {ref.rows} rows from {len(ref.batches)} batches")
+    metadata = {
+        "version": ref.version,
+        "rows": ref.rows,
+        "path": dg.MetadataValue.path(ref.path),
+        "feature_service": ref.feature_service,
+        "batches": len(ref.batches),
+        "splits": dg.MetadataValue.md(_md_table(table)),
+        "features": dg.MetadataValue.json(built.summary["features"]),
+    }
+    for name, s in splits.items():
+        metadata[f"{name}_rows"] = s["rows"]
+        metadata[f"{name}_fraud_rate"] = s["fraud_rate"] if s["fraud_rate"] is not None else 0.0
+        metadata[f"{name}_window"] = f"{s['start']} .. {s['end']}"
+    return dg.Output(ref, metadata=metadata)
+
+
+features_job = dg.define_asset_job(
+    "update_features",
+    selection=dg.AssetSelection.assets(
+        card_features, merchant_features, feature_registry, online_features
+    ),
+    description="Feature files for every validated batch without them, then the online store.",
+)
+
+
+def features_backlog(storage: LooplineStorage) -> list[str]:
+    """Validated batches without feature files, and feature files the online store lacks."""
+    home = storage.settings.home
+    batches = validated_batches(storage)
+    waiting = {
+        b.batch_id
+        for view in incremental.VIEW_DATASETS
+        for b in incremental.pending(home, view, batches)
+    }
+    return sorted(waiting) + incremental.unloaded_files(home)
+
+
+@dg.sensor(
+    job=features_job,
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts update_features when validated batches or feature files are waiting.",
+)
+def features_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
+    backlog = features_backlog(storage)
+    if not backlog:
+        return dg.SkipReason("every validated batch has its features in the online store")
+    running = context.instance.get_runs(
+        filters=dg.RunsFilter(job_name=features_job.name, statuses=_IN_FLIGHT), limit=1
+    )
+    if running:
+        return dg.SkipReason(f"{len(backlog)} items wait for run {running[0].run_id}")
+    key = hashlib.sha256("\n".join(backlog).encode()).hexdigest()[:16]
+    return dg.RunRequest(run_key=f"features-{key}", tags={"loopline/backlog": str(len(backlog))})
+
+
+defs = dg.Definitions(
+    assets=[card_features, merchant_features, feature_registry, online_features, training_set],
+    jobs=[features_job],
+    sensors=[features_sensor],
+)

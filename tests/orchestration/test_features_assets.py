@@ -1,0 +1,247 @@
+"""Feature assets over two simulated batches: ingest, features, online store, training set."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from features import simulator
+from features.engineering import CARD_VIEW, MERCHANT_VIEW
+from features.store import feature_store, online_features
+from features.training_set import TrainingSetRef
+from orchestration import features as feature_assets
+from orchestration.ingest import RAW_ASSETS, VALIDATED_ASSETS, landing_sensor
+from orchestration.resources import LooplineStorage
+
+SPAN = timedelta(days=4)
+INGEST_ASSETS = {a.key.to_user_string(): a for a in [*RAW_ASSETS, *VALIDATED_ASSETS]}
+FEATURES = [
+    feature_assets.card_features,
+    feature_assets.merchant_features,
+    feature_assets.feature_registry,
+    feature_assets.online_features,
+]
+
+
+def _ingest(instance: dg.DagsterInstance, storage: LooplineStorage) -> list[str]:
+    """What the landing sensor and its runs do: one partition and one ingest run per file."""
+    context = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+    result = landing_sensor(context)
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    keys = []
+    for run in result.run_requests:
+        dataset = run.tags["loopline/dataset"]
+        out = dg.materialize(
+            [INGEST_ASSETS[f"raw_{dataset}"], INGEST_ASSETS[f"validated_{dataset}"]],
+            instance=instance,
+            resources={"storage": storage},
+            partition_key=run.partition_key,
+        )
+        assert out.success, dataset
+        keys.append(run.partition_key)
+    return keys
+
+
+def _features(instance: dg.DagsterInstance, storage: LooplineStorage) -> dg.ExecuteInProcessResult:
+    out = dg.materialize(FEATURES, instance=instance, resources={"storage": storage})
+    assert out.success
+    return out
+
+
+def _sensor(instance: dg.DagsterInstance, storage: LooplineStorage):
+    context = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+    return feature_assets.features_sensor(context)
+
+
+def _files(home: Path, view: str) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in (home / "features" / view).glob("*.parquet")}
+
+
+def _latest(home: Path, view: str, key: str) -> pl.DataFrame:
+    rows = pl.read_parquet(home / "features" / view / "*.parquet")
+    return rows.sort(key, "event_timestamp", "created_timestamp").unique(key, keep="last")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    """Reference data, then two steps (a transactions batch, and from the second step on a
+    labels batch), each followed by the feature job; snapshots in between for the tests."""
+    home = tmp_path_factory.mktemp("features") / "home"
+    storage = LooplineStorage(home=str(home))
+    instance = dg.DagsterInstance.ephemeral()
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=40)
+    sim = simulator.Simulator(
+        simulator.ScenarioConfig(
+            seed=11,
+            n_cards=80,
+            n_merchants=25,
+            start=start,
+            batch_span=SPAN,
+            rows_per_batch=400,
+            fraud_rate=0.05,
+        )
+    )
+    landing = storage.settings.landing
+    simulator.land(sim.cards(), landing, "cards", "ref")
+    simulator.land(sim.merchants(), landing, "merchants", "ref")
+    _ingest(instance, storage)
+    steps = []
+    for k in (0, 1):
+        simulator.land(sim.transactions(k), landing, "transactions", f"b{k}")
+        if sim.labels(k).height:  # labels only start arriving days into the scenario
+            simulator.land(sim.labels(k), landing, "labels", f"b{k}")
+        batches = _ingest(instance, storage)
+        before = _sensor(instance, storage)
+        features = _features(instance, storage)
+        after = _sensor(instance, storage)
+        steps.append(
+            {
+                "batches": batches,
+                "sensor_before": before,
+                "sensor_after": after,
+                "cards": _files(home, CARD_VIEW),
+                "merchants": _files(home, MERCHANT_VIEW),
+                "result": features,
+                "transactions": sim.transactions(k),
+                "labels": sim.labels(k),
+            }
+        )
+    return home, storage, instance, steps
+
+
+def test_each_batch_gets_its_own_feature_files_and_the_sensor_asks_for_them(run) -> None:
+    _, _, _, steps = run
+    for step in steps:
+        tx_batch, *label_batches = step["batches"]
+        assert isinstance(step["sensor_before"], dg.RunRequest)
+        assert isinstance(step["sensor_after"], dg.SkipReason)
+        assert tx_batch in step["cards"] and not set(label_batches) & set(step["cards"])
+        assert set(step["batches"]) <= set(step["merchants"])
+    first, second = steps
+    assert len(first["batches"]) == 1 and len(second["batches"]) == 2  # no labels in step one
+    assert len(second["cards"]) == 2 and len(second["merchants"]) == 3
+
+
+def test_the_second_step_writes_only_what_its_batches_touch(run) -> None:
+    home, _, _, (first, second) = run
+    # Files of the first step are left as they were.
+    for stem, data in first["cards"].items():
+        assert second["cards"][stem] == data
+    for stem, data in first["merchants"].items():
+        assert second["merchants"][stem] == data
+    tx_batch, label_batch = second["batches"]
+    card_rows = pl.read_parquet(home / "features" / CARD_VIEW / f"{tx_batch}.parquet")
+    own = second["transactions"].select("card_id", "event_timestamp").unique()
+    assert card_rows.select("card_id", "event_timestamp").sort(pl.all()).equals(own.sort(pl.all()))
+
+    # The labels batch redoes merchant rows whose chargeback rate its labels change, only those.
+    label_rows = pl.read_parquet(home / "features" / MERCHANT_VIEW / f"{label_batch}.parquet")
+    all_tx = pl.concat([first["transactions"], second["transactions"]])
+    labelled = second["labels"].join(all_tx, on="transaction_id")
+    assert 0 < label_rows.height < pl.read_parquet(home / "features" / MERCHANT_VIEW).height
+    assert set(label_rows["merchant_id"]) <= set(labelled["merchant_id"])
+    assert label_rows["event_timestamp"].min() >= labelled["event_timestamp"].min()
+
+    metadata = second["result"].asset_materializations_for_node("card_features")[0].metadata
+    assert metadata["batches_processed"].value == 1
+    assert metadata["rows_written"].value == card_rows.height
+
+
+def test_online_store_serves_the_latest_rows_including_new_chargeback_rates(run) -> None:
+    home, _, _, (_, second) = run
+    store = feature_store(home)
+    cards = _latest(home, CARD_VIEW, "card_id")
+    merchants = _latest(home, MERCHANT_VIEW, "merchant_id")
+    at = max(cards["event_timestamp"].max(), merchants["event_timestamp"].max())
+    requests = (
+        second["transactions"]
+        .unique(["card_id", "merchant_id"])
+        .select("card_id", "merchant_id", "amount", "country")
+        .with_columns(pl.lit(at).alias("transaction_timestamp"))
+    )
+    served = online_features(store, requests, at=at)
+    want = requests.join(cards, on="card_id").join(merchants, on="merchant_id")
+    got = served.join(want.select("card_id", "merchant_id"), on=["card_id", "merchant_id"])
+    got, want = got.sort("card_id", "merchant_id"), want.sort("card_id", "merchant_id")
+    assert got.height == requests.height
+    for column in ("card_tx_count_7d", "card_amount_mean_30d", "merchant_tx_count_7d"):
+        assert got[column].to_list() == want[column].to_list(), column
+
+    # Merchants whose newest row came from the latest labels batch serve that row's rate.
+    label_batch = second["batches"][1]
+    relabelled = pl.read_parquet(home / "features" / MERCHANT_VIEW / f"{label_batch}.parquet")
+    newest = merchants.join(
+        relabelled, on=["merchant_id", "event_timestamp", "created_timestamp"], how="semi"
+    )
+    assert newest.height > 0
+    raw = store.get_online_features(
+        features=["merchant_stats_fv:merchant_chargeback_rate_30d"],
+        entity_rows=[{"merchant_id": m} for m in newest["merchant_id"]],
+    ).to_dict()["merchant_chargeback_rate_30d"]
+    assert raw == newest["merchant_chargeback_rate_30d"].to_list()
+
+
+def test_training_set_is_split_in_time_without_leakage(run) -> None:
+    home, storage, instance, (first, second) = run
+    out = dg.materialize(
+        [feature_assets.training_set],
+        instance=instance,
+        resources={"storage": storage},
+        run_config=dg.RunConfig(
+            {"training_set": feature_assets.TrainingSetConfig(label_maturity_days=7.0)}
+        ),
+    )
+    assert out.success
+    ref = out.output_for_node("training_set")
+    assert isinstance(ref, TrainingSetRef)
+    assert set(ref.batches) == set(first["batches"] + second["batches"])
+    rows = pl.read_parquet(ref.path)
+    assert rows.height == ref.rows > 40
+    assert Path(ref.path) == home / "training_sets" / f"{ref.version}.parquet"
+
+    windows = {
+        s: rows.filter(pl.col("split") == s)["event_timestamp"]
+        for s in ("train", "validation", "test")
+    }
+    assert all(w.len() > 0 for w in windows.values())
+    assert windows["train"].max() < windows["validation"].min()
+    assert windows["validation"].max() < windows["test"].min()
+    labels = pl.concat([first["labels"], second["labels"]])
+    assert rows["event_timestamp"].max() <= labels["label_timestamp"].max() - timedelta(days=7)
+    assert rows["label"].sum() > 0
+
+    # Each row's card features are those after the card's previous transaction, never its own.
+    tx = pl.concat([first["transactions"], second["transactions"]]).sort("event_timestamp")
+    previous = (
+        rows.select("transaction_id", "card_id", "event_timestamp", "card_tx_count_7d")
+        .sort("event_timestamp")
+        .join_asof(
+            tx.select("card_id", pl.col("event_timestamp").alias("prev")),
+            left_on="event_timestamp",
+            right_on="prev",
+            by="card_id",
+            allow_exact_matches=False,
+            check_sortedness=False,
+        )
+    )
+    counts = previous.join(tx.select("card_id", pl.col("event_timestamp").alias("t")), on="card_id")
+    expected = (
+        counts.filter(
+            (pl.col("t") <= pl.col("prev")) & (pl.col("t") > pl.col("prev") - timedelta(days=7))
+        )
+        .group_by("transaction_id")
+        .len()
+    )
+    check = previous.join(expected, on="transaction_id", how="left")
+    assert check["card_tx_count_7d"].fill_null(0).to_list() == check["len"].fill_null(0).to_list()
+    assert check["prev"].null_count() == check["card_tx_count_7d"].null_count()
+
+    metadata = out.asset_materializations_for_node("training_set")[0].metadata
+    assert metadata["version"].value == ref.version
+    assert metadata["train_rows"].value == windows["train"].len()
+    assert metadata["test_fraud_rate"].value == pytest.approx(
+        rows.filter(pl.col("split") == "test")["label"].mean()
+    )
