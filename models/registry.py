@@ -29,7 +29,15 @@ from models.jsonutil import json_safe
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-EVENT_KINDS = ("registered", "rejected", "promoted", "rolled_back", "alias_set", "alias_removed")
+EVENT_KINDS = (
+    "registered",
+    "rejected",
+    "promoted",
+    "rolled_back",
+    "alias_set",
+    "alias_removed",
+    "deployment",
+)
 SCHEMA_VERSION = 1
 
 _SCHEMA = f"""
@@ -316,6 +324,20 @@ class Registry:
                 version,
                 reasons=list(reasons),
                 detail={"challenger_alias_cleared": cleared},
+            )
+
+    def record_deployment(
+        self, version: str, step: str, passed: bool, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        """Appends one step of a version's progressive delivery (smoke, shadow, watch...)."""
+        with self._transaction() as con:
+            _require_version(con, version)
+            _event(
+                con,
+                "deployment",
+                version,
+                f"{step}: {'passed' if passed else 'failed'}",
+                detail={"step": step, "passed": passed, **dict(detail or {})},
             )
 
     def promote(self, version: str, reason: str, *, force: bool = False) -> str | None:

@@ -1,0 +1,306 @@
+"""Progressive delivery of a validated challenger to TorchServe.
+
+register (not default) -> smoke test on its versioned endpoint -> shadow replay of recent logged
+requests to champion and challenger -> compare -> ``set-default`` (promotion) -> watch error
+rate and latency for a window -> keep, or roll back to the previous version. TorchServe's
+``set-default`` switches atomically and the previous version stays registered, so traffic during
+a promotion or a rollback never meets a missing model. Every step is a registry event.
+
+Replayed and probe requests carry transaction ids prefixed ``shadow:``/``smoke:``/``watch:``
+so monitoring can leave them out (``is_synthetic``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.registry import CHAMPION, Registry
+from serving.client import TorchServeClient, TorchServeError
+
+SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
+
+
+def is_synthetic(transaction_id: str | None) -> bool:
+    """Requests the deployment step sent itself (not customer traffic)."""
+    return bool(transaction_id) and transaction_id.startswith(SYNTHETIC_PREFIXES)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """Bounds a challenger must stay within, in shadow and after promotion."""
+
+    smoke_requests: int = 8
+    replay_requests: int = 200
+    replay_batch: int = 16
+    max_error_rate: float = 0.0
+    max_p95_latency_ms: float = 500.0
+    max_latency_ratio: float = 3.0
+    max_score_psi: float = 2.0
+    max_flag_rate_change: float = 0.2
+    watch_seconds: float = 5.0
+    watch_interval_s: float = 0.5
+    watch_max_error_rate: float = 0.0
+    watch_max_p95_latency_ms: float = 500.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Probe:
+    """Outcome of sending some requests to one version."""
+
+    version: str
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    flagged: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return len(self.errors) / self.sent if self.sent else 0.0
+
+    @property
+    def p95_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else 0.0
+
+    @property
+    def flag_rate(self) -> float:
+        return self.flagged / len(self.scores) if self.scores else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "requests": self.sent,
+            "error_rate": round(self.error_rate, 4),
+            "errors": self.errors[:5],
+            "p50_ms": round(float(np.percentile(self.latencies_ms, 50)), 2)
+            if self.latencies_ms
+            else None,
+            "p95_ms": round(self.p95_ms, 2),
+            "mean_score": round(float(np.mean(self.scores)), 5) if self.scores else None,
+            "flag_rate": round(self.flag_rate, 4),
+        }
+
+
+@dataclass
+class DeliveryReport:
+    version: str
+    previous: str | None
+    outcome: str = "pending"  # promoted | rejected | rolled_back
+    reasons: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "previous": self.previous,
+            "outcome": self.outcome,
+            "reasons": list(self.reasons),
+            "steps": list(self.steps),
+        }
+
+
+def tagged(requests: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """Copies of ``requests`` whose transaction ids say they are synthetic (max 64 chars)."""
+    out = []
+    for i, r in enumerate(requests):
+        tid = f"{prefix}{i}:{r.get('transaction_id', '')}"[:64]
+        out.append({**r, "transaction_id": tid})
+    return out
+
+
+def probe(
+    client: TorchServeClient,
+    requests: Sequence[dict[str, Any]],
+    *,
+    version: str | None,
+    batch: int,
+) -> Probe:
+    """Send ``requests`` in lists of ``batch`` to a version (None: the default endpoint)."""
+    result = Probe(version or "default")
+    for start in range(0, len(requests), batch):
+        chunk = list(requests[start : start + batch])
+        result.sent += len(chunk)
+        began = time.perf_counter()
+        try:
+            answer = client.predict(chunk, version=version)
+        except TorchServeError as exc:
+            result.errors.extend([f"{exc.status}: {exc}"] * len(chunk))
+            continue
+        elapsed = (time.perf_counter() - began) * 1000.0
+        answers = answer if isinstance(answer, list) else [answer]
+        if len(answers) != len(chunk):
+            result.errors.extend([f"{len(answers)} answers for {len(chunk)} requests"] * len(chunk))
+            continue
+        result.latencies_ms.append(elapsed)
+        for a in answers:
+            p = a.get("fraud_probability") if isinstance(a, dict) else None
+            if not isinstance(p, int | float) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+                result.errors.append(f"invalid fraud_probability {p!r}")
+                continue
+            result.scores.append(float(p))
+            result.flagged += a.get("decision") == "fraud" or a.get("decision") is True
+    return result
+
+
+def score_psi(reference: Sequence[float], candidate: Sequence[float], bins: int = 10) -> float:
+    """PSI of challenger scores against champion scores on the same requests (quantile bins)."""
+    ref, cand = np.asarray(reference, float), np.asarray(candidate, float)
+    if ref.size == 0 or cand.size == 0:
+        return 0.0
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    p = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
+    q = np.bincount(np.searchsorted(edges, cand, side="right"), minlength=edges.size + 1)
+    p = np.clip(p / ref.size, 1e-4, None)
+    q = np.clip(q / cand.size, 1e-4, None)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -> list[str]:
+    """Reasons the challenger's shadow run is out of bounds (empty: within bounds)."""
+    reasons = []
+    if challenger.error_rate > policy.max_error_rate:
+        reasons.append(
+            f"shadow error rate {challenger.error_rate:.2%} > {policy.max_error_rate:.2%}"
+        )
+    if challenger.p95_ms > policy.max_p95_latency_ms:
+        reasons.append(
+            f"shadow p95 latency {challenger.p95_ms:.1f} ms > {policy.max_p95_latency_ms} ms"
+        )
+    if champion.p95_ms > 0 and challenger.p95_ms > policy.max_latency_ratio * champion.p95_ms:
+        reasons.append(
+            f"shadow p95 latency {challenger.p95_ms:.1f} ms is more than "
+            f"{policy.max_latency_ratio}x the champion's {champion.p95_ms:.1f} ms"
+        )
+    psi = score_psi(champion.scores, challenger.scores)
+    if psi > policy.max_score_psi:
+        reasons.append(f"score distribution PSI {psi:.3f} vs champion > {policy.max_score_psi}")
+    change = abs(challenger.flag_rate - champion.flag_rate)
+    if change > policy.max_flag_rate_change:
+        reasons.append(
+            f"flag rate {challenger.flag_rate:.2%} differs from the champion's "
+            f"{champion.flag_rate:.2%} by more than {policy.max_flag_rate_change:.0%}"
+        )
+    return reasons
+
+
+def deliver(
+    client: TorchServeClient,
+    registry: Registry,
+    version: str,
+    replay: Sequence[dict[str, Any]],
+    policy: DeliveryPolicy,
+    *,
+    log: Callable[[str], None] = lambda _msg: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeliveryReport:
+    """Take ``version`` (archived in the model store) from registered to default, or back out.
+
+    ``replay``: recent real requests (transaction dicts) for smoke, shadow and watch traffic.
+    """
+    if not replay:
+        raise ValueError("progressive delivery needs at least one request to replay")
+    served = client.default_version()
+    report = DeliveryReport(version=version, previous=served)
+
+    def step(name: str, passed: bool, **detail: Any) -> None:
+        entry = {"step": name, "passed": passed, **detail}
+        report.steps.append(entry)
+        registry.record_deployment(version, name, passed, detail)
+        log(f"{version} {name}: {'ok' if passed else 'FAILED'} {detail}")
+
+    def reject(reasons: list[str]) -> DeliveryReport:
+        report.outcome, report.reasons = "rejected", reasons
+        registry.reject(version, [f"deployment: {r}" for r in reasons])
+        if version != served and version in client.versions():
+            client.unregister(version)
+        return report
+
+    if version not in client.versions():
+        client.register(version, set_default=False)
+    step("registered_in_torchserve", True, default=served)
+
+    smoke = probe(
+        client, tagged(replay[: policy.smoke_requests], "smoke:"), version=version, batch=1
+    )
+    smoke_ok = not smoke.errors and smoke.sent > 0
+    step("smoke_test", smoke_ok, **smoke.summary())
+    if not smoke_ok:
+        return reject([f"smoke test failed: {smoke.errors[:3]}"])
+
+    if served is not None and served != version:
+        shadow_requests = list(replay[: policy.replay_requests])
+        champ = probe(
+            client, tagged(shadow_requests, "shadow:"), version=served, batch=policy.replay_batch
+        )
+        chall = probe(
+            client, tagged(shadow_requests, "shadow:"), version=version, batch=policy.replay_batch
+        )
+        reasons = compare_shadow(champ, chall, policy)
+        psi = score_psi(champ.scores, chall.scores)
+        step(
+            "shadow_replay",
+            not reasons,
+            champion=champ.summary(),
+            challenger=chall.summary(),
+            score_psi=round(psi, 4),
+            reasons=reasons,
+        )
+        if reasons:
+            return reject(reasons)
+
+    client.set_default(version)
+    registry_champion = registry.get_alias(CHAMPION)
+    if registry_champion != version:
+        registry.promote(version, reason="passed smoke test and shadow replay")
+    step("promoted", True, previous=served)
+    report.outcome = "promoted"
+
+    if served is None or served == version:
+        return report
+    breach = watch(client, replay, policy, sleep=sleep)
+    step("post_promotion_watch", not breach, **({"breach": breach} if breach else {}))
+    if breach:
+        client.set_default(served)
+        registry.rollback(reason=f"post-promotion watch: {'; '.join(breach)}")
+        report.outcome, report.reasons = "rolled_back", breach
+    return report
+
+
+def watch(
+    client: TorchServeClient,
+    replay: Sequence[dict[str, Any]],
+    policy: DeliveryPolicy,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """Probe the default endpoint for ``watch_seconds``; the breaches seen (empty: none)."""
+    deadline = time.monotonic() + policy.watch_seconds
+    seen = Probe("default")
+    requests = tagged(replay[: policy.replay_batch], "watch:")
+    while True:
+        part = probe(client, requests, version=None, batch=policy.replay_batch)
+        seen.sent += part.sent
+        seen.errors += part.errors
+        seen.latencies_ms += part.latencies_ms
+        if time.monotonic() >= deadline:
+            break
+        sleep(policy.watch_interval_s)
+    breaches = []
+    if seen.error_rate > policy.watch_max_error_rate:
+        breaches.append(
+            f"error rate {seen.error_rate:.2%} > {policy.watch_max_error_rate:.2%} after promotion"
+        )
+    if seen.p95_ms > policy.watch_max_p95_latency_ms:
+        breaches.append(
+            f"p95 latency {seen.p95_ms:.1f} ms > {policy.watch_max_p95_latency_ms} ms after promotion"
+        )
+    return breaches

@@ -1,0 +1,173 @@
+"""Progressive delivery against an in-memory TorchServe stand-in: every path it can take."""
+
+import pytest
+
+from models.registry import CHAMPION, ModelRecord, Registry
+from serving.client import TorchServeError
+from serving.delivery import DeliveryPolicy, compare_shadow, deliver, is_synthetic, probe, score_psi
+
+REQUESTS = [
+    {
+        "transaction_id": f"t{i}",
+        "card_id": f"c{i % 7}",
+        "merchant_id": "m1",
+        "amount": 10.0 + i,
+        "channel": "online",
+        "country": "US",
+        "timestamp": "2026-11-23T10:00:00Z",
+    }
+    for i in range(40)
+]
+
+
+class FakeServe:
+    """Versions -> scoring function; records every default switch."""
+
+    def __init__(self, behaviours):
+        self.behaviours = behaviours
+        self.registered: dict[str, bool] = {}
+        self.defaults: list[str] = []
+        self.slow: set[str] = set()
+
+    def versions(self, model=None):
+        return dict(self.registered)
+
+    def default_version(self, model=None):
+        return next((v for v, d in self.registered.items() if d), None)
+
+    def register(self, version, set_default=False):
+        self.registered[version] = False
+        if set_default:
+            self.set_default(version)
+
+    def set_default(self, version, model=None):
+        self.registered = {v: v == version for v in self.registered}
+        self.defaults.append(version)
+
+    def unregister(self, version, model=None):
+        del self.registered[version]
+
+    def predict(self, payload, version=None, model=None):
+        via_default = version is None
+        version = version or self.default_version()
+        if via_default and version in self.slow:  # degrades only under production traffic
+            import time
+
+            time.sleep(0.01)
+        score = self.behaviours[version]
+        items = payload if isinstance(payload, list) else [payload]
+        out = []
+        for item in items:
+            p = score(item)
+            if isinstance(p, Exception):
+                raise p
+            out.append(
+                {
+                    "transaction_id": item["transaction_id"],
+                    "fraud_probability": p,
+                    "decision": "fraud" if p >= 0.5 else "legit",
+                }
+            )
+        return out if isinstance(payload, list) else out[0]
+
+
+def _registry(tmp_path, n=2) -> Registry:
+    registry = Registry(tmp_path / "registry.sqlite")
+    for i in range(n):
+        registry.register(
+            ModelRecord(
+                model_name="fraud",
+                artifact_dir=str(tmp_path),
+                artifacts={"model.pt": f"{i:064d}"},
+                training_set_version="ts1",
+                feature_service="fraud_model_v1",
+                training_batches=["b1"],
+                hyperparameters={},
+                metrics={},
+                data_window={},
+            ),
+            verify_files=False,
+        )
+    return registry
+
+
+FAST = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01)
+
+
+def _low(item):
+    return 0.01 + 0.001 * (float(item["amount"]) % 10)
+
+
+def test_first_version_goes_straight_to_default_after_a_smoke_test(tmp_path):
+    registry = _registry(tmp_path, 1)
+    serve = FakeServe({"v0001": _low})
+    report = deliver(serve, registry, "v0001", REQUESTS, FAST)
+    assert report.outcome == "promoted"
+    assert serve.default_version() == "v0001"
+    assert registry.get_alias(CHAMPION) == "v0001"
+    steps = [e.detail["step"] for e in registry.events("v0001") if e.kind == "deployment"]
+    assert steps == ["registered_in_torchserve", "smoke_test", "promoted"]
+
+
+def test_a_sound_challenger_is_shadowed_promoted_and_watched(tmp_path):
+    registry = _registry(tmp_path)
+    serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    assert report.outcome == "promoted", report.reasons
+    assert serve.default_version() == "v0002" and "v0001" in serve.registered
+    assert registry.get_alias(CHAMPION) == "v0002"
+    steps = [e.detail["step"] for e in registry.events("v0002") if e.kind == "deployment"]
+    assert steps == [
+        "registered_in_torchserve",
+        "smoke_test",
+        "shadow_replay",
+        "promoted",
+        "post_promotion_watch",
+    ]
+
+
+def test_a_challenger_failing_its_smoke_test_is_rejected_and_unregistered(tmp_path):
+    registry = _registry(tmp_path)
+    serve = FakeServe(
+        {"v0001": _low, "v0002": lambda item: TorchServeError("worker died", status=503)}
+    )
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    assert report.outcome == "rejected" and "smoke test failed" in report.reasons[0]
+    assert serve.default_version() == "v0001" and "v0002" not in serve.registered
+    assert registry.get_alias(CHAMPION) == "v0001"
+    rejected = [e for e in registry.events("v0002") if e.kind == "rejected"]
+    assert rejected and "smoke test failed" in rejected[0].reasons[0]
+
+
+def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
+    registry = _registry(tmp_path)
+    serve = FakeServe({"v0001": _low, "v0002": lambda item: 0.97})
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    assert report.outcome == "rejected"
+    assert any("flag rate" in r for r in report.reasons)
+    assert any("PSI" in r for r in report.reasons)
+    assert serve.defaults == ["v0001"]
+
+
+def test_a_breach_after_promotion_rolls_back_to_the_previous_version(tmp_path):
+    registry = _registry(tmp_path)
+    serve = FakeServe({"v0001": _low, "v0002": _low})
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    serve.slow.add("v0002")
+    strict = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01, watch_max_p95_latency_ms=5.0)
+    report = deliver(serve, registry, "v0002", REQUESTS, strict)
+    assert report.outcome == "rolled_back" and "p95 latency" in report.reasons[0]
+    assert serve.defaults == ["v0001", "v0002", "v0001"]
+    assert registry.get_alias(CHAMPION) == "v0001"
+    assert [e.kind for e in registry.events("v0002")][-1] == "rolled_back"
+
+
+def test_shadow_comparison_and_synthetic_ids():
+    fine = probe(FakeServe({"a": _low}), REQUESTS, version="a", batch=8)
+    assert fine.sent == 40 and not fine.errors and len(fine.scores) == 40
+    assert compare_shadow(fine, fine, DeliveryPolicy()) == []
+    assert score_psi(fine.scores, fine.scores) == pytest.approx(0.0)
+    assert is_synthetic("shadow:3:t1") and not is_synthetic("t1") and not is_synthetic(None)
