@@ -22,6 +22,7 @@ import numpy as np
 
 from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
+from serving.scoring import DECLINE
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 
@@ -147,7 +148,7 @@ def probe(
                 result.errors.append(f"invalid fraud_probability {p!r}")
                 continue
             result.scores.append(float(p))
-            result.flagged += a.get("decision") == "fraud" or a.get("decision") is True
+            result.flagged += a.get("decision") == DECLINE
     return result
 
 

@@ -5,6 +5,7 @@ import pytest
 from models.registry import CHAMPION, ModelRecord, Registry
 from serving.client import TorchServeError
 from serving.delivery import DeliveryPolicy, compare_shadow, deliver, is_synthetic, probe, score_psi
+from serving.scoring import APPROVE, DECLINE
 
 REQUESTS = [
     {
@@ -65,7 +66,7 @@ class FakeServe:
                 {
                     "transaction_id": item["transaction_id"],
                     "fraud_probability": p,
-                    "decision": "fraud" if p >= 0.5 else "legit",
+                    "decision": DECLINE if p >= 0.5 else APPROVE,
                 }
             )
         return out if isinstance(payload, list) else out[0]
