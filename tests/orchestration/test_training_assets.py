@@ -1,123 +1,100 @@
-"""Training set -> model -> evaluation -> gate -> registry through the real training assets.
-
-The training set comes from a stand-in ``training_set`` asset that writes a small synthetic
-frame with every feature of the ``fraud_model_v1`` FeatureService, so these runs take seconds.
+"""Simulated batches -> ingest -> features -> training_set -> model -> evaluation -> gate ->
+registry, through the real assets in a temp Loopline home; then a worse challenger and the CLI.
 """
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
-import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
 
+from features import simulator
 from features.training_set import TrainingSetRef
 from models.registry import CHAMPION, Registry
 from models.release import CARD, EVALUATION
-from orchestration import training
+from orchestration import features, training
 from orchestration.cli import main
-from orchestration.resources import LooplineStorage
-from orchestration.settings import Settings
-from tests.models.testkit import make_training_set
+from tests.orchestration.conftest import Platform
 
 SERVICE = "fraud_model_v1"
-TRAINING_SET_VERSION = "ts-standin-0001"
-BATCHES = ("b-transactions-0001", "b-labels-0001")
-ASSETS = [
+FEATURES = [
+    features.card_features,
+    features.merchant_features,
+    features.feature_registry,
+    features.online_features,
+]
+TRAINING = [
     training.candidate_model,
     training.baseline_model,
     training.evaluation_report,
     training.registered_model,
 ]
-# Small data, few epochs; slices of a 900-row test split are too small to compare, and the
-# shared test machine gets generous latency budgets.
-GOOD = {"epochs": 8, "batch_size": 256, "lr": 0.005, "hidden": [32, 16], "patience": 3}
+# About 19k labelled rows, enough for the network to beat logistic regression; one torch
+# thread and a generous latency budget on the shared test machine.
+SCENARIO = {
+    "seed": 5,
+    "n_cards": 150,
+    "n_merchants": 30,
+    "batch_span": timedelta(days=2),
+    "rows_per_batch": 1500,
+    "fraud_rate": 0.05,
+}
+GOOD = {"batch_size": 512, "hidden": [128, 64]}
 WORSE = {"epochs": 1, "batch_size": 4096, "lr": 1e-6, "hidden": [4], "patience": 0, "seed": 5}
 GATE = {"max_latency_ms_batch1": 500.0, "max_latency_ms_batch64": 1000.0, "latency_repeats": 5}
 
 
-def service_frame(home: Path, n: int = 6000, seed: int = 0) -> pl.DataFrame:
-    """testkit's learnable frame under the service's feature names, the rest filled with noise."""
-    spec = training.feature_spec(home, SERVICE)
-    frame = make_training_set(n, seed).rename(
-        {
-            "card_txn_count_24h": "card_tx_count_24h",
-            "amount_to_card_mean_ratio": "tx_amount_to_card_mean_30d",
-        }
-    )
-    frame = frame.with_columns(
-        (pl.col("card_home_country") != pl.col("country")).alias("tx_is_foreign")
-    )
-    rng = np.random.default_rng(seed + 1)
-    filler = {}
-    for name in spec.numeric:
-        if name not in frame.columns:
-            filler[name] = rng.gamma(2.0, 3.0, n)
-    for name in spec.categorical:
-        if name not in frame.columns:
-            filler[name] = rng.choice(["a", "b", "c"], n)
-    return frame.with_columns(**{k: pl.Series(k, v) for k, v in filler.items()})
-
-
-@dg.asset(name="training_set", group_name="training")
-def standin_training_set(storage: LooplineStorage) -> TrainingSetRef:
-    """Stand-in for the feature store's training set: a synthetic frame written to parquet."""
-    home = storage.settings.home
-    frame = service_frame(home)
-    path = home / "training_sets" / f"{TRAINING_SET_VERSION}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        frame.write_parquet(path)
-    return TrainingSetRef(str(path), TRAINING_SET_VERSION, SERVICE, BATCHES, frame.height)
-
-
-def _materialize(home: Path, instance: dg.DagsterInstance, candidate: dict):
+def _materialize(platform: Platform, candidate: dict, *, with_training_set: bool):
     """One run of the training chain; one torch thread keeps it fast and repeatable here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(home, instance, candidate)
+        return dg.materialize(
+            [features.training_set, *TRAINING],
+            selection=None if with_training_set else TRAINING,
+            instance=platform.instance,
+            resources=platform.resources,
+            run_config={
+                "ops": {
+                    "candidate_model": {"config": {**candidate, "device": "cpu"}},
+                    "baseline_model": {"config": {"batch_size": 512, "device": "cpu"}},
+                    "evaluation_report": {"config": GATE},
+                }
+            },
+            raise_on_error=False,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(home: Path, instance: dg.DagsterInstance, candidate: dict):
-    return dg.materialize(
-        [standin_training_set, *ASSETS],
-        instance=instance,
-        resources={"storage": LooplineStorage(home=str(home))},
-        run_config={
-            "ops": {
-                "candidate_model": {"config": {**candidate, "device": "cpu"}},
-                "baseline_model": {"config": {"epochs": 8, "batch_size": 256, "device": "cpu"}},
-                "evaluation_report": {"config": GATE},
-            }
-        },
-        raise_on_error=False,
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory) -> Platform:
+    """A home with 16 simulated two-day batches ingested and their features built."""
+    platform = Platform(tmp_path_factory.mktemp("training") / "home")
+    # A Monday midnight: the same simulated week (and so the same data) whenever the test runs.
+    start = (datetime.now(UTC) - timedelta(days=40)).replace(
+        hour=0, minute=0, second=0, microsecond=0
     )
+    start -= timedelta(days=start.weekday())
+    platform.land(simulator.ScenarioConfig(start=start, **SCENARIO), batches=16)
+    assert all(o.success for o in platform.ingest_all())
+    built = dg.materialize(FEATURES, instance=platform.instance, resources=platform.resources)
+    assert built.success
+    return platform
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("training") / "home"
+def first_run(platform):
+    return _materialize(platform, GOOD, with_training_set=True)
 
 
 @pytest.fixture(scope="module")
-def instance() -> dg.DagsterInstance:
-    return dg.DagsterInstance.ephemeral()
-
-
-@pytest.fixture(scope="module")
-def first_run(home, instance):
-    return _materialize(home, instance, GOOD)
-
-
-@pytest.fixture(scope="module")
-def second_run(home, instance, first_run):
+def second_run(platform, first_run):
+    """The same training set, a deliberately worse challenger."""
     assert first_run.success
-    return _materialize(home, instance, WORSE)
+    return _materialize(platform, WORSE, with_training_set=False)
 
 
 def _check(result, name="model_validation"):
@@ -125,11 +102,12 @@ def _check(result, name="model_validation"):
     return evaluation
 
 
-def test_training_set_to_champion_in_one_materialize(home, first_run):
-    assert first_run.success
+def test_training_set_to_champion_in_one_materialize(platform, first_run):
+    assert first_run.success, _check(first_run).description
     assert _check(first_run).passed
+    ref: TrainingSetRef = first_run.output_for_node("training_set")
 
-    registry = Registry(Settings(home).registry_path)
+    registry = Registry(platform.settings.registry_path)
     [mv] = registry.list_versions()
     assert mv.version == "v0001" and mv.status == CHAMPION
     assert registry.get_alias(CHAMPION) == "v0001"
@@ -137,8 +115,8 @@ def test_training_set_to_champion_in_one_materialize(home, first_run):
 
     # Lineage leads back to the training set, its batches, the run and the code.
     lineage = registry.lineage("v0001")
-    assert lineage["training_set_version"] == TRAINING_SET_VERSION
-    assert lineage["training_batches"] == list(BATCHES)
+    assert lineage["training_set_version"] == ref.version
+    assert lineage["training_batches"] == list(ref.batches) and ref.batches
     assert lineage["feature_service"] == SERVICE
     assert lineage["dagster_run_id"] == first_run.run_id
     assert lineage["code_version"]  # the repository is a git checkout
@@ -152,8 +130,8 @@ def test_training_set_to_champion_in_one_materialize(home, first_run):
     )
     assert registry.verify("v0001") == []
     card = (Path(mv.artifact_dir) / CARD).read_text()
-    assert TRAINING_SET_VERSION in card and "PASSED" in card
-    assert Path(mv.artifact_dir).is_relative_to(Settings(home).models)
+    assert ref.version in card and "PASSED" in card
+    assert Path(mv.artifact_dir).is_relative_to(platform.settings.models)
 
     # The UI shows loss curves, plots and the evaluation beside the baseline.
     [trained] = first_run.asset_materializations_for_node("candidate_model")
@@ -164,7 +142,7 @@ def test_training_set_to_champion_in_one_materialize(home, first_run):
     assert first_run.output_for_node("registered_model") == "v0001"
 
 
-def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(home, second_run):
+def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(platform, second_run):
     assert not second_run.success
     check = _check(second_run)
     assert not check.passed
@@ -172,7 +150,7 @@ def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(home, second_run
     # Blocked: registered_model did not run, the champion did not move.
     assert not second_run.asset_materializations_for_node("registered_model")
 
-    registry = Registry(Settings(home).registry_path)
+    registry = Registry(platform.settings.registry_path)
     assert registry.get_alias(CHAMPION) == "v0001"
     rejected = registry.get("v0002")
     assert rejected.status == "rejected" and rejected.aliases == []
@@ -185,9 +163,9 @@ def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(home, second_run
     assert "champion" in rejected.extra["compared"]
 
 
-def test_cli_lists_shows_promotes_and_rolls_back(home, second_run):
+def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
     runner = CliRunner()
-    env = {"LOOPLINE_HOME": str(home), "COLUMNS": "200"}
+    env = {"LOOPLINE_HOME": str(platform.settings.home), "COLUMNS": "200"}
 
     listed = runner.invoke(main, ["models", "list"], env=env)
     assert listed.exit_code == 0, listed.output
@@ -196,7 +174,8 @@ def test_cli_lists_shows_promotes_and_rolls_back(home, second_run):
 
     shown = runner.invoke(main, ["models", "show", "v0002"], env=env)
     assert shown.exit_code == 0, shown.output
-    assert TRAINING_SET_VERSION in shown.output and "does not beat champion" in shown.output
+    version = Registry(platform.settings.registry_path).get("v0002").training_set_version
+    assert version[:16] in shown.output and "does not beat champion" in shown.output
     assert "rejected" in shown.output and "pr_auc" in shown.output
 
     refused = runner.invoke(main, ["models", "promote", "v0002"], env=env)
@@ -204,7 +183,7 @@ def test_cli_lists_shows_promotes_and_rolls_back(home, second_run):
 
     forced = runner.invoke(main, ["models", "promote", "v0002", "--force"], env=env)
     assert forced.exit_code == 0, forced.output
-    registry = Registry(Settings(home).registry_path)
+    registry = Registry(platform.settings.registry_path)
     assert registry.get_alias(CHAMPION) == "v0002"
 
     rolled = runner.invoke(main, ["models", "rollback", "--reason", "canary alarms"], env=env)
