@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestration.cli_models import models
+from orchestration.cli_serve import serve
 from orchestration.settings import Settings
 
 console = Console()
@@ -193,6 +194,7 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
 
 
 main.add_command(models)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

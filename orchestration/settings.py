@@ -61,6 +61,20 @@ class Settings:
         return self.home / "registry" / "registry.sqlite"
 
     @property
+    def serving_dir(self) -> Path:
+        """TorchServe's working directory: config.properties, key_file.json, logs."""
+        return self.home / "serving"
+
+    @property
+    def model_store(self) -> Path:
+        return self.serving_dir / "model-store"
+
+    @property
+    def predictions(self) -> Path:
+        """The prediction log, one folder per served model (serving/prediction_log.py)."""
+        return self.home / "predictions"
+
+    @property
     def dagster_home(self) -> Path:
         return self.home / "dagster"
 

@@ -1,0 +1,174 @@
+"""TorchServe settings for one Loopline home, rendered as ``config.properties``.
+
+Everything TorchServe writes (key file, logs, extracted archives, worker sockets) goes under
+``serving_dir``; archives live in ``model_store`` and nothing else may be registered. The
+defaults suit a 2-core host: two Netty threads each side, one worker per model version, and
+dynamic batching (32 requests or 5 ms) so concurrent clients share one model call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from features.storage import write_bytes_atomic
+
+MODEL_NAME = "fraud"
+PROPERTIES = "config.properties"
+KEY_FILE = "key_file.json"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Where a TorchServe instance keeps its state, its ports and its capacity settings."""
+
+    serving_dir: Path
+    model_store: Path
+    home: Path
+    model_name: str = MODEL_NAME
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    batch_size: int = 32
+    max_batch_delay_ms: int = 5
+    workers_per_model: int = 1
+    job_queue_size: int = 1000
+    netty_threads: int = 2
+    netty_client_threads: int = 2
+    # Netty's hard bound: larger bodies get a bare 413 before reaching a worker. The handler
+    # applies its own, smaller limit (max_body_bytes) so ordinary oversize requests get a
+    # JSON reason.
+    max_request_size: int = 1 << 20
+    max_response_size: int = 4 << 20
+    max_body_bytes: int = 256 << 10
+    max_transactions_per_request: int = 512
+    response_timeout_s: int = 30
+    startup_timeout_s: int = 120
+    token_expiration_min: int = 7 * 24 * 60
+
+    def __post_init__(self) -> None:
+        ports = (self.inference_port, self.management_port, self.metrics_port)
+        if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
+            raise ValueError(f"inference, management and metrics ports must differ: {ports}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", self.model_name):
+            raise ValueError(f"invalid model name {self.model_name!r}")
+        if self.batch_size < 1 or self.max_batch_delay_ms < 0 or self.workers_per_model < 1:
+            raise ValueError("batch_size and workers_per_model must be >= 1, delay >= 0")
+        if self.max_body_bytes > self.max_request_size:
+            raise ValueError("max_body_bytes must not exceed max_request_size")
+
+    @classmethod
+    def for_home(cls, home: Path, **overrides: object) -> ServingConfig:
+        """The default layout: ``<home>/serving`` and ``<home>/serving/model-store``."""
+        home = Path(home).resolve()
+        serving_dir = home / "serving"
+        base = cls(serving_dir=serving_dir, model_store=serving_dir / "model-store", home=home)
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ServingConfig:
+        paths = {"serving_dir", "model_store", "home"}
+        known = set(cls.__dataclass_fields__)
+        kwargs = {k: Path(str(v)) if k in paths else v for k, v in data.items() if k in known}
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.serving_dir / PROPERTIES
+
+    @property
+    def key_file(self) -> Path:
+        """TorchServe writes its keys into its working directory, which is ``serving_dir``."""
+        return self.serving_dir / KEY_FILE
+
+    @property
+    def log_dir(self) -> Path:
+        return self.serving_dir / "logs"
+
+    @property
+    def prediction_log_dir(self) -> Path:
+        return self.home / "predictions" / self.model_name
+
+    def mar_name(self, version: str) -> str:
+        return f"{self.model_name}-{version}.mar"
+
+
+def version_entry(config: ServingConfig, version: str, *, default: bool) -> dict[str, object]:
+    """One version's block of TorchServe's ``models`` property (batching and workers)."""
+    return {
+        "marName": config.mar_name(version),
+        "batchSize": config.batch_size,
+        "maxBatchDelay": config.max_batch_delay_ms,
+        "minWorkers": config.workers_per_model,
+        "maxWorkers": config.workers_per_model,
+        "responseTimeout": config.response_timeout_s,
+        "defaultVersion": default,
+    }
+
+
+def allowed_urls_pattern(model_store: Path) -> str:
+    """A regex admitting only ``.mar`` files directly inside the model store."""
+    return "file://" + re.escape(str(Path(model_store).resolve())) + r"/[^/]+\.mar"
+
+
+def render_properties(config: ServingConfig, champion: str | None = None) -> str:
+    """``config.properties`` text; with a champion version, TorchServe loads it at boot."""
+    props: dict[str, str] = {
+        "inference_address": config.inference_url,
+        "management_address": config.management_url,
+        "metrics_address": config.metrics_url,
+        "enable_model_api": "true",
+        "disable_token_authorization": "false",
+        "token_expiration_min": str(config.token_expiration_min),
+        "model_store": str(Path(config.model_store).resolve()),
+        "allowed_urls": allowed_urls_pattern(config.model_store),
+        "metrics_mode": "prometheus",
+        "enable_metrics_api": "true",
+        "default_workers_per_model": str(config.workers_per_model),
+        "job_queue_size": str(config.job_queue_size),
+        "number_of_netty_threads": str(config.netty_threads),
+        "netty_client_threads": str(config.netty_client_threads),
+        "max_request_size": str(config.max_request_size),
+        "max_response_size": str(config.max_response_size),
+        "default_response_timeout": str(config.response_timeout_s),
+        "default_startup_timeout": str(config.startup_timeout_s),
+        # The handler parses bodies itself, so malformed JSON reaches it and gets a JSON 400.
+        "decode_input_request": "false",
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+    }
+    if champion is not None:
+        props["load_models"] = config.mar_name(champion)
+        models = {config.model_name: {champion: version_entry(config, champion, default=True)}}
+        props["models"] = json.dumps(models, separators=(",", ":"))
+    return "".join(f"{k}={_escape(v)}\n" for k, v in props.items())
+
+
+def write_properties(config: ServingConfig, champion: str | None = None) -> Path:
+    """Writes ``config.properties`` atomically into ``serving_dir``; returns its path."""
+    text = "# Generated by Loopline (serving/config.py); edits are overwritten on start.\n"
+    text += render_properties(config, champion)
+    return write_bytes_atomic(text.encode(), config.properties_path)
+
+
+def _escape(value: str) -> str:
+    """Java properties treat a backslash as an escape, so regex backslashes are doubled."""
+    return value.replace("\\", "\\\\")

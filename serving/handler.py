@@ -1,0 +1,168 @@
+"""TorchServe handler of Loopline's fraud model (archived as ``loopline_handler.py``).
+
+TorchServe hands ``handle`` a batch: one item per HTTP request (dynamic batching), each body a
+transaction object or a list of them. Every body is validated on its own; a bad one gets its
+own 400/413 with a JSON reason while the rest of the batch is scored. All valid transactions
+of the batch share one feature lookup and one model call. ``/explanations/<model>`` requests
+(TorchServe sets the ``explain`` header) get Integrated Gradients attributions as well.
+
+The worker is a process entry point, so it reads ``LOOPLINE_HOME`` (set by
+``serving.process``) to find the feature store and the prediction log; the model itself,
+its FeatureService and threshold come from the archive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from serving.explain import explain
+from serving.prediction_log import PredictionLog
+from serving.requests import RequestError, Transaction, parse_request
+from serving.scoring import SERVING_FILE, Scorer, ServingInfo
+
+logger = logging.getLogger(__name__)
+
+HOME_ENV = "LOOPLINE_HOME"
+JSON = "application/json"
+
+
+class LooplineHandler(BaseHandler):
+    """Validates, looks up features, scores, explains and logs one TorchServe batch."""
+
+    def initialize(self, context: Any) -> None:
+        model_dir = Path(context.system_properties["model_dir"])
+        home = os.environ.get(HOME_ENV)
+        if not home:
+            raise RuntimeError(f"{HOME_ENV} is not set in the TorchServe worker environment")
+        settings = json.loads((model_dir / SERVING_FILE).read_text())
+        info = ServingInfo.from_model_dir(model_dir)
+        self.context = context
+        self.scorer = Scorer.load(model_dir, home, info)
+        self.max_body_bytes = int(settings.get("max_body_bytes", 256 << 10))
+        self.max_items = int(settings.get("max_transactions_per_request", 512))
+        self.log = PredictionLog(
+            Path(home) / "predictions" / info.model_name,
+            prefix=f"{info.model_name}-{info.model_version}",
+        ).start()
+        self._close_log_on_sigterm()
+        self.initialized = True
+        logger.info("loaded %s %s from %s", info.model_name, info.model_version, model_dir)
+
+    def _close_log_on_sigterm(self) -> None:
+        """Stopping TorchServe sends SIGTERM to its process group: publish the open log file
+        first, then die as the default action would."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def close_and_exit(signum: int, frame: Any) -> None:
+            self.log.close(timeout=2.0)
+            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, close_and_exit)
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        self.context = context
+        responses: list[str | None] = [None] * len(data)
+        accepted: list[tuple[int, list[Transaction], bool, bool]] = []
+        for i, item in enumerate(data):
+            context.set_response_content_type(i, JSON)
+            try:
+                transactions, single = parse_request(
+                    _body(item), max_bytes=self.max_body_bytes, max_items=self.max_items, now=now
+                )
+            except RequestError as exc:
+                context.set_response_status(exc.status, exc.error, i)
+                responses[i] = json.dumps(exc.to_dict())
+                self._log_refusal(context, i, item, exc, now)
+                continue
+            accepted.append((i, transactions, single, _is_explain(context, i)))
+
+        flat = [t for _, txs, _, _ in accepted for t in txs]
+        if flat:
+            features = self.scorer.online_features(flat, at=now)
+            scores = self.scorer.score(features)
+            outputs = self.scorer.responses(flat, scores)
+            wanted = [k for _, txs, _, exp in accepted for k in [exp] * len(txs)]
+            if any(wanted):
+                rows = [j for j, w in enumerate(wanted) if w]
+                details = explain(self.scorer.module, self.scorer.preprocessor, features[rows])
+                for j, detail in zip(rows, details, strict=True):
+                    outputs[j] = {**outputs[j], "explanation": detail}
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            start = 0
+            for i, txs, single, exp in accepted:
+                part = outputs[start : start + len(txs)]
+                responses[i] = json.dumps(part[0] if single else part)
+                for k, tx in enumerate(txs):
+                    j = start + k
+                    self.log.log(
+                        {
+                            "logged_at": now.isoformat(),
+                            "request_id": _request_id(context, i),
+                            "endpoint": "explanations" if exp else "predictions",
+                            "status": 200,
+                            "model_name": self.scorer.info.model_name,
+                            "model_version": self.scorer.info.model_version,
+                            "transaction_id": tx.transaction_id,
+                            "request": tx.to_dict(),
+                            "features": scores.inputs[j],
+                            "missing_features": scores.missing_features[j],
+                            "unknown_entities": scores.unknown_entities[j],
+                            "fraud_probability": float(scores.probabilities[j]),
+                            "decision": scores.decisions[j],
+                            "batch_size": len(flat),
+                            "latency_ms": round(latency_ms, 3),
+                        }
+                    )
+                start += len(txs)
+        return [r if r is not None else "" for r in responses]
+
+    def _log_refusal(
+        self, context: Any, i: int, item: Any, exc: RequestError, now: datetime
+    ) -> None:
+        body = _body(item)
+        if isinstance(body, bytes | bytearray):
+            body = bytes(body[:512]).decode("utf-8", errors="replace")
+        elif not isinstance(body, str):
+            body = json.dumps(body, default=str)[:512]
+        self.log.log(
+            {
+                "logged_at": now.isoformat(),
+                "request_id": _request_id(context, i),
+                "endpoint": "explanations" if _is_explain(context, i) else "predictions",
+                "status": exc.status,
+                "model_name": self.scorer.info.model_name,
+                "model_version": self.scorer.info.model_version,
+                "error": exc.to_dict(),
+                "request_excerpt": body[:512],
+            }
+        )
+
+
+def _body(item: Any) -> Any:
+    if isinstance(item, dict):
+        body = item.get("body")
+        return item.get("data") if body is None else body
+    return item
+
+
+def _is_explain(context: Any, i: int) -> bool:
+    return context.get_request_header(i, "explain") == "True"
+
+
+def _request_id(context: Any, i: int) -> str | None:
+    ids = getattr(context, "request_ids", None) or {}
+    return ids.get(i)

@@ -1,0 +1,239 @@
+"""The prediction log: every scored (or refused) transaction as one JSON line, for monitoring.
+
+Layout (``<home>/predictions/<model name>/``):
+
+    .<opened>-<prefix>-<pid>-<seq>.jsonl.open   being written by one worker (hidden)
+    <opened>-<prefix>-<pid>-<seq>.jsonl         closed, complete, never written again
+
+A worker's file is closed (renamed) when it reaches ``max_file_bytes`` or is
+``max_file_age_s`` old, so readers only ever see complete files, at most that old. After each
+rotation the oldest closed files are deleted until the directory holds at most
+``max_total_bytes``. Files left open by a worker that died are closed by the next one.
+
+Writes happen on a background thread fed by a bounded queue: ``log`` never blocks the
+request; when the queue is full the record is dropped and counted (``dropped``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+
+from models.jsonutil import json_safe
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".jsonl"
+OPEN_SUFFIX = ".jsonl.open"
+_STOP = object()
+
+
+class PredictionLog:
+    """Appends JSON lines from any thread; one writer thread owns the file."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        prefix: str = "predictions",
+        max_file_bytes: int = 16 << 20,
+        max_file_age_s: float = 30.0,
+        max_total_bytes: int = 512 << 20,
+        queue_size: int = 10_000,
+    ) -> None:
+        if max_file_bytes <= 0 or max_total_bytes < max_file_bytes:
+            raise ValueError("need 0 < max_file_bytes <= max_total_bytes")
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.max_file_bytes = max_file_bytes
+        self.max_file_age_s = max_file_age_s
+        self.max_total_bytes = max_total_bytes
+        self.dropped = 0
+        self.written = 0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._file: IO[str] | None = None
+        self._path: Path | None = None
+        self._opened_at = 0.0
+        self._size = 0
+        self._seq = 0
+
+    def start(self) -> PredictionLog:
+        if self._thread is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            close_orphans(self.directory)
+            self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def log(self, record: Mapping[str, Any]) -> bool:
+        """Queues one record; False (and counted in ``dropped``) when the queue is full."""
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                logger.warning("prediction log queue full: %d records dropped", self.dropped)
+            return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drains the queue, closes the current file under its final name."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> PredictionLog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._rotate_if_due()
+                continue
+            if item is _STOP:
+                self._finish()
+                return
+            try:
+                self._write(item)
+                while True:  # drain what is already queued, then flush once
+                    item = self._queue.get_nowait()
+                    if item is _STOP:
+                        self._finish()
+                        return
+                    self._write(item)
+            except queue.Empty:
+                pass
+            except Exception:  # a logging failure must never take the worker down
+                logger.exception("prediction log write failed")
+            if self._file is not None:
+                self._file.flush()
+            self._rotate_if_due()
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(json_safe(dict(record)), separators=(",", ":")) + "\n"
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        self._file.write(line)
+        self._size += len(line.encode("utf-8"))
+        self.written += 1
+
+    def _open(self) -> None:
+        self._seq += 1
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{stamp}-{self.prefix}-{os.getpid()}-{self._seq:06d}"
+        self._path = self.directory / f".{name}{OPEN_SUFFIX}"
+        self._file = open(self._path, "w", encoding="utf-8")  # noqa: SIM115 (owned by the thread)
+        self._opened_at = time.monotonic()
+        self._size = 0
+
+    def _rotate_if_due(self) -> None:
+        if self._file is None:
+            return
+        age = time.monotonic() - self._opened_at
+        if self._size >= self.max_file_bytes or age >= self.max_file_age_s:
+            self._close_current()
+            enforce_bound(self.directory, self.max_total_bytes)
+
+    def _close_current(self) -> None:
+        if self._file is None or self._path is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        _publish(self._path)
+        self._file, self._path = None, None
+
+    def _finish(self) -> None:
+        self._close_current()
+        enforce_bound(self.directory, self.max_total_bytes)
+
+
+def _publish(hidden: Path) -> Path:
+    final = hidden.with_name(hidden.name[1 : -len(OPEN_SUFFIX)] + SUFFIX)
+    os.replace(hidden, final)
+    return final
+
+
+def close_orphans(directory: Path) -> list[Path]:
+    """Publishes open files whose writer process is gone (crashed or killed workers)."""
+    published = []
+    for path in directory.glob(f".*{OPEN_SUFFIX}"):
+        try:
+            pid = int(path.name[: -len(OPEN_SUFFIX)].rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _alive(pid) and path.stat().st_size > 0:
+            published.append(_publish(path))
+        elif pid != os.getpid() and not _alive(pid):
+            path.unlink(missing_ok=True)
+    return published
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def closed_files(directory: str | Path) -> list[Path]:
+    """Complete log files, oldest first (names start with the time they were opened)."""
+    return sorted(Path(directory).glob(f"[!.]*{SUFFIX}"))
+
+
+def enforce_bound(directory: Path, max_total_bytes: int) -> list[Path]:
+    """Deletes the oldest closed files until the rest fit in ``max_total_bytes``."""
+    files = []
+    for path in closed_files(directory):
+        try:
+            files.append((path, path.stat().st_size))
+        except FileNotFoundError:
+            continue
+    total = sum(size for _, size in files)
+    removed = []
+    for path, size in files:
+        if total <= max_total_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed
+
+
+def read_records(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """Every record of the closed files, oldest file first."""
+    for path in closed_files(directory):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def read_predictions(directory: str | Path) -> pl.DataFrame:
+    """The closed log files as one frame (nested ``request``/``features`` become structs)."""
+    files = closed_files(directory)
+    if not files:
+        return pl.DataFrame()
+    return pl.concat([pl.read_ndjson(f) for f in files], how="diagonal_relaxed")

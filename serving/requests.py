@@ -1,0 +1,246 @@
+"""What a scoring request may contain, checked field by field before any lookup or model call.
+
+A request body is one transaction object or a non-empty list of them. Every field is required,
+typed and range-checked against the canonical vocabularies in ``quality/schema.py``; unknown
+fields are refused too, so a misspelt field name is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES
+
+FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country", "timestamp")
+MAX_ID_LENGTH = 64
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_CLOCK_SKEW = timedelta(days=1)
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
+
+
+class RequestError(ValueError):
+    """A request that cannot be scored; ``status`` is the HTTP status it earns (400 or 413)."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        field: str | None = None,
+        index: int | None = None,
+        status: int = 400,
+        error: str = "invalid_request",
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+        self.index = index
+        self.status = status
+        self.error = error
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.error, "reason": self.reason}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.index is not None:
+            body["index"] = self.index
+        return body
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One validated transaction, as the scorer consumes it (timestamp in UTC)."""
+
+    transaction_id: str
+    card_id: str
+    merchant_id: str
+    amount: float
+    channel: str
+    country: str
+    timestamp: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transaction_id": self.transaction_id,
+            "card_id": self.card_id,
+            "merchant_id": self.merchant_id,
+            "amount": self.amount,
+            "channel": self.channel,
+            "country": self.country,
+            "timestamp": self.timestamp.isoformat(),
+        }
+
+
+def decode_body(body: Any, *, max_bytes: int) -> Any:
+    """Raw request body (bytes, text or already-decoded JSON) -> a Python value."""
+    if isinstance(body, bytes | bytearray):
+        if len(body) > max_bytes:
+            raise RequestError(
+                f"request body is {len(body)} bytes; the limit is {max_bytes}",
+                status=413,
+                error="payload_too_large",
+            )
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"request body is not UTF-8: {exc}", error="invalid_json") from exc
+    if isinstance(body, str):
+        if len(body.encode("utf-8")) > max_bytes:
+            raise RequestError(
+                f"request body exceeds the limit of {max_bytes} bytes",
+                status=413,
+                error="payload_too_large",
+            )
+        if not body.strip():
+            raise RequestError("request body is empty", error="invalid_json")
+        try:
+            return json.loads(body, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise RequestError(
+                f"request body is not valid JSON: {exc}", error="invalid_json"
+            ) from exc
+    if body is None:
+        raise RequestError("request body is empty", error="invalid_json")
+    return body
+
+
+def parse_request(
+    body: Any, *, max_bytes: int, max_items: int, now: datetime | None = None
+) -> tuple[list[Transaction], bool]:
+    """Validated transactions and whether the body was a single object (not a list)."""
+    value = decode_body(body, max_bytes=max_bytes)
+    if isinstance(value, dict):
+        return [validate_transaction(value, now=now)], True
+    if isinstance(value, list):
+        if not value:
+            raise RequestError("request list is empty")
+        if len(value) > max_items:
+            raise RequestError(
+                f"request holds {len(value)} transactions; the limit is {max_items}",
+                status=413,
+                error="payload_too_large",
+            )
+        return [validate_transaction(v, index=i, now=now) for i, v in enumerate(value)], False
+    raise RequestError(
+        f"request must be a JSON object or a list of objects, got {type(value).__name__}"
+    )
+
+
+def validate_transaction(
+    item: Any, *, index: int | None = None, now: datetime | None = None
+) -> Transaction:
+    """One request object -> Transaction, or RequestError naming the first bad field."""
+    if not isinstance(item, dict):
+        raise RequestError(
+            f"a transaction must be a JSON object, got {type(item).__name__}", index=index
+        )
+    missing = [f for f in FIELDS if f not in item]
+    if missing:
+        raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
+    unknown = sorted(set(item) - set(FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}", field=unknown[0], index=index)
+    return Transaction(
+        transaction_id=_identifier(item, "transaction_id", index),
+        card_id=_identifier(item, "card_id", index),
+        merchant_id=_identifier(item, "merchant_id", index),
+        amount=_amount(item["amount"], index),
+        channel=_choice(item, "channel", CHANNELS, index),
+        country=_choice(item, "country", COUNTRIES, index),
+        timestamp=parse_timestamp(item["timestamp"], index=index, now=now),
+    )
+
+
+def parse_timestamp(
+    value: Any, *, index: int | None = None, now: datetime | None = None
+) -> datetime:
+    """ISO-8601 text with a UTC offset, or epoch seconds; not before 2000 nor a day ahead."""
+    if isinstance(value, bool):
+        raise RequestError(
+            "timestamp must be ISO-8601 text or epoch seconds", field="timestamp", index=index
+        )
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise RequestError("timestamp must be finite", field="timestamp", index=index)
+        try:
+            ts = datetime.fromtimestamp(value, tz=UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise RequestError(
+                f"timestamp {value!r} is out of range", field="timestamp", index=index
+            ) from exc
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise RequestError(
+                f"timestamp {value!r} is not ISO-8601", field="timestamp", index=index
+            ) from exc
+        if ts.tzinfo is None:
+            raise RequestError(
+                f"timestamp {value!r} has no UTC offset (add 'Z' or '+00:00')",
+                field="timestamp",
+                index=index,
+            )
+        ts = ts.astimezone(UTC)
+    else:
+        raise RequestError(
+            f"timestamp must be ISO-8601 text or epoch seconds, got {type(value).__name__}",
+            field="timestamp",
+            index=index,
+        )
+    latest = (now or datetime.now(UTC)) + MAX_CLOCK_SKEW
+    if not EARLIEST <= ts <= latest:
+        raise RequestError(
+            f"timestamp {ts.isoformat()} is outside [{EARLIEST.date()}, now + 1 day]",
+            field="timestamp",
+            index=index,
+        )
+    return ts
+
+
+def _identifier(item: dict[str, Any], name: str, index: int | None) -> str:
+    value = item[name]
+    if not isinstance(value, str):
+        raise RequestError(
+            f"{name} must be a string, got {type(value).__name__}", field=name, index=index
+        )
+    if not 0 < len(value) <= MAX_ID_LENGTH or not _ID.fullmatch(value):
+        raise RequestError(
+            f"{name} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '_.:-'",
+            field=name,
+            index=index,
+        )
+    return value
+
+
+def _amount(value: Any, index: int | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(
+            f"amount must be a number, got {type(value).__name__}", field="amount", index=index
+        )
+    amount = float(value)
+    if not math.isfinite(amount) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
+        raise RequestError(
+            f"amount {value!r} is outside [{AMOUNT_MIN}, {AMOUNT_MAX}]", field="amount", index=index
+        )
+    return amount
+
+
+def _choice(item: dict[str, Any], name: str, allowed: tuple[str, ...], index: int | None) -> str:
+    value = item[name]
+    if not isinstance(value, str):
+        raise RequestError(
+            f"{name} must be a string, got {type(value).__name__}", field=name, index=index
+        )
+    if value not in allowed:
+        shown = list(allowed) if len(allowed) <= 5 else f"one of {len(allowed)} codes"
+        raise RequestError(f"{name} {value!r} is not allowed ({shown})", field=name, index=index)
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")

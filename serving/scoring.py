@@ -1,0 +1,278 @@
+"""Transactions -> features -> fraud probabilities: the one scoring path of the handler and of
+batch inference.
+
+Features come from the model's own FeatureService: the online store (``features.store.
+online_features``) for live requests, or the point-in-time offline join for historical rows; in
+both, request-time features run through the same on-demand feature view as in training. A
+feature the store does not have (unknown card, expired row) is left null, imputed by the
+model's preprocessor, and reported in ``missing_features``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from feast import FeatureStore
+from feast.errors import FeatureViewNotFoundException
+
+from features.store import SERVICE, feature_store, historical_features, online_features
+from models.artifact import load_model, read_sidecar
+from models.evaluate import predict_proba
+from models.network import TabularNet
+from models.preprocess import Preprocessor
+from models.registry import Registry
+from quality.schema import UTC_TS
+from serving.config import MODEL_NAME
+from serving.requests import Transaction
+
+SERVING_FILE = "serving.json"
+DEFAULT_THRESHOLD = 0.5
+APPROVE, DECLINE = "approve", "decline"
+# Training joins features 1 µs before each transaction (features.engineering.training_entities):
+# the state after the previous transaction, never the one being scored.
+_OFFLINE_OFFSET = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What serving needs beyond the weights: identity, FeatureService, decision threshold."""
+
+    model_name: str
+    model_version: str
+    feature_service: str
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingInfo:
+        return cls(
+            model_name=str(data["model_name"]),
+            model_version=str(data["model_version"]),
+            feature_service=str(data["feature_service"]),
+            threshold=float(data["threshold"]),
+        )
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        *,
+        model_version: str | None = None,
+        feature_service: str | None = None,
+        threshold: float | None = None,
+        model_name: str = MODEL_NAME,
+    ) -> ServingInfo:
+        """Arguments win; otherwise the sidecar's metadata (``version``, ``feature_service``,
+        ``decision_threshold``); otherwise the defaults (FeatureService ``fraud_model_v1``, 0.5).
+        """
+        root = Path(model_dir)
+        if (root / SERVING_FILE).is_file():
+            saved = cls.from_dict(json.loads((root / SERVING_FILE).read_text()))
+            return cls(
+                model_name=model_name if model_name != MODEL_NAME else saved.model_name,
+                model_version=model_version or saved.model_version,
+                feature_service=feature_service or saved.feature_service,
+                threshold=saved.threshold if threshold is None else float(threshold),
+            )
+        meta = read_sidecar(root).get("metadata", {})
+        version = model_version or meta.get("version") or root.name
+        chosen = meta.get("decision_threshold") if threshold is None else threshold
+        return cls(
+            model_name=model_name,
+            model_version=str(version),
+            feature_service=feature_service or meta.get("feature_service") or SERVICE,
+            threshold=DEFAULT_THRESHOLD if chosen is None else float(chosen),
+        )
+
+
+def version_info(registry: Registry, version: str, model_name: str = MODEL_NAME) -> ServingInfo:
+    """ServingInfo of a registered version: its FeatureService and (when the evaluation recorded
+    one) its decision threshold come from the registry."""
+    record = registry.get(version)
+    threshold = record.metrics.get("threshold")
+    return ServingInfo.from_model_dir(
+        record.artifact_dir,
+        model_version=version,
+        feature_service=record.feature_service,
+        threshold=None if threshold is None else float(threshold),
+        model_name=model_name,
+    )
+
+
+def transactions_frame(transactions: Sequence[Transaction]) -> pl.DataFrame:
+    """Validated transactions as the entity/request rows Feast expects (fixed schema)."""
+    return pl.DataFrame(
+        {
+            "transaction_id": [t.transaction_id for t in transactions],
+            "card_id": [t.card_id for t in transactions],
+            "merchant_id": [t.merchant_id for t in transactions],
+            "amount": [t.amount for t in transactions],
+            "channel": [t.channel for t in transactions],
+            "country": [t.country for t in transactions],
+            "transaction_timestamp": [t.timestamp for t in transactions],
+        },
+        schema={
+            "transaction_id": pl.String,
+            "card_id": pl.String,
+            "merchant_id": pl.String,
+            "amount": pl.Float64,
+            "channel": pl.String,
+            "country": pl.String,
+            "transaction_timestamp": UTC_TS,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Model outputs for a feature frame, row-aligned with it."""
+
+    probabilities: np.ndarray
+    decisions: list[str]
+    missing_features: list[list[str]]
+    unknown_entities: list[list[str]]
+    inputs: list[dict[str, Any]]
+
+
+class Scorer:
+    """A loaded model bound to a feature store; cheap to call many times."""
+
+    def __init__(
+        self,
+        module: TabularNet,
+        preprocessor: Preprocessor,
+        info: ServingInfo,
+        store: FeatureStore,
+    ) -> None:
+        self.module = module.eval()
+        self.preprocessor = preprocessor
+        self.info = info
+        self.store = store
+        self.entity_features = _entity_features(store, info.feature_service)
+        available = set(transactions_frame([]).columns) | set(_service_features(store, info))
+        lacking = [c for c in preprocessor.spec.columns if c not in available]
+        if lacking:
+            raise ValueError(
+                f"model {info.model_version} needs columns {lacking} that neither the request "
+                f"nor FeatureService {info.feature_service!r} provides"
+            )
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, home: str | Path, info: ServingInfo | None = None
+    ) -> Scorer:
+        """Loads weights (checksums verified, weights_only) and opens the home's feature store."""
+        module, preprocessor = load_model(model_dir)
+        info = info or ServingInfo.from_model_dir(model_dir)
+        return cls(module, preprocessor, info, feature_store(Path(home)))
+
+    def online_features(
+        self, transactions: Sequence[Transaction], at: datetime | None = None
+    ) -> pl.DataFrame:
+        """Latest features from the online store (rows older than their TTL at ``at`` nulled)."""
+        return online_features(
+            self.store,
+            transactions_frame(transactions),
+            service_name=self.info.feature_service,
+            at=at,
+        )
+
+    def offline_features(self, transactions: Sequence[Transaction]) -> pl.DataFrame:
+        """Point-in-time features as training saw them: the state just before each transaction."""
+        frame = transactions_frame(transactions)
+        entities = frame.with_columns(
+            (pl.col("transaction_timestamp") - _OFFLINE_OFFSET).alias("event_timestamp")
+        )
+        return historical_features(self.store, entities, self.info.feature_service).drop(
+            "event_timestamp"
+        )
+
+    def score(self, features: pl.DataFrame) -> Scores:
+        """Probabilities, decisions and missing-feature flags for a frame of feature rows."""
+        columns = list(self.preprocessor.spec.columns)
+        inputs = features.select(columns)
+        probabilities = predict_proba(self.module, self.preprocessor, inputs)
+        decisions = [DECLINE if p >= self.info.threshold else APPROVE for p in probabilities]
+        return Scores(
+            probabilities=probabilities,
+            decisions=decisions,
+            missing_features=_null_columns(inputs, columns),
+            unknown_entities=self._unknown_entities(features),
+            inputs=inputs.to_dicts(),
+        )
+
+    def predict(
+        self, transactions: Sequence[Transaction], at: datetime | None = None
+    ) -> tuple[list[dict[str, Any]], Scores]:
+        """Response objects (one per transaction) and the scores behind them (for the log)."""
+        if not transactions:
+            return [], Scores(np.zeros(0), [], [], [], [])
+        scores = self.score(self.online_features(transactions, at))
+        return self.responses(transactions, scores), scores
+
+    def responses(
+        self, transactions: Sequence[Transaction], scores: Scores
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "transaction_id": t.transaction_id,
+                "fraud_probability": float(scores.probabilities[i]),
+                "decision": scores.decisions[i],
+                "model_version": self.info.model_version,
+                "missing_features": scores.missing_features[i],
+                "unknown_entities": scores.unknown_entities[i],
+            }
+            for i, t in enumerate(transactions)
+        ]
+
+    def _unknown_entities(self, features: pl.DataFrame) -> list[list[str]]:
+        flags: dict[str, np.ndarray] = {}
+        for entity, names in self.entity_features.items():
+            present = [n for n in names if n in features.columns]
+            if present:
+                flags[entity] = _null_matrix(features.select(present)).all(axis=1)
+        return [[e for e, f in flags.items() if f[i]] for i in range(features.height)]
+
+
+def _service_features(store: FeatureStore, info: ServingInfo) -> list[str]:
+    service = store.get_feature_service(info.feature_service)
+    return [f.name for p in service.feature_view_projections for f in p.features]
+
+
+def _entity_features(store: FeatureStore, service_name: str) -> dict[str, list[str]]:
+    """Entity name -> the features its views contribute (on-demand views are skipped)."""
+    out: dict[str, list[str]] = {}
+    for projection in store.get_feature_service(service_name).feature_view_projections:
+        try:
+            view = store.get_feature_view(projection.name)
+        except FeatureViewNotFoundException:
+            continue
+        for entity in view.entities:
+            out.setdefault(entity, []).extend(f.name for f in projection.features)
+    return out
+
+
+def _null_matrix(frame: pl.DataFrame) -> np.ndarray:
+    exprs = []
+    for name, dtype in frame.schema.items():
+        null = pl.col(name).is_null()
+        if dtype.is_float():
+            null = null | pl.col(name).is_nan()
+        exprs.append(null.alias(name))
+    if not exprs:
+        return np.zeros((frame.height, 0), dtype=bool)
+    return frame.select(exprs).to_numpy().astype(bool)
+
+
+def _null_columns(frame: pl.DataFrame, columns: list[str]) -> list[list[str]]:
+    matrix = _null_matrix(frame)
+    return [[columns[j] for j in np.flatnonzero(row)] for row in matrix]

@@ -1,0 +1,159 @@
+"""The TorchServe handler without TorchServe: its initialize/handle called as a worker would."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from ts.context import Context, RequestProcessor
+
+from serving.archive import build_archive, read_manifest
+from serving.batch import score_frame
+from serving.config import ServingConfig
+from serving.handler import HOME_ENV, LooplineHandler
+from serving.prediction_log import read_records
+from serving.scoring import version_info
+from tests.serving.kit import ServingHome
+
+
+@pytest.fixture(scope="module")
+def archive(serving_home: ServingHome, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = ServingConfig.for_home(serving_home.home)
+    record = serving_home.registry.get("v0001")
+    info = version_info(serving_home.registry, "v0001")
+    return build_archive(record.artifact_dir, config, version="v0001", info=info)
+
+
+@pytest.fixture
+def handler(
+    serving_home: ServingHome, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LooplineHandler]:
+    model_dir = tmp_path / "unpacked"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(model_dir)
+    monkeypatch.setenv(HOME_ENV, str(serving_home.home))
+    manifest = read_manifest(archive)["manifest"]
+    sigterm = signal.getsignal(signal.SIGTERM)
+    h = LooplineHandler()
+    h.initialize(Context("fraud", str(model_dir), manifest, 32, None, "0.12.0"))
+    yield h
+    h.log.close()
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def run_batch(h: LooplineHandler, bodies: list, explain: list[bool] | None = None):
+    explain = explain or [False] * len(bodies)
+    ctx = h.context
+    ctx.request_processor = [RequestProcessor({"explain": str(e)}) for e in explain]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(bodies))}
+    out = h.handle([{"body": b} for b in bodies], ctx)
+    statuses = [ctx.get_response_status(i)[0] for i in range(len(bodies))]
+    types = [ctx.get_response_content_type(i) for i in range(len(bodies))]
+    return statuses, [json.loads(o) for o in out], types
+
+
+def test_archive_carries_model_handler_and_serving_metadata(archive: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+    assert {"model.pt", "model.json", "golden.json", "SHA256SUMS", "serving.json"} <= names
+    assert "loopline_handler.py" in names
+    meta = read_manifest(archive)
+    assert meta["manifest"]["model"]["modelVersion"] == "v0001"
+    assert meta["manifest"]["model"]["handler"] == "loopline_handler.py"
+    assert meta["serving"]["feature_service"] == "fraud_model_v1"
+    assert meta["serving"]["model_version"] == "v0001" and meta["serving"]["threshold"] == 0.5
+    assert not [p for p in archive.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_batch_mixing_good_and_bad_requests_answers_each_on_its_own(
+    handler: LooplineHandler, serving_home: ServingHome
+) -> None:
+    good = serving_home.requests(3)
+    unknown = {**good[2], "transaction_id": "new-card", "card_id": "never-seen"}
+    bodies = [
+        json.dumps(good[0]).encode(),
+        json.dumps([good[1], unknown]).encode(),
+        b'{"transaction_id": ',
+        json.dumps({**good[2], "amount": "lots"}).encode(),
+    ]
+    statuses, answers, types = run_batch(handler, bodies)
+
+    assert statuses == [200, 200, 400, 400]
+    assert types == ["application/json"] * 4
+    assert answers[0]["transaction_id"] == good[0]["transaction_id"]
+    assert 0.0 < answers[0]["fraud_probability"] < 1.0
+    assert answers[0]["decision"] in ("approve", "decline")
+    assert answers[0]["model_version"] == "v0001"
+    assert [a["transaction_id"] for a in answers[1]] == [good[1]["transaction_id"], "new-card"]
+    fresh = answers[1][1]
+    assert fresh["unknown_entities"] == ["card"]
+    assert "card_amount_mean_30d" in fresh["missing_features"]
+    assert 0.0 < fresh["fraud_probability"] < 1.0  # defaults, not an error
+    assert "card" not in answers[1][0]["unknown_entities"]
+    assert answers[2]["error"] == "invalid_json"
+    assert answers[3] == {
+        "error": "invalid_request",
+        "reason": "amount must be a number, got str",
+        "field": "amount",
+    }
+
+
+def test_handler_scores_equal_batch_scores_for_the_same_rows(
+    handler: LooplineHandler, serving_home: ServingHome
+) -> None:
+    bodies = serving_home.requests(6, offset=20)
+    _, answers, _ = run_batch(handler, [json.dumps(bodies[:2]), json.dumps(bodies[2:])])
+    online = answers[0] + answers[1]
+    record = serving_home.registry.get("v0001")
+    batch = score_frame(
+        record.artifact_dir,
+        serving_home.home,
+        pl.DataFrame(bodies),
+        info=version_info(serving_home.registry, "v0001"),
+    )
+    assert batch["transaction_id"].to_list() == [a["transaction_id"] for a in online]
+    assert batch["fraud_probability"].to_list() == pytest.approx(
+        [a["fraud_probability"] for a in online], abs=1e-7
+    )
+    assert batch["missing_features"].to_list() == [a["missing_features"] for a in online]
+
+
+def test_explanations_attribute_the_logit_to_every_feature(
+    handler: LooplineHandler, serving_home: ServingHome
+) -> None:
+    body = serving_home.requests(1, offset=5)[0]
+    statuses, answers, _ = run_batch(handler, [json.dumps(body), json.dumps(body)], [True, False])
+    assert statuses == [200, 200]
+    explained, plain = answers
+    assert "explanation" not in plain
+    detail = explained["explanation"]
+    assert set(detail["attributions"]) == set(handler.scorer.preprocessor.spec.columns)
+    p = explained["fraud_probability"]
+    assert detail["logit"] == pytest.approx(math.log(p / (1 - p)), abs=1e-4)
+    total = detail["baseline_logit"] + sum(detail["attributions"].values())
+    assert total == pytest.approx(detail["logit"], abs=abs(detail["convergence_delta"]) + 1e-4)
+    assert explained["fraud_probability"] == plain["fraud_probability"]
+
+
+def test_every_request_lands_in_the_prediction_log(
+    handler: LooplineHandler, serving_home: ServingHome
+) -> None:
+    good = serving_home.requests(2, offset=40)
+    run_batch(handler, [json.dumps(good).encode(), b"not json"])
+    handler.log.close()
+    records = list(read_records(serving_home.home / "predictions" / "fraud"))
+    scored = [r for r in records if r.get("transaction_id") in {g["transaction_id"] for g in good}]
+    assert len(scored) == 2
+    first = scored[0]
+    assert first["model_version"] == "v0001" and first["status"] == 200
+    assert set(first["features"]) == set(handler.scorer.preprocessor.spec.columns)
+    assert first["request"]["card_id"] == good[0]["card_id"]
+    assert 0.0 < first["fraud_probability"] < 1.0 and first["latency_ms"] > 0
+    refused = [r for r in records if r["status"] == 400 and r["request_excerpt"] == "not json"]
+    assert refused and refused[0]["error"]["error"] == "invalid_json"

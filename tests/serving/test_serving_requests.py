@@ -1,0 +1,106 @@
+"""Request validation: every field typed and range-checked; a reason the caller can act on."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from serving.requests import RequestError, parse_request
+
+NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
+GOOD = {
+    "transaction_id": "tx-1",
+    "card_id": "c000001",
+    "merchant_id": "m00001",
+    "amount": 42.5,
+    "channel": "online",
+    "country": "US",
+    "timestamp": "2026-06-01T11:59:00Z",
+}
+
+
+def parse(body, **kw):
+    return parse_request(body, max_bytes=kw.pop("max_bytes", 4096), max_items=4, now=NOW, **kw)
+
+
+def refusal(body, **kw) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse(body, **kw)
+    return info.value
+
+
+def test_one_object_or_a_list_in_bytes_text_or_decoded_form() -> None:
+    (tx,), single = parse(json.dumps(GOOD).encode())
+    assert single and tx.amount == 42.5 and tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    txs, single = parse(json.dumps([GOOD, {**GOOD, "transaction_id": "tx-2"}]))
+    assert not single and [t.transaction_id for t in txs] == ["tx-1", "tx-2"]
+    (tx,), _ = parse({**GOOD, "amount": 7, "timestamp": NOW.timestamp() - 60})
+    assert tx.amount == 7.0 and tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    (tx,), _ = parse({**GOOD, "timestamp": "2026-06-01T13:59:00+02:00"})
+    assert tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"amount": "12.5"}, "amount", "must be a number"),
+        ({"amount": True}, "amount", "must be a number"),
+        ({"amount": 0.0}, "amount", "outside"),
+        ({"amount": 1e9}, "amount", "outside"),
+        ({"channel": "fax"}, "channel", "not allowed"),
+        ({"country": "us"}, "country", "not allowed"),
+        ({"country": 840}, "country", "must be a string"),
+        ({"card_id": ""}, "card_id", "1-64 characters"),
+        ({"card_id": 17}, "card_id", "must be a string"),
+        ({"merchant_id": "m 1"}, "merchant_id", "characters"),
+        ({"transaction_id": "x" * 65}, "transaction_id", "1-64"),
+        ({"timestamp": "yesterday"}, "timestamp", "not ISO-8601"),
+        ({"timestamp": "2026-06-01T11:59:00"}, "timestamp", "no UTC offset"),
+        ({"timestamp": "1999-12-31T23:59:59Z"}, "timestamp", "outside"),
+        ({"timestamp": "2026-06-03T12:00:00Z"}, "timestamp", "outside"),
+        ({"timestamp": None}, "timestamp", "ISO-8601 text or epoch"),
+        ({"coupon": "X"}, "coupon", "unknown field"),
+    ],
+)
+def test_each_bad_field_is_named_with_a_reason(change, field, words) -> None:
+    error = refusal({**GOOD, **change})
+    assert error.status == 400 and error.field == field and words in error.reason
+    assert json.loads(json.dumps(error.to_dict()))["field"] == field
+
+
+def test_missing_fields_are_listed() -> None:
+    body = {k: v for k, v in GOOD.items() if k not in ("amount", "country")}
+    error = refusal(body)
+    assert error.field == "amount" and "['amount', 'country']" in error.reason
+
+
+def test_the_index_of_the_bad_item_in_a_list_is_reported() -> None:
+    error = refusal([GOOD, GOOD, {**GOOD, "amount": -1}])
+    assert error.index == 2 and error.field == "amount"
+
+
+@pytest.mark.parametrize(
+    ("body", "error_kind"),
+    [
+        (b'{"transaction_id": "t", ', "invalid_json"),
+        (b"", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b'{"amount": NaN}', "invalid_json"),
+        (b"[]", "invalid_request"),
+        (b'"a string"', "invalid_request"),
+        (b"[1, 2]", "invalid_request"),
+    ],
+)
+def test_malformed_bodies_are_400(body, error_kind) -> None:
+    error = refusal(body)
+    assert error.status == 400 and error.error == error_kind
+
+
+def test_oversize_bodies_and_too_many_items_are_413() -> None:
+    big = json.dumps([GOOD] * 40).encode()
+    error = refusal(big, max_bytes=1024)
+    assert error.status == 413 and error.error == "payload_too_large" and "1024" in error.reason
+    error = refusal(json.dumps([GOOD] * 5).encode(), max_bytes=1 << 20)
+    assert error.status == 413 and "limit is 4" in error.reason
