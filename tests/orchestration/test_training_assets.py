@@ -162,6 +162,19 @@ def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(platform, second
     assert rejected.extra["champion_at_evaluation"] == "v0001"
     assert "champion" in rejected.extra["compared"]
 
+    # Materializing registered_model on its own (no check runs then) still refuses it.
+    alone = dg.materialize(
+        [features.training_set, *TRAINING],
+        selection=[training.registered_model],
+        instance=platform.instance,
+        resources=platform.resources,
+        raise_on_error=False,
+    )
+    assert not alone.success
+    failure = alone.failure_data_for_node("registered_model")
+    assert "the gate rejected this candidate" in failure.error.message
+    assert registry.get_alias(CHAMPION) == "v0001" and len(registry.list_versions()) == 2
+
 
 def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
     runner = CliRunner()
