@@ -13,6 +13,7 @@ its FeatureService and threshold come from the archive.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -60,7 +61,8 @@ class LooplineHandler(BaseHandler):
 
     def _close_log_on_sigterm(self) -> None:
         """Stopping TorchServe sends SIGTERM to its process group: publish the open log file
-        first, then die as the default action would."""
+        first, then die as the default action would. (Unregistering a version SIGKILLs its
+        worker instead; that file is published by the next worker or by ``stop``.)"""
         previous = signal.getsignal(signal.SIGTERM)
 
         def close_and_exit(signum: int, frame: Any) -> None:
@@ -70,6 +72,7 @@ class LooplineHandler(BaseHandler):
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, close_and_exit)
+        atexit.register(self.log.close, 2.0)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         started = time.perf_counter()

@@ -135,6 +135,9 @@ class PredictionLog:
         self._file.write(line)
         self._size += len(line.encode("utf-8"))
         self.written += 1
+        if self._size >= self.max_file_bytes:
+            self._close_current()
+            enforce_bound(self.directory, self.max_total_bytes)
 
     def _open(self) -> None:
         self._seq += 1

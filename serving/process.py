@@ -34,6 +34,7 @@ from models.registry import CHAMPION, Registry
 from serving.archive import archive_version
 from serving.client import TorchServeClient, TorchServeError
 from serving.config import ServingConfig, write_properties
+from serving.prediction_log import close_orphans
 
 STATE_FILE = "torchserve.json"
 OUTPUT_LOG = "torchserve.out"
@@ -228,6 +229,8 @@ class TorchServeProcess:
             self._proc = None
         self.config.key_file.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
+        if self.config.prediction_log_dir.is_dir():  # files of workers TorchServe SIGKILLed
+            close_orphans(self.config.prediction_log_dir)
         if state and state.get("tmp_dir"):
             shutil.rmtree(state["tmp_dir"], ignore_errors=True)
         return stopped

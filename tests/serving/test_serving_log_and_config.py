@@ -1,0 +1,94 @@
+"""The prediction log stays bounded and complete; config.properties locks TorchServe down."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.config import ServingConfig, allowed_urls_pattern, render_properties
+from serving.prediction_log import PredictionLog, closed_files, read_records
+
+
+def test_log_rotates_by_size_and_keeps_the_directory_bounded(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, max_file_bytes=2_000, max_total_bytes=6_000).start()
+    for i in range(400):
+        assert log.log({"i": i, "pad": "x" * 40})
+    log.close()
+    files = closed_files(tmp_path)
+    assert len(files) >= 3
+    assert sum(f.stat().st_size for f in files) <= 6_000
+    kept = [r["i"] for r in read_records(tmp_path)]
+    assert kept == list(range(kept[0], 400))  # the oldest went, the newest are all there
+    assert not list(tmp_path.glob(".*"))  # nothing left half-written
+
+
+def test_a_full_queue_drops_records_instead_of_blocking(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, queue_size=5)  # writer not started: nothing drains
+    started = time.perf_counter()
+    accepted = sum(log.log({"i": i}) for i in range(50))
+    assert time.perf_counter() - started < 0.5
+    assert accepted == 5 and log.dropped == 45
+
+
+def test_a_file_left_open_by_a_dead_worker_is_published_by_the_next(tmp_path: Path) -> None:
+    script = (
+        "import os, time\n"
+        "from serving.prediction_log import PredictionLog\n"
+        f"log = PredictionLog({str(tmp_path)!r}, max_file_age_s=3600).start()\n"
+        "log.log({'from': 'dead'}); time.sleep(1.5); os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert not closed_files(tmp_path) and list(tmp_path.glob(".*.open"))
+    with PredictionLog(tmp_path) as log:
+        log.log({"from": "alive"})
+    assert sorted(r["from"] for r in read_records(tmp_path)) == ["alive", "dead"]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ServingConfig:
+    return ServingConfig.for_home(
+        tmp_path / "home", inference_port=9180, management_port=9181, metrics_port=9182
+    )
+
+
+def _props(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {k: v.replace("\\\\", "\\") for k, v in pairs}
+
+
+def test_properties_bind_loopback_keep_tokens_and_load_the_champion(config: ServingConfig) -> None:
+    props = _props(render_properties(config, champion="v0003"))
+    assert props["inference_address"] == "http://127.0.0.1:9180"
+    assert props["management_address"] == "http://127.0.0.1:9181"
+    assert props["metrics_address"] == "http://127.0.0.1:9182"
+    assert props["disable_token_authorization"] == "false"
+    assert props["enable_model_api"] == "true" and props["metrics_mode"] == "prometheus"
+    assert props["load_models"] == "fraud-v0003.mar"
+    assert (
+        '"v0003":{"marName":"fraud-v0003.mar","batchSize":32,"maxBatchDelay":5' in props["models"]
+    )
+    assert "load_models" not in _props(render_properties(config))
+
+
+def test_allowed_urls_admit_only_archives_in_the_model_store(config: ServingConfig) -> None:
+    pattern = re.compile(allowed_urls_pattern(config.model_store))
+    store = config.model_store.resolve()
+    assert pattern.fullmatch(f"file://{store}/fraud-v0001.mar")
+    assert not pattern.fullmatch(f"file://{store}/sub/fraud.mar")
+    assert not pattern.fullmatch(f"file://{store}x/fraud.mar")
+    assert not pattern.fullmatch("http://example.com/fraud.mar")
+    assert not pattern.fullmatch(f"file://{store}/../evil.mar")
+
+
+def test_invalid_configs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ports must differ"):
+        ServingConfig.for_home(tmp_path, inference_port=9000, management_port=9000)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServingConfig.for_home(tmp_path, max_request_size=1000, max_body_bytes=2000)
+    assert os.fspath(ServingConfig.for_home(tmp_path).key_file).endswith("serving/key_file.json")
