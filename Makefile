@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml does, so a dependency change reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup services run test lint format bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,20 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/loopline run
 
-test: setup lint
+test: setup lint services
 	$(BIN)/pytest
+
+# Postgres and Redis for the scale-out profile's tests (tests/scale start private instances on
+# loopback ports): Debian's packages, installed only when their binaries are missing.
+services:
+	@if { ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; } \
+	    || ! command -v redis-server >/dev/null; then \
+	  echo "installing Debian's postgresql and redis-server for the scale-profile tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	  && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	       postgresql redis-server >/dev/null; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .
