@@ -123,3 +123,19 @@ def slice_metric_png(
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return _png(fig)
+
+
+def drift_png(psi_by_feature: Mapping[str, float], threshold: float) -> bytes:
+    """Horizontal bars of PSI per feature, worst first, with the retraining threshold."""
+    items = sorted(psi_by_feature.items(), key=lambda kv: kv[1])
+    fig = Figure(figsize=(6, max(2.5, 0.28 * len(items) + 1)))
+    ax = fig.add_subplot()
+    colors = ["C3" if v >= threshold else "C0" for _, v in items]
+    ax.barh([k for k, _ in items], [v for _, v in items], color=colors)
+    ax.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
+    ax.set_xlabel("PSI (serving vs training)")
+    ax.set_title("Feature drift")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend()
+    return _png(fig)

@@ -186,10 +186,17 @@ def _validated_asset(dataset: str) -> dg.AssetsDefinition:
             store_batch(pl.read_parquet(raw_path), dest)
         ledger.mark(batch_id, "validated", rows=rows)
         meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(str(dest))}
+        skew = _skew_check(settings, dataset, dest) if profiled else None
+        if skew is not None and skew.metadata["compared"].value:
+            # On the materialization too, where the retraining sensor reads the value skew.
+            meta["max_psi"] = skew.metadata["max_psi"]
+            meta["psi"] = dg.MetadataValue.json(
+                {f["feature"]: f["psi"] for f in skew.metadata["drift"].value["features"]}
+            )
         yield dg.MaterializeResult(metadata=meta)
         yield dg.AssetCheckResult(check_name="contract", passed=True, metadata=contract_meta)
-        if profiled:
-            yield _skew_check(settings, dataset, dest)
+        if skew is not None:
+            yield skew
 
     return validated
 
@@ -242,7 +249,8 @@ def reference_profile(
 ) -> dg.MaterializeResult:
     settings = storage.settings
     batches = storage.ledger.batches(dataset="transactions", status="validated")
-    chosen = sorted(batches, key=lambda b: b.received_at)[: config.max_batches]
+    # The newest batches: after a retraining the reference follows the data it trained on.
+    chosen = sorted(batches, key=lambda b: b.received_at)[-config.max_batches :]
     files = [settings.validated_file("transactions", b.batch_id) for b in chosen]
     if not files:
         raise dg.Failure("no validated transactions batches yet to build a reference profile from")

@@ -122,6 +122,7 @@ def test_plots_render_to_png(models, reports):
         plots.calibration_png(reports),
         plots.pr_curve_png(reports),
         plots.slice_metric_png(reports, "country"),
+        plots.drift_png({"amount": 0.4, "country": 0.05, "hour": 0.1}, 0.2),
     ):
         image = _decode(png)
         assert image.shape[0] > 100 and image.shape[1] > 100

@@ -151,3 +151,8 @@ def test_reference_profile_bootstraps_and_drift_is_a_warning_not_a_stop(platform
     assert skew.metadata["compared"].value is True
     assert not skew.passed and skew.severity.value == "WARN"
     assert skew.metadata["max_psi"].value > 0.2
+    # The value skew also rides on the materialization, where the retraining sensor reads it.
+    [materialization] = [
+        m for o in outcomes for m in o.asset_materializations_for_node("validated_transactions")
+    ]
+    assert max(materialization.metadata["psi"].value.values()) > 0.2
