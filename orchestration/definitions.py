@@ -5,12 +5,14 @@ Each asset group lives in its own module with its own ``defs``; this file merges
 
 import dagster as dg
 
-from orchestration import features, ingest, training
+from orchestration import features, ingest, monitoring, serving, training
 from orchestration.resources import LooplineStorage
 
 defs = dg.Definitions.merge(
     ingest.defs,
     features.defs,
     training.defs,
+    serving.defs,
+    monitoring.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import CHAMPION, Registry
+from quality.drift import ks_statistic
 from serving.client import TorchServeClient, TorchServeError
 from serving.scoring import DECLINE
 
@@ -42,7 +43,7 @@ class DeliveryPolicy:
     max_error_rate: float = 0.0
     max_p95_latency_ms: float = 500.0
     max_latency_ratio: float = 3.0
-    max_score_psi: float = 2.0
+    max_score_ks: float = 0.8
     max_flag_rate_change: float = 0.2
     watch_seconds: float = 5.0
     watch_interval_s: float = 0.5
@@ -181,9 +182,12 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
             f"shadow p95 latency {challenger.p95_ms:.1f} ms is more than "
             f"{policy.max_latency_ratio}x the champion's {champion.p95_ms:.1f} ms"
         )
-    psi = score_psi(champion.scores, challenger.scores)
-    if psi > policy.max_score_psi:
-        reasons.append(f"score distribution PSI {psi:.3f} vs champion > {policy.max_score_psi}")
+    if champion.scores and challenger.scores:
+        ks = ks_statistic(champion.scores, challenger.scores)
+        if ks > policy.max_score_ks:
+            reasons.append(
+                f"score distribution moved: KS {ks:.3f} vs the champion > {policy.max_score_ks}"
+            )
     change = abs(challenger.flag_rate - champion.flag_rate)
     if change > policy.max_flag_rate_change:
         reasons.append(

@@ -149,7 +149,7 @@ def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
     report = deliver(serve, registry, "v0002", REQUESTS, FAST)
     assert report.outcome == "rejected"
     assert any("flag rate" in r for r in report.reasons)
-    assert any("PSI" in r for r in report.reasons)
+    assert any("KS" in r for r in report.reasons)
     assert serve.defaults == ["v0001"]
 
 

@@ -1,0 +1,241 @@
+"""Serving assets: the model archive, progressive delivery to TorchServe, batch predictions.
+
+registered_model -> model_archive (.mar of that version) -> deployment (register non-default,
+smoke, shadow replay, set-default, watch, rollback: ``serving.delivery``). TorchServe is a
+resource: the deployment starts it when it is not running, with the registry's champion.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from features.storage import write_parquet_atomic
+from models.registry import CHAMPION, Registry
+from orchestration import alerts
+from orchestration.ingest import _md_table
+from orchestration.resources import LooplineStorage
+from serving.archive import archive_version, read_manifest
+from serving.batch import score_version
+from serving.client import TorchServeClient
+from serving.config import ServingConfig
+from serving.delivery import DeliveryPolicy, deliver, is_synthetic
+from serving.prediction_log import read_records
+from serving.process import TorchServeProcess
+
+GROUP = "serving"
+REPLAY_FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country")
+
+
+class TorchServeResource(dg.ConfigurableResource):
+    """The TorchServe instance of a Loopline home (loopback, token auth on)."""
+
+    home: str = ""
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    workers_per_model: int = 1
+    batch_size: int = 32
+    max_batch_delay_ms: int = 5
+
+    def serving_config(self, storage: LooplineStorage) -> ServingConfig:
+        settings = storage.settings
+        return ServingConfig.for_home(
+            settings.home,
+            inference_port=self.inference_port,
+            management_port=self.management_port,
+            metrics_port=self.metrics_port,
+            workers_per_model=self.workers_per_model,
+            batch_size=self.batch_size,
+            max_batch_delay_ms=self.max_batch_delay_ms,
+        )
+
+    def process(self, storage: LooplineStorage) -> TorchServeProcess:
+        return TorchServeProcess.attach(
+            self.serving_config(storage), storage.settings.registry_path
+        )
+
+    def ensure_running(self, storage: LooplineStorage, log=None) -> TorchServeClient:
+        """A client of the running instance; starts one (champion registered) if none runs."""
+        process = self.process(storage)
+        status = process.status()
+        if not status.running:
+            if log:
+                log(f"starting TorchServe on {process.config.inference_url}")
+            process.start()
+        elif not status.healthy:
+            raise dg.Failure(f"TorchServe runs (pid {status.pid}) but is not healthy")
+        return process.client()
+
+
+class DeploymentConfig(dg.Config):
+    """Bounds for the shadow comparison and the post-promotion watch (serving.delivery)."""
+
+    smoke_requests: int = 8
+    replay_requests: int = 200
+    max_error_rate: float = 0.0
+    max_p95_latency_ms: float = 500.0
+    max_latency_ratio: float = 3.0
+    max_score_ks: float = 0.8
+    max_flag_rate_change: float = 0.2
+    watch_seconds: float = 5.0
+    watch_max_error_rate: float = 0.0
+    watch_max_p95_latency_ms: float = 500.0
+    alert_webhook_url: str = ""
+
+    def policy(self) -> DeliveryPolicy:
+        fields = self.model_dump()
+        fields.pop("alert_webhook_url")
+        return DeliveryPolicy(**fields)
+
+
+@dg.asset(group_name=GROUP, kinds={"torchserve"})
+def model_archive(
+    context: dg.AssetExecutionContext,
+    storage: LooplineStorage,
+    torchserve: TorchServeResource,
+    registered_model: str,
+) -> dg.Output[dict]:
+    """The registered version as a TorchServe .mar: model, handler and serving metadata."""
+    registry = Registry(storage.settings.registry_path)
+    config = torchserve.serving_config(storage)
+    mar = archive_version(registry, registered_model, config)
+    manifest = read_manifest(mar)
+    context.log.info(f"archived {registered_model} as {mar}")
+    return dg.Output(
+        {"version": registered_model, "mar": str(mar)},
+        metadata={
+            "version": registered_model,
+            "path": dg.MetadataValue.path(str(mar)),
+            "size_bytes": mar.stat().st_size,
+            "serving": dg.MetadataValue.json(manifest["serving"]),
+        },
+    )
+
+
+def replay_requests(
+    storage: LooplineStorage, config: ServingConfig, limit: int
+) -> tuple[list[dict], str]:
+    """Recent real requests from the prediction log; recent validated transactions if none."""
+    recent: list[dict] = []
+    for record in read_records(config.prediction_log_dir):
+        request = record.get("request")
+        if record.get("status") == 200 and request and not is_synthetic(record["transaction_id"]):
+            recent.append(request)
+    if recent:
+        return recent[-limit:], "prediction log"
+    folder = storage.settings.validated / "transactions"
+    files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]
+    if not files:
+        raise dg.Failure("no logged requests and no validated transactions to replay")
+    frame = pl.read_parquet(files).sort("event_timestamp").tail(limit)
+    rows = frame.select(
+        *REPLAY_FIELDS,
+        pl.col("event_timestamp").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ").alias("timestamp"),
+    )
+    return rows.to_dicts(), "validated transactions"
+
+
+@dg.asset(group_name=GROUP, kinds={"torchserve"})
+def deployment(
+    context: dg.AssetExecutionContext,
+    config: DeploymentConfig,
+    storage: LooplineStorage,
+    torchserve: TorchServeResource,
+    model_archive: dict,
+) -> dg.Output[dict]:
+    """Progressive delivery: smoke test, shadow replay, promotion, watch, rollback on breach."""
+    version = model_archive["version"]
+    registry = Registry(storage.settings.registry_path)
+    client = torchserve.ensure_running(storage, log=context.log.info)
+    serving_config = torchserve.serving_config(storage)
+    replay, source = replay_requests(storage, serving_config, config.replay_requests)
+    context.log.info(f"replaying {len(replay)} requests from the {source}")
+    report = deliver(client, registry, version, replay, config.policy(), log=context.log.info)
+    webhook = config.alert_webhook_url or None
+    if report.outcome == "rejected":
+        alerts.send(
+            alerts.Alert(
+                "challenger_rejected", f"{version} rejected at deployment", report.to_dict()
+            ),
+            webhook,
+        )
+    elif report.outcome == "rolled_back":
+        alerts.send(
+            alerts.Alert(
+                "rollback", f"{version} rolled back to {report.previous}", report.to_dict()
+            ),
+            webhook,
+        )
+    steps = [
+        {"step": s["step"], "passed": s["passed"], "reasons": "; ".join(s.get("reasons", []))}
+        for s in report.steps
+    ]
+    return dg.Output(
+        report.to_dict(),
+        metadata={
+            "version": version,
+            "outcome": report.outcome,
+            "previous": report.previous or "none",
+            "serving": registry.get_alias(CHAMPION) or "none",
+            "replay_source": source,
+            "steps": dg.MetadataValue.md(_md_table(steps)),
+            "reasons": "\n".join(report.reasons) or "none",
+            "report": dg.MetadataValue.json(report.to_dict()),
+        },
+    )
+
+
+class BatchPredictionsConfig(dg.Config):
+    """A parquet/CSV file of transactions to score; empty: the newest validated batch."""
+
+    path: str = ""
+    source: str = "online"
+
+
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, deps=["deployment"])
+def batch_predictions(
+    context: dg.AssetExecutionContext, config: BatchPredictionsConfig, storage: LooplineStorage
+) -> dg.MaterializeResult:
+    """A file of transactions scored by the champion through the endpoint's features and model."""
+    settings = storage.settings
+    registry = Registry(settings.registry_path)
+    version = registry.get_alias(CHAMPION)
+    if version is None:
+        raise dg.Failure("there is no champion to score with")
+    if config.path:
+        source = Path(config.path)
+        frame = (
+            pl.read_csv(source, try_parse_dates=True)
+            if source.suffix == ".csv"
+            else pl.read_parquet(source)
+        )
+    else:
+        files = sorted(
+            (settings.validated / "transactions").glob("*.parquet"), key=lambda p: p.stat().st_mtime
+        )
+        if not files:
+            raise dg.Failure("no validated transactions batch to score")
+        source = files[-1]
+        frame = pl.read_parquet(source)
+    scored = score_version(registry, version, settings.home, frame, source=config.source)
+    out = settings.home / "batch_predictions" / f"{source.stem}-{version}.parquet"
+
+    write_parquet_atomic(scored, out)
+    context.log.info(f"scored {scored.height} rows of {source.name} with {version}")
+    return dg.MaterializeResult(
+        metadata={
+            "rows": scored.height,
+            "model_version": version,
+            "input": dg.MetadataValue.path(str(source)),
+            "path": dg.MetadataValue.path(str(out)),
+            "mean_fraud_probability": float(scored["fraud_probability"].mean() or 0.0),
+            "declined": int((scored["decision"] == "decline").sum()),
+        }
+    )
+
+
+defs = dg.Definitions(
+    assets=[model_archive, deployment, batch_predictions],
+    resources={"torchserve": TorchServeResource()},
+)

@@ -1,0 +1,167 @@
+"""The deployment asset against a real TorchServe: first release, a promotion under continuous
+traffic with no failed request, and a forced breach that rolls back."""
+
+import socket
+import threading
+import time
+from contextlib import ExitStack
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from features.storage import write_parquet_atomic
+from models.registry import CHAMPION
+from orchestration.resources import LooplineStorage
+from orchestration.serving import TorchServeResource, deployment, model_archive
+from serving.client import TorchServeError
+from tests.serving.kit import build_serving_home
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_ports(n: int) -> list[int]:
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+class Loop:
+    def __init__(self, root):
+        self.home = build_serving_home(root / "home", seed=5)
+        self.versions = [self.home.register(seed=s) for s in (1, 2, 3)]
+        # Replay falls back to recent validated transactions while nothing is logged yet.
+        write_parquet_atomic(
+            self.home.transactions.tail(300),
+            self.home.home / "validated" / "transactions" / "recent.parquet",
+        )
+        inference, management, metrics = _free_ports(3)
+        self.storage = LooplineStorage(home=str(self.home.home))
+        self.torchserve = TorchServeResource(
+            home=str(self.home.home),
+            inference_port=inference,
+            management_port=management,
+            metrics_port=metrics,
+        )
+
+    def deploy(self, version: str, **policy) -> dict:
+        @dg.asset(name="registered_model")
+        def registered() -> str:
+            return version
+
+        result = dg.materialize(
+            [registered, model_archive, deployment],
+            resources={"storage": self.storage, "torchserve": self.torchserve},
+            run_config={
+                "ops": {
+                    "deployment": {
+                        "config": {"watch_seconds": 2.0, "replay_requests": 64, **policy}
+                    }
+                }
+            },
+        )
+        assert result.success
+        return result.output_for_node("deployment")
+
+    @property
+    def client(self):
+        return self.torchserve.process(self.storage).client()
+
+    def stop(self):
+        self.torchserve.process(self.storage).stop()
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    state = Loop(tmp_path_factory.mktemp("deploy"))
+    try:
+        yield state
+    finally:
+        state.stop()
+
+
+def test_first_release_starts_torchserve_and_serves_the_new_champion(loop):
+    v1 = loop.versions[0]
+    report = loop.deploy(v1)
+    assert report["outcome"] == "promoted"
+    assert [s["step"] for s in report["steps"]] == [
+        "registered_in_torchserve",
+        "smoke_test",
+        "promoted",
+    ]
+    assert loop.client.default_version() == v1
+    assert loop.home.registry.get_alias(CHAMPION) == v1
+    answer = loop.client.predict(loop.home.requests(1)[0])
+    assert answer["model_version"] == v1
+
+
+def test_promotion_under_continuous_traffic_fails_no_request(loop):
+    v1, v2 = loop.versions[:2]
+    assert loop.client.default_version() == v1
+    stop = threading.Event()
+    outcomes: list[str] = []
+    failures: list[str] = []
+    requests = loop.home.requests(32, offset=50)
+
+    def traffic():
+        client = loop.client
+        i = 0
+        while not stop.is_set():
+            try:
+                answer = client.predict(requests[i % len(requests)])
+                outcomes.append(answer["model_version"])
+            except TorchServeError as exc:
+                failures.append(str(exc))
+            i += 1
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        report = loop.deploy(v2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert report["outcome"] == "promoted", report["reasons"]
+    assert failures == []
+    assert outcomes[0] == v1 and outcomes[-1] == v2
+    assert len(outcomes) > 50
+    steps = [s["step"] for s in report["steps"]]
+    assert steps == [
+        "registered_in_torchserve",
+        "smoke_test",
+        "shadow_replay",
+        "promoted",
+        "post_promotion_watch",
+    ]
+    shadow = next(s for s in report["steps"] if s["step"] == "shadow_replay")
+    assert shadow["champion"]["version"] == v1 and shadow["challenger"]["version"] == v2
+    assert shadow["challenger"]["requests"] == 64
+    assert loop.home.registry.get_alias(CHAMPION) == v2
+    kinds = [e.detail.get("step") for e in loop.home.registry.events(v2) if e.kind == "deployment"]
+    assert kinds == steps
+
+
+def test_a_forced_breach_after_promotion_rolls_back(loop):
+    v2, v3 = loop.versions[1:]
+    report = loop.deploy(v3, watch_max_p95_latency_ms=0.001)
+    assert report["outcome"] == "rolled_back"
+    assert "p95 latency" in report["reasons"][0]
+    assert loop.client.default_version() == v2
+    assert loop.home.registry.get_alias(CHAMPION) == v2
+    events = [e.kind for e in loop.home.registry.events(v3)]
+    assert events[-1] == "rolled_back"
+    assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
+
+
+def test_restart_serves_the_registry_champion(loop):
+    loop.stop()
+    process = loop.torchserve.process(loop.storage)
+    assert not process.status().running
+    process.start()
+    assert loop.client.default_version() == loop.home.registry.get_alias(CHAMPION)
+    frame = pl.DataFrame(loop.home.requests(3))
+    assert frame.height == 3
