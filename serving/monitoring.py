@@ -154,8 +154,11 @@ def serving_drift(
     rates and categories the reference never saw are part of each feature's result: that is
     the schema skew of what serving received.
     """
-    numeric = [c for c in numeric if c in reference.columns]
-    categorical = [c for c in categorical if c in reference.columns]
+    # A feature training never saw a value of (e.g. a chargeback rate before any label) has
+    # no reference distribution to compare with.
+    present = {c for c in reference.columns if reference[c].null_count() < reference.height}
+    numeric = [c for c in numeric if c in present]
+    categorical = [c for c in categorical if c in present]
     for column in [*numeric, *categorical]:
         if column not in serving.columns:
             serving = serving.with_columns(

@@ -1,76 +1,17 @@
 """The deployment asset against a real TorchServe: first release, a promotion under continuous
 traffic with no failed request, and a forced breach that rolls back."""
 
-import socket
 import threading
 import time
-from contextlib import ExitStack
 
-import dagster as dg
 import polars as pl
 import pytest
 
-from features.storage import write_parquet_atomic
 from models.registry import CHAMPION
-from orchestration.resources import LooplineStorage
-from orchestration.serving import TorchServeResource, deployment, model_archive
 from serving.client import TorchServeError
-from tests.serving.kit import build_serving_home
+from tests.e2e.kit import Loop
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_ports(n: int) -> list[int]:
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-class Loop:
-    def __init__(self, root):
-        self.home = build_serving_home(root / "home", seed=5)
-        self.versions = [self.home.register(seed=s) for s in (1, 2, 3)]
-        # Replay falls back to recent validated transactions while nothing is logged yet.
-        write_parquet_atomic(
-            self.home.transactions.tail(300),
-            self.home.home / "validated" / "transactions" / "recent.parquet",
-        )
-        inference, management, metrics = _free_ports(3)
-        self.storage = LooplineStorage(home=str(self.home.home))
-        self.torchserve = TorchServeResource(
-            home=str(self.home.home),
-            inference_port=inference,
-            management_port=management,
-            metrics_port=metrics,
-        )
-
-    def deploy(self, version: str, **policy) -> dict:
-        @dg.asset(name="registered_model")
-        def registered() -> str:
-            return version
-
-        result = dg.materialize(
-            [registered, model_archive, deployment],
-            resources={"storage": self.storage, "torchserve": self.torchserve},
-            run_config={
-                "ops": {
-                    "deployment": {
-                        "config": {"watch_seconds": 2.0, "replay_requests": 64, **policy}
-                    }
-                }
-            },
-        )
-        assert result.success
-        return result.output_for_node("deployment")
-
-    @property
-    def client(self):
-        return self.torchserve.process(self.storage).client()
-
-    def stop(self):
-        self.torchserve.process(self.storage).stop()
 
 
 @pytest.fixture(scope="module")

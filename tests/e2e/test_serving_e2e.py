@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from serving.client import TorchServeClient, TorchServeError
 from serving.config import ServingConfig
 from serving.prediction_log import read_records
 from serving.process import TorchServeProcess
+from tests.e2e.kit import free_ports
 from tests.serving.kit import ServingHome, build_serving_home
 
 pytestmark = pytest.mark.e2e
@@ -46,19 +45,11 @@ class Server:
         )
 
 
-def _free_ports(n: int) -> list[int]:
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = build_serving_home(tmp_path_factory.mktemp("e2e") / "home", seed=5)
     home.register(seed=1, champion=True)
-    inference, management, metrics = _free_ports(3)
+    inference, management, metrics = free_ports(3)
     config = ServingConfig.for_home(
         home.home,
         inference_port=inference,
