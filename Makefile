@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml does, so a dependency change reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup services run test lint format bench clean
+.PHONY: setup services run test lint format bench bench-features clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,9 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_validation
+
+bench-features: setup
+	$(BIN)/python -m benchmarks.bench_features
 
 clean:
 	rm -rf .loopline
