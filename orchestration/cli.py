@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
-import urllib.request
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from orchestration.cli_loop import LivePlatform, demo, retrain, status
 from orchestration.cli_models import models
 from orchestration.cli_serve import serve
+from orchestration.live import live_simulator_running, request_drift
 from orchestration.settings import Settings
 
 console = Console()
@@ -96,6 +96,12 @@ def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=Non
 def simulate(batches: int | None, once: bool, **opts) -> None:
     """Land simulated card-payment batches into the landing folder."""
     settings = Settings.from_env().ensure()
+    if batches is None and not once and live_simulator_running(settings.home):
+        if opts["drift"] != "none":
+            request_drift(settings.home, opts["drift"])
+            console.print(f"the running simulator switches to {opts['drift']} drift")
+            return
+        raise click.ClickException("a simulator already runs for this home (loopline run)")
     if once:
         batches = 1
     if batches is not None:
@@ -110,54 +116,41 @@ def simulate(batches: int | None, once: bool, **opts) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
-@click.option("--no-simulator", is_flag=True, help="Do not land demo data.")
+@click.option("--no-simulator", is_flag=True, help="Do not land demo data or send traffic.")
 @_simulator_options
 def run(host: str, port: int, no_simulator: bool, **opts) -> None:
-    """Run the platform: Dagster UI + daemon, and the demo data simulator."""
-    from orchestration import platform
-
+    """Run the platform: Dagster UI + daemon, TorchServe, the simulator and its traffic."""
     settings = Settings.from_env().ensure()
     if opts["fault"] is None and opts["fault_batch"] is None:
         opts["fault"], opts["fault_batch"] = "renamed_column", 5  # show one quarantine in the demo
     console.print(f"[bold]Loopline[/] home: {settings.home}")
-    dagster = platform.start_dagster(settings, host=host, port=port)
-    stop = threading.Event()
-    sim = None
+    live = LivePlatform(settings, host=host, port=port)
     try:
-        _wait_http(f"http://{host}:{port}/server_info", dagster, timeout=120)
+        live.start(
+            _scenario(opts),
+            interval_s=opts["interval"],
+            fault=opts["fault"],
+            fault_batch=opts["fault_batch"],
+            fmt=opts["fmt"],
+            simulate=not no_simulator,
+        )
+        cfg = live.serving.config
         console.print(f"Dagster UI: [link]http://{host}:{port}[/link]  (Ctrl-C stops everything)")
-        if not no_simulator:
-            sim = threading.Thread(
-                target=_run_simulator, args=(settings, opts, None, stop), daemon=True
-            )
-            sim.start()
-        while dagster.poll() is None:
+        console.print(
+            f"TorchServe: {cfg.inference_url}/predictions/{cfg.model_name} "
+            f"(token in {cfg.key_file})"
+        )
+        while live.dagster.poll() is None:
             time.sleep(0.5)
         console.print(
-            f"[red]dagster exited with code {dagster.returncode}[/]; see {settings.home / 'dagster.log'}"
+            f"[red]dagster exited with code {live.dagster.returncode}[/]; "
+            f"see {settings.home / 'dagster.log'}"
         )
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        stop.set()
-        if sim is not None:
-            sim.join(timeout=10)
-        platform.stop(dagster)
+        live.stop()
         console.print("stopped")
-
-
-def _wait_http(url: str, proc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with console.status(f"waiting for {url}"):
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise click.ClickException(f"process exited with code {proc.returncode}")
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-    raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
 
 
 @main.command()
@@ -195,6 +188,9 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
 
 main.add_command(models)
 main.add_command(serve)
+main.add_command(retrain)
+main.add_command(status)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

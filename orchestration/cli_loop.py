@@ -1,0 +1,343 @@
+"""`loopline run | demo | retrain | status`: the whole loop for a person at a terminal.
+
+``run`` and ``demo`` start the same three things: Dagster (webserver + daemon), TorchServe
+(the registry's champion, if any), and the live simulator whose transactions are also sent to
+the served model as customer traffic. ``demo`` then injects drift once a champion serves and
+waits, headless and bounded in time, for the loop to retrain and promote on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestration.settings import Settings
+
+console = Console()
+
+
+def wait_http(url: str, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with console.status(f"waiting for {url}"):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"process exited with code {proc.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+    raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LivePlatform:
+    """Dagster, TorchServe, the live simulator and its traffic, stopped together."""
+
+    settings: Settings
+    host: str = "127.0.0.1"
+    port: int = 3000
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.dagster = None
+        self.serving = None
+        self.traffic = None
+        self.simulator = None
+        self._sim_thread: threading.Thread | None = None
+
+    def start(
+        self,
+        scenario,
+        *,
+        interval_s: float,
+        fault=None,
+        fault_batch=None,
+        fmt="parquet",
+        simulate: bool = True,
+        quiet: bool = False,
+    ) -> None:
+        from orchestration import platform
+        from orchestration.live import LiveSimulator, Traffic
+        from serving.config import ServingConfig
+        from serving.process import TorchServeProcess
+
+        self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
+        config = ServingConfig.for_home(self.settings.home)
+        self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
+        if not self.serving.status().running:
+            with console.status("starting TorchServe"):
+                self.serving.start()
+        wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
+        if not simulate:
+            return
+        self.traffic = Traffic(self.serving.client()).start()
+
+        def on_batch(batch) -> None:
+            if not quiet:
+                tag = f" [red]fault={batch.fault}[/]" if batch.fault else ""
+                console.print(
+                    f"landed [bold]{batch.dataset}[/] batch {batch.batch_index}: "
+                    f"{batch.rows} rows -> {batch.path.name}{tag}"
+                )
+            self.traffic.submit(batch)
+
+        self.simulator = LiveSimulator(
+            scenario,
+            self.settings.landing,
+            self.settings.home,
+            interval_s=interval_s,
+            fault=fault,
+            fault_batch=fault_batch,
+            fmt=fmt,
+            on_batch=on_batch,
+        )
+        self._sim_thread = threading.Thread(
+            target=self.simulator.run, args=(self.stop_event,), daemon=True
+        )
+        self._sim_thread.start()
+
+    def stop(self) -> None:
+        from orchestration import platform
+
+        self.stop_event.set()
+        if self._sim_thread is not None:
+            self._sim_thread.join(timeout=30)
+        if self.traffic is not None:
+            self.traffic.stop()
+        if self.serving is not None:
+            self.serving.stop()
+        if self.dagster is not None:
+            platform.stop(self.dagster)
+
+
+def _registry(settings: Settings):
+    from models.registry import Registry
+
+    return Registry(settings.registry_path) if settings.registry_path.exists() else None
+
+
+def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]:
+    """What the loop did: batches, quarantines, models, promotions, drift, serving figures."""
+    from quality.ledger import BatchLedger
+    from serving.config import ServingConfig
+    from serving.monitoring import compact, read_compacted
+
+    out: dict[str, Any] = {"home": str(settings.home)}
+    if settings.ledger_path.exists():
+        out["batches"] = BatchLedger(settings.ledger_path).summary()
+    registry = _registry(settings)
+    if registry is not None:
+        versions = registry.list_versions()
+        out["models"] = {v.version: v.status for v in versions}
+        out["champion"] = registry.get_alias("champion")
+        events = registry.events()
+        out["promotions"] = [
+            {"version": e.version, "at": e.at, "reason": e.reason}
+            for e in events
+            if e.kind == "promoted"
+        ]
+        out["rejections"] = [
+            {"version": e.version, "reasons": e.reasons[:3]} for e in events if e.kind == "rejected"
+        ]
+        out["rollbacks"] = [
+            {"version": e.version, "reason": e.reason} for e in events if e.kind == "rolled_back"
+        ]
+    drift = settings.home / "monitoring" / "drift.json"
+    if drift.exists():
+        report = json.loads(drift.read_text())
+        out["drift"] = {
+            "champion": report["champion"],
+            "max_psi": max(report["psi"].values()) if report["psi"] else 0.0,
+            "drifted": report["drifted"],
+        }
+    config = ServingConfig.for_home(settings.home)
+    folder = settings.home / "monitoring" / "status-log"
+    compact(config.prediction_log_dir, folder)
+    logged = read_compacted(folder)
+    if logged.height:
+        answered = logged.filter(logged["status"] == 200)
+        out["serving"] = {
+            "requests": logged.height,
+            "refused": logged.height - answered.height,
+            "latency_p50_ms": float(answered["latency_ms"].quantile(0.5) or 0.0),
+            "latency_p99_ms": float(answered["latency_ms"].quantile(0.99) or 0.0),
+            "by_version": {
+                str(k): int(v) for k, v in answered.group_by("model_version").len().iter_rows()
+            },
+        }
+    return out
+
+
+def print_summary(data: dict[str, Any]) -> None:
+    table = Table(title=f"Loopline ({data['home']})", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for dataset, counts in sorted(data.get("batches", {}).items()):
+        table.add_row(
+            f"batches: {dataset}",
+            ", ".join(
+                f"{k.replace('_batches', '')} {v}"
+                for k, v in counts.items()
+                if k.endswith("_batches")
+            ),
+        )
+    table.add_row("champion", str(data.get("champion")))
+    table.add_row(
+        "models", ", ".join(f"{v} {s}" for v, s in data.get("models", {}).items()) or "none"
+    )
+    for p in data.get("promotions", []):
+        table.add_row("promoted", f"{p['version']} at {p['at'][:19]}: {p['reason']}")
+    for r in data.get("rejections", []):
+        table.add_row("rejected", f"{r['version']}: {'; '.join(r['reasons'])}")
+    for r in data.get("rollbacks", []):
+        table.add_row("rolled back", f"{r['version']}: {r['reason']}")
+    if "drift" in data:
+        d = data["drift"]
+        table.add_row(
+            "drift",
+            f"max PSI {d['max_psi']:.3f} on {d['champion']}; drifted: {', '.join(d['drifted']) or 'none'}",
+        )
+    if "serving" in data:
+        s = data["serving"]
+        table.add_row(
+            "serving",
+            f"{s['requests']} requests ({s['refused']} refused), p50 {s['latency_p50_ms']:.1f} ms, "
+            f"p99 {s['latency_p99_ms']:.1f} ms; by version {s['by_version']}",
+        )
+    console.print(table)
+
+
+@click.command()
+@click.option("--reason", default="asked from the command line", show_default=True)
+def retrain(reason: str) -> None:
+    """Ask the retrain sensor for a retraining now (it still waits for one in flight)."""
+    from features.storage import write_json_atomic
+
+    settings = Settings.from_env().ensure()
+    path = write_json_atomic(
+        {"reason": reason, "at": datetime.now(UTC).isoformat()},
+        settings.home / "retrain_request.json",
+    )
+    console.print(f"retraining requested ({path}); the retrain sensor picks it up within 15 s")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Champion, models, promotions, drift and serving figures at a glance."""
+    data = summary(Settings.from_env())
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        print_summary(data)
+
+
+def _champion_served(platform: LivePlatform) -> str | None:
+    registry = _registry(platform.settings)
+    champion = registry.get_alias("champion") if registry else None
+    if champion is None:
+        return None
+    try:
+        default = platform.serving.client(timeout=5).default_version()
+    except Exception:
+        return None
+    return champion if default == champion else None
+
+
+@click.command()
+@click.option("--drift", type=click.Choice(["concept", "covariate"]), default="concept")
+@click.option("--timeout", default=1500.0, show_default=True, help="Seconds before giving up.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--seed", default=7, show_default=True)
+def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
+    """Headless, bounded demo: train a champion, inject drift, watch the loop replace it."""
+    from features.simulator import ScenarioConfig
+
+    settings = Settings.from_env().ensure()
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    scenario = ScenarioConfig(
+        seed=seed,
+        n_cards=1500,
+        n_merchants=200,
+        start=now - timedelta(days=50),
+        batch_span=timedelta(hours=24),
+        rows_per_batch=2500,
+    )
+    platform = LivePlatform(settings, port=free_port())
+    deadline = time.monotonic() + timeout
+    outcome = "timed out"
+    try:
+        platform.start(scenario, interval_s=2.0, quiet=True)
+        console.print(
+            f"Dagster on http://127.0.0.1:{platform.port} (headless demo), home {settings.home}"
+        )
+        with console.status("waiting for the first champion to serve") as status_line:
+            while time.monotonic() < deadline and (first := _champion_served(platform)) is None:
+                status_line.update(f"waiting for the first champion ({_progress(settings)})")
+                time.sleep(5)
+        if time.monotonic() < deadline:
+            from orchestration.live import request_drift
+
+            request_drift(settings.home, drift)
+            drift_at = datetime.now(UTC).isoformat()
+            console.print(f"{first} serves; injecting {drift} drift")
+            with console.status("waiting for the loop to retrain and promote") as status_line:
+                while time.monotonic() < deadline:
+                    registry = _registry(settings)
+                    promoted = [
+                        e for e in registry.events() if e.kind == "promoted" and e.at > drift_at
+                    ]
+                    served = _champion_served(platform)
+                    if promoted and served == promoted[-1].version:
+                        outcome = f"{first} replaced by {served} after {drift} drift"
+                        break
+                    status_line.update(f"waiting for a new champion ({_progress(settings)})")
+                    time.sleep(5)
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    finally:
+        platform.stop()
+    data = summary(settings)
+    data["outcome"] = outcome
+    if platform.traffic is not None:
+        data["traffic"] = {"sent": platform.traffic.sent, "failed": platform.traffic.failed}
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        print_summary(data)
+        console.print(f"[bold]{outcome}[/]")
+    if not outcome.startswith("v"):
+        raise SystemExit(1)
+
+
+def _progress(settings: Settings) -> str:
+    from quality.ledger import BatchLedger
+
+    if not settings.ledger_path.exists():
+        return "no batches yet"
+    counts = BatchLedger(settings.ledger_path).summary()
+    parts = [
+        f"{d} {c.get('validated_batches', 0)} ok/{c.get('quarantined_batches', 0)} bad"
+        for d, c in sorted(counts.items())
+        if d in ("transactions", "labels")
+    ]
+    registry = _registry(settings)
+    models = len(registry.list_versions()) if registry else 0
+    return ", ".join(parts) + f", {models} models"

@@ -1,0 +1,208 @@
+"""The live demo loop: a simulator whose scenario can be switched while it runs, and customer
+traffic that sends each landed transactions batch to the served model.
+
+Plain Python (no Dagster): ``loopline run`` and ``loopline demo`` drive it beside the Dagster
+daemon and TorchServe. ``loopline simulate --drift concept`` while it runs writes the control
+file; the running simulator switches from its next batch on, keeping the same seed and clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+
+from features import simulator
+from features.storage import write_json_atomic
+from serving.client import TorchServeClient, TorchServeError
+
+logger = logging.getLogger(__name__)
+CONTROL_FILE = "simulator.json"
+
+
+def control_path(home: Path) -> Path:
+    return Path(home) / CONTROL_FILE
+
+
+def request_drift(home: Path, drift: str) -> Path:
+    """Ask the running simulator of ``home`` to switch to ``drift`` from its next batch."""
+    if drift not in simulator.DRIFTS:
+        raise ValueError(f"drift must be one of {simulator.DRIFTS}")
+    return write_json_atomic({"drift": drift}, control_path(home))
+
+
+def live_simulator_running(home: Path) -> bool:
+    """Whether a ``loopline run``/``demo`` simulator is watching this home's control file."""
+    try:
+        state = json.loads((Path(home) / "simulator.pid").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+class LiveSimulator:
+    """Lands one step at a time, re-reading the control file between steps."""
+
+    def __init__(
+        self,
+        config: simulator.ScenarioConfig,
+        landing: Path,
+        home: Path,
+        *,
+        interval_s: float,
+        fault: str | None = None,
+        fault_batch: int | None = None,
+        fmt: str = "parquet",
+        on_batch: Callable[[simulator.LandedBatch], None] | None = None,
+    ) -> None:
+        sim = simulator.Simulator(config)
+        self.config = replace(config, start=sim.start)  # one clock across scenario switches
+        self.sim = sim
+        self.landing = Path(landing)
+        self.home = Path(home)
+        self.interval_s = interval_s
+        self.fault, self.fault_batch = fault, fault_batch
+        self.fmt = fmt
+        self.on_batch = on_batch
+        self.resume_at = None
+        self.next_batch = 0
+        self.drift = config.drift
+        self.landed: list[simulator.LandedBatch] = []
+
+    def _switch_if_asked(self) -> None:
+        try:
+            wanted = json.loads(control_path(self.home).read_text()).get("drift", self.drift)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if wanted == self.drift:
+            return
+        self.drift = wanted
+        self.config = replace(self.config, drift=wanted, drift_start_batch=self.next_batch)
+        self.sim = simulator.Simulator(self.config)
+        logger.warning("simulator: %s drift from batch %d on", wanted, self.next_batch)
+
+    def step(self, stop: threading.Event | None = None) -> list[simulator.LandedBatch]:
+        self._switch_if_asked()
+        fault = self.fault if self.fault_batch == self.next_batch else None
+        kwargs = (
+            {"resume_at": self.resume_at} if self.resume_at else {"start_batch": self.next_batch}
+        )
+        landed = simulator.run(
+            self.config,
+            self.landing,
+            batches=1,
+            fault=fault,
+            fault_batch=self.next_batch if fault else None,
+            fmt=self.fmt,
+            on_batch=self.on_batch,
+            stop=stop,
+            land_reference=not self.landed,
+            simulator=self.sim,
+            **kwargs,
+        )
+        steps = [b for b in landed if b.batch_index >= 0]
+        if steps:
+            last = steps[-1]
+            self.resume_at = last.window_end
+            self.next_batch = self.sim.batch_at(last.window_end)
+        self.landed += landed
+        return landed
+
+    def run(self, stop: threading.Event) -> None:
+        pid_file = self.home / "simulator.pid"
+        write_json_atomic({"pid": os.getpid()}, pid_file)
+        try:
+            while not stop.is_set():
+                self.step(stop)
+                stop.wait(self.interval_s)
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+
+class Traffic:
+    """Customer traffic: a sample of each landed transactions batch, scored online.
+
+    ``submit`` reads the batch at once (the landing sensor moves the file soon after) and
+    queues its requests; a background thread sends them, so landing never waits on serving.
+    """
+
+    def __init__(self, client: TorchServeClient, *, per_batch: int = 200, chunk: int = 32) -> None:
+        self.client = client
+        self.per_batch = per_batch
+        self.chunk = chunk
+        self.sent = 0
+        self.failed = 0
+        self.unserved = 0
+        self._rng = random.Random(0)
+        self._queue: queue.Queue[list[dict] | None] = queue.Queue(maxsize=64)
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def start(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def requests_of(self, path: Path) -> list[dict]:
+        try:
+            frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+        except Exception:  # a faulty batch is the pipeline's problem, not the customers'
+            return []
+        needed = {"transaction_id", "card_id", "merchant_id", "amount", "channel", "country"}
+        if not needed <= set(frame.columns) or "event_timestamp" not in frame.columns:
+            return []
+        if frame.height > self.per_batch:
+            frame = frame.sample(self.per_batch, seed=self._rng.randrange(1 << 30))
+        frame = frame.with_columns(
+            pl.col("event_timestamp")
+            .cast(pl.Datetime("us", "UTC"))
+            .dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .alias("timestamp")
+        )
+        return frame.select(*sorted(needed), "timestamp").to_dicts()
+
+    def submit(self, batch: simulator.LandedBatch) -> None:
+        """Queue a landed transactions batch's sample (dropped when the queue is full)."""
+        if batch.dataset != "transactions" or batch.fault is not None:
+            return
+        requests = self.requests_of(batch.path)
+        if requests:
+            try:
+                self._queue.put_nowait(requests)
+            except queue.Full:
+                self.unserved += len(requests)
+
+    def send(self, requests: list[dict]) -> int:
+        """Score requests in lists of ``chunk``; stops quietly while no model is served."""
+        sent = 0
+        for i in range(0, len(requests), self.chunk):
+            part = requests[i : i + self.chunk]
+            try:
+                self.client.predict(part)
+                sent += len(part)
+            except TorchServeError as exc:
+                if exc.status in (404, None) or "not found" in str(exc).lower():
+                    self.unserved += len(requests) - sent
+                    return sent
+                self.failed += len(part)
+                logger.warning("traffic: %s", exc)
+        self.sent += sent
+        return sent
+
+    def _run(self) -> None:
+        while (requests := self._queue.get()) is not None:
+            self.send(requests)
