@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import duckdb
 import pandas as pd
@@ -39,20 +41,46 @@ _U64_MAX = 2**64 - 1
 _I64_OFFSET = 2**63
 
 
-def repo_config(home: Path) -> RepoConfig:
-    """The repo's ``feature_store.yaml`` with ``${LOOPLINE_HOME}`` replaced by ``home``."""
+def repo_config(home: Path, online_store: Mapping[str, Any] | None = None) -> RepoConfig:
+    """The repo's ``feature_store.yaml`` with ``${LOOPLINE_HOME}`` replaced by ``home``;
+    ``online_store`` replaces its ``online_store`` section (the scale profile's Redis)."""
     home = Path(home).resolve()
     text = (REPO_DIR / "feature_store.yaml").read_text()
-    config = RepoConfig(**yaml.safe_load(text.replace(HOME_VARIABLE, str(home))))
+    values = yaml.safe_load(text.replace(HOME_VARIABLE, str(home)))
+    if online_store is not None:
+        values["online_store"] = dict(online_store)
+    config = RepoConfig(**values)
     config.repo_path = home
     return config
 
 
-def feature_store(home: Path) -> FeatureStore:
-    """A FeatureStore whose registry, online store and sources all live under ``home``."""
+def feature_store(home: Path, online_store: Mapping[str, Any] | None = None) -> FeatureStore:
+    """A FeatureStore whose registry and sources live under ``home``; the online store too,
+    unless ``online_store`` names another (``redis_online_store(url)``)."""
     home = Path(home).resolve()
     (home / "feast").mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(home), config=repo_config(home))
+    return FeatureStore(repo_path=str(home), config=repo_config(home, online_store))
+
+
+def redis_online_store(url: str) -> dict[str, Any]:
+    """Feast's Redis online store section for a ``redis://[:password@]host:port[/db]`` URL
+    (``rediss://`` for TLS). Feast takes ``host:port,db=N,password=...,ssl=true`` instead."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("expected redis://[:password@]host:port[/db] or rediss://...")
+    params = [f"{parts.hostname}:{parts.port or 6379}"]
+    db = parts.path.strip("/")
+    if db:
+        params.append(f"db={int(db)}")
+    if parts.username and parts.username != "default":
+        params.append(f"username={unquote(parts.username)}")
+    if parts.password:
+        params.append(f"password={unquote(parts.password)}")
+    if parts.scheme == "rediss":
+        params.append("ssl=true")
+    if any("," in p for p in params):
+        raise ValueError("Feast's Redis connection string cannot carry a ',' in a value")
+    return {"type": "redis", "connection_string": ",".join(params)}
 
 
 def _home_of(store: FeatureStore) -> Path:

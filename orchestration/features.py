@@ -13,7 +13,7 @@ import dagster as dg
 from features import incremental
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.feature_repo.definitions import HASH_TAG
-from features.store import SERVICE, apply_definitions, feature_store
+from features.store import SERVICE, apply_definitions
 from features.training_set import SplitFractions, TrainingSetRef, training_set_from_home
 from orchestration.ingest import _md_table
 from orchestration.resources import LooplineStorage
@@ -92,7 +92,7 @@ def merchant_features(
 def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     """Feast registry with the repo's declarations; re-applied only when they change."""
     home = storage.settings.home
-    store = feature_store(home)
+    store = storage.feature_store()
     applied = apply_definitions(store, home)
     service = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
     fingerprint = service.tags[HASH_TAG]
@@ -114,9 +114,9 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     deps=[card_features, merchant_features, feature_registry],
 )
 def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
-    """Online store (SQLite) loaded with every feature row written since its last load."""
+    """Online store (SQLite, Redis in the scale profile) loaded with every new feature row."""
     home = storage.settings.home
-    store = feature_store(home)
+    store = storage.feature_store()
     sync = incremental.sync_online(store, home)
     intervals = [
         {"view": v, "start": a.isoformat(), "end": b.isoformat()}
@@ -128,7 +128,7 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
             "rows_read": sync.rows,
             "changed_since": sync.changed_since.isoformat() if sync.changed_since else "",
             "intervals": dg.MetadataValue.md(_md_table(intervals)),
-            "online_store": dg.MetadataValue.path(str(home / "feast" / "online.db")),
+            "online_store": store.config.online_store.type,
         }
     )
 
@@ -157,7 +157,7 @@ def training_set(
     )
     ref, built = training_set_from_home(
         home,
-        feature_store(home),
+        storage.feature_store(),
         fractions=fractions,
         label_maturity=timedelta(days=config.label_maturity_days),
     )

@@ -38,11 +38,48 @@ def environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def write_instance_config(settings: Settings, max_runs: int = 2) -> Path:
-    """dagster.yaml for the local instance: queued runs, bounded concurrency for 2 cores."""
+# The scale profile: run, event log and schedule storage on Postgres (the URL is read from the
+# environment by Dagster itself, so it is never written here), runs queued and bounded, and
+# ingest runs of one dataset capped so a backlog leaves room for features and training.
+SCALE_DAGSTER_YAML = """\
+# Written by `loopline run` (LOOPLINE_PROFILE=scale); the Postgres URL stays in the environment.
+telemetry:
+  enabled: false
+storage:
+  postgres:
+    postgres_url:
+      env: LOOPLINE_POSTGRES_URL
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+concurrency:
+  runs:
+    max_concurrent_runs: {max_runs}
+    tag_concurrency_limits:
+      - key: loopline/dataset
+        value:
+          applyLimitPerUniqueValue: true
+        limit: {per_dataset}
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+"""
+
+
+def instance_config(settings: Settings, max_runs: int | None = None) -> str:
+    """dagster.yaml text for the settings' profile (``max_runs`` overrides the profile's)."""
+    runs = max_runs or settings.max_concurrent_runs
+    if settings.scale:
+        return SCALE_DAGSTER_YAML.format(max_runs=runs, per_dataset=max(1, runs // 2))
+    return DAGSTER_YAML.format(max_runs=runs)
+
+
+def write_instance_config(settings: Settings, max_runs: int | None = None) -> Path:
+    """dagster.yaml for the instance: locally SQLite under DAGSTER_HOME, queued runs, bounded
+    concurrency for 2 cores; in the scale profile Postgres storage (``SCALE_DAGSTER_YAML``)."""
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
     path = settings.dagster_home / "dagster.yaml"
-    path.write_text(DAGSTER_YAML.format(max_runs=max_runs))
+    path.write_text(instance_config(settings, max_runs))
     return path
 
 

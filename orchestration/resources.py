@@ -1,22 +1,35 @@
 """Dagster resources: the configured handle on Loopline's storage."""
 
-from pathlib import Path
+from dataclasses import replace
 
 import dagster as dg
+from feast import FeatureStore
 
-from orchestration.settings import Settings
+from features.store import feature_store, redis_online_store
+from orchestration.settings import Settings, local_path
 from quality.ledger import BatchLedger
 
 
 class LooplineStorage(dg.ConfigurableResource):
-    """Loopline's home directory (``LOOPLINE_HOME`` when left empty) and its batch ledger."""
+    """Loopline's home directory (``LOOPLINE_HOME`` when left empty), its batch ledger and
+    its feature store. The profile and its connection URLs always come from the environment
+    (``Settings.from_env``), so no secret is ever part of Dagster config."""
 
     home: str = ""
 
     @property
     def settings(self) -> Settings:
-        return (Settings(Path(self.home).resolve()) if self.home else Settings.from_env()).ensure()
+        settings = Settings.from_env()
+        if self.home:
+            settings = replace(settings, home=local_path(self.home))
+        return settings.ensure()
 
     @property
     def ledger(self) -> BatchLedger:
         return BatchLedger(self.settings.ledger_path)
+
+    def feature_store(self) -> FeatureStore:
+        """Feast for this home: SQLite online store locally, Redis in the scale profile."""
+        settings = self.settings
+        online = redis_online_store(settings.redis_url) if settings.scale else None
+        return feature_store(settings.home, online)

@@ -7,22 +7,119 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+LOCAL = "local"
+SCALE = "scale"
+PROFILES = (LOCAL, SCALE)
+# Every variable Loopline reads (the Kubernetes files are tested against this list).
+ENV_VARS = (
+    "LOOPLINE_HOME",
+    "LOOPLINE_PROFILE",
+    "LOOPLINE_POSTGRES_URL",
+    "LOOPLINE_REDIS_URL",
+    "LOOPLINE_SERVING_WORKERS",
+    "LOOPLINE_MAX_CONCURRENT_RUNS",
+    "LOOPLINE_RETRAIN_MIN_ROWS",
+    "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
+)
+# Retraining trigger overrides: environment variable -> TriggerPolicy field.
+RETRAIN_ENV = {
+    "LOOPLINE_RETRAIN_MIN_ROWS": "min_new_labelled_rows",
+    "LOOPLINE_RETRAIN_COOLDOWN_MINUTES": "cooldown_minutes",
+}
+# Dagster reads LOOPLINE_POSTGRES_URL itself (dagster.yaml), through SQLAlchemy.
+POSTGRES_SCHEME = "postgresql+psycopg2"
+# Per profile: TorchServe workers per model version, Dagster runs in flight at once.
+_DEFAULTS = {LOCAL: {"workers": 1, "runs": 2}, SCALE: {"workers": 2, "runs": 8}}
+
+
+def local_path(location: str) -> Path:
+    """A local path from a plain path or a ``file://`` URI (fsspec's spelling of the same).
+
+    Other schemes (``s3://``, ``gs://``) are refused with the reason: Loopline's writers rename
+    a temporary file into place and keep SQLite files beside the data (docs/scaling.md).
+    """
+    parts = urlsplit(location)
+    if parts.scheme in ("", "file"):
+        if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{location}: a file:// URI must name a local path")
+        path = unquote(parts.path) if parts.scheme == "file" else location
+        return Path(path).expanduser().resolve()
+    raise ValueError(
+        f"{location}: only local paths and file:// URIs are supported for LOOPLINE_HOME; "
+        "object storage needs the changes listed in docs/scaling.md"
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository)."""
+    """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository), and the
+    profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster on Postgres, Feast
+    online store on Redis, several TorchServe workers). Connection URLs carry secrets: they
+    come from the environment only and are kept out of ``repr``."""
 
     home: Path
+    profile: str = LOCAL
+    postgres_url: str = field(default="", repr=False)
+    redis_url: str = field(default="", repr=False)
+    serving_workers: int = 0
+    max_concurrent_runs: int = 0
+    retrain: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"LOOPLINE_PROFILE={self.profile!r}: expected one of {PROFILES}")
+        if self.profile == SCALE:
+            missing = [
+                name
+                for name, value in (
+                    ("LOOPLINE_POSTGRES_URL", self.postgres_url),
+                    ("LOOPLINE_REDIS_URL", self.redis_url),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"the scale profile needs {', '.join(missing)}")
+            if not self.postgres_url.startswith(POSTGRES_SCHEME + "://"):
+                raise ValueError(
+                    f"LOOPLINE_POSTGRES_URL must start with {POSTGRES_SCHEME}:// (SQLAlchemy 2.1 "
+                    "reads plain postgresql:// as psycopg 3; dagster-postgres uses psycopg2)"
+                )
+        defaults = _DEFAULTS[self.profile]
+        if not self.serving_workers:
+            object.__setattr__(self, "serving_workers", defaults["workers"])
+        if not self.max_concurrent_runs:
+            object.__setattr__(self, "max_concurrent_runs", defaults["runs"])
+        if self.serving_workers < 1 or self.max_concurrent_runs < 1:
+            raise ValueError("serving workers and concurrent runs must be >= 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        return cls(Path(env.get("LOOPLINE_HOME") or REPO_ROOT / ".loopline").resolve())
+        home = env.get("LOOPLINE_HOME")
+        return cls(
+            local_path(home) if home else (REPO_ROOT / ".loopline").resolve(),
+            profile=env.get("LOOPLINE_PROFILE") or LOCAL,
+            postgres_url=env.get("LOOPLINE_POSTGRES_URL", ""),
+            redis_url=env.get("LOOPLINE_REDIS_URL", ""),
+            serving_workers=int(env.get("LOOPLINE_SERVING_WORKERS") or 0),
+            max_concurrent_runs=int(env.get("LOOPLINE_MAX_CONCURRENT_RUNS") or 0),
+            retrain={name: float(env[var]) for var, name in RETRAIN_ENV.items() if env.get(var)},
+        )
+
+    @property
+    def scale(self) -> bool:
+        return self.profile == SCALE
+
+    @property
+    def home_uri(self) -> str:
+        """The home as an fsspec URI (``file:///...``); LOOPLINE_HOME accepts it back."""
+        return self.home.as_uri()
 
     @property
     def landing(self) -> Path:
@@ -73,6 +170,11 @@ class Settings:
     def predictions(self) -> Path:
         """The prediction log, one folder per served model (serving/prediction_log.py)."""
         return self.home / "predictions"
+
+    @property
+    def retrain_request(self) -> Path:
+        """Written by ``loopline retrain``; the retrain sensor consumes it."""
+        return self.home / "retrain_request.json"
 
     @property
     def dagster_home(self) -> Path:

@@ -1,0 +1,161 @@
+"""The scale profile against real servers: the same simulated batches go through ingest ->
+features -> training twice, once in the local profile (SQLite) and once with
+``LOOPLINE_PROFILE=scale`` (Dagster instance on Postgres, Feast online store on Redis, the home
+given as a ``file://`` URI); both must give the same training set, model and online features.
+"""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import psycopg2
+import pytest
+import redis
+from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+
+from features import simulator
+from features.store import feature_store, online_features, redis_online_store
+from models.registry import CHAMPION, Registry
+from orchestration.platform import write_instance_config
+from orchestration.resources import LooplineStorage
+from orchestration.settings import Settings
+from tests.orchestration.conftest import Platform
+from tests.orchestration.test_training_assets import FEATURES, GOOD, SCENARIO, _materialize
+
+BATCHES = 16
+
+
+def _start() -> datetime:
+    """A Monday midnight 40 days back, as in the local training test."""
+    start = (datetime.now(UTC) - timedelta(days=40)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    return start - timedelta(days=start.weekday())
+
+
+def _run_chain(platform: Platform, start: datetime) -> dict:
+    platform.land(simulator.ScenarioConfig(start=start, **SCENARIO), batches=BATCHES)
+    ingested = platform.ingest_all()
+    built = dg.materialize(FEATURES, instance=platform.instance, resources=platform.resources)
+    trained = _materialize(platform, GOOD, with_training_set=True)
+    return {"ingested": ingested, "features": built, "training": trained}
+
+
+@pytest.fixture(scope="module")
+def start() -> datetime:
+    return _start()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, start):
+    platform = Platform(tmp_path_factory.mktemp("local") / "home")
+    return platform, _run_chain(platform, start)
+
+
+@pytest.fixture(scope="module")
+def scale(tmp_path_factory, local, start, postgres_url, redis_url):
+    """The same chain with the scale profile chosen the way a user chooses it: env vars."""
+    home = tmp_path_factory.mktemp("scale") / "home"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOPLINE_PROFILE", "scale")
+        env.setenv("LOOPLINE_HOME", home.as_uri())
+        env.setenv("LOOPLINE_POSTGRES_URL", postgres_url)
+        env.setenv("LOOPLINE_REDIS_URL", redis_url)
+        settings = Settings.from_env().ensure()
+        platform = Platform(settings.home)
+        platform.storage = LooplineStorage()  # everything from the environment
+        platform.resources = {"storage": platform.storage}
+        write_instance_config(settings)
+        platform.instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+        try:
+            yield platform, _run_chain(platform, start), settings
+        finally:
+            platform.instance.dispose()
+
+
+def test_scale_profile_runs_the_chain_on_postgres(scale, postgres_url):
+    platform, runs, settings = scale
+    assert settings.scale and settings.home == platform.settings.home
+    assert all(r.success for r in runs["ingested"]) and len(runs["ingested"]) >= BATCHES
+    assert runs["features"].success and runs["training"].success
+
+    instance = platform.instance
+    assert isinstance(instance.run_storage, PostgresRunStorage)
+    assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    queue = instance.get_concurrency_config().run_queue_config
+    assert queue.max_concurrent_runs == settings.max_concurrent_runs == 8
+    assert [(t["key"], t["limit"]) for t in queue.tag_concurrency_limits] == [
+        ("loopline/dataset", 4)
+    ]
+    # The instance config names the variable; the password never lands in a file.
+    config_text = (settings.dagster_home / "dagster.yaml").read_text()
+    assert "LOOPLINE_POSTGRES_URL" in config_text
+    assert postgres_url.split(":")[2].split("@")[0] not in config_text
+
+    # The runs are rows in Postgres: another client sees every one, and the training run's
+    # materializations are in its event log.
+    dsn = postgres_url.replace("+psycopg2", "", 1)
+    with psycopg2.connect(dsn) as con, con.cursor() as cur:
+        cur.execute("select run_id, status from runs")
+        stored = dict(cur.fetchall())
+    ours = [r.run_id for r in runs["ingested"]] + [runs["training"].run_id]
+    assert {stored[run_id] for run_id in ours} == {"SUCCESS"}
+    assert instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
+
+
+def test_same_training_set_and_model_as_the_local_profile(local, scale):
+    (local_platform, local_runs), (scale_platform, scale_runs, _) = local, scale
+    assert local_runs["training"].success and scale_runs["training"].success
+    local_ref = local_runs["training"].output_for_node("training_set")
+    scale_ref = scale_runs["training"].output_for_node("training_set")
+    assert scale_ref.version == local_ref.version and scale_ref.rows == local_ref.rows
+
+    local_model = Registry(local_platform.settings.registry_path).get("v0001")
+    scale_model = Registry(scale_platform.settings.registry_path).get("v0001")
+    assert local_model.status == scale_model.status == CHAMPION
+    assert scale_model.training_set_version == local_ref.version
+    assert scale_model.metrics["pr_auc"] == pytest.approx(local_model.metrics["pr_auc"], abs=1e-6)
+
+
+def _requests(home: Path, n: int = 300) -> pl.DataFrame:
+    """Transactions from the validated batches: every card and merchant the store serves."""
+    frame = pl.read_parquet(home / "validated" / "transactions" / "*.parquet")
+    return (
+        frame.sort("event_timestamp", "transaction_id")
+        .unique(subset=["card_id"], keep="last", maintain_order=True)
+        .head(n)
+        .select(
+            "card_id",
+            "merchant_id",
+            "amount",
+            "country",
+            pl.col("event_timestamp").alias("transaction_timestamp"),
+        )
+    )
+
+
+def test_online_features_from_redis_equal_sqlite(local, scale, redis_url):
+    (local_platform, _), (_, _, settings) = local, scale
+    rows = _requests(local_platform.settings.home)
+    assert rows.height >= 100
+    at = datetime.now(UTC)
+
+    sqlite_store = feature_store(local_platform.settings.home)
+    redis_store = feature_store(settings.home, redis_online_store(redis_url))
+    assert sqlite_store.config.online_store.type == "sqlite"
+    assert redis_store.config.online_store.type == "redis"
+    from_sqlite = online_features(sqlite_store, rows, at=at)
+    from_redis = online_features(redis_store, rows, at=at)
+
+    feature_columns = [c for c in from_sqlite.columns if c not in rows.columns]
+    assert len(feature_columns) >= 5
+    # Features were found, not just nulls on both sides.
+    assert from_sqlite.select(pl.col(feature_columns[0]).is_not_null().sum()).item() > 0
+    assert from_redis.equals(from_sqlite)
+
+    # The scale home kept its online features in Redis only.
+    assert redis.Redis.from_url(redis_url).dbsize() > 0
+    assert not (settings.home / "feast" / "online.db").exists()
+    assert (local_platform.settings.home / "feast" / "online.db").exists()
