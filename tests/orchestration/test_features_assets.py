@@ -12,11 +12,10 @@ from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.store import feature_store, online_features
 from features.training_set import TrainingSetRef
 from orchestration import features as feature_assets
-from orchestration.ingest import RAW_ASSETS, VALIDATED_ASSETS, landing_sensor
 from orchestration.resources import LooplineStorage
+from tests.orchestration.conftest import Platform
 
 SPAN = timedelta(days=4)
-INGEST_ASSETS = {a.key.to_user_string(): a for a in [*RAW_ASSETS, *VALIDATED_ASSETS]}
 FEATURES = [
     feature_assets.card_features,
     feature_assets.merchant_features,
@@ -25,24 +24,11 @@ FEATURES = [
 ]
 
 
-def _ingest(instance: dg.DagsterInstance, storage: LooplineStorage) -> list[str]:
-    """What the landing sensor and its runs do: one partition and one ingest run per file."""
-    context = dg.build_sensor_context(instance=instance, resources={"storage": storage})
-    result = landing_sensor(context)
-    for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    keys = []
-    for run in result.run_requests:
-        dataset = run.tags["loopline/dataset"]
-        out = dg.materialize(
-            [INGEST_ASSETS[f"raw_{dataset}"], INGEST_ASSETS[f"validated_{dataset}"]],
-            instance=instance,
-            resources={"storage": storage},
-            partition_key=run.partition_key,
-        )
-        assert out.success, dataset
-        keys.append(run.partition_key)
-    return keys
+def _ingest(platform: Platform) -> list[str]:
+    """What the landing sensor and the ingest runs it asks for do; the new batch ids."""
+    result = platform.tick()
+    assert all(outcome.success for outcome in platform.run_requests(result))
+    return [request.partition_key for request in result.run_requests]
 
 
 def _features(instance: dg.DagsterInstance, storage: LooplineStorage) -> dg.ExecuteInProcessResult:
@@ -70,8 +56,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     """Reference data, then two steps of a transactions and a labels batch, each followed by
     the feature job; snapshots in between for the tests below."""
     home = tmp_path_factory.mktemp("features") / "home"
-    storage = LooplineStorage(home=str(home))
-    instance = dg.DagsterInstance.ephemeral()
+    platform = Platform(home)
+    storage, instance = platform.storage, platform.instance
     # A Monday at midnight 5-6 weeks ago: the data is recent enough for the contracts, and the
     # simulator's weekly seasonality, hence every row, is the same whenever the test runs.
     day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=35)
@@ -90,12 +76,12 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     landing = storage.settings.landing
     simulator.land(sim.cards(), landing, "cards", "ref")
     simulator.land(sim.merchants(), landing, "merchants", "ref")
-    _ingest(instance, storage)
+    _ingest(platform)
     steps = []
     for k in (0, 1):
         simulator.land(sim.transactions(k), landing, "transactions", f"b{k}")
         simulator.land(sim.labels(k), landing, "labels", f"b{k}")
-        batches = _ingest(instance, storage)
+        batches = _ingest(platform)
         before = _sensor(instance, storage)
         features = _features(instance, storage)
         after = _sensor(instance, storage)
