@@ -9,6 +9,7 @@ waits, headless and bounded in time, for the loop to retrain and promote on its 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -233,7 +234,7 @@ def retrain(reason: str) -> None:
     settings = Settings.from_env().ensure()
     path = write_json_atomic(
         {"reason": reason, "at": datetime.now(UTC).isoformat()},
-        settings.home / "retrain_request.json",
+        settings.retrain_request,
     )
     console.print(f"retraining requested ({path}); the retrain sensor picks it up within 15 s")
 
@@ -270,6 +271,9 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     """Headless, bounded demo: train a champion, inject drift, watch the loop replace it."""
     from features.simulator import ScenarioConfig
 
+    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins).
+    os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", "15000")
+    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
     settings = Settings.from_env().ensure()
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     scenario = ScenarioConfig(

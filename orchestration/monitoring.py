@@ -366,18 +366,23 @@ def monitoring_sensor(
 
 
 class RetrainPolicy(dg.ConfigurableResource):
-    """Trigger thresholds and debouncing (orchestration.triggers.TriggerPolicy)."""
+    """Trigger thresholds and debouncing (orchestration.triggers.TriggerPolicy). A field left
+    unset takes LOOPLINE_RETRAIN_* from the environment (Settings), else the policy default."""
 
-    min_new_labelled_rows: int = 20_000
-    drift_psi: float = 0.2
-    decay_pr_auc_drop: float = 0.15
-    min_labelled_for_decay: int = 200
-    cooldown_minutes: float = 30.0
+    min_new_labelled_rows: int | None = None
+    drift_psi: float | None = None
+    decay_pr_auc_drop: float | None = None
+    min_labelled_for_decay: int | None = None
+    cooldown_minutes: float | None = None
 
     def policy(self) -> TriggerPolicy:
-        fields = self.model_dump()
-        cooldown = timedelta(minutes=float(fields.pop("cooldown_minutes")))
-        return TriggerPolicy(cooldown=cooldown, **fields)
+        fields = {**Settings.from_env().retrain}
+        fields.update({k: v for k, v in self.model_dump().items() if v is not None})
+        if "cooldown_minutes" in fields:
+            fields["cooldown"] = timedelta(minutes=float(fields.pop("cooldown_minutes")))
+        if "min_new_labelled_rows" in fields:
+            fields["min_new_labelled_rows"] = int(fields["min_new_labelled_rows"])
+        return TriggerPolicy(**fields)
 
 
 def _latest_metadata(instance: dg.DagsterInstance, key: str) -> tuple[dict, float] | None:
@@ -388,10 +393,6 @@ def _latest_metadata(instance: dg.DagsterInstance, key: str) -> tuple[dict, floa
     return meta, event.timestamp
 
 
-def manual_request_path(settings: Settings) -> Path:
-    return settings.home / "retrain_request.json"
-
-
 def gather_signals(
     instance: dg.DagsterInstance, storage: LooplineStorage, policy: TriggerPolicy, since: float
 ) -> list[Signal | None]:
@@ -399,7 +400,7 @@ def gather_signals(
     settings = storage.settings
     registry, champion = _champion(storage)
     signals: list[Signal | None] = []
-    request = manual_request_path(settings)
+    request = settings.retrain_request
     if request.exists():
         reason = json.loads(request.read_text()).get("reason", "asked on demand")
         signals.append(Signal("manual", reason))
@@ -468,7 +469,7 @@ def retrain_sensor(
     )
     if not decision.fire:
         return dg.SkipReason(decision.why)
-    manual_request_path(storage.settings).unlink(missing_ok=True)
+    storage.settings.retrain_request.unlink(missing_ok=True)
     if decision.signal.kind == "decay":
         alerts.send(alerts.Alert("decay", decision.signal.reason))
     context.log.info(f"retraining: {decision.signal.kind}: {decision.why}")

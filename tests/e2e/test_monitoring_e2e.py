@@ -11,7 +11,6 @@ from orchestration.monitoring import (
     RetrainPolicy,
     drift_report,
     live_performance,
-    manual_request_path,
     prediction_log,
     retrain_sensor,
 )
@@ -107,7 +106,7 @@ def test_drifted_traffic_and_late_labels_reach_monitoring_and_trigger_retraining
 
 def test_a_person_asking_wins_and_the_request_is_consumed(served):
     instance = dg.DagsterInstance.ephemeral()
-    path = manual_request_path(served.storage.settings)
+    path = served.storage.settings.retrain_request
     path.write_text(json.dumps({"reason": "new merchant onboarding"}))
     policy = RetrainPolicy(min_new_labelled_rows=10**9)
     context = dg.build_sensor_context(
