@@ -32,6 +32,11 @@ class ServingConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe always starts its gRPC APIs (7070/7071 unless told otherwise), so a second
+    # instance on the machine would fail to bind them. Loopline uses REST only: 0 lets the OS
+    # pick free loopback ports.
+    grpc_inference_port: int = 0
+    grpc_management_port: int = 0
     batch_size: int = 32
     max_batch_delay_ms: int = 5
     workers_per_model: int = 1
@@ -53,6 +58,9 @@ class ServingConfig:
         ports = (self.inference_port, self.management_port, self.metrics_port)
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise ValueError(f"inference, management and metrics ports must differ: {ports}")
+        grpc = [p for p in (self.grpc_inference_port, self.grpc_management_port) if p]
+        if len(set(ports) | set(grpc)) != 3 + len(grpc) or not all(0 < p < 65536 for p in grpc):
+            raise ValueError(f"gRPC ports must differ from each other and from {ports}: {grpc}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", self.model_name):
             raise ValueError(f"invalid model name {self.model_name!r}")
         if self.batch_size < 1 or self.max_batch_delay_ms < 0 or self.workers_per_model < 1:
@@ -135,6 +143,8 @@ def render_properties(config: ServingConfig, champion: str | None = None) -> str
         "inference_address": config.inference_url,
         "management_address": config.management_url,
         "metrics_address": config.metrics_url,
+        "grpc_inference_port": str(config.grpc_inference_port),
+        "grpc_management_port": str(config.grpc_management_port),
         "enable_model_api": "true",
         "disable_token_authorization": "false",
         "token_expiration_min": str(config.token_expiration_min),

@@ -68,6 +68,8 @@ def test_properties_bind_loopback_keep_tokens_and_load_the_champion(config: Serv
     assert props["management_address"] == "http://127.0.0.1:9181"
     assert props["metrics_address"] == "http://127.0.0.1:9182"
     assert props["disable_token_authorization"] == "false"
+    # gRPC is unused; fixed ports (TorchServe's 7070/7071) would stop a second instance.
+    assert props["grpc_inference_port"] == props["grpc_management_port"] == "0"
     assert props["enable_model_api"] == "true" and props["metrics_mode"] == "prometheus"
     assert props["load_models"] == "fraud-v0003.mar"
     assert (
@@ -89,6 +91,8 @@ def test_allowed_urls_admit_only_archives_in_the_model_store(config: ServingConf
 def test_invalid_configs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ports must differ"):
         ServingConfig.for_home(tmp_path, inference_port=9000, management_port=9000)
+    with pytest.raises(ValueError, match="gRPC ports must differ"):
+        ServingConfig.for_home(tmp_path, grpc_inference_port=8080)
     with pytest.raises(ValueError, match="max_body_bytes"):
         ServingConfig.for_home(tmp_path, max_request_size=1000, max_body_bytes=2000)
     assert os.fspath(ServingConfig.for_home(tmp_path).key_file).endswith("serving/key_file.json")
