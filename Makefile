@@ -50,5 +50,21 @@ bench: setup
 bench-features: setup
 	$(BIN)/python -m benchmarks.bench_features
 
+# The serving benchmark's two-hop peer (feast serve + FastAPI) gets its own venv for its own
+# packages (httpx, py-spy); Feast, FastAPI, uvicorn and torch come from .venv through a .pth file,
+# so both sides run the same versions and the product's environment gains nothing.
+PEER := benchmarks/.venv-peer
+.PHONY: bench-serving
+
+bench-serving: setup $(PEER)/.installed
+	$(BIN)/python -m benchmarks.bench_serving --peer-python $(PEER)/bin/python
+
+$(PEER)/.installed: benchmarks/requirements-peer.txt $(STAMP)
+	@test -x $(PEER)/bin/python || $(BIN)/python -m venv $(PEER)
+	$(BIN)/python -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+	  > "$$($(PEER)/bin/python -c 'import site; print(site.getsitepackages()[0])')/loopline-product.pth"
+	$(PEER)/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements-peer.txt
+	@touch $@
+
 clean:
 	rm -rf .loopline

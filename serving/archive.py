@@ -42,10 +42,12 @@ def build_archive(
     version: str,
     info: ServingInfo | None = None,
     overwrite: bool = False,
+    handler: str | Path = HANDLER_SOURCE,
 ) -> Path:
     """Builds ``<model store>/<model name>-<version>.mar``; an existing one is returned as is.
 
-    ``info`` defaults to what the model directory's sidecar says (see ServingInfo).
+    ``info`` defaults to what the model directory's sidecar says (see ServingInfo). ``handler``
+    is the source archived as the handler (the serving benchmark's floor archives a no-op one).
     """
     model_dir = Path(model_dir)
     problems = verify_checksums(model_dir)
@@ -74,7 +76,7 @@ def build_archive(
         for name in (WEIGHTS, SIDECAR, GOLDEN, CHECKSUMS):
             shutil.copy2(model_dir / name, files / name)
         (files / SERVING_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
-        shutil.copy2(HANDLER_SOURCE, files / HANDLER_FILE)
+        shutil.copy2(handler, files / HANDLER_FILE)
         (staging / "tmp").mkdir()
         (staging / "out").mkdir()
         extra = ",".join(str(files / n) for n in (SIDECAR, GOLDEN, CHECKSUMS, SERVING_FILE))

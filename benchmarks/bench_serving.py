@@ -1,0 +1,408 @@
+"""Serving: Loopline's TorchServe endpoint under load from wrk (a separate client process).
+
+Run: ``make bench-serving``, or ``.venv/bin/python -m benchmarks.bench_serving
+[--duration 15] [--warmup 5] [--rounds 2] [--peer-python benchmarks/.venv-peer/bin/python]``
+
+Setup (in a temporary home): ``tests.serving.kit.build_serving_home`` (simulated transactions,
+materialized Feast features, a trained model registered as champion), then these servers on free
+loopback ports, all serving that champion:
+
+- ``loopline``: ``TorchServeProcess`` as ``loopline serve start`` runs it (batch 32, 5 ms);
+- ``floor``: the same TorchServe settings and archive, with a no-op handler that parses the body
+  and answers a constant JSON (``benchmarks/serving_floor_handler.py``);
+- ``loopline-b1`` / ``floor-b1``: the same with batch size 1 (dynamic batching off);
+- ``peer``: the two-hop setup users build today, ``feast serve`` on the same Feast repo and home
+  plus a FastAPI model endpoint under uvicorn that calls it over HTTP and runs the same model
+  (``benchmarks/serving_peer.py``), one worker each; it needs ``--peer-python`` (httpx).
+
+wrk POSTs 512 distinct valid transactions in turn (``benchmarks/serving_load.lua``) with the
+inference token. Each round runs every case back to back (the second round in reverse order);
+ratios are taken within a round, and the median over rounds is reported.
+
+(a) loopline vs floor at 1 and 32 clients (goals: p50 <= 1.5x the floor at both, throughput at
+    32 clients >= 0.4x the floor);
+(b) loopline vs peer at 32 clients (goals: throughput >= 8x, lower p99);
+(c) loopline batched vs loopline-b1 at 32 clients (goal: throughput >= 3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from features.store import REPO_DIR
+from serving.archive import build_archive
+from serving.config import ServingConfig
+from serving.process import TorchServeProcess
+from serving.scoring import version_info
+from tests.serving.kit import ServingHome, build_serving_home
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LUA = HERE / "serving_load.lua"
+FLOOR_HANDLER = HERE / "serving_floor_handler.py"
+PEER_APP = "benchmarks.serving_peer:app"
+BODIES = 512
+TS_METRICS = (
+    "ts_inference_requests_total",
+    "ts_queue_latency_microseconds",
+    "ts_inference_latency_microseconds",
+)
+
+
+@dataclass
+class Target:
+    """One endpoint under test."""
+
+    name: str
+    url: str
+    token: str = ""
+    process: TorchServeProcess | None = None
+
+
+@dataclass
+class Run:
+    case: str
+    clients: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+def torchserve(
+    home: ServingHome, name: str, *, batch_size: int, floor: bool = False, workers: int = 1
+) -> TorchServeProcess:
+    """A TorchServe instance of its own (serving dir, ports) over the shared home; ``floor``
+    serves the champion through the no-op handler."""
+    inference, management, metrics = free_ports(3)
+    serving_dir = home.home / f"serving-{name}"
+    config = ServingConfig(
+        serving_dir=serving_dir,
+        model_store=serving_dir / "model-store",
+        home=home.home,
+        inference_port=inference,
+        management_port=management,
+        metrics_port=metrics,
+        batch_size=batch_size,
+        workers_per_model=workers,
+    )
+    if floor:
+        # The champion's archive, prebuilt with the no-op handler: start() finds it in the
+        # model store and loads it through config.properties like Loopline's own.
+        version = home.registry.get_alias("champion")
+        info = version_info(home.registry, version, config.model_name)
+        model_dir = home.registry.get(version).artifact_dir
+        build_archive(model_dir, config, version=version, info=info, handler=FLOOR_HANDLER)
+    return TorchServeProcess(config, home.registry.path)
+
+
+def start_group(command: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> int:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def stop_group(pgid: int) -> None:
+    """SIGTERM to a process group this benchmark started, SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with suppress(ChildProcessError):
+                os.waitpid(pgid, os.WNOHANG)  # our child: reap it, or it lingers as a zombie
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def wait_http(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f}s")
+
+
+def start_peer(home: ServingHome, python: str, logs: Path, stack: ExitStack) -> Target:
+    """``feast serve`` on the repo and home, and the FastAPI model endpoint in front of it."""
+    feast_port, peer_port = free_ports(2)
+    env = {
+        **os.environ,
+        "LOOPLINE_HOME": str(home.home),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    # One worker, no periodic worker restart (Feast's default restarts the worker every
+    # ~1000 requests, which a steady benchmark would pay as downtime).
+    feast_cmd = [python, "-c", "from feast.cli.cli import cli; cli()", "-c", str(REPO_DIR)]
+    feast_cmd += ["serve", "-p", str(feast_port), "--no-access-log", "-w", "1"]
+    feast_cmd += ["--max-requests", "0", "--max-requests-jitter", "0"]
+    feast_pid = start_group(feast_cmd, cwd=logs, env=env, log=logs / "feast-serve.log")
+    stack.callback(stop_group, feast_pid)
+    feast_url = f"http://127.0.0.1:{feast_port}"
+    wait_http(lambda: requests.get(feast_url + "/health", timeout=2).ok, "feast serve")
+
+    version = home.registry.get_alias("champion")
+    info = version_info(home.registry, version)
+    env |= {
+        "PEER_MODEL_DIR": str(home.registry.get(version).artifact_dir),
+        "PEER_FEAST_URL": feast_url,
+        "PEER_FEATURE_SERVICE": info.feature_service,
+        "PEER_MODEL_VERSION": version,
+        "PEER_THRESHOLD": str(info.threshold),
+    }
+    uvicorn_cmd = [python, "-m", "uvicorn", PEER_APP, "--host", "127.0.0.1"]
+    uvicorn_cmd += ["--port", str(peer_port), "--workers", "1", "--no-access-log"]
+    uvicorn_cmd += ["--log-level", "warning"]
+    peer_pid = start_group(uvicorn_cmd, cwd=ROOT, env=env, log=logs / "peer-uvicorn.log")
+    stack.callback(stop_group, peer_pid)
+    url = f"http://127.0.0.1:{peer_port}/predict"
+    wait_http(lambda: requests.get(url, timeout=2).status_code == 405, "the peer's endpoint")
+    return Target("peer", url)
+
+
+# --- load --------------------------------------------------------------------------------------
+
+
+def wrk(target: Target, bodies: Path, clients: int, seconds: float) -> dict[str, int]:
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "10s"]
+    command += ["-s", str(LUA), target.url, "--", str(bodies), target.token]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no summary:\n{done.stdout}\n{done.stderr}")
+    return json.loads(lines[-1])
+
+
+def ts_counters(target: Target) -> dict[str, float]:
+    """TorchServe's cumulative request count, queue and inference time (all versions)."""
+    if target.process is None:
+        return {}
+    text = target.process.client(timeout=5).metrics()
+    out = dict.fromkeys(TS_METRICS, 0.0)
+    for line in text.splitlines():
+        match = re.match(r"(\w+)\{.*\}\s+(\S+)$", line)
+        if match and match.group(1) in out:
+            out[match.group(1)] += float(match.group(2))
+    return out
+
+
+def measure(target: Target, bodies: Path, clients: int, seconds: float) -> Run:
+    before = ts_counters(target)
+    result = wrk(target, bodies, clients, seconds)
+    after = ts_counters(target)
+    extra: dict[str, float] = {}
+    count = after.get(TS_METRICS[0], 0.0) - before.get(TS_METRICS[0], 0.0)
+    if count > 0:
+        extra["queue_ms"] = (after[TS_METRICS[1]] - before[TS_METRICS[1]]) / count / 1000
+        extra["backend_ms"] = (after[TS_METRICS[2]] - before[TS_METRICS[2]]) / count / 1000
+    errors = sum(result[k] for k in ("non_2xx", "connect", "read", "write", "timeout"))
+    return Run(
+        case=target.name,
+        clients=clients,
+        rps=result["requests"] / (result["duration_us"] / 1e6),
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        errors=errors,
+        extra=extra,
+    )
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def post(target: Target, body: dict) -> requests.Response:
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    return requests.post(target.url, json=body, headers=headers, timeout=30)
+
+
+def check_targets(targets: dict[str, Target], bodies: list[dict]) -> None:
+    """Every endpoint answers; Loopline's and the peer's scores agree (same features, model)."""
+    sample = bodies[:8]
+    reference = [post(targets["loopline"], b).json()["fraud_probability"] for b in sample]
+    for name, target in targets.items():
+        answers = [post(target, b) for b in sample]
+        bad = [a.status_code for a in answers if a.status_code != 200]
+        if bad:
+            raise RuntimeError(f"{name} answered {bad}: {answers[0].text[:500]}")
+        if name.startswith("floor"):
+            continue
+        got = [a.json()["fraud_probability"] for a in answers]
+        worst = max(abs(g - r) for g, r in zip(got, reference, strict=True))
+        if worst > 1e-6:
+            raise RuntimeError(f"{name} scores differ from loopline's by {worst:.2e}")
+
+
+# --- report ------------------------------------------------------------------------------------
+
+CASES = [  # round order; back-to-back neighbours are the pairs compared
+    ("floor", 1),
+    ("loopline", 1),
+    ("peer", 1),
+    ("peer", 32),
+    ("loopline", 32),
+    ("floor", 32),
+    ("loopline-b1", 32),
+    ("floor-b1", 32),
+]
+
+
+def ratio_table(rounds: list[dict[tuple[str, int], Run]]) -> list[tuple[str, float, str, bool]]:
+    def med(f: Callable[[dict[tuple[str, int], Run]], float]) -> float:
+        return statistics.median(f(r) for r in rounds)
+
+    rows: list[tuple[str, float, str, bool]] = []
+    for c in (1, 32):
+        v = med(lambda r, c=c: r["loopline", c].p50_ms / r["floor", c].p50_ms)
+        rows.append((f"(a) p50 loopline / floor, {c} client(s)", v, "<= 1.5x", v <= 1.5))
+    v = med(lambda r: r["loopline", 32].rps / r["floor", 32].rps)
+    rows.append(("(a) throughput loopline / floor, 32 clients", v, ">= 0.4x", v >= 0.4))
+    if any(("peer", 32) in r for r in rounds):
+        v = med(lambda r: r["loopline", 32].rps / r["peer", 32].rps)
+        rows.append(("(b) throughput loopline / peer, 32 clients", v, ">= 8x", v >= 8))
+        v = med(lambda r: r["loopline", 32].p99_ms / r["peer", 32].p99_ms)
+        rows.append(("(b) p99 loopline / peer, 32 clients", v, "< 1x", v < 1))
+    v = med(lambda r: r["loopline", 32].rps / r["loopline-b1", 32].rps)
+    rows.append(("(c) throughput batched / batch 1, loopline, 32", v, ">= 3x", v >= 3))
+    v = med(lambda r: r["floor", 32].rps / r["floor-b1", 32].rps)
+    rows.append(("    throughput batched / batch 1, floor, 32", v, "(context)", True))
+    return rows
+
+
+def print_runs(runs: list[Run]) -> None:
+    print(
+        f"  {'case':<12} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        f"  {'TorchServe queue / backend ms per request':>4}"
+    )
+    for r in runs:
+        ts = f"  {r.extra['queue_ms']:.2f} / {r.extra['backend_ms']:.2f}" if r.extra else ""
+        print(
+            f"  {r.case:<12} {r.clients:>7} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f}"
+            f" {r.errors:>6}{ts}"
+        )
+
+
+def load() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per wrk run")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds per server, first")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--peer-python", help="python of benchmarks/.venv-peer (skip if unset)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install wrk")
+    # A SIGTERM (or Ctrl-C) unwinds the ExitStack, which stops every server started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    tmp = Path(tempfile.mkdtemp(prefix="loopline-bench-serving-"))
+    with ExitStack() as stack:
+        if not args.keep:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        started = time.monotonic()
+        print(f"setup in {tmp} ({load()})", flush=True)
+        home = build_serving_home(tmp / "home")
+        home.register(seed=1, champion=True)
+        bodies = home.requests(BODIES)
+        bodies_file = tmp / "bodies.jsonl"
+        bodies_file.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+
+        specs = {
+            "loopline": (32, False),
+            "floor": (32, True),
+            "loopline-b1": (1, False),
+            "floor-b1": (1, True),
+        }
+        processes = {n: torchserve(home, n, batch_size=b, floor=f) for n, (b, f) in specs.items()}
+        for process in processes.values():
+            stack.callback(process.stop)
+        with ThreadPoolExecutor(len(processes)) as pool:
+            list(pool.map(lambda p: p.start(timeout=300), processes.values()))
+        targets = {
+            name: Target(
+                name,
+                f"{p.config.inference_url}/predictions/{p.config.model_name}",
+                p.client().keys.inference,
+                p,
+            )
+            for name, p in processes.items()
+        }
+        if args.peer_python:
+            targets["peer"] = start_peer(home, os.path.abspath(args.peer_python), tmp, stack)
+        check_targets(targets, bodies)
+        print(f"servers up after {time.monotonic() - started:.0f}s; warm-up ({load()})", flush=True)
+        for target in targets.values():
+            wrk(target, bodies_file, 32, args.warmup)
+
+        cases = [c for c in CASES if c[0] in targets]
+        rounds: list[dict[tuple[str, int], Run]] = []
+        for k in range(args.rounds):
+            order = cases if k % 2 == 0 else cases[::-1]
+            runs = [measure(targets[n], bodies_file, c, args.duration) for n, c in order]
+            rounds.append({(r.case, r.clients): r for r in runs})
+            print(f"\nround {k + 1} ({load()})")
+            print_runs(sorted(runs, key=lambda r: cases.index((r.case, r.clients))))
+
+        print(f"\nratios, median of {args.rounds} round(s), each taken within its round:")
+        for label, value, goal, met in ratio_table(rounds):
+            verdict = "" if goal == "(context)" else ("met" if met else "MISSED")
+            print(f"  {label:<48} {value:7.2f}x  goal {goal:<9} {verdict}")
+        print(f"\ntotal {time.monotonic() - started:.0f}s ({load()})")
+
+
+if __name__ == "__main__":
+    main()
