@@ -1,0 +1,103 @@
+"""LOOPLINE_PROFILE: the one setting that picks local or scale, and what each profile writes.
+(The scale profile against real Postgres and Redis: tests/scale.)"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from features.store import redis_online_store, repo_config
+from orchestration.platform import instance_config
+from orchestration.settings import ENV_VARS, Settings
+
+PG = "postgresql+psycopg2://loopline:s3cret@db:5432/loopline"
+REDIS = "redis://:hunter2@cache:6380/1"
+
+
+def scale_env(home: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LOOPLINE_HOME": str(home),
+        "LOOPLINE_PROFILE": "scale",
+        "LOOPLINE_POSTGRES_URL": PG,
+        "LOOPLINE_REDIS_URL": REDIS,
+        **extra,
+    }
+
+
+def test_local_is_the_default_and_needs_no_connection(tmp_path):
+    settings = Settings.from_env({"LOOPLINE_HOME": str(tmp_path)})
+    assert settings.profile == "local" and not settings.scale
+    assert settings.serving_workers == 1 and settings.max_concurrent_runs == 2
+    text = instance_config(settings)
+    assert "postgres" not in text and "QueuedRunCoordinator" in text
+
+
+def test_scale_profile_takes_its_connections_from_the_environment(tmp_path):
+    settings = Settings.from_env(scale_env(tmp_path))
+    assert settings.scale and settings.serving_workers == 2 and settings.max_concurrent_runs == 8
+    assert settings.redis_url == REDIS and settings.postgres_url == PG
+    # Secrets never show in a repr (logs, tracebacks, Dagster metadata).
+    assert "s3cret" not in repr(settings) and "hunter2" not in repr(settings)
+    tuned = Settings.from_env(
+        scale_env(tmp_path, LOOPLINE_SERVING_WORKERS="4", LOOPLINE_MAX_CONCURRENT_RUNS="20")
+    )
+    assert tuned.serving_workers == 4 and tuned.max_concurrent_runs == 20
+    assert set(ENV_VARS) >= set(scale_env(tmp_path)) | {
+        "LOOPLINE_SERVING_WORKERS",
+        "LOOPLINE_MAX_CONCURRENT_RUNS",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"LOOPLINE_PROFILE": "cluster"}, "expected one of"),
+        ({"LOOPLINE_REDIS_URL": ""}, "needs LOOPLINE_REDIS_URL"),
+        ({"LOOPLINE_POSTGRES_URL": ""}, "needs LOOPLINE_POSTGRES_URL"),
+        (
+            {"LOOPLINE_POSTGRES_URL": "postgresql://u@db/x"},
+            r"must start with postgresql\+psycopg2://",
+        ),
+        ({"LOOPLINE_SERVING_WORKERS": "-1"}, ">= 1"),
+    ],
+)
+def test_a_wrong_profile_setting_is_refused_with_its_reason(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(scale_env(tmp_path, **change))
+
+
+def test_home_accepts_file_uris_and_refuses_object_storage(tmp_path):
+    home = tmp_path / "a home"
+    settings = Settings.from_env({"LOOPLINE_HOME": home.as_uri()})
+    assert settings.home == home and settings.home_uri == home.as_uri()
+    assert settings.raw_file("transactions", "b1") == home / "raw" / "transactions" / "b1.parquet"
+    with pytest.raises(ValueError, match="docs/scaling.md"):
+        Settings.from_env({"LOOPLINE_HOME": "s3://bucket/loopline"})
+
+
+def test_scale_instance_config_keeps_the_password_in_the_environment(tmp_path):
+    config = yaml.safe_load(instance_config(Settings.from_env(scale_env(tmp_path))))
+    assert config["storage"] == {"postgres": {"postgres_url": {"env": "LOOPLINE_POSTGRES_URL"}}}
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    runs = config["concurrency"]["runs"]
+    assert runs["max_concurrent_runs"] == 8
+    assert runs["tag_concurrency_limits"][0] == {
+        "key": "loopline/dataset",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 4,
+    }
+
+
+def test_redis_url_becomes_feasts_connection_string(tmp_path):
+    assert redis_online_store(REDIS) == {
+        "type": "redis",
+        "connection_string": "cache:6380,db=1,password=hunter2",
+    }
+    assert redis_online_store("rediss://cache")["connection_string"] == "cache:6379,ssl=true"
+    with pytest.raises(ValueError):
+        redis_online_store("http://cache:6379")
+    config = repo_config(tmp_path, redis_online_store(REDIS))
+    assert config.online_store.type == "redis"
+    assert config.online_store.connection_string.startswith("cache:6380")
+    # The registry and offline sources stay under the home whatever the online store.
+    assert config.registry.path == str(tmp_path.resolve() / "feast" / "registry.db")
