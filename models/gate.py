@@ -21,31 +21,11 @@ from models.artifact import golden_check, load_model
 from models.checksum import directory_size
 from models.evaluate import EvaluationReport
 from models.jsonutil import json_safe
+from models.spec import GatePolicy
+
+__all__ = ["GatePolicy", "InfraReport", "GateDecision", "infra_validate", "validate_challenger"]
 
 LOWER_IS_BETTER = frozenset({"log_loss", "brier", "ece"})
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    """Thresholds of the gate. Gains are in metric units (PR-AUC 0.005 = half a point)."""
-
-    primary_metric: str = "pr_auc"
-    min_gain_over_baseline: float = 0.0
-    min_gain_over_champion: float = 0.002
-    slice_metric: str | None = None
-    slice_tolerance: float = 0.05
-    slice_min_support: int = 500
-    slice_min_positives: int = 20
-    max_model_bytes: int = 50 * 2**20
-    max_latency_ms_batch1: float = 25.0
-    max_latency_ms_batch64: float = 60.0
-    latency_percentile: str = "p95"
-    latency_repeats: int = 50
-    latency_warmup: int = 5
-    latency_threads: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

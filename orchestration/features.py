@@ -10,11 +10,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from features import incremental
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
-from features.feature_repo.definitions import HASH_TAG
-from features.store import SERVICE, apply_definitions
-from features.training_set import SplitFractions, TrainingSetRef, training_set_from_home
 from orchestration.ingest import _md_table
 from orchestration.resources import LooplineStorage
 
@@ -27,8 +23,10 @@ _IN_FLIGHT = [
 ]
 
 
-def validated_batches(storage: LooplineStorage) -> list[incremental.Batch]:
-    """Validated transactions and labels batches, in the order they arrived."""
+def validated_batches(storage: LooplineStorage) -> list:
+    """Validated transactions and labels batches (``incremental.Batch``), in arrival order."""
+    from features import incremental
+
     records = [
         r
         for r in storage.ledger.batches(status="validated")
@@ -41,6 +39,8 @@ def validated_batches(storage: LooplineStorage) -> list[incremental.Batch]:
 def _update(
     context: dg.AssetExecutionContext, storage: LooplineStorage, view: str
 ) -> dg.MaterializeResult:
+    from features import incremental
+
     home = storage.settings.home
     todo = incremental.pending(home, view, validated_batches(storage))
     written = []
@@ -91,6 +91,9 @@ def merchant_features(
 @dg.asset(group_name=GROUP, kinds={"feast"})
 def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     """Feast registry with the repo's declarations; re-applied only when they change."""
+    from features.feature_repo.definitions import HASH_TAG
+    from features.store import SERVICE, apply_definitions
+
     home = storage.settings.home
     store = storage.feature_store()
     applied = apply_definitions(store, home)
@@ -115,6 +118,8 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
 )
 def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
     """Online store (SQLite, Redis in the scale profile) loaded with every new feature row."""
+    from features import incremental
+
     home = storage.settings.home
     store = storage.feature_store()
     sync = incremental.sync_online(store, home)
@@ -149,8 +154,10 @@ class TrainingSetConfig(dg.Config):
 )
 def training_set(
     context: dg.AssetExecutionContext, config: TrainingSetConfig, storage: LooplineStorage
-) -> dg.Output[TrainingSetRef]:
+) -> dg.Output:
     """Labelled transactions with point-in-time features of fraud_model_v1, split by time."""
+    from features.training_set import SplitFractions, training_set_from_home
+
     home = storage.settings.home
     fractions = SplitFractions(
         config.train_fraction, config.validation_fraction, config.test_fraction
@@ -201,6 +208,8 @@ features_job = dg.define_asset_job(
 
 def features_backlog(storage: LooplineStorage) -> list[str]:
     """Validated batches without feature files, and feature files the online store lacks."""
+    from features import incremental
+
     home = storage.settings.home
     batches = validated_batches(storage)
     waiting = {

@@ -18,9 +18,6 @@ import polars as pl
 
 from features.engineering import read_validated
 from features.storage import write_json_atomic, write_parquet_atomic
-from models.artifact import load_model
-from models.evaluate import EvaluationReport, predict_proba
-from models.plots import drift_png, png_markdown, slice_metric_png
 from models.registry import CHAMPION, Registry
 from models.spec import DEFAULT_SLICES
 from orchestration import alerts
@@ -139,6 +136,10 @@ def drift_report(
     context: dg.AssetExecutionContext, config: MonitoringConfig, storage: LooplineStorage
 ):
     """Serving features and scores against the champion's training data: PSI, KS, JS, skew."""
+    from models.artifact import load_model
+    from models.evaluate import predict_proba
+    from models.plots import drift_png, png_markdown
+
     settings = storage.settings
     _, champion = _champion(storage)
     if champion is None:
@@ -263,6 +264,9 @@ def live_performance(
     torchserve: TorchServeResource,
 ) -> dg.MaterializeResult:
     """PR-AUC, precision and recall on labelled predictions, beside the offline evaluation."""
+    from models.evaluate import EvaluationReport
+    from models.plots import png_markdown, slice_metric_png
+
     settings = storage.settings
     _, champion = _champion(storage)
     if champion is None:

@@ -1,13 +1,19 @@
-"""Dagster resources: the configured handle on Loopline's storage."""
+"""Dagster resources: the configured handle on Loopline's storage.
+
+Heavy libraries (Feast, torch) are imported where they are used, not at module level: every run
+process loads this code location, and an ingest run should not pay for Feast and torch.
+"""
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from feast import FeatureStore
 
-from features.store import feature_store, redis_online_store
 from orchestration.settings import Settings, local_path
 from quality.ledger import BatchLedger
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 
 class LooplineStorage(dg.ConfigurableResource):
@@ -28,8 +34,10 @@ class LooplineStorage(dg.ConfigurableResource):
     def ledger(self) -> BatchLedger:
         return BatchLedger(self.settings.ledger_path)
 
-    def feature_store(self) -> FeatureStore:
+    def feature_store(self) -> "FeatureStore":
         """Feast for this home: SQLite online store locally, Redis in the scale profile."""
+        from features.store import feature_store, redis_online_store
+
         settings = self.settings
         online = redis_online_store(settings.redis_url) if settings.scale else None
         return feature_store(settings.home, online)

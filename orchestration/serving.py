@@ -15,8 +15,6 @@ from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest import _md_table
 from orchestration.resources import LooplineStorage
-from serving.archive import archive_version, read_manifest
-from serving.batch import score_version
 from serving.client import TorchServeClient
 from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, is_synthetic
@@ -97,6 +95,8 @@ def model_archive(
     registered_model: str,
 ) -> dg.Output[dict]:
     """The registered version as a TorchServe .mar: model, handler and serving metadata."""
+    from serving.archive import archive_version, read_manifest
+
     registry = Registry(storage.settings.registry_path)
     config = torchserve.serving_config(storage)
     mar = archive_version(registry, registered_model, config)
@@ -198,6 +198,8 @@ def batch_predictions(
     context: dg.AssetExecutionContext, config: BatchPredictionsConfig, storage: LooplineStorage
 ) -> dg.MaterializeResult:
     """A file of transactions scored by the champion through the endpoint's features and model."""
+    from serving.batch import score_version
+
     settings = storage.settings
     registry = Registry(settings.registry_path)
     version = registry.get_alias(CHAMPION)

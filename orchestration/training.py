@@ -4,6 +4,11 @@ validation gate, and the model registry.
 training_set -> candidate_model, baseline_model -> evaluation_report (+ model_validation, a
 blocking check) -> registered_model. Artifacts go under ``<home>/models/<run id>/``, the
 registry is ``<home>/registry/registry.sqlite``.
+
+torch, Feast and the plotting stack are imported inside the assets that use them (the
+values handed between assets are dataclasses from those modules, so those inputs carry no
+annotation): every run process loads this code location, and an ingest run should not pay
+for them.
 """
 
 import math
@@ -11,30 +16,9 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from feast import FeatureService
 
-from features.feature_repo.definitions import build_definitions
-from features.training_set import TrainingSetRef
-from models.artifact import SavedModel, save_training_result
-from models.evaluate import evaluation_markdown
-from models.gate import GatePolicy
-from models.plots import (
-    calibration_png,
-    loss_curves_png,
-    png_markdown,
-    pr_curve_png,
-    slice_metric_png,
-)
 from models.registry import CHAMPION, Registry
-from models.release import (
-    Evaluation,
-    Lineage,
-    evaluate_candidate,
-    git_code_version,
-    register_candidate,
-)
-from models.spec import DEFAULT_SLICES, FeatureSpec, TrainConfig, feature_spec_from_fields
-from models.train import TrainResult, train_baseline, train_model
+from models.spec import DEFAULT_SLICES, FeatureSpec, GatePolicy, TrainConfig
 from orchestration.resources import LooplineStorage
 from orchestration.settings import REPO_ROOT
 
@@ -105,6 +89,11 @@ class RegistrationConfig(dg.Config):
 
 def feature_spec(home: Path, service_name: str) -> FeatureSpec:
     """The model's inputs: the FeatureService's features plus the transaction's own columns."""
+    from feast import FeatureService
+
+    from features.feature_repo.definitions import build_definitions
+    from models.spec import feature_spec_from_fields
+
     services = {d.name: d for d in build_definitions(home) if isinstance(d, FeatureService)}
     if service_name not in services:
         raise dg.Failure(f"unknown FeatureService {service_name!r}; known: {sorted(services)}")
@@ -121,10 +110,13 @@ def feature_spec(home: Path, service_name: str) -> FeatureSpec:
 def _train_and_save(
     context: dg.AssetExecutionContext,
     storage: LooplineStorage,
-    training_set: TrainingSetRef,
+    training_set,
     config: TrainConfig,
     kind: str,
-) -> dg.Output[SavedModel]:
+) -> dg.Output:
+    from models.artifact import save_training_result
+    from models.train import train_baseline, train_model
+
     settings = storage.settings
     frame = pl.read_parquet(training_set.path)
     spec = feature_spec(settings.home, training_set.feature_service)
@@ -147,7 +139,9 @@ def _train_and_save(
     return dg.Output(saved, metadata=_training_metadata(result, saved, kind))
 
 
-def _training_metadata(result: TrainResult, saved: SavedModel, kind: str) -> dict:
+def _training_metadata(result, saved, kind: str) -> dict:
+    from models.plots import loss_curves_png, png_markdown
+
     summary = result.summary()
     best = summary["best_val_loss"]
     return {
@@ -174,8 +168,8 @@ def candidate_model(
     context: dg.AssetExecutionContext,
     config: CandidateConfig,
     storage: LooplineStorage,
-    training_set: TrainingSetRef,
-) -> dg.Output[SavedModel]:
+    training_set,
+) -> dg.Output:
     """The challenger: a tabular network trained on the training set (CUDA when present)."""
     return _train_and_save(context, storage, training_set, config.train_config(), "candidate")
 
@@ -185,8 +179,8 @@ def baseline_model(
     context: dg.AssetExecutionContext,
     config: BaselineConfig,
     storage: LooplineStorage,
-    training_set: TrainingSetRef,
-) -> dg.Output[SavedModel]:
+    training_set,
+) -> dg.Output:
     """Logistic regression on the same data and split: the bar every candidate must clear."""
     return _train_and_save(context, storage, training_set, config.train_config(), "baseline")
 
@@ -208,11 +202,13 @@ def evaluation_report(
     context: dg.AssetExecutionContext,
     config: GateConfig,
     storage: LooplineStorage,
-    training_set: TrainingSetRef,
-    candidate_model: SavedModel,
-    baseline_model: SavedModel,
+    training_set,
+    candidate_model,
+    baseline_model,
 ):
     """The candidate on the test split beside the baseline and the current champion, judged by the gate."""
+    from models.release import Lineage, evaluate_candidate, git_code_version, register_candidate
+
     settings = storage.settings
     registry = Registry(settings.registry_path)
     champion_version = registry.get_alias(CHAMPION)
@@ -267,7 +263,10 @@ def evaluation_report(
     )
 
 
-def _evaluation_metadata(evaluation: Evaluation) -> dict:
+def _evaluation_metadata(evaluation) -> dict:
+    from models.evaluate import evaluation_markdown
+    from models.plots import calibration_png, png_markdown, pr_curve_png, slice_metric_png
+
     reports = evaluation.reports
     challenger = evaluation.challenger
     metadata: dict = {
@@ -300,10 +299,12 @@ def registered_model(
     context: dg.AssetExecutionContext,
     config: RegistrationConfig,
     storage: LooplineStorage,
-    candidate_model: SavedModel,
-    evaluation_report: Evaluation,
+    candidate_model,
+    evaluation_report,
 ) -> dg.Output[str]:
     """The validated candidate in the model registry with its lineage; challenger or champion."""
+    from models.release import register_candidate
+
     evaluation = evaluation_report
     if Path(evaluation.candidate.path) != Path(candidate_model.path):
         raise dg.Failure(

@@ -18,6 +18,8 @@ from features.storage import write_bytes_atomic
 MODEL_NAME = "fraud"
 PROPERTIES = "config.properties"
 KEY_FILE = "key_file.json"
+# The decision vocabulary of a scored transaction.
+APPROVE, DECLINE = "approve", "decline"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from models.registry import CHAMPION, Registry
 from quality.drift import ks_statistic
 from serving.client import TorchServeClient, TorchServeError
-from serving.scoring import DECLINE
+from serving.config import DECLINE
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 

@@ -14,17 +14,19 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from features.storage import write_json_atomic, write_parquet_atomic
-from models.evaluate import EvaluationReport, evaluate_scores, with_amount_bucket
 from quality import drift
 from quality.schema import UTC_TS
 from serving.delivery import SYNTHETIC_PREFIXES
 from serving.prediction_log import closed_files
+
+if TYPE_CHECKING:
+    from models.evaluate import EvaluationReport
 
 MANIFEST = "_compacted.json"
 REQUEST_COLUMNS = ("card_id", "merchant_id", "amount", "channel", "country", "timestamp")
@@ -186,6 +188,8 @@ def live_metrics(
     joined: pl.DataFrame, threshold: float, slice_columns: tuple[str, ...]
 ) -> EvaluationReport | None:
     """PR-AUC, precision, recall... on labelled predictions, overall and per slice."""
+    from models.evaluate import evaluate_scores, with_amount_bucket
+
     labelled = joined.filter(pl.col("label").is_not_null())
     if labelled.height == 0 or labelled["label"].n_unique() < 2:
         return None

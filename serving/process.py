@@ -31,7 +31,6 @@ import psutil
 
 from features.storage import write_json_atomic
 from models.registry import CHAMPION, Registry
-from serving.archive import archive_version
 from serving.client import TorchServeClient, TorchServeError
 from serving.config import ServingConfig, write_properties
 from serving.prediction_log import close_orphans
@@ -100,6 +99,8 @@ class TorchServeProcess:
         registry = Registry(self.registry_path)
         version = registry.get_alias(CHAMPION)
         if version is not None:
+            from serving.archive import archive_version  # torch and Feast: only when needed
+
             archive_version(registry, version, self.config)
         return version
 

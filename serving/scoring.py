@@ -29,12 +29,11 @@ from models.network import TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
 from quality.schema import UTC_TS
-from serving.config import MODEL_NAME
+from serving.config import APPROVE, DECLINE, MODEL_NAME
 from serving.requests import Transaction
 
 SERVING_FILE = "serving.json"
 DEFAULT_THRESHOLD = 0.5
-APPROVE, DECLINE = "approve", "decline"
 # Training joins features 1 µs before each transaction (features.engineering.training_entities):
 # the state after the previous transaction, never the one being scored.
 _OFFLINE_OFFSET = timedelta(microseconds=1)
@@ -168,12 +167,17 @@ class Scorer:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, home: str | Path, info: ServingInfo | None = None
+        cls,
+        model_dir: str | Path,
+        home: str | Path,
+        info: ServingInfo | None = None,
+        online_store: dict[str, Any] | None = None,
     ) -> Scorer:
-        """Loads weights (checksums verified, weights_only) and opens the home's feature store."""
+        """Loads weights (checksums verified, weights_only) and opens the home's feature store
+        (its online store replaced by ``online_store``, the scale profile's Redis, if given)."""
         module, preprocessor = load_model(model_dir)
         info = info or ServingInfo.from_model_dir(model_dir)
-        return cls(module, preprocessor, info, feature_store(Path(home)))
+        return cls(module, preprocessor, info, feature_store(Path(home), online_store))
 
     def online_features(
         self, transactions: Sequence[Transaction], at: datetime | None = None
