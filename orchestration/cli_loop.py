@@ -222,6 +222,19 @@ def print_summary(data: dict[str, Any]) -> None:
             f"{s['requests']} requests ({s['refused']} refused), p50 {s['latency_p50_ms']:.1f} ms, "
             f"p99 {s['latency_p99_ms']:.1f} ms; by version {s['by_version']}",
         )
+    for r in data.get("retrainings", []):
+        table.add_row("retraining", f"{r['status']}: {r['trigger']} ({r['reason']})")
+    check = data.get("schema_skew_check")
+    if check:
+        table.add_row(
+            "bad batch",
+            f"{check['batch']} {check['status']} ({check['reason']}); retrainings started: "
+            f"{check['retrainings_started']}; champion kept serving: {check['champion_serving']}",
+        )
+    if "traffic" in data:
+        table.add_row(
+            "traffic", f"{data['traffic']['sent']} sent, {data['traffic']['failed']} failed"
+        )
     console.print(table)
 
 
@@ -262,13 +275,75 @@ def _champion_served(platform: LivePlatform) -> str | None:
     return champion if default == champion else None
 
 
+def _loop_runs(settings: Settings) -> list[dict[str, Any]]:
+    """Every continuous_training run with its trigger tags (from the Dagster instance)."""
+    import dagster as dg
+
+    from orchestration.monitoring import LOOP_JOB
+
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name=LOOP_JOB))
+        return [
+            {
+                "run_id": r.run_id,
+                "status": r.status.value,
+                "trigger": r.tags.get("loopline/trigger"),
+                "reason": r.tags.get("loopline/reason"),
+            }
+            for r in runs
+        ]
+    finally:
+        instance.dispose()
+
+
+def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) -> dict[str, Any]:
+    """Land a batch with a renamed column while nothing else lands: it must be quarantined,
+    start no retraining, and leave the champion serving."""
+    from features import simulator
+    from quality.ledger import BatchLedger
+
+    settings = platform.settings
+    live = platform.simulator
+    live.paused.set()
+    time.sleep(platform.simulator.interval_s + 1)
+    before = len(_loop_runs(settings))
+    k = live.next_batch
+    frame = live.sim.transactions(k)
+    path = simulator.land(
+        simulator.apply_fault(frame, "renamed_column", seed=k),
+        settings.landing,
+        "transactions",
+        f"skewed-{k:06d}",
+    )
+    ledger = BatchLedger(settings.ledger_path)
+    deadline = time.monotonic() + wait_s
+    record = None
+    while time.monotonic() < deadline:
+        record = next((b for b in ledger.batches() if b.source_name == path.name), None)
+        if record is not None and record.status == "quarantined":
+            break
+        time.sleep(2)
+    time.sleep(45)  # a few retrain-sensor ticks: nothing may start
+    after = _loop_runs(settings)
+    live.paused.clear()
+    return {
+        "batch": path.name,
+        "status": record.status if record else "not seen",
+        "reason": record.reason if record else None,
+        "retrainings_started": len(after) - before,
+        "champion_serving": _champion_served(platform) == champion,
+    }
+
+
 @click.command()
 @click.option("--drift", type=click.Choice(["concept", "covariate"]), default="concept")
 @click.option("--timeout", default=1500.0, show_default=True, help="Seconds before giving up.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--seed", default=7, show_default=True)
 def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
-    """Headless, bounded demo: train a champion, inject drift, watch the loop replace it."""
+    """Headless, bounded demo: train a champion, show a bad batch change nothing, inject drift,
+    and watch the loop replace the champion on its own."""
     from features.simulator import ScenarioConfig
 
     # Demo-sized triggers for the Dagster processes started below (an explicit setting wins).
@@ -280,46 +355,55 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
         seed=seed,
         n_cards=1500,
         n_merchants=200,
-        start=now - timedelta(days=50),
-        batch_span=timedelta(hours=24),
-        rows_per_batch=2500,
+        start=now - timedelta(days=40),
+        batch_span=timedelta(hours=48),
+        rows_per_batch=4000,
     )
     platform = LivePlatform(settings, port=free_port())
     deadline = time.monotonic() + timeout
-    outcome = "timed out"
+    outcome = "timed out waiting for the first champion"
+    skew: dict[str, Any] | None = None
     try:
         platform.start(scenario, interval_s=2.0, quiet=True)
         console.print(
-            f"Dagster on http://127.0.0.1:{platform.port} (headless demo), home {settings.home}"
+            f"Dagster on http://127.0.0.1:{platform.port} (headless), home {settings.home}"
         )
-        with console.status("waiting for the first champion to serve") as status_line:
-            while time.monotonic() < deadline and (first := _champion_served(platform)) is None:
-                status_line.update(f"waiting for the first champion ({_progress(settings)})")
-                time.sleep(5)
-        if time.monotonic() < deadline:
+        first = _wait_for(
+            deadline, lambda: _champion_served(platform), "the first champion", settings
+        )
+        if first is not None:
+            console.print(f"{first} serves; landing a schema-skewed batch")
+            skew = _skewed_batch_check(
+                platform, first, wait_s=max(0.0, deadline - time.monotonic())
+            )
             from orchestration.live import request_drift
 
             request_drift(settings.home, drift)
             drift_at = datetime.now(UTC).isoformat()
-            console.print(f"{first} serves; injecting {drift} drift")
-            with console.status("waiting for the loop to retrain and promote") as status_line:
-                while time.monotonic() < deadline:
-                    registry = _registry(settings)
-                    promoted = [
-                        e for e in registry.events() if e.kind == "promoted" and e.at > drift_at
-                    ]
-                    served = _champion_served(platform)
-                    if promoted and served == promoted[-1].version:
-                        outcome = f"{first} replaced by {served} after {drift} drift"
-                        break
-                    status_line.update(f"waiting for a new champion ({_progress(settings)})")
-                    time.sleep(5)
+            console.print(f"injecting {drift} drift")
+
+            def replaced() -> str | None:
+                registry = _registry(settings)
+                promoted = [
+                    e for e in registry.events() if e.kind == "promoted" and e.at > drift_at
+                ]
+                served = _champion_served(platform)
+                return served if promoted and served == promoted[-1].version else None
+
+            new = _wait_for(deadline, replaced, "a new champion", settings)
+            outcome = (
+                f"{first} replaced by {new} after {drift} drift"
+                if new
+                else f"timed out waiting for a champion after {drift} drift"
+            )
     except KeyboardInterrupt:
         outcome = "interrupted"
     finally:
         platform.stop()
     data = summary(settings)
     data["outcome"] = outcome
+    data["schema_skew_check"] = skew
+    data["retrainings"] = _loop_runs(settings)
     if platform.traffic is not None:
         data["traffic"] = {"sent": platform.traffic.sent, "failed": platform.traffic.failed}
     if as_json:
@@ -327,8 +411,19 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     else:
         print_summary(data)
         console.print(f"[bold]{outcome}[/]")
-    if not outcome.startswith("v"):
+    if " replaced by " not in outcome:
         raise SystemExit(1)
+
+
+def _wait_for(deadline: float, probe, what: str, settings: Settings):
+    with console.status(f"waiting for {what}") as line:
+        while time.monotonic() < deadline:
+            found = probe()
+            if found is not None:
+                return found
+            line.update(f"waiting for {what} ({_progress(settings)})")
+            time.sleep(5)
+    return None
 
 
 def _progress(settings: Settings) -> str:

@@ -80,6 +80,7 @@ class LiveSimulator:
         self.next_batch = 0
         self.drift = config.drift
         self.landed: list[simulator.LandedBatch] = []
+        self.paused = threading.Event()
 
     def _switch_if_asked(self) -> None:
         try:
@@ -125,7 +126,8 @@ class LiveSimulator:
         write_json_atomic({"pid": os.getpid()}, pid_file)
         try:
             while not stop.is_set():
-                self.step(stop)
+                if not self.paused.is_set():
+                    self.step(stop)
                 stop.wait(self.interval_s)
         finally:
             pid_file.unlink(missing_ok=True)
