@@ -50,6 +50,10 @@ bench: setup
 bench-features: setup
 	$(BIN)/python -m benchmarks.bench_features
 
+.PHONY: bench-scale
+bench-scale: setup services
+	$(BIN)/python -m benchmarks.bench_scale
+
 # The serving benchmark's two-hop peer (feast serve + FastAPI) gets its own venv for its own
 # packages (httpx, py-spy); Feast, FastAPI, uvicorn and torch come from .venv through a .pth file,
 # so both sides run the same versions and the product's environment gains nothing.
