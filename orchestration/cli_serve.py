@@ -17,6 +17,8 @@ def _process(**overrides):
     from serving.process import TorchServeProcess
 
     settings = Settings.from_env()
+    if overrides.get("workers_per_model") is None:
+        overrides["workers_per_model"] = settings.serving_workers
     config = ServingConfig(
         serving_dir=settings.serving_dir,
         model_store=settings.model_store,
@@ -37,7 +39,12 @@ def serve() -> None:
 @click.option("--metrics-port", default=8082, show_default=True)
 @click.option("--batch-size", default=32, show_default=True, help="Dynamic batching: max batch.")
 @click.option("--max-batch-delay", default=5, show_default=True, help="Dynamic batching: ms.")
-@click.option("--workers", default=1, show_default=True, help="Workers per model version.")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Workers per model version (default: the profile's, LOOPLINE_SERVING_WORKERS).",
+)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for health.")
 def start(
     inference_port: int,
@@ -45,7 +52,7 @@ def start(
     metrics_port: int,
     batch_size: int,
     max_batch_delay: int,
-    workers: int,
+    workers: int | None,
     timeout: float,
 ) -> None:
     """Start TorchServe in the background with the registry's champion registered."""

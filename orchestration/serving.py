@@ -32,7 +32,7 @@ class TorchServeResource(dg.ConfigurableResource):
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
-    workers_per_model: int = 1
+    workers_per_model: int = 0  # 0: the profile's (LOOPLINE_SERVING_WORKERS; local 1, scale 2)
     batch_size: int = 32
     max_batch_delay_ms: int = 5
 
@@ -43,7 +43,7 @@ class TorchServeResource(dg.ConfigurableResource):
             inference_port=self.inference_port,
             management_port=self.management_port,
             metrics_port=self.metrics_port,
-            workers_per_model=self.workers_per_model,
+            workers_per_model=self.workers_per_model or settings.serving_workers,
             batch_size=self.batch_size,
             max_batch_delay_ms=self.max_batch_delay_ms,
         )

@@ -20,12 +20,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from features.store import redis_online_store
 from serving.explain import explain
 from serving.prediction_log import PredictionLog
 from serving.requests import RequestError, Transaction, parse_request
@@ -34,6 +36,7 @@ from serving.scoring import SERVING_FILE, Scorer, ServingInfo
 logger = logging.getLogger(__name__)
 
 HOME_ENV = "LOOPLINE_HOME"
+PROFILE_ENV, REDIS_ENV = "LOOPLINE_PROFILE", "LOOPLINE_REDIS_URL"
 JSON = "application/json"
 
 
@@ -48,7 +51,7 @@ class LooplineHandler(BaseHandler):
         settings = json.loads((model_dir / SERVING_FILE).read_text())
         info = ServingInfo.from_model_dir(model_dir)
         self.context = context
-        self.scorer = Scorer.load(model_dir, home, info)
+        self.scorer = Scorer.load(model_dir, home, info, online_store=online_store(os.environ))
         self.max_body_bytes = int(settings.get("max_body_bytes", 256 << 10))
         self.max_items = int(settings.get("max_transactions_per_request", 512))
         self.log = PredictionLog(
@@ -153,6 +156,15 @@ class LooplineHandler(BaseHandler):
                 "request_excerpt": body[:512],
             }
         )
+
+
+def online_store(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The scale profile's Redis online store, else None (the home's SQLite). TorchServe starts
+    this process, so like LOOPLINE_HOME the profile comes from its environment: the variables
+    orchestration/settings.py reads, inherited from the process that started TorchServe."""
+    if env.get(PROFILE_ENV) != "scale":
+        return None
+    return redis_online_store(env[REDIS_ENV])
 
 
 def _body(item: Any) -> Any:

@@ -101,3 +101,15 @@ def test_redis_url_becomes_feasts_connection_string(tmp_path):
     assert config.online_store.connection_string.startswith("cache:6380")
     # The registry and offline sources stay under the home whatever the online store.
     assert config.registry.path == str(tmp_path.resolve() / "feast" / "registry.db")
+
+
+def test_torchserve_workers_follow_the_profile(tmp_path, monkeypatch):
+    from orchestration.resources import LooplineStorage
+    from orchestration.serving import TorchServeResource
+
+    storage = LooplineStorage(home=str(tmp_path))
+    assert TorchServeResource().serving_config(storage).workers_per_model == 1
+    for name, value in scale_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    assert TorchServeResource().serving_config(storage).workers_per_model == 2
+    assert TorchServeResource(workers_per_model=3).serving_config(storage).workers_per_model == 3

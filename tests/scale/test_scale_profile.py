@@ -20,6 +20,9 @@ from models.registry import CHAMPION, Registry
 from orchestration.platform import write_instance_config
 from orchestration.resources import LooplineStorage
 from orchestration.settings import Settings
+from serving import handler
+from serving.requests import Transaction
+from serving.scoring import Scorer, version_info
 from tests.orchestration.conftest import Platform
 from tests.orchestration.test_training_assets import FEATURES, GOOD, SCENARIO, _materialize
 
@@ -131,6 +134,7 @@ def _requests(home: Path, n: int = 300) -> pl.DataFrame:
             "merchant_id",
             "amount",
             "country",
+            "channel",
             pl.col("event_timestamp").alias("transaction_timestamp"),
         )
     )
@@ -159,3 +163,37 @@ def test_online_features_from_redis_equal_sqlite(local, scale, redis_url):
     assert redis.Redis.from_url(redis_url).dbsize() > 0
     assert not (settings.home / "feast" / "online.db").exists()
     assert (local_platform.settings.home / "feast" / "online.db").exists()
+
+
+def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale):
+    """The handler's scorer: in the scale home it reads Redis (named by the environment that
+    TorchServe passes on) and answers exactly as the local home's scorer reading SQLite."""
+    (local_platform, _), (_, _, settings) = local, scale
+    env = {"LOOPLINE_PROFILE": "scale", "LOOPLINE_REDIS_URL": settings.redis_url}
+    assert handler.online_store({}) is None
+    scorers = {}
+    for name, home, online in (
+        ("local", local_platform.settings.home, None),
+        ("scale", settings.home, handler.online_store(env)),
+    ):
+        registry = Registry(Settings(home).registry_path)
+        version = registry.get_alias(CHAMPION)
+        scorers[name] = Scorer.load(
+            registry.get(version).artifact_dir, home, version_info(registry, version), online
+        )
+    assert scorers["scale"].store.config.online_store.type == "redis"
+    rows = _requests(local_platform.settings.home, n=64)
+    now = datetime.now(UTC)
+    transactions = [
+        Transaction(
+            f"t{i}", r["card_id"], r["merchant_id"], r["amount"], r["channel"], r["country"], now
+        )
+        for i, r in enumerate(rows.to_dicts())
+    ]
+    local_answers, local_scores = scorers["local"].predict(transactions, now)
+    scale_answers, scale_scores = scorers["scale"].predict(transactions, now)
+    # Cards are found (the data is weeks old, so merchants are past their TTL on both sides).
+    assert not any("card" in unknown for unknown in scale_scores.unknown_entities)
+    assert scale_scores.unknown_entities == local_scores.unknown_entities
+    assert [a["decision"] for a in scale_answers] == [a["decision"] for a in local_answers]
+    assert scale_scores.probabilities == pytest.approx(local_scores.probabilities, abs=1e-6)
