@@ -39,8 +39,9 @@ def environment(settings: Settings) -> dict[str, str]:
 
 
 # The scale profile: run, event log and schedule storage on Postgres (the URL is read from the
-# environment by Dagster itself, so it is never written here), runs queued and bounded, and
-# ingest runs of one dataset capped so a backlog leaves room for features and training.
+# environment by Dagster itself, so it is never written here), runs queued and bounded, ingest
+# runs of one dataset capped so a backlog leaves room for features and training, and one run
+# per pool tag (one training, one monitoring run at a time: both write the registry or serving).
 SCALE_DAGSTER_YAML = """\
 # Written by `loopline run` (LOOPLINE_PROFILE=scale); the Postgres URL stays in the environment.
 telemetry:
@@ -60,6 +61,10 @@ concurrency:
         value:
           applyLimitPerUniqueValue: true
         limit: {per_dataset}
+      - key: loopline/pool
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
 run_monitoring:
   enabled: true
   poll_interval_seconds: 30

@@ -81,11 +81,11 @@ def test_scale_instance_config_keeps_the_password_in_the_environment(tmp_path):
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     runs = config["concurrency"]["runs"]
     assert runs["max_concurrent_runs"] == 8
-    assert runs["tag_concurrency_limits"][0] == {
-        "key": "loopline/dataset",
-        "value": {"applyLimitPerUniqueValue": True},
-        "limit": 4,
-    }
+    per_value = {"applyLimitPerUniqueValue": True}
+    assert runs["tag_concurrency_limits"] == [
+        {"key": "loopline/dataset", "value": per_value, "limit": 4},  # ingest runs per dataset
+        {"key": "loopline/pool", "value": per_value, "limit": 1},  # one training, one monitoring
+    ]
 
 
 def test_redis_url_becomes_feasts_connection_string(tmp_path):

@@ -1,7 +1,9 @@
 """The scale profile against real servers: the same simulated batches go through ingest ->
 features -> training twice, once in the local profile (SQLite) and once with
 ``LOOPLINE_PROFILE=scale`` (Dagster instance on Postgres, Feast online store on Redis, the home
-given as a ``file://`` URI); both must give the same training set, model and online features.
+given as a ``file://`` URI); both must give the same training set, model, online features and
+scores. Then the scale home closes the loop: deploy to TorchServe (features from Redis), serve
+drifted traffic, monitoring finds the drift, and the retrain it asks for runs on Postgres.
 """
 
 from datetime import UTC, datetime, timedelta
@@ -17,12 +19,21 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 from features import simulator
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
+from orchestration.monitoring import (
+    RetrainPolicy,
+    drift_report,
+    live_performance,
+    retrain_sensor,
+)
+from orchestration.monitoring import prediction_log as prediction_log_asset
 from orchestration.platform import write_instance_config
 from orchestration.resources import LooplineStorage
+from orchestration.serving import TorchServeResource, deployment, model_archive
 from orchestration.settings import Settings
 from serving import handler
 from serving.requests import Transaction
 from serving.scoring import Scorer, version_info
+from tests.e2e.kit import free_ports
 from tests.orchestration.conftest import Platform
 from tests.orchestration.test_training_assets import FEATURES, GOOD, SCENARIO, _materialize
 
@@ -90,7 +101,8 @@ def test_scale_profile_runs_the_chain_on_postgres(scale, postgres_url):
     queue = instance.get_concurrency_config().run_queue_config
     assert queue.max_concurrent_runs == settings.max_concurrent_runs == 8
     assert [(t["key"], t["limit"]) for t in queue.tag_concurrency_limits] == [
-        ("loopline/dataset", 4)
+        ("loopline/dataset", 4),
+        ("loopline/pool", 1),
     ]
     # The instance config names the variable; the password never lands in a file.
     config_text = (settings.dagster_home / "dagster.yaml").read_text()
@@ -197,3 +209,97 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
     assert scale_scores.unknown_entities == local_scores.unknown_entities
     assert [a["decision"] for a in scale_answers] == [a["decision"] for a in local_answers]
     assert scale_scores.probabilities == pytest.approx(local_scores.probabilities, abs=1e-6)
+
+
+def _traffic(home: Path, n: int) -> list[dict]:
+    """Request bodies for the newest validated transactions, stamped now."""
+    frame = pl.read_parquet(home / "validated" / "transactions" / "*.parquet")
+    now = datetime.now(UTC).isoformat()
+    rows = frame.sort("event_timestamp", "transaction_id").tail(n).to_dicts()
+    fields = ("card_id", "merchant_id", "amount", "channel", "country")
+    return [
+        {"transaction_id": f"req-{i}", **{f: r[f] for f in fields}, "timestamp": now}
+        for i, r in enumerate(rows)
+    ]
+
+
+def test_the_loop_closes_deploy_drift_retrain(scale):
+    """TorchServe serves the champion with features from Redis; drifted traffic reaches the
+    prediction log, drift_report on the Postgres instance flags it, the retrain sensor asks for
+    continuous training, and that run (same data) is judged by the gate on Postgres."""
+    platform, _, settings = scale
+    inference, management, metrics = free_ports(3)
+    torchserve = TorchServeResource(
+        inference_port=inference, management_port=management, metrics_port=metrics
+    )
+    resources = {"storage": platform.storage, "torchserve": torchserve}
+    registry = Registry(settings.registry_path)
+    champion = registry.get_alias(CHAMPION)
+
+    @dg.asset(name="registered_model")
+    def registered() -> str:
+        return champion
+
+    process = torchserve.process(platform.storage)
+    try:
+        deployed = dg.materialize(
+            [registered, model_archive, deployment],
+            instance=platform.instance,
+            resources=resources,
+            run_config={"ops": {"deployment": {"config": {"watch_seconds": 1.0}}}},
+        )
+        assert deployed.success
+        assert deployed.output_for_node("deployment")["outcome"] == "promoted"
+        assert process.config.workers_per_model == settings.serving_workers == 2
+
+        normal = _traffic(settings.home, 400)[:200]
+        drifted = [
+            {
+                **r,
+                "transaction_id": f"d-{i}",
+                "amount": round(min(r["amount"] * 20 + 300, 40_000.0), 2),
+            }
+            for i, r in enumerate(_traffic(settings.home, 400)[200:])
+        ]
+        client = torchserve.process(platform.storage).client()
+        answers = []
+        for i in range(0, 400, 25):
+            answers += client.predict((normal + drifted)[i : i + 25])
+        assert {a["model_version"] for a in answers} == {champion}
+        # Card features came from Redis (the only online store of this home).
+        assert not any("card" in a["unknown_entities"] for a in answers)
+    finally:
+        process.stop()  # closes the workers' prediction log files
+
+    monitored = dg.materialize(
+        [prediction_log_asset, drift_report, live_performance],
+        instance=platform.instance,
+        resources=resources,
+        run_config={"ops": {"drift_report": {"config": {"min_rows": 100}}}},
+    )
+    assert monitored.success
+    [logged] = monitored.asset_materializations_for_node("prediction_log")
+    assert logged.metadata["predictions"].value == 400
+    [drift] = monitored.asset_materializations_for_node("drift_report")
+    assert "amount" in drift.metadata["drifted"].value
+
+    policy = RetrainPolicy(min_new_labelled_rows=10**9, cooldown_minutes=30)
+    context = dg.build_sensor_context(
+        instance=platform.instance,
+        resources={"storage": platform.storage, "retrain_policy": policy},
+    )
+    request = retrain_sensor(context)
+    assert isinstance(request, dg.RunRequest)
+    assert request.tags["loopline/trigger"] == "drift"
+
+    # The retrain on the same data trains the same model: the gate keeps the champion.
+    retrained = _materialize(platform, GOOD, with_training_set=True)
+    assert not retrained.success
+    assert registry.get_alias(CHAMPION) == champion
+    [rejected] = [v for v in registry.list_versions() if v.status == "rejected"]
+    assert rejected.training_set_version == registry.get(champion).training_set_version
+    # Every run of the loop is in Postgres.
+    runs = platform.instance.get_run_records()
+    assert {deployed.run_id, monitored.run_id, retrained.run_id} <= {
+        r.dagster_run.run_id for r in runs
+    }
