@@ -4,8 +4,8 @@ import pytest
 
 from models.registry import CHAMPION, ModelRecord, Registry
 from serving.client import TorchServeError
-from serving.delivery import DeliveryPolicy, compare_shadow, deliver, is_synthetic, probe, score_psi
 from serving.config import APPROVE, DECLINE
+from serving.delivery import DeliveryPolicy, compare_shadow, deliver, is_synthetic, probe, score_psi
 
 REQUESTS = [
     {
