@@ -408,11 +408,13 @@ def gather_signals(
     if request.exists():
         reason = json.loads(request.read_text()).get("reason", "asked on demand")
         signals.append(Signal("manual", reason))
-    trained_on = set(champion.training_batches) if champion else set()
+    # New since the last retraining started (accepted or not): a rejected candidate must not
+    # be retried on the same data at every cooldown.
+    cutoff = datetime.fromtimestamp(since, UTC).isoformat() if since else ""
     new_rows = sum(
         b.rows or 0
         for b in storage.ledger.batches(dataset="labels", status="validated")
-        if b.batch_id not in trained_on
+        if b.updated_at > cutoff
     )
     signals.append(new_data_signal(new_rows, policy))
     if champion is None:
