@@ -13,7 +13,9 @@ from models.train import train_baseline, train_model
 from tests.models.testkit import FAST, SPEC
 
 SMALL_DATA = GatePolicy(slice_min_support=50, slice_min_positives=5, latency_repeats=10)
-GOOD_INFRA = InfraReport(True, True, 0.0, 40_000, {"1": {"p95": 1.0}, "64": {"p95": 2.0}})
+GOOD_INFRA = InfraReport(
+    True, True, 0.0, 40_000, {"1": {"p50": 0.8, "p95": 1.0}, "64": {"p50": 1.5, "p95": 2.0}}
+)
 
 
 def _failed(decision) -> list[str]:
@@ -135,7 +137,13 @@ def test_every_infrastructure_failure_is_a_recorded_reason(trained, training_set
     frame, y, scores, _ = _scored_slices()
     good = evaluate_scores("g", y, scores(np.full(y.size, 3.0)), 0.5, frame, slice_columns=())
     base = evaluate_scores("b", y, scores(np.full(y.size, 1.0)), 0.5, frame, slice_columns=())
-    slow_big = InfraReport(True, False, 1e-3, 10**9, {"1": {"p95": 80.0}, "64": {"p95": 500.0}})
+    slow_big = InfraReport(
+        True,
+        False,
+        1e-3,
+        10**9,
+        {"1": {"p50": 70.0, "p95": 80.0}, "64": {"p50": 400.0, "p95": 500.0}},
+    )
     decision = validate_challenger(good, base, None, slow_big, GatePolicy())
     assert _failed(decision) == [
         "identical_outputs",
