@@ -68,6 +68,7 @@ class LivePlatform:
         scenario,
         *,
         interval_s: float,
+        hold_at_batch: int | None = None,
         fault=None,
         fault_batch=None,
         fmt="parquet",
@@ -108,6 +109,7 @@ class LivePlatform:
             fault_batch=fault_batch,
             fmt=fmt,
             on_batch=on_batch,
+            hold_at_batch=hold_at_batch,
         )
         self._sim_thread = threading.Thread(
             target=self.simulator.run, args=(self.stop_event,), daemon=True
@@ -326,7 +328,6 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
         time.sleep(2)
     time.sleep(45)  # a few retrain-sensor ticks: nothing may start
     after = _loop_runs(settings)
-    live.paused.clear()
     return {
         "batch": path.name,
         "status": record.status if record else "not seen",
@@ -355,7 +356,7 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
         seed=seed,
         n_cards=1500,
         n_merchants=200,
-        start=now - timedelta(days=40),
+        start=now - timedelta(days=60),
         batch_span=timedelta(hours=48),
         rows_per_batch=4000,
     )
@@ -364,12 +365,13 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     outcome = "timed out waiting for the first champion"
     skew: dict[str, Any] | None = None
     try:
-        platform.start(scenario, interval_s=2.0, quiet=True)
+        # 30 batches of history: the first 16 train the first champion, the rest drift.
+        platform.start(scenario, interval_s=2.0, quiet=True, hold_at_batch=16)
         console.print(
             f"Dagster on http://127.0.0.1:{platform.port} (headless), home {settings.home}"
         )
         first = _wait_for(
-            deadline, lambda: _champion_served(platform), "the first champion", settings
+            deadline, lambda: _first_champion(platform), "the first champion", settings
         )
         if first is not None:
             console.print(f"{first} serves; landing a schema-skewed batch")
@@ -379,6 +381,7 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
             from orchestration.live import request_drift
 
             request_drift(settings.home, drift)
+            platform.simulator.paused.clear()
             drift_at = datetime.now(UTC).isoformat()
             console.print(f"injecting {drift} drift")
 
@@ -413,6 +416,21 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
         console.print(f"[bold]{outcome}[/]")
     if " replaced by " not in outcome:
         raise SystemExit(1)
+
+
+def _first_champion(platform: LivePlatform) -> str | None:
+    """The served champion; if the held simulator's data gave only rejected candidates and
+    nothing is in flight, land four more batches so the loop can try again."""
+    served = _champion_served(platform)
+    live = platform.simulator
+    if served is None and live.paused.is_set():
+        runs = _loop_runs(platform.settings)
+        done = ("FAILURE", "CANCELED", "SUCCESS")
+        if runs and all(r["status"] in done for r in runs) and runs[0]["run_id"] != live.retried:
+            live.retried = runs[0]["run_id"]
+            live.hold_at_batch = live.next_batch + 4
+            live.paused.clear()
+    return served
 
 
 def _wait_for(deadline: float, probe, what: str, settings: Settings):

@@ -66,6 +66,7 @@ class LiveSimulator:
         fault_batch: int | None = None,
         fmt: str = "parquet",
         on_batch: Callable[[simulator.LandedBatch], None] | None = None,
+        hold_at_batch: int | None = None,
     ) -> None:
         sim = simulator.Simulator(config)
         self.config = replace(config, start=sim.start)  # one clock across scenario switches
@@ -81,6 +82,8 @@ class LiveSimulator:
         self.drift = config.drift
         self.landed: list[simulator.LandedBatch] = []
         self.paused = threading.Event()
+        self.hold_at_batch = hold_at_batch  # pause by itself before landing this batch
+        self.retried: str | None = None  # the rejected run more data was released for
 
     def _switch_if_asked(self) -> None:
         try:
@@ -126,6 +129,9 @@ class LiveSimulator:
         write_json_atomic({"pid": os.getpid()}, pid_file)
         try:
             while not stop.is_set():
+                if self.hold_at_batch is not None and self.next_batch >= self.hold_at_batch:
+                    self.hold_at_batch = None
+                    self.paused.set()
                 if not self.paused.is_set():
                     self.step(stop)
                 stop.wait(self.interval_s)
