@@ -103,6 +103,8 @@ def decode_body(body: Any, *, max_bytes: int) -> Any:
             raise RequestError(
                 f"request body is not valid JSON: {exc}", error="invalid_json"
             ) from exc
+        except RecursionError as exc:  # "[[[[..." within the size limit
+            raise RequestError("request body is nested too deeply", error="invalid_json") from exc
     if body is None:
         raise RequestError("request body is empty", error="invalid_json")
     return body
@@ -164,9 +166,9 @@ def parse_timestamp(
             "timestamp must be ISO-8601 text or epoch seconds", field="timestamp", index=index
         )
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise RequestError("timestamp must be finite", field="timestamp", index=index)
-        try:
+        try:  # an int too large for a float overflows here too
             ts = datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:
             raise RequestError(
@@ -222,7 +224,10 @@ def _amount(value: Any, index: int | None) -> float:
         raise RequestError(
             f"amount must be a number, got {type(value).__name__}", field="amount", index=index
         )
-    amount = float(value)
+    try:
+        amount = float(value)
+    except OverflowError:  # an integer beyond any float
+        amount = math.inf
     if not math.isfinite(amount) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
         raise RequestError(
             f"amount {value!r} is outside [{AMOUNT_MIN}, {AMOUNT_MAX}]", field="amount", index=index

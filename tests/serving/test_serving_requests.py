@@ -104,3 +104,16 @@ def test_oversize_bodies_and_too_many_items_are_413() -> None:
     assert error.status == 413 and error.error == "payload_too_large" and "1024" in error.reason
     error = refusal(json.dumps([GOOD] * 5).encode(), max_bytes=1 << 20)
     assert error.status == 413 and "limit is 4" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, None),  # deeper than the JSON parser recurses
+        (json.dumps({**GOOD, "amount": 10**400}).encode(), "amount"),
+        (json.dumps({**GOOD, "timestamp": 10**400}).encode(), "timestamp"),
+    ],
+)
+def test_bodies_that_overflow_the_parser_are_400_not_a_crash(body, field) -> None:
+    error = refusal(body, max_bytes=1 << 20)
+    assert error.status == 400 and error.field == field
