@@ -19,6 +19,10 @@ from quality.schema import DATASETS, DRIFT_CATEGORICAL, DRIFT_NUMERIC
 
 PSI_WARN = 0.2
 REFERENCE_MIN_BATCHES = 4
+# An ingest run that fails (a write error, a crash) is launched again under a new run key, up
+# to this many runs in all; then the batch is quarantined with the last error.
+MAX_INGEST_RUNS = 3
+BATCH_TAG = "loopline/batch"
 
 PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
     ds: dg.DynamicPartitionsDefinition(name=f"{ds}_batches") for ds in DATASETS
@@ -319,15 +323,17 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
             ledger.receive(landed.batch_id, landed.dataset, landed.path)
         # Still in the landing folder: not yet stored. Requesting again is safe (the run key
         # dedupes) and recovers a tick whose requests were lost after the ledger recorded them.
-        new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{landed.dataset}-{landed.batch_id}",
-                job_name=INGEST_JOBS[landed.dataset].name,
-                partition_key=landed.batch_id,
-                tags={"loopline/dataset": landed.dataset, "loopline/source": landed.path.name},
-            )
+        request = _ingest_request(context, settings, ledger, landed.dataset, landed.batch_id)
+        if request is not None:
+            new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
+            requests.append(request)
+    # Stored but not validated, its run failed after the landed file was archived.
+    for record in ledger.batches(status="stored"):
+        request = _ingest_request(
+            context, settings, ledger, record.dataset, record.batch_id, retry_only=True
         )
+        if request is not None:
+            requests.append(request)
     if not settings.reference_profile_path("transactions").exists():
         validated = ledger.batches(dataset="transactions", status="validated")
         if len(validated) >= REFERENCE_MIN_BATCHES:
@@ -340,6 +346,69 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
             PARTITIONS[ds].build_add_request(keys) for ds, keys in new_keys.items()
         ],
     )
+
+
+def _ingest_request(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    ledger: BatchLedger,
+    dataset: str,
+    batch_id: str,
+    *,
+    retry_only: bool = False,
+) -> dg.RunRequest | None:
+    """The ingest run of a batch: the first, or a retry after failed runs (a new run key,
+    since Dagster launches a run key once); None while one is in flight or, after
+    MAX_INGEST_RUNS failures, once the batch is quarantined with the last error."""
+    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={BATCH_TAG: batch_id}))
+    in_flight = any(not r.is_finished for r in runs)
+    failed = [r for r in runs if r.status == dg.DagsterRunStatus.FAILURE]  # newest first
+    if retry_only and (in_flight or not failed):
+        return None
+    record = ledger.get(batch_id)
+    if record is None:
+        return None
+    if len(failed) >= MAX_INGEST_RUNS and not in_flight:
+        source = _source_of(settings, record)
+        reason = f"ingest failed in {len(failed)} runs; last error: {_failure(context, failed[0])}"
+        _quarantine(settings, ledger, dataset, batch_id, source, [reason], _rows(source, dataset))
+        _archive(settings, dataset, batch_id, source)
+        context.log.warning(f"batch {batch_id} quarantined: {reason}")
+        return None
+    suffix = f"-attempt{len(failed) + 1}" if failed else ""
+    return dg.RunRequest(
+        run_key=f"{dataset}-{batch_id}{suffix}",
+        job_name=INGEST_JOBS[dataset].name,
+        partition_key=batch_id,
+        tags={
+            "loopline/dataset": dataset,
+            "loopline/source": record.source_name,
+            BATCH_TAG: batch_id,
+        },
+    )
+
+
+def _rows(source: Path, dataset: str) -> int | None:
+    """Rows of a batch given up on, so the ledger still reconciles (None when unreadable)."""
+    try:
+        return read_batch(source, dataset).height
+    except UnreadableBatch:
+        return None
+
+
+def _failure(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> str:
+    """The error message of a failed run's failed step (the run id when there is none)."""
+    records = context.instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    for record in reversed(records):
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error if event and event.step_failure_data else None
+        while error is not None and error.cause is not None:
+            error = error.cause  # Dagster wraps the step's own exception
+        if error is not None:
+            return error.message.strip()
+    return f"run {run.run_id} failed"
 
 
 defs = dg.Definitions(
