@@ -5,6 +5,8 @@ Pure functions over paths; the Dagster sensor and assets call them.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +35,14 @@ class LandedFile:
 
 
 def batch_id_of(path: Path) -> str:
-    """Content-derived batch id: the same bytes landed twice get the same id."""
+    """Content-derived batch id: the same bytes landed twice get the same id.
+
+    A symbolic link gets an id from its name and target, never from what it points at.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        link = f"symlink:{path.name}:{os.readlink(path)}".encode()
+        return hashlib.sha256(link).hexdigest()[:16]
     return sha256_file(path)[:16]
 
 
@@ -48,14 +57,18 @@ def scan_landing(landing: Path, limit: int = 100) -> list[LandedFile]:
     entries = [
         p
         for p in landing.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")
+        if (p.is_file() or p.is_symlink())
+        and not p.name.startswith(".")
+        and not p.name.endswith(".tmp")
     ]
-    entries.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+    entries.sort(key=lambda p: (p.lstat().st_mtime_ns, p.name))
     found = []
     for p in entries[:limit]:
         problem = None
         dataset = dataset_of(p.name)
-        if not _SAFE_NAME.match(p.name):
+        if p.is_symlink():  # could point anywhere: land the file itself
+            problem = f"symbolic link {p.name!r} refused: land the file, not a link"
+        elif not _SAFE_NAME.match(p.name):
             problem = f"unsafe file name {p.name!r}"
         elif p.suffix.lower() not in LANDING_SUFFIXES:
             problem = f"unsupported file type {p.suffix!r}: expected one of {LANDING_SUFFIXES}"
@@ -118,12 +131,16 @@ def quarantine(
 ) -> Path:
     """Keep the offending file and a reason.json beside it; nothing is deleted."""
     dest_dir = Path(dest_dir) / (dataset or "unknown") / batch_id
-    copy_atomic(source, dest_dir / Path(source).name)
+    source = Path(source)
+    link = os.readlink(source) if source.is_symlink() else None
+    if link is None:  # a link's target is never read or copied
+        copy_atomic(source, dest_dir / source.name)
     write_json_atomic(
         {
             "batch_id": batch_id,
             "dataset": dataset,
             "source": str(source),
+            "link_target": link,
             "reasons": reasons,
             "quarantined_at": datetime.now(UTC).isoformat(),
         },
