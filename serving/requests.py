@@ -18,6 +18,7 @@ from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES
 
 FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country", "timestamp")
 MAX_ID_LENGTH = 64
+MAX_SHOWN = 80  # characters of a bad value quoted back in a reason
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
@@ -145,7 +146,8 @@ def validate_transaction(
         raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
     unknown = sorted(set(item) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}", field=unknown[0], index=index)
+        names = ", ".join(_shown(name) for name in unknown[:8])
+        raise RequestError(f"unknown field(s) [{names}]", field=unknown[0][:MAX_SHOWN], index=index)
     return Transaction(
         transaction_id=_identifier(item, "transaction_id", index),
         card_id=_identifier(item, "card_id", index),
@@ -172,18 +174,18 @@ def parse_timestamp(
             ts = datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:
             raise RequestError(
-                f"timestamp {value!r} is out of range", field="timestamp", index=index
+                f"timestamp {_shown(value)} is out of range", field="timestamp", index=index
             ) from exc
     elif isinstance(value, str):
         try:
             ts = datetime.fromisoformat(value)
         except ValueError as exc:
             raise RequestError(
-                f"timestamp {value!r} is not ISO-8601", field="timestamp", index=index
+                f"timestamp {_shown(value)} is not ISO-8601", field="timestamp", index=index
             ) from exc
         if ts.tzinfo is None:
             raise RequestError(
-                f"timestamp {value!r} has no UTC offset (add 'Z' or '+00:00')",
+                f"timestamp {_shown(value)} has no UTC offset (add 'Z' or '+00:00')",
                 field="timestamp",
                 index=index,
             )
@@ -230,7 +232,9 @@ def _amount(value: Any, index: int | None) -> float:
         amount = math.inf
     if not math.isfinite(amount) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
         raise RequestError(
-            f"amount {value!r} is outside [{AMOUNT_MIN}, {AMOUNT_MAX}]", field="amount", index=index
+            f"amount {_shown(value)} is outside [{AMOUNT_MIN}, {AMOUNT_MAX}]",
+            field="amount",
+            index=index,
         )
     return amount
 
@@ -243,8 +247,17 @@ def _choice(item: dict[str, Any], name: str, allowed: tuple[str, ...], index: in
         )
     if value not in allowed:
         shown = list(allowed) if len(allowed) <= 5 else f"one of {len(allowed)} codes"
-        raise RequestError(f"{name} {value!r} is not allowed ({shown})", field=name, index=index)
+        raise RequestError(
+            f"{name} {_shown(value)} is not allowed ({shown})", field=name, index=index
+        )
     return value
+
+
+def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A client's value as quoted in a reason: its repr, cut short. Echoing a huge field whole
+    made TorchServe drop the connection instead of answering."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else "<huge int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _reject_constant(name: str) -> float:

@@ -117,3 +117,10 @@ def test_oversize_bodies_and_too_many_items_are_413() -> None:
 def test_bodies_that_overflow_the_parser_are_400_not_a_crash(body, field) -> None:
     error = refusal(body, max_bytes=1 << 20)
     assert error.status == 400 and error.field == field
+
+
+@pytest.mark.parametrize("field", ["country", "channel", "timestamp", "amount", "x" * 5000])
+def test_a_huge_bad_value_is_not_echoed_whole_in_the_reason(field) -> None:
+    body = {**GOOD, field: "\u00e9" * 100_000}
+    error = refusal(json.dumps(body).encode(), max_bytes=1 << 20)
+    assert error.status == 400 and len(error.reason) < 200 and len(error.field) <= 80
