@@ -12,15 +12,9 @@ import dagster as dg
 
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from orchestration.ingest import _md_table
-from orchestration.resources import LooplineStorage
+from orchestration.resources import LooplineStorage, run_in_flight
 
 GROUP = "features"
-_IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def validated_batches(storage: LooplineStorage) -> list:
@@ -230,11 +224,9 @@ def features_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorag
     backlog = features_backlog(storage)
     if not backlog:
         return dg.SkipReason("every validated batch has its features in the online store")
-    running = context.instance.get_runs(
-        filters=dg.RunsFilter(job_name=features_job.name, statuses=_IN_FLIGHT), limit=1
-    )
-    if running:
-        return dg.SkipReason(f"{len(backlog)} items wait for run {running[0].run_id}")
+    running = run_in_flight(context.instance, features_job.name)
+    if running is not None:
+        return dg.SkipReason(f"{len(backlog)} items wait for run {running.run_id}")
     key = hashlib.sha256("\n".join(backlog).encode()).hexdigest()[:16]
     return dg.RunRequest(run_key=f"features-{key}", tags={"loopline/backlog": str(len(backlog))})
 

@@ -22,7 +22,7 @@ from models.registry import CHAMPION, Registry
 from models.spec import DEFAULT_SLICES
 from orchestration import alerts
 from orchestration.ingest import _md_table, reference_profile
-from orchestration.resources import LooplineStorage
+from orchestration.resources import IN_FLIGHT, LooplineStorage, run_in_flight
 from orchestration.serving import TorchServeResource, deployment, model_archive
 from orchestration.settings import Settings
 from orchestration.training import GROUP as TRAINING_GROUP
@@ -48,12 +48,6 @@ from serving.prediction_log import closed_files
 
 GROUP = "monitoring"
 LOOP_JOB = "continuous_training"
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def _monitoring_dir(settings: Settings) -> Path:
@@ -361,9 +355,7 @@ def monitoring_sensor(
     state = f"{len(files)}:{files[-1] if files else ''}:{labels[0].batch_id if labels else ''}"
     if state == context.cursor or not files:
         return dg.SkipReason("nothing new in the serving log or the labels")
-    if context.instance.get_runs(
-        filters=dg.RunsFilter(job_name=monitoring_job.name, statuses=IN_FLIGHT), limit=1
-    ):
+    if run_in_flight(context.instance, monitoring_job.name) is not None:
         return dg.SkipReason("a monitoring run is in flight")
     context.update_cursor(state)
     return dg.RunRequest()

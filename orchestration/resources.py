@@ -41,3 +41,17 @@ class LooplineStorage(dg.ConfigurableResource):
         settings = self.settings
         online = redis_online_store(settings.redis_url) if settings.scale else None
         return feature_store(settings.home, online)
+
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> dg.DagsterRun | None:
+    """A queued or running run of ``job_name``, if any (sensors start one at a time)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=1)
+    return runs[0] if runs else None
