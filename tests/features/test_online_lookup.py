@@ -1,0 +1,99 @@
+"""The serving lookup (``online_features``) answers exactly as the Feast SDK path does."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from feast import FeatureStore
+
+from features.store import (
+    _READERS,
+    _StoreReader,
+    feature_store,
+    materialize,
+    online_features,
+    online_features_sdk,
+)
+from tests.features.test_point_in_time import CARD_TTL, MERCHANT_TTL, T0, _build_home
+
+END = T0 + timedelta(days=62)
+# Lookup times: all alive, merchants past their TTL, everything past, before any row.
+TIMES = [END, END + MERCHANT_TTL + timedelta(days=1), END + CARD_TTL + timedelta(days=1), T0]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureStore, pl.DataFrame]:
+    store, entities = _build_home(tmp_path_factory.mktemp("online") / "home", seed=13)
+    materialize(store, END)
+    rows = entities.drop("event_timestamp", "row_id")
+    rng = np.random.default_rng(3)
+    rows = rows.with_columns(  # request fields that exercise the on-demand view's branches
+        pl.Series("amount", np.where(rng.random(rows.height) < 0.1, 0.0, rows["amount"])),
+        pl.Series("country", rng.choice(["US", "GB", "FR"], rows.height)),
+    )
+    return store, rows
+
+
+def _assert_same(fast: pl.DataFrame, sdk: pl.DataFrame) -> None:
+    assert fast.columns == sdk.columns
+    assert fast.schema == sdk.schema
+    assert fast.equals(sdk)  # nulls and NaNs in the same places, values bit for bit
+
+
+@pytest.mark.parametrize("at", TIMES)
+def test_online_features_equal_the_feast_sdk_path(served, at) -> None:
+    store, rows = served
+    fast, sdk = online_features(store, rows, at=at), online_features_sdk(store, rows, at=at)
+    _assert_same(fast, sdk)
+    assert fast.height == rows.height  # duplicated keys in the rows are answered per row
+
+
+def test_the_comparison_covers_known_unknown_and_expired_entities(served) -> None:
+    store, rows = served
+    alive = online_features(store, rows, at=END)
+    known = alive.filter(pl.col("card_id").str.contains(r"^c\d+$"))
+    assert known["card_tx_count_7d"].null_count() < known.height  # known cards have values
+    unknown = alive.filter(pl.col("card_id").is_in(["c40", "c41", "c42", "c43"]))
+    assert unknown.height > 0 and unknown["card_amount_mean_30d"].null_count() == unknown.height
+    assert alive.filter(pl.col("card_id") == "edge")["card_amount_mean_30d"].is_null().all()
+    later = online_features(store, rows, at=TIMES[1])
+    assert later["merchant_category"].null_count() == later.height  # merchants expired
+    assert later["card_home_country"].null_count() < later.height  # cards not yet
+    assert alive["tx_amount_to_card_mean_30d"].is_null().sum() > 0  # zero means, unknown cards
+    assert alive["tx_is_foreign"].sum() > 0
+
+
+def test_single_rows_and_small_batches_equal_the_sdk_path(served) -> None:
+    store, rows = served
+    for start in range(0, 60, 7):
+        for n in (1, 2, 5):
+            batch = rows.slice(start, n)
+            _assert_same(
+                online_features(store, batch, at=END), online_features_sdk(store, batch, at=END)
+            )
+    dicts = rows.head(3).to_dicts()
+    _assert_same(online_features(store, dicts, at=END), online_features_sdk(store, dicts, at=END))
+
+
+def test_any_online_store_through_its_online_read_equals_the_sdk_path(served) -> None:
+    """The reader for stores other than SQLite (Redis in the scale profile), run on SQLite."""
+    store, rows = served
+    generic = feature_store(Path(store.config.repo_path))
+    _READERS[generic] = _StoreReader(generic)
+    for at in TIMES[:2]:
+        _assert_same(online_features(generic, rows, at=at), online_features_sdk(store, rows, at=at))
+
+
+def test_the_lookup_sees_rows_loaded_after_its_first_call(tmp_path: Path) -> None:
+    store, entities = _build_home(tmp_path / "home", seed=21)
+    rows = entities.drop("event_timestamp", "row_id").head(20)
+    materialize(store, T0 + timedelta(days=20))
+    first = online_features(store, rows, at=END)
+    materialize(store, END)
+    second = online_features(store, rows, at=END)
+    assert not first.equals(second)
+    _assert_same(second, online_features_sdk(store, rows, at=END))
