@@ -157,6 +157,7 @@ class Scorer:
         self.info = info
         self.store = store
         self.entity_features = _entity_features(store, info.feature_service)
+        self.columns = list(preprocessor.spec.columns)
         available = set(transactions_frame([]).columns) | set(_service_features(store, info))
         lacking = [c for c in preprocessor.spec.columns if c not in available]
         if lacking:
@@ -202,15 +203,28 @@ class Scorer:
 
     def score(self, features: pl.DataFrame) -> Scores:
         """Probabilities, decisions and missing-feature flags for a frame of feature rows."""
-        columns = list(self.preprocessor.spec.columns)
+        columns = self.columns
         inputs = features.select(columns)
         probabilities = predict_proba(self.module, self.preprocessor, inputs)
         decisions = [DECLINE if p >= self.info.threshold else APPROVE for p in probabilities]
+        # One null pass serves both flags: the model's inputs, then the entities' features.
+        entity = [n for names in self.entity_features.values() for n in names]
+        flagged = list(dict.fromkeys([*columns, *(n for n in entity if n in features.columns)]))
+        nulls = _null_matrix(features.select(flagged))
+        at = {name: j for j, name in enumerate(flagged)}
+        unknown = {
+            e: nulls[:, [at[n] for n in names if n in at]].all(axis=1)
+            for e, names in self.entity_features.items()
+            if any(n in at for n in names)
+        }
+        missing = nulls[:, : len(columns)]
         return Scores(
             probabilities=probabilities,
             decisions=decisions,
-            missing_features=_null_columns(inputs, columns),
-            unknown_entities=self._unknown_entities(features),
+            missing_features=[[columns[j] for j in np.flatnonzero(row)] for row in missing],
+            unknown_entities=[
+                [e for e, flags in unknown.items() if flags[i]] for i in range(features.height)
+            ],
             inputs=inputs.to_dicts(),
         )
 
@@ -238,14 +252,6 @@ class Scorer:
             for i, t in enumerate(transactions)
         ]
 
-    def _unknown_entities(self, features: pl.DataFrame) -> list[list[str]]:
-        flags: dict[str, np.ndarray] = {}
-        for entity, names in self.entity_features.items():
-            present = [n for n in names if n in features.columns]
-            if present:
-                flags[entity] = _null_matrix(features.select(present)).all(axis=1)
-        return [[e for e, f in flags.items() if f[i]] for i in range(features.height)]
-
 
 def _service_features(store: FeatureStore, info: ServingInfo) -> list[str]:
     service = store.get_feature_service(info.feature_service)
@@ -266,17 +272,11 @@ def _entity_features(store: FeatureStore, service_name: str) -> dict[str, list[s
 
 
 def _null_matrix(frame: pl.DataFrame) -> np.ndarray:
-    exprs = []
-    for name, dtype in frame.schema.items():
-        null = pl.col(name).is_null()
-        if dtype.is_float():
-            null = null | pl.col(name).is_nan()
-        exprs.append(null.alias(name))
-    if not exprs:
-        return np.zeros((frame.height, 0), dtype=bool)
-    return frame.select(exprs).to_numpy().astype(bool)
-
-
-def _null_columns(frame: pl.DataFrame, columns: list[str]) -> list[list[str]]:
-    matrix = _null_matrix(frame)
-    return [[columns[j] for j in np.flatnonzero(row)] for row in matrix]
+    """Rows x columns: null, or NaN in a float column (what the preprocessor imputes)."""
+    out = np.zeros((frame.height, frame.width), dtype=bool)
+    for j, column in enumerate(frame.iter_columns()):
+        if column.dtype.is_float():
+            out[:, j] = np.isnan(column.to_numpy())  # nulls come out as NaN
+        elif column.null_count():
+            out[:, j] = column.is_null().to_numpy()
+    return out
