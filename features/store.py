@@ -584,20 +584,18 @@ def online_features(
 
 
 def _transform(odfv: OnDemandFeatureView, inputs: list[str], table: pa.Table) -> pa.Table:
-    """``odfv.transform_arrow(table)``, for a pandas view without Feast's wrapping: its UDF on
-    its declared inputs only (request fields, source features), converted as Feast converts.
-    Anything else (other modes, a UDF reading other columns) goes through Feast."""
+    """``odfv.transform_arrow(table)`` for a pandas view, without Feast's wrapping: its UDF
+    on its declared inputs only (request fields, source features), converted to and from
+    pandas as Feast converts them (Arrow's ``to_pandas``, ``from_pandas`` per column; the
+    index, which Feast drops, is not converted). Other modes, or a UDF that reads other
+    columns or renames its outputs, go through Feast."""
     if odfv.mode == "pandas" and all(c in table.column_names for c in inputs):
         try:
-            out = pa.Table.from_pandas(
-                odfv.feature_transformation.udf(table.select(inputs).to_pandas())
-            )
+            out = odfv.feature_transformation.udf(table.select(inputs).to_pandas())
         except KeyError:
             out = None
-        if out is not None and set(out.column_names) <= {f.name for f in odfv.features} | {
-            c for c in out.column_names if c.startswith("__index")
-        }:
-            return out
+        if out is not None and set(out.columns) <= {f.name for f in odfv.features}:
+            return pa.table({c: pa.array(out[c], from_pandas=True) for c in out.columns})
     return odfv.transform_arrow(table, False)
 
 

@@ -204,13 +204,13 @@ class Scorer:
     def score(self, features: pl.DataFrame) -> Scores:
         """Probabilities, decisions and missing-feature flags for a frame of feature rows."""
         columns = self.columns
-        inputs = features.select(columns)
+        inputs = features[columns]  # eager column pick; select() plans a query per batch
         probabilities = predict_proba(self.module, self.preprocessor, inputs)
         decisions = [DECLINE if p >= self.info.threshold else APPROVE for p in probabilities]
         # One null pass serves both flags: the model's inputs, then the entities' features.
         entity = [n for names in self.entity_features.values() for n in names]
         flagged = list(dict.fromkeys([*columns, *(n for n in entity if n in features.columns)]))
-        nulls = _null_matrix(features.select(flagged))
+        nulls = _null_matrix(features[flagged])
         at = {name: j for j, name in enumerate(flagged)}
         unknown = {
             e: nulls[:, [at[n] for n in names if n in at]].all(axis=1)
