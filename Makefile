@@ -50,6 +50,11 @@ bench: setup
 bench-features: setup
 	$(BIN)/python -m benchmarks.bench_features
 
+# The full 10-minute soak of tests/reliability (make test runs a 30 s variant of the same test).
+.PHONY: soak
+soak: setup
+	LOOPLINE_SOAK_SECONDS=600 $(BIN)/pytest -s tests/reliability/test_serving_reliability.py -k soak
+
 .PHONY: bench-scale
 bench-scale: setup services
 	$(BIN)/python -m benchmarks.bench_scale
