@@ -122,3 +122,19 @@ def test_a_person_asking_wins_and_the_request_is_consumed(served):
         )
     )
     assert isinstance(again, dg.SkipReason)
+
+
+def test_loopline_status_summarises_champion_serving_and_drift(served):
+    from click.testing import CliRunner
+
+    from orchestration.cli_loop import status
+
+    env = {"LOOPLINE_HOME": str(served.home.home)}
+    result = CliRunner().invoke(status, ["--json"], env=env)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["champion"] == served.versions[0]
+    assert data["promotions"][0]["version"] == served.versions[0]
+    assert data["serving"]["requests"] >= 400
+    assert data["serving"]["by_version"][served.versions[0]] >= 400
+    assert "amount" in data["drift"]["drifted"]
