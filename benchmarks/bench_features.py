@@ -13,9 +13,12 @@ created_timestamp) in a temporary Loopline home, applied with the repo's Feast d
     a bare DuckDB ASOF JOIN of the same files and features, without TTLs, tie-break or
     on-demand view (goal: within 1.5x). Best of ``--repeats``, interleaved.
 (b) Online lookup, one request (1 card + 1 merchant) at a time over ``--lookups`` random keys:
-    Loopline ``online_features`` (Feast SDK underneath, plus the TTL rule), the Feast SDK with
-    the whole FeatureService (request fields, on-demand view), the Feast SDK with the stored
-    features only, and a direct SQLite read of the same keys (values decoded): p50 and p99.
+    Loopline ``online_features`` (direct read of the online store, TTL rule, on-demand view),
+    ``online_features_sdk`` (the same answer through the Feast SDK: the path before the direct
+    read), the Feast SDK with the whole FeatureService (request fields, on-demand view), the
+    Feast SDK with the stored features only, and a direct SQLite read of the same keys (values
+    decoded): p50 and p99. Then batches of 32 requests, ``online_features`` vs
+    ``online_features_sdk``. Both answers are checked equal first. ``--online-only`` skips (a).
 (c) Materialization: ``sync_online`` (``features.store.materialize`` underneath) of every row
     into the empty SQLite online store (rows scanned per second), then of one more batch file.
 """
@@ -45,7 +48,13 @@ from features.engineering import (
     write_feature_file,
 )
 from features.incremental import sync_online
-from features.store import apply_definitions, feature_store, historical_features, online_features
+from features.store import (
+    apply_definitions,
+    feature_store,
+    historical_features,
+    online_features,
+    online_features_sdk,
+)
 from quality.schema import UTC_TS
 
 T0 = datetime(2026, 9, 1, tzinfo=UTC)
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=300, help="(simulator default)")
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--online-only", action="store_true", help="skip (a)")
     args = parser.parse_args()
     rng = np.random.default_rng(1)
 
@@ -185,25 +195,26 @@ def main() -> None:
             finally:
                 con.close()
 
-        loopline(), bare()  # warm-up
-        t = best_of(args.repeats, {"loopline": loopline, "feast": feast, "bare": bare})
         feature_total = sum(
             pl.scan_parquet(home / "features" / v / "*.parquet").select(pl.len()).collect().item()
             for v in (CARD_VIEW, MERCHANT_VIEW)
         )
-        print(
-            f"(a) training set: {args.entities:,} entity rows x {feature_total:,} feature rows "
-            f"({cards:,} cards, {merchants:,} merchants), best of {args.repeats}"
-        )
-        print(f"    loopline historical_features     {t['loopline'] * 1000:9.1f} ms")
-        print(f"    feast get_historical_features    {t['feast'] * 1000:9.1f} ms")
-        print(f"    bare DuckDB ASOF JOIN            {t['bare'] * 1000:9.1f} ms")
-        print(
-            f"    feast / loopline                 {t['feast'] / t['loopline']:9.2f} x  (goal >= 8)"
-        )
-        print(
-            f"    loopline / bare                  {t['loopline'] / t['bare']:9.2f} x  (goal <= 1.5)"
-        )
+        if not args.online_only:
+            loopline(), bare()  # warm-up
+            t = best_of(args.repeats, {"loopline": loopline, "feast": feast, "bare": bare})
+            print(
+                f"(a) training set: {args.entities:,} entity rows x {feature_total:,} feature rows "
+                f"({cards:,} cards, {merchants:,} merchants), best of {args.repeats}"
+            )
+            print(f"    loopline historical_features     {t['loopline'] * 1000:9.1f} ms")
+            print(f"    feast get_historical_features    {t['feast'] * 1000:9.1f} ms")
+            print(f"    bare DuckDB ASOF JOIN            {t['bare'] * 1000:9.1f} ms")
+            print(
+                f"    feast / loopline                 {t['feast'] / t['loopline']:9.2f} x  (goal >= 8)"
+            )
+            print(
+                f"    loopline / bare                  {t['loopline'] / t['bare']:9.2f} x  (goal <= 1.5)"
+            )
 
         # (c) first: the online store must be loaded before it can be read.
         end = T0 + timedelta(days=DAYS)
@@ -265,8 +276,15 @@ def main() -> None:
                 for name, value, _ in con.execute(sql_, (key,)):
                     out[name] = Value.FromString(value)
 
+        sample = keys.head(200)
+        assert online_features(store, sample, at=at).equals(
+            online_features_sdk(store, sample, at=at)
+        ), "online_features differs from the Feast SDK path"
         cases = {
             "loopline online_features": lambda i: online_features(store, requests[i], at=at),
+            "online_features_sdk (before)": lambda i: online_features_sdk(
+                store, requests[i], at=at
+            ),
             "feast SDK, whole service": lambda i: store.get_online_features(
                 features=service, entity_rows=full_rows[i]
             ).to_dict(),
@@ -290,8 +308,35 @@ def main() -> None:
             print(f"    {name:<28} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
         base = stats["direct SQLite read"]
         ours = stats["loopline online_features"]
+        before = stats["online_features_sdk (before)"]
         print(
             f"    loopline / direct            p50 {ours[0] / base[0]:7.1f} x   p99 {ours[1] / base[1]:7.1f} x"
+        )
+        print(
+            f"    before / loopline            p50 {before[0] / ours[0]:7.1f} x   p99 {before[1] / ours[1]:7.1f} x"
+        )
+
+        batches = [keys.slice(i, 32) for i in range(0, keys.height - 31, 32)]
+        batch_cases = {
+            "loopline online_features": lambda b: online_features(store, b, at=at),
+            "online_features_sdk (before)": lambda b: online_features_sdk(store, b, at=at),
+        }
+        batch_samples: dict[str, list[float]] = {name: [] for name in batch_cases}
+        for batch in batches:
+            for name, fn in batch_cases.items():
+                start = time.perf_counter()
+                fn(batch)
+                batch_samples[name].append(time.perf_counter() - start)
+        print(f"    batches of 32 requests, {len(batches)} batches")
+        batch_stats = {name: percentiles(s) for name, s in batch_samples.items()}
+        for name, (p50, p99) in batch_stats.items():
+            print(f"    {name:<28} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
+        ours, before = (
+            batch_stats["loopline online_features"],
+            batch_stats["online_features_sdk (before)"],
+        )
+        print(
+            f"    before / loopline            p50 {before[0] / ours[0]:7.1f} x   p99 {before[1] / ours[1]:7.1f} x"
         )
 
 

@@ -107,27 +107,35 @@ def version_info(registry: Registry, version: str, model_name: str = MODEL_NAME)
     )
 
 
+_TRANSACTION_SCHEMA = {
+    "transaction_id": pl.String,
+    "card_id": pl.String,
+    "merchant_id": pl.String,
+    "amount": pl.Float64,
+    "channel": pl.String,
+    "country": pl.String,
+    "transaction_timestamp": UTC_TS,
+}
+
+
 def transactions_frame(transactions: Sequence[Transaction]) -> pl.DataFrame:
-    """Validated transactions as the entity/request rows Feast expects (fixed schema)."""
+    """Validated transactions as the entity/request rows Feast expects (fixed schema). Built
+    from rows: a few times cheaper than column by column for the small batches serving sees."""
     return pl.DataFrame(
-        {
-            "transaction_id": [t.transaction_id for t in transactions],
-            "card_id": [t.card_id for t in transactions],
-            "merchant_id": [t.merchant_id for t in transactions],
-            "amount": [t.amount for t in transactions],
-            "channel": [t.channel for t in transactions],
-            "country": [t.country for t in transactions],
-            "transaction_timestamp": [t.timestamp for t in transactions],
-        },
-        schema={
-            "transaction_id": pl.String,
-            "card_id": pl.String,
-            "merchant_id": pl.String,
-            "amount": pl.Float64,
-            "channel": pl.String,
-            "country": pl.String,
-            "transaction_timestamp": UTC_TS,
-        },
+        [
+            (
+                t.transaction_id,
+                t.card_id,
+                t.merchant_id,
+                t.amount,
+                t.channel,
+                t.country,
+                t.timestamp,
+            )
+            for t in transactions
+        ],
+        schema=_TRANSACTION_SCHEMA,
+        orient="row",
     )
 
 

@@ -6,10 +6,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pytest
 from feast import FeatureStore
 
+from features.feature_repo.definitions import transaction_request_features
 from features.store import (
     _READERS,
     _StoreReader,
@@ -97,3 +100,35 @@ def test_the_lookup_sees_rows_loaded_after_its_first_call(tmp_path: Path) -> Non
     second = online_features(store, rows, at=END)
     assert not first.equals(second)
     _assert_same(second, online_features_sdk(store, rows, at=END))
+
+
+def _pandas_reference(inputs: pd.DataFrame) -> pd.DataFrame:
+    """The request-time features as first written, in pandas operations."""
+    out = pd.DataFrame(index=inputs.index)
+    mean = inputs["card_amount_mean_30d"].astype("float64")
+    out["tx_amount_to_card_mean_30d"] = inputs["amount"].astype("float64") / mean.where(mean > 0)
+    home = inputs["card_home_country"]
+    out["tx_is_foreign"] = (home.notna() & (inputs["country"] != home)).astype("bool")
+    ts = pd.to_datetime(inputs["transaction_timestamp"], utc=True)
+    out["tx_hour_of_day"] = ts.dt.hour.astype("int64")
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 1000])
+def test_request_time_udf_keeps_the_meaning_of_its_pandas_formulation(n: int) -> None:
+    rng = np.random.default_rng(n)
+    mean = rng.normal(10.0, 20.0, n)
+    mean[rng.random(n) < 0.2] = 0.0
+    table = pa.table(
+        {
+            "amount": pa.array(np.where(rng.random(n) < 0.05, np.nan, rng.gamma(2.0, 30.0, n))),
+            "country": pa.array(rng.choice(["US", "GB"], n).astype(object)),
+            "transaction_timestamp": pa.array(
+                rng.integers(-(10**15), 3 * 10**15, n), pa.timestamp("us", "UTC")
+            ),
+            "card_amount_mean_30d": pa.array(mean, mask=rng.random(n) < 0.2),
+            "card_home_country": pa.array(rng.choice(["US", "GB", None], n)),
+        }
+    )
+    ours = pa.Table.from_pandas(transaction_request_features(table.to_pandas()))
+    assert ours.equals(pa.Table.from_pandas(_pandas_reference(table.to_pandas())))
