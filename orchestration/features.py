@@ -5,8 +5,12 @@ has no features yet up to date, in arrival order, and ``features_sensor`` starts
 whenever validated batches wait (docs/decisions.md, "Features follow validated batches").
 """
 
+import fcntl
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import dagster as dg
 
@@ -82,6 +86,20 @@ def merchant_features(
     return _update(context, storage, MERCHANT_VIEW)
 
 
+@contextmanager
+def _feast_lock(home: Path) -> Iterator[None]:
+    """One Feast writer or reader per home at a time, across run processes: ``feast apply``
+    rewrites the registry file in place, and a run reading it meanwhile finds no entities."""
+    path = Path(home) / "feast" / ".registry.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dg.asset(group_name=GROUP, kinds={"feast"})
 def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     """Feast registry with the repo's declarations; re-applied only when they change."""
@@ -89,9 +107,10 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     from features.store import SERVICE, apply_definitions
 
     home = storage.settings.home
-    store = storage.feature_store()
-    applied = apply_definitions(store, home)
-    service = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
+    with _feast_lock(home):
+        store = storage.feature_store()
+        applied = apply_definitions(store, home)
+        service = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
     fingerprint = service.tags[HASH_TAG]
     return dg.MaterializeResult(
         metadata={
@@ -115,8 +134,9 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
     from features import incremental
 
     home = storage.settings.home
-    store = storage.feature_store()
-    sync = incremental.sync_online(store, home)
+    with _feast_lock(home):
+        store = storage.feature_store()
+        sync = incremental.sync_online(store, home)
     intervals = [
         {"view": v, "start": a.isoformat(), "end": b.isoformat()}
         for v, (a, b) in sync.loaded.items()
