@@ -299,9 +299,9 @@ class _StoreReader(_OnlineReader):
     def read(self, read: _ViewRead, keys: list[Any]) -> list[_Found]:
         protos = [read.entity_key(k) for k in keys]
         out: list[_Found] = []
-        for stamp, values in self.provider.online_read(
-            self.config, read.view, protos, read.features
-        ):
+        # A copy: stores may extend the list they are given (Redis appends its timestamp key).
+        features = list(read.features)
+        for stamp, values in self.provider.online_read(self.config, read.view, protos, features):
             if values is None:
                 out.append((None, None))
                 continue
