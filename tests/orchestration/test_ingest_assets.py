@@ -1,6 +1,7 @@
 """Landing -> raw -> validated through the real sensor and assets, in a temp Loopline home."""
 
 import json
+from datetime import timedelta
 
 import polars as pl
 import pytest
@@ -156,3 +157,29 @@ def test_reference_profile_bootstraps_and_drift_is_a_warning_not_a_stop(platform
         m for o in outcomes for m in o.asset_materializations_for_node("validated_transactions")
     ]
     assert max(materialization.metadata["psi"].value.values()) > 0.2
+
+
+def test_a_batch_of_part_of_a_day_is_not_skewed_for_its_hours(platform):
+    config = simulator.ScenarioConfig(seed=5, n_cards=200, n_merchants=40, rows_per_batch=400)
+    platform.land(config, batches=4)
+    platform.ingest_all()
+    # The same scenario cut into 3-hour batches: each holds a few hours of the day only.
+    partial = simulator.ScenarioConfig(
+        seed=5,
+        n_cards=200,
+        n_merchants=40,
+        rows_per_batch=1500,
+        batch_span=timedelta(hours=3),
+        start=simulator.Simulator(config).start + timedelta(days=1, hours=12),
+    )
+    platform.land(partial, batches=1, land_reference=False)
+    outcomes = platform.ingest_all()
+    [skew] = [
+        e
+        for o in outcomes
+        for e in o.get_asset_check_evaluations()
+        if e.check_name == "distribution_skew"
+    ]
+    assert skew.metadata["compared"].value is True
+    features = {f["feature"] for f in skew.metadata["drift"].value["features"]}
+    assert "hour_of_day" not in features and "amount" in features
