@@ -55,6 +55,7 @@ class CandidateConfig(_TrainingRunConfig):
     max_embedding_dim: int = _TRAIN.max_embedding_dim
     max_categories: int = _TRAIN.max_categories
     imbalance: str = _TRAIN.imbalance
+    max_pos_weight: float = _TRAIN.max_pos_weight
     calibrate: bool = _TRAIN.calibrate
 
 

@@ -10,7 +10,7 @@ from models.artifact import WEIGHTS, save_training_result
 from models.evaluate import evaluate_model, evaluate_scores
 from models.gate import GatePolicy, InfraReport, infra_validate, validate_challenger
 from models.train import train_baseline, train_model
-from tests.models.testkit import FAST, SPEC
+from tests.models.testkit import FAST, SPEC, WEAK_BASELINE
 
 SMALL_DATA = GatePolicy(slice_min_support=50, slice_min_positives=5, latency_repeats=10)
 GOOD_INFRA = InfraReport(
@@ -26,7 +26,7 @@ def _failed(decision) -> list[str]:
 def trained(training_set):
     return {
         "champion": train_model(training_set, SPEC, FAST),
-        "baseline": train_baseline(training_set, SPEC, FAST),
+        "baseline": train_baseline(training_set, SPEC, WEAK_BASELINE),
     }
 
 

@@ -18,7 +18,7 @@ from models.release import (
 )
 from models.spec import feature_spec_from_fields
 from models.train import train_baseline, train_model
-from tests.models.testkit import FAST, SPEC
+from tests.models.testkit import FAST, SPEC, WEAK_BASELINE
 
 POLICY = GatePolicy(slice_min_support=10_000, latency_repeats=3, max_latency_ms_batch1=500.0)
 LINEAGE = Lineage(
@@ -49,7 +49,7 @@ def saved(training_set, tmp_path_factory):
     return (
         save_training_result(train_model(training_set, SPEC, FAST), root / "c", golden_rows=golden),
         save_training_result(
-            train_baseline(training_set, SPEC, FAST), root / "b", golden_rows=golden
+            train_baseline(training_set, SPEC, WEAK_BASELINE), root / "b", golden_rows=golden
         ),
     )
 
