@@ -437,6 +437,7 @@ def test_continuous_run_stops_on_event_and_skips_landed_reference(tmp_path):
     assert [(b.dataset, b.batch_index) for b in landed] == [("transactions", k) for k in (1, 2, 3)]
 
 
+@pytest.mark.real_clock
 def test_run_with_the_default_start_emits_nothing_in_the_future(tmp_path):
     config = ScenarioConfig(seed=2, n_cards=200, n_merchants=30, rows_per_batch=200)
     landed = run(config, tmp_path, batches=2)
