@@ -55,6 +55,11 @@ bench-features: setup
 soak: setup
 	LOOPLINE_SOAK_SECONDS=600 $(BIN)/pytest -s tests/reliability/test_serving_reliability.py -k soak
 
+# Loop latency: `loopline demo` against a default-interval Dagster sensor (15-25 min).
+.PHONY: bench-loop
+bench-loop: setup
+	$(BIN)/python -m benchmarks.bench_loop
+
 .PHONY: bench-scale
 bench-scale: setup services
 	$(BIN)/python -m benchmarks.bench_scale

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,6 +40,10 @@ def wait_http(url: str, proc, timeout: float) -> None:
             except OSError:
                 time.sleep(0.5)
     raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def free_port() -> int:
@@ -80,6 +85,9 @@ class LivePlatform:
         from serving.config import ServingConfig
         from serving.process import TorchServeProcess
 
+        if threading.current_thread() is threading.main_thread():
+            # `kill`, a container stop or a CI timeout stop everything, as Ctrl-C does.
+            signal.signal(signal.SIGTERM, _interrupt)
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
         config = ServingConfig.for_home(self.settings.home)
         self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
@@ -226,6 +234,14 @@ def print_summary(data: dict[str, Any]) -> None:
         )
     for r in data.get("retrainings", []):
         table.add_row("retraining", f"{r['status']}: {r['trigger']} ({r['reason']})")
+    latency = data.get("loop_latency")
+    if latency:
+        table.add_row(
+            "loop latency",
+            f"{latency['answering_s']:.0f} s from {latency['batch']} landing to "
+            f"the new champion answering (run started {latency['run_started_s']:.0f} s, "
+            f"registered {latency['registered_s']:.0f} s, promoted {latency['promoted_s']} s)",
+        )
     check = data.get("schema_skew_check")
     if check:
         table.add_row(
@@ -364,6 +380,7 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     deadline = time.monotonic() + timeout
     outcome = "timed out waiting for the first champion"
     skew: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
     try:
         # 30 batches of history: the first 16 train the first champion, the rest drift.
         platform.start(scenario, interval_s=2.0, quiet=True, hold_at_batch=16)
@@ -393,18 +410,38 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
                 served = _champion_served(platform)
                 return served if promoted and served == promoted[-1].version else None
 
-            new = _wait_for(deadline, replaced, "a new champion", settings)
+            new = _wait_for(deadline, replaced, "a new champion", settings, every_s=1.0)
             outcome = (
                 f"{first} replaced by {new} after {drift} drift"
                 if new
                 else f"timed out waiting for a champion after {drift} drift"
             )
+            if new:
+                answered_at = datetime.now(UTC)
+                latency = loop_latency(settings, new, answered_at)
+                # No more batches (nothing new to trigger on); customers reach the new
+                # champion: score a sample of the newest batch.
+                live = platform.simulator
+                live.paused.set()
+                frame = live.sim.transactions(max(live.next_batch - 1, 0))
+                frame = frame.filter(frame["event_timestamp"] < answered_at)  # none from the future
+                platform.traffic.send(platform.traffic.requests_of_frame(frame))
+                # The promoting run watches the new version after promotion: let it finish
+                # rather than stop Dagster under it.
+                _wait_for(
+                    min(deadline, time.monotonic() + 600),
+                    lambda: True if not _loop_in_flight(settings) else None,
+                    "the promoting run to finish",
+                    settings,
+                    every_s=2.0,
+                )
     except KeyboardInterrupt:
         outcome = "interrupted"
     finally:
         platform.stop()
     data = summary(settings)
     data["outcome"] = outcome
+    data["loop_latency"] = latency
     data["schema_skew_check"] = skew
     data["retrainings"] = _loop_runs(settings)
     if platform.traffic is not None:
@@ -433,15 +470,77 @@ def _first_champion(platform: LivePlatform) -> str | None:
     return served
 
 
-def _wait_for(deadline: float, probe, what: str, settings: Settings):
+def _wait_for(deadline: float, probe, what: str, settings: Settings, every_s: float = 5.0):
     with console.status(f"waiting for {what}") as line:
         while time.monotonic() < deadline:
             found = probe()
             if found is not None:
                 return found
             line.update(f"waiting for {what} ({_progress(settings)})")
-            time.sleep(5)
+            time.sleep(every_s)
     return None
+
+
+_DONE = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def _loop_in_flight(settings: Settings) -> bool:
+    return any(r["status"] not in _DONE for r in _loop_runs(settings))
+
+
+def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dict[str, Any] | None:
+    """Seconds from the batch that set off ``version``'s training run to ``version`` answering.
+
+    The batch is the newest one the landing sensor received before that run started (its
+    trigger condition became true with it); the stages split the time between the sensors
+    (batch received -> run started), training and the gate (-> registered) and delivery
+    (-> promoted -> answering requests).
+    """
+    import dagster as dg
+
+    from quality.ledger import BatchLedger
+
+    registry = _registry(settings)
+    record = next((v for v in registry.list_versions() if v.version == version), None)
+    if record is None or not record.dagster_run_id:
+        return None
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        run = instance.get_run_record_by_id(record.dagster_run_id)
+    finally:
+        instance.dispose()
+    if run is None or run.start_time is None:
+        return None
+    started = datetime.fromtimestamp(run.start_time, UTC)
+    batch = next(
+        (
+            b
+            for b in BatchLedger(settings.ledger_path).batches()
+            if datetime.fromisoformat(b.received_at) <= started
+        ),
+        None,
+    )
+    if batch is None:
+        return None
+    received = datetime.fromisoformat(batch.received_at)
+    promoted = [
+        datetime.fromisoformat(e.at)
+        for e in registry.events()
+        if e.kind == "promoted" and e.version == version
+    ]
+
+    def since(t: datetime) -> float:
+        return round((t - received).total_seconds(), 1)
+
+    return {
+        "batch": batch.source_name,
+        "run_id": record.dagster_run_id,
+        "trigger": run.dagster_run.tags.get("loopline/trigger"),
+        "run_started_s": since(started),
+        "registered_s": since(datetime.fromisoformat(record.created_at)),
+        "promoted_s": since(promoted[-1]) if promoted else None,
+        "answering_s": since(answered_at),
+    }
 
 
 def _progress(settings: Settings) -> str:

@@ -154,6 +154,7 @@ class Traffic:
         self.failed = 0
         self.unserved = 0
         self._rng = random.Random(0)
+        self._lock = threading.Lock()  # send() runs on the traffic thread and the caller's
         self._queue: queue.Queue[list[dict] | None] = queue.Queue(maxsize=64)
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
 
@@ -170,6 +171,10 @@ class Traffic:
             frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
         except Exception:  # a faulty batch is the pipeline's problem, not the customers'
             return []
+        return self.requests_of_frame(frame)
+
+    def requests_of_frame(self, frame: pl.DataFrame) -> list[dict]:
+        """A sample of ``per_batch`` transactions as scoring requests (none if columns miss)."""
         needed = {"transaction_id", "card_id", "merchant_id", "amount", "channel", "country"}
         if not needed <= set(frame.columns) or "event_timestamp" not in frame.columns:
             return []
@@ -204,11 +209,15 @@ class Traffic:
                 sent += len(part)
             except TorchServeError as exc:
                 if exc.status in (404, None) or "not found" in str(exc).lower():
-                    self.unserved += len(requests) - sent
+                    with self._lock:
+                        self.unserved += len(requests) - sent
+                        self.sent += sent
                     return sent
-                self.failed += len(part)
+                with self._lock:
+                    self.failed += len(part)
                 logger.warning("traffic: %s", exc)
-        self.sent += sent
+        with self._lock:
+            self.sent += sent
         return sent
 
     def _run(self) -> None:
