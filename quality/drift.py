@@ -266,7 +266,7 @@ class _Columns:
         )
         return cls(
             n_rows=df.height,
-            numeric={name: np.sort(_numeric_values(df, name)) for name in numeric},
+            numeric={name: _sorted_values(df, name) for name in numeric},
             categorical={
                 name: dict(zip(c[name].to_list(), c["__n__"].to_list(), strict=True))
                 for name, c in zip(categorical, counts, strict=True)
@@ -449,10 +449,14 @@ def _sorted_quantiles(ordered: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * weight
 
 
-def _numeric_values(df: pl.DataFrame, name: str) -> np.ndarray:
-    series = df[name].cast(pl.Float64)
-    series = series.fill_nan(None).drop_nulls()
-    return series.to_numpy()
+def _sorted_values(df: pl.DataFrame, name: str) -> np.ndarray:
+    """A column's non-null, non-NaN values as sorted float64.
+
+    Polars sorts 1M floats in about half NumPy's time here, single-threaded too; the values are
+    the same, only the order of -0.0 and 0.0 among themselves may differ.
+    """
+    series = df[name].cast(pl.Float64).fill_nan(None).drop_nulls()
+    return series.sort().to_numpy()
 
 
 def _rel_entr(x: np.ndarray, y: np.ndarray) -> np.ndarray:

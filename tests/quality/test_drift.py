@@ -262,6 +262,25 @@ def test_null_rates_are_measured_on_both_sides() -> None:
     assert result.feature("amount").psi < 0.05
 
 
+def test_nan_counts_as_missing_like_null() -> None:
+    values = np.random.default_rng(4).normal(size=2_000)
+    with_gaps = values.copy()
+    with_gaps[::10] = np.nan
+    df = pl.DataFrame({"amount": with_gaps}).with_columns(
+        pl.when(pl.int_range(pl.len()) % 10 == 5).then(None).otherwise("amount").alias("amount")
+    )
+    present = df["amount"].fill_nan(None).drop_nulls().to_numpy()
+    profile = build_profile(df, ["amount"], [], sample_size=500)
+    result = compare(profile, df)
+
+    amount = profile.numeric["amount"]
+    assert amount.count == present.size == 1_600
+    assert amount.null_rate == pytest.approx(0.2)
+    assert (amount.min, amount.max) == (present.min(), present.max())
+    assert amount.quantiles[50] == pytest.approx(np.quantile(present, 0.5), rel=1e-12)
+    assert result.feature("amount").ks == stats.ks_2samp(amount.sample, present).statistic
+
+
 def test_profile_holds_the_documented_statistics() -> None:
     df = batch(30_000, seed=2).with_columns(
         pl.when(pl.int_range(pl.len()) < 300).then(None).otherwise(pl.col("amount")).alias("amount")
