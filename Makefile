@@ -82,3 +82,16 @@ $(PEER)/.installed: benchmarks/requirements-peer.txt $(STAMP)
 
 clean:
 	rm -rf .loopline
+
+# Drift statistics vs Evidently (issue 6). Evidently gets its own venv with its own pandas (<3),
+# not the product's site-packages: what it pulls in cannot reach .venv.
+DRIFT_PEER := benchmarks/.venv-drift-peer
+.PHONY: bench-drift
+
+bench-drift: setup $(DRIFT_PEER)/.installed
+	$(BIN)/python -m benchmarks.bench_drift --peer-python $(DRIFT_PEER)/bin/python
+
+$(DRIFT_PEER)/.installed: benchmarks/requirements-drift-peer.txt
+	@test -x $(DRIFT_PEER)/bin/python || $(PYTHON) -m venv $(DRIFT_PEER)
+	$(DRIFT_PEER)/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements-drift-peer.txt
+	@touch $@
