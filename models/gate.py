@@ -101,6 +101,20 @@ def validate_challenger(
             f"than the challenger ({challenger.split}, {challenger.support} rows)",
         )
 
+    positives = int(challenger.metrics.get("positives", 0))
+    enough = positives >= policy.min_test_positives
+    add(
+        "enough_positives",
+        enough,
+        f"{positives} positives in {challenger.split}"
+        + (
+            f" (>= {policy.min_test_positives})"
+            if enough
+            else f", fewer than {policy.min_test_positives}: too few to tell models apart; "
+            "retrain once more labels have arrived"
+        ),
+        positives=positives,
+    )
     value = challenger.metrics.get(metric, math.nan)
     if value is None or math.isnan(value):
         add(

@@ -150,6 +150,8 @@ class GatePolicy:
     primary_metric: str = "pr_auc"
     min_gain_over_baseline: float = 0.0
     min_gain_over_champion: float = 0.002
+    # Below this many positives in the test split the metric is noise (decision 16): no verdict.
+    min_test_positives: int = 30
     slice_metric: str | None = None
     slice_tolerance: float = 0.05
     slice_min_support: int = 500

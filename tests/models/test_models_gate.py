@@ -169,3 +169,19 @@ def test_reports_on_different_data_are_not_compared():
     b = evaluate_scores("b", y[:-10], scores(np.full(y.size, 1.0))[:-10], 0.5, slice_columns=())
     decision = validate_challenger(a, b, None, GOOD_INFRA, GatePolicy())
     assert "same_data_as_baseline" in _failed(decision)
+
+
+def test_too_few_test_positives_get_no_verdict():
+    # 200 rows at 10% fraud: ~20 positives, where a better-looking challenger is luck.
+    frame, y, scores, _ = _scored_slices(seed=2, n=200)
+    a, b, base = (
+        evaluate_scores(name, y, scores(np.full(y.size, s)), 0.5, frame, slice_columns=())
+        for name, s in (("a", 4.0), ("b", 1.0), ("c", 0.5))
+    )
+    positives = int(y.sum())
+    assert a.metrics["pr_auc"] > b.metrics["pr_auc"] and positives < 30
+    decision = validate_challenger(a, base, b, GOOD_INFRA, GatePolicy())
+    assert _failed(decision) == ["enough_positives"]
+    assert f"{positives} positives" in decision.reasons[0]
+    lowered = GatePolicy(min_test_positives=positives)
+    assert validate_challenger(a, base, b, GOOD_INFRA, lowered).passed
