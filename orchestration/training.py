@@ -69,6 +69,7 @@ class GateConfig(dg.Config):
     primary_metric: str = _GATE.primary_metric
     min_gain_over_baseline: float = _GATE.min_gain_over_baseline
     min_gain_over_champion: float = _GATE.min_gain_over_champion
+    min_test_positives: int = _GATE.min_test_positives
     slice_tolerance: float = _GATE.slice_tolerance
     slice_min_support: int = _GATE.slice_min_support
     slice_min_positives: int = _GATE.slice_min_positives
