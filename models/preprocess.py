@@ -1,14 +1,17 @@
 """Turns feature rows into model tensors, identically at training and serving time.
 
-Serving hands in a list of dicts, training a Polars frame; both go through one Polars code
-path so they cannot drift apart. Everything fitted (imputation values, vocabularies) is
-plain JSON so it can sit beside a `weights_only` state_dict.
+Training hands in a Polars frame; the serving handler columns of Python values (a batch of a
+few rows, where building a frame and planning Polars expressions would cost more than the
+arithmetic). Both run the same NumPy arithmetic on the numbers and the same vocabulary lookup,
+and a test holds the two paths equal bit for bit. Everything fitted (imputation values,
+vocabularies) is plain JSON so it can sit beside a `weights_only` state_dict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,6 +40,24 @@ def signed_log1p(values: np.ndarray) -> np.ndarray:
     """Compresses heavy tails (amounts, counts, ratios) so one extreme value cannot dominate."""
     finite = np.nan_to_num(values, nan=0.0, posinf=_FLOAT64_MAX, neginf=-_FLOAT64_MAX)
     return np.sign(finite) * np.log1p(np.abs(finite))
+
+
+def _impute_and_compress(
+    raw: np.ndarray, impute: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(compressed values, missing flags) of float64 values: NaN becomes the training median.
+    Elementwise, so a column at a time (training) and a block of columns with one median per
+    column (serving) give the same numbers."""
+    missing = np.isnan(raw)
+    return signed_log1p(np.where(missing, impute, raw)), missing
+
+
+class _Compiled(NamedTuple):
+    """What every transform needs, derived once per Preprocessor (per loaded model)."""
+
+    impute: np.ndarray  # float64, one median per numeric column
+    categories: tuple[dict[str, int], ...]  # value -> index, per categorical column
+    category_exprs: tuple[pl.Expr, ...]  # the same mapping as Polars expressions
 
 
 @dataclass(frozen=True)
@@ -83,39 +104,67 @@ class Preprocessor:
     def cardinalities(self) -> tuple[int, ...]:
         return tuple(len(self.vocab[name]) + FIRST_CATEGORY_INDEX for name in self.spec.categorical)
 
+    @cached_property
+    def _compiled(self) -> _Compiled:
+        impute = np.array([self.impute[name] for name in self.spec.numeric], dtype=np.float64)
+        categories = tuple(
+            {v: i + FIRST_CATEGORY_INDEX for i, v in enumerate(self.vocab[name])}
+            for name in self.spec.categorical
+        )
+        exprs = []
+        for name, mapping in zip(self.spec.categorical, categories, strict=True):
+            col = pl.col(name).cast(pl.String)
+            exprs.append(
+                pl.when(col.is_null())
+                .then(pl.lit(MISSING_INDEX, dtype=pl.Int64))
+                .otherwise(col.replace_strict(mapping, default=OOV_INDEX, return_dtype=pl.Int64))
+                .alias(name)
+            )
+        return _Compiled(impute, categories, tuple(exprs))
+
     def transform(self, data: pl.DataFrame | Sequence[Mapping[str, Any]]) -> TabularBatch:
         """Rows -> tensors; unknown categories map to OOV, nulls to imputed value + indicator."""
         frame = data if isinstance(data, pl.DataFrame) else self.records_to_frame(data)
         _require_columns(frame, self.spec.columns)
+        compiled = self._compiled
         n = frame.height
         k = len(self.spec.numeric)
         numeric = np.zeros((n, 2 * k), dtype=np.float32)
         for j, name in enumerate(self.spec.numeric):
             raw = frame.get_column(name).cast(pl.Float64).to_numpy()
-            missing = np.isnan(raw)
-            filled = np.where(missing, self.impute[name], raw)
-            numeric[:, j] = signed_log1p(filled)
-            numeric[:, k + j] = missing
+            numeric[:, j], numeric[:, k + j] = _impute_and_compress(raw, compiled.impute[j])
         if self.spec.categorical:
-            exprs = []
-            for name in self.spec.categorical:
-                mapping = {v: i + FIRST_CATEGORY_INDEX for i, v in enumerate(self.vocab[name])}
-                col = pl.col(name).cast(pl.String)
-                exprs.append(
-                    pl.when(col.is_null())
-                    .then(pl.lit(MISSING_INDEX, dtype=pl.Int64))
-                    .otherwise(
-                        col.replace_strict(mapping, default=OOV_INDEX, return_dtype=pl.Int64)
-                    )
-                    .alias(name)
-                )
-            categorical = np.array(frame.select(exprs).to_numpy(), dtype=np.int64)
+            categorical = np.array(frame.select(compiled.category_exprs).to_numpy(), dtype=np.int64)
         else:
             categorical = np.zeros((n, 0), dtype=np.int64)
         return TabularBatch(
             torch.from_numpy(np.ascontiguousarray(numeric)),
             torch.from_numpy(np.ascontiguousarray(categorical)),
         )
+
+    def transform_columns(self, columns: Mapping[str, Sequence[Any]]) -> TabularBatch:
+        """``transform`` of columns of Python values (None or NaN for null), as a serving batch
+        holds them: the numeric columns as one float64 block through the same arithmetic, the
+        categories looked up in the same vocabularies, with no frame built."""
+        _require_columns(columns, self.spec.columns)
+        compiled = self._compiled
+        n = len(columns[self.spec.columns[0]])
+        k = len(self.spec.numeric)
+        numeric = np.zeros((n, 2 * k), dtype=np.float32)
+        if k:
+            raw = np.array([columns[name] for name in self.spec.numeric], dtype=np.float64).T
+            numeric[:, :k], numeric[:, k:] = _impute_and_compress(raw, compiled.impute)
+        categorical = np.zeros((n, len(self.spec.categorical)), dtype=np.int64)
+        for j, (name, mapping) in enumerate(
+            zip(self.spec.categorical, compiled.categories, strict=True)
+        ):
+            categorical[:, j] = [
+                MISSING_INDEX
+                if v is None
+                else mapping.get(v if type(v) is str else str(v), OOV_INDEX)
+                for v in columns[name]
+            ]
+        return TabularBatch(torch.from_numpy(numeric), torch.from_numpy(categorical))
 
     def records_to_frame(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
         """Builds a frame with a fixed schema, so a batch of one row types like a million."""
@@ -167,7 +216,8 @@ def label_array(frame: pl.DataFrame, label: str = "label") -> np.ndarray:
     return values
 
 
-def _require_columns(frame: pl.DataFrame, names: Sequence[str]) -> None:
-    missing = [n for n in names if n not in frame.columns]
+def _require_columns(data: pl.DataFrame | Mapping[str, Any], names: Sequence[str]) -> None:
+    present = data.columns if isinstance(data, pl.DataFrame) else data
+    missing = [n for n in names if n not in present]
     if missing:
         raise KeyError(f"input is missing feature columns {missing}")

@@ -93,3 +93,78 @@ def test_missing_column_and_bad_labels_fail_clearly():
         pre.labels(_frame().with_columns(label=pl.lit(2)))
     with pytest.raises(ValueError, match="null"):
         pre.labels(_frame().with_columns(label=pl.lit(None, dtype=pl.Int8)))
+
+
+VARIED = FeatureSpec(numeric=("x", "count", "flag", "ratio"), categorical=("country", "channel"))
+EXTREMES = [0.0, -0.0, 1e-300, -1e-300, 1e308, -1e308, np.inf, -np.inf, np.nan, 2.0**53 + 1]
+VARIED_SCHEMA = {
+    "x": pl.Float64,
+    "count": pl.Int64,
+    "flag": pl.Boolean,
+    "ratio": pl.Float64,
+    "country": pl.String,
+    "channel": pl.String,
+    "label": pl.Int8,
+}
+
+
+def _varied_frame(n: int, seed: int) -> pl.DataFrame:
+    """Nulls, NaN, infinities, float64's extremes, ints beyond 2**53, booleans, categories
+    unseen in training (and "", a case variant), every column null somewhere."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)
+    extreme = rng.random(n) < 0.2
+    x[extreme] = rng.choice(EXTREMES, int(extreme.sum()))
+    small = rng.random(n) < 0.5
+    count = np.where(small, rng.integers(0, 40, n), rng.integers(-(2**62), 2**62, n))
+    columns = {
+        "x": x.tolist(),
+        "count": count.tolist(),
+        "flag": (rng.random(n) < 0.5).tolist(),
+        "ratio": rng.gamma(2.0, 3.0, n).tolist(),
+        "country": rng.choice(["DE", "FR", "US", "ZZ", "", "de"], n).tolist(),
+        "channel": rng.choice(["web", "pos", "app", "atm"], n).tolist(),
+    }
+    rows = {
+        name: [None if rng.random() < (0.5 if name == "ratio" else 0.1) else v for v in values]
+        for name, values in columns.items()
+    }
+    rows["label"] = rng.integers(0, 2, n).tolist()
+    return pl.DataFrame(rows, schema=VARIED_SCHEMA)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 32, 1000])
+def test_the_columns_path_equals_the_frame_path_bit_for_bit(n: int) -> None:
+    """Serving's ``transform_columns`` (Python values, NumPy on a block of columns) against
+    training's ``transform`` of the same rows as a frame."""
+    train = _varied_frame(400, seed=1).filter(pl.col("country") != "ZZ")
+    pre = Preprocessor.fit(train, VARIED)
+    assert "ZZ" not in pre.vocab["country"] and "atm" in pre.vocab["channel"]
+    frame = _varied_frame(n, seed=n + 7)
+    by_frame = pre.transform(frame)
+    by_columns = pre.transform_columns(frame.to_dict(as_series=False))
+    assert by_columns.numeric.dtype == by_frame.numeric.dtype == torch.float32
+    assert by_columns.categorical.dtype == by_frame.categorical.dtype == torch.int64
+    assert torch.equal(by_columns.numeric, by_frame.numeric)
+    assert torch.equal(by_columns.categorical, by_frame.categorical)
+    if n >= 32:  # the frame exercised every branch
+        codes = set(by_frame.categorical.flatten().tolist())
+        assert {MISSING_INDEX, OOV_INDEX} <= codes
+        assert by_frame.numeric[:, len(VARIED.numeric) :].sum() > 0  # missing indicators
+
+
+def test_the_columns_path_is_built_once_per_preprocessor() -> None:
+    pre = Preprocessor.fit(_varied_frame(50, seed=2), VARIED)
+    assert pre._compiled is pre._compiled
+    again = Preprocessor.from_dict(pre.to_dict())
+    assert again == pre  # the compiled state is not part of equality or the JSON
+    rows = _varied_frame(5, seed=3)
+    assert torch.equal(
+        again.transform_columns(rows.to_dict(as_series=False)).numeric, pre.transform(rows).numeric
+    )
+
+
+def test_the_columns_path_refuses_missing_columns() -> None:
+    pre = Preprocessor.fit(_frame(), SMALL)
+    with pytest.raises(KeyError, match="country"):
+        pre.transform_columns({"x": [1.0], "y": [2.0]})
