@@ -46,7 +46,12 @@ from feast.type_map import (
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from features.feature_repo.definitions import HASH_TAG, Definitions, build_definitions
+from features.feature_repo.definitions import (
+    HASH_TAG,
+    NUMPY_UDF_TAG,
+    Definitions,
+    build_definitions,
+)
 
 SERVICE = "fraud_model_v1"
 REPO_DIR = Path(__file__).resolve().parent / "feature_repo"
@@ -56,6 +61,7 @@ _U64_MAX = 2**64 - 1
 _I64_OFFSET = 2**63
 _KEY_CACHE = 1 << 16
 _VALUE_CACHE = 1 << 16
+_ROW_CACHE = 1 << 14  # entities per view the SQLite reader keeps decoded (~1 KB each)
 _SQLITE_CHUNK = 900
 
 
@@ -268,14 +274,24 @@ class _OnlinePlan:
                 keys={},
             )
             self.views.append((view, read))
-        self.odfvs: list[tuple[OnDemandFeatureView, list[str], set[str] | None]] = []
+        self.odfvs: list[_ViewTransform] = []
         for odfv in service.odfvs:
             inputs = list(odfv.get_request_data_schema())
             for projection in odfv.source_feature_view_projections.values():
                 inputs += [f.name for f in projection.features]
             names = {odfv.name, odfv.projection.name_to_use()}
             wanted = {r.split(":", 1)[1] for r in service.refs if r.split(":", 1)[0] in names}
-            self.odfvs.append((odfv, list(dict.fromkeys(inputs)), wanted or None))
+            numpy = odfv.mode == "pandas" and odfv.tags.get(NUMPY_UDF_TAG) == "true"
+            self.odfvs.append(_ViewTransform(odfv, list(dict.fromkeys(inputs)), wanted, numpy))
+
+
+class _ViewTransform(NamedTuple):
+    """One on-demand view's part of an online lookup."""
+
+    odfv: OnDemandFeatureView
+    inputs: list[str]  # its declared inputs: request fields, then source features
+    wanted: set[str]  # the outputs the service asks for (empty: all)
+    numpy: bool  # its pandas UDF also takes a dict of NumPy columns (NUMPY_UDF_TAG)
 
 
 _Found = tuple[int, dict[str, Any]] | tuple[None, None]
@@ -317,7 +333,10 @@ class _StoreReader(_OnlineReader):
 class _SqliteReader(_OnlineReader):
     """Feast's SQLite online store read directly: the query ``SqliteOnlineStore.online_read``
     runs, on a read-only connection per thread, decoding only the requested features (a
-    value's bytes decode the same way every time, so recent ones are cached)."""
+    value's bytes decode the same way every time, so recent ones are cached). An entity's
+    decoded row is kept until the database changes: SQLite's ``data_version`` moves with every
+    commit of another connection (a materialization, from any process), and then the kept rows
+    are dropped, so a read answers as the store holds the rows at that read."""
 
     def __init__(self, config: RepoConfig) -> None:
         self.path = SqliteOnlineStore._get_db_path(config)
@@ -330,7 +349,17 @@ class _SqliteReader(_OnlineReader):
         if con is None:
             uri = Path(self.path).resolve().as_uri() + "?mode=ro"
             con = self._local.con = sqlite3.connect(uri, uri=True)
+            self._local.data_version, self._local.rows = None, {}
         return con
+
+    def _kept_rows(self, con: sqlite3.Connection, read: _ViewRead) -> dict[bytes, _Found]:
+        """This thread's kept rows of the view's table and features, emptied if the database
+        changed since the last read."""
+        local = self._local
+        data_version = con.execute("PRAGMA data_version").fetchone()[0]
+        if data_version != local.data_version:
+            local.data_version, local.rows = data_version, {}
+        return local.rows.setdefault((read.table, tuple(read.features)), {})
 
     def _decode(self, blob: bytes) -> Any:
         if len(self._decoded) >= _VALUE_CACHE:
@@ -340,16 +369,21 @@ class _SqliteReader(_OnlineReader):
 
     def read(self, read: _ViewRead, keys: list[Any]) -> list[_Found]:
         serialized = [read.serialized_key(k, self.version) for k in keys]
+        con = self._connection()
+        kept = self._kept_rows(con, read)
+        unread = [key for key in serialized if key not in kept]
+        if len(kept) + len(unread) > _ROW_CACHE:
+            kept.clear()
+            unread = serialized
         wanted = set(read.features)
         decoded, decode = self._decoded, self._decode
-        con = self._connection()
-        found: dict[bytes, _Found] = {}
-        for start in range(0, len(serialized), _SQLITE_CHUNK):
-            chunk = serialized[start : start + _SQLITE_CHUNK]
+        for start in range(0, len(unread), _SQLITE_CHUNK):
+            chunk = unread[start : start + _SQLITE_CHUNK]
             query = (
                 f"SELECT entity_key, feature_name, value, event_ts FROM {_quote(read.table)} "
                 f"WHERE entity_key IN ({','.join('?' * len(chunk))}) ORDER BY entity_key"
             )
+            found: dict[bytes, _Found] = {}
             for key, group in itertools.groupby(con.execute(query, chunk), _first):
                 group = list(group)
                 values = {
@@ -360,7 +394,8 @@ class _SqliteReader(_OnlineReader):
                 # As Feast: the entity's time is its last row's, read by Feast's converter.
                 stamp = convert_timestamp(group[-1][3]).replace(tzinfo=UTC)
                 found[key] = (_micros(stamp), values)
-        return [found.get(key, _NOT_FOUND) for key in serialized]
+            kept.update((key, found.get(key, _NOT_FOUND)) for key in chunk)
+        return [kept[key] for key in serialized]
 
 
 _NOT_FOUND = (None, None)
@@ -537,6 +572,53 @@ def historical_features(
     return pl.from_arrow(_FeastJob(table, service.odfvs, metadata).to_arrow())
 
 
+class OnlineColumns(NamedTuple):
+    """The features of request rows, column by column: Python lists (None where null) and their
+    Arrow types. What ``online_features`` appends to the rows, before any frame is built."""
+
+    values: dict[str, list[Any]]
+    types: dict[str, pa.DataType]
+
+
+def online_columns(
+    store: FeatureStore,
+    rows: pa.Table,
+    *,
+    service_name: str = SERVICE,
+    at: datetime | None = None,
+) -> OnlineColumns:
+    """``online_features`` without the frame: the serving handler's path, where a batch is a
+    few rows and building frames would cost more than the lookup. The rows (join keys and
+    request fields) come as an Arrow table, as Feast would hand them to an on-demand view."""
+    at = at or datetime.now(UTC)
+    service = _resolve(store, service_name)
+    plan = service.online_plan(store)
+    reader = _reader(store)
+    values: dict[str, list[Any]] = {}
+    types: dict[str, pa.DataType] = {}
+    for view, read in plan.views:
+        columns = [rows.column(c).to_pylist() for c in read.entity_columns]
+        keys = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))
+        slots: dict[Any, int] = {}
+        inverse = [slots.setdefault(k, len(slots)) for k in keys]
+        found = reader.read(read, list(slots))
+        floor_us = _micros(at - view.ttl) if view.ttl else None
+        alive = [
+            values if values is not None and (floor_us is None or stamp >= floor_us) else None
+            for stamp, values in found
+        ]
+        per_row = alive if len(alive) == len(inverse) else [alive[i] for i in inverse]
+        for name in read.features:
+            values[name] = [None if v is None else v.get(name) for v in per_row]
+            types[name] = service.arrow_types[name]
+    for step in plan.odfvs:
+        for name, column in _transform(step, rows, values, types).items():
+            if not name.startswith("__index") and (not step.wanted or name in step.wanted):
+                values[name] = column.to_pylist()
+                types[name] = column.type
+    return OnlineColumns(values, types)
+
+
 def online_features(
     store: FeatureStore,
     entity_rows: pl.DataFrame | list[dict[str, Any]],
@@ -552,51 +634,50 @@ def online_features(
     ``historical_features``. Answers exactly as ``online_features_sdk`` (a test holds them equal)
     at a fraction of its cost: the SQLite store is read directly (Feast's table layout, key
     encoding and value decoding), other stores through their ``online_read``; the on-demand
-    views see only their declared inputs.
+    views see only their declared inputs, as NumPy columns where the view's UDF takes them.
     """
     rows = entity_rows if isinstance(entity_rows, pl.DataFrame) else pl.DataFrame(entity_rows)
-    at = at or datetime.now(UTC)
-    service = _resolve(store, service_name)
-    plan = service.online_plan(store)
-    reader = _reader(store)
     table = rows.to_arrow()
-    for view, read in plan.views:
-        columns = [rows.get_column(c).to_list() for c in read.entity_columns]
-        keys = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))
-        slots: dict[Any, int] = {}
-        inverse = [slots.setdefault(k, len(slots)) for k in keys]
-        found = reader.read(read, list(slots))
-        floor_us = _micros(at - view.ttl) if view.ttl else None
-        alive = [
-            values if values is not None and (floor_us is None or stamp >= floor_us) else None
-            for stamp, values in found
-        ]
-        per_row = alive if len(alive) == len(inverse) else [alive[i] for i in inverse]
-        for name in read.features:
-            values = [None if v is None else v.get(name) for v in per_row]
-            table = table.append_column(name, pa.array(values, type=service.arrow_types[name]))
-    for odfv, inputs, wanted in plan.odfvs:
-        transformed = _transform(odfv, inputs, table)
-        for name in transformed.column_names:
-            if not name.startswith("__index") and (wanted is None or name in wanted):
-                table = table.append_column(name, transformed[name])
+    found = online_columns(store, table, service_name=service_name, at=at)
+    for name, values in found.values.items():
+        table = table.append_column(name, pa.array(values, type=found.types[name]))
     return pl.from_arrow(table)
 
 
-def _transform(odfv: OnDemandFeatureView, inputs: list[str], table: pa.Table) -> pa.Table:
-    """``odfv.transform_arrow(table)`` for a pandas view, without Feast's wrapping: its UDF
-    on its declared inputs only (request fields, source features), converted to and from
-    pandas as Feast converts them (Arrow's ``to_pandas``, ``from_pandas`` per column; the
-    index, which Feast drops, is not converted). Other modes, or a UDF that reads other
-    columns or renames its outputs, go through Feast."""
-    if odfv.mode == "pandas" and all(c in table.column_names for c in inputs):
+def _transform(
+    step: _ViewTransform,
+    rows: pa.Table,
+    values: dict[str, list[Any]],
+    types: dict[str, pa.DataType],
+) -> dict[str, pa.Array | pa.ChunkedArray]:
+    """The on-demand view's outputs for the rows and the features found so far.
+
+    A view tagged ``NUMPY_UDF_TAG`` gets its declared inputs as NumPy columns, converted as
+    Arrow converts them for pandas, and its outputs go to Arrow as Feast converts a pandas
+    frame's (``from_pandas``: NaN is null). Another pandas view gets its declared inputs as a
+    pandas frame (the index, which Feast drops, is not converted). Other modes, or a UDF that
+    reads other columns or renames its outputs, go through ``odfv.transform_arrow``."""
+    odfv, inputs = step.odfv, step.inputs
+    if odfv.mode == "pandas" and all(c in values or c in rows.column_names for c in inputs):
+        udf = odfv.feature_transformation.udf
+        declared = {f.name for f in odfv.features}
+        columns = {
+            c: pa.array(values[c], type=types[c]) if c in values else rows.column(c) for c in inputs
+        }
         try:
-            out = odfv.feature_transformation.udf(table.select(inputs).to_pandas())
+            if step.numpy:
+                out = udf({c: a.to_numpy(zero_copy_only=False) for c, a in columns.items()})
+            else:
+                out = udf(pa.table(columns).to_pandas())
         except KeyError:
             out = None
-        if out is not None and set(out.columns) <= {f.name for f in odfv.features}:
-            return pa.table({c: pa.array(out[c], from_pandas=True) for c in out.columns})
-    return odfv.transform_arrow(table, False)
+        if out is not None and set(out.keys()) <= declared:
+            return {c: pa.array(out[c], from_pandas=True) for c in out}
+    table = rows
+    for name, column in values.items():
+        table = table.append_column(name, pa.array(column, type=types[name]))
+    transformed = odfv.transform_arrow(table, False)
+    return {name: transformed[name] for name in transformed.column_names}
 
 
 def online_features_sdk(

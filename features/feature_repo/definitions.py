@@ -27,6 +27,8 @@ from feast.value_type import ValueType
 
 TAGS = {"owner": "loopline", "domain": "fraud"}
 HASH_TAG = "loopline_definitions_sha256"
+# On an on-demand view: its pandas UDF also takes and returns a dict of NumPy columns.
+NUMPY_UDF_TAG = "loopline_udf_takes_numpy"
 CARD_TTL = timedelta(days=30)
 MERCHANT_TTL = timedelta(days=7)
 
@@ -91,25 +93,32 @@ class Definitions(NamedTuple):
 def transaction_request_features(inputs: pd.DataFrame) -> pd.DataFrame:
     """Request-time features; one definition for training (offline) and serving (online).
 
-    NumPy on the columns rather than pandas operations: serving calls this once per batch of
-    a few rows, where each pandas operation costs more than the arithmetic. Imports are inside
-    because Feast stores the function by value."""
+    Feast calls it with a pandas frame and gets a frame back (training, the SDK path). Serving
+    calls the registered function with a dict of NumPy columns (Arrow's ``to_numpy``: nulls as
+    NaN or None, timestamps as UTC ``datetime64``) and gets a dict of NumPy columns back,
+    skipping pandas, which costs more than the arithmetic for a few rows; the view's
+    ``NUMPY_UDF_TAG`` says it may. Both run the same NumPy lines. Imports are inside because
+    Feast stores the function by its source."""
     import numpy as np
     import pandas as pd
 
-    mean = inputs["card_amount_mean_30d"].astype("float64").to_numpy()
-    amount = inputs["amount"].astype("float64").to_numpy()
-    home = inputs["card_home_country"].to_numpy()
-    foreign = pd.notna(home) & (inputs["country"].to_numpy() != home)
-    hour = pd.DatetimeIndex(pd.to_datetime(inputs["transaction_timestamp"], utc=True)).hour
-    return pd.DataFrame(
-        {
-            "tx_amount_to_card_mean_30d": amount / np.where(mean > 0, mean, np.nan),
-            "tx_is_foreign": foreign.astype("bool"),
-            "tx_hour_of_day": np.asarray(hour, dtype="int64"),
-        },
-        index=inputs.index,
-    )
+    frame = isinstance(inputs, pd.DataFrame)
+    stamps = inputs["transaction_timestamp"]
+    if frame:
+        stamps = pd.to_datetime(stamps, utc=True).dt.tz_convert(None)
+    stamps = np.asarray(stamps)
+    if np.isnat(stamps).any():
+        raise ValueError("transaction_timestamp has nulls")
+    mean = np.asarray(inputs["card_amount_mean_30d"], dtype="float64")
+    amount = np.asarray(inputs["amount"], dtype="float64")
+    home = np.asarray(inputs["card_home_country"], dtype=object)
+    foreign = pd.notna(home) & (np.asarray(inputs["country"], dtype=object) != home)
+    out = {
+        "tx_amount_to_card_mean_30d": amount / np.where(mean > 0, mean, np.nan),
+        "tx_is_foreign": foreign.astype("bool"),
+        "tx_hour_of_day": stamps.astype("datetime64[h]").astype("int64") % 24,
+    }
+    return pd.DataFrame(out, index=inputs.index) if frame else out
 
 
 # What Feast's @on_demand_feature_view does: keep the source text (the registry stores it and
@@ -199,7 +208,7 @@ def build_definitions(home: Path) -> Definitions:
         udf=transaction_request_features,
         udf_string=_UDF_SOURCE,
         description="Amount relative to the card's 30-day mean, foreign flag, hour of day (UTC).",
-        tags={**TAGS, "entity": "transaction"},
+        tags={**TAGS, "entity": "transaction", NUMPY_UDF_TAG: "true"},
     )
     fraud_model_v1 = FeatureService(
         name="fraud_model_v1",

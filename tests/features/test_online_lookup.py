@@ -12,12 +12,17 @@ import pyarrow as pa
 import pytest
 from feast import FeatureStore
 
-from features.feature_repo.definitions import transaction_request_features
+import features.store
+from features.feature_repo.definitions import NUMPY_UDF_TAG, transaction_request_features
 from features.store import (
     _READERS,
+    SERVICE,
+    _reader,
+    _resolve,
     _StoreReader,
     feature_store,
     materialize,
+    online_columns,
     online_features,
     online_features_sdk,
 )
@@ -53,6 +58,34 @@ def test_online_features_equal_the_feast_sdk_path(served, at) -> None:
     fast, sdk = online_features(store, rows, at=at), online_features_sdk(store, rows, at=at)
     _assert_same(fast, sdk)
     assert fast.height == rows.height  # duplicated keys in the rows are answered per row
+
+
+def test_the_on_demand_view_runs_on_numpy_columns_and_its_pandas_path_answers_the_same(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The comparisons above run the registered UDF on NumPy columns (the view's tag); with the
+    tag ignored the same UDF runs on a pandas frame, and both equal Feast's output."""
+    store, rows = served
+    service = _resolve(store, SERVICE)
+    monkeypatch.setattr(features.store, "_resolve", lambda *_: service)  # no re-resolution
+    plan = service.online_plan(store)
+    assert [(s.odfv.name, s.numpy) for s in plan.odfvs] == [("transaction_request_fv", True)]
+    numpy_answer = online_features(store, rows, at=END)
+    monkeypatch.setattr(plan, "odfvs", [s._replace(numpy=False) for s in plan.odfvs])
+    pandas_answer = online_features(store, rows, at=END)
+    _assert_same(numpy_answer, pandas_answer)
+    _assert_same(pandas_answer, online_features_sdk(store, rows, at=END))
+
+
+def test_online_columns_are_the_columns_of_online_features(served) -> None:
+    store, rows = served
+    frame = online_features(store, rows, at=END)
+    found = online_columns(store, rows.to_arrow(), at=END)
+    assert list(found.values) == frame.columns[rows.width :]
+    rebuilt = pl.from_arrow(
+        pa.table({n: pa.array(v, type=found.types[n]) for n, v in found.values.items()})
+    )
+    _assert_same(rebuilt, frame.drop(rows.columns))
 
 
 def test_the_comparison_covers_known_unknown_and_expired_entities(served) -> None:
@@ -92,12 +125,18 @@ def test_any_online_store_through_its_online_read_equals_the_sdk_path(served) ->
 
 
 def test_the_lookup_sees_rows_loaded_after_its_first_call(tmp_path: Path) -> None:
+    """Rows read once are kept, not read again, until a materialization changes the store."""
     store, entities = _build_home(tmp_path / "home", seed=21)
     rows = entities.drop("event_timestamp", "row_id").head(20)
     materialize(store, T0 + timedelta(days=20))
     first = online_features(store, rows, at=END)
+    statements: list[str] = []
+    _reader(store)._connection().set_trace_callback(statements.append)
+    _assert_same(online_features(store, rows, at=END), first)
+    assert not [s for s in statements if s.startswith("SELECT")]  # answered from kept rows
     materialize(store, END)
     second = online_features(store, rows, at=END)
+    assert [s for s in statements if s.startswith("SELECT")]
     assert not first.equals(second)
     _assert_same(second, online_features_sdk(store, rows, at=END))
 
@@ -132,3 +171,34 @@ def test_request_time_udf_keeps_the_meaning_of_its_pandas_formulation(n: int) ->
     )
     ours = pa.Table.from_pandas(transaction_request_features(table.to_pandas()))
     assert ours.equals(pa.Table.from_pandas(_pandas_reference(table.to_pandas())))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 32, 1000])
+def test_the_registered_udf_on_numpy_columns_equals_feasts_on_demand_output(served, n) -> None:
+    """The registry's own function (rebuilt from its source, as serving loads it) given NumPy
+    columns, against Feast's ``transform_arrow`` of the same rows: nulls, zero and negative
+    means, unknown home countries, timestamps before 1970 and on hour boundaries."""
+    store, _ = served
+    odfv = store.get_on_demand_feature_view("transaction_request_fv")
+    assert odfv.tags[NUMPY_UDF_TAG] == "true"
+    rng = np.random.default_rng(100 + n)
+    mean = rng.normal(10.0, 20.0, n)
+    mean[rng.random(n) < 0.2] = 0.0
+    stamps = rng.integers(-(10**15), 3 * 10**15, n)
+    on_hours = rng.random(n) < 0.2
+    stamps[on_hours] = (stamps[on_hours] // 3_600_000_000) * 3_600_000_000
+    table = pa.table(
+        {
+            "amount": pa.array(np.where(rng.random(n) < 0.05, np.nan, rng.gamma(2.0, 30.0, n))),
+            "country": pa.array(rng.choice(["US", "GB", "FR"], n).astype(object)),
+            "transaction_timestamp": pa.array(stamps, pa.timestamp("us", "UTC")),
+            "card_amount_mean_30d": pa.array(mean, mask=rng.random(n) < 0.2),
+            "card_home_country": pa.array(rng.choice(["US", "GB", "ZZ", None], n)),
+        }
+    )
+    feast = odfv.transform_arrow(table, False).select([f.name for f in odfv.features])
+    udf = odfv.feature_transformation.udf
+    out = udf({c: table[c].to_numpy() for c in table.column_names})
+    ours = pa.table({c: pa.array(out[c], from_pandas=True) for c in feast.column_names})
+    assert ours.schema == feast.schema
+    assert ours.equals(feast)
