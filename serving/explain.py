@@ -11,6 +11,7 @@ and its embedding dimensions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -48,13 +49,17 @@ def _logits_from_parts(
 def explain(
     module: TabularNet,
     preprocessor: Preprocessor,
-    features: pl.DataFrame,
+    features: pl.DataFrame | Mapping[str, Sequence[Any]],
     n_steps: int = DEFAULT_STEPS,
 ) -> list[dict[str, Any]]:
-    """One dict per row: attributions per feature, baseline and row logits, convergence delta."""
+    """One dict per row: attributions per feature, baseline and row logits, convergence delta.
+    ``features``: a frame, or columns of Python values (``Preprocessor.transform_columns``)."""
     module.eval()
     spec = preprocessor.spec
-    batch = preprocessor.transform(features.select(spec.columns))
+    if isinstance(features, pl.DataFrame):
+        batch = preprocessor.transform(features.select(spec.columns))
+    else:
+        batch = preprocessor.transform_columns(features)
     if len(batch) == 0:
         return []
     base = baseline_batch(preprocessor)

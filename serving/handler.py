@@ -98,25 +98,28 @@ class LooplineHandler(BaseHandler):
 
         flat = [t for _, txs, _, _ in accepted for t in txs]
         if flat:
-            features = self.scorer.online_features(flat, at=now)
+            features = self.scorer.online_columns(flat, at=now)
             scores = self.scorer.score(features)
             outputs = self.scorer.responses(flat, scores)
             wanted = [k for _, txs, _, exp in accepted for k in [exp] * len(txs)]
             if any(wanted):
                 rows = [j for j, w in enumerate(wanted) if w]
-                details = explain(self.scorer.module, self.scorer.preprocessor, features[rows])
+                picked = {c: [features[c][j] for j in rows] for c in self.scorer.columns}
+                details = explain(self.scorer.module, self.scorer.preprocessor, picked)
                 for j, detail in zip(rows, details, strict=True):
                     outputs[j] = {**outputs[j], "explanation": detail}
             latency_ms = (time.perf_counter() - started) * 1000.0
+            logged_at = now.isoformat()
+            records = []
             start = 0
             for i, txs, single, exp in accepted:
                 part = outputs[start : start + len(txs)]
                 responses[i] = json.dumps(part[0] if single else part)
                 for k, tx in enumerate(txs):
                     j = start + k
-                    self.log.log(
+                    records.append(
                         {
-                            "logged_at": now.isoformat(),
+                            "logged_at": logged_at,
                             "request_id": _request_id(context, i),
                             "endpoint": "explanations" if exp else "predictions",
                             "status": 200,
@@ -134,6 +137,7 @@ class LooplineHandler(BaseHandler):
                         }
                     )
                 start += len(txs)
+            self.log.log_many(records)
         return [r if r is not None else "" for r in responses]
 
     def _log_refusal(

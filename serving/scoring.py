@@ -2,29 +2,39 @@
 batch inference.
 
 Features come from the model's own FeatureService: the online store (``features.store.
-online_features``) for live requests, or the point-in-time offline join for historical rows; in
+online_columns``) for live requests, or the point-in-time offline join for historical rows; in
 both, request-time features run through the same on-demand feature view as in training. A
 feature the store does not have (unknown card, expired row) is left null, imputed by the
-model's preprocessor, and reported in ``missing_features``.
+model's preprocessor, and reported in ``missing_features``. The handler's batches (a few rows)
+stay columns of Python values from lookup to model; batch inference works on frames; a test
+holds the two equal.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from feast import FeatureStore
 from feast.errors import FeatureViewNotFoundException
 
-from features.store import SERVICE, feature_store, historical_features, online_features
+from features.store import (
+    SERVICE,
+    feature_store,
+    historical_features,
+    online_columns,
+    online_features,
+)
 from models.artifact import load_model, read_sidecar
-from models.evaluate import predict_proba
+from models.evaluate import batch_proba
 from models.network import TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
@@ -139,6 +149,32 @@ def transactions_frame(transactions: Sequence[Transaction]) -> pl.DataFrame:
     )
 
 
+_REQUEST_ARROW = pa.schema(
+    [
+        ("transaction_id", pa.string()),
+        ("card_id", pa.string()),
+        ("merchant_id", pa.string()),
+        ("amount", pa.float64()),
+        ("channel", pa.string()),
+        ("country", pa.string()),
+        ("transaction_timestamp", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def transaction_columns(transactions: Sequence[Transaction]) -> dict[str, list[Any]]:
+    """Validated transactions column by column, named as in ``transactions_frame``."""
+    return {
+        "transaction_id": [t.transaction_id for t in transactions],
+        "card_id": [t.card_id for t in transactions],
+        "merchant_id": [t.merchant_id for t in transactions],
+        "amount": [t.amount for t in transactions],
+        "channel": [t.channel for t in transactions],
+        "country": [t.country for t in transactions],
+        "transaction_timestamp": [t.timestamp for t in transactions],
+    }
+
+
 @dataclass(frozen=True)
 class Scores:
     """Model outputs for a feature frame, row-aligned with it."""
@@ -160,7 +196,7 @@ class Scorer:
         info: ServingInfo,
         store: FeatureStore,
     ) -> None:
-        self.module = module.eval()
+        self.module = module.cpu().eval()  # once: batch_proba expects it
         self.preprocessor = preprocessor
         self.info = info
         self.store = store
@@ -188,6 +224,20 @@ class Scorer:
         info = info or ServingInfo.from_model_dir(model_dir)
         return cls(module, preprocessor, info, feature_store(Path(home), online_store))
 
+    def online_columns(
+        self, transactions: Sequence[Transaction], at: datetime | None = None
+    ) -> dict[str, list[Any]]:
+        """``online_features`` as columns of Python values (None where null): the request's,
+        then the features'. No frame is built: the handler's path."""
+        request = transaction_columns(transactions)
+        found = online_columns(
+            self.store,
+            pa.table(request, schema=_REQUEST_ARROW),
+            service_name=self.info.feature_service,
+            at=at,
+        )
+        return {**request, **found.values}
+
     def online_features(
         self, transactions: Sequence[Transaction], at: datetime | None = None
     ) -> pl.DataFrame:
@@ -209,31 +259,40 @@ class Scorer:
             "event_timestamp"
         )
 
-    def score(self, features: pl.DataFrame) -> Scores:
-        """Probabilities, decisions and missing-feature flags for a frame of feature rows."""
+    def score(self, features: pl.DataFrame | Mapping[str, Sequence[Any]]) -> Scores:
+        """Probabilities, decisions and missing-feature flags for feature rows: a frame (batch
+        inference) or columns of Python values (``online_columns``, the handler's batches)."""
         columns = self.columns
-        inputs = features[columns]  # eager column pick; select() plans a query per batch
-        probabilities = predict_proba(self.module, self.preprocessor, inputs)
-        decisions = [DECLINE if p >= self.info.threshold else APPROVE for p in probabilities]
         # One null pass serves both flags: the model's inputs, then the entities' features.
         entity = [n for names in self.entity_features.values() for n in names]
-        flagged = list(dict.fromkeys([*columns, *(n for n in entity if n in features.columns)]))
-        nulls = _null_matrix(features[flagged])
+        present = features.columns if isinstance(features, pl.DataFrame) else features
+        flagged = list(dict.fromkeys([*columns, *(n for n in entity if n in present)]))
+        if isinstance(features, pl.DataFrame):
+            frame = features[columns]  # eager column pick; select() plans a query per batch
+            batch = self.preprocessor.transform(frame)
+            nulls = _null_matrix(features[flagged])
+            inputs = frame.to_dicts()
+        else:
+            batch = self.preprocessor.transform_columns(features)
+            nulls = _null_columns([features[n] for n in flagged])
+            values = zip(*(features[c] for c in columns), strict=True)
+            inputs = [dict(zip(columns, row, strict=True)) for row in values]
+        probabilities = batch_proba(self.module, batch)
+        threshold = self.info.threshold
+        decisions = [DECLINE if p >= threshold else APPROVE for p in probabilities.tolist()]
         at = {name: j for j, name in enumerate(flagged)}
-        unknown = {
-            e: nulls[:, [at[n] for n in names if n in at]].all(axis=1)
+        unknown = [
+            (e, nulls[:, [at[n] for n in names if n in at]].all(axis=1).tolist())
             for e, names in self.entity_features.items()
             if any(n in at for n in names)
-        }
-        missing = nulls[:, : len(columns)]
+        ]
+        missing = nulls[:, : len(columns)].tolist()
         return Scores(
             probabilities=probabilities,
             decisions=decisions,
-            missing_features=[[columns[j] for j in np.flatnonzero(row)] for row in missing],
-            unknown_entities=[
-                [e for e, flags in unknown.items() if flags[i]] for i in range(features.height)
-            ],
-            inputs=inputs.to_dicts(),
+            missing_features=[list(compress(columns, row)) for row in missing],
+            unknown_entities=[[e for e, flags in unknown if flags[i]] for i in range(len(inputs))],
+            inputs=inputs,
         )
 
     def predict(
@@ -242,7 +301,7 @@ class Scorer:
         """Response objects (one per transaction) and the scores behind them (for the log)."""
         if not transactions:
             return [], Scores(np.zeros(0), [], [], [], [])
-        scores = self.score(self.online_features(transactions, at))
+        scores = self.score(self.online_columns(transactions, at))
         return self.responses(transactions, scores), scores
 
     def responses(
@@ -277,6 +336,14 @@ def _entity_features(store: FeatureStore, service_name: str) -> dict[str, list[s
         for entity in view.entities:
             out.setdefault(entity, []).extend(f.name for f in projection.features)
     return out
+
+
+def _null_columns(columns: Sequence[Sequence[Any]]) -> np.ndarray:
+    """``_null_matrix`` of columns of Python values: None, or a float NaN."""
+    return np.array(
+        [[v is None or (type(v) is float and v != v) for v in column] for column in columns],
+        dtype=bool,
+    ).T.reshape(-1, len(columns))
 
 
 def _null_matrix(frame: pl.DataFrame) -> np.ndarray:

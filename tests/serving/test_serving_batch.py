@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
+import numpy as np
 import polars as pl
 import pytest
 
 from serving.batch import score_version
-from serving.requests import RequestError
+from serving.requests import RequestError, validate_transaction
+from serving.scoring import Scorer, version_info
 from tests.serving.kit import ServingHome
 
 
@@ -49,3 +52,29 @@ def test_history_is_scored_point_in_time_and_bad_rows_are_named(
     with pytest.raises(RequestError) as info:
         score_version(serving_home.registry, "v0001", serving_home.home, broken)
     assert info.value.index == 7 and info.value.field == "channel"
+
+
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_the_handlers_columns_score_exactly_as_a_frame_does(
+    serving_home: ServingHome, n: int
+) -> None:
+    """The handler's path (``online_columns``, Python values into ``score``) against batch
+    inference's (``online_features``, a frame): the same features, inputs, flags and bits."""
+    now = datetime.now(UTC)
+    info = version_info(serving_home.registry, "v0001")
+    scorer = Scorer.load(serving_home.registry.get("v0001").artifact_dir, serving_home.home, info)
+    bodies = serving_home.requests(n, offset=60)
+    bodies[0] = {**bodies[0], "card_id": "new-card"}
+    bodies[-1] = {**bodies[-1], "merchant_id": "new-merchant", "channel": "pos"}
+    transactions = [validate_transaction(b, now=now) for b in bodies]
+    columns = scorer.online_columns(transactions, at=now)
+    frame = scorer.online_features(transactions, at=now)
+    assert list(columns) == frame.columns
+    assert pl.DataFrame(columns, schema=frame.schema).equals(frame)
+    fast, reference = scorer.score(columns), scorer.score(frame)
+    assert np.array_equal(fast.probabilities, reference.probabilities)
+    assert fast.decisions == reference.decisions
+    assert fast.missing_features == reference.missing_features
+    assert fast.unknown_entities == reference.unknown_entities
+    assert json.dumps(fast.inputs) == json.dumps(reference.inputs)  # NaN-aware, typed
+    assert "card" in fast.unknown_entities[0] and "merchant" in fast.unknown_entities[-1]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from models.jsonutil import json_safe
 from serving.config import ServingConfig, allowed_urls_pattern, render_properties
-from serving.prediction_log import PredictionLog, closed_files, read_records
+from serving.prediction_log import PredictionLog, closed_files, json_line, read_records
 
 
 def test_log_rotates_by_size_and_keeps_the_directory_bounded(tmp_path: Path) -> None:
@@ -34,6 +38,38 @@ def test_a_full_queue_drops_records_instead_of_blocking(tmp_path: Path) -> None:
     accepted = sum(log.log({"i": i}) for i in range(50))
     assert time.perf_counter() - started < 0.5
     assert accepted == 5 and log.dropped == 45
+
+
+def test_batches_are_bounded_in_records_and_written_in_order(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, queue_size=10)
+    assert log.log_many([{"i": i} for i in range(4)]) == 4
+    assert log.log_many([{"i": i} for i in range(4, 12)]) == 6  # room for 6 of 8
+    assert not log.log({"i": 99}) and log.dropped == 3
+    log.start().close()
+    assert [r["i"] for r in read_records(tmp_path)] == list(range(10))
+    log = PredictionLog(tmp_path / "again", queue_size=10).start()
+    for k in range(30):  # the writer frees room as it writes
+        log.log_many([{"i": 4 * k + i} for i in range(4)])
+        time.sleep(0.002)
+    log.close()
+    written = [r["i"] for r in read_records(tmp_path / "again")]
+    assert written == sorted(written) and len(written) + log.dropped == 120
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"a": 1, "b": [1.5, None, "x"], "c": {"d": True, "e": "ü"}},
+        {"nan": float("nan"), "inf": [float("-inf")], "nested": {"x": float("inf")}},
+        {"np": np.float32(0.1), "i": np.int64(3), "f": np.float64(2.5), "b": np.bool_(True)},
+        {"at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "t": (1, 2)},
+        {"features": {"amount": 12.0, "country": None, "ratio": float("nan")}},
+    ],
+)
+def test_log_lines_are_what_json_safe_makes(record: dict) -> None:
+    line = json_line(record)
+    assert line == json.dumps(json_safe(dict(record)), separators=(",", ":")) + "\n"
+    assert line.isascii()  # the writer counts bytes as characters
 
 
 def test_a_file_left_open_by_a_dead_worker_is_published_by_the_next(tmp_path: Path) -> None:
