@@ -108,32 +108,35 @@ class LooplineHandler(BaseHandler):
                 details = explain(self.scorer.module, self.scorer.preprocessor, picked)
                 for j, detail in zip(rows, details, strict=True):
                     outputs[j] = {**outputs[j], "explanation": detail}
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
             logged_at = now.isoformat()
+            model_name, model_version = self.scorer.info.model_name, self.scorer.info.model_version
+            probabilities = scores.probabilities.tolist()
             records = []
             start = 0
             for i, txs, single, exp in accepted:
                 part = outputs[start : start + len(txs)]
                 responses[i] = json.dumps(part[0] if single else part)
-                for k, tx in enumerate(txs):
-                    j = start + k
+                request_id = _request_id(context, i)
+                endpoint = "explanations" if exp else "predictions"
+                for j, tx in enumerate(txs, start):
                     records.append(
                         {
                             "logged_at": logged_at,
-                            "request_id": _request_id(context, i),
-                            "endpoint": "explanations" if exp else "predictions",
+                            "request_id": request_id,
+                            "endpoint": endpoint,
                             "status": 200,
-                            "model_name": self.scorer.info.model_name,
-                            "model_version": self.scorer.info.model_version,
+                            "model_name": model_name,
+                            "model_version": model_version,
                             "transaction_id": tx.transaction_id,
                             "request": tx.to_dict(),
                             "features": scores.inputs[j],
                             "missing_features": scores.missing_features[j],
                             "unknown_entities": scores.unknown_entities[j],
-                            "fraud_probability": float(scores.probabilities[j]),
+                            "fraud_probability": probabilities[j],
                             "decision": scores.decisions[j],
                             "batch_size": len(flat),
-                            "latency_ms": round(latency_ms, 3),
+                            "latency_ms": latency_ms,
                         }
                     )
                 start += len(txs)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import polars as pl
 
 from models.jsonutil import json_safe
@@ -66,7 +67,7 @@ class PredictionLog:
         self._queued = 0  # records in the queue, under _lock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._opened_at = 0.0
         self._size = 0
@@ -152,7 +153,7 @@ class PredictionLog:
             self._open()
         assert self._file is not None
         self._file.write(line)
-        self._size += len(line)  # ASCII: json.dumps escapes everything else
+        self._size += len(line)
         self.written += 1
         if self._size >= self.max_file_bytes:
             self._close_current()
@@ -163,7 +164,7 @@ class PredictionLog:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{self.prefix}-{os.getpid()}-{self._seq:06d}"
         self._path = self.directory / f".{name}{OPEN_SUFFIX}"
-        self._file = open(self._path, "w", encoding="utf-8")  # noqa: SIM115 (owned by the thread)
+        self._file = open(self._path, "wb")  # noqa: SIM115 (owned by the thread)
         self._opened_at = time.monotonic()
         self._size = 0
 
@@ -189,15 +190,29 @@ class PredictionLog:
         enforce_bound(self.directory, self.max_total_bytes)
 
 
-def json_line(record: Mapping[str, Any]) -> str:
-    """One record as a JSON line, as ``json_safe`` makes it (NaN and infinities null, numpy
-    scalars and datetimes converted). Records that need none of it, as the handler's do, are
-    dumped directly: ``json_safe``'s walk cost twice the dump, on the worker's one core."""
-    try:
-        line = json.dumps(record, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):  # a NaN, a numpy scalar, a datetime, a non-dict mapping
-        line = json.dumps(json_safe(dict(record)), separators=(",", ":"))
-    return line + "\n"
+# Types orjson would write differently from json_safe (datetimes, dataclasses, subclasses of
+# str/int/dict/list) raise instead, like numpy scalars, non-str keys and ints beyond 64 bits.
+_ORJSON = (
+    orjson.OPT_APPEND_NEWLINE
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def json_line(record: Mapping[str, Any]) -> bytes:
+    """One record as a UTF-8 JSON line holding what ``json_safe`` makes of it (NaN and
+    infinities null, numpy scalars and datetimes converted). Plain records, as the handler's
+    are, go through orjson: a tenth of ``json.dumps``'s time on the worker's one core, the same
+    values when read back, but spelt its way (``0.000052`` for ``5.2e-05``, non-ASCII text as
+    UTF-8 rather than ``\\u`` escapes). Anything else takes the ``json`` path as before."""
+    if type(record) is dict:
+        try:
+            return orjson.dumps(record, option=_ORJSON)
+        except TypeError:  # orjson.JSONEncodeError: a type above, or a lone surrogate
+            pass
+    line = json.dumps(json_safe(dict(record)), separators=(",", ":"))
+    return line.encode("ascii") + b"\n"
 
 
 def _publish(hidden: Path) -> Path:

@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES
 
 FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country", "timestamp")
+_FIELD_SET = frozenset(FIELDS)
 MAX_ID_LENGTH = 64
 MAX_SHOWN = 80  # characters of a bad value quoted back in a reason
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
+_FLAT = {str, int, bool, type(None)}
+_INT64 = float(2**63)
 
 
 class RequestError(ValueError):
@@ -85,6 +90,9 @@ def decode_body(body: Any, *, max_bytes: int) -> Any:
                 status=413,
                 error="payload_too_large",
             )
+        value = _fast_loads(body)
+        if value is not None:
+            return value
         try:
             body = bytes(body).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -109,6 +117,29 @@ def decode_body(body: Any, *, max_bytes: int) -> Any:
     if body is None:
         raise RequestError("request body is empty", error="invalid_json")
     return body
+
+
+def _fast_loads(body: bytes | bytearray) -> Any:
+    """The body as ``json.loads`` would read it, through orjson (a seventh of its time), when
+    that is certain to be the same value: a transaction object or a list of them with only
+    scalar fields. None otherwise (invalid JSON included): the ``json`` path then decides,
+    with its own reasons for a refusal. orjson reads an integer beyond 64 bits as a float where
+    ``json`` keeps an int, so a float that large also goes the ``json`` way."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    for item in value if type(value) is list else (value,):
+        if type(item) is not dict:
+            return None
+        for v in item.values():
+            t = type(v)
+            if t is float:
+                if not -_INT64 < v < _INT64:
+                    return None
+            elif t not in _FLAT:
+                return None
+    return value
 
 
 def parse_request(
@@ -141,11 +172,11 @@ def validate_transaction(
         raise RequestError(
             f"a transaction must be a JSON object, got {type(item).__name__}", index=index
         )
-    missing = [f for f in FIELDS if f not in item]
-    if missing:
-        raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
-    unknown = sorted(set(item) - set(FIELDS))
-    if unknown:
+    if item.keys() != _FIELD_SET:
+        missing = [f for f in FIELDS if f not in item]
+        if missing:
+            raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
+        unknown = sorted(set(item) - _FIELD_SET)
         names = ", ".join(_shown(name) for name in unknown[:8])
         raise RequestError(f"unknown field(s) [{names}]", field=unknown[0][:MAX_SHOWN], index=index)
     return Transaction(

@@ -12,11 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.jsonutil import json_safe
 from serving.config import ServingConfig, allowed_urls_pattern, render_properties
 from serving.prediction_log import PredictionLog, closed_files, json_line, read_records
+from tests.serving.jsonvalues import typed
 
 
 def test_log_rotates_by_size_and_keeps_the_directory_bounded(tmp_path: Path) -> None:
@@ -67,9 +71,49 @@ def test_batches_are_bounded_in_records_and_written_in_order(tmp_path: Path) -> 
     ],
 )
 def test_log_lines_are_what_json_safe_makes(record: dict) -> None:
-    line = json_line(record)
-    assert line == json.dumps(json_safe(dict(record)), separators=(",", ":")) + "\n"
-    assert line.isascii()  # the writer counts bytes as characters
+    _assert_same_values(json_line(record), record)
+
+
+def _assert_same_values(line: bytes, record: dict) -> None:
+    reference = json.dumps(json_safe(dict(record)), separators=(",", ":"))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one record, one line
+    assert typed(json.loads(line)) == typed(json.loads(reference))
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and infinities included
+    | st.text(max_size=12)  # surrogates included
+    | st.sampled_from([np.float32(0.1), np.float64(5.2e-05), np.int64(-3), np.bool_(False)])
+    | st.datetimes(timezones=st.just(UTC))
+)
+_RECORDS = st.dictionaries(
+    st.text(max_size=8),
+    st.recursive(
+        _SCALARS,
+        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids),
+        max_leaves=12,
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_RECORDS)
+def test_log_lines_read_back_as_json_safe_values_whatever_the_record(record: dict) -> None:
+    _assert_same_values(json_line(record), record)
+
+
+def test_handler_records_take_orjson_and_non_ascii_is_counted_in_bytes(tmp_path: Path) -> None:
+    record = {"features": {"ratio": 5.2e-05, "n": 3, "f": 1.0}, "note": "Zürich €"}
+    assert json_line(record) == orjson.dumps(record) + b"\n"
+    with PredictionLog(tmp_path, max_file_bytes=200, max_total_bytes=10_000) as log:
+        for _ in range(6):
+            log.log(record)
+    assert all(f.stat().st_size <= 200 + len(json_line(record)) for f in closed_files(tmp_path))
+    assert [r["note"] for r in read_records(tmp_path)] == ["Zürich €"] * 6
 
 
 def test_a_file_left_open_by_a_dead_worker_is_published_by_the_next(tmp_path: Path) -> None:

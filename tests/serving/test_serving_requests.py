@@ -6,8 +6,11 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from serving.requests import RequestError, parse_request
+from serving.requests import RequestError, decode_body, parse_request
+from tests.serving.jsonvalues import typed
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 GOOD = {
@@ -124,3 +127,70 @@ def test_a_huge_bad_value_is_not_echoed_whole_in_the_reason(field) -> None:
     body = {**GOOD, field: "\u00e9" * 100_000}
     error = refusal(json.dumps(body).encode(), max_bytes=1 << 20)
     assert error.status == 400 and len(error.reason) < 200 and len(error.field) <= 80
+
+
+def _outcome(body: bytes | str) -> object:
+    try:
+        return typed(decode_body(body, max_bytes=1 << 20))
+    except RequestError as exc:
+        return (exc.status, exc.error, exc.reason, exc.field)
+
+
+_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**19])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([1e19, -9.3e18, 9.2e18, 5e-324, -0.0, 1e308])
+    | st.text(max_size=10)  # lone surrogates included: json keeps them, orjson refuses
+)
+_DOCUMENTS = st.recursive(
+    _VALUES,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids),
+    max_leaves=10,
+) | st.lists(st.fixed_dictionaries({k: _VALUES for k in GOOD}), max_size=3)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> bytes:
+    text = json.dumps(draw(_DOCUMENTS), ensure_ascii=draw(st.booleans()))
+    edit = draw(st.sampled_from(["none", "none", "cut", "nan", "bom", "duplicate", "big int"]))
+    if edit == "cut":
+        text = text[: draw(st.integers(0, len(text)))]
+    elif edit == "nan":
+        text = f'{{"amount": {draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400"]))}}}'
+    elif edit == "bom":
+        text = "\ufeff" + text
+    elif edit == "duplicate":
+        text = '{"amount": 1, "amount": 2.5, "channel": "pos"}'
+    elif edit == "big int":
+        text = json.dumps({**GOOD, "amount": draw(st.integers(2**62, 2**70))})
+    return text.encode("utf-8", errors="surrogatepass")
+
+
+@settings(max_examples=600, deadline=None)
+@given(_bodies())
+def test_bytes_decode_to_what_the_json_module_reads(body: bytes) -> None:
+    """The bytes path (orjson where it is certain to agree) gives what the text path (the json
+    module) gives: the same values and types, or the same refusal."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        assert _outcome(body)[:2] == (400, "invalid_json")
+        return
+    assert _outcome(body) == _outcome(text)
+
+
+def test_a_batch_of_transactions_in_bytes_decodes_as_in_text() -> None:
+    items = [{**GOOD, "amount": a} for a in (1, 2.5, 2**64, 10**30, 9.3e18, 99_999.0)]
+    body = json.dumps(items).encode()
+    assert _outcome(body) == _outcome(body.decode())
+    assert [type(v["amount"]) for v in decode_body(body, max_bytes=1 << 20)] == [
+        int,
+        float,
+        int,
+        int,
+        float,
+        float,
+    ]
