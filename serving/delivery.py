@@ -153,6 +153,36 @@ def probe(
     return result
 
 
+def shadow_probes(
+    client: TorchServeClient,
+    requests: Sequence[dict[str, Any]],
+    champion: str,
+    challenger: str,
+    *,
+    batch: int,
+) -> tuple[Probe, Probe]:
+    """The same requests to both versions, batch by batch in turns, after one unmeasured
+    warm-up batch each: both see the same background load at the same moments, and a fresh
+    worker's first call at this batch size (a p95 of a dozen batches is their maximum) does not
+    count against the challenger. A warm-up that fails is not hidden: its batch is measured."""
+    warm = list(requests[:batch])
+    for version in (champion, challenger):
+        if probe(client, warm, version=version, batch=batch).errors:
+            break
+    champ, chall = Probe(champion), Probe(challenger)
+    for i, start in enumerate(range(0, len(requests), batch)):
+        chunk = requests[start : start + batch]
+        order = [(champ, champion), (chall, challenger)]
+        for into, version in order if i % 2 == 0 else reversed(order):
+            part = probe(client, chunk, version=version, batch=batch)
+            into.sent += part.sent
+            into.errors += part.errors
+            into.latencies_ms += part.latencies_ms
+            into.scores += part.scores
+            into.flagged += part.flagged
+    return champ, chall
+
+
 def score_psi(reference: Sequence[float], candidate: Sequence[float], bins: int = 10) -> float:
     """PSI of challenger scores against champion scores on the same requests (quantile bins)."""
     ref, cand = np.asarray(reference, float), np.asarray(candidate, float)
@@ -242,12 +272,9 @@ def deliver(
         return reject([f"smoke test failed: {smoke.errors[:3]}"])
 
     if served is not None and served != version:
-        shadow_requests = list(replay[: policy.replay_requests])
-        champ = probe(
-            client, tagged(shadow_requests, "shadow:"), version=served, batch=policy.replay_batch
-        )
-        chall = probe(
-            client, tagged(shadow_requests, "shadow:"), version=version, batch=policy.replay_batch
+        shadow_requests = tagged(list(replay[: policy.replay_requests]), "shadow:")
+        champ, chall = shadow_probes(
+            client, shadow_requests, served, version, batch=policy.replay_batch
         )
         reasons = compare_shadow(champ, chall, policy)
         psi = score_psi(champ.scores, chall.scores)

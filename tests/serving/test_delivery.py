@@ -172,3 +172,54 @@ def test_shadow_comparison_and_synthetic_ids():
     assert compare_shadow(fine, fine, DeliveryPolicy()) == []
     assert score_psi(fine.scores, fine.scores) == pytest.approx(0.0)
     assert is_synthetic("shadow:3:t1") and not is_synthetic("t1") and not is_synthetic(None)
+
+
+class ColdStart(FakeServe):
+    """A fresh version's first call at a batch size is slow (compiles, fills caches);
+    ``always_slow`` versions are slow on every call."""
+
+    def __init__(self, behaviours, always_slow=()):
+        super().__init__(behaviours)
+        self.seen: set[tuple[str, int]] = set()
+        self.always_slow = set(always_slow)
+        self.calls: list[str] = []
+
+    def predict(self, payload, version=None, model=None):
+        import time
+
+        name = version or self.default_version()
+        self.calls.append(name)
+        size = len(payload) if isinstance(payload, list) else 1
+        if name in self.always_slow or (name, size) not in self.seen:
+            time.sleep(0.05)
+        self.seen.add((name, size))
+        return super().predict(payload, version=version, model=model)
+
+
+BATCHES_OF_8 = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01, replay_batch=8)
+
+
+def test_a_challenger_slow_only_on_its_first_batch_is_promoted(tmp_path):
+    # The smoke test warms batch size 1 only; a fresh worker's first batch of 8 is slow.
+    registry = _registry(tmp_path)
+    serve = ColdStart({"v0001": _low, "v0002": _low})
+    serve.register("v0001", set_default=True)
+    serve.seen.add(("v0001", 8))  # the champion has served such batches
+    registry.promote("v0001", reason="first")
+    report = deliver(serve, registry, "v0002", REQUESTS, BATCHES_OF_8)
+    assert report.outcome == "promoted", report.reasons
+    # The shadow replay took turns: neither version got all its batches in a row.
+    shadow = serve.calls[BATCHES_OF_8.smoke_requests :][: 2 + 2 * 3]
+    assert shadow[2:] == ["v0001", "v0002", "v0002", "v0001", "v0001", "v0002"]
+
+
+def test_a_challenger_slow_on_every_batch_is_still_rejected(tmp_path):
+    registry = _registry(tmp_path)
+    serve = ColdStart({"v0001": _low, "v0002": _low}, always_slow={"v0002"})
+    serve.register("v0001", set_default=True)
+    serve.seen.add(("v0001", 8))
+    registry.promote("v0001", reason="first")
+    report = deliver(serve, registry, "v0002", REQUESTS, BATCHES_OF_8)
+    assert report.outcome == "rejected"
+    assert any("shadow p95 latency" in r for r in report.reasons)
+    assert serve.default_version() == "v0001"
