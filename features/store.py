@@ -639,9 +639,16 @@ def online_features(
     rows = entity_rows if isinstance(entity_rows, pl.DataFrame) else pl.DataFrame(entity_rows)
     table = rows.to_arrow()
     found = online_columns(store, table, service_name=service_name, at=at)
-    for name, values in found.values.items():
-        table = table.append_column(name, pa.array(values, type=found.types[name]))
-    return pl.from_arrow(table)
+    return pl.from_arrow(_with_columns(table, found.values, found.types))
+
+
+def _with_columns(
+    table: pa.Table, values: dict[str, list[Any]], types: dict[str, pa.DataType]
+) -> pa.Table:
+    """``table`` with the found feature columns appended, typed as the store declares them."""
+    for name, column in values.items():
+        table = table.append_column(name, pa.array(column, type=types[name]))
+    return table
 
 
 def _transform(
@@ -673,10 +680,7 @@ def _transform(
             out = None
         if out is not None and set(out.keys()) <= declared:
             return {c: pa.array(out[c], from_pandas=True) for c in out}
-    table = rows
-    for name, column in values.items():
-        table = table.append_column(name, pa.array(column, type=types[name]))
-    transformed = odfv.transform_arrow(table, False)
+    transformed = odfv.transform_arrow(_with_columns(rows, values, types), False)
     return {name: transformed[name] for name in transformed.column_names}
 
 

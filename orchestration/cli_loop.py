@@ -465,8 +465,7 @@ def _first_champion(platform: LivePlatform) -> str | None:
     live = platform.simulator
     if served is None and live.paused.is_set():
         runs = _loop_runs(platform.settings)
-        done = ("FAILURE", "CANCELED", "SUCCESS")
-        if runs and all(r["status"] in done for r in runs) and runs[0]["run_id"] != live.retried:
+        if runs and all(r["status"] in _DONE for r in runs) and runs[0]["run_id"] != live.retried:
             live.retried = runs[0]["run_id"]
             live.hold_at_batch = live.next_batch + 4
             live.paused.clear()
