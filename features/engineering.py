@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.storage import write_parquet_atomic
+from features.storage import data_root, uri, write_parquet_atomic
 from quality.schema import SCHEMAS, UTC_TS
 
 LOOKBACK = timedelta(days=30)
@@ -438,7 +438,7 @@ def training_entities(transactions: pl.DataFrame) -> pl.DataFrame:
 
 
 def read_validated(
-    home: Path,
+    lake: Path,
     dataset: str,
     *,
     since: datetime | None = None,
@@ -448,9 +448,9 @@ def read_validated(
 
     This is how a batch reads its history without touching all of it.
     """
-    folder = Path(home) / "validated" / dataset
+    folder = data_root(lake) / "validated" / dataset
     excluded = set(exclude_batches)
-    files = sorted(p for p in folder.glob("*.parquet") if p.stem not in excluded)
+    files = sorted(uri(p) for p in folder.glob("*.parquet") if p.stem not in excluded)
     schema = SCHEMAS[dataset]
     if not files:
         return pl.DataFrame(schema=schema)
@@ -461,12 +461,12 @@ def read_validated(
     return frame.select([pl.col(c).cast(t) for c, t in schema.items()]).collect()
 
 
-def write_feature_file(home: Path, view: str, batch_id: str, rows: pl.DataFrame) -> Path:
-    """Write a batch's rows of a view to ``<home>/features/<view>/<batch_id>.parquet``, atomically.
+def write_feature_file(lake: Path, view: str, batch_id: str, rows: pl.DataFrame) -> Path:
+    """Write a batch's rows of a view to ``<lake>/features/<view>/<batch_id>.parquet``, atomically.
 
-    The view's Feast source is the glob over that folder, so the file is visible once renamed.
+    The view's Feast source is the glob over that folder, so the file is visible once in place.
     """
     schema = FEATURE_SCHEMAS[view]
     if list(rows.schema) != list(schema) or any(rows.schema[c] != t for c, t in schema.items()):
         raise ValueError(f"{view} rows do not have the declared schema {schema}")
-    return write_parquet_atomic(rows, Path(home) / "features" / view / f"{batch_id}.parquet")
+    return write_parquet_atomic(rows, data_root(lake) / "features" / view / f"{batch_id}.parquet")

@@ -31,7 +31,7 @@ from features.engineering import (
     read_validated,
     write_feature_file,
 )
-from features.storage import write_json_atomic
+from features.storage import data_root, uri, write_json_atomic
 from features.store import materialize
 from quality.schema import SCHEMAS
 
@@ -61,13 +61,15 @@ class OnlineSync:
     changed_since: datetime | None
 
 
-def feature_dir(home: Path, view: str) -> Path:
-    return Path(home) / "features" / view
+def feature_dir(lake: Path, view: str) -> Path:
+    """``<lake>/features/<view>``; the lake is the home unless ``LOOPLINE_LAKE`` names another
+    root (a folder or an object-storage URI)."""
+    return data_root(lake) / "features" / view
 
 
-def pending(home: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
+def pending(lake: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
     """The batches, in the given (arrival) order, that change ``view`` and have no file yet."""
-    folder = feature_dir(home, view)
+    folder = feature_dir(lake, view)
     return [
         b
         for b in batches
@@ -75,14 +77,14 @@ def pending(home: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
     ]
 
 
-def _validated(home: Path, batch: Batch) -> pl.DataFrame:
-    path = Path(home) / "validated" / batch.dataset / f"{batch.batch_id}.parquet"
+def _validated(lake: Path, batch: Batch) -> pl.DataFrame:
+    path = data_root(lake) / "validated" / batch.dataset / f"{batch.batch_id}.parquet"
     schema = SCHEMAS[batch.dataset]
-    return pl.read_parquet(path).select([pl.col(c).cast(t) for c, t in schema.items()])
+    return pl.read_parquet(uri(path)).select([pl.col(c).cast(t) for c, t in schema.items()])
 
 
 def batch_rows(
-    home: Path,
+    lake: Path,
     view: str,
     batch: Batch,
     *,
@@ -96,45 +98,47 @@ def batch_rows(
     """
     if batch.dataset not in VIEW_DATASETS[view]:
         raise ValueError(f"{batch.dataset} batches do not change {view}")
-    new = _validated(home, batch)
+    new = _validated(lake, batch)
     is_tx = batch.dataset == "transactions"
     new_tx = new if is_tx else pl.DataFrame(schema=SCHEMAS["transactions"])
     new_labels = None if is_tx else new
     since = history_start(new_tx, new_labels)
     history = read_validated(
-        home, "transactions", since=since, exclude_batches=[batch.batch_id, *not_yet]
+        lake, "transactions", since=since, exclude_batches=[batch.batch_id, *not_yet]
     )
     if view == CARD_VIEW:
-        return compute_card_features(new_tx, history, read_validated(home, "cards"), created_at)
-    labels = read_validated(home, "labels", since=since, exclude_batches=not_yet)
+        return compute_card_features(new_tx, history, read_validated(lake, "cards"), created_at)
+    labels = read_validated(lake, "labels", since=since, exclude_batches=not_yet)
     return compute_merchant_features(
-        new_tx, history, labels, read_validated(home, "merchants"), created_at, new_labels
+        new_tx, history, labels, read_validated(lake, "merchants"), created_at, new_labels
     )
 
 
 def update_view(
-    home: Path, view: str, batch: Batch, *, not_yet: Sequence[str] = ()
+    lake: Path, view: str, batch: Batch, *, not_yet: Sequence[str] = ()
 ) -> tuple[Path, int]:
     """Compute and write ``batch``'s file of ``view`` (empty when the batch changes nothing);
     return the file and its row count."""
-    rows = batch_rows(home, view, batch, created_at=datetime.now(UTC), not_yet=not_yet)
-    return write_feature_file(home, view, batch.batch_id, rows), rows.height
+    rows = batch_rows(lake, view, batch, created_at=datetime.now(UTC), not_yet=not_yet)
+    return write_feature_file(lake, view, batch.batch_id, rows), rows.height
 
 
-def _files(home: Path) -> dict[str, tuple[int, int]]:
+def _files(lake: Path) -> dict[str, tuple[int, int]]:
+    """Every feature file, by its name under the lake (``features/<view>/<batch>.parquet``):
+    size and modification time (whole seconds on object storage)."""
     out = {}
     for view in FEATURE_SCHEMAS:
-        for path in sorted(feature_dir(home, view).glob("*.parquet")):
+        for path in sorted(feature_dir(lake, view).glob("*.parquet")):
             stat = path.stat()
-            out[str(path.relative_to(home))] = (stat.st_size, stat.st_mtime_ns)
+            out[f"features/{view}/{path.name}"] = (stat.st_size, stat.st_mtime_ns)
     return out
 
 
-def view_version(home: Path, view: str) -> str:
+def view_version(lake: Path, view: str) -> str:
     """A fingerprint of a view's files (names, sizes, modification times)."""
     digest = hashlib.sha256()
-    prefix = str(Path("features") / view)
-    for name, stat in _files(home).items():
+    prefix = f"features/{view}/"
+    for name, stat in _files(lake).items():
         if name.startswith(prefix):
             digest.update(f"{name}|{stat[0]}|{stat[1]}\n".encode())
     return digest.hexdigest()[:16]
@@ -147,22 +151,27 @@ def _loaded(home: Path) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def unloaded_files(home: Path) -> list[str]:
-    """Feature files (relative to ``home``) written or rewritten since the last online load."""
+def unloaded_files(home: Path, lake: Path | None = None) -> list[str]:
+    """Feature files (relative to the lake) written or rewritten since the last online load."""
     loaded = _loaded(home)
-    return [name for name, stat in _files(home).items() if loaded.get(name) != stat]
+    return [name for name, stat in _files(lake or home).items() if loaded.get(name) != stat]
 
 
-def sync_online(store: FeatureStore, home: Path, *, end: datetime | None = None) -> OnlineSync:
+def sync_online(
+    store: FeatureStore, home: Path, *, lake: Path | None = None, end: datetime | None = None
+) -> OnlineSync:
     """Load every feature row not yet in the online store, then record the files as loaded.
 
-    ``end`` defaults to now, or just after the newest row if that is later; rows of the new
-    files older than a view's last load are reloaded from the oldest of them (``changed_since``).
+    The feature files are under ``lake`` (default: the home), the manifest of loaded files in
+    the home, beside the online store it describes. ``end`` defaults to now, or just after the
+    newest row if that is later; rows of the new files older than a view's last load are
+    reloaded from the oldest of them (``changed_since``).
     """
     home = Path(home)
-    files = _files(home)
+    root = data_root(lake or home)
+    files = _files(root)
     loaded = _loaded(home)
-    new = [home / name for name, stat in files.items() if loaded.get(name) != stat]
+    new = [root / name for name, stat in files.items() if loaded.get(name) != stat]
     if not new:
         return OnlineSync(files=0, rows=0, loaded={}, changed_since=None)
     by_view: dict[str, list[Path]] = {}
@@ -170,7 +179,7 @@ def sync_online(store: FeatureStore, home: Path, *, end: datetime | None = None)
         by_view.setdefault(path.parent.name, []).append(path)
     rows, lo, hi = (
         pl.concat(
-            pl.scan_parquet(paths).select(
+            pl.scan_parquet([uri(p) for p in paths]).select(
                 pl.len().alias("rows"), pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")
             )
             for paths in by_view.values()

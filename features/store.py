@@ -52,6 +52,7 @@ from features.feature_repo.definitions import (
     Definitions,
     build_definitions,
 )
+from features.storage import data_root, is_remote, register_filesystems
 
 SERVICE = "fraud_model_v1"
 REPO_DIR = Path(__file__).resolve().parent / "feature_repo"
@@ -122,13 +123,14 @@ def _registry_objects(store: FeatureStore) -> list[Any]:
     ]
 
 
-def apply_definitions(store: FeatureStore, home: Path | None = None) -> bool:
+def apply_definitions(store: FeatureStore, lake: Path | None = None) -> bool:
     """Apply the repo's declarations when they changed; return whether anything was applied.
 
-    The service carries a hash of the declaration files, the home and the Feast version; equal
-    to the registry's means nothing to do. Objects no longer declared are removed.
+    The sources read the feature files under ``lake`` (default: the store's home). The service
+    carries a hash of the declaration files, the lake and the Feast version; equal to the
+    registry's means nothing to do. Objects no longer declared are removed.
     """
-    definitions: Definitions = build_definitions(Path(home) if home else _home_of(store))
+    definitions: Definitions = build_definitions(lake if lake else _home_of(store))
     wanted = definitions.fraud_model_v1.tags[HASH_TAG]
     try:
         applied = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
@@ -159,10 +161,16 @@ def materialize(
     """
     if end.tzinfo is None:
         raise ValueError("end must be timezone-aware")
+    views = [view for view in store.list_feature_views() if view.online]
+    remote = [
+        view.batch_source.path for view in views if is_remote(data_root(view.batch_source.path))
+    ]
+    if remote:  # Feast's DuckDB offline store reads through ibis's default connection
+        import ibis
+
+        register_filesystems(ibis.get_backend(), remote)
     loaded: dict[str, tuple[datetime, datetime]] = {}
-    for view in store.list_feature_views():
-        if not view.online:
-            continue
+    for view in views:
         last = view.most_recent_end_time
         if last is not None and (changed_since is None or changed_since >= last):
             store.materialize_incremental(end_date=end, feature_views=[view.name])
@@ -564,6 +572,7 @@ def historical_features(
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
+        register_filesystems(con, [view.batch_source.path for view in service.feature_views])
         con.register("entity_frame", frame.with_row_index("__row").to_arrow())
         table = con.sql(_asof_sql(service, entity_columns, ts)).to_arrow_table()
     finally:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from features.engineering import TS, read_validated, training_entities
-from features.storage import write_json_atomic, write_parquet_atomic
+from features.storage import data_root, uri, write_json_atomic, write_parquet_atomic
 from features.store import SERVICE, historical_features
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -221,12 +221,12 @@ def build_training_set(
     return TrainingSet(rows, content_version(rows), service_name, summary)
 
 
-def write_training_set(home: Path, built: TrainingSet, batches: tuple[str, ...]) -> TrainingSetRef:
-    """``<home>/training_sets/<version>.parquet`` (and ``.json`` with the summary), atomically.
+def write_training_set(lake: Path, built: TrainingSet, batches: tuple[str, ...]) -> TrainingSetRef:
+    """``<lake>/training_sets/<version>.parquet`` (and ``.json`` with the summary), atomically.
 
-    A version already on disk holds the same rows and is not rewritten.
+    A version already stored holds the same rows and is not rewritten.
     """
-    folder = Path(home) / "training_sets"
+    folder = data_root(lake) / "training_sets"
     path = folder / f"{built.version}.parquet"
     if not path.exists():
         write_parquet_atomic(built.frame, path)
@@ -240,7 +240,7 @@ def write_training_set(home: Path, built: TrainingSet, batches: tuple[str, ...])
         folder / f"{built.version}.json",
     )
     return TrainingSetRef(
-        path=str(path),
+        path=uri(path),
         version=built.version,
         feature_service=built.feature_service,
         batches=batches,
@@ -248,14 +248,14 @@ def write_training_set(home: Path, built: TrainingSet, batches: tuple[str, ...])
     )
 
 
-def validated_batches(home: Path, dataset: str) -> tuple[str, ...]:
-    """Ids of the validated batches of a dataset on disk, sorted."""
-    folder = Path(home) / "validated" / dataset
+def validated_batches(lake: Path, dataset: str) -> tuple[str, ...]:
+    """Ids of the validated batches of a dataset in the lake, sorted."""
+    folder = data_root(lake) / "validated" / dataset
     return tuple(sorted(p.stem for p in folder.glob("*.parquet")))
 
 
 def training_set_from_home(
-    home: Path,
+    lake: Path,
     store: FeatureStore,
     *,
     fractions: SplitFractions = SplitFractions(),
@@ -265,11 +265,11 @@ def training_set_from_home(
     """Build and write a training set from every validated transactions and labels batch."""
     built = build_training_set(
         store,
-        read_validated(home, "transactions"),
-        read_validated(home, "labels"),
+        read_validated(lake, "transactions"),
+        read_validated(lake, "labels"),
         fractions=fractions,
         label_maturity=label_maturity,
         service_name=service_name,
     )
-    batches = validated_batches(home, "transactions") + validated_batches(home, "labels")
-    return write_training_set(home, built, batches), built
+    batches = validated_batches(lake, "transactions") + validated_batches(lake, "labels")
+    return write_training_set(lake, built, batches), built

@@ -123,7 +123,7 @@ def run(host: str, port: int, no_simulator: bool, **opts) -> None:
     settings = Settings.from_env().ensure()
     if opts["fault"] is None and opts["fault_batch"] is None:
         opts["fault"], opts["fault_batch"] = "renamed_column", 5  # show one quarantine in the demo
-    console.print(f"[bold]Loopline[/] home: {settings.home}")
+    console.print(f"[bold]Loopline[/] home: {settings.home}, lake: {settings.lake}")
     live = LivePlatform(settings, host=host, port=port)
     try:
         live.start(

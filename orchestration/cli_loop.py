@@ -150,7 +150,7 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
     from serving.config import ServingConfig
     from serving.monitoring import compact, read_compacted
 
-    out: dict[str, Any] = {"home": str(settings.home)}
+    out: dict[str, Any] = {"home": str(settings.home), "lake": str(settings.lake)}
     if settings.ledger_path.exists():
         out["batches"] = BatchLedger(settings.ledger_path).summary()
     registry = _registry(settings)

@@ -39,16 +39,16 @@ def _update(
 ) -> dg.MaterializeResult:
     from features import incremental
 
-    home = storage.settings.home
-    todo = incremental.pending(home, view, validated_batches(storage))
+    lake = storage.settings.lake
+    todo = incremental.pending(lake, view, validated_batches(storage))
     written = []
     for i, batch in enumerate(todo):
         not_yet = [b.batch_id for b in todo[i + 1 :]]
-        path, rows = incremental.update_view(home, view, batch, not_yet=not_yet)
+        path, rows = incremental.update_view(lake, view, batch, not_yet=not_yet)
         written.append({"batch": batch.batch_id, "dataset": batch.dataset, "rows": rows})
         context.log.info(f"{view}: {batch.dataset} batch {batch.batch_id}: {rows} rows")
-    folder = incremental.feature_dir(home, view)
-    version = incremental.view_version(home, view)
+    folder = incremental.feature_dir(lake, view)
+    version = incremental.view_version(lake, view)
     return dg.MaterializeResult(
         metadata={
             "batches_processed": len(written),
@@ -106,10 +106,10 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     from features.feature_repo.definitions import HASH_TAG
     from features.store import SERVICE, apply_definitions
 
-    home = storage.settings.home
-    with _feast_lock(home):
+    settings = storage.settings
+    with _feast_lock(settings.home):
         store = storage.feature_store()
-        applied = apply_definitions(store, home)
+        applied = apply_definitions(store, settings.lake)
         service = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
     fingerprint = service.tags[HASH_TAG]
     return dg.MaterializeResult(
@@ -133,10 +133,10 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
     """Online store (SQLite, Redis in the scale profile) loaded with every new feature row."""
     from features import incremental
 
-    home = storage.settings.home
-    with _feast_lock(home):
+    settings = storage.settings
+    with _feast_lock(settings.home):
         store = storage.feature_store()
-        sync = incremental.sync_online(store, home)
+        sync = incremental.sync_online(store, settings.home, lake=settings.lake)
     intervals = [
         {"view": v, "start": a.isoformat(), "end": b.isoformat()}
         for v, (a, b) in sync.loaded.items()
@@ -172,12 +172,11 @@ def training_set(
     """Labelled transactions with point-in-time features of fraud_model_v1, split by time."""
     from features.training_set import SplitFractions, training_set_from_home
 
-    home = storage.settings.home
     fractions = SplitFractions(
         config.train_fraction, config.validation_fraction, config.test_fraction
     )
     ref, built = training_set_from_home(
-        home,
+        storage.settings.lake,
         storage.feature_store(),
         fractions=fractions,
         label_maturity=timedelta(days=config.label_maturity_days),
@@ -224,14 +223,14 @@ def features_backlog(storage: LooplineStorage) -> list[str]:
     """Validated batches without feature files, and feature files the online store lacks."""
     from features import incremental
 
-    home = storage.settings.home
+    settings = storage.settings
     batches = validated_batches(storage)
     waiting = {
         b.batch_id
         for view in incremental.VIEW_DATASETS
-        for b in incremental.pending(home, view, batches)
+        for b in incremental.pending(settings.lake, view, batches)
     }
-    return sorted(waiting) + incremental.unloaded_files(home)
+    return sorted(waiting) + incremental.unloaded_files(settings.home, settings.lake)
 
 
 @dg.sensor(

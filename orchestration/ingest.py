@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from features.storage import uri
 from orchestration.resources import LooplineStorage
 from orchestration.settings import Settings
 from quality import contracts, drift
@@ -76,7 +77,7 @@ def _raw_asset(dataset: str) -> dg.AssetsDefinition:
         dest = settings.raw_file(dataset, batch_id)
         source = _source_of(settings, record)
         if dest.exists():
-            df = pl.read_parquet(dest)  # re-run of a stored batch: idempotent
+            df = pl.read_parquet(uri(dest))  # re-run of a stored batch: idempotent
         else:
             try:
                 df = read_batch(source, dataset)
@@ -100,7 +101,7 @@ def _raw_asset(dataset: str) -> dg.AssetsDefinition:
                 "rows": df.height,
                 "columns": ", ".join(df.columns),
                 "source": record.source_name,
-                "path": dg.MetadataValue.path(str(dest)),
+                "path": dg.MetadataValue.path(uri(dest)),
             }
         )
         yield dg.AssetCheckResult(check_name="readable", passed=True)
@@ -163,7 +164,7 @@ def _validated_asset(dataset: str) -> dg.AssetsDefinition:
             "failed": sum(c.outcome == "failed" for c in result.checks),
             "reasons": "\n".join(result.reasons) or "none",
         }
-        rows = pl.scan_parquet(raw_path).select(pl.len()).collect().item()
+        rows = pl.scan_parquet(uri(raw_path)).select(pl.len()).collect().item()
         if not result.passed:
             kind = "schema skew" if result.schema_skew else "contract violation"
             where = _quarantine(settings, ledger, dataset, batch_id, raw_path, result.reasons, rows)
@@ -188,9 +189,9 @@ def _validated_asset(dataset: str) -> dg.AssetsDefinition:
 
         dest = settings.validated_file(dataset, batch_id)
         if not dest.exists():
-            store_batch(pl.read_parquet(raw_path), dest)
+            store_batch(pl.read_parquet(uri(raw_path)), dest)
         ledger.mark(batch_id, "validated", rows=rows)
-        meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(str(dest))}
+        meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(uri(dest))}
         skew = _skew_check(settings, dataset, dest) if profiled else None
         if skew is not None and skew.metadata["compared"].value:
             # On the materialization too, where the retraining sensor reads the value skew.
@@ -216,7 +217,7 @@ def _skew_check(settings: Settings, dataset: str, path: Path) -> dg.AssetCheckRe
             metadata={"compared": False, "why": "no reference profile yet"},
         )
     profile = drift.Profile.load(ref_path)
-    batch = pl.read_parquet(path)
+    batch = pl.read_parquet(uri(path))
     if batch.height < SKEW_MIN_ROWS:
         return dg.AssetCheckResult(
             check_name="distribution_skew",
@@ -274,7 +275,7 @@ def reference_profile(
     files = [settings.validated_file("transactions", b.batch_id) for b in chosen]
     if not files:
         raise dg.Failure("no validated transactions batches yet to build a reference profile from")
-    frame = drift.drift_frame("transactions", pl.read_parquet(files))
+    frame = drift.drift_frame("transactions", pl.read_parquet([uri(f) for f in files]))
     profile = drift.build_profile(
         frame, DRIFT_NUMERIC["transactions"], DRIFT_CATEGORICAL["transactions"]
     )

@@ -17,7 +17,7 @@ import dagster as dg
 import polars as pl
 
 from features.engineering import read_validated
-from features.storage import write_json_atomic, write_parquet_atomic
+from features.storage import uri, write_json_atomic, write_parquet_atomic
 from models.registry import CHAMPION, Registry
 from models.spec import DEFAULT_SLICES
 from orchestration import alerts
@@ -70,7 +70,7 @@ def prediction_log(
     settings = storage.settings
     done = compact(_log_dir(settings, torchserve, storage), _monitoring_dir(settings) / "log")
     predictions = read_compacted(_monitoring_dir(settings) / "log")
-    joined = join_labels(predictions, read_validated(settings.home, "labels"))
+    joined = join_labels(predictions, read_validated(settings.lake, "labels"))
     write_parquet_atomic(joined, _joined_path(settings))
     labelled = joined.filter(pl.col("label").is_not_null()).height
     context.log.info(f"compacted {done.files} log files ({done.rows} records)")
@@ -156,7 +156,7 @@ def drift_report(
     module, preprocessor = load_model(champion.artifact_dir)
     spec = preprocessor.spec
     training = pl.read_parquet(
-        settings.home / "training_sets" / f"{champion.training_set_version}.parquet"
+        uri(settings.training_sets / f"{champion.training_set_version}.parquet")
     )
     reference = training.filter(pl.col("split") == "train")
     if reference.height > config.reference_rows:

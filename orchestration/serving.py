@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from features.storage import write_parquet_atomic
+from features.storage import uri, write_parquet_atomic
 from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest import _md_table
@@ -128,7 +128,7 @@ def replay_requests(
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]
     if not files:
         raise dg.Failure("no logged requests and no validated transactions to replay")
-    frame = pl.read_parquet(files).sort("event_timestamp").tail(limit)
+    frame = pl.read_parquet([uri(f) for f in files]).sort("event_timestamp").tail(limit)
     rows = frame.select(
         *REPLAY_FIELDS,
         pl.col("event_timestamp").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ").alias("timestamp"),
@@ -219,7 +219,7 @@ def batch_predictions(
         if not files:
             raise dg.Failure("no validated transactions batch to score")
         source = files[-1]
-        frame = pl.read_parquet(source)
+        frame = pl.read_parquet(uri(source))
     scored = score_version(registry, version, settings.home, frame, source=config.source)
     out = settings.home / "batch_predictions" / f"{source.stem}-{version}.parquet"
 

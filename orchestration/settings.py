@@ -9,7 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+
+from features.storage import data_root, is_remote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ PROFILES = (LOCAL, SCALE)
 # Every variable Loopline reads (the Kubernetes files are tested against this list).
 ENV_VARS = (
     "LOOPLINE_HOME",
+    "LOOPLINE_LAKE",
     "LOOPLINE_PROFILE",
     "LOOPLINE_POSTGRES_URL",
     "LOOPLINE_REDIS_URL",
@@ -41,18 +43,16 @@ _DEFAULTS = {LOCAL: {"workers": 1, "runs": 2}, SCALE: {"workers": 2, "runs": 8}}
 def local_path(location: str) -> Path:
     """A local path from a plain path or a ``file://`` URI (fsspec's spelling of the same).
 
-    Other schemes (``s3://``, ``gs://``) are refused with the reason: Loopline's writers rename
-    a temporary file into place and keep SQLite files beside the data (docs/scaling.md).
+    Other schemes (``s3://``, ``gs://``) are refused with the reason: the home keeps SQLite files
+    (batch ledger, model registry, Feast's registry) and TorchServe's working folder; batch and
+    feature files go to object storage through ``LOOPLINE_LAKE`` instead.
     """
-    parts = urlsplit(location)
-    if parts.scheme in ("", "file"):
-        if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{location}: a file:// URI must name a local path")
-        path = unquote(parts.path) if parts.scheme == "file" else location
-        return Path(path).expanduser().resolve()
+    root = data_root(location)
+    if not is_remote(root):
+        return root
     raise ValueError(
-        f"{location}: only local paths and file:// URIs are supported for LOOPLINE_HOME; "
-        "object storage needs the changes listed in docs/scaling.md"
+        f"{location}: LOOPLINE_HOME must be a local path or a file:// URI (it keeps SQLite "
+        "files); put batch and feature files on object storage with LOOPLINE_LAKE"
     )
 
 
@@ -61,9 +61,15 @@ class Settings:
     """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository), and the
     profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster on Postgres, Feast
     online store on Redis, several TorchServe workers). Connection URLs carry secrets: they
-    come from the environment only and are kept out of ``repr``."""
+    come from the environment only and are kept out of ``repr``.
+
+    Batch and feature files (``raw/``, ``validated/``, ``features/``, ``training_sets/``) live
+    under the *lake*: ``LOOPLINE_LAKE``, a local path or an fsspec URI such as
+    ``s3://bucket/loopline``; by default the home itself. The landing folder, the quarantine and
+    the archive stay in the home, where producers drop files and people inspect them."""
 
     home: Path
+    lake_uri: str = ""
     profile: str = LOCAL
     postgres_url: str = field(default="", repr=False)
     redis_url: str = field(default="", repr=False)
@@ -72,6 +78,8 @@ class Settings:
     retrain: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.lake_uri:
+            data_root(self.lake_uri)  # a malformed URI fails here, not in the first run
         if self.profile not in PROFILES:
             raise ValueError(f"LOOPLINE_PROFILE={self.profile!r}: expected one of {PROFILES}")
         if self.profile == SCALE:
@@ -104,6 +112,7 @@ class Settings:
         home = env.get("LOOPLINE_HOME")
         return cls(
             local_path(home) if home else (REPO_ROOT / ".loopline").resolve(),
+            lake_uri=env.get("LOOPLINE_LAKE", ""),
             profile=env.get("LOOPLINE_PROFILE") or LOCAL,
             postgres_url=env.get("LOOPLINE_POSTGRES_URL", ""),
             redis_url=env.get("LOOPLINE_REDIS_URL", ""),
@@ -122,16 +131,25 @@ class Settings:
         return self.home.as_uri()
 
     @property
+    def lake(self) -> Path:
+        """Root of the batch and feature files: a ``Path``, or a ``UPath`` on object storage."""
+        return data_root(self.lake_uri) if self.lake_uri else self.home
+
+    @property
     def landing(self) -> Path:
         return self.home / "landing"
 
     @property
     def raw(self) -> Path:
-        return self.home / "raw"
+        return self.lake / "raw"
 
     @property
     def validated(self) -> Path:
-        return self.home / "validated"
+        return self.lake / "validated"
+
+    @property
+    def training_sets(self) -> Path:
+        return self.lake / "training_sets"
 
     @property
     def quarantine(self) -> Path:
@@ -191,7 +209,10 @@ class Settings:
 
     def ensure(self) -> Settings:
         """Create the top-level directories (called by commands, never at import)."""
-        for p in (self.landing, self.raw, self.validated, self.quarantine, self.archive):
+        for p in (self.landing, self.quarantine, self.archive):
             p.mkdir(parents=True, exist_ok=True)
+        if not is_remote(self.lake):  # object storage has no folders to make
+            for p in (self.raw, self.validated):
+                p.mkdir(parents=True, exist_ok=True)
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         return self

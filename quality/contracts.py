@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import duckdb
 
+from features.storage import duckdb_uri, register_filesystems
 from quality.schema import KEYS, SCHEMAS
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
@@ -114,10 +115,11 @@ def run_contract(
 
     path = contract_path(dataset)
     variables = _variables(now, max_age_days, future_allowance_minutes)
-    parquet = str(Path(parquet_path)).replace("'", "''")
+    parquet = duckdb_uri(parquet_path).replace("'", "''")
 
     con = duckdb.connect(":memory:")
     try:
+        register_filesystems(con, [parquet])
         con.execute(f"CREATE VIEW {dataset} AS SELECT * FROM read_parquet('{parquet}')")
         data_source = DuckDBDataSourceImpl.from_existing_cursor(con, name=DATA_SOURCE_NAME)
         session = verify_contract_locally(

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import polars as pl
 
-from features.storage import copy_atomic, sha256_file, write_json_atomic, write_parquet_atomic
+from features.storage import (
+    copy_atomic,
+    is_remote,
+    sha256_file,
+    uri,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from quality.schema import SCHEMAS, dataset_of
 
 LANDING_SUFFIXES = (".parquet", ".csv")
@@ -131,15 +138,15 @@ def quarantine(
 ) -> Path:
     """Keep the offending file and a reason.json beside it; nothing is deleted."""
     dest_dir = Path(dest_dir) / (dataset or "unknown") / batch_id
-    source = Path(source)
-    link = os.readlink(source) if source.is_symlink() else None
+    source = source if is_remote(source) else Path(source)
+    link = None if is_remote(source) or not source.is_symlink() else os.readlink(source)
     if link is None:  # a link's target is never read or copied
         copy_atomic(source, dest_dir / source.name)
     write_json_atomic(
         {
             "batch_id": batch_id,
             "dataset": dataset,
-            "source": str(source),
+            "source": uri(source),
             "link_target": link,
             "reasons": reasons,
             "quarantined_at": datetime.now(UTC).isoformat(),

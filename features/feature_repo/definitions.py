@@ -1,11 +1,13 @@
 """Feast declarations: entities, sources, feature views, the request-time view, the service.
 
 Feast's DuckDB offline store reads a FileSource path exactly as written (a relative path would
-resolve against the process's working directory), so every source is an absolute glob over the
-per-batch feature files under a Loopline home. ``build_definitions(home)`` is the one place that
-constructs the objects; the library calls it with the home it was given. ``feast apply`` and the
+resolve against the process's working directory), so every source is an absolute glob (or an
+object-storage URI) over the per-batch feature files under a Loopline lake: the home, unless
+``LOOPLINE_LAKE`` names another root. ``build_definitions(lake)`` is the one place that
+constructs the objects; the library calls it with the lake it was given. ``feast apply`` and the
 other CLI commands import this module from this directory, so for them the module-level objects
-below are built for ``$LOOPLINE_HOME`` (the same variable ``feature_store.yaml`` substitutes).
+below are built for ``$LOOPLINE_LAKE`` or else ``$LOOPLINE_HOME`` (the variable
+``feature_store.yaml`` substitutes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from feast.data_format import ParquetFormat
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.types import Bool, Float64, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
+
+from features.storage import data_root, duckdb_uri
 
 TAGS = {"owner": "loopline", "domain": "fraud"}
 HASH_TAG = "loopline_definitions_sha256"
@@ -128,20 +132,21 @@ _UDF_SOURCE = inspect.getsource(transaction_request_features)
 transaction_request_features.__module__ = "__main__"
 
 
-def feature_glob(home: Path, view: str) -> str:
-    """The glob a view's source reads: every per-batch file the feature assets wrote."""
-    return str(Path(home).resolve() / "features" / view / "*.parquet")
+def feature_glob(lake: Path, view: str) -> str:
+    """The glob a view's source reads: every per-batch file the feature assets wrote, spelt as
+    DuckDB reads it (``features.storage.duckdb_uri``)."""
+    return duckdb_uri(data_root(lake) / "features" / view / "*.parquet")
 
 
-def declarations_hash(home: Path) -> str:
-    """Fingerprint of what ``build_definitions(home)`` declares: this file, the home, Feast."""
+def declarations_hash(lake: Path) -> str:
+    """Fingerprint of what ``build_definitions(lake)`` declares: this file, the lake, Feast."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(f"{Path(home).resolve()}|{feast.__version__}".encode())
+    digest.update(f"{data_root(lake)}|{feast.__version__}".encode())
     return digest.hexdigest()
 
 
-def build_definitions(home: Path) -> Definitions:
-    """All declarations for one Loopline home (sources point at that home's feature files)."""
+def build_definitions(lake: Path) -> Definitions:
+    """All declarations for one Loopline lake (sources point at its feature files)."""
     card = Entity(
         name="card",
         join_keys=["card_id"],
@@ -158,7 +163,7 @@ def build_definitions(home: Path) -> Definitions:
     )
     card_stats_source = FileSource(
         name="card_stats_source",
-        path=feature_glob(home, "card_stats_fv"),
+        path=feature_glob(lake, "card_stats_fv"),
         file_format=ParquetFormat(),
         timestamp_field="event_timestamp",
         created_timestamp_column="created_timestamp",
@@ -167,7 +172,7 @@ def build_definitions(home: Path) -> Definitions:
     )
     merchant_stats_source = FileSource(
         name="merchant_stats_source",
-        path=feature_glob(home, "merchant_stats_fv"),
+        path=feature_glob(lake, "merchant_stats_fv"),
         file_format=ParquetFormat(),
         timestamp_field="event_timestamp",
         created_timestamp_column="created_timestamp",
@@ -214,7 +219,7 @@ def build_definitions(home: Path) -> Definitions:
         name="fraud_model_v1",
         features=[card_stats_fv, merchant_stats_fv, transaction_request_fv],
         description="Features of the fraud model, version 1: training and serving both use it.",
-        tags={**TAGS, "version": "1", HASH_TAG: declarations_hash(home)},
+        tags={**TAGS, "version": "1", HASH_TAG: declarations_hash(lake)},
     )
     return Definitions(
         card=card,
@@ -240,5 +245,7 @@ def build_definitions(home: Path) -> Definitions:
     transaction_request_fv,
     fraud_model_v1,
 ) = build_definitions(
-    Path(os.environ.get("LOOPLINE_HOME", Path(__file__).parents[2] / ".loopline"))
+    os.environ.get("LOOPLINE_LAKE")
+    or os.environ.get("LOOPLINE_HOME")
+    or Path(__file__).parents[2] / ".loopline"
 )

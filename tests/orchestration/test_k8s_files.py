@@ -60,6 +60,8 @@ def test_variables_are_the_ones_settings_reads(tmp_path):
     # The ConfigMap plus the two secret URLs make a valid scale profile.
     settings = _scale_settings(tmp_path, config)
     assert settings.scale and settings.serving_workers == 2
+    # Batch and feature files on object storage; the home (SQLite state) on the shared volume.
+    assert str(settings.lake).startswith("s3://") and "LOOPLINE_LAKE" in config
     profile = {"LOOPLINE_PROFILE", "LOOPLINE_HOME", "LOOPLINE_SERVING_WORKERS"}
     assert profile | {"LOOPLINE_MAX_CONCURRENT_RUNS"} <= set(config)
     assert Settings.from_env(config | {"LOOPLINE_PROFILE": "local"}).home == Path("/data/loopline")

@@ -70,9 +70,34 @@ def test_home_accepts_file_uris_and_refuses_object_storage(tmp_path):
     home = tmp_path / "a home"
     settings = Settings.from_env({"LOOPLINE_HOME": home.as_uri()})
     assert settings.home == home and settings.home_uri == home.as_uri()
+    assert settings.lake == home  # batch and feature files live in the home by default
     assert settings.raw_file("transactions", "b1") == home / "raw" / "transactions" / "b1.parquet"
-    with pytest.raises(ValueError, match="docs/scaling.md"):
+    # The home keeps SQLite files: object storage is for the lake, and the error says so.
+    with pytest.raises(ValueError, match="LOOPLINE_LAKE"):
         Settings.from_env({"LOOPLINE_HOME": "s3://bucket/loopline"})
+
+
+def test_the_lake_puts_batch_and_feature_files_on_object_storage(tmp_path):
+    settings = Settings.from_env(
+        {"LOOPLINE_HOME": str(tmp_path), "LOOPLINE_LAKE": "s3://bucket/loopline/"}
+    )
+    assert str(settings.raw_file("transactions", "b1")) == (
+        "s3://bucket/loopline/raw/transactions/b1.parquet"
+    )
+    assert str(settings.validated) == "s3://bucket/loopline/validated"
+    assert str(settings.training_sets) == "s3://bucket/loopline/training_sets"
+    # State and the places people look at stay on the local disk.
+    assert settings.landing == tmp_path / "landing" and settings.registry_path.is_relative_to(
+        tmp_path
+    )
+    assert settings.quarantine == tmp_path / "quarantine"
+    # A second local folder works as a lake too.
+    local = Settings.from_env(
+        {"LOOPLINE_HOME": str(tmp_path), "LOOPLINE_LAKE": str(tmp_path / "l")}
+    )
+    assert local.validated == tmp_path / "l" / "validated"
+    with pytest.raises(ValueError, match="bucket"):
+        Settings.from_env({"LOOPLINE_HOME": str(tmp_path), "LOOPLINE_LAKE": "s3:///no-bucket"})
 
 
 def test_scale_instance_config_keeps_the_password_in_the_environment(tmp_path):

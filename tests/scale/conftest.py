@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.scale.services import postgres_server, redis_server
+from tests.scale.services import postgres_server, redis_server, s3_server
 
 
 @pytest.fixture(scope="session")
@@ -16,4 +16,10 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    with s3_server() as url:
         yield url

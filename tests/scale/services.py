@@ -122,3 +122,40 @@ def redis_server() -> Iterator[str]:
             proc.kill()
             proc.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# The variables s3fs (botocore) and Polars both read: one endpoint and key for both readers.
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "loopline-lake") -> Iterator[str]:
+    """An S3 API on a loopback port (moto's server, in this process) with one bucket; yields
+    ``s3://<bucket>`` with the endpoint and a key in the environment, as a user of MinIO or
+    AWS would set them, and restores the environment on exit."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {name: os.environ.get(name) for name in S3_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="loopline",
+        AWS_SECRET_ACCESS_KEY=secrets.token_hex(16),
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    S3FileSystem.clear_instance_cache()  # no client made for another endpoint
+    try:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        S3FileSystem.clear_instance_cache()
+        server.stop()

@@ -1,14 +1,16 @@
 """The scale profile against real servers: the same simulated batches go through ingest ->
 features -> training twice, once in the local profile (SQLite) and once with
-``LOOPLINE_PROFILE=scale`` (Dagster instance on Postgres, Feast online store on Redis, the home
-given as a ``file://`` URI); both must give the same training set, model, online features and
-scores. Then the scale home closes the loop: deploy to TorchServe (features from Redis), serve
-drifted traffic, monitoring finds the drift, and the retrain it asks for runs on Postgres.
+``LOOPLINE_PROFILE=scale`` (Dagster instance on Postgres, Feast online store on Redis, batch and
+feature files on object storage through ``LOOPLINE_LAKE=s3://...``, the home given as a
+``file://`` URI); both must give the same training set, model, online features and scores. Then
+the scale home closes the loop: deploy to TorchServe (features from Redis), serve drifted
+traffic, monitoring finds the drift, and the retrain it asks for runs on Postgres.
 """
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import boto3
 import dagster as dg
 import polars as pl
 import psycopg2
@@ -17,6 +19,7 @@ import redis
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
 from features import simulator
+from features.storage import is_remote, uri
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
 from orchestration.monitoring import (
@@ -68,12 +71,13 @@ def local(tmp_path_factory, start):
 
 
 @pytest.fixture(scope="module")
-def scale(tmp_path_factory, local, start, postgres_url, redis_url):
+def scale(tmp_path_factory, local, start, postgres_url, redis_url, s3_bucket):
     """The same chain with the scale profile chosen the way a user chooses it: env vars."""
     home = tmp_path_factory.mktemp("scale") / "home"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOPLINE_PROFILE", "scale")
         env.setenv("LOOPLINE_HOME", home.as_uri())
+        env.setenv("LOOPLINE_LAKE", f"{s3_bucket}/scale")
         env.setenv("LOOPLINE_POSTGRES_URL", postgres_url)
         env.setenv("LOOPLINE_REDIS_URL", redis_url)
         settings = Settings.from_env().ensure()
@@ -120,6 +124,24 @@ def test_scale_profile_runs_the_chain_on_postgres(scale, postgres_url):
     assert instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
 
 
+def test_batch_and_feature_files_are_objects_in_the_bucket(scale, s3_bucket):
+    """Raw and validated batches, feature files and the training set went to object storage;
+    the home kept only its state (SQLite files, the landing archive), not one data file."""
+    platform, runs, settings = scale
+    assert is_remote(settings.lake) and str(settings.lake) == f"{s3_bucket}/scale"
+    bucket = s3_bucket.removeprefix("s3://")
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    kinds = {key.split("/")[1] for key in keys if key.startswith("scale/")}
+    assert kinds == {"raw", "validated", "features", "training_sets"}
+    assert sum(key.startswith("scale/validated/transactions/") for key in keys) >= BATCHES
+    training_set = runs["training"].output_for_node("training_set")
+    assert training_set.path.startswith(f"{s3_bucket}/scale/training_sets/")
+    home = settings.home
+    for folder in ("raw", "validated", "features", "training_sets"):
+        assert not list((home / folder).rglob("*.parquet")), folder
+
+
 def test_same_training_set_and_model_as_the_local_profile(local, scale):
     (local_platform, local_runs), (scale_platform, scale_runs, _) = local, scale
     assert local_runs["training"].success and scale_runs["training"].success
@@ -134,27 +156,26 @@ def test_same_training_set_and_model_as_the_local_profile(local, scale):
     assert scale_model.metrics["pr_auc"] == pytest.approx(local_model.metrics["pr_auc"], abs=1e-6)
 
 
-def _requests(home: Path, n: int = 300) -> pl.DataFrame:
+def request_columns() -> list:
+    """What an online lookup takes from a validated transaction."""
+    fields = ["card_id", "merchant_id", "amount", "country", "channel"]
+    return [*fields, pl.col("event_timestamp").alias("transaction_timestamp")]
+
+
+def _requests(validated: Path, n: int = 300) -> pl.DataFrame:
     """Transactions from the validated batches: every card and merchant the store serves."""
-    frame = pl.read_parquet(home / "validated" / "transactions" / "*.parquet")
+    frame = pl.read_parquet(uri(validated / "transactions" / "*.parquet"))
     return (
         frame.sort("event_timestamp", "transaction_id")
         .unique(subset=["card_id"], keep="last", maintain_order=True)
         .head(n)
-        .select(
-            "card_id",
-            "merchant_id",
-            "amount",
-            "country",
-            "channel",
-            pl.col("event_timestamp").alias("transaction_timestamp"),
-        )
+        .select(*request_columns())
     )
 
 
 def test_online_features_from_redis_equal_sqlite(local, scale, redis_url):
     (local_platform, _), (_, _, settings) = local, scale
-    rows = _requests(local_platform.settings.home)
+    rows = _requests(local_platform.settings.validated)
     assert rows.height >= 100
     at = datetime.now(UTC)
 
@@ -194,7 +215,7 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
             registry.get(version).artifact_dir, home, version_info(registry, version), online
         )
     assert scorers["scale"].store.config.online_store.type == "redis"
-    rows = _requests(local_platform.settings.home, n=64)
+    rows = _requests(local_platform.settings.validated, n=64)
     now = datetime.now(UTC)
     transactions = [
         Transaction(
@@ -211,9 +232,9 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
     assert scale_scores.probabilities == pytest.approx(local_scores.probabilities, abs=1e-6)
 
 
-def _traffic(home: Path, n: int) -> list[dict]:
+def _traffic(validated: Path, n: int) -> list[dict]:
     """Request bodies for the newest validated transactions, stamped now."""
-    frame = pl.read_parquet(home / "validated" / "transactions" / "*.parquet")
+    frame = pl.read_parquet(uri(validated / "transactions" / "*.parquet"))
     now = datetime.now(UTC).isoformat()
     rows = frame.sort("event_timestamp", "transaction_id").tail(n).to_dicts()
     fields = ("card_id", "merchant_id", "amount", "channel", "country")
@@ -252,14 +273,14 @@ def test_the_loop_closes_deploy_drift_retrain(scale):
         assert deployed.output_for_node("deployment")["outcome"] == "promoted"
         assert process.config.workers_per_model == settings.serving_workers == 2
 
-        normal = _traffic(settings.home, 400)[:200]
+        normal = _traffic(settings.validated, 400)[:200]
         drifted = [
             {
                 **r,
                 "transaction_id": f"d-{i}",
                 "amount": round(min(r["amount"] * 20 + 300, 40_000.0), 2),
             }
-            for i, r in enumerate(_traffic(settings.home, 400)[200:])
+            for i, r in enumerate(_traffic(settings.validated, 400)[200:])
         ]
         client = torchserve.process(platform.storage).client()
         answers = []
