@@ -232,7 +232,8 @@ class Scorer:
         request = transaction_columns(transactions)
         found = online_columns(
             self.store,
-            pa.table(request, schema=_REQUEST_ARROW),
+            request,
+            schema=_REQUEST_ARROW,
             service_name=self.info.feature_service,
             at=at,
         )
