@@ -35,7 +35,7 @@ from features.store import (
 )
 from models.artifact import load_model, read_sidecar
 from models.evaluate import batch_proba
-from models.network import TabularNet
+from models.network import FrozenNet, TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
 from quality.schema import UTC_TS
@@ -197,6 +197,7 @@ class Scorer:
         store: FeatureStore,
     ) -> None:
         self.module = module.cpu().eval()  # once: batch_proba expects it
+        self.forward = FrozenNet(self.module)  # its forward, for scoring (explain: the module)
         self.preprocessor = preprocessor
         self.info = info
         self.store = store
@@ -278,7 +279,7 @@ class Scorer:
             nulls = _null_columns([features[n] for n in flagged])
             values = zip(*(features[c] for c in columns), strict=True)
             inputs = [dict(zip(columns, row, strict=True)) for row in values]
-        probabilities = batch_proba(self.module, batch)
+        probabilities = batch_proba(self.forward, batch)
         threshold = self.info.threshold
         decisions = [DECLINE if p >= threshold else APPROVE for p in probabilities.tolist()]
         at = {name: j for j, name in enumerate(flagged)}
