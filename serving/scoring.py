@@ -196,8 +196,8 @@ class Scorer:
         info: ServingInfo,
         store: FeatureStore,
     ) -> None:
-        self.module = module.cpu().eval()  # once: batch_proba expects it
-        self.forward = FrozenNet(self.module)  # its forward, for scoring (explain: the module)
+        self.module = module.cpu().eval()  # once; explanations differentiate through it
+        self.forward = FrozenNet(self.module)  # the same outputs, for scoring (decision 19)
         self.preprocessor = preprocessor
         self.info = info
         self.store = store
