@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -302,12 +302,16 @@ class _ViewTransform(NamedTuple):
     numpy: bool  # its pandas UDF also takes a dict of NumPy columns (NUMPY_UDF_TAG)
 
 
-_Found = tuple[int, dict[str, Any]] | tuple[None, None]
+_Found = tuple[int, tuple[Any, ...]] | tuple[None, None]
 
 
 class _OnlineReader:
-    """Reads the online rows of unique entity keys: per key, (event time in µs, feature ->
-    Python value) as ``FeatureStore.get_online_features`` decodes them, or (None, None)."""
+    """Reads the online rows of unique entity keys: per key, (event time in µs, the view's
+    requested features' Python values in ``read.features`` order, None where absent) as
+    ``FeatureStore.get_online_features`` decodes them, or (None, None)."""
+
+    def begin(self) -> None:
+        """Called once per lookup, before its views' reads."""
 
     def read(self, read: _ViewRead, keys: list[Any]) -> list[_Found]:
         raise NotImplementedError
@@ -332,7 +336,10 @@ class _StoreReader(_OnlineReader):
             out.append(
                 (
                     _proto_micros(stamp),
-                    {n: feast_value_type_to_python_type(v) for n, v in values.items()},
+                    tuple(
+                        feast_value_type_to_python_type(values[n]) if n in values else None
+                        for n in read.features
+                    ),
                 )
             )
         return out
@@ -343,8 +350,9 @@ class _SqliteReader(_OnlineReader):
     runs, on a read-only connection per thread, decoding only the requested features (a
     value's bytes decode the same way every time, so recent ones are cached). An entity's
     decoded row is kept until the database changes: SQLite's ``data_version`` moves with every
-    commit of another connection (a materialization, from any process), and then the kept rows
-    are dropped, so a read answers as the store holds the rows at that read."""
+    commit of another connection (a materialization, from any process); it is checked once per
+    lookup (``begin``) and the kept rows are dropped when it moved, so a lookup answers as the
+    store holds the rows when it starts, or later for the keys it has to read."""
 
     def __init__(self, config: RepoConfig) -> None:
         self.path = SqliteOnlineStore._get_db_path(config)
@@ -360,31 +368,31 @@ class _SqliteReader(_OnlineReader):
             self._local.data_version, self._local.rows = None, {}
         return con
 
-    def _kept_rows(self, con: sqlite3.Connection, read: _ViewRead) -> dict[bytes, _Found]:
-        """This thread's kept rows of the view's table and features, emptied if the database
-        changed since the last read."""
-        local = self._local
+    def begin(self) -> None:
+        """Drops this thread's kept rows if the database changed since its last lookup."""
+        con, local = self._connection(), self._local
         data_version = con.execute("PRAGMA data_version").fetchone()[0]
         if data_version != local.data_version:
             local.data_version, local.rows = data_version, {}
-        return local.rows.setdefault((read.table, tuple(read.features)), {})
 
     def _decode(self, blob: bytes) -> Any:
-        if len(self._decoded) >= _VALUE_CACHE:
-            self._decoded.clear()
-        value = self._decoded[blob] = feast_value_type_to_python_type(ValueProto.FromString(blob))
+        decoded = self._decoded
+        if blob in decoded:
+            return decoded[blob]
+        if len(decoded) >= _VALUE_CACHE:
+            decoded.clear()
+        value = decoded[blob] = feast_value_type_to_python_type(ValueProto.FromString(blob))
         return value
 
     def read(self, read: _ViewRead, keys: list[Any]) -> list[_Found]:
         serialized = [read.serialized_key(k, self.version) for k in keys]
         con = self._connection()
-        kept = self._kept_rows(con, read)
+        kept = self._local.rows.setdefault((read.table, tuple(read.features)), {})
         unread = [key for key in serialized if key not in kept]
         if len(kept) + len(unread) > _ROW_CACHE:
             kept.clear()
             unread = serialized
-        wanted = set(read.features)
-        decoded, decode = self._decoded, self._decode
+        decode = self._decode
         for start in range(0, len(unread), _SQLITE_CHUNK):
             chunk = unread[start : start + _SQLITE_CHUNK]
             query = (
@@ -394,11 +402,8 @@ class _SqliteReader(_OnlineReader):
             found: dict[bytes, _Found] = {}
             for key, group in itertools.groupby(con.execute(query, chunk), _first):
                 group = list(group)
-                values = {
-                    name: decoded[blob] if blob in decoded else decode(blob)
-                    for _, name, blob, _ in group
-                    if name in wanted
-                }
+                blobs = {name: blob for _, name, blob, _ in group}
+                values = tuple(decode(blobs[n]) if n in blobs else None for n in read.features)
                 # As Feast: the entity's time is its last row's, read by Feast's converter.
                 stamp = convert_timestamp(group[-1][3]).replace(tzinfo=UTC)
                 found[key] = (_micros(stamp), values)
@@ -589,39 +594,85 @@ class OnlineColumns(NamedTuple):
     types: dict[str, pa.DataType]
 
 
+class _Rows:
+    """A lookup's request rows, from an Arrow table or from columns of Python values with their
+    Arrow schema; each column is converted only when asked for, at most once per form."""
+
+    def __init__(self, rows: pa.Table | Mapping[str, Sequence[Any]], schema: pa.Schema | None):
+        self._table = rows if isinstance(rows, pa.Table) else None
+        self._columns = rows if self._table is None else {}
+        self._schema = schema
+        self._lists: dict[str, list[Any]] = {}
+        self._arrays: dict[str, pa.Array | pa.ChunkedArray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._table.column_names if self._table is not None else self._columns)
+
+    def values(self, name: str) -> Sequence[Any]:
+        """The column as Python values (None where null)."""
+        if self._table is None:
+            return self._columns[name]
+        if name not in self._lists:
+            self._lists[name] = self._table.column(name).to_pylist()
+        return self._lists[name]
+
+    def array(self, name: str) -> pa.Array | pa.ChunkedArray:
+        """The column in Arrow, typed by the schema when it names the column."""
+        if self._table is not None:
+            return self._table.column(name)
+        if name not in self._arrays:
+            typed = self._schema is not None and name in self._schema.names
+            kind = self._schema.field(name).type if typed else None
+            self._arrays[name] = pa.array(self._columns[name], type=kind)
+        return self._arrays[name]
+
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = pa.table({n: self.array(n) for n in self._columns})
+        return self._table
+
+
 def online_columns(
     store: FeatureStore,
-    rows: pa.Table,
+    rows: pa.Table | Mapping[str, Sequence[Any]],
     *,
+    schema: pa.Schema | None = None,
     service_name: str = SERVICE,
     at: datetime | None = None,
 ) -> OnlineColumns:
     """``online_features`` without the frame: the serving handler's path, where a batch is a
     few rows and building frames would cost more than the lookup. The rows (join keys and
-    request fields) come as an Arrow table, as Feast would hand them to an on-demand view."""
+    request fields) come as an Arrow table, as Feast would hand them to an on-demand view, or as
+    columns of Python values (``schema`` types those an on-demand view reads: only they are
+    converted to Arrow; unnamed ones are inferred)."""
     at = at or datetime.now(UTC)
     service = _resolve(store, service_name)
     plan = service.online_plan(store)
     reader = _reader(store)
+    reader.begin()
+    request = _Rows(rows, schema)
     values: dict[str, list[Any]] = {}
     types: dict[str, pa.DataType] = {}
     for view, read in plan.views:
-        columns = [rows.column(c).to_pylist() for c in read.entity_columns]
+        columns = [request.values(c) for c in read.entity_columns]
         keys = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))
         slots: dict[Any, int] = {}
         inverse = [slots.setdefault(k, len(slots)) for k in keys]
         found = reader.read(read, list(slots))
         floor_us = _micros(at - view.ttl) if view.ttl else None
+        absent = (None,) * len(read.features)
         alive = [
-            values if values is not None and (floor_us is None or stamp >= floor_us) else None
-            for stamp, values in found
+            row if row is not None and (floor_us is None or stamp >= floor_us) else absent
+            for stamp, row in found
         ]
         per_row = alive if len(alive) == len(inverse) else [alive[i] for i in inverse]
-        for name in read.features:
-            values[name] = [None if v is None else v.get(name) for v in per_row]
+        # One transpose for all the view's features (rows are tuples in read.features order).
+        by_feature = zip(*per_row, strict=True) if per_row else [()] * len(read.features)
+        for name, column in zip(read.features, by_feature, strict=True):
+            values[name] = list(column)
             types[name] = service.arrow_types[name]
     for step in plan.odfvs:
-        for name, column in _transform(step, rows, values, types).items():
+        for name, column in _transform(step, request, values, types).items():
             if not name.startswith("__index") and (not step.wanted or name in step.wanted):
                 values[name] = column.to_pylist()
                 types[name] = column.type
@@ -662,7 +713,7 @@ def _with_columns(
 
 def _transform(
     step: _ViewTransform,
-    rows: pa.Table,
+    rows: _Rows,
     values: dict[str, list[Any]],
     types: dict[str, pa.DataType],
 ) -> dict[str, pa.Array | pa.ChunkedArray]:
@@ -674,11 +725,11 @@ def _transform(
     pandas frame (the index, which Feast drops, is not converted). Other modes, or a UDF that
     reads other columns or renames its outputs, go through ``odfv.transform_arrow``."""
     odfv, inputs = step.odfv, step.inputs
-    if odfv.mode == "pandas" and all(c in values or c in rows.column_names for c in inputs):
+    if odfv.mode == "pandas" and all(c in values or c in rows for c in inputs):
         udf = odfv.feature_transformation.udf
         declared = {f.name for f in odfv.features}
         columns = {
-            c: pa.array(values[c], type=types[c]) if c in values else rows.column(c) for c in inputs
+            c: pa.array(values[c], type=types[c]) if c in values else rows.array(c) for c in inputs
         }
         try:
             if step.numpy:
@@ -689,7 +740,7 @@ def _transform(
             out = None
         if out is not None and set(out.keys()) <= declared:
             return {c: pa.array(out[c], from_pandas=True) for c in out}
-    transformed = odfv.transform_arrow(_with_columns(rows, values, types), False)
+    transformed = odfv.transform_arrow(_with_columns(rows.table(), values, types), False)
     return {name: transformed[name] for name in transformed.column_names}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +64,13 @@ def predict_proba(
 
 
 @torch.inference_mode()
-def batch_proba(module: nn.Module, batch: TabularBatch) -> np.ndarray:
-    """``predict_proba`` of a built batch, for a module already on the CPU in eval mode: the
-    serving path, which sets the module up once per load rather than walking it per call (the
-    walk costs more than a small batch's forward pass). One forward over the whole batch."""
+def batch_proba(
+    module: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: TabularBatch
+) -> np.ndarray:
+    """``predict_proba`` of a built batch, for a module already on the CPU in eval mode or its
+    ``FrozenNet`` (equal outputs): the serving path, which sets the model up once per load
+    rather than walking it per call (the walk costs more than a small batch's forward pass).
+    One forward over the whole batch."""
     logits = module(batch.numeric, batch.categorical).float()
     return torch.sigmoid(logits.double()).numpy()
 

@@ -166,6 +166,14 @@ class Preprocessor:
             ]
         return TabularBatch(torch.from_numpy(numeric), torch.from_numpy(categorical))
 
+    def missing(self, batch: TabularBatch) -> np.ndarray:
+        """Rows x ``spec.columns`` of a batch this preprocessor built: which inputs it imputed (a
+        null or NaN number: its indicator column; a null category: ``MISSING_INDEX``)."""
+        k = len(self.spec.numeric)
+        return np.concatenate(
+            [batch.numeric[:, k:].numpy() != 0, batch.categorical.numpy() == MISSING_INDEX], axis=1
+        )
+
     def records_to_frame(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
         """Builds a frame with a fixed schema, so a batch of one row types like a million."""
         columns: dict[str, pl.Series] = {}

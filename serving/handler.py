@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 from ts.torch_handler.base_handler import BaseHandler
 
 from features.store import redis_online_store
@@ -77,11 +79,11 @@ class LooplineHandler(BaseHandler):
             signal.signal(signal.SIGTERM, close_and_exit)
         atexit.register(self.log.close, 2.0)
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str | bytes]:
         started = time.perf_counter()
         now = datetime.now(UTC)
         self.context = context
-        responses: list[str | None] = [None] * len(data)
+        responses: list[str | bytes | None] = [None] * len(data)
         accepted: list[tuple[int, list[Transaction], bool, bool]] = []
         for i, item in enumerate(data):
             context.set_response_content_type(i, JSON)
@@ -112,11 +114,13 @@ class LooplineHandler(BaseHandler):
             logged_at = now.isoformat()
             model_name, model_version = self.scorer.info.model_name, self.scorer.info.model_version
             probabilities = scores.probabilities.tolist()
+            finite = bool(np.isfinite(scores.probabilities).all())
             records = []
             start = 0
             for i, txs, single, exp in accepted:
                 part = outputs[start : start + len(txs)]
-                responses[i] = json.dumps(part[0] if single else part)
+                answer = part[0] if single else part
+                responses[i] = _body_json(answer) if finite and not exp else json.dumps(answer)
                 request_id = _request_id(context, i)
                 endpoint = "explanations" if exp else "predictions"
                 for j, tx in enumerate(txs, start):
@@ -172,6 +176,17 @@ def online_store(env: Mapping[str, str]) -> dict[str, Any] | None:
     if env.get(PROFILE_ENV) != "scale":
         return None
     return redis_online_store(env[REDIS_ENV])
+
+
+def _body_json(answer: Any) -> bytes:
+    """A prediction's response body through orjson (a tenth of ``json.dumps``'s time): the
+    values ``json.dumps`` would write, spelt compactly in UTF-8 (decision 19). The handler
+    sends it only answers of text, lists of text and finite floats; explanations and answers
+    with a non-finite probability keep ``json.dumps``, as does anything orjson refuses."""
+    try:
+        return orjson.dumps(answer)
+    except orjson.JSONEncodeError:
+        return json.dumps(answer).encode("utf-8")
 
 
 def _body(item: Any) -> Any:

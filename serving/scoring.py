@@ -35,7 +35,7 @@ from features.store import (
 )
 from models.artifact import load_model, read_sidecar
 from models.evaluate import batch_proba
-from models.network import TabularNet
+from models.network import FrozenNet, TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
 from quality.schema import UTC_TS
@@ -196,12 +196,16 @@ class Scorer:
         info: ServingInfo,
         store: FeatureStore,
     ) -> None:
-        self.module = module.cpu().eval()  # once: batch_proba expects it
+        self.module = module.cpu().eval()  # once; explanations differentiate through it
+        self.forward = FrozenNet(self.module)  # the same outputs, for scoring (decision 19)
         self.preprocessor = preprocessor
         self.info = info
         self.store = store
         self.entity_features = _entity_features(store, info.feature_service)
         self.columns = list(preprocessor.spec.columns)
+        # Entity features the model does not take: their nulls are found apart (rarely any).
+        entity = dict.fromkeys(n for names in self.entity_features.values() for n in names)
+        self._others = [n for n in entity if n not in self.columns]
         available = set(transactions_frame([]).columns) | set(_service_features(store, info))
         lacking = [c for c in preprocessor.spec.columns if c not in available]
         if lacking:
@@ -232,7 +236,8 @@ class Scorer:
         request = transaction_columns(transactions)
         found = online_columns(
             self.store,
-            pa.table(request, schema=_REQUEST_ARROW),
+            request,
+            schema=_REQUEST_ARROW,
             service_name=self.info.feature_service,
             at=at,
         )
@@ -263,35 +268,38 @@ class Scorer:
         """Probabilities, decisions and missing-feature flags for feature rows: a frame (batch
         inference) or columns of Python values (``online_columns``, the handler's batches)."""
         columns = self.columns
-        # One null pass serves both flags: the model's inputs, then the entities' features.
-        entity = [n for names in self.entity_features.values() for n in names]
         present = features.columns if isinstance(features, pl.DataFrame) else features
-        flagged = list(dict.fromkeys([*columns, *(n for n in entity if n in present)]))
+        others = [n for n in self._others if n in present]
         if isinstance(features, pl.DataFrame):
             frame = features[columns]  # eager column pick; select() plans a query per batch
             batch = self.preprocessor.transform(frame)
-            nulls = _null_matrix(features[flagged])
+            others_null = _null_matrix(features[others]) if others else None
             inputs = frame.to_dicts()
         else:
             batch = self.preprocessor.transform_columns(features)
-            nulls = _null_columns([features[n] for n in flagged])
+            others_null = _null_columns([features[n] for n in others]) if others else None
             values = zip(*(features[c] for c in columns), strict=True)
             inputs = [dict(zip(columns, row, strict=True)) for row in values]
-        probabilities = batch_proba(self.module, batch)
+        # The model's inputs are missing where the preprocessor imputed them: a null, or NaN in
+        # a number. Entity features beyond them are flagged alike (unknown entities).
+        missing = self.preprocessor.missing(batch)
+        nulls = missing if others_null is None else np.concatenate([missing, others_null], 1)
+        probabilities = batch_proba(self.forward, batch)
         threshold = self.info.threshold
         decisions = [DECLINE if p >= threshold else APPROVE for p in probabilities.tolist()]
-        at = {name: j for j, name in enumerate(flagged)}
+        at = {name: j for j, name in enumerate([*columns, *others])}
         unknown = [
-            (e, nulls[:, [at[n] for n in names if n in at]].all(axis=1).tolist())
+            (e, nulls[:, [at[n] for n in names if n in at]].all(axis=1))
             for e, names in self.entity_features.items()
             if any(n in at for n in names)
         ]
-        missing = nulls[:, : len(columns)].tolist()
+        entities = [e for e, _ in unknown]
+        by_row = np.stack([f for _, f in unknown], axis=1) if unknown else nulls[:, :0]
         return Scores(
             probabilities=probabilities,
             decisions=decisions,
-            missing_features=[list(compress(columns, row)) for row in missing],
-            unknown_entities=[[e for e, flags in unknown if flags[i]] for i in range(len(inputs))],
+            missing_features=[list(compress(columns, row)) for row in missing.tolist()],
+            unknown_entities=[list(compress(entities, row)) for row in by_row.tolist()],
             inputs=inputs,
         )
 

@@ -88,6 +88,22 @@ def test_online_columns_are_the_columns_of_online_features(served) -> None:
     _assert_same(rebuilt, frame.drop(rows.columns))
 
 
+@pytest.mark.parametrize("at", TIMES[:2])
+def test_online_columns_of_python_values_equal_those_of_an_arrow_table(served, at) -> None:
+    """The handler passes its request as lists with a schema: the same answer as the table."""
+    store, rows = served
+    table = rows.to_arrow()
+    lists = {name: rows[name].to_list() for name in rows.columns}
+    by_table = online_columns(store, table, at=at)
+    by_lists = online_columns(store, lists, schema=table.schema, at=at)
+    assert by_lists.types == by_table.types
+    assert by_lists.values.keys() == by_table.values.keys()
+    for name, column in by_table.values.items():
+        assert pa.array(by_lists.values[name], by_table.types[name]).equals(
+            pa.array(column, by_table.types[name])
+        ), name
+
+
 def test_the_comparison_covers_known_unknown_and_expired_entities(served) -> None:
     store, rows = served
     alive = online_features(store, rows, at=END)

@@ -168,3 +168,24 @@ def test_the_columns_path_refuses_missing_columns() -> None:
     pre = Preprocessor.fit(_frame(), SMALL)
     with pytest.raises(KeyError, match="country"):
         pre.transform_columns({"x": [1.0], "y": [2.0]})
+
+
+@pytest.mark.parametrize("n", [0, 1, 32, 1000])
+def test_missing_flags_are_the_nulls_and_nans_of_the_inputs(n: int) -> None:
+    """What serving reports as ``missing_features``: a null in any input, or NaN in a number,
+    from either path's batch."""
+    pre = Preprocessor.fit(_varied_frame(400, seed=1), VARIED)
+    frame = _varied_frame(n, seed=n + 11)
+    expected = np.zeros((n, len(VARIED.columns)), dtype=bool)
+    for j, name in enumerate(VARIED.columns):
+        column = frame.get_column(name)
+        expected[:, j] = column.is_null().to_numpy()
+        if column.dtype.is_float():
+            expected[:, j] |= column.is_nan().fill_null(False).to_numpy()
+    by_frame = pre.missing(pre.transform(frame))
+    by_columns = pre.missing(pre.transform_columns(frame.to_dict(as_series=False)))
+    assert by_frame.shape == (n, len(VARIED.columns)) and by_frame.dtype == bool
+    assert np.array_equal(by_frame, expected)
+    assert np.array_equal(by_columns, expected)
+    if n >= 32:
+        assert expected.any(axis=0).sum() >= 2  # nulls in several columns were exercised

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from models.artifact import save_training_result
+from models.train import train_model
 from serving.batch import score_version
 from serving.requests import RequestError, validate_transaction
 from serving.scoring import Scorer, version_info
-from tests.serving.kit import ServingHome
+from tests.serving.kit import FAST, ServingHome
 
 
 def test_offline_and_online_sources_agree_for_transactions_after_the_last_features(
@@ -78,3 +81,32 @@ def test_the_handlers_columns_score_exactly_as_a_frame_does(
     assert fast.unknown_entities == reference.unknown_entities
     assert json.dumps(fast.inputs) == json.dumps(reference.inputs)  # NaN-aware, typed
     assert "card" in fast.unknown_entities[0] and "merchant" in fast.unknown_entities[-1]
+
+
+def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
+    serving_home: ServingHome, tmp_path: Path
+) -> None:
+    """Missing-feature flags come from the model's own inputs; an entity feature outside them
+    is scanned apart, so an unknown entity is still named on both paths."""
+    spec = serving_home.spec
+    dropped = "card_home_country"
+    assert dropped in spec.categorical
+    reduced = type(spec)(
+        numeric=spec.numeric, categorical=tuple(c for c in spec.categorical if c != dropped)
+    )
+    saved = save_training_result(
+        train_model(serving_home.training_frame, reduced, FAST), tmp_path / "reduced"
+    )
+    info = version_info(serving_home.registry, "v0001")
+    scorer = Scorer.load(saved.path, serving_home.home, info)
+    assert dropped in scorer._others and dropped not in scorer.columns
+    now = datetime.now(UTC)
+    bodies = serving_home.requests(6, offset=70)
+    bodies[2] = {**bodies[2], "card_id": "new-card"}
+    transactions = [validate_transaction(b, now=now) for b in bodies]
+    fast = scorer.score(scorer.online_columns(transactions, at=now))
+    reference = scorer.score(scorer.online_features(transactions, at=now))
+    assert fast.unknown_entities == reference.unknown_entities
+    assert fast.missing_features == reference.missing_features
+    assert fast.unknown_entities[2] == ["card"] and "card" not in fast.unknown_entities[0]
+    assert dropped not in fast.missing_features[2]  # not a model input, so not "missing"

@@ -16,7 +16,7 @@ from ts.context import Context, RequestProcessor
 from serving.archive import build_archive, read_manifest
 from serving.batch import score_frame
 from serving.config import ServingConfig
-from serving.handler import HOME_ENV, LooplineHandler
+from serving.handler import HOME_ENV, LooplineHandler, _body_json
 from serving.prediction_log import read_records
 from serving.scoring import version_info
 from tests.serving.kit import ServingHome
@@ -158,3 +158,37 @@ def test_every_request_lands_in_the_prediction_log(
     assert 0.0 < first["fraud_probability"] < 1.0 and first["latency_ms"] > 0
     refused = [r for r in records if r["status"] == 400 and r["request_excerpt"] == "not json"]
     assert refused and refused[0]["error"]["error"] == "invalid_json"
+
+
+def test_answers_hold_the_values_json_dumps_would_write(
+    handler: LooplineHandler, serving_home: ServingHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prediction bodies go out through orjson (decision 19): the same values and types as the
+    ``json.dumps`` body they replace, read back by ``json.loads``; explanations keep json."""
+    good = serving_home.requests(4, offset=50)
+    bodies = [json.dumps(good[0]), json.dumps(good[1:3]), json.dumps(good[3])]
+    explain = [False, False, True]
+    fast = run_batch(handler, bodies, explain)
+    ctx = handler.context
+    raw = handler.handle([{"body": b} for b in bodies], ctx)
+    assert [type(r) for r in raw] == [bytes, bytes, str]
+    monkeypatch.setattr(
+        "serving.handler._body_json", lambda answer: json.dumps(answer).encode("utf-8")
+    )
+    slow = run_batch(handler, bodies, explain)
+    assert fast[0] == slow[0] == [200, 200, 200]
+    assert fast[1] == slow[1]
+    assert repr(fast[1]) == repr(slow[1])  # types too: floats stay floats
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"fraud_probability": 5.2e-05, "decision": "approve", "missing_features": []},
+        [{"fraud_probability": 1e-300, "model_version": "v0001"}, {"fraud_probability": 1.0}],
+        {"transaction_id": "tx-\u00e9\u4e2d", "unknown_entities": ["card", "merchant"]},
+    ],
+)
+def test_orjson_bodies_read_back_as_json_dumps_does(answer) -> None:
+    body = _body_json(answer)
+    assert repr(json.loads(body)) == repr(json.loads(json.dumps(answer)))
