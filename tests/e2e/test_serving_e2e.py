@@ -77,8 +77,11 @@ def test_the_champion_is_served_and_online_scores_equal_batch_scores(server: Ser
     batch = score_version(server.home.registry, "v0001", server.home.home, pl.DataFrame(bodies))
 
     assert [o["transaction_id"] for o in online] == batch["transaction_id"].to_list()
+    # Equal to float32 rounding: the online rows were scored in dynamic batches of other sizes
+    # than the file's, and the matrix multiply's summation order depends on the row count
+    # (decision 19). The decisions must be the same.
     assert [o["fraud_probability"] for o in online] == pytest.approx(
-        batch["fraud_probability"].to_list(), abs=1e-7
+        batch["fraud_probability"].to_list(), abs=1e-6
     )
     assert [o["decision"] for o in online] == batch["decision"].to_list()
     assert {o["model_version"] for o in online} == {"v0001"}
