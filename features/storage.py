@@ -71,17 +71,19 @@ def duckdb_uri(path: str | os.PathLike[str]) -> str:
     return "s3a://" + text.removeprefix("s3://") if text.startswith("s3://") else text
 
 
+def remote_paths(paths: Iterable[str]) -> list[str]:
+    """The paths of ``paths`` on object storage (as ``data_root`` reads them)."""
+    return [path for path in paths if is_remote(data_root(path))]
+
+
 def register_filesystems(con: Any, paths: Iterable[str]) -> None:
     """Register on a DuckDB connection (or ibis's DuckDB backend) the fsspec filesystem of
     every remote path in ``paths``; local paths need none."""
     import fsspec
 
     raw = getattr(con, "con", con)  # ibis's backend wraps the DuckDB connection
-    for path in paths:
-        scheme = urlsplit(str(path)).scheme
-        if scheme in _LOCAL_PROTOCOLS or len(scheme) == 1:
-            continue
-        fs = fsspec.filesystem(scheme)
+    for path in remote_paths(paths):
+        fs = fsspec.filesystem(data_root(path).protocol)
         name = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if name not in raw.list_filesystems():
             raw.register_filesystem(fs)

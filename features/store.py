@@ -52,7 +52,7 @@ from features.feature_repo.definitions import (
     Definitions,
     build_definitions,
 )
-from features.storage import data_root, is_remote, register_filesystems
+from features.storage import register_filesystems, remote_paths
 
 SERVICE = "fraud_model_v1"
 REPO_DIR = Path(__file__).resolve().parent / "feature_repo"
@@ -162,9 +162,7 @@ def materialize(
     if end.tzinfo is None:
         raise ValueError("end must be timezone-aware")
     views = [view for view in store.list_feature_views() if view.online]
-    remote = [
-        view.batch_source.path for view in views if is_remote(data_root(view.batch_source.path))
-    ]
+    remote = remote_paths(view.batch_source.path for view in views)
     if remote:  # Feast's DuckDB offline store reads through ibis's default connection
         import ibis
 
