@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from features.storage import data_root, is_remote
@@ -78,8 +79,7 @@ class Settings:
     retrain: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.lake_uri:
-            data_root(self.lake_uri)  # a malformed URI fails here, not in the first run
+        self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
         if self.profile not in PROFILES:
             raise ValueError(f"LOOPLINE_PROFILE={self.profile!r}: expected one of {PROFILES}")
         if self.profile == SCALE:
@@ -130,7 +130,7 @@ class Settings:
         """The home as an fsspec URI (``file:///...``); LOOPLINE_HOME accepts it back."""
         return self.home.as_uri()
 
-    @property
+    @cached_property
     def lake(self) -> Path:
         """Root of the batch and feature files: a ``Path``, or a ``UPath`` on object storage."""
         return data_root(self.lake_uri) if self.lake_uri else self.home
