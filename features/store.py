@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import duckdb
+import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -624,6 +625,13 @@ class _Rows:
             self._arrays[name] = pa.array(self._columns[name], type=kind)
         return self._arrays[name]
 
+    def typed(self, name: str) -> tuple[Sequence[Any] | None, pa.DataType | None]:
+        """The column's Python values and Arrow type where they come as columns with a schema
+        naming it, else (None, None): Arrow then converts it."""
+        if self._table is not None or self._schema is None or name not in self._schema.names:
+            return None, None
+        return self._columns[name], self._schema.field(name).type
+
     def table(self) -> pa.Table:
         if self._table is None:
             self._table = pa.table({n: self.array(n) for n in self._columns})
@@ -670,10 +678,10 @@ def online_columns(
             values[name] = list(column)
             types[name] = service.arrow_types[name]
     for step in plan.odfvs:
-        for name, column in _transform(step, request, values, types).items():
+        for name, (column, kind) in _transform(step, request, values, types).items():
             if not name.startswith("__index") and (not step.wanted or name in step.wanted):
-                values[name] = column.to_pylist()
-                types[name] = column.type
+                values[name] = column
+                types[name] = kind
     return OnlineColumns(values, types)
 
 
@@ -714,32 +722,80 @@ def _transform(
     rows: _Rows,
     values: dict[str, list[Any]],
     types: dict[str, pa.DataType],
-) -> dict[str, pa.Array | pa.ChunkedArray]:
-    """The on-demand view's outputs for the rows and the features found so far.
+) -> dict[str, tuple[list[Any], pa.DataType]]:
+    """The on-demand view's outputs for the rows and the features found so far: per output,
+    its Python values (None where null) and its Arrow type.
 
     A view tagged ``NUMPY_UDF_TAG`` gets its declared inputs as NumPy columns, converted as
     Arrow converts them for pandas, and its outputs go to Arrow as Feast converts a pandas
     frame's (``from_pandas``: NaN is null). Another pandas view gets its declared inputs as a
     pandas frame (the index, which Feast drops, is not converted). Other modes, or a UDF that
-    reads other columns or renames its outputs, go through ``odfv.transform_arrow``."""
+    reads other columns or renames its outputs, go through ``odfv.transform_arrow``. Columns of
+    the types ``_numpy_values`` and ``_python_values`` know skip Arrow both ways, with the
+    values Arrow would give (a test holds them to it)."""
     odfv, inputs = step.odfv, step.inputs
     if odfv.mode == "pandas" and all(c in values or c in rows for c in inputs):
         udf = odfv.feature_transformation.udf
         declared = {f.name for f in odfv.features}
-        columns = {
-            c: pa.array(values[c], type=types[c]) if c in values else rows.array(c) for c in inputs
-        }
         try:
             if step.numpy:
-                out = udf({c: a.to_numpy(zero_copy_only=False) for c, a in columns.items()})
+                arrays = {}
+                for c in inputs:
+                    column, kind = (values[c], types[c]) if c in values else rows.typed(c)
+                    array = _numpy_values(column, kind)
+                    if array is None:
+                        typed = pa.array(column, type=kind) if c in values else rows.array(c)
+                        array = typed.to_numpy(zero_copy_only=False)
+                    arrays[c] = array
+                out = udf(arrays)
             else:
+                columns = {
+                    c: pa.array(values[c], type=types[c]) if c in values else rows.array(c)
+                    for c in inputs
+                }
                 out = udf(pa.table(columns).to_pandas())
         except KeyError:
             out = None
         if out is not None and set(out.keys()) <= declared:
-            return {c: pa.array(out[c], from_pandas=True) for c in out}
+            return {c: _python_values(out[c]) for c in out}
     transformed = odfv.transform_arrow(_with_columns(rows.table(), values, types), False)
-    return {name: transformed[name] for name in transformed.column_names}
+    return {
+        name: (column.to_pylist(), column.type)
+        for name, column in zip(transformed.column_names, transformed.columns, strict=True)
+    }
+
+
+_FLOAT64, _STRING = pa.float64(), pa.string()
+_OUTPUT_TYPES = {np.dtype(t): pa.from_numpy_dtype(t) for t in (np.float64, np.int64, np.bool_)}
+
+
+def _numpy_values(column: Sequence[Any] | None, kind: pa.DataType | None) -> np.ndarray | None:
+    """Python values of an Arrow type as ``pa.array(column, type=kind).to_numpy(
+    zero_copy_only=False)`` gives them, for float64 (None as NaN) and string (objects, None
+    kept); None for other types (or no values), which go through Arrow."""
+    if column is None:
+        return None
+    if kind == _FLOAT64:
+        return np.array(column, dtype=np.float64)
+    if kind == _STRING and all(v is None or type(v) is str for v in column):
+        out = np.empty(len(column), dtype=object)
+        out[:] = column
+        return out
+    return None
+
+
+def _python_values(output: Any) -> tuple[list[Any], pa.DataType]:
+    """An on-demand output as ``pa.array(output, from_pandas=True)`` gives it (values by
+    ``to_pylist``, and the type): one-dimensional float64, int64 and bool NumPy arrays directly
+    (NaN as None), anything else through Arrow."""
+    if isinstance(output, np.ndarray) and output.ndim == 1 and output.dtype in _OUTPUT_TYPES:
+        kind = _OUTPUT_TYPES[output.dtype]
+        listed = output.tolist()
+        if kind == _FLOAT64:
+            listed = [None if v != v else v for v in listed]
+        return listed, kind
+    array = pa.array(output, from_pandas=True)
+    return array.to_pylist(), array.type
 
 
 def online_features_sdk(

@@ -17,6 +17,8 @@ from features.feature_repo.definitions import NUMPY_UDF_TAG, transaction_request
 from features.store import (
     _READERS,
     SERVICE,
+    _numpy_values,
+    _python_values,
     _reader,
     _resolve,
     _StoreReader,
@@ -102,6 +104,51 @@ def test_online_columns_of_python_values_equal_those_of_an_arrow_table(served, a
         assert pa.array(by_lists.values[name], by_table.types[name]).equals(
             pa.array(column, by_table.types[name])
         ), name
+
+
+INPUTS = [
+    ([1.5, None, -0.0, float("nan"), float("inf"), 3], pa.float64()),
+    ([], pa.float64()),
+    ([None, None], pa.float64()),
+    (["US", None, "", "ü"], pa.string()),
+    ([None], pa.string()),
+    ([1, None, 2], pa.int64()),
+    ([True, None], pa.bool_()),
+]
+
+
+@pytest.mark.parametrize(("values", "kind"), INPUTS)
+def test_on_demand_inputs_skip_arrow_with_the_arrays_arrow_gives(values, kind) -> None:
+    """A numpy UDF's float64 and string inputs are built from the Python values directly:
+    the dtype and values ``to_numpy`` of their Arrow array gives; other types go to Arrow."""
+    got = _numpy_values(values, kind)
+    want = pa.array(values, type=kind).to_numpy(zero_copy_only=False)
+    if kind not in (pa.float64(), pa.string()):
+        assert got is None
+        return
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+    assert repr(got.tolist()) == repr(want.tolist())  # NaN, -0.0 and None as they are
+
+
+OUTPUTS = [
+    np.array([0.5, np.nan, -0.0, np.inf, -np.inf, 1e-300]),
+    np.array([], dtype=np.float64),
+    np.array([3, -1, 2**40], dtype=np.int64),
+    np.array([True, False]),
+    np.array([1.5, 2.5], dtype=np.float32),
+    np.array(["a", None], dtype=object),
+    pd.Series([1.0, None]),
+]
+
+
+@pytest.mark.parametrize("output", OUTPUTS, ids=lambda o: str(o.dtype))
+def test_on_demand_outputs_skip_arrow_with_the_values_arrow_gives(output) -> None:
+    """float64, int64 and bool outputs go to Python values directly: what
+    ``pa.array(output, from_pandas=True)`` reads back (NaN as None), with its type."""
+    values, kind = _python_values(output)
+    want = pa.array(output, from_pandas=True)
+    assert kind == want.type
+    assert repr(values) == repr(want.to_pylist())
 
 
 def test_the_comparison_covers_known_unknown_and_expired_entities(served) -> None:
