@@ -111,40 +111,40 @@ class LooplineHandler(BaseHandler):
                 for j, detail in zip(rows, details, strict=True):
                     outputs[j] = {**outputs[j], "explanation": detail}
             latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            logged_at = now.isoformat()
-            model_name, model_version = self.scorer.info.model_name, self.scorer.info.model_version
-            probabilities = scores.probabilities.tolist()
             finite = bool(np.isfinite(scores.probabilities).all())
-            records = []
+            request_ids: list[str | None] = []
+            endpoints: list[str] = []
             start = 0
             for i, txs, single, exp in accepted:
                 part = outputs[start : start + len(txs)]
                 answer = part[0] if single else part
                 responses[i] = _body_json(answer) if finite and not exp else json.dumps(answer)
-                request_id = _request_id(context, i)
-                endpoint = "explanations" if exp else "predictions"
-                for j, tx in enumerate(txs, start):
-                    records.append(
-                        {
-                            "logged_at": logged_at,
-                            "request_id": request_id,
-                            "endpoint": endpoint,
-                            "status": 200,
-                            "model_name": model_name,
-                            "model_version": model_version,
-                            "transaction_id": tx.transaction_id,
-                            "request": tx.to_dict(),
-                            "features": scores.inputs[j],
-                            "missing_features": scores.missing_features[j],
-                            "unknown_entities": scores.unknown_entities[j],
-                            "fraud_probability": probabilities[j],
-                            "decision": scores.decisions[j],
-                            "batch_size": len(flat),
-                            "latency_ms": latency_ms,
-                        }
-                    )
+                request_ids += [_request_id(context, i)] * len(txs)
+                endpoints += ["explanations" if exp else "predictions"] * len(txs)
                 start += len(txs)
-            self.log.log_many(records)
+            # One line of columns per batch (serving.prediction_log): no dict per row here.
+            self.log.log_rows(
+                {
+                    "logged_at": now.isoformat(),
+                    "status": 200,
+                    "model_name": self.scorer.info.model_name,
+                    "model_version": self.scorer.info.model_version,
+                    "batch_size": len(flat),
+                    "latency_ms": latency_ms,
+                },
+                {
+                    "request_id": request_ids,
+                    "endpoint": endpoints,
+                    "transaction_id": [t.transaction_id for t in flat],
+                    "request": flat,  # Transaction dataclasses: written as their fields
+                    "features": scores.inputs,
+                    "missing_features": scores.missing_features,
+                    "unknown_entities": scores.unknown_entities,
+                    "fraud_probability": scores.probabilities,
+                    "decision": scores.decisions,
+                },
+                len(flat),
+            )
         return [r if r is not None else "" for r in responses]
 
     def _log_refusal(

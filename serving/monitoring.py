@@ -23,7 +23,7 @@ from features.storage import write_json_atomic, write_parquet_atomic
 from quality import drift
 from quality.schema import UTC_TS
 from serving.delivery import SYNTHETIC_PREFIXES
-from serving.prediction_log import closed_files
+from serving.prediction_log import closed_files, file_records
 
 if TYPE_CHECKING:
     from models.evaluate import EvaluationReport
@@ -86,10 +86,9 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
         return Compaction(None, 0, 0, 0)
     rows = []
     for path in todo:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip() and (row := _flatten(json.loads(line))) is not None:
-                    rows.append(row)
+        for record in file_records(path):
+            if (row := _flatten(record)) is not None:
+                rows.append(row)
     digest = hashlib.sha256("\n".join(p.name for p in todo).encode()).hexdigest()[:16]
     target = out / f"predictions-{digest}.parquet"
     frame = _typed(pl.from_dicts(rows, infer_schema_length=None)) if rows else None

@@ -10,13 +10,20 @@ A worker's file is closed (renamed) when it reaches ``max_file_bytes`` or is
 rotation the oldest closed files are deleted until the directory holds at most
 ``max_total_bytes``. Files left open by a worker that died are closed by the next one.
 
-Writes happen on a background thread fed by a queue bounded in records: ``log`` and
-``log_many`` never block the request; what does not fit is dropped and counted (``dropped``).
-A batch's records go in as one item (``log_many``): one wake-up of the writer per batch.
+Writes happen on a background thread fed by a queue bounded in records: ``log``,
+``log_many`` and ``log_rows`` never block the request; what does not fit is dropped and
+counted (``dropped``). A batch's records go in as one item: one wake-up of the writer per batch.
+
+A line is one record, or a batch of records in columns (``log_rows``, the handler's scored
+batches): ``{<fields every row shares>, "rows": {<field>: [one value per row], ...}}``, where a
+field of ``rows`` may itself be such a mapping of columns (a nested object per row). Readers
+(``file_records``, ``read_records``) give one record per row either way. Columns cost the
+serving worker one list per field instead of a dict per row and one ``orjson`` call per batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,16 +33,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
+import numpy as np
 import orjson
-import polars as pl
 
 from models.jsonutil import json_safe
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+ROWS = "rows"
 OPEN_SUFFIX = ".jsonl.open"
 _STOP = object()
 
@@ -99,6 +107,25 @@ class PredictionLog:
             logger.warning("prediction log queue full: %d records dropped", after)
         return taken
 
+    def log_rows(self, shared: Mapping[str, Any], rows: Mapping[str, Any], n: int) -> bool:
+        """Queues ``n`` records given as columns (see the module's docstring) with the fields
+        they share, written as one line; all or none: False (and ``n`` counted in
+        ``dropped``) when the queue lacks room for them. The columns are read on the writer's
+        thread: the caller must not change them afterwards."""
+        with self._lock:
+            taken = n <= self.queue_size - self._queued
+            before = self.dropped
+            if taken:
+                self._queued += n
+            else:
+                self.dropped += n
+            after = self.dropped
+        if taken:
+            self._queue.put(_Batch(shared, rows, n))
+        elif any(before < m <= after for m in (1, 10, 100)) or after // 1000 > before // 1000:
+            logger.warning("prediction log queue full: %d records dropped", after)
+        return taken
+
     def close(self, timeout: float = 10.0) -> None:
         """Drains the queue, closes the current file under its final name."""
         if self._thread is None:
@@ -139,22 +166,24 @@ class PredictionLog:
                 self._file.flush()
             self._rotate_if_due()
 
-    def _write_all(self, records: Sequence[Mapping[str, Any]]) -> None:
+    def _write_all(self, item: Sequence[Mapping[str, Any]] | _Batch) -> None:
         try:
-            for record in records:
-                self._write(record)
+            if isinstance(item, _Batch):
+                self._write(batch_line(item.shared, item.rows), item.n)
+            else:
+                for record in item:
+                    self._write(json_line(record))
         finally:
             with self._lock:
-                self._queued -= len(records)
+                self._queued -= item.n if isinstance(item, _Batch) else len(item)
 
-    def _write(self, record: Mapping[str, Any]) -> None:
-        line = json_line(record)
+    def _write(self, line: bytes, records: int = 1) -> None:
         if self._file is None:
             self._open()
         assert self._file is not None
         self._file.write(line)
         self._size += len(line)
-        self.written += 1
+        self.written += records
         if self._size >= self.max_file_bytes:
             self._close_current()
             enforce_bound(self.directory, self.max_total_bytes)
@@ -215,6 +244,79 @@ def json_line(record: Mapping[str, Any]) -> bytes:
     return line.encode("ascii") + b"\n"
 
 
+class _Batch(NamedTuple):
+    shared: Mapping[str, Any]
+    rows: Mapping[str, Any]
+    n: int
+
+
+def batch_line(shared: Mapping[str, Any], rows: Mapping[str, Any]) -> bytes:
+    """A batch of records in columns as one JSON line (see the module's docstring), through
+    orjson: NaN and infinities null, numpy scalars as Python values, dataclasses as objects
+    and datetimes as ISO-8601 text, as ``json_safe`` writes them; anything orjson refuses (ints
+    beyond 64 bits, non-str keys, lone surrogates) takes the ``json`` path. NumPy arrays are
+    written as lists."""
+    line = {**shared, ROWS: rows}
+    try:
+        return orjson.dumps(line, default=_numpy_scalar, option=_ORJSON_BATCH)
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    text = json.dumps(json_safe(_plain(line)), separators=(",", ":"))
+    return text.encode("ascii") + b"\n"
+
+
+_ORJSON_BATCH = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+
+
+def _numpy_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass instances (at any depth) as dicts and NumPy arrays as lists, for the
+    ``json`` path."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def records_of(line: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The records one decoded line holds: itself, or each row of a batch line."""
+    rows = line.get(ROWS)
+    if not isinstance(rows, Mapping):
+        yield dict(line)
+        return
+    shared = {k: v for k, v in line.items() if k != ROWS}
+    for i in range(_height(rows)):
+        yield {**shared, **_row(rows, i)}
+
+
+def _height(rows: Mapping[str, Any]) -> int:
+    for column in rows.values():
+        return _height(column) if isinstance(column, Mapping) else len(column)
+    return 0
+
+
+def _row(rows: Mapping[str, Any], i: int) -> dict[str, Any]:
+    return {k: _row(v, i) if isinstance(v, Mapping) else v[i] for k, v in rows.items()}
+
+
+def file_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every record of one log file, in order."""
+    with open(path, encoding="utf-8") as fh:
+        for text in fh:
+            if text.strip():
+                yield from records_of(json.loads(text))
+
+
 def _publish(hidden: Path) -> Path:
     final = hidden.with_name(hidden.name[1 : -len(OPEN_SUFFIX)] + SUFFIX)
     os.replace(hidden, final)
@@ -273,15 +375,4 @@ def enforce_bound(directory: Path, max_total_bytes: int) -> list[Path]:
 def read_records(directory: str | Path) -> Iterator[dict[str, Any]]:
     """Every record of the closed files, oldest file first."""
     for path in closed_files(directory):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
-
-
-def read_predictions(directory: str | Path) -> pl.DataFrame:
-    """The closed log files as one frame (nested ``request``/``features`` become structs)."""
-    files = closed_files(directory)
-    if not files:
-        return pl.DataFrame()
-    return pl.concat([pl.read_ndjson(f) for f in files], how="diagonal_relaxed")
+        yield from file_records(path)

@@ -16,7 +16,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +182,9 @@ class Scores:
     decisions: list[str]
     missing_features: list[list[str]]
     unknown_entities: list[list[str]]
-    inputs: list[dict[str, Any]]
+    # The model's inputs by column (the prediction log's ``features``), as scored: Python
+    # values, None where null. The online path hands over the lookup's own lists.
+    inputs: dict[str, Sequence[Any]]
 
 
 class Scorer:
@@ -206,6 +207,7 @@ class Scorer:
         # Entity features the model does not take: their nulls are found apart (rarely any).
         entity = dict.fromkeys(n for names in self.entity_features.values() for n in names)
         self._others = [n for n in entity if n not in self.columns]
+        self._masks: dict[tuple[str, ...], tuple[list[str], list[np.ndarray]]] = {}
         available = set(transactions_frame([]).columns) | set(_service_features(store, info))
         lacking = [c for c in preprocessor.spec.columns if c not in available]
         if lacking:
@@ -274,12 +276,11 @@ class Scorer:
             frame = features[columns]  # eager column pick; select() plans a query per batch
             batch = self.preprocessor.transform(frame)
             others_null = _null_matrix(features[others]) if others else None
-            inputs = frame.to_dicts()
+            inputs = {c: frame[c].to_list() for c in columns}
         else:
             batch = self.preprocessor.transform_columns(features)
             others_null = _null_columns([features[n] for n in others]) if others else None
-            values = zip(*(features[c] for c in columns), strict=True)
-            inputs = [dict(zip(columns, row, strict=True)) for row in values]
+            inputs = {c: features[c] for c in columns}
         # The model's inputs are missing where the preprocessor imputed them: a null, or NaN in
         # a number. Entity features beyond them are flagged alike (unknown entities).
         missing = self.preprocessor.missing(batch)
@@ -287,28 +288,36 @@ class Scorer:
         probabilities = batch_proba(self.forward, batch)
         threshold = self.info.threshold
         decisions = [DECLINE if p >= threshold else APPROVE for p in probabilities.tolist()]
-        at = {name: j for j, name in enumerate([*columns, *others])}
-        unknown = [
-            (e, nulls[:, [at[n] for n in names if n in at]].all(axis=1))
-            for e, names in self.entity_features.items()
-            if any(n in at for n in names)
-        ]
-        entities = [e for e, _ in unknown]
-        by_row = np.stack([f for _, f in unknown], axis=1) if unknown else nulls[:, :0]
+        entities, masks = self._entity_masks(tuple(others))
+        # An entity is unknown where every feature it contributes is null.
+        by_row = np.stack([nulls[:, m].all(axis=1) for m in masks], axis=1) if masks else None
         return Scores(
             probabilities=probabilities,
             decisions=decisions,
-            missing_features=[list(compress(columns, row)) for row in missing.tolist()],
-            unknown_entities=[list(compress(entities, row)) for row in by_row.tolist()],
+            missing_features=_names_where(columns, missing),
+            unknown_entities=_names_where(entities, by_row) if masks else [[] for _ in decisions],
             inputs=inputs,
         )
+
+    def _entity_masks(self, others: tuple[str, ...]) -> tuple[list[str], list[np.ndarray]]:
+        """Per entity with a feature among the model's columns and ``others``: its name and
+        those features' positions in that order (computed once per ``others``)."""
+        if others not in self._masks:
+            at = {name: j for j, name in enumerate([*self.columns, *others])}
+            picked = [
+                (e, np.array([at[n] for n in names if n in at]))
+                for e, names in self.entity_features.items()
+                if any(n in at for n in names)
+            ]
+            self._masks[others] = ([e for e, _ in picked], [m for _, m in picked])
+        return self._masks[others]
 
     def predict(
         self, transactions: Sequence[Transaction], at: datetime | None = None
     ) -> tuple[list[dict[str, Any]], Scores]:
         """Response objects (one per transaction) and the scores behind them (for the log)."""
         if not transactions:
-            return [], Scores(np.zeros(0), [], [], [], [])
+            return [], Scores(np.zeros(0), [], [], [], {c: [] for c in self.columns})
         scores = self.score(self.online_columns(transactions, at))
         return self.responses(transactions, scores), scores
 
@@ -343,6 +352,15 @@ def _entity_features(store: FeatureStore, service_name: str) -> dict[str, list[s
             continue
         for entity in view.entities:
             out.setdefault(entity, []).extend(f.name for f in projection.features)
+    return out
+
+
+def _names_where(names: Sequence[str], flags: np.ndarray) -> list[list[str]]:
+    """Per row of a rows x ``names`` boolean matrix, the names flagged (in ``names`` order)."""
+    out: list[list[str]] = [[] for _ in range(flags.shape[0])]
+    rows, cols = np.nonzero(flags)
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        out[i].append(names[j])
     return out
 
 

@@ -123,3 +123,29 @@ def test_serving_drift_sees_shifted_amounts_and_schema_skew():
     assert any("unexpected categories ['NG']" in f for f in findings)
     missing = serving_drift(reference, shifted.drop("amount"), ["amount"], ["country"])
     assert any("amount: missing in 100% of requests" in f for f in schema_skew(missing))
+
+
+def test_compaction_reads_batches_logged_as_columns(tmp_path):
+    """The handler logs a scored batch as one line of columns; compaction sees its rows."""
+    logs, out = tmp_path / "logs", tmp_path / "compacted"
+    records = [_record(i, 0.1 * i) for i in range(4)]
+    shared = {k: records[0][k] for k in ("status", "model_version", "latency_ms")}
+    rows = {
+        k: (
+            {f: [r[k][f] for r in records] for f in records[0][k]}
+            if isinstance(records[0][k], dict)
+            else [r[k] for r in records]
+        )
+        for k in records[0]
+        if k not in shared
+    }
+    log = PredictionLog(logs, max_file_age_s=0.0).start()
+    log.log_rows(shared, rows, len(records))
+    log.log(_record(0, 0.0, status=400))
+    log.close()
+    assert compact(logs, out).rows == 5
+    frame = read_compacted(out).filter(pl.col("status") == 200).sort("transaction_id")
+    assert frame["transaction_id"].to_list() == ["t0", "t1", "t2", "t3"]
+    assert frame["fraud_probability"].to_list() == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert frame["card_id"].to_list() == ["c0", "c1", "c2", "c3"]
+    assert frame["card_amount_mean_30d"].to_list() == [20.0] * 4

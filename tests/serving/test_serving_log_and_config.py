@@ -176,3 +176,65 @@ def test_invalid_configs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_body_bytes"):
         ServingConfig.for_home(tmp_path, max_request_size=1000, max_body_bytes=2000)
     assert os.fspath(ServingConfig.for_home(tmp_path).key_file).endswith("serving/key_file.json")
+
+
+def test_a_batch_logged_as_columns_reads_back_as_its_records(tmp_path: Path) -> None:
+    """One line per scored batch (``log_rows``), one record per row on reading: the records
+    the same batch gives through ``log_many``, NaN, NumPy values and dataclasses included."""
+    from serving.requests import Transaction
+
+    at = datetime(2026, 11, 24, 3, 0, 0, 123, tzinfo=UTC)
+    txs = [Transaction(f"t{i}", f"c{i}", "m1", 10.0 + i, "online", "US", at) for i in range(3)]
+    shared = {"logged_at": at.isoformat(), "status": 200, "model_version": "v1"}
+    rows = {
+        "transaction_id": [t.transaction_id for t in txs],
+        "request": txs,
+        "features": {"ratio": [0.5, float("nan"), None], "country": ["US", None, "DE"]},
+        "missing_features": [[], ["ratio"], ["ratio", "country"]],
+        "fraud_probability": np.array([0.25, 0.5, float("inf")]),
+    }
+    per_row = [
+        {
+            **shared,
+            "transaction_id": t.transaction_id,
+            "request": t.to_dict(),
+            "features": {
+                "ratio": rows["features"]["ratio"][i],
+                "country": rows["features"]["country"][i],
+            },
+            "missing_features": rows["missing_features"][i],
+            "fraud_probability": float(rows["fraud_probability"][i]),
+        }
+        for i, t in enumerate(txs)
+    ]
+    with PredictionLog(tmp_path / "rows") as log:
+        assert log.log_rows(shared, rows, 3)
+    with PredictionLog(tmp_path / "records") as log:
+        assert log.log_many(per_row) == 3
+    assert log.written == 3
+    got = list(read_records(tmp_path / "rows"))
+    assert got == list(read_records(tmp_path / "records"))
+    assert got[1]["features"] == {"ratio": None, "country": None}  # NaN written as null
+    assert got[2]["fraud_probability"] is None and got[0]["request"]["timestamp"] == at.isoformat()
+    [line] = closed_files(tmp_path / "rows")[0].read_bytes().splitlines()
+    assert json.loads(line)["rows"]["transaction_id"] == ["t0", "t1", "t2"]  # one line
+
+
+def test_a_batch_line_orjson_refuses_takes_the_json_path(tmp_path: Path) -> None:
+    from serving.prediction_log import batch_line, records_of
+
+    rows = {"big": [2**70, 1], "x": np.array([np.nan, 1.5]), "f": {"v": [np.float32(0.5), None]}}
+    records = list(records_of(json.loads(batch_line({"s": "ü"}, rows))))
+    assert records == [
+        {"s": "ü", "big": 2**70, "x": None, "f": {"v": 0.5}},
+        {"s": "ü", "big": 1, "x": 1.5, "f": {"v": None}},
+    ]
+
+
+def test_batches_of_columns_are_logged_whole_or_dropped_whole(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, queue_size=10)  # writer not started: nothing drains
+    assert log.log_rows({}, {"i": list(range(8))}, 8)
+    assert not log.log_rows({}, {"i": [8, 9, 10]}, 3)  # room for 2 of 3: none taken
+    assert log.log_rows({}, {"i": [8, 9]}, 2) and log.dropped == 3
+    log.start().close()
+    assert [r["i"] for r in read_records(tmp_path)] == list(range(10))
