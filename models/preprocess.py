@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,6 +51,27 @@ def _impute_and_compress(
     column (serving) give the same numbers."""
     missing = np.isnan(raw)
     return signed_log1p(np.where(missing, impute, raw)), missing
+
+
+def _category_indices(values: Sequence[Any], mapping: dict[str, int]) -> list[int]:
+    """Vocabulary indices of Python values: None is ``MISSING_INDEX``, a value is looked up as
+    its text (``str(v)`` where it is not text), anything else is ``OOV_INDEX``. Text is looked
+    up in one ``map``; only values that missed are looked at again, one by one."""
+    try:
+        codes = list(map(mapping.get, values, repeat(OOV_INDEX)))
+    except TypeError:  # an unhashable value
+        return [_category_index(v, mapping) for v in values]
+    if OOV_INDEX in codes:
+        for i, v in enumerate(values):
+            if codes[i] == OOV_INDEX and type(v) is not str:
+                codes[i] = _category_index(v, mapping)
+    return codes
+
+
+def _category_index(value: Any, mapping: dict[str, int]) -> int:
+    if value is None:
+        return MISSING_INDEX
+    return mapping.get(value if type(value) is str else str(value), OOV_INDEX)
 
 
 class _Compiled(NamedTuple):
@@ -158,12 +180,7 @@ class Preprocessor:
         for j, (name, mapping) in enumerate(
             zip(self.spec.categorical, compiled.categories, strict=True)
         ):
-            categorical[:, j] = [
-                MISSING_INDEX
-                if v is None
-                else mapping.get(v if type(v) is str else str(v), OOV_INDEX)
-                for v in columns[name]
-            ]
+            categorical[:, j] = _category_indices(columns[name], mapping)
         return TabularBatch(torch.from_numpy(numeric), torch.from_numpy(categorical))
 
     def missing(self, batch: TabularBatch) -> np.ndarray:

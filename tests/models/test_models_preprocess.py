@@ -189,3 +189,13 @@ def test_missing_flags_are_the_nulls_and_nans_of_the_inputs(n: int) -> None:
     assert np.array_equal(by_columns, expected)
     if n >= 32:
         assert expected.any(axis=0).sum() >= 2  # nulls in several columns were exercised
+
+
+def test_category_indices_of_python_values_match_the_vocabulary_as_text() -> None:
+    from models.preprocess import _category_indices
+
+    mapping = {"US": 2, "DE": 3, "5": 4, "nan": 5}
+    values = ["US", None, "FR", 5, "DE", float("nan"), 7]
+    assert _category_indices(values, mapping) == [2, MISSING_INDEX, OOV_INDEX, 4, 3, 5, OOV_INDEX]
+    assert _category_indices([["US"], "DE", None], mapping) == [OOV_INDEX, 3, MISSING_INDEX]
+    assert _category_indices(["US", "DE"], mapping) == [2, 3]
