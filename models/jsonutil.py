@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -10,9 +11,14 @@ import numpy as np
 
 
 def json_safe(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON has no NaN), numpy scalars -> Python, datetimes -> ISO text."""
+    """NaN/inf -> None (strict JSON has no NaN), numpy scalars and arrays -> Python values and
+    lists, dataclass instances -> dicts of their fields, datetimes -> ISO text."""
     if isinstance(value, np.generic):
         value = value.item()
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):

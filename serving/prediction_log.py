@@ -23,7 +23,6 @@ serving worker one list per field instead of a dict per row and one ``orjson`` c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -96,15 +95,9 @@ class PredictionLog:
     def log_many(self, records: Sequence[Mapping[str, Any]]) -> int:
         """Queues records as one item, as many as the queue has room for; returns how many
         (the rest are counted in ``dropped``)."""
-        with self._lock:
-            taken = max(0, min(len(records), self.queue_size - self._queued))
-            self._queued += taken
-            before = self.dropped
-            self.dropped = after = before + len(records) - taken
+        taken = self._reserve(len(records), whole=False)
         if taken:
             self._queue.put(records[:taken] if taken < len(records) else records)
-        if any(before < m <= after for m in (1, 10, 100)) or after // 1000 > before // 1000:
-            logger.warning("prediction log queue full: %d records dropped", after)
         return taken
 
     def log_rows(self, shared: Mapping[str, Any], rows: Mapping[str, Any], n: int) -> bool:
@@ -112,17 +105,21 @@ class PredictionLog:
         they share, written as one line; all or none: False (and ``n`` counted in
         ``dropped``) when the queue lacks room for them. The columns are read on the writer's
         thread: the caller must not change them afterwards."""
+        if not self._reserve(n, whole=True):
+            return False
+        self._queue.put(_Batch(shared, rows, n))
+        return True
+
+    def _reserve(self, n: int, *, whole: bool) -> int:
+        """Room in the queue for up to ``n`` records (all of them or none if ``whole``); the
+        rest are counted as dropped, with a warning at 1, 10, 100 and every 1,000 drops."""
         with self._lock:
-            taken = n <= self.queue_size - self._queued
+            room = max(0, self.queue_size - self._queued)
+            taken = (n if n <= room else 0) if whole else min(n, room)
+            self._queued += taken
             before = self.dropped
-            if taken:
-                self._queued += n
-            else:
-                self.dropped += n
-            after = self.dropped
-        if taken:
-            self._queue.put(_Batch(shared, rows, n))
-        elif any(before < m <= after for m in (1, 10, 100)) or after // 1000 > before // 1000:
+            self.dropped = after = before + n - taken
+        if any(before < m <= after for m in (1, 10, 100)) or after // 1000 > before // 1000:
             logger.warning("prediction log queue full: %d records dropped", after)
         return taken
 
@@ -261,7 +258,7 @@ def batch_line(shared: Mapping[str, Any], rows: Mapping[str, Any]) -> bytes:
         return orjson.dumps(line, default=_numpy_scalar, option=_ORJSON_BATCH)
     except TypeError:  # orjson.JSONEncodeError
         pass
-    text = json.dumps(json_safe(_plain(line)), separators=(",", ":"))
+    text = json.dumps(json_safe(line), separators=(",", ":"))
     return text.encode("ascii") + b"\n"
 
 
@@ -272,20 +269,6 @@ def _numpy_scalar(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _plain(value: Any) -> Any:
-    """Dataclass instances (at any depth) as dicts and NumPy arrays as lists, for the
-    ``json`` path."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def records_of(line: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
