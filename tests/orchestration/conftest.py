@@ -12,12 +12,22 @@ from orchestration.settings import Settings
 
 
 class Platform:
-    """A Loopline home with an ephemeral Dagster instance; runs what the landing sensor asks."""
+    """A Loopline home with a Dagster instance; runs what the landing sensor asks.
 
-    def __init__(self, home: Path) -> None:
+    The instance is ephemeral (in-memory SQLite) unless ``on_disk``: the in-memory one is one
+    shared connection, so a sensor tick on one thread while a run writes on another fails with
+    "database table is locked" -- a test artefact the daemon, whose runs are other processes on
+    a file-backed instance, never meets.
+    """
+
+    def __init__(self, home: Path, *, on_disk: bool = False) -> None:
         self.settings = Settings(home).ensure()
         self.storage = LooplineStorage(home=str(home))
-        self.instance = dg.DagsterInstance.ephemeral()
+        self.instance = (
+            dg.DagsterInstance.local_temp(str(home / "dagster"))
+            if on_disk
+            else dg.DagsterInstance.ephemeral()
+        )
         self.resources = {"storage": self.storage}
 
     def land(self, config: simulator.ScenarioConfig, **kwargs) -> list[simulator.LandedBatch]:

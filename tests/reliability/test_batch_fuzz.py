@@ -108,13 +108,19 @@ def _edit_breaks_contract(draw, frame: pl.DataFrame, fmt: str) -> pl.DataFrame:
 
 
 def _noise(draw, frame: pl.DataFrame) -> pl.DataFrame:
-    """Unicode or huge ids on top: allowed by themselves, they must not hide the fault."""
+    """Unicode or huge ids on top: allowed by themselves, they must not hide the fault.
+
+    A null card_id is the fault itself (the null-key edit), so it stays null.
+    """
     if "card_id" not in frame.columns or frame.schema["card_id"] != pl.String:
         return frame
     value = draw(st.none() | _UNICODE | _HUGE)
     if value is None:
         return frame
-    return frame.with_columns(pl.lit(value).alias("card_id"))
+    card = pl.col("card_id")
+    return frame.with_columns(
+        pl.when(card.is_null()).then(card).otherwise(pl.lit(value)).alias("card_id")
+    )
 
 
 @st.composite

@@ -149,7 +149,8 @@ def test_the_same_batch_landed_twice_is_ingested_once(platform):
     assert pl.read_parquet(platform.settings.validated / "transactions").height == frame.height
 
 
-def test_a_batch_landing_while_its_predecessor_runs_is_ingested_once_in_order(platform):
+def test_a_batch_landing_while_its_predecessor_runs_is_ingested_once_in_order(tmp_path):
+    platform = Platform(tmp_path / "home", on_disk=True)  # a tick and a run on two threads
     first, first_frame = _land(platform, 4)
     tick = platform.tick()
     [request] = tick.run_requests
