@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving import requests as request_rules
 from serving.requests import RequestError, decode_body, parse_request
 from tests.serving.jsonvalues import typed
 
@@ -194,3 +195,66 @@ def test_a_batch_of_transactions_in_bytes_decodes_as_in_text() -> None:
         float,
         float,
     ]
+
+
+_FIELD_VALUES = {
+    "transaction_id": st.sampled_from(["tx-1", "a" * 64, "a" * 65, "", "-x", "t:1.2_3", "t\n1"])
+    | st.text(max_size=70),
+    "card_id": st.sampled_from(["c000001", "c 1", "é1", "c\x00"]) | st.integers(),
+    "merchant_id": st.sampled_from(["m00001", "M.1", "m" * 64]) | st.none(),
+    "amount": st.sampled_from([0.01, 0.009, 50_000, 50_000.01, 2**70, -1, True, "42"])
+    | st.floats()
+    | st.integers(),
+    "channel": st.sampled_from(["online", "pos", "contactless", "ONLINE", "", ["pos"]]),
+    "country": st.sampled_from(["US", "DE", "us", "XX", 1, {"c": "US"}]),
+    "timestamp": st.sampled_from(
+        [
+            "2026-06-01T11:59:00Z",
+            "2026-06-01T11:59:00",
+            "2026-06-01T13:59:00+02:00",
+            "2026-06-02T12:00:00Z",
+            "2026-06-02T12:00:01Z",
+            "1999-12-31T23:59:59Z",
+            "2026-13-01T00:00:00Z",
+            1_780_000_000,
+            1.78e9,
+        ]
+    )
+    | st.text(max_size=30),
+}
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> object:
+    item = {k: draw(v) if draw(st.booleans()) else GOOD[k] for k, v in _FIELD_VALUES.items()}
+    change = draw(st.sampled_from(["none"] * 6 + ["drop", "extra", "list"]))
+    if change == "drop":
+        item.pop(draw(st.sampled_from(sorted(item))))
+    elif change == "extra":
+        item["note"] = "x"
+    elif change == "list":
+        return [item]
+    return item
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_items())
+def test_the_quick_check_accepts_only_what_the_field_checks_accept_and_as_they_do(item) -> None:
+    """Well-formed requests take a quick check (``_valid_transaction``); whatever it takes, the
+    field-by-field checks take too, as the same Transaction, and what they refuse it refuses."""
+    quick = request_rules._valid_transaction(item, NOW)
+    try:
+        checked = request_rules._checked_transaction(item, None, NOW)
+    except RequestError:
+        checked = None
+    if quick is not None:
+        assert quick == checked
+    elif checked is not None:  # taken by the field checks alone: only epoch-second timestamps
+        assert not isinstance(item["timestamp"], str)
+
+
+def test_the_quick_check_takes_the_requests_clients_send() -> None:
+    for item in (GOOD, {**GOOD, "amount": 7, "timestamp": "2026-06-01T13:59:00+02:00"}):
+        taken = request_rules._valid_transaction(item, NOW)
+        assert taken is not None and taken == request_rules._checked_transaction(item, None, NOW)
+        assert taken.timestamp.tzinfo is UTC and type(taken.amount) is float
