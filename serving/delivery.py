@@ -43,6 +43,9 @@ class DeliveryPolicy:
     max_error_rate: float = 0.0
     max_p95_latency_ms: float = 500.0
     max_latency_ratio: float = 3.0
+    # The ratio counts only past this many ms over the champion: p95s of a few ms are mostly
+    # scheduling noise, where one pause makes a sound challenger "3x slower".
+    min_latency_gap_ms: float = 10.0
     max_score_ks: float = 0.8
     max_flag_rate_change: float = 0.2
     watch_seconds: float = 5.0
@@ -207,7 +210,11 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
         reasons.append(
             f"shadow p95 latency {challenger.p95_ms:.1f} ms > {policy.max_p95_latency_ms} ms"
         )
-    if champion.p95_ms > 0 and challenger.p95_ms > policy.max_latency_ratio * champion.p95_ms:
+    if (
+        champion.p95_ms > 0
+        and challenger.p95_ms > policy.max_latency_ratio * champion.p95_ms
+        and challenger.p95_ms - champion.p95_ms > policy.min_latency_gap_ms
+    ):
         reasons.append(
             f"shadow p95 latency {challenger.p95_ms:.1f} ms is more than "
             f"{policy.max_latency_ratio}x the champion's {champion.p95_ms:.1f} ms"

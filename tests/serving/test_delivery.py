@@ -5,7 +5,15 @@ import pytest
 from models.registry import CHAMPION, ModelRecord, Registry
 from serving.client import TorchServeError
 from serving.config import APPROVE, DECLINE
-from serving.delivery import DeliveryPolicy, compare_shadow, deliver, is_synthetic, probe, score_psi
+from serving.delivery import (
+    DeliveryPolicy,
+    Probe,
+    compare_shadow,
+    deliver,
+    is_synthetic,
+    probe,
+    score_psi,
+)
 
 REQUESTS = [
     {
@@ -175,7 +183,16 @@ def test_shadow_comparison_and_synthetic_ids():
     assert fine.sent == 40 and not fine.errors and len(fine.scores) == 40
     assert compare_shadow(fine, fine, DeliveryPolicy()) == []
     assert score_psi(fine.scores, fine.scores) == pytest.approx(0.0)
+    policy = DeliveryPolicy()  # 3x and 10 ms over the champion's p95
+    assert compare_shadow(_timed(2.0), _timed(9.0), policy) == []  # 4.5x, but 7 ms: noise
+    [reason] = compare_shadow(_timed(20.0), _timed(80.0), policy)
+    assert "more than 3.0x the champion's 20.0 ms" in reason
+    assert compare_shadow(_timed(20.0), _timed(50.0), policy) == []  # 30 ms more, 2.5x
     assert is_synthetic("shadow:3:t1") and not is_synthetic("t1") and not is_synthetic(None)
+
+
+def _timed(ms: float) -> Probe:
+    return Probe(version=f"{ms}", sent=20, latencies_ms=[ms] * 20)
 
 
 class ColdStart(FakeServe):
