@@ -92,9 +92,16 @@ class LooplineHandler(BaseHandler):
                     _body(item), max_bytes=self.max_body_bytes, max_items=self.max_items, now=now
                 )
             except RequestError as exc:
-                context.set_response_status(exc.status, exc.error, i)
-                responses[i] = json.dumps(exc.to_dict())
-                self._log_refusal(context, i, item, exc, now)
+                responses[i] = self._refuse(context, i, item, exc, now)
+                continue
+            except Exception:  # a bug met validating one request must not fail the batch
+                logger.exception("validating request %d failed", i)
+                error = RequestError(
+                    "the request could not be validated (a server error, logged)",
+                    status=500,
+                    error="internal_error",
+                )
+                responses[i] = self._refuse(context, i, item, error, now)
                 continue
             accepted.append((i, transactions, single, _is_explain(context, i)))
 
@@ -146,6 +153,12 @@ class LooplineHandler(BaseHandler):
                 len(flat),
             )
         return [r if r is not None else "" for r in responses]
+
+    def _refuse(self, context: Any, i: int, item: Any, exc: RequestError, now: datetime) -> str:
+        """Request ``i``'s status and JSON body for ``exc``; the refusal is logged."""
+        context.set_response_status(exc.status, exc.error, i)
+        self._log_refusal(context, i, item, exc, now)
+        return json.dumps(exc.to_dict())
 
     def _log_refusal(
         self, context: Any, i: int, item: Any, exc: RequestError, now: datetime

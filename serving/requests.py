@@ -231,7 +231,10 @@ def _valid_transaction(item: Any, now: datetime | None) -> Transaction | None:
         return None
     if ts.tzinfo is None:
         return None
-    ts = ts.astimezone(UTC)
+    try:
+        ts = ts.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 pushed past the calendar by its offset
+        return None
     if not EARLIEST <= ts <= (now or datetime.now(UTC)) + MAX_CLOCK_SKEW:
         return None
     return Transaction(tid, card, merchant, float(amount), channel, country, ts)
@@ -267,7 +270,12 @@ def parse_timestamp(
                 field="timestamp",
                 index=index,
             )
-        ts = ts.astimezone(UTC)
+        try:
+            ts = ts.astimezone(UTC)
+        except OverflowError as exc:  # year 1 or 9999 pushed past the calendar by its offset
+            raise RequestError(
+                f"timestamp {_shown(value)} is out of range", field="timestamp", index=index
+            ) from exc
     else:
         raise RequestError(
             f"timestamp must be ISO-8601 text or epoch seconds, got {type(value).__name__}",

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from ts.context import Context, RequestProcessor
 
+from serving import handler as handler_module
 from serving.archive import build_archive, read_manifest
 from serving.batch import score_frame
 from serving.config import ServingConfig
@@ -81,11 +82,14 @@ def test_a_batch_mixing_good_and_bad_requests_answers_each_on_its_own(
         json.dumps([good[1], unknown]).encode(),
         b'{"transaction_id": ',
         json.dumps({**good[2], "amount": "lots"}).encode(),
+        # Its offset pushes year 9999 past the calendar: once an OverflowError failing the batch.
+        json.dumps({**good[0], "timestamp": "9999-12-31T23:59:59-23:59"}).encode(),
     ]
     statuses, answers, types = run_batch(handler, bodies)
 
-    assert statuses == [200, 200, 400, 400]
-    assert types == ["application/json"] * 4
+    assert statuses == [200, 200, 400, 400, 400]
+    assert types == ["application/json"] * 5
+    assert answers[4]["field"] == "timestamp" and "out of range" in answers[4]["reason"]
     assert answers[0]["transaction_id"] == good[0]["transaction_id"]
     assert 0.0 < answers[0]["fraud_probability"] < 1.0
     assert answers[0]["decision"] in ("approve", "decline")
@@ -192,3 +196,24 @@ def test_answers_hold_the_values_json_dumps_would_write(
 def test_orjson_bodies_read_back_as_json_dumps_does(answer) -> None:
     body = _body_json(answer)
     assert repr(json.loads(body)) == repr(json.loads(json.dumps(answer)))
+
+
+def test_a_request_that_breaks_validation_fails_alone(
+    handler: LooplineHandler, serving_home: ServingHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met while validating one request answers that request 500, with a JSON reason;
+    the batch's other requests are scored."""
+    good = serving_home.requests(2)
+    real = handler_module.parse_request
+
+    def parse(body, **kwargs):
+        if b"boom" in body:
+            raise RuntimeError("a validation bug")
+        return real(body, **kwargs)
+
+    monkeypatch.setattr(handler_module, "parse_request", parse)
+    bodies = [json.dumps(good[0]).encode(), json.dumps({**good[1], "card_id": "boom"}).encode()]
+    statuses, answers, _ = run_batch(handler, bodies)
+    assert statuses == [200, 500]
+    assert answers[0]["transaction_id"] == good[0]["transaction_id"]
+    assert answers[1]["error"] == "internal_error" and "validat" in answers[1]["reason"]

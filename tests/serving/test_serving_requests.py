@@ -65,6 +65,8 @@ def test_one_object_or_a_list_in_bytes_text_or_decoded_form() -> None:
         ({"timestamp": "1999-12-31T23:59:59Z"}, "timestamp", "outside"),
         ({"timestamp": "2026-06-03T12:00:00Z"}, "timestamp", "outside"),
         ({"timestamp": None}, "timestamp", "ISO-8601 text or epoch"),
+        ({"timestamp": "9999-12-31T23:59:59-23:59"}, "timestamp", "out of range"),
+        ({"timestamp": "0001-01-01T00:00:00+23:59"}, "timestamp", "out of range"),
         ({"coupon": "X"}, "coupon", "unknown field"),
     ],
 )
@@ -215,6 +217,7 @@ _FIELD_VALUES = {
             "2026-06-02T12:00:00Z",
             "2026-06-02T12:00:01Z",
             "1999-12-31T23:59:59Z",
+            "9999-12-31T23:59:59-23:59",
             "2026-13-01T00:00:00Z",
             1_780_000_000,
             1.78e9,
