@@ -24,10 +24,11 @@ MAX_ID_LENGTH = 64
 MAX_SHOWN = 80  # characters of a bad value quoted back in a reason
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
-# The three ids at once, joined by a newline (which no id may hold), their lengths included.
-_ID_BOUNDED = rf"[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{MAX_ID_LENGTH - 1}}}"
-_THREE_IDS = re.compile(rf"{_ID_BOUNDED}\n{_ID_BOUNDED}\n{_ID_BOUNDED}")
+# An id, its length included; the quick check matches the three at once, joined by a newline
+# (which no id may hold).
+_ID_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{MAX_ID_LENGTH - 1}}}"
+_ID = re.compile(_ID_PATTERN)
+_THREE_IDS = re.compile(rf"{_ID_PATTERN}\n{_ID_PATTERN}\n{_ID_PATTERN}")
 _CHANNEL_SET, _COUNTRY_SET = frozenset(CHANNELS), frozenset(COUNTRIES)
 _FLAT = {str, int, bool, type(None)}
 _INT64 = float(2**63)
@@ -298,7 +299,7 @@ def _identifier(item: dict[str, Any], name: str, index: int | None) -> str:
         raise RequestError(
             f"{name} must be a string, got {type(value).__name__}", field=name, index=index
         )
-    if not 0 < len(value) <= MAX_ID_LENGTH or not _ID.fullmatch(value):
+    if not _ID.fullmatch(value):
         raise RequestError(
             f"{name} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '_.:-'",
             field=name,
