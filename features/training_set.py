@@ -4,7 +4,10 @@ Entity rows are the validated transactions that carry a label (the latest label 
 0/1 ``label``). Features come through the FeatureService with ``historical_features``, each
 row as of just before its transaction (``training_entities``), so training sees what serving
 saw. Splits are consecutive time ranges: every validation row is later than every train row,
-every test row later than every validation row.
+every test row later than every validation row. A ``SplitPolicy`` says where the cuts fall:
+by shares of the rows (``SplitFractions``), or so that validation and test each hold a fixed
+number of the newest positives, which lets everything older, recent rows included, reach
+training; an optional window keeps only the newest labelled rows.
 
 Labels arrive late: a legit transaction is labelled once its settlement period (7 days) has
 passed, a fraud one after a 1-10 day chargeback delay. Transactions of the last days before the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,9 +28,10 @@ from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
-from feast import FeatureStore
+from feast import FeatureService, FeatureStore, FeatureView
 
 from features.engineering import TS, read_validated, training_entities
+from features.feature_repo.definitions import build_definitions
 from features.storage import data_root, uri, write_json_atomic, write_parquet_atomic
 from features.store import SERVICE, historical_features
 
@@ -110,14 +115,71 @@ def labelled_transactions(
     return tx.join(latest, on="transaction_id", how="inner").sort(TS, "transaction_id")
 
 
-def assign_splits(
-    frame: pl.DataFrame, fractions: SplitFractions = SplitFractions()
-) -> pl.DataFrame:
-    """Add ``split``: the earliest rows train, then validation, then test, by ``event_timestamp``.
+@dataclass(frozen=True)
+class SplitPolicy:
+    """Where the time cuts fall, and how much labelled history is kept.
 
-    Cuts fall on timestamps, so rows sharing a timestamp share a split and no two splits overlap
-    in time; the shares are met as closely as that allows.
+    With ``held_out_positives`` set, test is the newest rows holding that many positives and
+    validation the next newest holding as many; train is everything before. Held-out splits
+    then shrink to what a metric needs, and the newest labelled rows reach training instead of
+    waiting in a 30% tail. Without it, ``fractions`` cut the rows by shares. ``window`` keeps
+    only labelled rows within that span of the newest one, before splitting.
     """
+
+    fractions: SplitFractions = SplitFractions()
+    held_out_positives: int | None = None
+    window: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fractions, SplitFractions):
+            raise TypeError(f"fractions must be a SplitFractions, got {self.fractions!r}")
+        k = self.held_out_positives
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"held_out_positives must be an integer >= 1 or None, got {k!r}")
+        if self.window is not None and self.window <= timedelta(0):
+            raise ValueError(f"window must be a positive timedelta or None, got {self.window}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for the training set's summary."""
+        return {
+            "fractions": asdict(self.fractions),
+            "held_out_positives": self.held_out_positives,
+            "window_days": self.window.total_seconds() / 86400 if self.window else None,
+        }
+
+
+@dataclass(frozen=True)
+class SplitCuts:
+    """The first validation and first test timestamps (None: that split and later are empty).
+
+    ``method`` is the rule that placed them (``fractions`` or ``held_out_positives``); ``note``
+    says why a held-out-positives policy fell back to its fractions.
+    """
+
+    first_validation: datetime | None
+    first_test: datetime | None
+    method: str
+    note: str | None = None
+
+
+def as_policy(policy: SplitFractions | SplitPolicy) -> SplitPolicy:
+    """A SplitFractions as the policy that cuts by those shares; a SplitPolicy as itself."""
+    if isinstance(policy, SplitFractions):
+        return SplitPolicy(fractions=policy)
+    if isinstance(policy, SplitPolicy):
+        return policy
+    raise TypeError(f"expected SplitFractions or SplitPolicy, got {type(policy).__name__}")
+
+
+def apply_window(frame: pl.DataFrame, window: timedelta | None) -> pl.DataFrame:
+    """Rows whose ``event_timestamp`` lies within ``window`` of the newest one (all if None)."""
+    if window is None or frame.is_empty():
+        return frame
+    return frame.filter(pl.col(TS) >= frame[TS].max() - window)
+
+
+def fraction_cuts(frame: pl.DataFrame, fractions: SplitFractions) -> SplitCuts:
+    """Cuts at the timestamps that meet the shares as closely as whole timestamps allow."""
     stamps = frame[TS].sort()
     n = stamps.len()
 
@@ -125,19 +187,82 @@ def assign_splits(
         i = round(n * share)
         return stamps[i] if i < n else None
 
-    first_validation = cut(fractions.train)
-    first_test = cut(fractions.train + fractions.validation)
+    return SplitCuts(cut(fractions.train), cut(fractions.train + fractions.validation), "fractions")
+
+
+def _newest_positive_cut(frame: pl.DataFrame, k: int) -> datetime | None:
+    """Timestamp of the k-th newest positive row of ``frame`` (None when it has fewer)."""
+    stamps = frame.filter(pl.col(LABEL) == 1)[TS].sort(descending=True)
+    return stamps[k - 1] if stamps.len() >= k else None
+
+
+def held_out_positive_cuts(frame: pl.DataFrame, k: int) -> SplitCuts | None:
+    """Cuts that give test, then validation, the newest ``k`` positives each.
+
+    None when the rows hold too few positives for both held-out splits and a train split
+    with at least one positive.
+    """
+    first_test = _newest_positive_cut(frame, k)
+    if first_test is None:
+        return None
+    first_validation = _newest_positive_cut(frame.filter(pl.col(TS) < first_test), k)
+    if first_validation is None:
+        return None
+    train = frame.filter(pl.col(TS) < first_validation)
+    if not int(train[LABEL].sum()):
+        return None
+    return SplitCuts(first_validation, first_test, "held_out_positives")
+
+
+def split_cuts(frame: pl.DataFrame, policy: SplitFractions | SplitPolicy) -> SplitCuts:
+    """Where the policy cuts these rows (the window is not applied here).
+
+    A held-out-positives policy that the rows cannot satisfy falls back to its fractions,
+    and the cuts' ``note`` says so.
+    """
+    policy = as_policy(policy)
+    k = policy.held_out_positives
+    if k is None:
+        return fraction_cuts(frame, policy.fractions)
+    cuts = held_out_positive_cuts(frame, k)
+    if cuts is not None:
+        return cuts
+    positives = int(frame[LABEL].sum()) if frame.height else 0
+    fallback = fraction_cuts(frame, policy.fractions)
+    note = (
+        f"{positives} positives are too few for {k} in test, {k} in validation and at least "
+        f"one in train: split by fractions {asdict(policy.fractions)} instead"
+    )
+    return SplitCuts(fallback.first_validation, fallback.first_test, "fractions", note)
+
+
+def label_splits(frame: pl.DataFrame, cuts: SplitCuts) -> pl.DataFrame:
+    """Add ``split`` from the cuts: train before the first, validation before the second, test."""
     ts = pl.col(TS)
     split = (
         pl.lit("validation")
-        if first_test is None
-        else pl.when(ts < first_test).then(pl.lit("validation")).otherwise(pl.lit("test"))
+        if cuts.first_test is None
+        else pl.when(ts < cuts.first_test).then(pl.lit("validation")).otherwise(pl.lit("test"))
     )
-    if first_validation is None:
+    if cuts.first_validation is None:
         split = pl.lit("train")
     else:
-        split = pl.when(ts < first_validation).then(pl.lit("train")).otherwise(split)
+        split = pl.when(ts < cuts.first_validation).then(pl.lit("train")).otherwise(split)
     return frame.with_columns(split.alias("split"))
+
+
+def assign_splits(
+    frame: pl.DataFrame, policy: SplitFractions | SplitPolicy = SplitPolicy()
+) -> pl.DataFrame:
+    """Rows within the policy's window, with ``split``: train, then validation, then test.
+
+    Cuts fall on ``event_timestamp`` values, so rows sharing a timestamp share a split and no
+    two splits overlap in time. A SplitFractions cuts by shares, as closely as ties allow;
+    held-out-positives cuts need a 0/1 ``label`` column.
+    """
+    policy = as_policy(policy)
+    frame = apply_window(frame, policy.window)
+    return label_splits(frame, split_cuts(frame, policy))
 
 
 def split_summary(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
@@ -190,13 +315,19 @@ def build_training_set(
     transactions: pl.DataFrame,
     labels: pl.DataFrame,
     *,
-    fractions: SplitFractions = SplitFractions(),
+    split: SplitPolicy = SplitPolicy(),
+    fractions: SplitFractions | None = None,
     label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
     service_name: str = SERVICE,
 ) -> TrainingSet:
     """Labelled transactions, their features through ``service_name`` as of just before each
-    transaction, a time-based split and a content hash. Deterministic in its inputs' rows."""
+    transaction, a time-based split and a content hash. Deterministic in its inputs' rows.
+
+    ``fractions`` is the older spelling of ``split=SplitPolicy(fractions=...)``.
+    """
+    policy = resolve_policy(split, fractions)
     labelled = labelled_transactions(transactions, labels, label_maturity=label_maturity)
+    labelled = apply_window(labelled, policy.window)
     if labelled.is_empty():
         raise ValueError("no labelled transactions old enough to train on")
     entities = training_entities(labelled).with_columns(labelled[LABEL])
@@ -207,18 +338,31 @@ def build_training_set(
         .select(*ENTITY_COLUMNS, *features, LABEL)
         .sort(TS, "transaction_id")
     )
-    rows = assign_splits(rows, fractions)
+    cuts = split_cuts(rows, policy)
+    rows = label_splits(rows, cuts)
     numeric = [c for c in features if rows.schema[c] != pl.String()]
     categorical = [c for c in features if rows.schema[c] == pl.String()]
     summary = {
         "splits": split_summary(rows),
-        "fractions": asdict(fractions),
+        "fractions": asdict(policy.fractions),
+        "split_policy": policy.to_dict(),
+        "split_method": cuts.method,
+        "split_note": cuts.note,
         "label_maturity_s": label_maturity.total_seconds(),
         "rows": rows.height,
         "positives": int(rows[LABEL].sum()),
         "features": {"numeric": numeric, "categorical": categorical},
     }
     return TrainingSet(rows, content_version(rows), service_name, summary)
+
+
+def resolve_policy(split: SplitPolicy, fractions: SplitFractions | None) -> SplitPolicy:
+    """The policy asked for, whether as ``split=`` or as the older ``fractions=`` keyword."""
+    if fractions is None:
+        return as_policy(split)
+    if split != SplitPolicy():
+        raise ValueError("give either split= or fractions=, not both")
+    return SplitPolicy(fractions=fractions)
 
 
 def write_training_set(lake: Path, built: TrainingSet, batches: tuple[str, ...]) -> TrainingSetRef:
@@ -248,6 +392,37 @@ def write_training_set(lake: Path, built: TrainingSet, batches: tuple[str, ...])
     )
 
 
+def service_feature_views(lake: Path, service_name: str = SERVICE) -> list[str]:
+    """The stored (file-backed) feature views a FeatureService reads, in its order."""
+    declared = list(build_definitions(lake))
+    stored = {d.name for d in declared if isinstance(d, FeatureView)}
+    services = {d.name: d for d in declared if isinstance(d, FeatureService)}
+    if service_name not in services:
+        raise ValueError(f"unknown FeatureService {service_name!r}; known: {sorted(services)}")
+    projections = services[service_name].feature_view_projections
+    return [p.name for p in projections if p.name in stored]
+
+
+def views_without_feature_files(lake: Path, views: Iterable[str]) -> list[str]:
+    """Those of ``views`` with no feature file under ``<lake>/features/<view>/`` yet.
+
+    The offline store reads each view through a ``*.parquet`` glob there, and a glob that
+    matches nothing is an error, not an empty table.
+    """
+    root = data_root(lake) / "features"
+    return [v for v in views if next(iter((root / v).glob("*.parquet")), None) is None]
+
+
+def missing_feature_views(lake: Path, service_name: str = SERVICE) -> list[str]:
+    """The FeatureService's stored views that have no feature files yet (empty: ready)."""
+    return views_without_feature_files(lake, service_feature_views(lake, service_name))
+
+
+def waiting_for_features(missing: Sequence[str]) -> str:
+    """The one wording for a training set that cannot be built yet, for failures and skips."""
+    return f"waiting for features: {', '.join(missing)} have no feature files yet"
+
+
 def validated_batches(lake: Path, dataset: str) -> tuple[str, ...]:
     """Ids of the validated batches of a dataset in the lake, sorted."""
     folder = data_root(lake) / "validated" / dataset
@@ -258,7 +433,8 @@ def training_set_from_home(
     lake: Path,
     store: FeatureStore,
     *,
-    fractions: SplitFractions = SplitFractions(),
+    split: SplitPolicy = SplitPolicy(),
+    fractions: SplitFractions | None = None,
     label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
     service_name: str = SERVICE,
 ) -> tuple[TrainingSetRef, TrainingSet]:
@@ -267,6 +443,7 @@ def training_set_from_home(
         store,
         read_validated(lake, "transactions"),
         read_validated(lake, "labels"),
+        split=split,
         fractions=fractions,
         label_maturity=label_maturity,
         service_name=service_name,

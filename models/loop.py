@@ -2,6 +2,8 @@
 
 An epoch is one random permutation of the device tensors, sliced into large batches: no
 DataLoader, no per-row Python. Kept free of Polars so the benchmark runs it as-is on a GPU machine.
+Optional per-row loss weights (recency weighting) travel with the rows; without them the loop
+does exactly the work it did before weights existed.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,13 @@ from torch import nn
 
 from models.spec import MISSING_INDEX, OOV_INDEX, TrainConfig
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+class LossFn(Protocol):
+    """Mean loss of a batch; ``weight`` (per row, mean about 1) scales each row's term."""
+
+    def __call__(
+        self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,16 +35,20 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorData:
-    """One split as tensors: numeric [n, f] float32, categorical [n, c] int64, label [n] float32."""
+    """One split as tensors: numeric [n, f] float32, categorical [n, c] int64, label [n] float32,
+    and optionally weight [n] float32, each row's weight in the training loss."""
 
     numeric: torch.Tensor
     categorical: torch.Tensor
     label: torch.Tensor
+    weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.numeric.shape[0]
         if self.categorical.shape[0] != n or self.label.shape[0] != n:
             raise ValueError("numeric, categorical and label must have the same number of rows")
+        if self.weight is not None and tuple(self.weight.shape) != (n,):
+            raise ValueError(f"weight must have shape ({n},), got {tuple(self.weight.shape)}")
 
     def __len__(self) -> int:
         return int(self.numeric.shape[0])
@@ -47,6 +58,7 @@ class TensorData:
             self.numeric.to(device, non_blocking=True),
             self.categorical.to(device, non_blocking=True),
             self.label.to(device, non_blocking=True),
+            None if self.weight is None else self.weight.to(device, non_blocking=True),
         )
 
 
@@ -96,20 +108,35 @@ def make_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def make_loss(config: TrainConfig, pos_weight: float, device: torch.device) -> LossFn:
-    """Imbalance handling: positive-class weight, focal loss, or plain BCE."""
-    weight = torch.tensor(pos_weight, dtype=torch.float32, device=device)
+    """Imbalance handling: positive-class weight, focal loss, or plain BCE; each takes row weights."""
+    positive = torch.tensor(pos_weight, dtype=torch.float32, device=device)
     if config.imbalance == "pos_weight":
-        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
+
+        def weighted_bce(
+            logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logits, y, weight=weight, pos_weight=positive)
+
+        return weighted_bce
     if config.imbalance == "focal":
         gamma = config.focal_gamma
 
-        def focal(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def focal(
+            logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+        ) -> torch.Tensor:
             bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
             p_t = torch.exp(-bce)
-            return ((1.0 - p_t) ** gamma * bce).mean()
+            terms = (1.0 - p_t) ** gamma * bce
+            return (terms if weight is None else terms * weight).mean()
 
         return focal
-    return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y)
+
+    def bce(
+        logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+
+    return bce
 
 
 @torch.inference_mode()
@@ -134,7 +161,7 @@ def predict_logits(
 def mean_loss(
     module: nn.Module, data: TensorData, loss_fn: LossFn, batch_size: int = 65536
 ) -> float:
-    """Row-weighted mean loss over a split (validation loss for early stopping)."""
+    """Mean loss per row over a split (validation loss for early stopping); row weights unused."""
     module.eval()
     device = data.numeric.device
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -203,6 +230,7 @@ def _run_epochs(
             train.categorical[perm],
             train.label[perm],
         )
+        weight = None if train.weight is None else train.weight[perm]
         if config.oov_rate > 0 and categorical.shape[1] > 0:
             mask = (
                 torch.rand(categorical.shape, device=device, generator=generator) < config.oov_rate
@@ -213,7 +241,7 @@ def _run_epochs(
             with autocast_for(device):
                 logits = module(numeric[s : s + bs], categorical[s : s + bs])
             y = label[s : s + bs]
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), y, None if weight is None else weight[s : s + bs])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

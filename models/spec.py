@@ -63,6 +63,10 @@ class TrainConfig:
     one-layer MLP, 4-wide embeddings and a positive-class weight capped at 10. The full
     n_neg / n_pos (~90 at 1% fraud) let a few hundred positives dominate the loss and its
     validation value, so training stopped on noise after 2-6 epochs and lost to the baseline.
+
+    `recency_half_life_days` weights each train row's loss by 0.5 ** (age / half-life), age
+    counted back from the newest train row, so a changed world outweighs the old one sooner
+    than its rows outnumber it. None trains every row alike.
     """
 
     seed: int = 0
@@ -85,6 +89,7 @@ class TrainConfig:
     numeric_clip: float = 8.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = 65536
+    recency_half_life_days: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
@@ -97,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"unknown imbalance strategy {self.imbalance!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}")
+        half_life = self.recency_half_life_days
+        if half_life is not None and not (isinstance(half_life, int | float) and half_life > 0):
+            raise ValueError(f"recency_half_life_days must be > 0 or None, got {half_life!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def to_dict(self) -> dict[str, Any]:

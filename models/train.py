@@ -1,9 +1,13 @@
-"""Training entry point: a training_set frame in, a fitted model and its preprocessor out."""
+"""Training entry point: a training_set frame in, a fitted model and its preprocessor out.
+
+With `TrainConfig.recency_half_life_days` set, train rows carry loss weights that halve with
+each half-life of age (mean 1 over the train split); validation and test stay unweighted.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -28,6 +32,7 @@ class TrainResult:
     calibration: dict[str, float | str]
     data_window: dict[str, Any]
     kind: str
+    weighting: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -50,6 +55,7 @@ class TrainResult:
             "calibration": dict(self.calibration),
             "parameters": count_parameters(self.model),
             "data_window": self.data_window,
+            "weighting": dict(self.weighting),
         }
 
 
@@ -74,9 +80,47 @@ def data_window(frame: pl.DataFrame, label: str = "label") -> dict[str, Any]:
     return out
 
 
-def tensor_data(preprocessor: Preprocessor, frame: pl.DataFrame) -> TensorData:
+def tensor_data(
+    preprocessor: Preprocessor, frame: pl.DataFrame, weight: torch.Tensor | None = None
+) -> TensorData:
     batch = preprocessor.transform(frame)
-    return TensorData(batch.numeric, batch.categorical, preprocessor.labels(frame))
+    return TensorData(batch.numeric, batch.categorical, preprocessor.labels(frame), weight)
+
+
+def recency_weights(
+    timestamps: pl.Series, half_life_days: float, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """0.5 ** (age_days / half_life_days) per row, age from the newest timestamp, mean 1.
+
+    Normalised to mean 1 so the loss keeps its scale, and with it the learning rate's meaning.
+    """
+    if not half_life_days > 0:
+        raise ValueError(f"half_life_days must be > 0, got {half_life_days}")
+    if timestamps.len() == 0:
+        return torch.zeros(0, dtype=dtype)
+    age_s = (timestamps.max() - timestamps).dt.total_microseconds().cast(pl.Float64) / 1e6
+    raw = (
+        torch.tensor(age_s.to_numpy(), dtype=torch.float64)
+        .div(86400.0 * half_life_days)
+        .neg()
+        .exp2()
+    )
+    return (raw / raw.mean()).to(dtype)
+
+
+def weighting_summary(weight: torch.Tensor | None, half_life_days: float | None) -> dict[str, Any]:
+    """What the weights did: the half-life, the lightest row and the effective row count."""
+    if weight is None or half_life_days is None:
+        return {"method": "none"}
+    w = weight.double()
+    return {
+        "method": "recency",
+        "half_life_days": half_life_days,
+        "min_weight": round(float(w.min()), 6),
+        "max_weight": round(float(w.max()), 6),
+        "effective_rows": round(float(w.sum() ** 2 / (w * w).sum()), 1),
+        "rows": int(w.numel()),
+    }
 
 
 def train_model(
@@ -101,7 +145,13 @@ def train_model(
             f"the train split needs both classes, got {n_pos} positives and {n_neg} negatives"
         )
     preprocessor = Preprocessor.fit(train_df, spec, max_categories=config.max_categories)
-    train = tensor_data(preprocessor, train_df)
+    half_life = config.recency_half_life_days
+    weight = (
+        None
+        if half_life is None
+        else recency_weights(train_df.get_column("event_timestamp"), half_life)
+    )
+    train = tensor_data(preprocessor, train_df, weight)
     validation = tensor_data(preprocessor, val_df) if val_df.height else None
 
     with torch.random.fork_rng(devices=[]):
@@ -140,6 +190,7 @@ def train_model(
         calibration=calibration,
         data_window=data_window(frame, spec.label),
         kind=kind,
+        weighting=weighting_summary(weight, half_life),
     )
 
 

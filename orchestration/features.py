@@ -11,12 +11,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from orchestration.ingest import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
+
+if TYPE_CHECKING:
+    from features.training_set import SplitPolicy
 
 GROUP = "features"
 
@@ -153,12 +157,31 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
 
 
 class TrainingSetConfig(dg.Config):
-    """Split shares (in time order) and how old a transaction must be to count as labelled."""
+    """How the labelled rows are split in time, how much history is kept, and how old a
+    transaction must be to count as labelled (see features.training_set.SplitPolicy).
+
+    ``held_out_positives``: test and validation are the newest rows holding that many positives
+    each, train everything before (the fractions apply when unset or when positives are too
+    few). ``window_days``: keep only labelled rows that recent, before splitting.
+    """
 
     train_fraction: float = 0.70
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
+    held_out_positives: int | None = None
+    window_days: float | None = None
     label_maturity_days: float = 7.0
+
+    def split_policy(self) -> "SplitPolicy":
+        from features.training_set import SplitFractions, SplitPolicy
+
+        return SplitPolicy(
+            fractions=SplitFractions(
+                self.train_fraction, self.validation_fraction, self.test_fraction
+            ),
+            held_out_positives=self.held_out_positives,
+            window=timedelta(days=self.window_days) if self.window_days is not None else None,
+        )
 
 
 @dg.asset(
@@ -170,15 +193,22 @@ def training_set(
     context: dg.AssetExecutionContext, config: TrainingSetConfig, storage: LooplineStorage
 ) -> dg.Output:
     """Labelled transactions with point-in-time features of fraud_model_v1, split by time."""
-    from features.training_set import SplitFractions, training_set_from_home
-
-    fractions = SplitFractions(
-        config.train_fraction, config.validation_fraction, config.test_fraction
+    from features.training_set import (
+        missing_feature_views,
+        training_set_from_home,
+        waiting_for_features,
     )
+
+    missing = missing_feature_views(storage.settings.lake)
+    if missing:
+        raise dg.Failure(
+            description=waiting_for_features(missing),
+            metadata={"views_without_files": ", ".join(missing)},
+        )
     ref, built = training_set_from_home(
         storage.settings.lake,
         storage.feature_store(),
-        fractions=fractions,
+        split=config.split_policy(),
         label_maturity=timedelta(days=config.label_maturity_days),
     )
     splits = built.summary["splits"]
@@ -202,7 +232,12 @@ def training_set(
         "batches": len(ref.batches),
         "splits": dg.MetadataValue.md(_md_table(table)),
         "features": dg.MetadataValue.json(built.summary["features"]),
+        "split_policy": dg.MetadataValue.json(built.summary["split_policy"]),
+        "split_method": built.summary["split_method"],
     }
+    if built.summary["split_note"]:
+        metadata["split_note"] = built.summary["split_note"]
+        context.log.warning(built.summary["split_note"])
     for name, s in splits.items():
         metadata[f"{name}_rows"] = s["rows"]
         metadata[f"{name}_fraud_rate"] = s["fraud_rate"] if s["fraud_rate"] is not None else 0.0

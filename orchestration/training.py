@@ -39,6 +39,8 @@ class _TrainingRunConfig(dg.Config):
     batch_size: int = _TRAIN.batch_size
     patience: int = _TRAIN.patience
     device: str = _TRAIN.device
+    # Each train row's loss weight halves per this many days of age; None weighs rows alike.
+    recency_half_life_days: float | None = _TRAIN.recency_half_life_days
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.model_dump())
@@ -159,6 +161,7 @@ def _training_metadata(result, saved, kind: str) -> dict:
         "train_seconds": dg.MetadataValue.float(summary["train_seconds"]),
         "calibration": dg.MetadataValue.json(summary["calibration"]),
         "hyperparameters": dg.MetadataValue.json(summary["config"]),
+        "weighting": dg.MetadataValue.json(summary["weighting"]),
         "loss_curves": dg.MetadataValue.md(
             png_markdown(loss_curves_png({kind: result.history}), "loss curves")
         ),

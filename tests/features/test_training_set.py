@@ -20,6 +20,7 @@ from features.engineering import (
 from features.store import apply_definitions, feature_store
 from features.training_set import (
     SplitFractions,
+    SplitPolicy,
     assign_splits,
     build_training_set,
     labelled_transactions,
@@ -128,6 +129,117 @@ def test_splits_are_consecutive_time_ranges_with_the_requested_shares() -> None:
         SplitFractions(0.7, 0.2, 0.2)
     with pytest.raises(ValueError):
         SplitFractions(0.0, 0.5, 0.5)
+
+
+def _daily(days: int, fraud_every: int) -> pl.DataFrame:
+    """Ten rows a day for ``days`` days; every ``fraud_every``-th row a positive."""
+    n = days * 10
+    return pl.DataFrame(
+        {
+            "event_timestamp": pl.Series(
+                [T0 + timedelta(hours=2.4 * i) for i in range(n)], dtype=UTC_TS
+            ),
+            "label": pl.Series([int(i % fraud_every == 0) for i in range(n)], dtype=pl.Int8),
+        }
+    )
+
+
+def _windows(out: pl.DataFrame) -> dict[str, tuple[datetime, datetime]]:
+    w = out.group_by("split").agg(
+        pl.col("event_timestamp").min().alias("lo"), pl.col("event_timestamp").max().alias("hi")
+    )
+    return {r["split"]: (r["lo"], r["hi"]) for r in w.to_dicts()}
+
+
+def test_held_out_positives_put_the_newest_rows_in_train_up_to_a_few_held_out_positives() -> None:
+    frame = _daily(80, fraud_every=10)  # 800 rows, 80 positives, one a day
+    out = assign_splits(frame, SplitPolicy(held_out_positives=5))
+
+    positives = out.filter(pl.col("label") == 1).group_by("split").len()
+    assert dict(positives.iter_rows()) == {"train": 70, "validation": 5, "test": 5}
+    w = _windows(out)
+    assert w["train"][1] < w["validation"][0] and w["validation"][1] < w["test"][0]
+    # 70/15/15 keeps the newest 240 rows (24 days) out of training; this keeps 100 out.
+    by_fractions = assign_splits(frame)
+    assert (by_fractions["split"] == "train").sum() == 560
+    assert (out["split"] == "train").sum() == 700
+    assert w["train"][1] == _windows(by_fractions)["train"][1] + timedelta(days=14)
+
+
+def test_held_out_cuts_fall_on_timestamps_so_tied_rows_share_a_split() -> None:
+    stamps = [T0 + timedelta(hours=i // 4) for i in range(400)]  # four rows per timestamp
+    frame = pl.DataFrame(
+        {
+            "event_timestamp": pl.Series(stamps, dtype=UTC_TS),
+            "label": pl.Series([int(i % 7 == 0) for i in range(400)], dtype=pl.Int8),
+        }
+    )
+    out = assign_splits(frame, SplitPolicy(held_out_positives=5))
+    assert out.group_by("event_timestamp").agg(pl.col("split").n_unique())["split"].max() == 1
+    held = out.filter(pl.col("label") == 1).group_by("split").len()
+    assert all(n >= 5 for s, n in held.iter_rows() if s != "train")
+    w = _windows(out)
+    assert w["train"][1] < w["validation"][0] and w["validation"][1] < w["test"][0]
+
+
+def test_window_keeps_only_the_newest_labelled_rows_before_splitting() -> None:
+    frame = _daily(80, fraud_every=10)
+    newest = frame["event_timestamp"].max()
+    out = assign_splits(frame, SplitPolicy(window=timedelta(days=30)))
+    assert out["event_timestamp"].min() >= newest - timedelta(days=30)
+    assert out.height == 301  # 30 days of 10 rows, both ends included
+    counts = dict(out.group_by("split").len().iter_rows())
+    assert counts == {"train": 211, "validation": 45, "test": 45}  # shares of the window
+
+
+def test_too_few_positives_for_held_out_splits_falls_back_to_fractions_and_says_so(
+    world,
+) -> None:
+    frame = _daily(20, fraud_every=40)  # 5 positives
+    policy = SplitPolicy(held_out_positives=3)
+    assert assign_splits(frame, policy)["split"].equals(assign_splits(frame)["split"])
+
+    _, store, tx, labels = world
+    built = build_training_set(
+        store, tx, labels, label_maturity=timedelta(0), split=SplitPolicy(held_out_positives=500)
+    )
+    assert built.summary["split_method"] == "fractions"
+    assert "too few" in built.summary["split_note"]
+    assert built.summary["split_policy"]["held_out_positives"] == 500
+    assert built.frame["split"].equals(
+        build_training_set(store, tx, labels, label_maturity=timedelta(0)).frame["split"]
+    )
+
+
+def test_split_policy_is_validated_recorded_and_changes_the_version(world) -> None:
+    with pytest.raises(ValueError, match="held_out_positives"):
+        SplitPolicy(held_out_positives=0)
+    with pytest.raises(ValueError, match="window"):
+        SplitPolicy(window=timedelta(0))
+    _, store, tx, labels = world
+    with pytest.raises(ValueError, match="not both"):
+        build_training_set(
+            store,
+            tx,
+            labels,
+            split=SplitPolicy(held_out_positives=5),
+            fractions=SplitFractions(0.8, 0.1, 0.1),
+        )
+    policy = SplitPolicy(held_out_positives=10, window=timedelta(days=20))
+    built = build_training_set(store, tx, labels, label_maturity=timedelta(0), split=policy)
+    summary = built.summary
+    assert summary["split_method"] == "held_out_positives" and summary["split_note"] is None
+    assert summary["split_policy"] == {
+        "fractions": {"train": 0.7, "validation": 0.15, "test": 0.15},
+        "held_out_positives": 10,
+        "window_days": 20.0,
+    }
+    assert summary["splits"]["test"]["positives"] >= 10
+    assert summary["splits"]["validation"]["positives"] >= 10
+    span = built.frame["event_timestamp"].max() - built.frame["event_timestamp"].min()
+    assert span <= timedelta(days=20)
+    plain = build_training_set(store, tx, labels, label_maturity=timedelta(0))
+    assert built.version != plain.version and built.frame.height < plain.frame.height
 
 
 def test_training_set_has_labels_point_in_time_features_and_time_splits(world) -> None:

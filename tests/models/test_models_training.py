@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ from models.loop import (
 )
 from models.metrics import average_precision
 from models.network import TabularNet
-from models.train import train_baseline, train_model
+from models.train import baseline_config, recency_weights, train_baseline, train_model
 from tests.models.testkit import FAST, SPEC, make_training_set
 
 
@@ -147,3 +148,82 @@ def test_device_choice(monkeypatch):
 def test_training_needs_both_classes(training_set):
     with pytest.raises(ValueError, match="both classes"):
         train_model(training_set.with_columns(label=pl.lit(0, dtype=pl.Int8)), SPEC, FAST)
+
+
+def test_recency_weights_halve_each_half_life_and_average_one():
+    newest = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    ages = [0.0, 3.0, 6.0, 9.0, 1.5]
+    stamps = pl.Series([newest - dt.timedelta(days=a) for a in ages])
+    w = recency_weights(stamps, half_life_days=3.0)
+    assert w.dtype == torch.float32 and w.shape == (5,)
+    assert float(w.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    assert float(w[1] / w[0]) == pytest.approx(0.5)
+    assert float(w[2] / w[0]) == pytest.approx(0.25)
+    assert float(w[3] / w[2]) == pytest.approx(0.5)
+    assert float(w[4] / w[0]) == pytest.approx(0.5**0.5)
+    with pytest.raises(ValueError, match="recency_half_life_days"):
+        replace(FAST, recency_half_life_days=0.0)
+
+
+def _fit_state(train: TensorData, config) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = TabularNet(4, [5], [2], hidden=(8,))
+    fit(net, train, None, config, torch.device("cpu"), pos_weight=3.0)
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("imbalance", ["pos_weight", "focal", "none"])
+def test_unit_weights_train_the_same_bits_as_no_weights(imbalance):
+    config = replace(FAST, imbalance=imbalance, epochs=3, batch_size=32)
+    plain = _tensor_split(256, 3)
+    ones = TensorData(plain.numeric, plain.categorical, plain.label, torch.ones(256))
+    halves = TensorData(plain.numeric, plain.categorical, plain.label, torch.rand(256) * 2)
+    a, b, c = _fit_state(plain, config), _fit_state(ones, config), _fit_state(halves, config)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the weights reach the loss
+    with pytest.raises(ValueError, match="weight must have shape"):
+        TensorData(plain.numeric, plain.categorical, plain.label, torch.ones(3))
+
+
+def _concept_drift_set(n: int = 4000, old: int = 2000) -> pl.DataFrame:
+    """The testkit set whose oldest ``old`` rows follow a reversed rule (another world)."""
+    frame = make_training_set(n=n, seed=11, fraud_rate=0.08)
+    ratio = frame["amount_to_card_mean_ratio"].fill_null(1.0).to_numpy()
+    reversed_score = -np.log1p(ratio) - 25 * frame["merchant_chargeback_rate_30d"].to_numpy()
+    old_label = (reversed_score > np.quantile(reversed_score, 0.92)).astype(np.int8)
+    label = np.where(np.arange(n) < old, old_label, frame["label"].to_numpy())
+    return frame.with_columns(label=pl.Series(label, dtype=pl.Int8))
+
+
+def test_recency_weighting_learns_the_new_world_after_a_concept_drift():
+    frame = _concept_drift_set()  # 2000 old-world rows, then 800 new-world train rows
+    test = frame.filter(pl.col("split") == "test")
+    y = test["label"].to_numpy()
+
+    def test_ap(frame: pl.DataFrame, config) -> tuple[float, dict]:
+        result = train_model(frame, SPEC, config)
+        return average_precision(y, predict_proba(result.model, result.preprocessor, test)), (
+            result.summary()
+        )
+
+    unweighted, plain_summary = test_ap(frame, FAST)
+    weighted, summary = test_ap(frame, replace(FAST, recency_half_life_days=2.0))
+    new_rows_only = frame.with_columns(
+        split=pl.when(pl.int_range(pl.len()) < 2000).then(pl.lit("dropped")).otherwise("split")
+    )
+    reference, _ = test_ap(new_rows_only, FAST)
+    assert unweighted < 0.3 * reference  # the old world outnumbers the new one 5:2
+    assert weighted > 0.9 * reference
+    assert plain_summary["weighting"] == {"method": "none"}
+    assert summary["weighting"]["method"] == "recency"
+    assert summary["weighting"]["half_life_days"] == 2.0
+    assert summary["weighting"]["effective_rows"] < 2800
+    assert summary["config"]["recency_half_life_days"] == 2.0
+
+
+def test_the_baseline_inherits_recency_weighting(training_set):
+    config = replace(FAST, recency_half_life_days=5.0)
+    assert baseline_config(config).recency_half_life_days == 5.0
+    result = train_baseline(training_set, SPEC, config)
+    assert result.summary()["weighting"]["method"] == "recency"

@@ -2,6 +2,7 @@
 registry, through the real assets in a temp Loopline home; then a worse challenger and the CLI.
 """
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -207,3 +208,31 @@ def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
 
     unknown = runner.invoke(main, ["models", "show", "v0099"], env=env)
     assert unknown.exit_code != 0 and "v0099" in unknown.output
+
+
+def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, first_run, second_run):
+    """Held-out positives and a window from run config reach the training set and its UI."""
+    run = dg.materialize(
+        [features.training_set],
+        instance=platform.instance,
+        resources=platform.resources,
+        run_config={
+            "ops": {"training_set": {"config": {"held_out_positives": 40, "window_days": 20.0}}}
+        },
+    )
+    ref: TrainingSetRef = run.output_for_node("training_set")
+    [shown] = run.asset_materializations_for_node("training_set")
+    assert shown.metadata["split_method"].value == "held_out_positives"
+    assert shown.metadata["split_policy"].value["held_out_positives"] == 40
+    assert shown.metadata["split_policy"].value["window_days"] == 20.0
+    summary = json.loads(Path(ref.path).with_suffix(".json").read_text())
+    assert summary["split_policy"]["held_out_positives"] == 40
+    splits = summary["splits"]
+    assert 40 <= splits["test"]["positives"] < 60 and 40 <= splits["validation"]["positives"] < 60
+    assert splits["train"]["end"] < splits["validation"]["start"] < splits["test"]["start"]
+    assert ref.rows < first_run.output_for_node("training_set").rows  # 20 of 32 days kept
+
+    candidate = training.CandidateConfig(recency_half_life_days=7.0).train_config()
+    baseline = training.BaselineConfig(recency_half_life_days=7.0).train_config()
+    assert candidate.recency_half_life_days == baseline.recency_half_life_days == 7.0
+    assert training.CandidateConfig().train_config().recency_half_life_days is None
