@@ -480,8 +480,11 @@ class _FeastJob(RetrievalJob):
         return self._metadata
 
 
+_ONE_US = timedelta(microseconds=1)
+
+
 def _micros(ts: datetime) -> int:
-    return (ts - _EPOCH) // timedelta(microseconds=1)
+    return (ts - _EPOCH) // _ONE_US
 
 
 def _quote(name: str) -> str:
@@ -587,10 +590,13 @@ def historical_features(
 
 class OnlineColumns(NamedTuple):
     """The features of request rows, column by column: Python lists (None where null) and their
-    Arrow types. What ``online_features`` appends to the rows, before any frame is built."""
+    Arrow types. What ``online_features`` appends to the rows, before any frame is built.
+    ``ages``: per feature view, per row, the seconds from the online row's event time to the
+    row's lookup time (None where the entity has no row, or its row expired)."""
 
     values: dict[str, list[Any]]
     types: dict[str, pa.DataType]
+    ages: dict[str, list[float | None]]
 
 
 class _Rows:
@@ -645,33 +651,36 @@ def online_columns(
     schema: pa.Schema | None = None,
     service_name: str = SERVICE,
     at: datetime | None = None,
+    time_column: str | None = None,
 ) -> OnlineColumns:
     """``online_features`` without the frame: the serving handler's path, where a batch is a
     few rows and building frames would cost more than the lookup. The rows (join keys and
     request fields) come as an Arrow table, as Feast would hand them to an on-demand view, or as
     columns of Python values (``schema`` types those an on-demand view reads: only they are
-    converted to Arrow; unnamed ones are inferred)."""
-    at = at or datetime.now(UTC)
+    converted to Arrow; unnamed ones are inferred). TTLs apply, and ages are measured, at each
+    row's own time in ``time_column`` when given, else at ``at`` (default now) for all rows."""
     service = _resolve(store, service_name)
     plan = service.online_plan(store)
     reader = _reader(store)
     reader.begin()
     request = _Rows(rows, schema)
+    n = len(request.values(plan.views[0][1].entity_columns[0])) if plan.views else 0
+    times = (
+        _row_micros(request, time_column)
+        if time_column is not None
+        else [_micros(at or datetime.now(UTC))] * n
+    )
     values: dict[str, list[Any]] = {}
     types: dict[str, pa.DataType] = {}
+    ages: dict[str, list[float | None]] = {}
     for view, read in plan.views:
         columns = [request.values(c) for c in read.entity_columns]
         keys = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))
         slots: dict[Any, int] = {}
         inverse = [slots.setdefault(k, len(slots)) for k in keys]
         found = reader.read(read, list(slots))
-        floor_us = _micros(at - view.ttl) if view.ttl else None
-        absent = (None,) * len(read.features)
-        alive = [
-            row if row is not None and (floor_us is None or stamp >= floor_us) else absent
-            for stamp, row in found
-        ]
-        per_row = alive if len(alive) == len(inverse) else [alive[i] for i in inverse]
+        by_row = found if len(found) == len(inverse) else [found[i] for i in inverse]
+        per_row, ages[view.name] = _alive_rows(by_row, times, view.ttl, len(read.features))
         # One transpose for all the view's features (rows are tuples in read.features order).
         by_feature = zip(*per_row, strict=True) if per_row else [()] * len(read.features)
         for name, column in zip(read.features, by_feature, strict=True):
@@ -682,7 +691,45 @@ def online_columns(
             if not name.startswith("__index") and (not step.wanted or name in step.wanted):
                 values[name] = column
                 types[name] = kind
-    return OnlineColumns(values, types)
+    return OnlineColumns(values, types, ages)
+
+
+def _alive_rows(
+    found: list[_Found], times: Sequence[int], ttl: timedelta | None, width: int
+) -> tuple[list[tuple[Any, ...]], list[float | None]]:
+    """Per request row: its online row, or all-None where the entity has none or the row is
+    older than ``ttl`` at the request row's time (µs); and that row's age in seconds. The
+    training join's rule (``_asof_sql``): alive while ``event time >= time - ttl``."""
+    absent = (None,) * width
+    ttl_us = ttl // _ONE_US if ttl else None
+    rows: list[tuple[Any, ...]] = []
+    ages: list[float | None] = []
+    for (stamp, row), t in zip(found, times, strict=True):
+        if row is None or (ttl_us is not None and stamp < t - ttl_us):
+            rows.append(absent)
+            ages.append(None)
+        else:
+            rows.append(row)
+            ages.append((t - stamp) / 1e6)
+    return rows, ages
+
+
+def _row_micros(request: _Rows, column: str) -> list[int]:
+    """A timestamp column of the request rows as µs since the epoch (naive means UTC), through
+    one Arrow cast: no datetime object per row."""
+    array = request.array(column)
+    kind = array.type
+    if not pa.types.is_timestamp(kind):
+        raise TypeError(f"{column} must be a timestamp column, got {kind}")
+    if array.null_count:
+        raise ValueError(f"{column} has null times")
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if kind.unit != "us":
+        array = array.cast(pa.timestamp("us", kind.tz), safe=False)
+    # The values buffer read as int64 (a view, no copy): a cast costs more than the lookup.
+    stamps = np.frombuffer(array.buffers()[1], dtype=np.int64)
+    return stamps[array.offset : array.offset + len(array)].tolist()
 
 
 def online_features(
@@ -691,11 +738,13 @@ def online_features(
     *,
     service_name: str = SERVICE,
     at: datetime | None = None,
+    time_column: str | None = None,
 ) -> pl.DataFrame:
     """Serving features for request rows (join keys + request fields), as training sees them.
 
     The online store keeps each entity's latest row whatever its age; a row older than its
-    view's TTL at ``at`` (default now) is nulled here, because the training join nulls it too.
+    view's TTL at the row's own time (its ``time_column``; without one, ``at``, default now) is
+    nulled here, because the training join nulls it at the transaction's time too.
     On-demand features then run through the registered view's own transformation, as in
     ``historical_features``. Answers exactly as ``online_features_sdk`` (a test holds them equal)
     at a fraction of its cost: the SQLite store is read directly (Feast's table layout, key
@@ -704,7 +753,7 @@ def online_features(
     """
     rows = entity_rows if isinstance(entity_rows, pl.DataFrame) else pl.DataFrame(entity_rows)
     table = rows.to_arrow()
-    found = online_columns(store, table, service_name=service_name, at=at)
+    found = online_columns(store, table, service_name=service_name, at=at, time_column=time_column)
     return pl.from_arrow(_with_columns(table, found.values, found.types))
 
 
@@ -804,12 +853,17 @@ def online_features_sdk(
     *,
     service_name: str = SERVICE,
     at: datetime | None = None,
+    time_column: str | None = None,
 ) -> pl.DataFrame:
     """``online_features`` through the Feast SDK (``FeatureStore.get_online_features`` and a
     Feast retrieval job for the on-demand views): the reference the fast path is tested against.
     """
     rows = entity_rows if isinstance(entity_rows, pl.DataFrame) else pl.DataFrame(entity_rows)
     at = at or datetime.now(UTC)
+    if time_column is None:
+        times = [at] * rows.height
+    else:
+        times = [t if t.tzinfo else t.replace(tzinfo=UTC) for t in rows[time_column].to_list()]
     service = _resolve(store, service_name)
     keys = sorted(
         {e for v in service.feature_views for e in _ResolvedService.join_keys(v).values()}
@@ -828,15 +882,57 @@ def online_features_sdk(
     )
     table = rows.to_arrow()
     for view in service.feature_views:
-        floor_us = _micros(at - view.ttl) if view.ttl else None
+        floors = [_micros(t - view.ttl) for t in times] if view.ttl else None
         for name in service.features_of(view):
             column = values[name]
-            if floor_us is not None:
+            if floors is not None:
                 stamps = vectors[name].event_timestamps
                 column = [
-                    v if s.seconds * 1_000_000 + s.nanos // 1000 >= floor_us else None
-                    for v, s in zip(column, stamps, strict=True)
+                    v if s.seconds * 1_000_000 + s.nanos // 1000 >= floor else None
+                    for v, s, floor in zip(column, stamps, floors, strict=True)
                 ]
             table = table.append_column(name, pa.array(column, type=service.arrow_types[name]))
     metadata = RetrievalMetadata(features=service.refs, keys=keys)
     return pl.from_arrow(_FeastJob(table, service.odfvs, metadata).to_arrow())
+
+
+class OnlineNewest(NamedTuple):
+    """A stored view's online rows at a glance: the newest event time (None: no rows) and the
+    view's TTL (None: its rows never expire)."""
+
+    newest: datetime | None
+    ttl: timedelta | None
+
+
+def online_newest_event_times(
+    store: FeatureStore, service_name: str = SERVICE
+) -> dict[str, OnlineNewest] | None:
+    """Per stored view of the service, the newest event time among its online rows.
+
+    Read from SQLite's table of each view (as ``_OnlinePlan`` names it); a table not created
+    yet counts as no rows. None when the online store is not SQLite: it cannot be asked
+    cheaply, and the caller treats the freshness as unknown.
+    """
+    if store.config.online_store.type != "sqlite":
+        return None
+    plan = _resolve(store, service_name).online_plan(store)
+    path = Path(SqliteOnlineStore._get_db_path(store.config)).resolve()
+    out: dict[str, OnlineNewest] = {}
+    con = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True) if path.exists() else None
+    try:
+        for view, read in plan.views:
+            newest = None
+            if con is not None:
+                try:
+                    row = con.execute(f"SELECT max(event_ts) FROM {_quote(read.table)}").fetchone()
+                except sqlite3.OperationalError as error:
+                    if "no such table" not in str(error):
+                        raise
+                    row = (None,)
+                if row[0] is not None:
+                    newest = convert_timestamp(row[0]).replace(tzinfo=UTC)  # as the reader does
+            out[view.name] = OnlineNewest(newest, view.ttl or None)
+    finally:
+        if con is not None:
+            con.close()
+    return out

@@ -2,9 +2,11 @@
 
 registered_model -> model_archive (.mar of that version) -> deployment (register non-default,
 smoke, shadow replay, set-default, watch, rollback: ``serving.delivery``). TorchServe is a
-resource: the deployment starts it when it is not running, with the registry's champion.
+resource: the deployment starts it when it is not running, with the registry's champion. A
+version whose FeatureService has no fresh online rows is refused before TorchServe changes.
 """
 
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -137,6 +139,40 @@ def replay_requests(
     return rows.to_dicts(), "validated transactions"
 
 
+def newest_validated_event_time(storage: LooplineStorage) -> datetime | None:
+    """The newest event time among the validated transactions (None: there are none)."""
+    files = sorted((storage.settings.validated / "transactions").glob("*.parquet"))
+    if not files:
+        return None
+    newest = pl.scan_parquet([uri(f) for f in files]).select(pl.col("event_timestamp").max())
+    return newest.collect().item()
+
+
+def stale_online_features(
+    storage: LooplineStorage, feature_service: str, log: "dg.DagsterLogManager"
+) -> list[str]:
+    """Reasons the online store cannot serve ``feature_service`` (empty: it can, or unknown).
+
+    Unknown (an online store other than SQLite, or no validated transactions) is logged as a
+    warning and does not block: the check cannot be made, it has not failed.
+    """
+    from features.store import online_newest_event_times
+    from serving.delivery import online_freshness_reasons
+
+    views = online_newest_event_times(storage.feature_store(), feature_service)
+    reference = newest_validated_event_time(storage)
+    if views is None or reference is None:
+        log.warning(
+            "cannot check the online store's freshness for "
+            f"{feature_service} ({'not SQLite' if views is None else 'no validated transactions'})"
+            "; delivery goes on without that check"
+        )
+        return []
+    for view, (newest, ttl) in views.items():
+        log.info(f"online {view}: newest row {newest}, TTL {ttl}, newest transaction {reference}")
+    return online_freshness_reasons(views, reference)
+
+
 @dg.asset(group_name=GROUP, kinds={"torchserve"})
 def deployment(
     context: dg.AssetExecutionContext,
@@ -152,12 +188,30 @@ def deployment(
     serving_config = torchserve.serving_config(storage)
     replay, source = replay_requests(storage, serving_config, config.replay_requests)
     context.log.info(f"replaying {len(replay)} requests from the {source}")
-    report = deliver(client, registry, version, replay, config.policy(), log=context.log.info)
+    stale = stale_online_features(storage, registry.get(version).feature_service, context.log)
+    report = deliver(
+        client,
+        registry,
+        version,
+        replay,
+        config.policy(),
+        stale_features=stale,
+        log=context.log.info,
+    )
     webhook = config.alert_webhook_url or None
     if report.outcome == "rejected":
         alerts.send(
             alerts.Alert(
                 "challenger_rejected", f"{version} rejected at deployment", report.to_dict()
+            ),
+            webhook,
+        )
+    elif report.outcome == "deferred":
+        alerts.send(
+            alerts.Alert(
+                "availability",
+                f"{version} not deployed: waiting for fresh online features",
+                report.to_dict(),
             ),
             webhook,
         )

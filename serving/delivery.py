@@ -6,6 +6,10 @@ rate and latency for a window -> keep, or roll back to the previous version. Tor
 ``set-default`` switches atomically and the previous version stays registered, so traffic during
 a promotion or a rollback never meets a missing model. Every step is a registry event.
 
+Before any of it, a version is deferred when the online store lacks fresh rows for a feature
+view of its FeatureService (``online_freshness_reasons``): served, it would score every request
+without that view's features. The champion keeps serving; the version is not rejected.
+
 Replayed and probe requests carry transaction ids prefixed ``shadow:``/``smoke:``/``watch:``
 so monitoring can leave them out (``is_synthetic``).
 """
@@ -14,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -99,7 +104,7 @@ class Probe:
 class DeliveryReport:
     version: str
     previous: str | None
-    outcome: str = "pending"  # promoted | rejected | rolled_back
+    outcome: str = "pending"  # promoted | rejected | rolled_back | deferred
     reasons: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
 
@@ -234,6 +239,32 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
     return reasons
 
 
+def online_freshness_reasons(
+    views: Mapping[str, tuple[datetime | None, timedelta | None]], reference: datetime
+) -> list[str]:
+    """Why serving would answer without some view's features (empty: every view is fresh).
+
+    ``views``: per feature view, the newest event time of its online rows (None: no rows)
+    and its TTL (None: rows never expire). ``reference``: the newest validated transaction's
+    event time, the time live requests are looked up at. A view is stale when its newest row
+    is older than its TTL before that time: every lookup would find its rows expired.
+    """
+    reasons = []
+    for view, (newest, ttl) in views.items():
+        if newest is None:
+            reasons.append(
+                f"the online store has no rows of {view}: every request would be scored "
+                "without its features"
+            )
+        elif ttl and newest < reference - ttl:
+            reasons.append(
+                f"the online rows of {view} are stale: the newest ({newest.isoformat()}) is "
+                f"more than its TTL ({ttl}) older than the newest validated transaction "
+                f"({reference.isoformat()}), so every request would be scored without them"
+            )
+    return reasons
+
+
 def deliver(
     client: TorchServeClient,
     registry: Registry,
@@ -241,12 +272,16 @@ def deliver(
     replay: Sequence[dict[str, Any]],
     policy: DeliveryPolicy,
     *,
+    stale_features: Sequence[str] = (),
     log: Callable[[str], None] = lambda _msg: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DeliveryReport:
     """Take ``version`` (archived in the model store) from registered to default, or back out.
 
     ``replay``: recent real requests (transaction dicts) for smoke, shadow and watch traffic.
+    ``stale_features``: reasons from ``online_freshness_reasons``; any of them defers the
+    version before TorchServe is changed (outcome ``deferred``: not rejected, still promotable
+    later), and the served version stays.
     """
     if not replay:
         raise ValueError("progressive delivery needs at least one request to replay")
@@ -266,6 +301,12 @@ def deliver(
             client.unregister(version)
         return report
 
+    if stale_features:
+        # Not the model's fault: the version is not rejected, only held back, and the next
+        # deployment of it (or of a later version) tries again once the features are fresh.
+        step("online_features", False, reasons=list(stale_features))
+        report.outcome, report.reasons = "deferred", list(stale_features)
+        return report
     if version not in client.versions():
         client.register(version, set_default=False)
     step("registered_in_torchserve", True, default=served)

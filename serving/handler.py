@@ -107,7 +107,8 @@ class LooplineHandler(BaseHandler):
 
         flat = [t for _, txs, _, _ in accepted for t in txs]
         if flat:
-            features = self.scorer.online_columns(flat, at=now)
+            found = self.scorer.lookup(flat)  # TTLs at each transaction's own time
+            features = found.columns
             scores = self.scorer.score(features)
             outputs = self.scorer.responses(flat, scores)
             wanted = [k for _, txs, _, exp in accepted for k in [exp] * len(txs)]
@@ -147,6 +148,7 @@ class LooplineHandler(BaseHandler):
                     "features": scores.inputs,
                     "missing_features": scores.missing_features,
                     "unknown_entities": scores.unknown_entities,
+                    "feature_age_s": found.feature_age_s,  # per view: seconds, None if absent
                     "fraud_probability": scores.probabilities,
                     "decision": scores.decisions,
                 },

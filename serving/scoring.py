@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -161,6 +161,10 @@ _REQUEST_ARROW = pa.schema(
 )
 
 
+# The request column the TTLs apply at: the on-demand view's request field.
+_REQUEST_TIME = "transaction_timestamp"
+
+
 def transaction_columns(transactions: Sequence[Transaction]) -> dict[str, list[Any]]:
     """Validated transactions column by column, named as in ``transactions_frame``."""
     return {
@@ -172,6 +176,15 @@ def transaction_columns(transactions: Sequence[Transaction]) -> dict[str, list[A
         "country": [t.country for t in transactions],
         "transaction_timestamp": [t.timestamp for t in transactions],
     }
+
+
+class OnlineLookup(NamedTuple):
+    """A batch's online lookup: the request and feature columns (Python values, None where
+    null), and per feature view the age in seconds of each row's online row (None: absent or
+    expired), which the prediction log keeps as ``feature_age_s``."""
+
+    columns: dict[str, list[Any]]
+    feature_age_s: dict[str, list[float | None]]
 
 
 @dataclass(frozen=True)
@@ -230,11 +243,13 @@ class Scorer:
         info = info or ServingInfo.from_model_dir(model_dir)
         return cls(module, preprocessor, info, feature_store(Path(home), online_store))
 
-    def online_columns(
+    def lookup(
         self, transactions: Sequence[Transaction], at: datetime | None = None
-    ) -> dict[str, list[Any]]:
+    ) -> OnlineLookup:
         """``online_features`` as columns of Python values (None where null): the request's,
-        then the features'. No frame is built: the handler's path."""
+        then the features'; and per feature view, the age of the online row each transaction
+        was scored with. TTLs apply at each transaction's own time, as in training (or at
+        ``at`` for all, when given). No frame is built: the handler's path."""
         request = transaction_columns(transactions)
         found = online_columns(
             self.store,
@@ -242,18 +257,27 @@ class Scorer:
             schema=_REQUEST_ARROW,
             service_name=self.info.feature_service,
             at=at,
+            time_column=None if at is not None else _REQUEST_TIME,
         )
-        return {**request, **found.values}
+        return OnlineLookup({**request, **found.values}, found.ages)
+
+    def online_columns(
+        self, transactions: Sequence[Transaction], at: datetime | None = None
+    ) -> dict[str, list[Any]]:
+        """The columns of ``lookup``."""
+        return self.lookup(transactions, at).columns
 
     def online_features(
         self, transactions: Sequence[Transaction], at: datetime | None = None
     ) -> pl.DataFrame:
-        """Latest features from the online store (rows older than their TTL at ``at`` nulled)."""
+        """Latest features from the online store, rows older than their TTL at each
+        transaction's time (or at ``at``) nulled: ``lookup``'s columns as a frame."""
         return online_features(
             self.store,
             transactions_frame(transactions),
             service_name=self.info.feature_service,
             at=at,
+            time_column=None if at is not None else _REQUEST_TIME,
         )
 
     def offline_features(self, transactions: Sequence[Transaction]) -> pl.DataFrame:

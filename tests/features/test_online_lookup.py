@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from feast import FeatureStore
+from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
 
 import features.store
 from features.feature_repo.definitions import NUMPY_UDF_TAG, transaction_request_features
@@ -23,12 +24,14 @@ from features.store import (
     _resolve,
     _StoreReader,
     feature_store,
+    historical_features,
     materialize,
     online_columns,
     online_features,
     online_features_sdk,
 )
-from tests.features.test_point_in_time import CARD_TTL, MERCHANT_TTL, T0, _build_home
+from quality.schema import UTC_TS
+from tests.features.test_point_in_time import CARD_TTL, EDGE, MERCHANT_TTL, T0, _build_home
 
 END = T0 + timedelta(days=62)
 # Lookup times: all alive, merchants past their TTL, everything past, before any row.
@@ -265,3 +268,89 @@ def test_the_registered_udf_on_numpy_columns_equals_feasts_on_demand_output(serv
     ours = pa.table({c: pa.array(out[c], from_pandas=True) for c in feast.column_names})
     assert ours.schema == feast.schema
     assert ours.equals(feast)
+
+
+US = timedelta(microseconds=1)
+
+
+def _at_own_times(rows: pl.DataFrame, times: list) -> pl.DataFrame:
+    """The rows, each stamped with one of ``times`` in turn (its request time)."""
+    stamps = [times[i % len(times)] for i in range(rows.height)]
+    return rows.with_columns(pl.Series("transaction_timestamp", stamps, dtype=UTC_TS))
+
+
+def test_ttls_apply_at_each_rows_own_time_within_one_lookup(served) -> None:
+    """The same entity in one lookup: alive at one request's time, expired at a later one's,
+    to the microsecond of its TTL, as the training join decides (event time >= time - TTL)."""
+    store, _ = served
+    edge = EDGE  # the edge card's and merchant's only row
+    rows = pl.DataFrame(
+        {
+            "card_id": ["edge", "edge", "edge"],
+            "merchant_id": ["edge", "edge", "edge"],
+            "amount": [10.0, 10.0, 10.0],
+            "country": ["US", "US", "US"],
+            "transaction_timestamp": pl.Series(
+                [edge + CARD_TTL, edge + CARD_TTL + US, edge + MERCHANT_TTL + US], dtype=UTC_TS
+            ),
+        }
+    )
+    found = online_columns(store, rows.to_arrow(), time_column="transaction_timestamp")
+    assert found.values["card_amount_mean_30d"][0] is not None  # at its TTL: alive
+    assert found.values["card_amount_mean_30d"][1] is None  # a microsecond later: expired
+    assert found.values["merchant_category"] == [None, None, None]  # merchants' TTL is 7 days
+    ages = [CARD_TTL.total_seconds(), None, (MERCHANT_TTL + US).total_seconds()]
+    assert found.ages == {"card_stats_fv": ages, "merchant_stats_fv": [None, None, None]}
+    frame = online_features(store, rows, time_column="transaction_timestamp")
+    _assert_same(frame, online_features_sdk(store, rows, time_column="transaction_timestamp"))
+
+
+@pytest.mark.parametrize("spread", [[END], TIMES[:3], [END, TIMES[1], T0, END + timedelta(days=3)]])
+def test_per_row_times_equal_the_sdk_path_and_the_training_join(served, spread) -> None:
+    """Serving and training agree by construction: at request times after the last feature
+    row, the online lookup at each row's time equals the point-in-time join at that time."""
+    store, rows = served
+    timed = _at_own_times(rows, spread)
+    fast = online_features(store, timed, time_column="transaction_timestamp")
+    _assert_same(fast, online_features_sdk(store, timed, time_column="transaction_timestamp"))
+    if min(spread) >= END:
+        training = historical_features(
+            store, timed.with_columns(pl.col("transaction_timestamp").alias("event_timestamp"))
+        )
+        assert fast.equals(training.drop("event_timestamp").select(fast.columns))
+    if len(spread) > 1:  # some rows expired, others of the same entities not
+        assert 0 < fast["merchant_category"].null_count() < fast.height
+
+
+def test_feature_ages_are_the_seconds_since_the_online_rows_event_time(served) -> None:
+    store, rows = served
+    timed = _at_own_times(rows.head(60), [END, END + timedelta(days=2, seconds=7), TIMES[1]])
+    found = online_columns(store, timed.to_arrow(), time_column="transaction_timestamp")
+    assert set(found.ages) == {"card_stats_fv", "merchant_stats_fv"}
+    for view, key, feature in (
+        ("card_stats_fv", "card_id", "card_tx_count_1h"),
+        ("merchant_stats_fv", "merchant_id", "merchant_category"),
+    ):
+        response = store.get_online_features(
+            features=[f"{view}:{feature}"], entity_rows=timed.select(key).to_dicts()
+        )
+        stamps = response.proto.results[-1].event_timestamps
+        want = []
+        for stamp, status, t in zip(
+            stamps,
+            response.proto.results[-1].statuses,
+            timed["transaction_timestamp"].to_list(),
+            strict=True,
+        ):
+            event = datetime.fromtimestamp(stamp.seconds, UTC) + timedelta(
+                microseconds=stamp.nanos // 1000
+            )
+            ttl = CARD_TTL if view == "card_stats_fv" else MERCHANT_TTL
+            known = status == FieldStatus.PRESENT and event >= t - ttl
+            want.append((t - event).total_seconds() if known else None)
+        assert found.ages[view] == pytest.approx(want, abs=1e-6), view
+        unused = [
+            v for a, v in zip(found.ages[view], found.values[feature], strict=True) if a is None
+        ]
+        assert unused and all(v is None for v in unused)  # no age: the row's features are null
+    assert any(a is not None and a > 86_400 for a in found.ages["card_stats_fv"])

@@ -1,5 +1,7 @@
 """Progressive delivery against an in-memory TorchServe stand-in: every path it can take."""
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from models.registry import CHAMPION, ModelRecord, Registry
@@ -11,6 +13,7 @@ from serving.delivery import (
     compare_shadow,
     deliver,
     is_synthetic,
+    online_freshness_reasons,
     probe,
     score_psi,
 )
@@ -241,3 +244,47 @@ def test_a_challenger_slow_on_every_batch_is_still_rejected(tmp_path):
     assert report.outcome == "rejected"
     assert any("shadow p95 latency" in r for r in report.reasons)
     assert serve.default_version() == "v0001"
+
+
+NEWEST_TX = datetime(2026, 11, 23, 10, tzinfo=UTC)
+CARD_TTL, MERCHANT_TTL = timedelta(days=30), timedelta(days=7)
+
+
+def test_online_freshness_names_views_without_rows_or_past_their_ttl():
+    fresh = {
+        "card_stats_fv": (NEWEST_TX - timedelta(days=29), CARD_TTL),
+        "merchant_stats_fv": (NEWEST_TX - timedelta(hours=1), MERCHANT_TTL),
+        "static_fv": (NEWEST_TX - timedelta(days=400), None),  # never expires
+    }
+    assert online_freshness_reasons(fresh, NEWEST_TX) == []
+    stale = {
+        "card_stats_fv": (NEWEST_TX - timedelta(days=1), CARD_TTL),
+        "merchant_stats_fv": (NEWEST_TX - timedelta(days=8), MERCHANT_TTL),
+    }
+    [reason] = online_freshness_reasons(stale, NEWEST_TX)
+    assert "merchant_stats_fv are stale" in reason and "7 days" in reason
+    [empty] = online_freshness_reasons({"merchant_stats_fv": (None, MERCHANT_TTL)}, NEWEST_TX)
+    assert "no rows of merchant_stats_fv" in empty
+
+
+def test_a_challenger_is_deferred_while_its_features_are_stale_online_and_the_champion_stays(
+    tmp_path,
+):
+    registry = _registry(tmp_path)
+    serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    stale = online_freshness_reasons(
+        {"merchant_stats_fv": (NEWEST_TX - timedelta(days=9), MERCHANT_TTL)}, NEWEST_TX
+    )
+    report = deliver(serve, registry, "v0002", REQUESTS, FAST, stale_features=stale)
+
+    assert report.outcome == "deferred" and report.reasons == stale
+    # Held back before TorchServe changed: never registered, never probed, champion serves.
+    assert "v0002" not in serve.registered and serve.defaults == ["v0001"]
+    assert registry.get_alias(CHAMPION) == "v0001"
+    steps = [e.detail for e in registry.events("v0002") if e.kind == "deployment"]
+    assert [(d["step"], d["passed"]) for d in steps] == [("online_features", False)]
+    # Not the model's fault: not rejected, so the same version deploys once features are fresh.
+    assert not [e for e in registry.events("v0002") if e.kind == "rejected"]
+    fresh = deliver(serve, registry, "v0002", REQUESTS, FAST, stale_features=[])
+    assert fresh.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0002"

@@ -7,6 +7,7 @@ import math
 import signal
 import zipfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -217,3 +218,40 @@ def test_a_request_that_breaks_validation_fails_alone(
     assert statuses == [200, 500]
     assert answers[0]["transaction_id"] == good[0]["transaction_id"]
     assert answers[1]["error"] == "internal_error" and "validat" in answers[1]["reason"]
+
+
+def test_the_log_holds_the_age_of_the_online_rows_each_transaction_was_scored_with(
+    handler: LooplineHandler, serving_home: ServingHome
+) -> None:
+    """``feature_age_s`` per scored row and view: the request's time minus the online row's
+    event time (the newest feature row of its card or merchant, in the whole seconds the
+    SQLite online store keeps), null for an unknown card."""
+    good = serving_home.requests(3, offset=80)
+    good[1] = {**good[1], "card_id": "never-seen"}
+    run_batch(handler, [json.dumps(good).encode()])
+    handler.log.close()
+    records = {
+        r["transaction_id"]: r
+        for r in read_records(serving_home.home / "predictions" / "fraud")
+        if r.get("status") == 200
+    }
+    features = serving_home.home / "features"
+    newest = {
+        view: pl.read_parquet(features / view / "*.parquet")
+        .group_by(key)
+        .agg(pl.col("event_timestamp").max())
+        for view, key in (("card_stats_fv", "card_id"), ("merchant_stats_fv", "merchant_id"))
+    }
+    for body in good:
+        ages = records[body["transaction_id"]]["feature_age_s"]
+        assert set(ages) == {"card_stats_fv", "merchant_stats_fv"}
+        at = datetime.fromisoformat(body["timestamp"])
+        for view, key in (("card_stats_fv", "card_id"), ("merchant_stats_fv", "merchant_id")):
+            row = newest[view].filter(pl.col(key) == body[key])
+            if row.height == 0:
+                assert ages[view] is None
+                continue
+            event = row["event_timestamp"][0].replace(microsecond=0)  # SQLite keeps seconds
+            want = (at - event).total_seconds()
+            assert ages[view] == pytest.approx(want, abs=1e-6) and ages[view] > 0
+    assert records[good[1]["transaction_id"]]["feature_age_s"]["card_stats_fv"] is None
