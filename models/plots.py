@@ -6,6 +6,7 @@ import base64
 import io
 import math
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -138,4 +139,56 @@ def drift_png(psi_by_feature: Mapping[str, float], threshold: float) -> bytes:
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(alpha=0.3, axis="x")
     ax.legend()
+    return _png(fig)
+
+
+_LIVE_SERIES = (
+    ("pr_auc", "realised (label-mature cohort)", "-", "o"),
+    ("estimated_pr_auc", "estimated, same cohort (CBPE)", "--", "x"),
+    ("estimated_pr_auc_unlabelled", "estimated, newest unlabelled (CBPE)", ":", "^"),
+)
+
+
+def live_quality_png(
+    points: Sequence[Mapping[str, object]],
+    promotions: Sequence[tuple[datetime, str]] = (),
+    offline: float | None = None,
+) -> bytes:
+    """The live metric over time: realised and estimated PR-AUC per point (``at`` on the x
+    axis), each promotion of the registry a vertical line, the offline evaluation a level."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    times = [p["at"] for p in points]
+    for i, (key, label, style, marker) in enumerate(_LIVE_SERIES):
+        values = [_finite_or_nan(p.get(key)) for p in points]
+        if any(not math.isnan(v) for v in values):
+            ax.plot(times, values, linestyle=style, marker=marker, color=f"C{i}", label=label)
+    for at, version in promotions:
+        ax.axvline(at, color="grey", linewidth=1, alpha=0.7)
+        ax.annotate(
+            f"{version} promoted",
+            (at, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=7,
+            va="top",
+            ha="right",
+        )
+    if offline is not None and math.isfinite(offline):
+        ax.axhline(offline, color="C3", linewidth=1, linestyle="-.", label="offline (test split)")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("PR-AUC")
+    ax.set_title("Live quality of the served model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def _finite_or_nan(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+
+def figure_png(fig: Figure) -> bytes:
+    """A figure drawn elsewhere (e.g. the backtest's) as PNG bytes, with this module's settings."""
     return _png(fig)

@@ -1,4 +1,5 @@
-"""Alerts: drift, decay, a rejected challenger, a rollback.
+"""Alerts: drift, decay, missing or stale features (availability), a rejected challenger, a
+rollback.
 
 Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
 webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-KINDS = ("drift", "decay", "challenger_rejected", "rollback", "promotion")
+KINDS = ("drift", "decay", "availability", "challenger_rejected", "rollback", "promotion")
 logger = logging.getLogger("loopline.alerts")
 
 

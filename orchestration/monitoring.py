@@ -1,17 +1,23 @@
 """Monitoring and continuous training: the prediction log, drift, live performance, and the
 triggers that start the next round on their own.
 
-prediction_log -> drift_report (+ serving_drift, WARN) -> live_performance, run by
-``monitoring_sensor`` whenever the serving log or the labels have something new.
+prediction_log -> serving_availability (+ feature_availability, WARN), drift_report (+
+serving_drift, WARN), live_performance, run by ``monitoring_sensor`` whenever the serving log
+or the labels have something new. Availability (unknown entities, missing features, stale
+online rows) and drift (the distribution of the values present) are separate signals with
+separate alerts. ``live_performance`` appends the live metric over time, realised and
+estimated without labels, to ``monitoring/live_quality.parquet``.
 ``retrain_sensor`` gathers every trigger (new labelled data, serving drift, the batch value-skew
 check, live decay, a person asking) and starts ``continuous_training`` through the debounced
 decision in ``orchestration.triggers``; ``nightly_retrain`` is the schedule.
 """
 
 import json
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -32,19 +38,35 @@ from orchestration.triggers import (
     decay_signal,
     decide,
     drift_signal,
+    estimated_decay_signal,
     new_data_signal,
 )
 from serving.client import TorchServeError
 from serving.monitoring import (
     SCORE,
+    Availability,
+    LiveQuality,
+    append_live_quality,
+    availability,
+    availability_findings,
     compact,
+    event_window,
+    feature_columns,
     join_labels,
     live_metrics,
+    live_quality,
+    live_quality_row,
+    quality_cohort,
     read_compacted,
+    read_live_quality,
     schema_skew,
     serving_drift,
 )
 from serving.prediction_log import closed_files
+
+if TYPE_CHECKING:
+    from models.evaluate import EvaluationReport
+    from quality.drift import FeatureDrift
 
 GROUP = "monitoring"
 LOOP_JOB = "continuous_training"
@@ -89,12 +111,42 @@ def prediction_log(
 
 
 class MonitoringConfig(dg.Config):
-    """Serving window and thresholds for drift and decay."""
+    """Which served predictions monitoring judges, and the thresholds it judges them by.
+
+    Window (drift and availability): the champion's answered predictions of the last
+    ``window_hours`` of event time (the transaction's timestamp, never the log's wall-clock
+    ``logged_at``) before its newest one. Event time, because the demo's simulated clock runs
+    up to 3600x faster than the wall clock: a wall-clock day would hold weeks of simulated
+    traffic, an event-time day holds one day in the demo and in a deployment alike. A day, so
+    the window spans a whole daily cycle (``hour_of_day`` is skewed in part of a day). When
+    that day holds fewer than ``window_min_rows`` predictions (a quiet deployment, the demo's
+    sampled traffic), the window reaches back to the newest ``window_min_rows``; when it holds
+    more than ``window_max_rows`` (a busy one), a seeded uniform sample of them is judged.
+    Below ``min_rows`` nothing is judged. A feature's PSI needs ``min_present`` values present
+    in the window: fewer say nothing about a distribution (PSI's noise floor is about
+    (bins - 1) / rows).
+
+    Availability alerts: unknown entities in more than ``max_unknown_entity_rate`` of requests,
+    any feature missing in more than ``max_missing_rate``, or a feature view's p95 online-row
+    age above ``max_staleness_hours`` (half each view's TTL: card 30 days, merchant 7 days; a
+    row older than its TTL is not served at all and counts as missing).
+
+    Live quality: the cohort is the predictions at least ``label_maturity_days`` older than the
+    newest label, within a trailing ``quality_window_days`` (``serving.monitoring.live_quality``).
+    """
 
     window_hours: float = 24.0
+    window_min_rows: int = 6_000  # PSI's noise floor, (bins - 1) / rows, well under 0.01
+    window_max_rows: int = 20_000
     min_rows: int = 100
+    min_present: int = 200
     psi_threshold: float = 0.2
     reference_rows: int = 50_000
+    max_unknown_entity_rate: float = 0.01
+    max_missing_rate: float = 0.05
+    max_staleness_hours: dict[str, float] = {"card_stats_fv": 360.0, "merchant_stats_fv": 84.0}
+    label_maturity_days: float = 7.0
+    quality_window_days: float = 7.0
 
 
 def _champion(storage: LooplineStorage):
@@ -103,14 +155,123 @@ def _champion(storage: LooplineStorage):
     return registry, (registry.get(version) if version else None)
 
 
-def _serving_window(settings: Settings, version: str, hours: float) -> pl.DataFrame:
+def _answered(settings: Settings, version: str) -> pl.DataFrame:
+    """Every answered prediction of ``version``, with its label where it has arrived."""
     path = _joined_path(settings)
     if not path.exists():
         return pl.DataFrame()
-    since = datetime.now(UTC) - timedelta(hours=hours)
-    return pl.read_parquet(path).filter(
-        (pl.col("model_version") == version) & (pl.col("logged_at") >= since)
+    joined = pl.read_parquet(path)
+    return joined.filter((pl.col("model_version") == version) & (pl.col("status") == 200))
+
+
+def _serving_window(settings: Settings, version: str, config: MonitoringConfig) -> pl.DataFrame:
+    """The champion's newest answered predictions by event time (see ``MonitoringConfig``)."""
+    answered = _answered(settings, version)
+    if answered.height == 0:
+        return answered
+    return event_window(
+        answered,
+        hours=config.window_hours,
+        min_rows=config.window_min_rows,
+        max_rows=config.window_max_rows,
     )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"polars"},
+    deps=[prediction_log],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "feature_availability",
+            asset="serving_availability",
+            blocking=False,
+            description="Few unknown entities, no feature often missing, online rows fresh (WARN).",
+        )
+    ],
+)
+def serving_availability(
+    context: dg.AssetExecutionContext, config: MonitoringConfig, storage: LooplineStorage
+):
+    """Unknown entities, missing features and online-row age in the champion's traffic."""
+    settings = storage.settings
+    _, champion = _champion(storage)
+    window = _serving_window(settings, champion.version, config) if champion else pl.DataFrame()
+    if champion is None or window.height < config.min_rows:
+        why = (
+            "no champion yet"
+            if champion is None
+            else f"{window.height} predictions (< {config.min_rows})"
+        )
+        yield dg.MaterializeResult(metadata={"measured": False, "why": why})
+        yield dg.AssetCheckResult(
+            check_name="feature_availability", passed=True, metadata={"measured": False, "why": why}
+        )
+        return
+    measured = availability(window, [c for c in feature_columns(window) if c != SCORE])
+    limits = {v: h * 3600.0 for v, h in config.max_staleness_hours.items()}
+    findings = availability_findings(
+        measured,
+        max_unknown_entity_rate=config.max_unknown_entity_rate,
+        max_missing_rate=config.max_missing_rate,
+        max_staleness_s=limits,
+    )
+    report = {
+        "champion": champion.version,
+        "at": datetime.now(UTC).isoformat(),
+        **measured.to_dict(),
+        "findings": findings,
+        "thresholds": {
+            "max_unknown_entity_rate": config.max_unknown_entity_rate,
+            "max_missing_rate": config.max_missing_rate,
+            "max_staleness_s": limits,
+        },
+    }
+    write_json_atomic(report, _monitoring_dir(settings) / "availability.json")
+    if findings:
+        alerts.send(alerts.Alert("availability", "; ".join(findings)[:300], report))
+    worst = max(measured.missing_rate, key=measured.missing_rate.__getitem__, default=None)
+    yield dg.MaterializeResult(
+        metadata={
+            "measured": True,
+            "champion": champion.version,
+            "requests": measured.requests,
+            "unknown_entity_rate": measured.unknown_entity_rate,
+            "worst_missing_feature": f"{worst} {measured.missing_rate[worst]:.1%}"
+            if worst
+            else "none",
+            "staleness_p95_s": dg.MetadataValue.json(measured.staleness_p95_s),
+            "findings": "\n".join(findings) or "none",
+            "features": dg.MetadataValue.md(_md_table(_availability_table(measured, limits))),
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="feature_availability",
+        passed=not findings,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"findings": "\n".join(findings) or "none"},
+    )
+
+
+def _availability_table(
+    measured: Availability, limits: dict[str, float]
+) -> list[dict[str, object]]:
+    """Missing rate per feature, worst first, then each feature view's online-row age."""
+    rows: list[dict[str, object]] = [
+        {"what": f, "missing": f"{r:.1%}", "p50_age_h": "", "p95_age_h": "", "limit_h": ""}
+        for f, r in sorted(measured.missing_rate.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    for view, p95 in sorted(measured.staleness_p95_s.items()):
+        rows.append(
+            {
+                "what": view,
+                "missing": f"{measured.no_row_rate.get(view, 0.0):.1%} no row",
+                "p50_age_h": round(measured.staleness_p50_s[view] / 3600, 2),
+                "p95_age_h": round(p95 / 3600, 2),
+                "limit_h": round(limits[view] / 3600, 1) if view in limits else "",
+            }
+        )
+    return rows
 
 
 @dg.asset(
@@ -142,8 +303,7 @@ def drift_report(
             check_name="serving_drift", passed=True, metadata={"compared": False}
         )
         return
-    serving = _serving_window(settings, champion.version, config.window_hours)
-    serving = serving.filter(pl.col("status") == 200) if serving.height else serving
+    serving = _serving_window(settings, champion.version, config)
     if serving.height < config.min_rows:
         why = f"{serving.height} predictions of {champion.version} in the window (< {config.min_rows})"
         yield dg.MaterializeResult(
@@ -168,28 +328,27 @@ def drift_report(
         serving,
         list(spec.numeric),
         list(spec.categorical),
+        min_present=config.min_present,
     )
     score = serving_drift(
         pl.DataFrame({SCORE: reference_scores}), serving.select(SCORE), [SCORE], []
     )
-    psi = {f.feature: round(f.psi, 4) for f in [*result.features, *score.features]}
+    features = [*result.features, *score.features]
+    # PSI of the values present; a feature too rarely present has none (availability's).
+    psi = {f.feature: round(f.psi, 4) for f in features if math.isfinite(f.psi)}
+    missing = {f.feature: round(f.null_rate_current, 4) for f in features}
+    not_measured = sorted(f.feature for f in features if not math.isfinite(f.psi))
     drifted = sorted(f for f, v in psi.items() if v >= config.psi_threshold)
     skew = schema_skew(result)
-    table = [
-        {
-            "feature": f.feature,
-            "psi": round(f.psi, 4),
-            "ks": "" if f.ks is None else round(f.ks, 4),
-            "js": "" if f.js is None else round(f.js, 4),
-            "null_rate_train": round(f.null_rate_reference, 3),
-            "null_rate_serving": round(f.null_rate_current, 3),
-        }
-        for f in sorted([*result.features, *score.features], key=lambda f: -f.psi)
-    ]
+    table = _drift_table(features)
     report = {
         "champion": champion.version,
         "rows": serving.height,
+        "window_start": serving["timestamp"].min().isoformat(),
+        "window_end": serving["timestamp"].max().isoformat(),
         "psi": psi,
+        "missing_rate": missing,
+        "not_measured": not_measured,
         "drifted": drifted,
         "schema_skew": skew,
         "at": datetime.now(UTC).isoformat(),
@@ -202,9 +361,11 @@ def drift_report(
             "compared": True,
             "champion": champion.version,
             "rows": serving.height,
-            "max_psi": max(psi.values()),
-            "score_psi": psi[SCORE],
+            "window_end": report["window_end"],
+            "max_psi": max(psi.values(), default=0.0),
+            "score_psi": psi.get(SCORE, float("nan")),
             "drifted": ", ".join(drifted) or "none",
+            "not_measured": ", ".join(not_measured) or "none",
             "psi": dg.MetadataValue.json(psi),
             "schema_skew": "\n".join(skew) or "none",
             "features": dg.MetadataValue.md(_md_table(table)),
@@ -222,6 +383,27 @@ def drift_report(
             "schema_skew": "\n".join(skew) or "none",
         },
     )
+
+
+def _drift_table(features: "list[FeatureDrift]") -> list[dict[str, object]]:
+    """One row per feature: drift of the values present, and how often it was missing."""
+
+    def fmt(x: float | None) -> object:
+        return "" if x is None or not math.isfinite(x) else round(x, 4)
+
+    ranked = sorted(features, key=lambda f: -f.psi if math.isfinite(f.psi) else 1.0)
+    return [
+        {
+            "feature": f.feature,
+            "psi": fmt(f.psi) if math.isfinite(f.psi) else "not measured",
+            "ks": fmt(f.ks),
+            "js": fmt(f.js),
+            "present": f.count,
+            "missing_train": round(f.null_rate_reference, 3),
+            "missing_serving": round(f.null_rate_current, 3),
+        }
+        for f in ranked
+    ]
 
 
 _PROM = re.compile(r"^(\w+)(\{[^}]*\})?\s+([0-9.eE+-]+)$")
@@ -257,74 +439,155 @@ def live_performance(
     storage: LooplineStorage,
     torchserve: TorchServeResource,
 ) -> dg.MaterializeResult:
-    """PR-AUC, precision and recall on labelled predictions, beside the offline evaluation."""
+    """Live PR-AUC over time: realised on label-mature predictions, estimated without labels."""
+    settings = storage.settings
+    registry, champion = _champion(storage)
+    if champion is None:
+        return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
+    answered = _answered(settings, champion.version)
+    offline = float(champion.metrics.get("pr_auc", float("nan")))
+    metadata: dict = {"champion": champion.version, "offline_pr_auc": offline}
+    metadata.update(_serving_figures(answered, torchserve, storage))
+    if answered.height == 0:
+        metadata.update(evaluated=False, labelled=0, why="no answered predictions yet")
+        return dg.MaterializeResult(metadata=metadata)
+    newest_label_at, label_batch = _label_state(storage)
+    maturity = timedelta(days=config.label_maturity_days)
+    window = timedelta(days=config.quality_window_days)
+    quality = live_quality(answered, newest_label_at, label_maturity=maturity, window=window)
+    points = _record_live_quality(settings, quality, label_batch, champion.version)
+    metadata.update(_quality_metadata(quality), points=points.height)
+    if points.height:
+        metadata["plot"] = dg.MetadataValue.md(_live_quality_plot(points, registry, offline))
+    if quality.pr_auc is None:
+        why = "no label-mature predictions of both classes yet"
+        metadata.update(evaluated=False, why=why)
+        return dg.MaterializeResult(metadata=metadata)
+    cohort, _, _, _ = quality_cohort(
+        answered, newest_label_at, label_maturity=maturity, window=window
+    )
+    threshold = float(champion.metrics.get("threshold", 0.5))
+    live = live_metrics(cohort, threshold, DEFAULT_SLICES)
+    metadata.update(
+        evaluated=True,
+        live_pr_auc=quality.pr_auc,
+        pr_auc_drop=1.0 - quality.pr_auc / offline if offline > 0 else 0.0,
+    )
+    if live is not None:
+        metadata.update(
+            live_precision=float(live.metrics["precision"]),
+            live_recall=float(live.metrics["recall"]),
+            slices=dg.MetadataValue.md(_md_table(_slice_rows(live))),
+        )
+        evaluation = Path(champion.artifact_dir) / "evaluation.json"
+        if evaluation.exists():
+            metadata["plot_by_channel"] = dg.MetadataValue.md(_channel_plot(evaluation, live))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _channel_plot(evaluation: Path, live: "EvaluationReport") -> str:
+    """PR-AUC by channel, offline evaluation beside live."""
     from models.evaluate import EvaluationReport
     from models.plots import png_markdown, slice_metric_png
 
-    settings = storage.settings
-    _, champion = _champion(storage)
-    if champion is None:
-        return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
-    window = _serving_window(settings, champion.version, config.window_hours * 7)
-    answered = window.filter(pl.col("status") == 200) if window.height else window
-    threshold = float(champion.metrics.get("threshold", 0.5))
-    live = live_metrics(answered, threshold, DEFAULT_SLICES) if answered.height else None
-    offline = float(champion.metrics.get("pr_auc", float("nan")))
-    metadata: dict = {"champion": champion.version, "offline_pr_auc": offline}
+    offline = EvaluationReport.from_dict(
+        json.loads(evaluation.read_text())["reports"]["challenger"]
+    )
+    png = slice_metric_png({"offline": offline, "live": live}, "channel")
+    return png_markdown(png, "PR-AUC by channel")
+
+
+def _serving_figures(
+    answered: pl.DataFrame, torchserve: TorchServeResource, storage: LooplineStorage
+) -> dict[str, object]:
+    """Latency of the champion's answers and TorchServe's own counters."""
+    out: dict[str, object] = {}
     if answered.height:
-        metadata["latency_p50_ms"] = float(answered["latency_ms"].quantile(0.5))
-        metadata["latency_p99_ms"] = float(answered["latency_ms"].quantile(0.99))
-    if window.height:
-        metadata["error_rate_logged"] = (
-            window.filter(pl.col("status") >= 500).height / window.height
-        )
+        out["latency_p50_ms"] = float(answered["latency_ms"].quantile(0.5))
+        out["latency_p99_ms"] = float(answered["latency_ms"].quantile(0.99))
     try:
         figures = torchserve_figures(torchserve.process(storage).client(timeout=3).metrics())
-        metadata.update({f"torchserve_{k}": v for k, v in figures.items()})
+        out.update({f"torchserve_{k}": v for k, v in figures.items()})
     except (TorchServeError, OSError) as exc:
-        metadata["torchserve_metrics"] = f"unavailable: {exc}"
-    if live is None:
-        metadata.update(
-            evaluated=False, labelled=0, why="no labelled predictions of both classes yet"
-        )
-        return dg.MaterializeResult(metadata=metadata)
-    metadata.update(
-        evaluated=True,
-        labelled=live.support,
-        live_pr_auc=float(live.metrics["pr_auc"]),
-        live_precision=float(live.metrics["precision"]),
-        live_recall=float(live.metrics["recall"]),
-        pr_auc_drop=1.0 - float(live.metrics["pr_auc"]) / offline if offline > 0 else 0.0,
-        slices=dg.MetadataValue.md(
-            _md_table(
-                [
-                    {
-                        "slice": f"{s.column}={s.value}",
-                        "support": s.support,
-                        "pr_auc": round(s.metrics.get("pr_auc", float("nan")), 4),
-                        "recall": round(s.metrics.get("recall", float("nan")), 4),
-                    }
-                    for s in live.slices
-                ]
-            )
-        ),
+        out["torchserve_metrics"] = f"unavailable: {exc}"
+    return out
+
+
+def _label_state(storage: LooplineStorage) -> tuple[datetime | None, str | None]:
+    """The newest label's time (how far labelling has got) and the newest labels batch."""
+    labels = read_validated(storage.settings.lake, "labels")
+    newest = labels["label_timestamp"].max() if labels.height else None
+    batches = storage.ledger.batches(dataset="labels", status="validated", limit=1)
+    return newest, (batches[0].batch_id if batches else None)
+
+
+def _record_live_quality(
+    settings: Settings, quality: LiveQuality, label_batch: str | None, champion: str
+) -> pl.DataFrame:
+    """Append this run's point unless the newest labels batch was already scored for this
+    champion (then nothing new is known); the points so far, oldest first."""
+    folder = _monitoring_dir(settings)
+    points = read_live_quality(folder)
+    if points.height:
+        last = points.row(-1, named=True)
+        if last["label_batch"] == label_batch and last["champion"] == champion:
+            return points
+    row = live_quality_row(
+        quality, at=datetime.now(UTC), label_batch=label_batch, champion=champion
     )
-    evaluation = Path(champion.artifact_dir) / "evaluation.json"
-    if evaluation.exists():
-        offline_report = EvaluationReport.from_dict(
-            json.loads(evaluation.read_text())["challenger"]
-        )
-        png = slice_metric_png({"offline": offline_report, "live": live}, "channel")
-        metadata["plot"] = dg.MetadataValue.md(png_markdown(png, "PR-AUC by channel"))
-    return dg.MaterializeResult(metadata=metadata)
+    return append_live_quality(row, folder)
+
+
+def _quality_metadata(quality: LiveQuality) -> dict[str, object]:
+    def num(x: float | None) -> float:
+        return float("nan") if x is None else float(x)
+
+    return {
+        "cohort_start": str(quality.cohort_start) if quality.cohort_start else "none",
+        "cohort_end": str(quality.cohort_end) if quality.cohort_end else "none",
+        "labelled": quality.labelled,
+        "positives": quality.positives,
+        "estimated_pr_auc": num(quality.estimated_pr_auc),
+        "estimate_error": num(quality.estimate_error),
+        "recent": quality.recent,
+        "estimated_pr_auc_unlabelled": num(quality.estimated_pr_auc_unlabelled),
+    }
+
+
+def _live_quality_plot(points: pl.DataFrame, registry: Registry, offline: float) -> str:
+    from models.plots import live_quality_png, png_markdown
+
+    promotions = [
+        (datetime.fromisoformat(e.at), e.version or "")
+        for e in registry.events()
+        if e.kind == "promoted"
+    ]
+    png = live_quality_png(points.to_dicts(), promotions, offline)
+    return png_markdown(png, "live PR-AUC over time")
+
+
+def _slice_rows(live: "EvaluationReport") -> list[dict[str, object]]:
+    return [
+        {
+            "slice": f"{s.column}={s.value}",
+            "support": s.support,
+            "pr_auc": round(s.metrics.get("pr_auc", float("nan")), 4),
+            "recall": round(s.metrics.get("recall", float("nan")), 4),
+        }
+        for s in live.slices
+    ]
 
 
 monitoring_job = dg.define_asset_job(
     "monitoring",
-    selection=dg.AssetSelection.assets(prediction_log, drift_report, live_performance),
+    selection=dg.AssetSelection.assets(
+        prediction_log, serving_availability, drift_report, live_performance
+    ),
     executor_def=dg.in_process_executor,
     tags={"loopline/pool": "monitoring"},
-    description="Compact the prediction log, join labels, measure drift and live performance.",
+    description=(
+        "Compact the prediction log, join labels, measure availability, drift and live quality."
+    ),
 )
 
 continuous_training_job = dg.define_asset_job(
@@ -370,6 +633,7 @@ class RetrainPolicy(dg.ConfigurableResource):
     decay_pr_auc_drop: float | None = None
     min_labelled_for_decay: int | None = None
     cooldown_minutes: float | None = None
+    decay_on_estimate: bool | None = None
 
     def policy(self) -> TriggerPolicy:
         fields = {**Settings.from_env().retrain}
@@ -432,7 +696,20 @@ def gather_signals(
                 policy,
             )
         )
+        signals.append(
+            estimated_decay_signal(
+                _finite(meta.get("estimated_pr_auc_unlabelled")),
+                meta.get("offline_pr_auc"),
+                int(meta.get("recent") or 0),
+                policy,
+            )
+        )
     return signals
+
+
+def _finite(value: object) -> float | None:
+    """A metadata number, None where it was not measured (NaN)."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _last_started(instance: dg.DagsterInstance) -> tuple[bool, datetime | None]:
@@ -467,6 +744,11 @@ def retrain_sensor(
     )
     if not decision.fire:
         return dg.SkipReason(decision.why)
+    from features.training_set import missing_feature_views, waiting_for_features
+
+    missing = missing_feature_views(storage.settings.lake)
+    if missing:
+        return dg.SkipReason(f"{waiting_for_features(missing)} ({decision.signal.kind} waits)")
     storage.settings.retrain_request.unlink(missing_ok=True)
     if decision.signal.kind == "decay":
         alerts.send(alerts.Alert("decay", decision.signal.reason))
@@ -488,7 +770,7 @@ def nightly_retrain(context: dg.ScheduleEvaluationContext):
 
 
 defs = dg.Definitions(
-    assets=[prediction_log, drift_report, live_performance],
+    assets=[prediction_log, serving_availability, drift_report, live_performance],
     jobs=[monitoring_job, continuous_training_job],
     sensors=[monitoring_sensor, retrain_sensor],
     schedules=[nightly_retrain],

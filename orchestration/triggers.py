@@ -1,10 +1,12 @@
 """When to retrain: one decision over every trigger signal, debounced.
 
 Plain logic (no Dagster) so it is tested on its own; the retraining sensor gathers the signals
-(new validated data, drift, live decay, the nightly schedule, a person asking) and the state
-(is a retraining in flight, when did the last one start) and asks ``decide``.
+(new validated data, drift, live decay realised or estimated without labels, the nightly
+schedule, a person asking) and the state (is a retraining in flight, when did the last one
+start) and asks ``decide``.
 """
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -22,6 +24,9 @@ class TriggerPolicy:
     decay_pr_auc_drop: float = 0.15
     min_labelled_for_decay: int = 200
     cooldown: timedelta = timedelta(minutes=30)
+    # Decay may also be read from the label-free estimate (CBPE) of the newest predictions,
+    # days before their labels arrive; it is blind to concept drift (scores look the same).
+    decay_on_estimate: bool = True
 
     def __post_init__(self) -> None:
         if self.min_new_labelled_rows < 1 or self.min_labelled_for_decay < 1:
@@ -72,8 +77,14 @@ def new_data_signal(new_labelled_rows: int, policy: TriggerPolicy) -> Signal | N
     )
 
 
-def drift_signal(psi_by_feature: dict[str, float], policy: TriggerPolicy) -> Signal | None:
-    drifted = {f: v for f, v in psi_by_feature.items() if v >= policy.drift_psi}
+def drift_signal(psi_by_feature: dict[str, float | None], policy: TriggerPolicy) -> Signal | None:
+    """PSI past the threshold on some feature. A feature without a PSI (None or NaN: it was
+    missing in serving) is an availability problem, not drift, and never fires this."""
+    drifted = {
+        f: v
+        for f, v in psi_by_feature.items()
+        if v is not None and math.isfinite(v) and v >= policy.drift_psi
+    }
     if not drifted:
         return None
     worst = max(drifted, key=drifted.__getitem__)
@@ -90,7 +101,7 @@ def decay_signal(
     live_pr_auc: float | None, offline_pr_auc: float | None, labelled: int, policy: TriggerPolicy
 ) -> Signal | None:
     """Live PR-AUC fell by more than the allowed fraction of the offline evaluation's."""
-    if live_pr_auc is None or offline_pr_auc is None or offline_pr_auc <= 0:
+    if not _positive(live_pr_auc, allow_zero=True) or not _positive(offline_pr_auc):
         return None
     if labelled < policy.min_labelled_for_decay:
         return None
@@ -104,6 +115,34 @@ def decay_signal(
         drop,
         policy.decay_pr_auc_drop,
     )
+
+
+def estimated_decay_signal(
+    estimated_pr_auc: float | None, offline_pr_auc: float | None, rows: int, policy: TriggerPolicy
+) -> Signal | None:
+    """The label-free estimate of live PR-AUC (CBPE on predictions not labelled yet) fell by
+    more than the allowed fraction of the offline evaluation's; off with ``decay_on_estimate``."""
+    if not policy.decay_on_estimate or rows < policy.min_labelled_for_decay:
+        return None
+    if not _positive(estimated_pr_auc, allow_zero=True) or not _positive(offline_pr_auc):
+        return None
+    drop = 1.0 - estimated_pr_auc / offline_pr_auc
+    if drop < policy.decay_pr_auc_drop:
+        return None
+    return Signal(
+        "decay",
+        f"estimated live PR-AUC {estimated_pr_auc:.3f} (label-free, CBPE) is {drop:.0%} below "
+        f"offline {offline_pr_auc:.3f} on {rows} predictions not labelled yet",
+        drop,
+        policy.decay_pr_auc_drop,
+    )
+
+
+def _positive(value: float | None, *, allow_zero: bool = False) -> bool:
+    """A measured number (not None, not NaN) above zero (or at it, when allowed)."""
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= 0 if allow_zero else value > 0
 
 
 def decide(

@@ -108,7 +108,12 @@ class Profile:
 
 @dataclass(frozen=True)
 class FeatureDrift:
-    """Drift of one feature between the reference profile and a current batch."""
+    """Drift of one feature between the reference profile and a current batch.
+
+    Statistics describe the values present; ``null_rate_current`` says how many were missing.
+    A feature with no value present in the batch has no distribution to compare: PSI is NaN
+    (it is reported as missing, never as drift).
+    """
 
     feature: str
     kind: str
@@ -301,7 +306,7 @@ def _compare(profile: Profile, columns: _Columns) -> DriftResult:
             FeatureDrift(
                 feature=name,
                 kind="numeric",
-                psi=psi(ref.bin_fractions, fracs),
+                psi=psi(ref.bin_fractions, fracs) if values.size else math.nan,
                 ks=_ks_sorted(sample, values) if values.size and sample.size else None,
                 js=None,
                 null_rate_reference=ref.null_rate,
@@ -393,7 +398,7 @@ def _compare_categorical(
     return FeatureDrift(
         feature=name,
         kind="categorical",
-        psi=psi(expected, actual),
+        psi=psi(expected, actual) if total else math.nan,
         ks=None,
         js=js_distance(expected, actual) if total and expected.sum() > 0 else None,
         null_rate_reference=ref.null_rate,

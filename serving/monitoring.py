@@ -3,16 +3,26 @@
 ``compact`` turns closed JSON-lines log files into parquet, once each: the output name is a hash
 of the inputs, and a manifest written after it records which files are done, so a crash between
 the two only rewrites the same file. Synthetic traffic (smoke, shadow and watch requests sent by
-the deployment step) is left out. ``serving_drift`` compares what serving saw with what the
-champion was trained on; ``live_metrics`` scores predictions whose labels have arrived.
+the deployment step) is left out. Each row keeps its request, the model's inputs, the names of
+the features it was scored without (``missing_features``), its unknown entities and, per feature
+view, the age of the online row used (``feature_age_s__<view>``; absent in logs older than it).
+
+Availability and drift are separate signals: ``availability`` measures how often features were
+missing and how old the online rows were; ``serving_drift`` compares the values that were
+present with what the champion was trained on, so a feature missing in most requests reads as
+missing, not as drift. ``live_metrics`` scores predictions whose labels have arrived;
+``live_quality`` is one point of the live metric over time (realised on a label-mature cohort,
+estimated without labels by CBPE), appended to ``live_quality.parquet``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from datetime import datetime
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +39,8 @@ if TYPE_CHECKING:
     from models.evaluate import EvaluationReport
 
 MANIFEST = "_compacted.json"
+LIVE_QUALITY_FILE = "live_quality.parquet"
+AGE_PREFIX = "feature_age_s__"
 REQUEST_COLUMNS = ("card_id", "merchant_id", "amount", "channel", "country", "timestamp")
 SCORE = "fraud_probability"
 BASE_SCHEMA: dict[str, pl.DataType] = {
@@ -41,6 +53,8 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
     "latency_ms": pl.Float64(),
     "n_missing_features": pl.Int64(),
     "unknown_entity": pl.Boolean(),
+    "missing_features": pl.List(pl.String()),
+    "unknown_entities": pl.List(pl.String()),
 }
 
 
@@ -68,6 +82,11 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any] | None:
         "n_missing_features": len(record.get("missing_features") or []),
         "unknown_entity": bool(record.get("unknown_entities")),
     }
+    if record.get("status") == 200:
+        row["missing_features"] = list(record.get("missing_features") or [])
+        row["unknown_entities"] = list(record.get("unknown_entities") or [])
+    for view, age in (record.get("feature_age_s") or {}).items():
+        row[f"{AGE_PREFIX}{view}"] = age
     for column in REQUEST_COLUMNS:
         row[column] = request.get(column)
     for name, value in (record.get("features") or {}).items():
@@ -108,7 +127,10 @@ def _typed(frame: pl.DataFrame) -> pl.DataFrame:
         for c, t in BASE_SCHEMA.items()
         if c in frame.columns
     ]
-    frame = frame.with_columns(casts)
+    ages = [
+        pl.col(c).cast(pl.Float64, strict=False) for c in frame.columns if c.startswith(AGE_PREFIX)
+    ]
+    frame = frame.with_columns(casts + ages)
     if "timestamp" in frame.columns and frame.schema["timestamp"] == pl.String:
         frame = frame.with_columns(
             pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False).cast(UTC_TS)
@@ -148,12 +170,16 @@ def serving_drift(
     serving: pl.DataFrame,
     numeric: list[str],
     categorical: list[str],
+    min_present: int = 1,
 ) -> drift.DriftResult:
     """Per-feature drift (PSI; KS numeric; Jensen-Shannon categorical) of serving vs training.
 
-    The score is compared like a feature when both frames carry ``fraud_probability``. Null
-    rates and categories the reference never saw are part of each feature's result: that is
-    the schema skew of what serving received.
+    Statistics are computed on the values present; each feature's missing rate stands beside
+    them (``null_rate_current``). A feature present in fewer than ``min_present`` requests has
+    no drift figure (PSI NaN): a few values say nothing about a distribution, and a feature
+    that is mostly missing is an availability problem (``availability``), not drift.
+    The score is compared like a feature when both frames carry ``fraud_probability``.
+    Categories the reference never saw are part of each feature's result.
     """
     # A feature training never saw a value of (e.g. a chargeback rate before any label) has
     # no reference distribution to compare with.
@@ -166,7 +192,14 @@ def serving_drift(
                 pl.lit(None, dtype=reference.schema[column]).alias(column)
             )
     profile = drift.build_profile(reference, numeric, categorical)
-    return drift.compare(profile, serving)
+    result = drift.compare(profile, serving)
+    return drift.DriftResult(
+        [
+            f if f.count >= min_present else replace(f, psi=math.nan, ks=None, js=None)
+            for f in result.features
+        ],
+        result.row_count,
+    )
 
 
 def schema_skew(result: drift.DriftResult, max_null_increase: float = 0.1) -> list[str]:
@@ -205,3 +238,306 @@ def live_metrics(
         split="live",
         threshold_split="serving",
     )
+
+
+def event_window(
+    served: pl.DataFrame,
+    *,
+    hours: float,
+    min_rows: int,
+    max_rows: int,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """The newest served predictions by event time (the request's ``timestamp``).
+
+    Those within ``hours`` of the newest one; widened to the newest ``min_rows`` when those
+    hours hold fewer; a seeded uniform sample of ``max_rows`` when they hold more (a sample,
+    not the newest rows, so the window still spans whole daily cycles). Event time rather than
+    the log's wall-clock ``logged_at``: an accelerated simulated clock and a real one give the
+    same windows.
+    """
+    timed = served.filter(pl.col("timestamp").is_not_null()).sort("timestamp")
+    if timed.height == 0:
+        return timed
+    since = timed["timestamp"][-1] - timedelta(hours=hours)
+    recent = timed.filter(pl.col("timestamp") > since)
+    if recent.height < min_rows:
+        recent = timed.tail(min_rows)
+    if recent.height > max_rows:
+        recent = recent.sample(max_rows, seed=seed).sort("timestamp")
+    return recent
+
+
+# Columns of the compacted log that are not model features.
+_NOT_FEATURES = frozenset(
+    {*BASE_SCHEMA, "card_id", "merchant_id", "timestamp", "label", "label_timestamp"}
+)
+
+
+def feature_columns(frame: pl.DataFrame) -> list[str]:
+    """The model-input columns of a compacted (or joined) log frame."""
+    return [c for c in frame.columns if c not in _NOT_FEATURES and not c.startswith(AGE_PREFIX)]
+
+
+def _missing(frame: pl.DataFrame, feature: str) -> pl.Expr:
+    """Per row: was ``feature`` scored without a value? From the row's ``missing_features``
+    where logged, else from a null value (logs older than that column)."""
+    by_value = pl.col(feature).is_null() if feature in frame.columns else pl.lit(True)
+    if "missing_features" not in frame.columns:
+        return by_value
+    listed = pl.col("missing_features")
+    return pl.when(listed.is_not_null()).then(listed.list.contains(feature)).otherwise(by_value)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """How much of what the model needed serving had, over a window of answered requests.
+
+    ``missing_rate``: per feature, the share of requests scored without it (imputed).
+    ``unknown_entity_rate``: the share of requests with an entity the online store did not
+    know (every feature of that entity missing); per entity in ``unknown_entity_rate_by``.
+    ``staleness_p50_s``/``staleness_p95_s``: per feature view, quantiles of the age of the
+    online rows used (request time minus the row's event time), over rows that had one;
+    ``no_row_rate``: the share of requests with no live row for the view (absent or expired).
+    """
+
+    requests: int
+    unknown_entity_rate: float
+    unknown_entity_rate_by: dict[str, float]
+    missing_rate: dict[str, float]
+    staleness_p50_s: dict[str, float]
+    staleness_p95_s: dict[str, float]
+    no_row_rate: dict[str, float]
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON (times as ISO-8601)."""
+        out = asdict(self)
+        for key in ("window_start", "window_end"):
+            out[key] = out[key].isoformat() if out[key] is not None else None
+        return out
+
+
+def availability(frame: pl.DataFrame, features: Sequence[str] | None = None) -> Availability:
+    """Availability over the answered requests of ``frame`` (a compacted log window)."""
+    answered = frame.filter(pl.col("status") == 200) if "status" in frame.columns else frame
+    n = answered.height
+    names = list(features) if features is not None else feature_columns(answered)
+    missing: dict[str, float] = {}
+    unknown_by: dict[str, float] = {}
+    if n:
+        rates = answered.select(_missing(answered, f).mean().alias(f) for f in names)
+        missing = {f: float(rates[f][0]) for f in names} if names else {}
+    if n and "unknown_entities" in answered.columns:
+        exploded = answered.select(pl.col("unknown_entities").explode().drop_nulls())
+        counts = exploded.group_by("unknown_entities").len().iter_rows()
+        unknown_by = {str(e): c / n for e, c in counts}
+    unknown = (
+        float(answered["unknown_entity"].fill_null(False).mean())
+        if n and "unknown_entity" in answered.columns
+        else 0.0
+    )
+    p50: dict[str, float] = {}
+    p95: dict[str, float] = {}
+    no_row: dict[str, float] = {}
+    for column in (c for c in answered.columns if c.startswith(AGE_PREFIX)):
+        view = column.removeprefix(AGE_PREFIX)
+        ages = answered[column].drop_nulls()
+        no_row[view] = 1.0 - ages.len() / n if n else 0.0
+        if ages.len():
+            p50[view] = float(ages.quantile(0.5, "linear"))
+            p95[view] = float(ages.quantile(0.95, "linear"))
+    times = answered["timestamp"].drop_nulls() if "timestamp" in answered.columns else None
+    return Availability(
+        requests=n,
+        unknown_entity_rate=unknown,
+        unknown_entity_rate_by=dict(sorted(unknown_by.items())),
+        missing_rate=missing,
+        staleness_p50_s=p50,
+        staleness_p95_s=p95,
+        no_row_rate=no_row,
+        window_start=times.min() if times is not None and times.len() else None,
+        window_end=times.max() if times is not None and times.len() else None,
+    )
+
+
+def availability_findings(
+    measured: Availability,
+    *,
+    max_unknown_entity_rate: float,
+    max_missing_rate: float,
+    max_staleness_s: dict[str, float],
+) -> list[str]:
+    """Plain-words breaches of the availability thresholds; empty when all is well."""
+    findings = []
+    if measured.unknown_entity_rate > max_unknown_entity_rate:
+        by = ", ".join(f"{e} {r:.1%}" for e, r in measured.unknown_entity_rate_by.items())
+        findings.append(
+            f"unknown entities in {measured.unknown_entity_rate:.1%} of requests "
+            f"(> {max_unknown_entity_rate:.1%}){f': {by}' if by else ''}"
+        )
+    over = {f: r for f, r in measured.missing_rate.items() if r > max_missing_rate}
+    if over:
+        worst = sorted(over, key=lambda f: (-over[f], f))
+        shown = ", ".join(f"{f} {over[f]:.0%}" for f in worst[:5])
+        more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+        findings.append(
+            f"{len(over)} feature{'s' if len(over) > 1 else ''} missing in more than "
+            f"{max_missing_rate:.0%} of requests: "
+            f"{shown}{more}"
+        )
+    for view, p95 in sorted(measured.staleness_p95_s.items()):
+        limit = max_staleness_s.get(view)
+        if limit is not None and p95 > limit:
+            findings.append(
+                f"{view}: online rows {p95 / 3600:.1f} h old at p95 (> {limit / 3600:.1f} h)"
+            )
+    return findings
+
+
+LIVE_QUALITY_SCHEMA: dict[str, pl.DataType] = {
+    "at": UTC_TS,
+    "label_batch": pl.String(),
+    "champion": pl.String(),
+    "cohort_start": UTC_TS,
+    "cohort_end": UTC_TS,
+    "labelled": pl.Int64(),
+    "positives": pl.Int64(),
+    "pr_auc": pl.Float64(),
+    "estimated_pr_auc": pl.Float64(),
+    "estimate_error": pl.Float64(),
+    "recent": pl.Int64(),
+    "estimated_pr_auc_unlabelled": pl.Float64(),
+}
+
+
+@dataclass(frozen=True)
+class LiveQuality:
+    """One point of the live metric: realised on a label-mature cohort, estimated by CBPE.
+
+    ``pr_auc`` is the realised PR-AUC of the cohort's labelled predictions (None unless both
+    classes are there); ``estimated_pr_auc`` is CBPE on those same predictions' scores, so
+    ``estimate_error`` (estimated - realised) measures the estimate. ``recent`` predictions are
+    those too new for the cohort (labels not all in); ``estimated_pr_auc_unlabelled`` is CBPE
+    on them: the label-free view of what is served now.
+    """
+
+    cohort_start: datetime | None
+    cohort_end: datetime | None
+    labelled: int
+    positives: int
+    pr_auc: float | None
+    estimated_pr_auc: float | None
+    recent: int
+    estimated_pr_auc_unlabelled: float | None
+
+    @property
+    def estimate_error(self) -> float | None:
+        if self.pr_auc is None or self.estimated_pr_auc is None:
+            return None
+        return self.estimated_pr_auc - self.pr_auc
+
+
+def _cbpe(scores: pl.Series) -> float | None:
+    from models.metrics import expected_average_precision
+
+    value = expected_average_precision(scores.to_numpy().astype(np.float64))
+    return None if math.isnan(value) else value
+
+
+def quality_cohort(
+    predictions: pl.DataFrame,
+    newest_label_at: datetime | None,
+    *,
+    label_maturity: timedelta = timedelta(days=7),
+    window: timedelta = timedelta(days=7),
+) -> tuple[pl.DataFrame, pl.DataFrame, datetime | None, datetime | None]:
+    """Split predictions into the label-mature cohort and the recent ones (see ``live_quality``):
+    ``(cohort, recent, cohort_start, cohort_end)``."""
+    if newest_label_at is None:
+        return predictions.clear(), predictions, None, None
+    end = newest_label_at - label_maturity
+    start = end - window
+    t = pl.col("timestamp")
+    return predictions.filter((t > start) & (t <= end)), predictions.filter(t > end), start, end
+
+
+def live_quality(
+    predictions: pl.DataFrame,
+    newest_label_at: datetime | None,
+    *,
+    label_maturity: timedelta = timedelta(days=7),
+    window: timedelta = timedelta(days=7),
+) -> LiveQuality:
+    """The live metric of one model's answered predictions (joined to labels, ``join_labels``).
+
+    Labels arrive late and at different delays (fraud in 1-10 days by chargeback, legit after
+    the 7-day settlement), so the predictions of the last few days have their frauds labelled
+    but not their legit transactions: a metric over them is biased towards fraud. The cohort
+    is therefore the predictions whose transaction time lies at least ``label_maturity``
+    before the newest label's time, within a trailing ``window`` of event time:
+    ``(newest_label_at - label_maturity - window, newest_label_at - label_maturity]``. Event
+    time (the request's ``timestamp``), not the log's wall clock, so an accelerated demo clock
+    and a real one give the same cohorts. With no labels yet, there is no cohort and every
+    prediction is recent.
+    """
+    cohort, recent, start, end = quality_cohort(
+        predictions, newest_label_at, label_maturity=label_maturity, window=window
+    )
+    labelled = cohort.filter(pl.col("label").is_not_null()) if cohort.height else cohort
+    positives = int(labelled["label"].sum()) if labelled.height else 0
+    realised = None
+    if 0 < positives < labelled.height:
+        from models.metrics import average_precision
+
+        realised = average_precision(
+            labelled["label"].to_numpy().astype(np.float64),
+            labelled[SCORE].to_numpy().astype(np.float64),
+        )
+    return LiveQuality(
+        cohort_start=start,
+        cohort_end=end,
+        labelled=labelled.height,
+        positives=positives,
+        pr_auc=realised,
+        estimated_pr_auc=_cbpe(labelled[SCORE]) if labelled.height else None,
+        recent=recent.height,
+        estimated_pr_auc_unlabelled=_cbpe(recent[SCORE]) if recent.height else None,
+    )
+
+
+def live_quality_row(
+    quality: LiveQuality, *, at: datetime, label_batch: str | None, champion: str
+) -> dict[str, object]:
+    """One row of ``live_quality.parquet``."""
+    row = {"at": at, "label_batch": label_batch, "champion": champion, **asdict(quality)}
+    row["estimate_error"] = quality.estimate_error
+    return {c: row[c] for c in LIVE_QUALITY_SCHEMA}
+
+
+def _live_quality_path(home_or_dir: str | Path) -> Path:
+    path = Path(home_or_dir)
+    if path.suffix == ".parquet":
+        return path
+    if path.name == "monitoring" or (path / LIVE_QUALITY_FILE).exists():
+        return path / LIVE_QUALITY_FILE
+    return path / "monitoring" / LIVE_QUALITY_FILE
+
+
+def read_live_quality(home_or_dir: str | Path) -> pl.DataFrame:
+    """The live metric over time, oldest first: from a Loopline home, its ``monitoring``
+    folder, or the parquet file itself. Empty (with its columns) before the first point."""
+    path = _live_quality_path(home_or_dir)
+    if not path.exists():
+        return pl.DataFrame(schema=LIVE_QUALITY_SCHEMA)
+    return pl.read_parquet(path).sort("at", maintain_order=True)
+
+
+def append_live_quality(row: dict[str, object], home_or_dir: str | Path) -> pl.DataFrame:
+    """Append one point to ``live_quality.parquet`` (rewritten atomically; it stays small)."""
+    frame = pl.concat(
+        [read_live_quality(home_or_dir), pl.DataFrame([row], schema=LIVE_QUALITY_SCHEMA)]
+    )
+    write_parquet_atomic(frame, _live_quality_path(home_or_dir))
+    return frame

@@ -1,6 +1,7 @@
 """Served traffic -> prediction log -> drift and live performance -> the retrain sensor fires."""
 
 import json
+from datetime import UTC, datetime
 
 import dagster as dg
 import polars as pl
@@ -13,6 +14,7 @@ from orchestration.monitoring import (
     live_performance,
     prediction_log,
     retrain_sensor,
+    serving_availability,
 )
 from tests.e2e.kit import Loop
 
@@ -39,11 +41,17 @@ def _send(loop, requests, chunk=25):
 
 
 def _materialize(loop, instance):
+    # The requests are stamped now and labelled just after: no label maturity to wait for.
     return dg.materialize(
-        [prediction_log, drift_report, live_performance],
+        [prediction_log, serving_availability, drift_report, live_performance],
         instance=instance,
         resources={"storage": loop.storage, "torchserve": loop.torchserve},
-        run_config={"ops": {"drift_report": {"config": {"min_rows": 100}}}},
+        run_config={
+            "ops": {
+                "drift_report": {"config": {"min_rows": 100, "min_present": 100}},
+                "live_performance": {"config": {"label_maturity_days": 0.0}},
+            }
+        },
     )
 
 
@@ -67,7 +75,7 @@ def test_drifted_traffic_and_late_labels_reach_monitoring_and_trigger_retraining
     labelled = rows.join(truth, on="transaction_id").select(
         pl.format("req-{}", "i").alias("transaction_id"),
         pl.col("label").cast(pl.Boolean).alias("is_fraud"),
-        pl.col("event_timestamp").alias("label_timestamp"),
+        pl.lit(datetime.now(UTC)).cast(pl.Datetime("us", "UTC")).alias("label_timestamp"),
     )
     write_parquet_atomic(labelled, home.home / "validated" / "labels" / "late.parquet")
 
@@ -83,15 +91,20 @@ def test_drifted_traffic_and_late_labels_reach_monitoring_and_trigger_retraining
     assert "amount" in drift_meta["drifted"].value
     assert drift_meta["psi"].value["amount"] > 0.2
     assert drift_meta["plot"].value.startswith("![drift](data:image/png;base64,")
-    [check] = result.get_asset_check_evaluations()
-    assert check.check_name == "serving_drift" and not check.passed
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    check = checks["serving_drift"]
+    assert not check.passed
     assert check.severity == dg.AssetCheckSeverity.WARN
 
     live_meta = result.asset_materializations_for_node("live_performance")[0].metadata
     assert live_meta["evaluated"].value is True
     assert live_meta["labelled"].value == labelled.height
     assert 0.0 <= live_meta["live_pr_auc"].value <= 1.0
+    assert 0.0 <= live_meta["estimated_pr_auc"].value <= 1.0
     assert live_meta["latency_p99_ms"].value > 0
+
+    available = result.asset_materializations_for_node("serving_availability")[0].metadata
+    assert available["measured"].value is True and available["requests"].value == 400
 
     # The sensor reads what monitoring measured: drift fires a retraining, tagged with why.
     policy = RetrainPolicy(min_new_labelled_rows=10**9, cooldown_minutes=30)
@@ -138,3 +151,6 @@ def test_loopline_status_summarises_champion_serving_and_drift(served):
     assert data["serving"]["requests"] >= 400
     assert data["serving"]["by_version"][served.versions[0]] >= 400
     assert "amount" in data["drift"]["drifted"]
+    assert data["drift"]["psi"]["amount"] > 0.2
+    assert data["availability"]["requests"] >= 400
+    assert data["live_quality"][-1]["champion"] == served.versions[0]

@@ -15,6 +15,7 @@ from orchestration.triggers import (
     decay_signal,
     decide,
     drift_signal,
+    estimated_decay_signal,
     new_data_signal,
 )
 
@@ -36,6 +37,33 @@ def test_thresholds_decide_whether_a_signal_exists():
 
 def test_decay_below_the_allowed_drop_does_not_fire():
     assert decay_signal(0.52, 0.60, 500, POLICY) is None  # 13% drop < 15%
+
+
+def test_a_feature_missing_in_serving_has_no_psi_and_is_not_drift():
+    assert drift_signal({"merchant_category": float("nan"), "amount": 0.05}, POLICY) is None
+    assert drift_signal({"merchant_category": None, "amount": 0.05}, POLICY) is None
+    drift = drift_signal({"merchant_category": float("nan"), "amount": 0.3}, POLICY)
+    assert "merchant_category" not in drift.reason and drift.value == pytest.approx(0.3)
+
+
+def test_decay_can_be_read_from_the_label_free_estimate():
+    signal = estimated_decay_signal(0.30, 0.60, 500, POLICY)
+    assert signal.kind == "decay" and signal.value == pytest.approx(0.5)
+    assert signal.reason.startswith("estimated live PR-AUC 0.300 (label-free, CBPE) is 50%")
+    assert estimated_decay_signal(0.55, 0.60, 500, POLICY) is None  # 8% drop < 15%
+    assert estimated_decay_signal(0.30, 0.60, 50, POLICY) is None  # too few predictions
+    assert estimated_decay_signal(None, 0.60, 500, POLICY) is None
+    # An offline PR-AUC the champion never recorded (NaN) gives no drop to judge.
+    assert estimated_decay_signal(0.30, float("nan"), 500, POLICY) is None
+    assert decay_signal(0.30, float("nan"), 500, POLICY) is None
+    off = TriggerPolicy(decay_on_estimate=False)
+    assert estimated_decay_signal(0.30, 0.60, 500, off) is None
+
+
+def test_availability_is_an_alert_kind_of_its_own(caplog):
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        assert alerts.send(alerts.Alert("availability", "unknown entities in 96% of requests"))
+    assert json.loads(caplog.records[-1].getMessage())["alert"] == "availability"
 
 
 def test_nothing_fires_while_a_retraining_is_in_flight():

@@ -377,3 +377,21 @@ def test_drift_frame_derives_hour_of_day_in_utc() -> None:
 def test_drift_frame_rejects_datasets_without_drift_columns() -> None:
     with pytest.raises(ValueError, match="no drift columns"):
         drift_frame("cards", pl.DataFrame({"card_id": ["c1"]}))
+
+
+def test_a_feature_with_no_value_present_has_no_psi_only_its_missing_rate() -> None:
+    profile = build_profile(batch(5_000, seed=0), NUMERIC, CATEGORICAL)
+    current = batch(2_000, seed=1).with_columns(
+        pl.lit(None, dtype=pl.Float64).alias("amount"),
+        pl.lit(None, dtype=pl.String).alias("country"),
+    )
+    result = compare(profile, current)
+    for name in ("amount", "country"):
+        missing = result.feature(name)
+        # Clipped empty bins made this PSI 5-9, read as severe drift of a feature that was
+        # simply not there.
+        assert math.isnan(missing.psi)
+        assert missing.null_rate_current == 1.0 and missing.count == 0
+    assert set(result.drifted(0.2)) <= {"hour_of_day", "channel"}
+    assert "amount" not in result.drifted(0.0) and math.isfinite(result.max_psi)
+    assert result.to_dict()["features"][0]["psi"] is None  # JSON-safe
