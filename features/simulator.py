@@ -76,6 +76,7 @@ _ONE_US = timedelta(microseconds=1)
 # RNG stream tags: one independent stream per concern keeps e.g. inputs identical across
 # drift modes that only change labels.
 _S_CARDS, _S_MERCHANTS, _S_VOLUME, _S_FRAUD, _S_CONCEPT, _S_LABELS, _S_FAULT = range(1, 8)
+_S_CONCEPT_MERCHANTS = 8
 
 _P_LEGIT, _P_TESTING, _P_FOREIGN, _P_RISKY, _P_NOISE, _P_CONCEPT = range(6)
 # Share of the fraud budget per pattern: card testing, foreign-high, risky merchant, noise.
@@ -171,10 +172,13 @@ _PROFILE_CAT_CUM = np.stack(
     ]
 )
 _CHANNEL_CUM = np.stack([_cum(row) for row in _CAT_CHANNEL])
-_shifted = _CAT_CHANNEL * (1 - _COVARIATE_ONLINE_PULL)
-_shifted[:, _ONLINE] += _COVARIATE_ONLINE_PULL
-_CHANNEL_CUM_SHIFTED = np.stack([_cum(row) for row in _shifted])
-del _shifted
+
+
+def _shifted_channel_cum(pull: float) -> np.ndarray:
+    """Channel distributions per category with a share ``pull`` of traffic moved online."""
+    shifted = _CAT_CHANNEL * (1 - pull)
+    shifted[:, _ONLINE] += pull
+    return np.stack([_cum(row) for row in shifted])
 
 
 def _weights_over_categories(w: dict[str, float]) -> np.ndarray:
@@ -188,6 +192,13 @@ class ScenarioConfig:
     ``start`` None means "now, rounded down to the hour, minus 21 days", resolved once when a
     ``Simulator`` is built: pass an explicit start to reproduce a run in another process.
     ``rows_per_batch`` is the expected row count of a batch at average (weekly) intensity.
+    ``drift_strength`` scales the drift: under covariate drift it multiplies the log of the
+    amount shift, the share of traffic pulled online and the excess foreign rate (1.0 is the
+    full shift, small values a shift below any alarm); under concept drift it is the share
+    (0 to 1) of the old fraud mechanism that turns legit, replaced by as much new fraud.
+    ``concept_merchant_share`` below 1 confines the new fraud to that share of the attacked
+    category's merchants (a compromised chain), which a model can learn; at 1 it is a random
+    subset of the whole segment, which no model can tell from its legit rows.
     """
 
     seed: int = 7
@@ -199,6 +210,8 @@ class ScenarioConfig:
     fraud_rate: float = 0.01
     drift: str = "none"
     drift_start_batch: int = 0
+    drift_strength: float = 1.0
+    concept_merchant_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -217,6 +230,12 @@ class ScenarioConfig:
             raise ValueError(f"drift must be one of {DRIFTS}, got {self.drift!r}")
         if self.drift_start_batch < 0:
             raise ValueError("drift_start_batch must be >= 0")
+        if not 0.0 <= self.drift_strength < math.inf:
+            raise ValueError("drift_strength must be finite and >= 0")
+        if self.drift == "concept" and self.drift_strength > 1.0:
+            raise ValueError("concept drift_strength is a share of the fraud mechanism: <= 1")
+        if not 0.0 < self.concept_merchant_share <= 1.0:
+            raise ValueError("concept_merchant_share must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -333,6 +352,10 @@ class Simulator:
         self._cache_rows = cache_rows
         self._cards = self._make_cards()
         self._merchants = self._make_merchants()
+        self._channel_cum_shifted = _shifted_channel_cum(
+            _COVARIATE_ONLINE_PULL * self.config.drift_strength
+        )
+        self._concept_merchants = self._pick_concept_merchants()
 
     # -- reference data -------------------------------------------------------------------
 
@@ -403,6 +426,19 @@ class Simulator:
             schema=SCHEMAS["merchants"],
         )
         return _Merchants(frame, ids, category, risky, order, block_cum, block_start, block_end)
+
+    def _pick_concept_merchants(self) -> np.ndarray | None:
+        """Mask of the attacked category's merchants concept drift may strike (None: all)."""
+        share = self.config.concept_merchant_share
+        if share >= 1.0:
+            return None
+        merchants = self._merchants
+        pool = np.flatnonzero(merchants.category == _CAT_INDEX[_CONCEPT_CATEGORY])
+        rng = _rng(self.config.seed, _S_CONCEPT_MERCHANTS)
+        chosen = rng.choice(pool, size=max(1, round(share * pool.size)), replace=False)
+        mask = np.zeros(merchants.category.size, dtype=bool)
+        mask[chosen] = True
+        return mask
 
     # -- time -----------------------------------------------------------------------------
 
@@ -577,15 +613,17 @@ class Simulator:
         )
         cat = merchants.category[merchant]
         mu = _CAT_MU[cat] + _PROFILE_AMOUNT_SHIFT[profile]
+        strength = self.config.drift_strength
         if covariate:
-            mu = mu + math.log(_COVARIATE_AMOUNT)
+            mu = mu + strength * math.log(_COVARIATE_AMOUNT)
         amount = np.exp(mu + _CAT_SIGMA[cat] * rng.standard_normal(n))
         channel = _grouped_choice(
-            cat, _CHANNEL_CUM_SHIFTED if covariate else _CHANNEL_CUM, rng.random(n)
+            cat, self._channel_cum_shifted if covariate else _CHANNEL_CUM, rng.random(n)
         )
         p_foreign = _CAT_FOREIGN[cat] + _ONLINE_FOREIGN_BONUS * (channel == _ONLINE)
         if covariate:
-            p_foreign = np.minimum(p_foreign * _COVARIATE_FOREIGN, 0.9)
+            factor = 1.0 + strength * (_COVARIATE_FOREIGN - 1.0)
+            p_foreign = np.minimum(p_foreign * factor, 0.9)
         home = cards.home[card]
         travelled = np.searchsorted(_COUNTRY_CUM, rng.random(n), side="right").clip(
             0, _N_COUNTRY - 1
@@ -693,8 +731,14 @@ class Simulator:
 
     def _shift_concept(self, rng: np.random.Generator, rows: _Rows) -> None:
         """Same inputs, new mechanism: foreign-high and risky-merchant rows turn legit, and as
-        many domestic mid-amount rows in a previously safe category turn fraud."""
-        old = (rows.pattern == _P_FOREIGN) | (rows.pattern == _P_RISKY)
+        many domestic mid-amount rows in a previously safe category turn fraud.
+
+        Below full strength only that share of the old-mechanism rows (drawn at random) turns.
+        """
+        old = np.flatnonzero((rows.pattern == _P_FOREIGN) | (rows.pattern == _P_RISKY))
+        strength = self.config.drift_strength
+        if strength < 1.0:
+            old = rng.choice(old, size=round(strength * old.size), replace=False)
         rows.fraud[old] = False
         candidates = np.flatnonzero(
             (rows.pattern == _P_LEGIT)
@@ -702,8 +746,9 @@ class Simulator:
             & (rows.country == self._cards.home[rows.card])
             & (rows.amount >= _CONCEPT_AMOUNT[0])
             & (rows.amount <= _CONCEPT_AMOUNT[1])
+            & (True if self._concept_merchants is None else self._concept_merchants[rows.merchant])
         )
-        chosen = rng.choice(candidates, size=min(int(old.sum()), candidates.size), replace=False)
+        chosen = rng.choice(candidates, size=min(old.size, candidates.size), replace=False)
         rows.fraud[chosen] = True
         rows.pattern[chosen] = _P_CONCEPT
 
@@ -852,6 +897,115 @@ def reference_landed(landing_dir: str | Path) -> bool:
 # -- driver -----------------------------------------------------------------------------------
 
 
+class SimClock:
+    """Simulated "now" for a demo world: ``speed`` times faster than the wall clock, never
+    ahead of it (contracts and request validation refuse future times).
+
+    Until ``start`` it stands still at ``wall - headroom`` (history is landed up to it); then
+    it advances ``speed`` simulated seconds per wall second until it meets the wall clock
+    (its lead, the headroom plus the time it stood still, gone after ``lead / (speed - 1)``),
+    and from there keeps pace with it. Elapsed time is read from a monotonic timer, so
+    ``now`` never goes backwards.
+    """
+
+    def __init__(
+        self,
+        speed: float,
+        headroom: timedelta,
+        *,
+        wall: datetime | None = None,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (math.isfinite(speed) and speed >= 1.0):
+            raise ValueError("speed must be finite and >= 1")
+        if headroom < timedelta(0):
+            raise ValueError("headroom must be >= 0")
+        self.speed = speed
+        self.headroom = headroom
+        self._timer = timer
+        self._wall0 = (wall or datetime.now(UTC)).astimezone(UTC)
+        self._t0 = timer()
+        self._started: float | None = None  # timer reading at start
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._started is not None
+
+    def start(self) -> SimClock:
+        """Lets simulated time run (once; later calls change nothing)."""
+        with self._lock:
+            if self._started is None:
+                self._started = self._timer()
+        return self
+
+    def now(self) -> datetime:
+        t = self._timer()
+        wall = self._wall0 + timedelta(seconds=t - self._t0)
+        origin = self._wall0 - self.headroom
+        if self._started is None:
+            return origin
+        simulated = origin + timedelta(seconds=(t - self._started) * self.speed)
+        return min(simulated, wall)
+
+    def wall_seconds_until(self, t: datetime) -> float:
+        """Wall seconds until ``now`` reaches ``t`` once started (0 if it has)."""
+        ahead = (t - self.now()).total_seconds()
+        return max(0.0, ahead / self.speed)
+
+
+def land_reference_data(
+    sim: Simulator,
+    landing_dir: str | Path,
+    fmt: str = "parquet",
+    on_batch: Callable[[LandedBatch], None] | None = None,
+) -> list[LandedBatch]:
+    """Cards and merchants reference files, unless the landing directory has them already."""
+    if reference_landed(landing_dir):
+        return []
+    landed = []
+    name = f"seed{sim.config.seed}"
+    for dataset, frame in (("cards", sim.cards()), ("merchants", sim.merchants())):
+        path = land(frame, landing_dir, dataset, name, fmt)
+        landed.append(LandedBatch(dataset, path, frame.height, sim.start, sim.start, -1))
+        if on_batch is not None:
+            on_batch(landed[-1])
+    return landed
+
+
+def land_history(
+    sim: Simulator,
+    landing_dir: str | Path,
+    *,
+    until: datetime,
+    files: int,
+    fmt: str = "parquet",
+    on_batch: Callable[[LandedBatch], None] | None = None,
+) -> list[LandedBatch]:
+    """Whole windows from the scenario start up to ``until`` (the last whole window before it)
+    in ``files`` files per dataset, for bulk backfill: each file a Dagster run, so history goes
+    in a few large files rather than one per window. The labels are those known by then."""
+    last = sim.batch_at(until)  # windows before this one are whole
+    if last <= 0:
+        return []
+    per_file = math.ceil(last / max(1, files))
+    landed: list[LandedBatch] = []
+    for first in range(0, last, per_file):
+        end = min(first + per_file, last)
+        lo, hi = sim.window(first)[0], sim.window(end - 1)[1]
+        name = f"b{first:06d}-b{end - 1:06d}"
+        for dataset, frame in (
+            ("transactions", pl.concat([sim.transactions(k) for k in range(first, end)])),
+            ("labels", pl.concat([sim.labels(k) for k in range(first, end)])),
+        ):
+            if frame.height:
+                path = land(frame, landing_dir, dataset, name, fmt)
+                landed.append(LandedBatch(dataset, path, frame.height, lo, hi, first))
+                if on_batch is not None:
+                    on_batch(landed[-1])
+    return landed
+
+
 def run(
     config: ScenarioConfig,
     landing_dir: str | Path,
@@ -871,8 +1025,8 @@ def run(
 ) -> list[LandedBatch]:
     """Land reference data once, then a transactions and a labels file per step.
 
-    A step is window ``k``, or the part of it up to real "now" (whole seconds): nothing in the
-    future is ever landed; the next step continues where the last part ended. ``batches`` counts
+    A step is window ``k``, or the part of it up to "now" (whole seconds; ``clock``, such as a
+    ``SimClock``'s ``now``, else the wall clock): nothing in the future is ever landed; the next step continues where the last part ended. ``batches`` counts
     steps; None runs until ``stop`` is set. ``resume_at`` (a previous step's ``window_end``)
     resumes inside a window; otherwise the run starts at window ``start_batch``. The fault hits
     the first transactions file of window ``fault_batch`` (default: the first window run).
@@ -900,11 +1054,8 @@ def run(
         else:
             time.sleep(seconds)
 
-    if land_reference and not reference_landed(landing_dir):
-        name = f"seed{config.seed}"
-        for dataset, frame in (("cards", sim.cards()), ("merchants", sim.merchants())):
-            path = land(frame, landing_dir, dataset, name, fmt)
-            emit(LandedBatch(dataset, path, frame.height, sim.start, sim.start, -1))
+    if land_reference:
+        landed += land_reference_data(sim, landing_dir, fmt, on_batch)
 
     if resume_at is not None:
         k, lo = sim.batch_at(resume_at), resume_at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -50,12 +51,13 @@ def _simulator_options(f):
     return f
 
 
-def _scenario(opts: dict):
+def _scenario(opts: dict, start=None):
     from datetime import timedelta
 
     from features.simulator import ScenarioConfig
 
     return ScenarioConfig(
+        start=start,
         seed=opts["seed"],
         n_cards=opts["n_cards"],
         n_merchants=opts["n_merchants"],
@@ -113,26 +115,74 @@ def simulate(batches: int | None, once: bool, **opts) -> None:
     console.print(f"{len(landed)} files landed in {settings.landing}")
 
 
+RUN_HISTORY_DAYS = 21.0
+RUN_STEP_S = 45.0
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
 @click.option("--no-simulator", is_flag=True, help="Do not land demo data or send traffic.")
+@click.option(
+    "--speed",
+    default=1440.0,
+    show_default=True,
+    help="Simulated seconds per wall second (1440: a simulated day a minute).",
+)
+@click.option(
+    "--headroom-days",
+    default=60.0,
+    show_default=True,
+    help="How far behind the wall clock simulated time starts; it runs at --speed until it "
+    "meets the wall clock, then at 1x.",
+)
 @_simulator_options
-def run(host: str, port: int, no_simulator: bool, **opts) -> None:
-    """Run the platform: Dagster UI + daemon, TorchServe, the simulator and its traffic."""
+def run(
+    host: str, port: int, no_simulator: bool, speed: float, headroom_days: float, **opts
+) -> None:
+    """Run the platform: Dagster UI + daemon, TorchServe, the simulator and its traffic.
+
+    The simulator first lands 21 simulated days of history in a few large files, then runs on
+    an accelerated clock (--speed; never ahead of the wall clock): each step lands one window
+    of simulated time (at least --batch-hours, at least 45 wall seconds' worth, with
+    --rows-per-batch scaled to keep the rate), and customer traffic sends a sample of it at
+    once, near simulated now. Labels mature in 7 simulated days, so at the default speed
+    `loopline simulate --drift concept` leads to a retraining on drifted labels within about
+    10-15 minutes; watch it with `loopline status`. Retrainings are at least
+    LOOPLINE_RETRAIN_COOLDOWN_MINUTES apart (5 here unless set).
+    """
+    from datetime import timedelta
+
+    from features.simulator import SimClock, Simulator
+
+    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
     settings = Settings.from_env().ensure()
-    if opts["fault"] is None and opts["fault_batch"] is None:
-        opts["fault"], opts["fault_batch"] = "renamed_column", 5  # show one quarantine in the demo
     console.print(f"[bold]Loopline[/] home: {settings.home}, lake: {settings.lake}")
+    clock = SimClock(speed, timedelta(days=headroom_days))
+    # One window per step, a step every RUN_STEP_S at least: each step is two ingest runs (and
+    # a features and a monitoring run), about what two cores sustain beside a training run.
+    step_s = max(opts["interval"], RUN_STEP_S)
+    hours = max(opts["batch_hours"], speed * step_s / 3600)
+    opts = {
+        **opts,
+        "batch_hours": hours,
+        "rows_per_batch": round(opts["rows_per_batch"] * hours / opts["batch_hours"]),
+    }
+    scenario = _scenario(opts, start=clock.now() - timedelta(days=RUN_HISTORY_DAYS))
+    if opts["fault"] is None and opts["fault_batch"] is None:  # show one quarantine, live
+        live_from = Simulator(scenario).batch_at(clock.now())
+        opts["fault"], opts["fault_batch"] = "renamed_column", live_from + 4
+    step_s = scenario.batch_span.total_seconds() / speed
     live = LivePlatform(settings, host=host, port=port)
     try:
         live.start(
-            _scenario(opts),
-            interval_s=opts["interval"],
+            scenario,
+            interval_s=step_s,
             fault=opts["fault"],
             fault_batch=opts["fault_batch"],
             fmt=opts["fmt"],
             simulate=not no_simulator,
+            clock=clock,
         )
         cfg = live.serving.config
         console.print(f"Dagster UI: [link]http://{host}:{port}[/link]  (Ctrl-C stops everything)")
@@ -184,6 +234,103 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
     totals = ledger.summary()
     for ds, counts in sorted(totals.items()):
         console.print(f"{ds}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+@main.command()
+@click.option(
+    "--drift", type=click.Choice(["none", "covariate", "concept"]), default="concept",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--drift-strength", default=1.0, show_default=True, help="Scale of the drift (0 to 1)."
+)
+@click.option(
+    "--concept-merchant-share",
+    default=1.0,
+    show_default=True,
+    help="Concept drift strikes this share of grocery merchants (1: the whole segment).",
+)
+@click.option("--days", default=30, show_default=True, help="Simulated days served.")
+@click.option("--drift-after", default=5, show_default=True, help="Days served before drift.")
+@click.option(
+    "--policies",
+    default="static,nightly,triggers",
+    show_default=True,
+    help="Comma-separated; options as suffixes, e.g. triggers+hold50+win21d+hl7d.",
+)
+@click.option("--seed", default=3, show_default=True)
+@click.option("--ceiling", is_flag=True, help="Also train on full post-drift ground truth.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG.")
+def backtest(
+    drift: str,
+    drift_strength: float,
+    concept_merchant_share: float,
+    days: int,
+    drift_after: int,
+    policies: str,
+    seed: int,
+    ceiling: bool,
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Replay a scenario through features, training, gate and trigger policy in simulated time."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from orchestration import backtest as bt
+
+    try:
+        specs = [bt.PolicySpec.parse(p) for p in policies.split(",") if p.strip()]
+        config = bt.demo_config(
+            drift,
+            drift_strength=drift_strength,
+            concept_merchant_share=concept_merchant_share,
+            seed=seed,
+            days=days,
+            drift_after=drift_after,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    err = Console(stderr=True)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("building the scenario's features", total=days * len(specs))
+        world = bt.build_world(config)
+
+        def step(policy: str) -> None:
+            progress.update(task, advance=1, description=f"replaying {policy}")
+
+        result = bt.run_backtest(config, specs, on_step=step, world=world)
+        ceilings = bt.measure_ceiling(world, config) if ceiling and drift != "none" else ()
+    if plot:
+        Path(plot).write_bytes(bt.backtest_png(result))
+    if as_json:
+        data = result.to_dict() | {"ceiling": [c.to_dict() for c in ceilings]}
+        click.echo(json.dumps(data, default=str))
+        return
+    rows = bt.summary_rows(result)
+    table = Table(title=f"Backtest: {drift} drift, {days} simulated days")
+    for column in rows[0] if rows else ():
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    for c in ceilings:
+        console.print(
+            f"ceiling {c.regime}: PR-AUC {c.pr_auc:.3f} (smoothed {c.smoothed_pr_auc:.3f}) "
+            f"trained on {c.train_days:.0f} fully labelled days"
+        )
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]")
+    console.print(
+        f"{result.simulated_seconds / 86400:g} simulated days x {len(specs)} policies in "
+        f"{result.wall_seconds:.0f} s ({result.simulated_seconds / result.wall_seconds:,.0f}x "
+        "simulated time per policy set)"
+    )
+    if plot:
+        console.print(f"plot: {plot}")
 
 
 main.add_command(models)

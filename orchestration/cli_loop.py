@@ -79,6 +79,9 @@ class LivePlatform:
         fmt="parquet",
         simulate: bool = True,
         quiet: bool = False,
+        clock=None,
+        history_files: int = 4,
+        per_batch: int = 200,
     ) -> None:
         from orchestration import platform
         from orchestration.live import LiveSimulator, Traffic
@@ -97,7 +100,7 @@ class LivePlatform:
         wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
         if not simulate:
             return
-        self.traffic = Traffic(self.serving.client()).start()
+        self.traffic = Traffic(self.serving.client(), per_batch=per_batch).start()
 
         def on_batch(batch) -> None:
             if not quiet:
@@ -106,7 +109,8 @@ class LivePlatform:
                     f"landed [bold]{batch.dataset}[/] batch {batch.batch_index}: "
                     f"{batch.rows} rows -> {batch.path.name}{tag}"
                 )
-            self.traffic.submit(batch)
+            if self.simulator is not None and self.simulator.live:  # history is not traffic
+                self.traffic.submit(batch)
 
         self.simulator = LiveSimulator(
             scenario,
@@ -118,6 +122,8 @@ class LivePlatform:
             fmt=fmt,
             on_batch=on_batch,
             hold_at_batch=hold_at_batch,
+            clock=clock,
+            history_files=history_files,
         )
         self._sim_thread = threading.Thread(
             target=self.simulator.run, args=(self.stop_event,), daemon=True
@@ -145,10 +151,11 @@ def _registry(settings: Settings):
 
 
 def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]:
-    """What the loop did: batches, quarantines, models, promotions, drift, serving figures."""
+    """What the loop did: batches, quarantines, models, promotions, drift, serving figures,
+    feature availability (the whole log of answered customer requests) and live quality."""
     from quality.ledger import BatchLedger
     from serving.config import ServingConfig
-    from serving.monitoring import compact, read_compacted
+    from serving.monitoring import availability, compact, read_compacted, read_live_quality
 
     out: dict[str, Any] = {"home": str(settings.home), "lake": str(settings.lake)}
     if settings.ledger_path.exists():
@@ -177,6 +184,7 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
             "champion": report["champion"],
             "max_psi": max(report["psi"].values()) if report["psi"] else 0.0,
             "drifted": report["drifted"],
+            "psi": report["psi"],
         }
     config = ServingConfig.for_home(settings.home)
     folder = settings.home / "monitoring" / "status-log"
@@ -193,6 +201,17 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
                 str(k): int(v) for k, v in answered.group_by("model_version").len().iter_rows()
             },
         }
+        measured = availability(answered)
+        out["availability"] = {
+            "requests": measured.requests,
+            "unknown_entity_rate": measured.unknown_entity_rate,
+            "missing_rate": measured.missing_rate,
+            "staleness_p95_s": measured.staleness_p95_s,
+        }
+    out["live_quality"] = [
+        {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+        for row in read_live_quality(settings.home / "monitoring").to_dicts()
+    ]
     return out
 
 
@@ -225,6 +244,8 @@ def print_summary(data: dict[str, Any]) -> None:
             "drift",
             f"max PSI {d['max_psi']:.3f} on {d['champion']}; drifted: {', '.join(d['drifted']) or 'none'}",
         )
+    for what, line in _monitoring_lines(data):
+        table.add_row(what, line)
     if "serving" in data:
         s = data["serving"]
         table.add_row(
@@ -254,6 +275,40 @@ def print_summary(data: dict[str, Any]) -> None:
             "traffic", f"{data['traffic']['sent']} sent, {data['traffic']['failed']} failed"
         )
     console.print(table)
+
+
+def _monitoring_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Table lines for live quality and feature availability (``summary``'s keys)."""
+    lines = []
+    points = data.get("live_quality") or []
+    if points:
+        p = points[-1]
+
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        lines.append(
+            (
+                "live PR-AUC",
+                f"{fmt(p['pr_auc'])} realised on {p['labelled']} labelled ({p['positives']} fraud), "
+                f"{fmt(p['estimated_pr_auc'])} estimated; newest unlabelled estimated "
+                f"{fmt(p['estimated_pr_auc_unlabelled'])} ({p['champion']}, {len(points)} points)",
+            )
+        )
+    a = data.get("availability")
+    if a:
+        missing = a["missing_rate"]
+        worst = max(missing, key=missing.__getitem__, default=None)
+        stale = ", ".join(f"{v} {s / 3600:.1f} h" for v, s in sorted(a["staleness_p95_s"].items()))
+        lines.append(
+            (
+                "availability",
+                f"unknown entities {a['unknown_entity_rate']:.1%} of {a['requests']} requests; "
+                f"worst missing {f'{worst} {missing[worst]:.1%}' if worst else 'none'}; "
+                f"online row age p95 {stale or 'not logged'}",
+            )
+        )
+    return lines
 
 
 @click.command()
@@ -326,7 +381,7 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
     live.paused.set()
     time.sleep(platform.simulator.interval_s + 1)
     before = len(_loop_runs(settings))
-    k = live.next_batch
+    k = max(live.next_batch - 1, 0)  # a window of the past: nothing from the future
     frame = live.sim.transactions(k)
     path = simulator.land(
         simulator.apply_fault(frame, "renamed_column", seed=k),
@@ -353,40 +408,171 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
     }
 
 
-@click.command()
-@click.option("--drift", type=click.Choice(["concept", "covariate"]), default="concept")
-@click.option("--timeout", default=1500.0, show_default=True, help="Seconds before giving up.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--seed", default=7, show_default=True)
-def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
-    """Headless, bounded demo: train a champion, show a bad batch change nothing, inject drift,
-    and watch the loop replace the champion on its own."""
-    from features.simulator import ScenarioConfig
+# The demo world: an accelerated clock, history landed in bulk before any traffic, then a live
+# phase in which a simulated day passes in 36 wall seconds. Each live step lands one 48-hour
+# window (two files, so two ingest runs, then a features and a monitoring run) every 72 s: the
+# pipeline's own lag, a minute or two of wall time, is then 2-4 simulated days, well within
+# the merchant view's 7-day TTL (at 3600x on two busy cores it reached 7-12 days and merchant
+# rows expired). History is long enough for the 30-day features of most training rows to cover
+# whole windows (a shorter one trains on warm-up values that serving never sees again), and
+# history plus headroom stays under the contracts' 120-day maximum event age; the headroom
+# outlasts the live phase, so the clock never meets the wall clock during a demo.
+DEMO_SPEED = 2400.0  # 40 simulated minutes per wall second
+DEMO_HEADROOM = timedelta(days=45)
+DEMO_HISTORY = timedelta(days=64)
+DEMO_SPAN = timedelta(hours=48)
+DEMO_DRIFT_AFTER = timedelta(days=2)  # of served traffic before the drift
+LABEL_MATURITY = timedelta(days=7)  # TrainingSetConfig and live_performance's default
 
-    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins).
-    os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", "15000")
-    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
-    settings = Settings.from_env().ensure()
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+def demo_world(seed: int, clock) -> tuple[Any, int]:
+    """The demo's scenario, its history ending at the clock's (still) time, and the window the
+    simulator holds at once history is landed (the first live one)."""
+    from features.simulator import ScenarioConfig, Simulator
+
     scenario = ScenarioConfig(
         seed=seed,
         n_cards=1500,
-        n_merchants=200,
-        start=now - timedelta(days=80),
-        batch_span=timedelta(hours=48),
-        rows_per_batch=4000,
+        n_merchants=120,  # about 8 transactions a merchant a day: few rows past the 7-day TTL
+        start=clock.now().replace(minute=0, second=0, microsecond=0) - DEMO_HISTORY,
+        batch_span=DEMO_SPAN,
+        rows_per_batch=2000,  # a thousand a day
     )
+    return scenario, Simulator(scenario).batch_at(clock.now())
+
+
+def _inject_drift(platform: LivePlatform, drift: str, served_from: datetime) -> datetime:
+    """Once ``DEMO_DRIFT_AFTER`` of traffic is served, ask for drift; the simulated time it
+    starts at (the next whole window)."""
+    from orchestration.live import request_drift
+
+    live = platform.simulator
+    time.sleep(live.clock.wall_seconds_until(served_from + DEMO_DRIFT_AFTER))
+    request_drift(platform.settings.home, drift)
+    while live.drift != drift and not platform.stop_event.is_set():
+        time.sleep(0.5)
+    return live.sim.window(live.config.drift_start_batch)[0]
+
+
+def live_quality_by_phase(
+    rows: list[dict[str, Any]], first: str | None, new: str | None, drift_start: datetime | None
+) -> dict[str, Any]:
+    """The served model's live PR-AUC in each phase, from ``live_quality`` rows: before the
+    drift (cohorts ending before it), after it (the old champion on cohorts reaching into
+    it), after recovery (the new champion). Per phase its newest evaluated point and the
+    number of evaluated points."""
+    evaluated = [r for r in rows if r.get("pr_auc") is not None]
+
+    def phase(keep) -> dict[str, Any] | None:
+        points = [r for r in evaluated if keep(r)]
+        if not points:
+            return None
+        last = points[-1]
+        keys = ("champion", "pr_auc", "estimated_pr_auc", "labelled", "positives")
+        return {k: last.get(k) for k in keys} | {
+            "cohort_start": str(last.get("cohort_start")),
+            "cohort_end": str(last.get("cohort_end")),
+            "evaluations": len(points),
+        }
+
+    def end(r: dict[str, Any]) -> datetime:
+        stamp = r["cohort_end"]
+        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp
+
+    drifted = drift_start or datetime.max.replace(tzinfo=UTC)
+    return {
+        "before_drift": phase(lambda r: end(r) <= drifted),
+        "after_drift": phase(lambda r: end(r) > drifted and r["champion"] != new),
+        "after_recovery": phase(lambda r: new is not None and r["champion"] == new),
+        "drift_start": str(drift_start) if drift_start else None,
+        "first_champion": first,
+        "new_champion": new,
+    }
+
+
+def measured_by_phase(
+    settings: Settings, new: str | None, drift_start: datetime | None
+) -> dict[str, Any]:
+    """The live PR-AUC of every label-mature prediction served in each phase, measured from
+    the prediction log and the labels once the demo ends, with ``live_quality`` (the loop's
+    own points judge only the champion of the moment, on a trailing week: a champion replaced
+    before its predictions' labels matured is never judged there)."""
+    import polars as pl
+
+    from features.engineering import read_validated
+    from serving.monitoring import join_labels, live_quality, read_compacted
+
+    predictions = read_compacted(settings.home / "monitoring" / "status-log")
+    labels = read_validated(settings.lake, "labels")
+    if drift_start is None or not predictions.height or not labels.height:
+        return {}
+    joined = join_labels(predictions, labels)
+    newest = labels["label_timestamp"].max()
+    t, version = pl.col("timestamp"), pl.col("model_version")
+    phases = {
+        "before_drift": joined.filter(t < drift_start),
+        "after_drift": joined.filter((t >= drift_start) & (version != (new or ""))),
+        "after_recovery": joined.filter(version == (new or "")),
+    }
+    out: dict[str, Any] = {}
+    for name, part in phases.items():
+        q = live_quality(part, newest, label_maturity=LABEL_MATURITY, window=timedelta(days=3650))
+        out[name] = (
+            None
+            if q.pr_auc is None
+            else {
+                "pr_auc": q.pr_auc,
+                "estimated_pr_auc": q.estimated_pr_auc,
+                "labelled": q.labelled,
+                "positives": q.positives,
+                "versions": sorted(part["model_version"].unique().to_list()),
+            }
+        )
+    return out
+
+
+def _recovered_metric(settings: Settings, new: str) -> bool | None:
+    from serving.monitoring import read_live_quality
+
+    rows = read_live_quality(settings.home / "monitoring")
+    done = rows.filter((rows["champion"] == new) & rows["pr_auc"].is_not_null()).height
+    return True if done else None
+
+
+@click.command()
+@click.option("--drift", type=click.Choice(["concept", "covariate"]), default="concept")
+@click.option("--timeout", default=2100.0, show_default=True, help="Seconds before giving up.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--seed", default=7, show_default=True)
+def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
+    """Headless, bounded demo on an accelerated clock (a simulated day every 36 s): history
+    first, a champion trained on it serves live traffic, a bad batch changes nothing, drift is
+    injected, and the loop retrains from the drifted labels as they mature and replaces the
+    champion on its own. Prints the served model's live PR-AUC before the drift, after it, and
+    after recovery."""
+    from features.simulator import SimClock
+
+    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins):
+    # 11 simulated days of labels, so new data alone retrains once drifted labels matured.
+    os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", "11000")
+    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
+    # A third run slot: a training run (minutes) must not hold up ingestion and features.
+    os.environ.setdefault("LOOPLINE_MAX_CONCURRENT_RUNS", "3")
+    settings = Settings.from_env().ensure()
+    clock = SimClock(DEMO_SPEED, DEMO_HEADROOM)
+    scenario, live_from = demo_world(seed, clock)
     platform = LivePlatform(settings, port=free_port())
     deadline = time.monotonic() + timeout
     outcome = "timed out waiting for the first champion"
     skew: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    first = new = drift_start = None
     try:
-        # 40 batches of history: the first 14 train the first champion, the rest drift. The
-        # split is in time order and labels mature for 7 days, so drifted rows reach a
-        # challenger's train split only once validation and test are drifted too
-        # (docs/decisions.md, 17): 26 drifted batches make that a clear win, not a coin flip.
-        platform.start(scenario, interval_s=2.0, quiet=True, hold_at_batch=14)
+        step_s = DEMO_SPAN.total_seconds() / DEMO_SPEED
+        platform.start(
+            scenario, interval_s=step_s, quiet=True, hold_at_batch=live_from, clock=clock,
+            history_files=4, per_batch=2000,
+        )  # fmt: skip
         console.print(
             f"Dagster on http://127.0.0.1:{platform.port} (headless), home {settings.home}"
         )
@@ -398,37 +584,29 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
             skew = _skewed_batch_check(
                 platform, first, wait_s=max(0.0, deadline - time.monotonic())
             )
-            from orchestration.live import request_drift
-
-            request_drift(settings.home, drift)
-            platform.simulator.paused.clear()
-            drift_at = datetime.now(UTC).isoformat()
-            console.print(f"injecting {drift} drift")
-
-            def replaced() -> str | None:
-                registry = _registry(settings)
-                promoted = [
-                    e for e in registry.events() if e.kind == "promoted" and e.at > drift_at
-                ]
-                served = _champion_served(platform)
-                return served if promoted and served == promoted[-1].version else None
-
-            new = _wait_for(deadline, replaced, "a new champion", settings, every_s=1.0)
+            clock.start()
+            platform.simulator.paused.clear()  # live traffic, on the accelerated clock
+            drift_start = _inject_drift(platform, drift, clock.now())
+            console.print(f"{drift} drift from simulated {drift_start:%Y-%m-%d %H:%M}")
+            new = _wait_for(
+                deadline,
+                lambda: _replaced_after(platform, drift_start),
+                "a champion trained on drifted labels",
+                settings,
+            )
             outcome = (
                 f"{first} replaced by {new} after {drift} drift"
                 if new
                 else f"timed out waiting for a champion after {drift} drift"
             )
             if new:
-                answered_at = datetime.now(UTC)
-                latency = loop_latency(settings, new, answered_at)
-                # No more batches (nothing new to trigger on); customers reach the new
-                # champion: score a sample of the newest batch.
-                live = platform.simulator
-                live.paused.set()
-                frame = live.sim.transactions(max(live.next_batch - 1, 0))
-                frame = frame.filter(frame["event_timestamp"] < answered_at)  # none from the future
-                platform.traffic.send(platform.traffic.requests_of_frame(frame))
+                latency = loop_latency(settings, new, datetime.now(UTC))
+                _wait_for(
+                    deadline,
+                    lambda: _recovered_metric(settings, new),
+                    f"{new}'s live metric",
+                    settings,
+                )
                 # The promoting run watches the new version after promotion: let it finish
                 # rather than stop Dagster under it.
                 _wait_for(
@@ -447,15 +625,55 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     data["loop_latency"] = latency
     data["schema_skew_check"] = skew
     data["retrainings"] = _loop_runs(settings)
+    data["live_quality_by_phase"] = live_quality_by_phase(
+        data.get("live_quality", []), first, new, drift_start
+    ) | {"measured_at_end": measured_by_phase(settings, new, drift_start)}
+    data["clock"] = {"speed": DEMO_SPEED, "simulated_now": clock.now().isoformat()}
     if platform.traffic is not None:
         data["traffic"] = {"sent": platform.traffic.sent, "failed": platform.traffic.failed}
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         print_summary(data)
+        _print_phases(data)
         console.print(f"[bold]{outcome}[/]")
     if " replaced by " not in outcome:
         raise SystemExit(1)
+
+
+def _replaced_after(platform: LivePlatform, drift_start: datetime) -> str | None:
+    """The newest champion whose training data reaches past ``drift_start`` (it learned from
+    drifted labels), once TorchServe serves it; else None. A promotion of a model trained on
+    the old world alone (a retraining started before drifted labels matured) is no recovery."""
+    registry = _registry(platform.settings)
+    promoted = [e.version for e in registry.events() if e.kind == "promoted"]
+    served = _champion_served(platform)
+    if not promoted or served != promoted[-1]:
+        return None
+    end = registry.get(served).data_window.get("end")
+    return served if end and datetime.fromisoformat(end) > drift_start else None
+
+
+def _print_phases(data: dict[str, Any]) -> None:
+    phases = data["live_quality_by_phase"]
+    for name in ("before_drift", "after_drift", "after_recovery"):
+        point = phases.get(name)
+        text = (
+            f"{point['champion']}: live PR-AUC {point['pr_auc']:.3f} on {point['labelled']} "
+            f"labelled ({point['positives']} frauds), cohort to {point['cohort_end'][:16]}"
+            if point
+            else "not evaluated by the loop"
+        )
+        end = phases["measured_at_end"].get(name)
+        if end:
+            text += (
+                f"; all its label-mature predictions ({', '.join(end['versions'])}): "
+                f"{end['pr_auc']:.3f} on {end['labelled']} ({end['positives']} frauds)"
+            )
+        console.print(f"live quality {name.replace('_', ' ')}: {text}")
+    rate = data.get("availability", {}).get("unknown_entity_rate")
+    if rate is not None:
+        console.print(f"requests with unknown entities: {rate:.2%}")
 
 
 def _first_champion(platform: LivePlatform) -> str | None:

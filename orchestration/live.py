@@ -3,7 +3,10 @@ traffic that sends each landed transactions batch to the served model.
 
 Plain Python (no Dagster): ``loopline run`` and ``loopline demo`` drive it beside the Dagster
 daemon and TorchServe. ``loopline simulate --drift concept`` while it runs writes the control
-file; the running simulator switches from its next batch on, keeping the same seed and clock.
+file; the running simulator switches from its next whole window on, keeping the same seed and
+clock. With a ``SimClock`` the history (whole windows up to the clock's start) is landed first,
+in a few large files, and is not traffic; the live steps then follow the accelerated clock, so
+a customer request carries a time near simulated now and is scored with fresh features.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class LiveSimulator:
         fmt: str = "parquet",
         on_batch: Callable[[simulator.LandedBatch], None] | None = None,
         hold_at_batch: int | None = None,
+        clock: simulator.SimClock | None = None,
+        history_files: int = 4,
     ) -> None:
         sim = simulator.Simulator(config)
         self.config = replace(config, start=sim.start)  # one clock across scenario switches
@@ -84,6 +89,9 @@ class LiveSimulator:
         self.paused = threading.Event()
         self.hold_at_batch = hold_at_batch  # pause by itself before landing this batch
         self.retried: str | None = None  # the rejected run more data was released for
+        self.clock = clock
+        self.history_files = history_files
+        self.live = clock is None  # False while history is landed: it is not traffic
 
     def _switch_if_asked(self) -> None:
         try:
@@ -93,9 +101,12 @@ class LiveSimulator:
         if wanted == self.drift:
             return
         self.drift = wanted
-        self.config = replace(self.config, drift=wanted, drift_start_batch=self.next_batch)
+        # Windows are generated whole: one partly landed keeps its scenario to its end.
+        whole = self.resume_at is None or self.resume_at == self.sim.window(self.next_batch)[0]
+        start = self.next_batch if whole else self.next_batch + 1
+        self.config = replace(self.config, drift=wanted, drift_start_batch=start)
         self.sim = simulator.Simulator(self.config)
-        logger.warning("simulator: %s drift from batch %d on", wanted, self.next_batch)
+        logger.warning("simulator: %s drift from batch %d on", wanted, start)
 
     def step(self, stop: threading.Event | None = None) -> list[simulator.LandedBatch]:
         self._switch_if_asked()
@@ -114,6 +125,7 @@ class LiveSimulator:
             stop=stop,
             land_reference=not self.landed,
             simulator=self.sim,
+            clock=self.clock.now if self.clock is not None else None,
             **kwargs,
         )
         steps = [b for b in landed if b.batch_index >= 0]
@@ -124,15 +136,38 @@ class LiveSimulator:
         self.landed += landed
         return landed
 
+    def land_history(self) -> list[simulator.LandedBatch]:
+        """Reference data, then every whole window before the clock's (still) time in
+        ``history_files`` files per dataset; the live steps resume after them."""
+        until = self.clock.now()
+        landed = simulator.land_reference_data(self.sim, self.landing, self.fmt, self.on_batch)
+        landed += simulator.land_history(
+            self.sim,
+            self.landing,
+            until=until,
+            files=self.history_files,
+            fmt=self.fmt,
+            on_batch=self.on_batch,
+        )
+        self.next_batch = max(0, self.sim.batch_at(until))
+        self.resume_at = self.sim.window(self.next_batch)[0]
+        self.landed += landed
+        self.live = True
+        return landed
+
     def run(self, stop: threading.Event) -> None:
         pid_file = self.home / "simulator.pid"
         write_json_atomic({"pid": os.getpid()}, pid_file)
         try:
+            if self.clock is not None and not self.clock.started:
+                self.land_history()
             while not stop.is_set():
                 if self.hold_at_batch is not None and self.next_batch >= self.hold_at_batch:
                     self.hold_at_batch = None
                     self.paused.set()
                 if not self.paused.is_set():
+                    if self.clock is not None:
+                        self.clock.start()  # the live phase begins with the first live step
                     self.step(stop)
                 stop.wait(self.interval_s)
         finally:

@@ -278,6 +278,37 @@ def test_concept_drift_keeps_inputs_and_changes_which_rows_are_fraud():
     assert 0.7 < after["is_fraud"].mean() / before["is_fraud"].mean() < 1.3
 
 
+def test_drift_strength_scales_covariate_drift_and_full_strength_is_the_default():
+    none = _joined(_sim(), range(4, 12))
+    full = _sim(drift="covariate", drift_start_batch=4)
+    explicit = _sim(drift="covariate", drift_start_batch=4, drift_strength=1.0)
+    assert encode(explicit.transactions(6)) == encode(full.transactions(6))
+    small = _joined(_sim(drift="covariate", drift_start_batch=4, drift_strength=0.25), range(4, 12))
+    strong = _joined(full, range(4, 12))
+    median = [d["amount"].median() for d in (none, small, strong)]
+    assert median[0] < median[1] < median[2]
+    assert median[1] / median[0] < 1.2  # 1.6 ** 0.25 = 1.12
+    online = [(d["channel"] == "online").mean() for d in (none, small, strong)]
+    assert online[1] - online[0] < 0.4 * (online[2] - online[0])
+    zero = _sim(drift="covariate", drift_start_batch=0, drift_strength=0.0)
+    assert encode(zero.transactions(3)) == encode(_sim().transactions(3))
+
+
+def test_concept_drift_strength_is_the_share_of_the_mechanism_that_turns():
+    def flipped(strength: float) -> int:
+        none = _joined(_sim(), range(4, 10))
+        drifted = _sim(drift="concept", drift_start_batch=4, drift_strength=strength)
+        return int((none["is_fraud"] != _joined(drifted, range(4, 10))["is_fraud"]).sum())
+
+    half, full = flipped(0.5), flipped(1.0)
+    assert flipped(0.0) == 0
+    assert 0.35 * full < half < 0.65 * full
+    with pytest.raises(ValueError, match="drift_strength"):
+        ScenarioConfig(drift="concept", drift_strength=1.5)
+    with pytest.raises(ValueError, match="drift_strength"):
+        ScenarioConfig(drift_strength=-0.1)
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 

@@ -84,3 +84,92 @@ def test_traffic_sends_valid_requests_for_good_batches_only(tmp_path):
     traffic.submit(bad)  # a faulty batch is not customer traffic
     traffic.stop()
     assert traffic.sent == 20 and len(client.calls) == 3
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+WALL = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def _clocked(tmp_path, timer, **kw):
+    """A LiveSimulator on an accelerated clock (a simulated hour per wall second), with 10
+    days of 12-hour windows of history before the clock's start."""
+    clock = simulator.SimClock(3600.0, timedelta(days=20), wall=WALL, timer=timer)
+    config = simulator.ScenarioConfig(
+        seed=4,
+        n_cards=150,
+        n_merchants=30,
+        rows_per_batch=300,
+        batch_span=timedelta(hours=12),
+        start=WALL - timedelta(days=30),
+    )
+    seen = []
+    home = tmp_path / "home"
+    live = LiveSimulator(
+        config,
+        home / "landing",
+        home,
+        interval_s=0,
+        clock=clock,
+        history_files=2,
+        on_batch=lambda b: seen.append((b, live.live)),
+        **kw,
+    )
+    return live, clock, seen, home
+
+
+def test_history_lands_first_in_bulk_and_is_not_traffic_then_steps_follow_the_clock(tmp_path):
+    timer = _Timer()
+    live, clock, seen, _ = _clocked(tmp_path, timer)
+    live.land_history()
+    history = [b for b, is_live in seen if b.dataset == "transactions"]
+    assert [b.path.name for b in history] == [
+        "transactions-b000000-b000009.parquet",
+        "transactions-b000010-b000019.parquet",
+    ]
+    assert not any(is_live for _, is_live in seen)  # history: no customer traffic
+    assert history[-1].window_end == clock.now() == WALL - timedelta(days=20)
+
+    clock.start()
+    for _ in range(3):
+        timer.t += 7.5  # 7.5 simulated hours a step
+        live.step()
+    steps = [b for b, is_live in seen if b.dataset == "transactions" and is_live]
+    assert len(steps) == 3
+    assert steps[-1].window_end == clock.now()  # traffic near simulated now
+    times = pl.concat(pl.read_parquet(b.path) for b in steps)["event_timestamp"]
+    assert times.min() >= history[-1].window_end and times.max() < clock.now()
+    assert clock.now() - history[-1].window_end == timedelta(hours=22.5)
+    now = clock.now()
+    for r in Traffic(_Client(), per_batch=5).requests_of(steps[-1].path):
+        t = validate_transaction(r, index=0, now=WALL).timestamp
+        assert steps[-1].window_start <= t < now  # requests carry simulated now
+
+
+def test_drift_asked_mid_window_starts_at_the_next_whole_window(tmp_path):
+    timer = _Timer()
+    live, clock, _, home = _clocked(tmp_path, timer)
+    live.land_history()
+    clock.start()
+    timer.t += 5  # 5 hours into window 20
+    live.step()
+    request_drift(home, "concept")
+    timer.t += 10  # through the rest of window 20 and into 21
+    live.step()
+    live.step()
+    assert live.config.drift == "concept" and live.config.drift_start_batch == 21
+    plain = simulator.Simulator(live.config.__class__(**{**live.config.__dict__, "drift": "none"}))
+    landed = pl.concat(
+        pl.read_parquet(p) for p in sorted((home / "landing").glob("transactions-b000020-*"))
+    )
+    assert landed.equals(plain.transactions(20))  # the window begun before the switch: whole
+    labels = pl.concat(pl.read_parquet(p) for p in (home / "landing").glob("labels-b00002*"))
+    truth = pl.concat([plain.ground_truth(k) for k in range(15, 21)])
+    joined = labels.join(truth, on="transaction_id")
+    assert joined.height and (joined["is_fraud"] == joined["is_fraud_right"]).all()

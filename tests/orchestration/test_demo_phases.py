@@ -1,0 +1,48 @@
+"""The demo's live-quality report: the served model's live PR-AUC per phase of the story."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from orchestration.cli_loop import live_quality_by_phase
+
+DRIFT = datetime(2026, 11, 10, tzinfo=UTC)
+
+
+def _row(champion: str, end_days: float, pr_auc: float | None) -> dict:
+    end = DRIFT + timedelta(days=end_days)
+    return {
+        "champion": champion,
+        "cohort_start": (end - timedelta(days=7)).isoformat(),
+        "cohort_end": end.isoformat(),  # as summary() gives them: ISO text
+        "pr_auc": pr_auc,
+        "estimated_pr_auc": None if pr_auc is None else pr_auc + 0.01,
+        "labelled": 900,
+        "positives": 9,
+    }
+
+
+def test_each_phase_reports_its_newest_evaluated_point() -> None:
+    rows = [
+        _row("v0001", -3, None),  # not evaluated (one class): not a point
+        _row("v0001", -2, 0.41),
+        _row("v0001", -0.5, 0.45),
+        _row("v0001", 1, 0.30),  # reaches into the drift: the old champion after it
+        _row("v0001", 3, 0.12),
+        _row("v0003", 9, 0.38),  # the new champion's own predictions
+    ]
+    phases = live_quality_by_phase(rows, "v0001", "v0003", DRIFT)
+    assert phases["before_drift"]["pr_auc"] == 0.45 and phases["before_drift"]["evaluations"] == 2
+    assert phases["after_drift"]["pr_auc"] == 0.12 and phases["after_drift"]["evaluations"] == 2
+    assert phases["after_recovery"] == phases["after_recovery"] | {
+        "champion": "v0003",
+        "pr_auc": 0.38,
+        "evaluations": 1,
+    }
+
+
+def test_a_phase_never_evaluated_reads_as_none() -> None:
+    phases = live_quality_by_phase([_row("v0001", -1, 0.4)], "v0001", None, DRIFT)
+    assert phases["before_drift"]["pr_auc"] == 0.4
+    assert phases["after_drift"] is None and phases["after_recovery"] is None
+    assert live_quality_by_phase([], None, None, None)["before_drift"] is None
