@@ -95,3 +95,8 @@ $(DRIFT_PEER)/.installed: benchmarks/requirements-drift-peer.txt
 	@test -x $(DRIFT_PEER)/bin/python || $(PYTHON) -m venv $(DRIFT_PEER)
 	$(DRIFT_PEER)/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements-drift-peer.txt
 	@touch $@
+
+# 30 simulated days of the demo's scenario through static, nightly and triggers (issue 14).
+.PHONY: bench-backtest
+bench-backtest: setup
+	$(BIN)/python -m benchmarks.bench_backtest

@@ -5,7 +5,7 @@ Each asset group lives in its own module with its own ``defs``; this file merges
 
 import dagster as dg
 
-from orchestration import features, ingest, monitoring, serving, training
+from orchestration import backtesting, features, ingest, monitoring, serving, training
 from orchestration.resources import LooplineStorage
 
 defs = dg.Definitions.merge(
@@ -14,5 +14,6 @@ defs = dg.Definitions.merge(
     training.defs,
     serving.defs,
     monitoring.defs,
+    backtesting.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

@@ -1,0 +1,165 @@
+"""The backtest: its live-metric arithmetic, and the recovery it measures through real code.
+
+The unit tests pin what the table reports (the cohort metric and time to recover); the slow
+ones replay the demo's scenario through the real features, training sets, training, gate
+and trigger policy in simulated time, and hold the properties issue 14 asks of the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.engineering import TS
+from orchestration.backtest import (
+    Adaptation,
+    PolicySpec,
+    Retraining,
+    cohort_series,
+    demo_config,
+    run_backtest,
+    steps_to_recover,
+    summarize,
+)
+from orchestration.triggers import TriggerPolicy
+from serving.monitoring import SCORE
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def _predictions(ranked_well: dict[int, bool], rows: int = 100, positives: int = 5) -> pl.DataFrame:
+    """Per step, predictions that rank every fraud first (True) or last (False)."""
+    parts = []
+    for step, good in ranked_well.items():
+        fraud = np.r_[np.ones(positives), np.zeros(rows - positives)]
+        score = np.linspace(0.9, 0.01, rows) if good else np.linspace(0.01, 0.9, rows)
+        parts.append(
+            pl.DataFrame(
+                {
+                    TS: [T0 + timedelta(days=step, minutes=i) for i in range(rows)],
+                    "step": step,
+                    "version": "v0001",
+                    SCORE: score,
+                    "is_fraud": fraud.astype(bool),
+                }
+            )
+        )
+    return pl.concat(parts)
+
+
+def test_cohort_metric_pools_a_trailing_window_that_never_crosses_the_drift():
+    series = cohort_series(_predictions({0: True, 1: True, 2: False, 3: True}), 2, smoothing=3)
+    by_step = {r["step"]: r for r in series.to_dicts()}
+    assert by_step[1]["pr_auc"] == pytest.approx(1.0)
+    assert by_step[2]["pr_auc"] < 0.1  # frauds ranked last
+    # Step 2 is the first after the drift: its window is itself, not steps 0-1's good days.
+    assert by_step[2]["smoothed_pr_auc"] == pytest.approx(by_step[2]["pr_auc"])
+    # Step 3 pools steps 2 and 3: between the bad day and the good one.
+    assert by_step[2]["pr_auc"] < by_step[3]["smoothed_pr_auc"] < 1.0
+    assert by_step[0]["rows"] == 100 and by_step[0]["positives"] == 5
+    # The label-free estimate is there for every cohort, a probability-like figure.
+    assert all(0.0 <= r["smoothed_estimate"] <= 1.0 for r in by_step.values())
+
+
+def test_time_to_recover_counts_cohorts_from_the_drift_to_the_first_back_at_ninety_percent():
+    smoothed = [0.60, 0.60, 0.10, math.nan, 0.50, 0.55, 0.20]
+    steps = list(range(7))
+    # target 0.54: step 5 is the first at or above it; cohorts 2, 3, 4, 5 -> 4.
+    assert steps_to_recover(smoothed, steps, 2, 0.60, 0.9) == 4
+    assert steps_to_recover(smoothed, steps, 2, 0.70, 0.9) is None
+    # A pre-drift cohort above the target does not count as recovery.
+    assert steps_to_recover([0.9, 0.1, 0.2], [0, 1, 2], 1, 0.6, 0.9) is None
+
+
+def test_summary_reports_recovery_in_days_and_label_maturity_periods():
+    config = demo_config("concept", days=7, drift_after=2)
+    first = config.first_step
+    series = cohort_series(
+        _predictions({first + i: good for i, good in enumerate([1, 1, 0, 0, 1, 1, 1])}),
+        config.drift_step,
+        config.smoothing_batches,
+    ).with_columns(pl.lit(0.0).alias("max_psi"))
+    drift_retraining = Retraining(
+        first + 2, T0, "decay", "live PR-AUC fell", True, True, (), "v0002", seconds=4.0
+    )
+    summary = summarize("triggers", series, [drift_retraining], config, first_seconds=6.0)
+    assert summary.pre_drift_pr_auc == pytest.approx(1.0)
+    # Drift at step first+2, two bad cohorts, then good ones: a 3-cohort window holding a bad
+    # day is not back at 90%, so the fifth cohort after the drift is the first recovered.
+    assert summary.recovery_days == 5.0
+    assert summary.recovery_periods == pytest.approx(5 / 7)
+    assert summary.drift_or_decay_retrainings == 1 and summary.by_trigger == {"decay": 1}
+    assert summary.train_seconds == pytest.approx(10.0)
+    # The mean of the post-drift cohorts: three perfect of five, two near zero.
+    assert 0.6 < summary.post_drift_mean_pr_auc < 0.65
+
+
+def test_policies_are_spelled_kind_plus_adaptation_options():
+    spec = PolicySpec.parse("triggers+hold50+win21d+hl7")
+    assert spec == PolicySpec("triggers", Adaptation(50, 21.0, 7.0))
+    assert spec.name == "triggers+hold50+win21d+hl7d"
+    assert PolicySpec.parse(spec.name) == spec
+    assert PolicySpec.parse("static").adaptation == Adaptation()
+    with pytest.raises(ValueError, match="policy must be one of"):
+        PolicySpec.parse("weekly")
+    with pytest.raises(ValueError, match="unknown policy option"):
+        PolicySpec.parse("nightly+fast")
+
+
+# -- through the real code, in simulated time -------------------------------------------------
+
+# The short variant: 24 served days, drift 3 days in, so 21 days (3 label-maturity periods)
+# follow it. The concept drift strikes a compromised grocery chain (15% of the category's
+# merchants): a world a model can learn (ceiling ~0.60 PR-AUC, as before the drift), unlike
+# the default whole-segment drift (ceiling ~0.37 against ~0.57 before it).
+SHORT_DAYS, SHORT_DRIFT_AFTER = 24, 3
+DEFAULT_POLICY = "triggers+hold30+hl3d"
+# The trigger thresholds the backtest recommends: at ~20 frauds a day, one day's PSI on the
+# chargeback rate reaches 0.23 and a week's live PR-AUC sits 15-30% under the offline figure
+# with no drift at all, so the current defaults (0.2, 15%, 200 rows) retrain on noise.
+RECOMMENDED_TRIGGERS = TriggerPolicy(
+    drift_psi=0.3, decay_pr_auc_drop=0.35, min_labelled_for_decay=10_000
+)
+
+
+@pytest.mark.slow
+def test_concept_drift_is_measured_and_answered_by_gated_retrainings():
+    config = demo_config(
+        "concept",
+        days=SHORT_DAYS,
+        drift_after=SHORT_DRIFT_AFTER,
+        concept_merchant_share=0.15,
+        triggers=RECOMMENDED_TRIGGERS,
+    )
+    result = run_backtest(config, [PolicySpec.parse("static"), PolicySpec.parse(DEFAULT_POLICY)])
+    static, adaptive = result.policies["static"], result.policies[DEFAULT_POLICY]
+    # The damage is seen: the first model serves at under a third of its level after the drift.
+    assert static.summary.post_drift_mean_pr_auc < 0.3 * static.summary.pre_drift_pr_auc
+    # The policy answers with a drift or decay retraining within three label-maturity periods
+    # (with these thresholds it takes ~19 days: decay needs 10,000 label-mature predictions of
+    # the current champion, and every promotion starts that count again).
+    drift_day = config.drift_step
+    answered = [r for r in adaptive.retrainings if r.trigger in ("drift", "decay")]
+    assert answered and answered[0].step - drift_day < 21, adaptive.retrainings
+    # Every promotion beat the champion on the candidate's own test split (the gate held).
+    promoted = [r for r in adaptive.retrainings if r.promoted]
+    assert promoted
+    assert all(r.candidate_pr_auc > r.champion_pr_auc for r in promoted)
+    # Later retrainings learn from drifted rows that reached their train split.
+    assert max(r.drifted_train_share or 0.0 for r in adaptive.retrainings) > 0.05
+
+
+@pytest.mark.slow
+def test_without_drift_the_trigger_policy_never_retrains_for_drift_or_decay():
+    config = demo_config("none", days=14, triggers=RECOMMENDED_TRIGGERS)
+    result = run_backtest(config, [PolicySpec.parse(DEFAULT_POLICY)])
+    policy = result.policies[DEFAULT_POLICY]
+    assert policy.summary.drift_or_decay_retrainings == 0, policy.retrainings
+    # The live metric was measured every day and stayed near its level.
+    series = policy.series
+    assert series.height == 14
+    assert series["smoothed_pr_auc"].min() > 0.5 * policy.summary.pre_drift_pr_auc
