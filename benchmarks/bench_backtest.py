@@ -8,8 +8,8 @@ days before the first champion, drift 5 days after it), computes features, appli
 repo in a temporary home and replays every policy through training, gate and triggers.
 
 Figures: wall time (scenario and features; the whole run), simulated seconds per wall second
-(30 days for every policy at once), and two anchors: the demo's accelerated clock (3600x:
-one simulated hour per second), and the wall time of one retraining (candidate, baseline and
+(30 days for every policy at once), and two anchors: the demo's accelerated clock
+(``orchestration.cli_loop.DEMO_SPEED``, 2400x), and the wall time of one retraining (candidate, baseline and
 their evaluation), i.e. how many retrainings the whole backtest costs. Retrainings shared
 between policies (same step, same options) run once; their count is printed.
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import time
-
-DEMO_CLOCK = 3600.0  # `loopline demo`: one simulated hour per wall second
 
 
 def main() -> None:
@@ -32,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from orchestration.backtest import PolicySpec, demo_config, run_backtest, summary_markdown
+    from orchestration.cli_loop import DEMO_SPEED as DEMO_CLOCK
 
     specs = [PolicySpec.parse(p) for p in args.policies.split(",")]
     config = demo_config(args.drift, seed=args.seed, days=args.days, torch_threads=args.threads)
