@@ -116,7 +116,7 @@ class MonitoringConfig(dg.Config):
     Window (drift and availability): the champion's answered predictions of the last
     ``window_hours`` of event time (the transaction's timestamp, never the log's wall-clock
     ``logged_at``) before its newest one. Event time, because the demo's simulated clock runs
-    up to 3600x faster than the wall clock: a wall-clock day would hold weeks of simulated
+    thousands of times faster than the wall clock: a wall-clock day would hold weeks of simulated
     traffic, an event-time day holds one day in the demo and in a deployment alike. A day, so
     the window spans a whole daily cycle (``hour_of_day`` is skewed in part of a day). When
     that day holds fewer than ``window_min_rows`` predictions (a quiet deployment, the demo's
