@@ -122,6 +122,9 @@ class TrainConfig:
 
 
 CATEGORICAL_DTYPES = frozenset({"String"})
+# Columns of the transaction itself, next to the FeatureService's stored features.
+REQUEST_NUMERIC: tuple[str, ...] = ("amount",)
+REQUEST_CATEGORICAL: tuple[str, ...] = ("country", "channel")
 
 
 def feature_spec_from_fields(
@@ -174,3 +177,19 @@ class GatePolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def feature_spec_of_service(service: Any, label: str = "label") -> FeatureSpec:
+    """The model's inputs: a Feast FeatureService's features (read from its
+    ``feature_view_projections``, so no Feast import here) plus the transaction's own columns."""
+    schema = [
+        (f.name, str(f.dtype))
+        for projection in service.feature_view_projections
+        for f in projection.features
+    ]
+    return feature_spec_from_fields(
+        schema,
+        request_numeric=REQUEST_NUMERIC,
+        request_categorical=REQUEST_CATEGORICAL,
+        label=label,
+    )

@@ -66,7 +66,7 @@ from features.training_set import (
 from models.evaluate import EvaluationReport, evaluate_model, predict_proba
 from models.gate import InfraReport, validate_challenger
 from models.metrics import average_precision, expected_average_precision
-from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_from_fields
+from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_of_service
 from models.train import TrainResult, train_baseline, train_model
 from orchestration.triggers import (
     Signal,
@@ -82,9 +82,6 @@ from serving.monitoring import SCORE, live_quality, serving_drift
 
 POLICY_KINDS: tuple[str, ...] = ("static", "nightly", "triggers")
 DRIFT_OR_DECAY = frozenset({"drift", "decay"})
-# The transaction's own fields the model reads beside the FeatureService (as in training).
-REQUEST_NUMERIC: tuple[str, ...] = ("amount",)
-REQUEST_CATEGORICAL: tuple[str, ...] = ("country", "channel")
 INFRA_NOT_REPLAYED = (
     "the gate's infrastructure checks (reload, size, latency) are not replayed: "
     "every candidate counts as servable"
@@ -314,14 +311,7 @@ def build_world(config: BacktestConfig) -> World:
 
 
 def _feature_spec(store: Any) -> FeatureSpec:
-    schema = [
-        (f.name, str(f.dtype))
-        for projection in store.get_feature_service(SERVICE).feature_view_projections
-        for f in projection.features
-    ]
-    return feature_spec_from_fields(
-        schema, request_numeric=REQUEST_NUMERIC, request_categorical=REQUEST_CATEGORICAL
-    )
+    return feature_spec_of_service(store.get_feature_service(SERVICE))
 
 
 def known_labels(world: World, now: datetime) -> pl.DataFrame:

@@ -24,9 +24,6 @@ from orchestration.settings import REPO_ROOT
 
 GROUP = "training"
 MODEL_NAME = "fraud_model"
-# Columns of the transaction itself, next to the FeatureService's stored features.
-REQUEST_NUMERIC = ("amount",)
-REQUEST_CATEGORICAL = ("country", "channel")
 HEADLINE_METADATA = ("pr_auc", "roc_auc", "log_loss", "brier", "ece", "precision", "recall")
 
 _TRAIN = TrainConfig()
@@ -96,19 +93,12 @@ def feature_spec(home: Path, service_name: str) -> FeatureSpec:
     from feast import FeatureService
 
     from features.feature_repo.definitions import build_definitions
-    from models.spec import feature_spec_from_fields
+    from models.spec import feature_spec_of_service
 
     services = {d.name: d for d in build_definitions(home) if isinstance(d, FeatureService)}
     if service_name not in services:
         raise dg.Failure(f"unknown FeatureService {service_name!r}; known: {sorted(services)}")
-    schema = [
-        (f.name, str(f.dtype))
-        for projection in services[service_name].feature_view_projections
-        for f in projection.features
-    ]
-    return feature_spec_from_fields(
-        schema, request_numeric=REQUEST_NUMERIC, request_categorical=REQUEST_CATEGORICAL
-    )
+    return feature_spec_of_service(services[service_name])
 
 
 def _train_and_save(
