@@ -16,6 +16,7 @@ from models.jsonutil import json_safe
 from models.loop import predict_logits
 from models.metrics import (
     CalibrationCurve,
+    average_precision_se,
     best_f1_threshold,
     binary_metrics,
     calibration_curve,
@@ -170,6 +171,8 @@ def evaluate_scores(
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(probs, dtype=np.float64)
     metrics = binary_metrics(y, p, threshold)
+    # How far this PR-AUC may move by chance: the decay trigger weighs it (decision 26).
+    metrics["pr_auc_se"] = average_precision_se(y, p)
     calibration = calibration_curve(y, p, n_bins)
     metrics["ece"] = calibration.ece
     precision, recall, _ = precision_recall_curve(y, p)

@@ -266,3 +266,72 @@ def expected_threshold_metrics(probabilities: np.ndarray, threshold: float) -> d
         "fp": fp,
         "fn": fn,
     }
+
+
+# -- how much a PR-AUC moves by chance ------------------------------------------------------
+#
+# With ~1% positives a PR-AUC rests on a few dozen to a few hundred positives, and it moves by
+# 0.05-0.15 from one sample to the next. A retraining trigger that compares two such numbers
+# without their noise fires on chance (decision 26). Both errors below are Monte Carlo, fully
+# vectorised over draws, with a fixed seed so a figure is reproducible; they ignore score ties
+# (each row its own threshold), which changes them by far less than their own precision.
+
+SE_DRAWS = 200
+_SE_CELLS = 4_000_000  # draws x rows held in memory at once
+
+
+def _ranked(scores: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    return [np.asarray(a, dtype=np.float64)[order] for a in others]
+
+
+def _weighted_ap(w_pos: np.ndarray, w_all: np.ndarray) -> np.ndarray:
+    """AP per row of (draws, rows) weights on rank-ordered rows: positive weight and weight."""
+    hits = np.cumsum(w_pos, axis=1)
+    seen = np.cumsum(w_all, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = hits[:, -1]
+        return np.sum(w_pos * np.where(seen > 0, hits / seen, 0.0), axis=1) / total
+
+
+def _draw_chunks(rows: int, draws: int) -> list[int]:
+    size = max(1, min(draws, _SE_CELLS // max(rows, 1)))
+    return [min(size, draws - start) for start in range(0, draws, size)]
+
+
+def average_precision_se(
+    y_true: np.ndarray, scores: np.ndarray, *, draws: int = SE_DRAWS, seed: int = 0
+) -> float:
+    """Standard error of `average_precision` over resamples of the rows (Poisson bootstrap:
+    each row weighted by a Poisson(1) count, one sort for all draws). NaN without positives."""
+    y, s = _as_arrays(y_true, scores)
+    if y.sum() == 0 or y.sum() == y.size:
+        return math.nan
+    (y_ranked,) = _ranked(s, y)
+    rng = np.random.default_rng(seed)
+    values = []
+    for chunk in _draw_chunks(y.size, draws):
+        w = rng.poisson(1.0, size=(chunk, y.size)).astype(np.float64)
+        values.append(_weighted_ap(w * y_ranked, w))
+    ap = np.concatenate(values)
+    return float(np.nanstd(ap, ddof=1))
+
+
+def expected_average_precision_se(
+    probabilities: np.ndarray, *, draws: int = SE_DRAWS, seed: int = 0
+) -> float:
+    """Standard error of the PR-AUC that these predictions would realise if each label were
+    Bernoulli(p): how far the realised figure may fall from `expected_average_precision` by
+    chance alone, before any miscalibration. NaN when no row can be positive."""
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    if p.size == 0 or float(p.sum()) <= 0.0:
+        return math.nan
+    (p_ranked,) = _ranked(p, p)
+    rng = np.random.default_rng(seed)
+    values = []
+    for chunk in _draw_chunks(p.size, draws):
+        labels = (rng.random((chunk, p.size)) < p_ranked).astype(np.float64)
+        values.append(_weighted_ap(labels, np.ones_like(labels)))
+    ap = np.concatenate(values)
+    ap = ap[np.isfinite(ap)]
+    return float(np.std(ap, ddof=1)) if ap.size > 1 else math.nan

@@ -8,11 +8,14 @@ from scipy import stats
 
 from models.metrics import (
     average_precision,
+    average_precision_se,
     average_ranks,
     best_f1_threshold,
     binary_metrics,
     brier_score,
     calibration_curve,
+    expected_average_precision,
+    expected_average_precision_se,
     log_loss,
     precision_recall_curve,
     roc_auc,
@@ -120,3 +123,35 @@ def test_bad_inputs_are_rejected():
         roc_auc(np.array([0, 1]), np.array([0.5]))
     with pytest.raises(ValueError, match="NaN"):
         average_precision(np.array([0, 1]), np.array([0.5, np.nan]))
+
+
+def _fraud_like(n: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < rate).astype(np.float64)
+    return y, y * rng.normal(1.5, 1.0, n) + rng.normal(0.0, 1.0, n)
+
+
+def test_pr_auc_standard_error_matches_resampling_and_shrinks_with_positives():
+    y, s = _fraud_like(8000, 0.01, seed=5)
+    rng = np.random.default_rng(9)
+    resampled = []
+    for _ in range(300):
+        i = rng.integers(0, y.size, y.size)
+        resampled.append(average_precision(y[i], s[i]))
+    naive = float(np.nanstd(resampled, ddof=1))
+    se = average_precision_se(y, s)
+    assert 0.8 * naive < se < 1.25 * naive
+    y_big, s_big = _fraud_like(80_000, 0.01, seed=5)
+    assert average_precision_se(y_big, s_big) < 0.5 * se  # ten times the positives
+    assert average_precision_se(y, s) == se  # seeded: reproducible
+    assert math.isnan(average_precision_se(np.zeros(10), np.arange(10.0)))
+
+
+def test_estimate_standard_error_is_the_spread_of_pr_auc_under_bernoulli_labels():
+    _, s = _fraud_like(6000, 0.01, seed=6)
+    p = 1.0 / (1.0 + np.exp(-(2.0 * s - 7.0)))
+    rng = np.random.default_rng(2)
+    realised = [average_precision((rng.random(p.size) < p).astype(float), p) for _ in range(400)]
+    assert np.mean(realised) == pytest.approx(expected_average_precision(p), abs=0.02)
+    assert expected_average_precision_se(p) == pytest.approx(np.std(realised), rel=0.2)
+    assert math.isnan(expected_average_precision_se(np.zeros(5)))
