@@ -406,6 +406,10 @@ class Champion:
     def offline_pr_auc(self) -> float:
         return float(self.trained.candidate_report.metrics["pr_auc"])
 
+    @property
+    def offline_pr_auc_se(self) -> float:
+        return float(self.trained.candidate_report.metrics.get("pr_auc_se", math.nan))
+
     def score(self, frame: pl.DataFrame) -> np.ndarray:
         model = self.trained.candidate
         return predict_proba(model.model, model.preprocessor, frame)
@@ -516,10 +520,26 @@ def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal 
     quality = live_quality(
         predictions, now, label_maturity=config.label_maturity, window=config.decay_window
     )
-    offline, rules = state.champion.offline_pr_auc, config.triggers
+    champion, rules = state.champion, config.triggers
+    offline, offline_se = champion.offline_pr_auc, champion.offline_pr_auc_se
     return [
-        decay_signal(quality.pr_auc, offline, quality.labelled, rules),
-        estimated_decay_signal(quality.estimated_pr_auc_unlabelled, offline, quality.recent, rules),
+        decay_signal(
+            quality.pr_auc,
+            offline,
+            quality.labelled,
+            rules,
+            positives=quality.positives,
+            live_se=quality.pr_auc_se,
+            offline_se=offline_se,
+        ),
+        estimated_decay_signal(
+            quality.estimated_pr_auc_unlabelled,
+            offline,
+            quality.recent,
+            rules,
+            estimate_se=quality.estimated_pr_auc_unlabelled_se,
+            offline_se=offline_se,
+        ),
     ]
 
 

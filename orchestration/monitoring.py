@@ -446,7 +446,11 @@ def live_performance(
         return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
     answered = _answered(settings, champion.version)
     offline = float(champion.metrics.get("pr_auc", float("nan")))
-    metadata: dict = {"champion": champion.version, "offline_pr_auc": offline}
+    metadata: dict = {
+        "champion": champion.version,
+        "offline_pr_auc": offline,
+        "offline_pr_auc_se": float(champion.metrics.get("pr_auc_se", float("nan"))),
+    }
     metadata.update(_serving_figures(answered, torchserve, storage))
     if answered.height == 0:
         metadata.update(evaluated=False, labelled=0, why="no answered predictions yet")
@@ -551,6 +555,8 @@ def _quality_metadata(quality: LiveQuality) -> dict[str, object]:
         "estimate_error": num(quality.estimate_error),
         "recent": quality.recent,
         "estimated_pr_auc_unlabelled": num(quality.estimated_pr_auc_unlabelled),
+        "estimated_pr_auc_unlabelled_se": num(quality.estimated_pr_auc_unlabelled_se),
+        "live_pr_auc_se": num(quality.pr_auc_se),
     }
 
 
@@ -632,8 +638,10 @@ class RetrainPolicy(dg.ConfigurableResource):
     drift_psi: float | None = None
     decay_pr_auc_drop: float | None = None
     min_labelled_for_decay: int | None = None
+    min_positives_for_decay: int | None = None
     cooldown_minutes: float | None = None
     decay_on_estimate: bool | None = None
+    decay_confidence: float | None = None
 
     def policy(self) -> TriggerPolicy:
         fields = {**Settings.from_env().retrain}
@@ -694,6 +702,9 @@ def gather_signals(
                 meta.get("offline_pr_auc"),
                 int(meta.get("labelled") or 0),
                 policy,
+                positives=int(meta["positives"]) if "positives" in meta else None,
+                live_se=_finite(meta.get("live_pr_auc_se")),
+                offline_se=_finite(meta.get("offline_pr_auc_se")),
             )
         )
         signals.append(
@@ -702,6 +713,8 @@ def gather_signals(
                 meta.get("offline_pr_auc"),
                 int(meta.get("recent") or 0),
                 policy,
+                estimate_se=_finite(meta.get("estimated_pr_auc_unlabelled_se")),
+                offline_se=_finite(meta.get("offline_pr_auc_se")),
             )
         )
     return signals

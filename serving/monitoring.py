@@ -405,10 +405,12 @@ LIVE_QUALITY_SCHEMA: dict[str, pl.DataType] = {
     "labelled": pl.Int64(),
     "positives": pl.Int64(),
     "pr_auc": pl.Float64(),
+    "pr_auc_se": pl.Float64(),
     "estimated_pr_auc": pl.Float64(),
     "estimate_error": pl.Float64(),
     "recent": pl.Int64(),
     "estimated_pr_auc_unlabelled": pl.Float64(),
+    "estimated_pr_auc_unlabelled_se": pl.Float64(),
 }
 
 
@@ -420,7 +422,9 @@ class LiveQuality:
     classes are there); ``estimated_pr_auc`` is CBPE on those same predictions' scores, so
     ``estimate_error`` (estimated - realised) measures the estimate. ``recent`` predictions are
     those too new for the cohort (labels not all in); ``estimated_pr_auc_unlabelled`` is CBPE
-    on them: the label-free view of what is served now.
+    on them: the label-free view of what is served now. The ``_se`` fields are standard
+    errors: how far each figure may move by chance (``models.metrics``), which the decay
+    trigger weighs before it calls a drop real.
     """
 
     cohort_start: datetime | None
@@ -431,6 +435,8 @@ class LiveQuality:
     estimated_pr_auc: float | None
     recent: int
     estimated_pr_auc_unlabelled: float | None
+    pr_auc_se: float | None = None
+    estimated_pr_auc_unlabelled_se: float | None = None
 
     @property
     def estimate_error(self) -> float | None:
@@ -443,6 +449,13 @@ def _cbpe(scores: pl.Series) -> float | None:
     from models.metrics import expected_average_precision
 
     value = expected_average_precision(scores.to_numpy().astype(np.float64))
+    return None if math.isnan(value) else value
+
+
+def _cbpe_se(scores: pl.Series) -> float | None:
+    from models.metrics import expected_average_precision_se
+
+    value = expected_average_precision_se(scores.to_numpy().astype(np.float64))
     return None if math.isnan(value) else value
 
 
@@ -487,14 +500,14 @@ def live_quality(
     )
     labelled = cohort.filter(pl.col("label").is_not_null()) if cohort.height else cohort
     positives = int(labelled["label"].sum()) if labelled.height else 0
-    realised = None
+    realised = realised_se = None
     if 0 < positives < labelled.height:
-        from models.metrics import average_precision
+        from models.metrics import average_precision, average_precision_se
 
-        realised = average_precision(
-            labelled["label"].to_numpy().astype(np.float64),
-            labelled[SCORE].to_numpy().astype(np.float64),
-        )
+        y = labelled["label"].to_numpy().astype(np.float64)
+        scores = labelled[SCORE].to_numpy().astype(np.float64)
+        realised = average_precision(y, scores)
+        realised_se = average_precision_se(y, scores)
     return LiveQuality(
         cohort_start=start,
         cohort_end=end,
@@ -504,6 +517,8 @@ def live_quality(
         estimated_pr_auc=_cbpe(labelled[SCORE]) if labelled.height else None,
         recent=recent.height,
         estimated_pr_auc_unlabelled=_cbpe(recent[SCORE]) if recent.height else None,
+        pr_auc_se=realised_se,
+        estimated_pr_auc_unlabelled_se=_cbpe_se(recent[SCORE]) if recent.height else None,
     )
 
 
@@ -531,7 +546,18 @@ def read_live_quality(home_or_dir: str | Path) -> pl.DataFrame:
     path = _live_quality_path(home_or_dir)
     if not path.exists():
         return pl.DataFrame(schema=LIVE_QUALITY_SCHEMA)
-    return pl.read_parquet(path).sort("at", maintain_order=True)
+    frame = pl.read_parquet(path)
+    # Files written before a column existed read with it empty.
+    missing = [
+        pl.lit(None, dtype).alias(c)
+        for c, dtype in LIVE_QUALITY_SCHEMA.items()
+        if c not in frame.columns
+    ]
+    return (
+        frame.with_columns(missing)
+        .select(list(LIVE_QUALITY_SCHEMA))
+        .sort("at", maintain_order=True)
+    )
 
 
 def append_live_quality(row: dict[str, object], home_or_dir: str | Path) -> pl.DataFrame:

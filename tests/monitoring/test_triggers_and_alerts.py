@@ -39,6 +39,30 @@ def test_decay_below_the_allowed_drop_does_not_fire():
     assert decay_signal(0.52, 0.60, 500, POLICY) is None  # 13% drop < 15%
 
 
+def test_a_drop_within_chance_is_not_decay_and_the_same_drop_measured_tightly_is():
+    # Offline 0.60 on a few dozen test positives, live 0.42 (30% down) on one day's frauds:
+    # both figures move by ~0.1 by chance, so the drop is not evidence of decay.
+    noisy = {"live_se": 0.10, "offline_se": 0.08}
+    assert decay_signal(0.42, 0.60, 5000, POLICY, positives=60, **noisy) is None
+    assert (
+        estimated_decay_signal(0.42, 0.60, 5000, POLICY, estimate_se=0.1, offline_se=0.08) is None
+    )
+    # The same drop measured on many labelled frauds is decay, and the reason says how sure.
+    tight = decay_signal(0.42, 0.60, 50_000, POLICY, positives=600, live_se=0.02, offline_se=0.02)
+    assert tight.kind == "decay" and "z " in tight.reason and "standard error" in tight.reason
+    # A collapse (concept drift) is decay even on noisy figures.
+    assert decay_signal(0.08, 0.60, 5000, POLICY, positives=60, **noisy).kind == "decay"
+    # Average precision on a handful of frauds is not judged at all.
+    assert decay_signal(0.08, 0.60, 5000, POLICY, positives=12, **noisy) is None
+    # decay_confidence 0.5 compares the point figures (the old behaviour).
+    point = TriggerPolicy(decay_confidence=0.5)
+    assert decay_signal(0.42, 0.60, 5000, point, positives=60, **noisy).kind == "decay"
+    with pytest.raises(ValueError, match="decay_confidence"):
+        TriggerPolicy(decay_confidence=0.3)
+    with pytest.raises(ValueError, match="min_positives_for_decay"):
+        TriggerPolicy(min_positives_for_decay=0)
+
+
 def test_a_feature_missing_in_serving_has_no_psi_and_is_not_drift():
     assert drift_signal({"merchant_category": float("nan"), "amount": 0.05}, POLICY) is None
     assert drift_signal({"merchant_category": None, "amount": 0.05}, POLICY) is None
