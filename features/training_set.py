@@ -124,11 +124,18 @@ class SplitPolicy:
     then shrink to what a metric needs, and the newest labelled rows reach training instead of
     waiting in a 30% tail. Without it, ``fractions`` cut the rows by shares. ``window`` keeps
     only labelled rows within that span of the newest one, before splitting.
+
+    ``warm_up`` leaves out the rows of the history's first span (from its earliest
+    transaction): their rolling features were still filling (a 30-day count over 3 days of
+    data), so a model would learn values it never sees served, and drift monitoring against
+    such training rows reads the filling as drift. When the history is too short to spare it,
+    the warm-up is shortened so that half the labelled rows stay (`apply_warm_up`).
     """
 
     fractions: SplitFractions = SplitFractions()
     held_out_positives: int | None = None
     window: timedelta | None = None
+    warm_up: timedelta | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fractions, SplitFractions):
@@ -138,6 +145,10 @@ class SplitPolicy:
             raise ValueError(f"held_out_positives must be an integer >= 1 or None, got {k!r}")
         if self.window is not None and self.window <= timedelta(0):
             raise ValueError(f"window must be a positive timedelta or None, got {self.window}")
+        if self.warm_up is not None and self.warm_up < timedelta(0):
+            raise ValueError(
+                f"warm_up must be a non-negative timedelta or None, got {self.warm_up}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the training set's summary."""
@@ -145,6 +156,7 @@ class SplitPolicy:
             "fractions": asdict(self.fractions),
             "held_out_positives": self.held_out_positives,
             "window_days": self.window.total_seconds() / 86400 if self.window else None,
+            "warm_up_days": self.warm_up.total_seconds() / 86400 if self.warm_up else None,
         }
 
 
@@ -176,6 +188,26 @@ def apply_window(frame: pl.DataFrame, window: timedelta | None) -> pl.DataFrame:
     if window is None or frame.is_empty():
         return frame
     return frame.filter(pl.col(TS) >= frame[TS].max() - window)
+
+
+WARM_UP_KEEPS = 0.5
+
+
+def apply_warm_up(
+    frame: pl.DataFrame, history_start: datetime | None, warm_up: timedelta | None
+) -> tuple[pl.DataFrame, timedelta | None]:
+    """Rows at least ``warm_up`` after ``history_start`` (the earliest transaction), and the
+    warm-up applied: shortened, when the full one would leave fewer than ``WARM_UP_KEEPS`` of
+    the rows, to the longest that keeps them (None when nothing was left out)."""
+    if not warm_up or history_start is None or frame.is_empty():
+        return frame, None
+    keep = max(1, math.ceil(frame.height * WARM_UP_KEEPS))
+    stamps = frame[TS].sort(descending=True)
+    latest_start = stamps[keep - 1]
+    start = min(history_start + warm_up, latest_start)
+    if start <= history_start:
+        return frame, None
+    return frame.filter(pl.col(TS) >= start), start - history_start
 
 
 def fraction_cuts(frame: pl.DataFrame, fractions: SplitFractions) -> SplitCuts:
@@ -327,6 +359,8 @@ def build_training_set(
     """
     policy = resolve_policy(split, fractions)
     labelled = labelled_transactions(transactions, labels, label_maturity=label_maturity)
+    history_start = transactions[TS].min() if transactions.height else None
+    labelled, warmed = apply_warm_up(labelled, history_start, policy.warm_up)
     labelled = apply_window(labelled, policy.window)
     if labelled.is_empty():
         raise ValueError("no labelled transactions old enough to train on")
@@ -349,6 +383,7 @@ def build_training_set(
         "split_method": cuts.method,
         "split_note": cuts.note,
         "label_maturity_s": label_maturity.total_seconds(),
+        "warm_up_days": warmed.total_seconds() / 86400 if warmed else 0.0,
         "rows": rows.height,
         "positives": int(rows[LABEL].sum()),
         "features": {"numeric": numeric, "categorical": categorical},

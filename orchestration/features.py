@@ -163,6 +163,9 @@ class TrainingSetConfig(dg.Config):
     ``held_out_positives``: test and validation are the newest rows holding that many positives
     each, train everything before (the fractions apply when unset or when positives are too
     few). ``window_days``: keep only labelled rows that recent, before splitting.
+    ``warm_up_days``: leave out the history's first days, while rolling features fill; the
+    default is the fraud features' longest window (30 days of transactions and of labels)
+    plus the latest a label arrives (10 days). Shortened on a short history (SplitPolicy).
     """
 
     train_fraction: float = 0.70
@@ -170,6 +173,7 @@ class TrainingSetConfig(dg.Config):
     test_fraction: float = 0.15
     held_out_positives: int | None = None
     window_days: float | None = None
+    warm_up_days: float | None = 40.0
     label_maturity_days: float = 7.0
 
     def split_policy(self) -> "SplitPolicy":
@@ -181,6 +185,7 @@ class TrainingSetConfig(dg.Config):
             ),
             held_out_positives=self.held_out_positives,
             window=timedelta(days=self.window_days) if self.window_days is not None else None,
+            warm_up=timedelta(days=self.warm_up_days) if self.warm_up_days else None,
         )
 
 

@@ -21,6 +21,7 @@ from features.store import apply_definitions, feature_store
 from features.training_set import (
     SplitFractions,
     SplitPolicy,
+    apply_warm_up,
     assign_splits,
     build_training_set,
     labelled_transactions,
@@ -233,6 +234,7 @@ def test_split_policy_is_validated_recorded_and_changes_the_version(world) -> No
         "fractions": {"train": 0.7, "validation": 0.15, "test": 0.15},
         "held_out_positives": 10,
         "window_days": 20.0,
+        "warm_up_days": None,
     }
     assert summary["splits"]["test"]["positives"] >= 10
     assert summary["splits"]["validation"]["positives"] >= 10
@@ -316,3 +318,31 @@ def test_no_labelled_rows_is_an_error_not_an_empty_set(world) -> None:
     _, store, tx, labels = world
     with pytest.raises(ValueError, match="no labelled transactions"):
         build_training_set(store, tx, labels, label_maturity=timedelta(days=365))
+
+
+def test_warm_up_leaves_out_the_history_start_while_rolling_features_fill(world) -> None:
+    frame = _daily(80, fraud_every=10)
+    start = frame["event_timestamp"].min()
+    kept, applied = apply_warm_up(frame, start, timedelta(days=30))
+    assert applied == timedelta(days=30)
+    assert kept["event_timestamp"].min() >= start + timedelta(days=30)
+    assert kept.height == frame.filter(pl.col("event_timestamp") >= start + 30 * D).height
+    # A history too short to spare the whole warm-up keeps half its rows, and says how much
+    # warm-up it applied.
+    short, applied = apply_warm_up(frame, start, timedelta(days=70))
+    assert short.height >= frame.height / 2 and short.height < 0.55 * frame.height
+    assert timedelta(days=35) <= applied < timedelta(days=41)
+    assert apply_warm_up(frame, start, None) == (frame, None)
+    with pytest.raises(ValueError, match="warm_up"):
+        SplitPolicy(warm_up=timedelta(days=-1))
+
+    # Through the training set: the first days of the history (here 30 days of transactions)
+    # are left out and the summary records the warm-up.
+    _, store, tx, labels = world
+    policy = SplitPolicy(warm_up=timedelta(days=10))
+    built = build_training_set(store, tx, labels, label_maturity=timedelta(0), split=policy)
+    assert built.frame["event_timestamp"].min() >= tx["event_timestamp"].min() + 10 * D
+    assert built.summary["warm_up_days"] == pytest.approx(10.0)
+    assert built.summary["split_policy"]["warm_up_days"] == 10.0
+    plain = build_training_set(store, tx, labels, label_maturity=timedelta(0))
+    assert plain.summary["warm_up_days"] == 0.0 and plain.frame.height > built.frame.height
