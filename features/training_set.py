@@ -193,6 +193,25 @@ def apply_window(frame: pl.DataFrame, window: timedelta | None) -> pl.DataFrame:
 WARM_UP_KEEPS = 0.5
 
 
+def drift_reference(
+    training: pl.DataFrame,
+    max_rows: int,
+    *,
+    warm_up: timedelta | None = None,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """What serving is compared with: the train split, less its first ``warm_up`` (from its
+    oldest row, shortened as `apply_warm_up` does), sampled down to ``max_rows``. Rows from the
+    history's first weeks carry rolling features still filling, which serving never shows, so
+    a reference holding them reads the filling as drift (decision 26)."""
+    train = training.filter(pl.col("split") == "train")
+    if train.height:
+        train, _ = apply_warm_up(train, train[TS].min(), warm_up)
+    if train.height > max_rows:
+        train = train.sample(max_rows, seed=seed)
+    return train
+
+
 def apply_warm_up(
     frame: pl.DataFrame, history_start: datetime | None, warm_up: timedelta | None
 ) -> tuple[pl.DataFrame, timedelta | None]:

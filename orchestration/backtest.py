@@ -61,6 +61,7 @@ from features.training_set import (
     LABEL,
     SplitPolicy,
     assign_splits,
+    drift_reference,
     labelled_transactions,
 )
 from models.evaluate import EvaluationReport, evaluate_model, predict_proba
@@ -454,11 +455,9 @@ class _State:
 
 
 def _champion_of(trained: Trained, version: str, reference_rows: int) -> Champion:
-    train = trained.frame.filter(pl.col("split") == "train").select(
-        trained.candidate.preprocessor.spec.columns
-    )
-    if train.height > reference_rows:
-        train = train.sample(reference_rows, seed=0)
+    columns = trained.candidate.preprocessor.spec.columns
+    # Training frames start after the burn-in already: no warm-up to leave out here.
+    train = drift_reference(trained.frame, reference_rows).select(columns)
     model = trained.candidate
     test = trained.frame.filter(pl.col("split") == "test")
     scores = predict_proba(model.model, model.preprocessor, test)

@@ -140,8 +140,13 @@ class MonitoringConfig(dg.Config):
     window_max_rows: int = 20_000
     min_rows: int = 100
     min_present: int = 200
-    psi_threshold: float = 0.2
+    # The drift check and alert fire where the drift trigger does (TriggerPolicy.drift_psi).
+    psi_threshold: float = TriggerPolicy().drift_psi
     reference_rows: int = 50_000
+    # Serving is compared with the champion's train split less its first weeks, while the
+    # rolling features filled (the fraud features' 30-day windows plus 10 days of label delay;
+    # shortened on a short history, decision 26).
+    reference_warm_up_days: float | None = 40.0
     max_unknown_entity_rate: float = 0.01
     max_missing_rate: float = 0.05
     max_staleness_hours: dict[str, float] = {"card_stats_fv": 360.0, "merchant_stats_fv": 84.0}
@@ -313,14 +318,19 @@ def drift_report(
             check_name="serving_drift", passed=True, metadata={"compared": False, "why": why}
         )
         return
+    from features.training_set import drift_reference
+
     module, preprocessor = load_model(champion.artifact_dir)
     spec = preprocessor.spec
     training = pl.read_parquet(
         uri(settings.training_sets / f"{champion.training_set_version}.parquet")
     )
-    reference = training.filter(pl.col("split") == "train")
-    if reference.height > config.reference_rows:
-        reference = reference.sample(config.reference_rows, seed=0)
+    warm_up = config.reference_warm_up_days
+    reference = drift_reference(
+        training,
+        config.reference_rows,
+        warm_up=timedelta(days=warm_up) if warm_up else None,
+    )
     held_out = training.filter(pl.col("split") == "test")
     reference_scores = predict_proba(module, preprocessor, held_out)
     result = serving_drift(

@@ -24,6 +24,7 @@ from features.training_set import (
     apply_warm_up,
     assign_splits,
     build_training_set,
+    drift_reference,
     labelled_transactions,
     write_training_set,
 )
@@ -346,3 +347,16 @@ def test_warm_up_leaves_out_the_history_start_while_rolling_features_fill(world)
     assert built.summary["split_policy"]["warm_up_days"] == 10.0
     plain = build_training_set(store, tx, labels, label_maturity=timedelta(0))
     assert plain.summary["warm_up_days"] == 0.0 and plain.frame.height > built.frame.height
+
+
+def test_drift_reference_is_the_train_split_past_its_warm_up() -> None:
+    frame = assign_splits(_daily(80, fraud_every=10))
+    train = frame.filter(pl.col("split") == "train")
+    oldest = train["event_timestamp"].min()
+    reference = drift_reference(frame, 10_000, warm_up=timedelta(days=20))
+    assert set(reference["split"]) == {"train"}
+    assert reference["event_timestamp"].min() >= oldest + timedelta(days=20)
+    assert reference.height == train.filter(pl.col("event_timestamp") >= oldest + 20 * D).height
+    assert drift_reference(frame, 10_000).height == train.height
+    sampled = drift_reference(frame, 100)
+    assert sampled.height == 100 and sampled.equals(drift_reference(frame, 100))

@@ -217,26 +217,20 @@ def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, fir
         instance=platform.instance,
         resources=platform.resources,
         run_config={
-            "ops": {"training_set": {"config": {"held_out_positives": 40, "window_days": 10.0}}}
+            "ops": {"training_set": {"config": {"held_out_positives": 40, "window_days": 20.0}}}
         },
     )
     ref: TrainingSetRef = run.output_for_node("training_set")
     [shown] = run.asset_materializations_for_node("training_set")
     assert shown.metadata["split_method"].value == "held_out_positives"
     assert shown.metadata["split_policy"].value["held_out_positives"] == 40
-    assert shown.metadata["split_policy"].value["window_days"] == 10.0
+    assert shown.metadata["split_policy"].value["window_days"] == 20.0
     summary = json.loads(Path(ref.path).with_suffix(".json").read_text())
     assert summary["split_policy"]["held_out_positives"] == 40
     splits = summary["splits"]
     assert 40 <= splits["test"]["positives"] < 60 and 40 <= splits["validation"]["positives"] < 60
     assert splits["train"]["end"] < splits["validation"]["start"] < splits["test"]["start"]
-    # The default warm-up (40 days of rolling features filling) is shortened on this 32-day
-    # history to keep half the labelled rows; the window keeps 10 days of what is left.
-    first = first_run.output_for_node("training_set")
-    first_summary = json.loads(Path(first.path).with_suffix(".json").read_text())
-    assert 10 < first_summary["warm_up_days"] < 20
-    assert first_summary["split_policy"]["warm_up_days"] == 40.0
-    assert ref.rows < first.rows
+    assert ref.rows < first_run.output_for_node("training_set").rows  # 20 of 32 days kept
 
     candidate = training.CandidateConfig(recency_half_life_days=7.0).train_config()
     baseline = training.BaselineConfig(recency_half_life_days=7.0).train_config()
