@@ -63,10 +63,10 @@ def test_concept_drift_leads_to_a_new_champion_and_a_skewed_batch_changes_nothin
     # attributes served look as in training, and nothing is missing for lack of rows.
     availability = summary["availability"]
     assert availability["requests"] > 1000
-    # Issue 14 asks for under 1%; measured 5.4% on a loaded 2-core machine (features runs
-    # queued behind training let merchant rows outlive their 7-day TTL at the accelerated
-    # clock). Held here against the 96% of the wall-clock TTL this replaced.
-    assert availability["unknown_entity_rate"] < 0.2, availability
+    # Issue 14 asks for under 1% (0.12% measured; 5.4% while spurious drift retrainings kept
+    # the machine busy and features runs queued behind them, decision 26; 96% with the
+    # wall-clock TTL before decision 24).
+    assert availability["unknown_entity_rate"] < 0.01, availability
     psi = summary["drift"]["psi"]
     for name in STATIC:
         assert psi[name] is not None and psi[name] < 0.01, (name, psi[name])
@@ -75,9 +75,8 @@ def test_concept_drift_leads_to_a_new_champion_and_a_skewed_batch_changes_nothin
     # The loop judges its champion of the moment as labels mature; the demo also measures every
     # label-mature prediction of each phase once it ends (a champion replaced before its
     # predictions' labels matured is judged only there).
-    # (The loop's own points need a champion to serve for a label maturity: in this demo
-    # spurious drift retrainings replace it every few simulated days, see issue 14's note, so
-    # they are not required here; the end measurement below judges every served prediction.)
+    # (The loop's own points need a champion to serve for a label maturity; a champion that
+    # is replaced sooner is judged by the end measurement below, over every served prediction.)
     phases = summary["live_quality_by_phase"]
     measured = phases["measured_at_end"]
     for name in ("before_drift", "after_drift"):
