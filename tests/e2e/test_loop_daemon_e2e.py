@@ -43,8 +43,14 @@ def test_concept_drift_leads_to_a_new_champion_and_a_skewed_batch_changes_nothin
     assert skew["champion_serving"] is True
 
     # Drift -> a retraining started by a sensor (never by hand) -> a new champion serving.
-    first, new = summary["promotions"][0]["version"], summary["champion"]
-    assert new != first and summary["outcome"].startswith(f"{first} replaced by {new}")
+    first, outcome = summary["promotions"][0]["version"], summary["outcome"]
+    assert outcome.startswith(f"{first} replaced by "), outcome
+    new = outcome.removeprefix(f"{first} replaced by ").split()[0]
+    # While the demo waits for the new champion's live metric the loop goes on, and may promote
+    # a better one again: the champion at the end is the new one or a later promotion.
+    promoted = [p["version"] for p in summary["promotions"]]
+    assert new != first and new in promoted, (new, promoted)
+    assert summary["champion"] in promoted[promoted.index(new) :], (summary["champion"], promoted)
     triggers = {r["trigger"] for r in summary["retrainings"]}
     assert triggers and triggers <= {"new_data", "drift", "decay", "schedule"}
     assert summary["serving"]["by_version"].get(new, 0) > 0  # customer traffic reached it
