@@ -280,11 +280,6 @@ SE_DRAWS = 200
 _SE_CELLS = 4_000_000  # draws x rows held in memory at once
 
 
-def _ranked(scores: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    return [np.asarray(a, dtype=np.float64)[order] for a in others]
-
-
 def _weighted_ap(w_pos: np.ndarray, w_all: np.ndarray) -> np.ndarray:
     """AP per row of (draws, rows) weights on rank-ordered rows: positive weight and weight."""
     hits = np.cumsum(w_pos, axis=1)
@@ -307,7 +302,7 @@ def average_precision_se(
     y, s = _as_arrays(y_true, scores)
     if y.sum() == 0 or y.sum() == y.size:
         return math.nan
-    (y_ranked,) = _ranked(s, y)
+    y_ranked = y[np.argsort(-s, kind="mergesort")]
     rng = np.random.default_rng(seed)
     values = []
     for chunk in _draw_chunks(y.size, draws):
@@ -326,7 +321,7 @@ def expected_average_precision_se(
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     if p.size == 0 or float(p.sum()) <= 0.0:
         return math.nan
-    (p_ranked,) = _ranked(p, p)
+    p_ranked = -np.sort(-p, kind="mergesort")
     rng = np.random.default_rng(seed)
     values = []
     for chunk in _draw_chunks(p.size, draws):
