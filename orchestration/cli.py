@@ -149,13 +149,16 @@ def run(
     once, near simulated now. Labels mature in 7 simulated days, so at the default speed
     `loopline simulate --drift concept` leads to a retraining on drifted labels within about
     10-15 minutes; watch it with `loopline status`. Retrainings are at least
-    LOOPLINE_RETRAIN_COOLDOWN_MINUTES apart (5 here unless set).
+    LOOPLINE_RETRAIN_COOLDOWN_MINUTES apart (5 here unless set), and drift retrains again
+    only a label-maturity period of simulated time after it last did.
     """
     from datetime import timedelta
 
     from features.simulator import SimClock, Simulator
 
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
+    # Drift re-arms after a label-maturity period (7 days) of simulated time.
+    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{7 * 1440 / speed:.2f}")
     settings = Settings.from_env().ensure()
     console.print(f"[bold]Loopline[/] home: {settings.home}, lake: {settings.lake}")
     clock = SimClock(speed, timedelta(days=headroom_days))
@@ -259,7 +262,12 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
     help="Comma-separated; options as suffixes, e.g. triggers+hold50+win21d+hl7d.",
 )
 @click.option("--seed", default=3, show_default=True)
-@click.option("--ceiling", is_flag=True, help="Also train on full post-drift ground truth.")
+@click.option(
+    "--ceiling",
+    is_flag=True,
+    help="Also train on full ground truth: the level any policy could reach, overall and by "
+    "the recovery deadline.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG.")
 def backtest(
@@ -303,7 +311,10 @@ def backtest(
             progress.update(task, advance=1, description=f"replaying {policy}")
 
         result = bt.run_backtest(config, specs, on_step=step, world=world)
-        ceilings = bt.measure_ceiling(world, config) if ceiling and drift != "none" else ()
+        ceilings: tuple = ()
+        if ceiling and drift != "none":
+            progress.update(task, description="training the ceilings")
+            ceilings = (*bt.measure_ceiling(world, config), *bt.deadline_ceilings(world, config))
     if plot:
         Path(plot).write_bytes(bt.backtest_png(result))
     if as_json:
@@ -322,6 +333,8 @@ def backtest(
             f"ceiling {c.regime}: PR-AUC {c.pr_auc:.3f} (smoothed {c.smoothed_pr_auc:.3f}) "
             f"trained on {c.train_days:.0f} fully labelled days"
         )
+    if ceilings:
+        console.print(bt.deadline_note(result, ceilings[2], ceilings[3]))
     for note in result.notes:
         console.print(f"[dim]note: {note}[/]")
     console.print(

@@ -556,6 +556,8 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     # 11 simulated days of labels, so new data alone retrains once drifted labels matured.
     os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", "11000")
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
+    # Drift re-arms after a label-maturity period of simulated time (7 days: 4.2 wall minutes).
+    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{7 * 1440 / DEMO_SPEED:.2f}")
     # A third run slot: a training run (minutes) must not hold up ingestion and features.
     os.environ.setdefault("LOOPLINE_MAX_CONCURRENT_RUNS", "3")
     settings = Settings.from_env().ensure()

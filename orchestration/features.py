@@ -176,6 +176,7 @@ class TrainingSetConfig(dg.Config):
     window_days: float | None = None
     warm_up_days: float | None = None
     label_maturity_days: float = 7.0
+    presume_negative_after_days: float | None = None
 
     def split_policy(self) -> "SplitPolicy":
         from features.training_set import SplitFractions, SplitPolicy
@@ -216,6 +217,11 @@ def training_set(
         storage.feature_store(),
         split=config.split_policy(),
         label_maturity=timedelta(days=config.label_maturity_days),
+        presume_negative_after=(
+            timedelta(days=config.presume_negative_after_days)
+            if config.presume_negative_after_days is not None
+            else None
+        ),
     )
     splits = built.summary["splits"]
     table = [

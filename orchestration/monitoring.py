@@ -650,6 +650,7 @@ class RetrainPolicy(dg.ConfigurableResource):
     min_labelled_for_decay: int | None = None
     min_positives_for_decay: int | None = None
     cooldown_minutes: float | None = None
+    drift_rearm_minutes: float | None = None
     decay_on_estimate: bool | None = None
     decay_confidence: float | None = None
 
@@ -658,6 +659,9 @@ class RetrainPolicy(dg.ConfigurableResource):
         fields.update({k: v for k, v in self.model_dump().items() if v is not None})
         if "cooldown_minutes" in fields:
             fields["cooldown"] = timedelta(minutes=float(fields.pop("cooldown_minutes")))
+        if "drift_rearm_minutes" in fields:
+            minutes = float(fields.pop("drift_rearm_minutes"))
+            fields["drift_rearm"] = timedelta(minutes=minutes)
         if "min_new_labelled_rows" in fields:
             fields["min_new_labelled_rows"] = int(fields["min_new_labelled_rows"])
         return TriggerPolicy(**fields)
@@ -735,8 +739,12 @@ def _finite(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _last_started(instance: dg.DagsterInstance) -> tuple[bool, datetime | None]:
-    runs = instance.get_run_records(filters=dg.RunsFilter(job_name=LOOP_JOB), limit=1)
+def _last_started(
+    instance: dg.DagsterInstance, trigger: str | None = None
+) -> tuple[bool, datetime | None]:
+    """Whether the newest retraining (of ``trigger``'s, if given) is in flight, and its start."""
+    tags = {"loopline/trigger": trigger} if trigger else None
+    runs = instance.get_run_records(filters=dg.RunsFilter(job_name=LOOP_JOB, tags=tags), limit=1)
     if not runs:
         return False, None
     record = runs[0]
@@ -764,6 +772,7 @@ def retrain_sensor(
         last_started=last_started,
         now=datetime.now(UTC),
         policy=policy,
+        last_drift=_last_started(context.instance, "drift")[1],
     )
     if not decision.fire:
         return dg.SkipReason(decision.why)

@@ -29,11 +29,13 @@ ENV_VARS = (
     "LOOPLINE_MAX_CONCURRENT_RUNS",
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
+    "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES",
 )
 # Retraining trigger overrides: environment variable -> TriggerPolicy field.
 RETRAIN_ENV = {
     "LOOPLINE_RETRAIN_MIN_ROWS": "min_new_labelled_rows",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES": "cooldown_minutes",
+    "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES": "drift_rearm_minutes",
 }
 # Dagster reads LOOPLINE_POSTGRES_URL itself (dagster.yaml), through SQLAlchemy.
 POSTGRES_SCHEME = "postgresql+psycopg2"

@@ -37,6 +37,12 @@ class TriggerPolicy:
     # figures' standard errors (decision 26); 0.5 compares the point figures alone. One-sided
     # 99%, not 95%: the sensor tests again at every labels batch, ~30 times a month.
     decay_confidence: float = 0.99
+    # After a drift-triggered retraining, drift fires again only this much later. A retraining
+    # sooner builds its training set from the same labelled rows (labels of the drifted
+    # traffic take the label maturity to arrive), so it cannot answer the drift either; under
+    # a lasting covariate drift the trigger fired every cooldown (22 retrainings in 30 days).
+    # Decay, new data, the schedule and a person asking are not held back by it.
+    drift_rearm: timedelta = timedelta(days=7)
 
     def __post_init__(self) -> None:
         if min(self.min_new_labelled_rows, self.min_labelled_for_decay) < 1:
@@ -47,8 +53,8 @@ class TriggerPolicy:
             raise ValueError("drift_psi must be > 0 and decay_pr_auc_drop in (0, 1)")
         if not 0.5 <= self.decay_confidence < 1:
             raise ValueError("decay_confidence must be in [0.5, 1)")
-        if self.cooldown < timedelta(0):
-            raise ValueError("cooldown must not be negative")
+        if self.cooldown < timedelta(0) or self.drift_rearm < timedelta(0):
+            raise ValueError("cooldown and drift_rearm must not be negative")
 
 
 @dataclass(frozen=True)
@@ -216,21 +222,36 @@ def decide(
     last_started: datetime | None,
     now: datetime,
     policy: TriggerPolicy,
+    last_drift: datetime | None = None,
 ) -> Decision:
     """Fire at most one retraining: never while one is in flight, never inside the cooldown
-    (except for a person asking or the nightly schedule), the most important signal first."""
+    (except for a person asking or the nightly schedule), drift never within ``drift_rearm``
+    of the last drift-triggered retraining (``last_drift``), the most important signal first."""
     present = sorted((s for s in signals if s is not None), key=lambda s: PRIORITY.index(s.kind))
     if not present:
         return Decision(False, None, "no trigger")
     if in_flight:
         return Decision(False, None, "a retraining is already in flight", tuple(present))
     cooling = last_started is not None and now - last_started < policy.cooldown
+    rearming = last_drift is not None and now - last_drift < policy.drift_rearm
     for signal in present:
         if cooling and signal.kind not in BYPASSES_COOLDOWN:
             continue
+        if rearming and signal.kind == "drift":
+            continue
         rest = tuple(s for s in present if s is not signal)
         return Decision(True, signal, signal.reason, rest)
-    left = policy.cooldown - (now - last_started)  # type: ignore[operator]
-    return Decision(
-        False, None, f"cooling down for {int(left.total_seconds())} s more", tuple(present)
-    )
+    if not cooling:
+        left = policy.drift_rearm - (now - last_drift)  # type: ignore[operator]
+        why = f"drift already answered: it re-arms in {_duration(left)}"
+    else:
+        left = policy.cooldown - (now - last_started)  # type: ignore[operator]
+        why = f"cooling down for {int(left.total_seconds())} s more"
+    return Decision(False, None, why, tuple(present))
+
+
+def _duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:.1f} days"
+    return f"{seconds} s"

@@ -110,6 +110,45 @@ def test_labelled_transactions_keep_the_latest_label_and_only_mature_rows() -> N
     assert set(everything["transaction_id"]) == {"t0000", "t0001", "t0003", "t0005"}
 
 
+def test_presumed_negatives_bring_young_fraud_labels_with_their_legit_neighbours() -> None:
+    # Ten daily transactions, the newest label on day 10. Maturity 5 days keeps days 0-5;
+    # presuming negatives after 2 days adds days 6-8: legit until a fraud label arrives.
+    tx = _tx(10).with_columns(
+        pl.Series("event_timestamp", [T0 + i * D for i in range(10)], dtype=UTC_TS)
+    )
+    newest = T0 + 10 * D
+    labels = pl.DataFrame(
+        {
+            "transaction_id": ["t0001", "t0002", "t0007", "t0009"],
+            "is_fraud": [False, True, True, True],
+            "label_timestamp": [T0 + 8 * D, T0 + 4 * D, T0 + 9 * D, newest],
+        },
+        schema=SCHEMAS["labels"],
+    )
+    maturity = timedelta(days=5)
+    matured = labelled_transactions(tx, labels, label_maturity=maturity)
+    assert dict(zip(matured["transaction_id"], matured["label"], strict=True)) == {
+        "t0001": 0,
+        "t0002": 1,
+    }
+    presumed = labelled_transactions(
+        tx, labels, label_maturity=maturity, presume_negative_after=timedelta(days=2)
+    )
+    # Matured rows still need a label (t0000, t0003-t0005 have none); t0009 is too young.
+    assert dict(zip(presumed["transaction_id"], presumed["label"], strict=True)) == {
+        "t0001": 0,
+        "t0002": 1,
+        "t0006": 0,
+        "t0007": 1,
+        "t0008": 0,
+    }
+    assert presumed["event_timestamp"].is_sorted()
+    with pytest.raises(ValueError, match="presume_negative_after"):
+        labelled_transactions(
+            tx, labels, label_maturity=maturity, presume_negative_after=timedelta(days=6)
+        )
+
+
 def test_splits_are_consecutive_time_ranges_with_the_requested_shares() -> None:
     stamps = [T0 + timedelta(hours=h // 2) for h in range(200)]  # every timestamp twice
     frame = pl.DataFrame({"event_timestamp": pl.Series(stamps, dtype=UTC_TS), "label": 0})

@@ -113,6 +113,51 @@ def test_cooldown_suppresses_automatic_triggers_but_not_a_person():
     assert later.fire and later.signal.kind == "drift"
 
 
+def test_drift_already_answered_waits_a_label_maturity_period_other_triggers_do_not():
+    # A retraining within the label maturity of the last drift retraining trains on the same
+    # labelled rows: drift alone does not fire again until it re-arms (7 days by default).
+    assert TriggerPolicy().drift_rearm == timedelta(days=7)
+    drift = drift_signal({"amount": 0.9}, POLICY)
+    decay = decay_signal(0.2, 0.6, 1000, POLICY)
+    answered = NOW - timedelta(days=2)
+    last = NOW - timedelta(hours=1)
+    held = decide(
+        [drift], in_flight=False, last_started=last, now=NOW, policy=POLICY, last_drift=answered
+    )
+    assert not held.fire and "drift already answered: it re-arms in 5.0 days" in held.why
+    assert [s.kind for s in held.suppressed] == ["drift"]
+    both = decide(
+        [drift, decay],
+        in_flight=False,
+        last_started=last,
+        now=NOW,
+        policy=POLICY,
+        last_drift=answered,
+    )
+    assert both.fire and both.signal.kind == "decay"
+    rearmed = decide(
+        [drift],
+        in_flight=False,
+        last_started=last,
+        now=NOW,
+        policy=POLICY,
+        last_drift=NOW - timedelta(days=7, seconds=1),
+    )
+    assert rearmed.fire and rearmed.signal.kind == "drift"
+    # Inside the cooldown the cooldown is what the reason names.
+    cooling = decide(
+        [drift],
+        in_flight=False,
+        last_started=NOW - timedelta(minutes=5),
+        now=NOW,
+        policy=POLICY,
+        last_drift=answered,
+    )
+    assert not cooling.fire and "cooling down" in cooling.why
+    with pytest.raises(ValueError, match="drift_rearm"):
+        TriggerPolicy(drift_rearm=timedelta(days=-1))
+
+
 def test_one_retraining_for_many_signals_most_important_first():
     signals = [
         new_data_signal(5000, POLICY),

@@ -232,6 +232,24 @@ def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, fir
     assert splits["train"]["end"] < splits["validation"]["start"] < splits["test"]["start"]
     assert ref.rows < first_run.output_for_node("training_set").rows  # 20 of 32 days kept
 
+    # Presumed negatives: transactions 2 days old count as legit until a fraud label arrives,
+    # so the same lake gives more rows, the newest younger than the 7-day maturity.
+    def build(config: dict) -> TrainingSetRef:
+        return dg.materialize(
+            [features.training_set],
+            instance=platform.instance,
+            resources=platform.resources,
+            run_config={"ops": {"training_set": {"config": config}}},
+        ).output_for_node("training_set")
+
+    default, presumed = build({}), build({"presume_negative_after_days": 2.0})
+    presumed_summary = json.loads(Path(presumed.path).with_suffix(".json").read_text())
+    default_summary = json.loads(Path(default.path).with_suffix(".json").read_text())
+    assert presumed_summary["presume_negative_after_s"] == 2 * 86400
+    assert default_summary["presume_negative_after_s"] is None
+    assert presumed.rows > default.rows
+    assert presumed_summary["splits"]["test"]["end"] > default_summary["splits"]["test"]["end"]
+
     candidate = training.CandidateConfig(recency_half_life_days=7.0).train_config()
     baseline = training.BaselineConfig(recency_half_life_days=7.0).train_config()
     assert candidate.recency_half_life_days == baseline.recency_half_life_days == 7.0
