@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.storage import data_root, uri, write_parquet_atomic
+from core.storage import data_root, uri, write_parquet_atomic
 from quality.schema import SCHEMAS, UTC_TS
 
 LOOKBACK = timedelta(days=30)

@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 from feast import FeatureStore
 
+from core.storage import data_root, uri, write_json_atomic
 from features.engineering import (
     CARD_VIEW,
     FEATURE_SCHEMAS,
@@ -31,7 +32,6 @@ from features.engineering import (
     read_validated,
     write_feature_file,
 )
-from features.storage import data_root, uri, write_json_atomic
 from features.store import materialize
 from quality.schema import SCHEMAS
 

@@ -47,13 +47,13 @@ from feast.type_map import (
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.storage import register_filesystems, remote_paths
 from features.feature_repo.definitions import (
     HASH_TAG,
     NUMPY_UDF_TAG,
     Definitions,
     build_definitions,
 )
-from features.storage import register_filesystems, remote_paths
 
 SERVICE = "fraud_model_v1"
 REPO_DIR = Path(__file__).resolve().parent / "feature_repo"

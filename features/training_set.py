@@ -31,9 +31,9 @@ import polars as pl
 import pyarrow.parquet as pq
 from feast import FeatureService, FeatureStore, FeatureView
 
+from core.storage import data_root, uri, write_json_atomic, write_parquet_atomic
 from features.engineering import TS, read_validated, training_entities
 from features.feature_repo.definitions import build_definitions
-from features.storage import data_root, uri, write_json_atomic, write_parquet_atomic
 from features.store import SERVICE, historical_features
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")

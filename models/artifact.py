@@ -24,8 +24,8 @@ from typing import Any
 import polars as pl
 import torch
 
+from core.jsonutil import json_safe
 from models.checksum import directory_size, file_checksums, sha256_file
-from models.jsonutil import json_safe
 from models.loop import predict_logits
 from models.network import TabularNet
 from models.preprocess import Preprocessor

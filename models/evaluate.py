@@ -12,7 +12,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from models.jsonutil import json_safe
+from core.jsonutil import json_safe
 from models.loop import predict_logits
 from models.metrics import (
     CalibrationCurve,

@@ -17,10 +17,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from core.jsonutil import json_safe
 from models.artifact import golden_check, load_model
 from models.checksum import directory_size
 from models.evaluate import EvaluationReport
-from models.jsonutil import json_safe
 from models.spec import GatePolicy
 
 __all__ = ["GatePolicy", "InfraReport", "GateDecision", "infra_validate", "validate_challenger"]

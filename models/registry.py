@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.jsonutil import json_safe
 from models.checksum import sha256_file
-from models.jsonutil import json_safe
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

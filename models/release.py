@@ -16,12 +16,12 @@ from typing import Any
 
 import polars as pl
 
+from core.jsonutil import json_safe
 from models.artifact import SavedModel, load_model, read_sidecar
 from models.card import model_card
 from models.checksum import file_checksums
 from models.evaluate import EvaluationReport, evaluate_model
 from models.gate import GateDecision, GatePolicy, InfraReport, infra_validate, validate_challenger
-from models.jsonutil import json_safe
 from models.registry import ModelRecord, Registry
 from models.spec import FeatureSpec
 

@@ -9,11 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.settings import Settings
 from orchestration.cli_loop import LivePlatform, demo, retrain, status
 from orchestration.cli_models import models
 from orchestration.cli_serve import serve
 from orchestration.live import live_simulator_running, request_drift
-from orchestration.settings import Settings
 
 console = Console()
 

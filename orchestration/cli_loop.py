@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestration.settings import Settings
+from core.settings import Settings
 
 console = Console()
 
@@ -315,7 +315,7 @@ def _monitoring_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
 @click.option("--reason", default="asked from the command line", show_default=True)
 def retrain(reason: str) -> None:
     """Ask the retrain sensor for a retraining now (it still waits for one in flight)."""
-    from features.storage import write_json_atomic
+    from core.storage import write_json_atomic
 
     settings = Settings.from_env().ensure()
     path = write_json_atomic(

@@ -6,8 +6,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.settings import Settings
 from models.registry import CHAMPION, Registry, RegistryError
-from orchestration.settings import Settings
 
 console = Console()
 STATUS_COLOURS = {

@@ -7,7 +7,7 @@ import json
 import click
 from rich.console import Console
 
-from orchestration.settings import Settings
+from core.settings import Settings
 
 console = Console()
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from features.storage import uri
+from core.settings import Settings
+from core.storage import uri
 from orchestration.resources import LooplineStorage
-from orchestration.settings import Settings
 from quality import contracts, drift
 from quality.ingest import UnreadableBatch, quarantine, read_batch, scan_landing, store_batch
 from quality.ledger import BatchLedger, BatchRecord

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import polars as pl
 
+from core.storage import write_json_atomic
 from features import simulator
-from features.storage import write_json_atomic
 from serving.client import TorchServeClient, TorchServeError
 
 logger = logging.getLogger(__name__)
@@ -210,18 +210,15 @@ class Traffic:
 
     def requests_of_frame(self, frame: pl.DataFrame) -> list[dict]:
         """A sample of ``per_batch`` transactions as scoring requests (none if columns miss)."""
-        needed = {"transaction_id", "card_id", "merchant_id", "amount", "channel", "country"}
-        if not needed <= set(frame.columns) or "event_timestamp" not in frame.columns:
-            return []
+        from serving.batch import request_bodies
+        from serving.requests import RequestError
+
         if frame.height > self.per_batch:
             frame = frame.sample(self.per_batch, seed=self._rng.randrange(1 << 30))
-        frame = frame.with_columns(
-            pl.col("event_timestamp")
-            .cast(pl.Datetime("us", "UTC"))
-            .dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
-            .alias("timestamp")
-        )
-        return frame.select(*sorted(needed), "timestamp").to_dicts()
+        try:
+            return request_bodies(frame)
+        except RequestError:  # a renamed column: the batch is the pipeline's problem
+            return []
 
     def submit(self, batch: simulator.LandedBatch) -> None:
         """Queue a landed transactions batch's sample (dropped when the queue is full)."""

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import dagster as dg
 import polars as pl
 
+from core.settings import Settings
+from core.storage import uri, write_json_atomic, write_parquet_atomic
 from features.engineering import read_validated
-from features.storage import uri, write_json_atomic, write_parquet_atomic
 from models.registry import CHAMPION, Registry
 from models.spec import DEFAULT_SLICES
 from orchestration import alerts
 from orchestration.ingest import _md_table, reference_profile
 from orchestration.resources import IN_FLIGHT, LooplineStorage, run_in_flight
 from orchestration.serving import TorchServeResource, deployment, model_archive
-from orchestration.settings import Settings
 from orchestration.training import GROUP as TRAINING_GROUP
 from orchestration.triggers import (
     Signal,

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestration.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 DAGSTER_YAML = """\
 # Written by `loopline run`; edit LOOPLINE_HOME, not this file.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from orchestration.settings import Settings, local_path
+from core.settings import Settings, local_path
 from quality.ledger import BatchLedger
 
 if TYPE_CHECKING:

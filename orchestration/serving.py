@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from features.storage import uri, write_parquet_atomic
+from core.storage import uri, write_parquet_atomic
 from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest import _md_table
@@ -24,7 +24,6 @@ from serving.prediction_log import read_records
 from serving.process import TorchServeProcess
 
 GROUP = "serving"
-REPLAY_FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country")
 
 
 class TorchServeResource(dg.ConfigurableResource):
@@ -131,12 +130,10 @@ def replay_requests(
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]
     if not files:
         raise dg.Failure("no logged requests and no validated transactions to replay")
+    from serving.batch import request_bodies
+
     frame = pl.read_parquet([uri(f) for f in files]).sort("event_timestamp").tail(limit)
-    rows = frame.select(
-        *REPLAY_FIELDS,
-        pl.col("event_timestamp").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ").alias("timestamp"),
-    )
-    return rows.to_dicts(), "validated transactions"
+    return request_bodies(frame), "validated transactions"
 
 
 def newest_validated_event_time(storage: LooplineStorage) -> datetime | None:

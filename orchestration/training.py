@@ -17,10 +17,10 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from core.settings import REPO_ROOT
 from models.registry import CHAMPION, Registry
 from models.spec import DEFAULT_SLICES, FeatureSpec, GatePolicy, TrainConfig
 from orchestration.resources import LooplineStorage
-from orchestration.settings import REPO_ROOT
 
 GROUP = "training"
 MODEL_NAME = "fraud_model"

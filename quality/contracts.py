@@ -7,9 +7,7 @@ database file (and no file lock) is involved and runs can happen in parallel.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +15,8 @@ from typing import Any, Literal
 
 import duckdb
 
-from features.storage import duckdb_uri, register_filesystems
+from core.jsonutil import json_safe
+from core.storage import duckdb_uri, register_filesystems
 from quality.schema import KEYS, SCHEMAS
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
@@ -225,12 +224,14 @@ def _value_reason(
 
 
 def _diagnostics(check_result: Any) -> dict[str, Any]:
-    diagnostics = {k: _plain(v) for k, v in (check_result.diagnostic_metric_values or {}).items()}
-    diagnostics["actual"] = _plain(check_result.threshold_value)
+    diagnostics = {
+        k: json_safe(v) for k, v in (check_result.diagnostic_metric_values or {}).items()
+    }
+    diagnostics["actual"] = json_safe(check_result.threshold_value)
     threshold = check_result.check.threshold
     if threshold is not None:
         diagnostics["expected"] = {
-            k: _plain(v)
+            k: json_safe(v)
             for k, v in vars(threshold).items()
             if v is not None and k.startswith("must")
         }
@@ -242,17 +243,3 @@ def _diagnostics(check_result: Any) -> dict[str, Any]:
             for m in check_result.column_data_type_mismatches
         ]
     return diagnostics
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, bool | str | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        return _plain(value.item())
-    return str(value)

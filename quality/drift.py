@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from core.jsonutil import json_safe
 from quality.schema import DRIFT_CATEGORICAL, DRIFT_NUMERIC, TIME_COLUMNS
 
 OTHER = "__other__"
@@ -66,7 +67,7 @@ class Profile:
 
     def to_dict(self, *, include_sample: bool = True) -> dict[str, Any]:
         """Plain JSON (NaN and infinities become null); without the KS samples for UI metadata."""
-        data = _json_safe(asdict(self))
+        data = json_safe(asdict(self))
         if not include_sample:
             for numeric in data["numeric"].values():
                 numeric.pop("sample")
@@ -127,7 +128,7 @@ class FeatureDrift:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for metadata."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class DriftResult:
         """Plain JSON for metadata."""
         return {
             "row_count": self.row_count,
-            "max_psi": _json_safe(self.max_psi),
+            "max_psi": json_safe(self.max_psi),
             "drifted": self.drifted(),
             "features": [f.to_dict() for f in self.features],
         }
@@ -484,16 +485,6 @@ def _rel_entr_scalar(x: float, y: float) -> float:
 
 def _null_rate(n_rows: int, n_present: int) -> float:
     return (n_rows - n_present) / n_rows if n_rows else 0.0
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _from_json(value: Any) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.storage import (
+from core.storage import (
     copy_atomic,
     is_remote,
     sha256_file,

@@ -33,6 +33,26 @@ OUTPUT_SCHEMA = {
 }
 
 
+def request_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The request fields of a transactions frame, in ``FIELDS`` order; ``event_timestamp``
+    (the transactions dataset's name) stands for ``timestamp``. A missing field raises
+    ``RequestError`` naming it."""
+    if "timestamp" not in frame.columns and "event_timestamp" in frame.columns:
+        frame = frame.rename({"event_timestamp": "timestamp"})
+    missing = [c for c in FIELDS if c not in frame.columns]
+    if missing:
+        raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
+    return frame.select(FIELDS)
+
+
+def request_bodies(frame: pl.DataFrame) -> list[dict]:
+    """JSON-ready scoring requests of a transactions frame (timestamps as ISO-8601 UTC text),
+    as a client would send them to ``/predictions``."""
+    frame = request_frame(frame)
+    stamp = pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
+    return frame.with_columns(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()
+
+
 def score_frame(
     model_dir: str | Path,
     home: str | Path,
@@ -51,14 +71,10 @@ def score_frame(
     if source not in ("online", "offline"):
         raise ValueError(f"source must be 'online' or 'offline', got {source!r}")
     scorer = scorer or Scorer.load(model_dir, home, info)
-    if "timestamp" not in frame.columns and "event_timestamp" in frame.columns:
-        frame = frame.rename({"event_timestamp": "timestamp"})
-    missing = [c for c in FIELDS if c not in frame.columns]
-    if missing:
-        raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
+    frame = request_frame(frame)
     parts = []
     for offset in range(0, frame.height, CHUNK_ROWS):
-        chunk = frame.slice(offset, CHUNK_ROWS).select(FIELDS).to_dicts()
+        chunk = frame.slice(offset, CHUNK_ROWS).to_dicts()
         transactions = [
             validate_transaction(_plain(row), index=offset + i, now=at)
             for i, row in enumerate(chunk)

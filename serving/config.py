@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from features.storage import write_bytes_atomic
+from core.storage import write_bytes_atomic
 
 MODEL_NAME = "fraud"
 PROPERTIES = "config.properties"

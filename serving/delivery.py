@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import CHAMPION, Registry
-from quality.drift import ks_statistic
+from quality.drift import ks_statistic, psi
 from serving.client import TorchServeClient, TorchServeError
 from serving.config import DECLINE
 
@@ -199,9 +199,7 @@ def score_psi(reference: Sequence[float], candidate: Sequence[float], bins: int 
     edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
     p = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
     q = np.bincount(np.searchsorted(edges, cand, side="right"), minlength=edges.size + 1)
-    p = np.clip(p / ref.size, 1e-4, None)
-    q = np.clip(q / cand.size, 1e-4, None)
-    return float(np.sum((q - p) * np.log(q / p)))
+    return psi(p / ref.size, q / cand.size)
 
 
 def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -> list[str]:

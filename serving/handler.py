@@ -187,7 +187,7 @@ class LooplineHandler(BaseHandler):
 def online_store(env: Mapping[str, str]) -> dict[str, Any] | None:
     """The scale profile's Redis online store, else None (the home's SQLite). TorchServe starts
     this process, so like LOOPLINE_HOME the profile comes from its environment: the variables
-    orchestration/settings.py reads, inherited from the process that started TorchServe."""
+    core/settings.py reads, inherited from the process that started TorchServe."""
     if env.get(PROFILE_ENV) != "scale":
         return None
     return redis_online_store(env[REDIS_ENV])

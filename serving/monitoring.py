@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from features.storage import write_json_atomic, write_parquet_atomic
+from core.storage import write_json_atomic, write_parquet_atomic
 from quality import drift
 from quality.schema import UTC_TS
 from serving.delivery import SYNTHETIC_PREFIXES

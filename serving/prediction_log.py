@@ -37,7 +37,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 import orjson
 
-from models.jsonutil import json_safe
+from core.jsonutil import json_safe
 
 logger = logging.getLogger(__name__)
 

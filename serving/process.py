@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from features.storage import write_json_atomic
+from core.storage import write_json_atomic
 from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
 from serving.config import ServingConfig, write_properties

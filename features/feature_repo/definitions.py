@@ -27,7 +27,7 @@ from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.types import Bool, Float64, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
-from features.storage import data_root, duckdb_uri
+from core.storage import data_root, duckdb_uri
 
 TAGS = {"owner": "loopline", "domain": "fraud"}
 HASH_TAG = "loopline_definitions_sha256"
@@ -134,7 +134,7 @@ transaction_request_features.__module__ = "__main__"
 
 def feature_glob(lake: Path, view: str) -> str:
     """The glob a view's source reads: every per-batch file the feature assets wrote, spelt as
-    DuckDB reads it (``features.storage.duckdb_uri``)."""
+    DuckDB reads it (``core.storage.duckdb_uri``)."""
     return duckdb_uri(data_root(lake) / "features" / view / "*.parquet")
 
 

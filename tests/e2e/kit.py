@@ -5,7 +5,7 @@ from contextlib import ExitStack
 
 import dagster as dg
 
-from features.storage import write_parquet_atomic
+from core.storage import write_parquet_atomic
 from orchestration.resources import LooplineStorage
 from orchestration.serving import TorchServeResource, deployment, model_archive
 from tests.serving.kit import build_serving_home

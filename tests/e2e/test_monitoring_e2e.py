@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from features.storage import write_parquet_atomic
+from core.storage import write_parquet_atomic
 from orchestration.monitoring import (
     RetrainPolicy,
     drift_report,

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from core.storage import write_parquet_atomic
 from features.engineering import (
     CARD_FEATURE_SCHEMA,
     CARD_VIEW,
@@ -25,7 +26,6 @@ from features.engineering import (
     training_entities,
     write_feature_file,
 )
-from features.storage import write_parquet_atomic
 from quality.schema import SCHEMAS
 
 T0 = datetime(2024, 3, 1, 12, tzinfo=UTC)

@@ -5,10 +5,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from core.settings import Settings
 from features import simulator
 from orchestration import ingest
 from orchestration.resources import LooplineStorage
-from orchestration.settings import Settings
 
 
 class Platform:

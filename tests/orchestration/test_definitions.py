@@ -3,8 +3,8 @@
 import dagster as dg
 import yaml
 
+from core.settings import REPO_ROOT
 from orchestration.definitions import defs
-from orchestration.settings import REPO_ROOT
 
 
 def test_workspace_points_at_the_one_definitions_module():

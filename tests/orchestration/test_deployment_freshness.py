@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.storage import write_parquet_atomic
+from core.storage import write_parquet_atomic
 from orchestration.resources import LooplineStorage
 from orchestration.serving import stale_online_features
 from tests.serving.kit import build_serving_home

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.settings import ENV_VARS, REPO_ROOT, Settings
 from orchestration.platform import instance_config
-from orchestration.settings import ENV_VARS, REPO_ROOT, Settings
 from serving.config import ServingConfig, render_properties
 
 K8S = REPO_ROOT / "orchestration" / "deploy" / "k8s"

@@ -12,7 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.storage import write_parquet_atomic
+from core.settings import Settings
+from core.storage import write_parquet_atomic
 from models.registry import ModelRecord, Registry
 from orchestration.monitoring import (
     RetrainPolicy,
@@ -23,7 +24,6 @@ from orchestration.monitoring import (
 )
 from orchestration.resources import LooplineStorage
 from orchestration.serving import TorchServeResource
-from orchestration.settings import Settings
 from serving.monitoring import read_live_quality
 from serving.prediction_log import PredictionLog
 

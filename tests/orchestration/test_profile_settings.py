@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.settings import ENV_VARS, Settings
 from features.store import redis_online_store, repo_config
 from orchestration.platform import instance_config
-from orchestration.settings import ENV_VARS, Settings
 
 PG = "postgresql+psycopg2://loopline:s3cret@db:5432/loopline"
 REDIS = "redis://:hunter2@cache:6380/1"

@@ -180,8 +180,8 @@ def test_landing_names_that_could_traverse_or_confuse_are_quarantined_not_ingest
 def test_the_dagster_webserver_binds_loopback_by_default(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
+    from core.settings import Settings
     from orchestration import cli, cli_loop, platform
-    from orchestration.settings import Settings
 
     started = {}
 

@@ -12,16 +12,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    read_validated,
-    write_feature_file,
-)
-from features.incremental import sync_online, unloaded_files
-from features.storage import (
+from core.storage import (
     copy_atomic,
     data_root,
     duckdb_uri,
@@ -32,6 +23,15 @@ from features.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from features.engineering import (
+    CARD_VIEW,
+    MERCHANT_VIEW,
+    card_features,
+    merchant_features,
+    read_validated,
+    write_feature_file,
+)
+from features.incremental import sync_online, unloaded_files
 from features.store import apply_definitions, feature_store, online_features
 from features.training_set import build_training_set, write_training_set
 from quality.contracts import run_contract

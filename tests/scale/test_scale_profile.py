@@ -18,8 +18,9 @@ import pytest
 import redis
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
+from core.settings import Settings
+from core.storage import is_remote, uri
 from features import simulator
-from features.storage import is_remote, uri
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
 from orchestration.monitoring import (
@@ -32,7 +33,6 @@ from orchestration.monitoring import prediction_log as prediction_log_asset
 from orchestration.platform import write_instance_config
 from orchestration.resources import LooplineStorage
 from orchestration.serving import TorchServeResource, deployment, model_archive
-from orchestration.settings import Settings
 from serving import handler
 from serving.requests import Transaction
 from serving.scoring import Scorer, version_info

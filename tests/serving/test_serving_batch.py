@@ -110,3 +110,24 @@ def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
     assert fast.missing_features == reference.missing_features
     assert fast.unknown_entities[2] == ["card"] and "card" not in fast.unknown_entities[0]
     assert dropped not in fast.missing_features[2]  # not a model input, so not "missing"
+
+
+def test_a_transactions_frame_becomes_request_bodies_the_endpoint_accepts() -> None:
+    from features.simulator import ScenarioConfig, Simulator
+    from serving.batch import request_bodies
+    from serving.requests import FIELDS, parse_request
+
+    sim = Simulator(
+        ScenarioConfig(seed=5, rows_per_batch=50, start=datetime(2026, 1, 5, tzinfo=UTC))
+    )
+    frame = sim.transactions(0)  # the dataset's columns: event_timestamp, no timestamp
+    bodies = request_bodies(frame)
+    assert len(bodies) == frame.height and list(bodies[0]) == list(FIELDS)
+    body = json.dumps(bodies).encode()
+    parsed, single = parse_request(body, max_bytes=len(body), max_items=len(bodies))
+    assert not single
+    assert [t.transaction_id for t in parsed] == frame["transaction_id"].to_list()
+    assert [t.timestamp for t in parsed] == frame["event_timestamp"].to_list()
+    assert [t.amount for t in parsed] == frame["amount"].to_list()
+    with pytest.raises(RequestError, match="lacks column"):
+        request_bodies(frame.drop("country"))

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.jsonutil import json_safe
+from core.jsonutil import json_safe
 from serving.config import ServingConfig, allowed_urls_pattern, render_properties
 from serving.prediction_log import PredictionLog, closed_files, json_line, read_records
 from tests.serving.jsonvalues import typed

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from features.storage import data_root, is_remote
+from core.storage import data_root, is_remote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

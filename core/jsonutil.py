@@ -1,4 +1,4 @@
-"""JSON-safe conversion shared by reports, sidecars and the registry."""
+"""JSON-safe conversion shared by reports, sidecars, the registry and contract outcomes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 
 def json_safe(value: Any) -> Any:
     """NaN/inf -> None (strict JSON has no NaN), numpy scalars and arrays -> Python values and
-    lists, dataclass instances -> dicts of their fields, datetimes -> ISO text."""
+    lists, dataclass instances -> dicts of their fields, datetimes -> ISO text, anything else
+    that JSON has no type for (a Decimal, a path) -> its text."""
     if isinstance(value, np.generic):
         value = value.item()
     elif isinstance(value, np.ndarray):
@@ -27,4 +28,6 @@ def json_safe(value: Any) -> Any:
         return [json_safe(v) for v in value]
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return value
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
