@@ -352,7 +352,7 @@ def _loop_runs(settings: Settings) -> list[dict[str, Any]]:
     """Every continuous_training run with its trigger tags (from the Dagster instance)."""
     import dagster as dg
 
-    from orchestration.monitoring import LOOP_JOB
+    from orchestration.retraining import LOOP_JOB
 
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
     try:

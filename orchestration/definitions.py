@@ -5,15 +5,24 @@ Each asset group lives in its own module with its own ``defs``; this file merges
 
 import dagster as dg
 
-from orchestration import backtesting, features, ingest, monitoring, serving, training
+from orchestration import (
+    backtest_assets,
+    feature_assets,
+    ingest_assets,
+    monitoring_assets,
+    retraining,
+    serving_assets,
+    training_assets,
+)
 from orchestration.resources import LooplineStorage
 
 defs = dg.Definitions.merge(
-    ingest.defs,
-    features.defs,
-    training.defs,
-    serving.defs,
-    monitoring.defs,
-    backtesting.defs,
+    ingest_assets.defs,
+    feature_assets.defs,
+    training_assets.defs,
+    serving_assets.defs,
+    monitoring_assets.defs,
+    retraining.defs,
+    backtest_assets.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

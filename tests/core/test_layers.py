@@ -51,3 +51,13 @@ def test_the_scan_sees_imports_at_any_depth(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "core" / "x.py").write_text("def f():\n    from features import store\n")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     assert _imports("core") == {"core/x.py": {"features"}}
+
+
+def test_no_module_name_repeats_across_packages():
+    # "monitoring.py" in two packages made every traceback and import ambiguous to a reader.
+    seen: dict[str, list[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).glob("*.py"):
+            if path.name != "__init__.py":
+                seen.setdefault(path.name, []).append(package)
+    assert {name: where for name, where in seen.items() if len(where) > 1} == {}

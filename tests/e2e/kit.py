@@ -7,7 +7,7 @@ import dagster as dg
 
 from core.storage import write_parquet_atomic
 from orchestration.resources import LooplineStorage
-from orchestration.serving import TorchServeResource, deployment, model_archive
+from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from tests.serving.kit import build_serving_home
 
 

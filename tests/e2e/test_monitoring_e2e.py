@@ -8,14 +8,13 @@ import polars as pl
 import pytest
 
 from core.storage import write_parquet_atomic
-from orchestration.monitoring import (
-    RetrainPolicy,
+from orchestration.monitoring_assets import (
     drift_report,
     live_performance,
     prediction_log,
-    retrain_sensor,
     serving_availability,
 )
+from orchestration.retraining import RetrainPolicy, retrain_sensor
 from tests.e2e.kit import Loop
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ import pytest
 
 from core.settings import Settings
 from features import simulator
-from orchestration import ingest
+from orchestration import ingest_assets
 from orchestration.resources import LooplineStorage
 
 
@@ -36,7 +36,7 @@ class Platform:
     def tick(self) -> dg.SensorResult:
         """One landing-sensor evaluation, its dynamic partitions added as the daemon would."""
         context = dg.build_sensor_context(instance=self.instance, resources=self.resources)
-        result = ingest.landing_sensor(context)
+        result = ingest_assets.landing_sensor(context)
         for request in result.dynamic_partitions_requests:
             self.instance.add_dynamic_partitions(
                 request.partitions_def_name, list(request.partition_keys)
@@ -48,8 +48,8 @@ class Platform:
         outcomes = []
         for request in result.run_requests:
             job = request.job_name
-            if job == ingest.reference_profile_job.name:
-                assets = [ingest.reference_profile]
+            if job == ingest_assets.reference_profile_job.name:
+                assets = [ingest_assets.reference_profile]
                 outcomes.append(
                     dg.materialize(
                         assets,
@@ -61,7 +61,9 @@ class Platform:
                 continue
             dataset = request.tags["loopline/dataset"]
             assets = [
-                a for a in ingest.RAW_ASSETS + ingest.VALIDATED_ASSETS if dataset in str(a.key)
+                a
+                for a in ingest_assets.RAW_ASSETS + ingest_assets.VALIDATED_ASSETS
+                if dataset in str(a.key)
             ]
             outcomes.append(
                 dg.materialize(

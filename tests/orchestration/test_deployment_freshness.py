@@ -8,7 +8,7 @@ import pytest
 
 from core.storage import write_parquet_atomic
 from orchestration.resources import LooplineStorage
-from orchestration.serving import stale_online_features
+from orchestration.serving_assets import stale_online_features
 from tests.serving.kit import build_serving_home
 
 

@@ -11,7 +11,7 @@ from features import simulator
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.store import feature_store, online_features
 from features.training_set import TrainingSetRef
-from orchestration import features as feature_assets
+from orchestration import feature_assets
 from orchestration.resources import LooplineStorage
 from tests.orchestration.conftest import Platform
 

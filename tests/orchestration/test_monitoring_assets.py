@@ -15,15 +15,14 @@ import pytest
 from core.settings import Settings
 from core.storage import write_parquet_atomic
 from models.registry import ModelRecord, Registry
-from orchestration.monitoring import (
-    RetrainPolicy,
-    gather_signals,
+from orchestration.monitoring_assets import (
     live_performance,
     prediction_log,
     serving_availability,
 )
 from orchestration.resources import LooplineStorage
-from orchestration.serving import TorchServeResource
+from orchestration.retraining import RetrainPolicy, gather_signals
+from orchestration.serving_assets import TorchServeResource
 from serving.monitoring import read_live_quality
 from serving.prediction_log import PredictionLog
 

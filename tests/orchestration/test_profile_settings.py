@@ -130,7 +130,7 @@ def test_redis_url_becomes_feasts_connection_string(tmp_path):
 
 def test_torchserve_workers_follow_the_profile(tmp_path, monkeypatch):
     from orchestration.resources import LooplineStorage
-    from orchestration.serving import TorchServeResource
+    from orchestration.serving_assets import TorchServeResource
 
     storage = LooplineStorage(home=str(tmp_path))
     assert TorchServeResource().serving_config(storage).workers_per_model == 1

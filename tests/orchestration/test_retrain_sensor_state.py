@@ -7,7 +7,7 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 from dagster._core.utils import make_new_run_id
 
-from orchestration.monitoring import LOOP_JOB, RetrainPolicy, _last_started
+from orchestration.retraining import LOOP_JOB, RetrainPolicy, _last_started
 
 
 def _add_run(instance: dg.DagsterInstance, trigger: str, status: DagsterRunStatus) -> None:

@@ -15,22 +15,22 @@ from features import simulator
 from features.training_set import TrainingSetRef
 from models.registry import CHAMPION, Registry
 from models.release import CARD, EVALUATION
-from orchestration import features, training
+from orchestration import feature_assets, training_assets
 from orchestration.cli import main
 from tests.orchestration.conftest import Platform
 
 SERVICE = "fraud_model_v1"
 FEATURES = [
-    features.card_features,
-    features.merchant_features,
-    features.feature_registry,
-    features.online_features,
+    feature_assets.card_features,
+    feature_assets.merchant_features,
+    feature_assets.feature_registry,
+    feature_assets.online_features,
 ]
 TRAINING = [
-    training.candidate_model,
-    training.baseline_model,
-    training.evaluation_report,
-    training.registered_model,
+    training_assets.candidate_model,
+    training_assets.baseline_model,
+    training_assets.evaluation_report,
+    training_assets.registered_model,
 ]
 # About 19k labelled rows, enough for the network to beat logistic regression; one torch
 # thread and a generous latency budget on the shared test machine.
@@ -53,7 +53,7 @@ def _materialize(platform: Platform, candidate: dict, *, with_training_set: bool
     torch.set_num_threads(1)
     try:
         return dg.materialize(
-            [features.training_set, *TRAINING],
+            [feature_assets.training_set, *TRAINING],
             selection=None if with_training_set else TRAINING,
             instance=platform.instance,
             resources=platform.resources,
@@ -165,8 +165,8 @@ def test_a_worse_challenger_is_blocked_and_its_reasons_recorded(platform, second
 
     # Materializing registered_model on its own (no check runs then) still refuses it.
     alone = dg.materialize(
-        [features.training_set, *TRAINING],
-        selection=[training.registered_model],
+        [feature_assets.training_set, *TRAINING],
+        selection=[training_assets.registered_model],
         instance=platform.instance,
         resources=platform.resources,
         raise_on_error=False,
@@ -213,7 +213,7 @@ def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
 def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, first_run, second_run):
     """Held-out positives and a window from run config reach the training set and its UI."""
     run = dg.materialize(
-        [features.training_set],
+        [feature_assets.training_set],
         instance=platform.instance,
         resources=platform.resources,
         run_config={
@@ -236,7 +236,7 @@ def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, fir
     # so the same lake gives more rows, the newest younger than the 7-day maturity.
     def build(config: dict) -> TrainingSetRef:
         return dg.materialize(
-            [features.training_set],
+            [feature_assets.training_set],
             instance=platform.instance,
             resources=platform.resources,
             run_config={"ops": {"training_set": {"config": config}}},
@@ -250,7 +250,7 @@ def test_run_config_chooses_the_split_policy_and_recency_weighting(platform, fir
     assert presumed.rows > default.rows
     assert presumed_summary["splits"]["test"]["end"] > default_summary["splits"]["test"]["end"]
 
-    candidate = training.CandidateConfig(recency_half_life_days=7.0).train_config()
-    baseline = training.BaselineConfig(recency_half_life_days=7.0).train_config()
+    candidate = training_assets.CandidateConfig(recency_half_life_days=7.0).train_config()
+    baseline = training_assets.BaselineConfig(recency_half_life_days=7.0).train_config()
     assert candidate.recency_half_life_days == baseline.recency_half_life_days == 7.0
-    assert training.CandidateConfig().train_config().recency_half_life_days is None
+    assert training_assets.CandidateConfig().train_config().recency_half_life_days is None

@@ -8,8 +8,8 @@ import dagster as dg
 import polars as pl
 
 from features.training_set import missing_feature_views, views_without_feature_files
-from orchestration import features
-from orchestration.monitoring import RetrainPolicy, retrain_sensor
+from orchestration import feature_assets
+from orchestration.retraining import RetrainPolicy, retrain_sensor
 from tests.orchestration.conftest import Platform
 
 BOTH = "waiting for features: card_stats_fv, merchant_stats_fv have no feature files yet"
@@ -41,7 +41,7 @@ def test_views_without_files_are_listed_in_the_services_order(tmp_path: Path) ->
 def test_training_set_fails_with_waiting_for_features_before_reading_any(tmp_path: Path) -> None:
     platform = Platform(tmp_path / "home")
     result = dg.materialize(
-        [features.training_set],
+        [feature_assets.training_set],
         instance=platform.instance,
         resources=platform.resources,
         raise_on_error=False,

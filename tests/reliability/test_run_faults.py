@@ -23,7 +23,7 @@ import pytest
 from features import simulator
 from models.artifact import CHECKSUMS, verify_checksums
 from models.registry import Registry
-from orchestration import features
+from orchestration import feature_assets
 from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
 from tests.reliability.kit import leftover_temporaries
@@ -169,7 +169,7 @@ def test_two_feature_runs_started_together_both_succeed_without_lock_errors(inge
     assert files and all(pl.read_parquet(f).height > 0 for f in files)
     assert leftover_temporaries(ingested.settings.home) == []
     again = dg.materialize(
-        [features.card_features, features.merchant_features],
+        [feature_assets.card_features, feature_assets.merchant_features],
         resources=ingested.resources,
         instance=ingested.instance,
     )

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from models.registry import CHAMPION
-from orchestration.serving import deployment, model_archive
+from orchestration.serving_assets import deployment, model_archive
 from serving.requests import FIELDS
 from tests.e2e.kit import Loop
 from tests.reliability.kit import (

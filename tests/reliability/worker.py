@@ -81,7 +81,7 @@ def features(home: str) -> None:
     """Materialize the feature assets, as an update_features run does."""
     import dagster as dg
 
-    from orchestration import features as assets
+    from orchestration import feature_assets as assets
     from orchestration.resources import LooplineStorage
 
     _say("started")

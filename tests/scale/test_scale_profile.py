@@ -23,16 +23,12 @@ from core.storage import is_remote, uri
 from features import simulator
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
-from orchestration.monitoring import (
-    RetrainPolicy,
-    drift_report,
-    live_performance,
-    retrain_sensor,
-)
-from orchestration.monitoring import prediction_log as prediction_log_asset
+from orchestration.monitoring_assets import drift_report, live_performance
+from orchestration.monitoring_assets import prediction_log as prediction_log_asset
 from orchestration.platform import write_instance_config
 from orchestration.resources import LooplineStorage
-from orchestration.serving import TorchServeResource, deployment, model_archive
+from orchestration.retraining import RetrainPolicy, retrain_sensor
+from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from serving import handler
 from serving.requests import Transaction
 from serving.scoring import Scorer, version_info

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
-from orchestration.ingest import _md_table
+from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import polars as pl
 from core.storage import uri, write_parquet_atomic
 from models.registry import CHAMPION, Registry
 from orchestration import alerts
-from orchestration.ingest import _md_table
+from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage
 from serving.client import TorchServeClient
 from serving.config import ServingConfig
