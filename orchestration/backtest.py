@@ -53,7 +53,6 @@ from features.engineering import (
     training_entities,
     write_feature_file,
 )
-from features.simulator import ScenarioConfig, Simulator
 from features.store import SERVICE, apply_definitions, feature_store, historical_features
 from features.training_set import (
     DEFAULT_LABEL_MATURITY,
@@ -80,6 +79,7 @@ from orchestration.triggers import (
 )
 from quality.schema import SCHEMAS
 from serving.monitoring import SCORE, live_quality, serving_drift
+from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 POLICY_KINDS: tuple[str, ...] = ("static", "nightly", "triggers")
 DRIFT_OR_DECAY = frozenset({"drift", "decay"})

@@ -24,7 +24,7 @@ def main() -> None:
 
 
 def _simulator_options(f):
-    from features.simulator import FAULTS
+    from usecases.fraud.simulator import FAULTS
 
     opts = [
         click.option("--seed", default=7, show_default=True, help="Scenario seed (deterministic)."),
@@ -54,7 +54,7 @@ def _simulator_options(f):
 def _scenario(opts: dict, start=None):
     from datetime import timedelta
 
-    from features.simulator import ScenarioConfig
+    from usecases.fraud.simulator import ScenarioConfig
 
     return ScenarioConfig(
         start=start,
@@ -69,7 +69,7 @@ def _scenario(opts: dict, start=None):
 
 
 def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=None):
-    from features import simulator
+    from usecases.fraud import simulator
 
     def report(b) -> None:
         fault = f" [red]fault={b.fault}[/]" if b.fault else ""
@@ -154,7 +154,7 @@ def run(
     """
     from datetime import timedelta
 
-    from features.simulator import SimClock, Simulator
+    from usecases.fraud.simulator import SimClock, Simulator
 
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
     # Drift re-arms after a label-maturity period (7 days) of simulated time.

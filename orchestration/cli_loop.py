@@ -373,8 +373,8 @@ def _loop_runs(settings: Settings) -> list[dict[str, Any]]:
 def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) -> dict[str, Any]:
     """Land a batch with a renamed column while nothing else lands: it must be quarantined,
     start no retraining, and leave the champion serving."""
-    from features import simulator
     from quality.ledger import BatchLedger
+    from usecases.fraud import simulator
 
     settings = platform.settings
     live = platform.simulator
@@ -428,7 +428,7 @@ LABEL_MATURITY = timedelta(days=7)  # TrainingSetConfig and live_performance's d
 def demo_world(seed: int, clock) -> tuple[Any, int]:
     """The demo's scenario, its history ending at the clock's (still) time, and the window the
     simulator holds at once history is landed (the first live one)."""
-    from features.simulator import ScenarioConfig, Simulator
+    from usecases.fraud.simulator import ScenarioConfig, Simulator
 
     scenario = ScenarioConfig(
         seed=seed,
@@ -550,7 +550,7 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     injected, and the loop retrains from the drifted labels as they mature and replaces the
     champion on its own. Prints the served model's live PR-AUC before the drift, after it, and
     after recovery."""
-    from features.simulator import SimClock
+    from usecases.fraud.simulator import SimClock
 
     # Demo-sized triggers for the Dagster processes started below (an explicit setting wins):
     # 11 simulated days of labels, so new data alone retrains once drifted labels matured.

@@ -24,8 +24,8 @@ from pathlib import Path
 import polars as pl
 
 from core.storage import write_json_atomic
-from features import simulator
 from serving.client import TorchServeClient, TorchServeError
+from usecases.fraud import simulator
 
 logger = logging.getLogger(__name__)
 CONTROL_FILE = "simulator.json"

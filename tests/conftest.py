@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from features import simulator
+from usecases.fraud import simulator
 
 _real_default_start = simulator.default_start
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "quality", "features", "models", "serving", "orchestration")
+PACKAGES = ("core", "quality", "features", "models", "serving", "orchestration", "usecases")
 
 
 def _imports(package: str) -> dict[str, set[str]]:

@@ -19,13 +19,13 @@ from features.engineering import (
     merchant_features,
     write_feature_file,
 )
-from features.simulator import ScenarioConfig, Simulator
 from features.store import SERVICE, apply_definitions, feature_store
 from features.training_set import build_training_set
 from models.evaluate import evaluate_model
 from models.gate import InfraReport, validate_challenger
 from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_from_fields
 from models.train import train_baseline, train_model
+from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 # `loopline demo`'s scenario (1% fraud); 40 days of two-day batches, about 66k labelled rows.
 SCENARIO = ScenarioConfig(

@@ -6,9 +6,9 @@ import dagster as dg
 import pytest
 
 from core.settings import Settings
-from features import simulator
 from orchestration import ingest_assets
 from orchestration.resources import LooplineStorage
+from usecases.fraud import simulator
 
 
 class Platform:

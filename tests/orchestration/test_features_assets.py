@@ -7,13 +7,13 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from features import simulator
 from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.store import feature_store, online_features
 from features.training_set import TrainingSetRef
 from orchestration import feature_assets
 from orchestration.resources import LooplineStorage
 from tests.orchestration.conftest import Platform
+from usecases.fraud import simulator
 
 SPAN = timedelta(days=4)
 FEATURES = [

@@ -6,8 +6,8 @@ from datetime import timedelta
 import polars as pl
 import pytest
 
-from features import simulator
 from quality.ledger import BatchLedger
+from usecases.fraud import simulator
 
 
 def _landed_rows(landed: list[simulator.LandedBatch], dataset: str) -> int:

@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from features import simulator
 from orchestration.live import LiveSimulator, Traffic, live_simulator_running, request_drift
 from serving.requests import validate_transaction
+from usecases.fraud import simulator
 
 START = datetime(2026, 10, 5, tzinfo=UTC)  # a Monday, well in the past
 

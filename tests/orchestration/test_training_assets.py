@@ -11,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from features import simulator
 from features.training_set import TrainingSetRef
 from models.registry import CHAMPION, Registry
 from models.release import CARD, EVALUATION
 from orchestration import feature_assets, training_assets
 from orchestration.cli import main
 from tests.orchestration.conftest import Platform
+from usecases.fraud import simulator
 
 SERVICE = "fraud_model_v1"
 FEATURES = [

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from features import simulator
 from quality.ingest import batch_id_of
 from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
+from usecases.fraud import simulator
 
 CONFIG = simulator.ScenarioConfig(seed=9, n_cards=60, n_merchants=15, rows_per_batch=60)
 COLUMNS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country")

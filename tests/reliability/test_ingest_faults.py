@@ -9,11 +9,11 @@ import threading
 import polars as pl
 import pytest
 
-from features import simulator
 from quality.ingest import batch_id_of
 from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
 from tests.reliability.kit import leftover_temporaries
+from usecases.fraud import simulator
 
 CONFIG = simulator.ScenarioConfig(seed=7, n_cards=80, n_merchants=20, rows_per_batch=200)
 

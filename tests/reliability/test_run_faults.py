@@ -20,7 +20,6 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from features import simulator
 from models.artifact import CHECKSUMS, verify_checksums
 from models.registry import Registry
 from orchestration import feature_assets
@@ -28,6 +27,7 @@ from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
 from tests.reliability.kit import leftover_temporaries
 from tests.serving.kit import build_serving_home
+from usecases.fraud import simulator
 
 REPO = Path(__file__).resolve().parents[2]
 

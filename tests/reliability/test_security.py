@@ -14,7 +14,6 @@ import polars as pl
 import pytest
 import torch
 
-from features import simulator
 from models.artifact import CHECKSUMS, GOLDEN, SIDECAR, WEIGHTS, load_model, save_model
 from models.checksum import sha256_file
 from models.registry import ModelRecord, Registry
@@ -23,6 +22,7 @@ from quality import contracts
 from quality.ledger import BatchLedger
 from tests.models.testkit import FAST, SPEC, make_training_set
 from tests.orchestration.conftest import Platform
+from usecases.fraud import simulator
 
 REPO = Path(__file__).resolve().parents[2]
 INJECTIONS = [

@@ -20,7 +20,6 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
 from core.settings import Settings
 from core.storage import is_remote, uri
-from features import simulator
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
 from orchestration.monitoring_assets import drift_report, live_performance
@@ -35,6 +34,7 @@ from serving.scoring import Scorer, version_info
 from tests.e2e.kit import free_ports
 from tests.orchestration.conftest import Platform
 from tests.orchestration.test_training_assets import FEATURES, GOOD, SCENARIO, _materialize
+from usecases.fraud import simulator
 
 BATCHES = 16
 

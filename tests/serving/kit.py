@@ -18,7 +18,6 @@ from features.engineering import (
     training_entities,
     write_feature_file,
 )
-from features.simulator import ScenarioConfig, Simulator
 from features.store import (
     SERVICE,
     apply_definitions,
@@ -31,6 +30,7 @@ from models.registry import ModelRecord, Registry
 from models.spec import FeatureSpec, TrainConfig
 from models.train import train_model
 from quality.schema import SCHEMAS
+from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 FAST = TrainConfig(epochs=4, batch_size=256, lr=5e-3, hidden=(16,), patience=2, device="cpu")
 REQUEST_NUMERIC = ("amount",)

@@ -113,9 +113,9 @@ def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
 
 
 def test_a_transactions_frame_becomes_request_bodies_the_endpoint_accepts() -> None:
-    from features.simulator import ScenarioConfig, Simulator
     from serving.batch import request_bodies
     from serving.requests import FIELDS, parse_request
+    from usecases.fraud.simulator import ScenarioConfig, Simulator
 
     sim = Simulator(
         ScenarioConfig(seed=5, rows_per_batch=50, start=datetime(2026, 1, 5, tzinfo=UTC))

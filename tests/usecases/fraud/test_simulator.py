@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.simulator import (
+from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES, SCHEMAS
+from usecases.fraud.simulator import (
     FAULTS,
     LandedBatch,
     ScenarioConfig,
@@ -23,7 +24,6 @@ from features.simulator import (
     land,
     run,
 )
-from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES, SCHEMAS
 
 T0 = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday, midnight UTC
 SMALL = ScenarioConfig(seed=11, n_cards=400, n_merchants=60, start=T0, rows_per_batch=600)
