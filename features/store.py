@@ -11,6 +11,7 @@ runs the on-demand views through Feast's own code; a test holds it equal, row fo
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import sqlite3
 import threading
@@ -65,6 +66,18 @@ _KEY_CACHE = 1 << 16
 _VALUE_CACHE = 1 << 16
 _ROW_CACHE = 1 << 14  # entities per view the SQLite reader keeps decoded (~1 KB each)
 _SQLITE_CHUNK = 900
+
+
+class _FileRegistryServesWhileMaterializing(logging.Filter):
+    """Feast warns that ``serve_features_while_materializing`` "typically has no effect" on a
+    registry other than SQL; its file registry does honour it (``feast.infra.registry.registry``),
+    so the warning would only mislead, once per store built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`serve_features_while_materializing` is enabled but" not in record.getMessage()
+
+
+logging.getLogger("feast.repo_config").addFilter(_FileRegistryServesWhileMaterializing())
 
 
 def repo_config(home: Path, online_store: Mapping[str, Any] | None = None) -> RepoConfig:

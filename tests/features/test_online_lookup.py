@@ -354,3 +354,25 @@ def test_feature_ages_are_the_seconds_since_the_online_rows_event_time(served) -
         ]
         assert unused and all(v is None for v in unused)  # no age: the row's features are null
     assert any(a is not None and a > 86_400 for a in found.ages["card_stats_fv"])
+
+
+def test_a_view_being_materialized_keeps_serving_its_last_rows(served, caplog) -> None:
+    """Materialization marks a view MATERIALIZING; a server whose registry cache refreshes in
+    that window must still answer from the online rows already there (it returned 503s)."""
+    from feast.feature_view import FeatureViewState
+
+    store, rows = served
+    before = online_features(store, rows, at=END)
+    view = store.registry.get_feature_view("card_stats_fv", store.project, allow_cache=False)
+    assert view.state != FeatureViewState.MATERIALIZING
+    view.state = FeatureViewState.MATERIALIZING
+    store.registry.apply_feature_view(view, store.project, commit=True)
+    try:
+        with caplog.at_level("WARNING"):
+            fresh = feature_store(Path(store.repo_path))  # a server starting now
+        assert "typically has no effect" not in caplog.text
+        assert fresh.registry.serve_features_while_materializing
+        _assert_same(online_features(fresh, rows, at=END), before)
+    finally:
+        view.state = FeatureViewState.AVAILABLE_ONLINE
+        store.registry.apply_feature_view(view, store.project, commit=True)
