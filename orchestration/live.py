@@ -25,6 +25,7 @@ import polars as pl
 
 from core.storage import write_json_atomic
 from serving.client import TorchServeClient, TorchServeError
+from serving.requests import RequestError, request_bodies
 from usecases.fraud import simulator
 
 logger = logging.getLogger(__name__)
@@ -210,9 +211,6 @@ class Traffic:
 
     def requests_of_frame(self, frame: pl.DataFrame) -> list[dict]:
         """A sample of ``per_batch`` transactions as scoring requests (none if columns miss)."""
-        from serving.batch import request_bodies
-        from serving.requests import RequestError
-
         if frame.height > self.per_batch:
             frame = frame.sample(self.per_batch, seed=self._rng.randrange(1 << 30))
         try:

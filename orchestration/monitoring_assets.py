@@ -143,7 +143,8 @@ class MonitoringConfig(dg.Config):
     quality_window_days: float = 7.0
 
 
-def _champion(storage: LooplineStorage):
+def champion_of(storage: LooplineStorage):
+    """The home's registry and its champion's record (None before the first promotion)."""
     registry = Registry(storage.settings.registry_path)
     version = registry.get_alias(CHAMPION)
     return registry, (registry.get(version) if version else None)
@@ -189,7 +190,7 @@ def serving_availability(
 ):
     """Unknown entities, missing features and online-row age in the champion's traffic."""
     settings = storage.settings
-    _, champion = _champion(storage)
+    _, champion = champion_of(storage)
     window = _serving_window(settings, champion.version, config) if champion else pl.DataFrame()
     if champion is None or window.height < config.min_rows:
         why = (
@@ -290,7 +291,7 @@ def drift_report(
     from models.plots import drift_png, png_markdown
 
     settings = storage.settings
-    _, champion = _champion(storage)
+    _, champion = champion_of(storage)
     if champion is None:
         yield dg.MaterializeResult(metadata={"compared": False, "why": "no champion yet"})
         yield dg.AssetCheckResult(
@@ -440,7 +441,7 @@ def live_performance(
 ) -> dg.MaterializeResult:
     """Live PR-AUC over time: realised on label-mature predictions, estimated without labels."""
     settings = storage.settings
-    registry, champion = _champion(storage)
+    registry, champion = champion_of(storage)
     if champion is None:
         return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
     answered = _answered(settings, champion.version)

@@ -15,7 +15,7 @@ import dagster as dg
 from core.settings import Settings
 from orchestration import alerts
 from orchestration.ingest_assets import reference_profile
-from orchestration.monitoring_assets import _champion
+from orchestration.monitoring_assets import champion_of
 from orchestration.resources import IN_FLIGHT, LooplineStorage
 from orchestration.serving_assets import deployment, model_archive
 from orchestration.training_assets import GROUP as TRAINING_GROUP
@@ -84,7 +84,7 @@ def gather_signals(
 ) -> list[Signal | None]:
     """Every trigger's signal now; drift and decay only when measured after ``since``."""
     settings = storage.settings
-    registry, champion = _champion(storage)
+    registry, champion = champion_of(storage)
     signals: list[Signal | None] = []
     request = settings.retrain_request
     if request.exists():

@@ -22,6 +22,7 @@ from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, is_synthetic
 from serving.prediction_log import read_records
 from serving.process import TorchServeProcess
+from serving.requests import request_bodies
 
 GROUP = "serving"
 
@@ -130,8 +131,6 @@ def replay_requests(
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]
     if not files:
         raise dg.Failure("no logged requests and no validated transactions to replay")
-    from serving.batch import request_bodies
-
     frame = pl.read_parquet([uri(f) for f in files]).sort("event_timestamp").tail(limit)
     return request_bodies(frame), "validated transactions"
 

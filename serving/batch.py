@@ -19,7 +19,7 @@ from typing import Literal
 import polars as pl
 
 from models.registry import Registry
-from serving.requests import FIELDS, RequestError, validate_transaction
+from serving.requests import request_frame, validate_transaction
 from serving.scoring import Scorer, ServingInfo, version_info
 
 CHUNK_ROWS = 50_000
@@ -31,26 +31,6 @@ OUTPUT_SCHEMA = {
     "missing_features": pl.List(pl.String),
     "unknown_entities": pl.List(pl.String),
 }
-
-
-def request_frame(frame: pl.DataFrame) -> pl.DataFrame:
-    """The request fields of a transactions frame, in ``FIELDS`` order; ``event_timestamp``
-    (the transactions dataset's name) stands for ``timestamp``. A missing field raises
-    ``RequestError`` naming it."""
-    if "timestamp" not in frame.columns and "event_timestamp" in frame.columns:
-        frame = frame.rename({"event_timestamp": "timestamp"})
-    missing = [c for c in FIELDS if c not in frame.columns]
-    if missing:
-        raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
-    return frame.select(FIELDS)
-
-
-def request_bodies(frame: pl.DataFrame) -> list[dict]:
-    """JSON-ready scoring requests of a transactions frame (timestamps as ISO-8601 UTC text),
-    as a client would send them to ``/predictions``."""
-    frame = request_frame(frame)
-    stamp = pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
-    return frame.with_columns(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()
 
 
 def score_frame(

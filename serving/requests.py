@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import polars as pl
 
 from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES
 
@@ -349,3 +350,23 @@ def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def request_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The request fields of a transactions frame, in ``FIELDS`` order; ``event_timestamp``
+    (the transactions dataset's name) stands for ``timestamp``. A missing field raises
+    ``RequestError`` naming it."""
+    if "timestamp" not in frame.columns and "event_timestamp" in frame.columns:
+        frame = frame.rename({"event_timestamp": "timestamp"})
+    missing = [c for c in FIELDS if c not in frame.columns]
+    if missing:
+        raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
+    return frame.select(FIELDS)
+
+
+def request_bodies(frame: pl.DataFrame) -> list[dict]:
+    """JSON-ready scoring requests of a transactions frame (timestamps as ISO-8601 UTC text),
+    as a client would send them to ``/predictions``."""
+    frame = request_frame(frame)
+    stamp = pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
+    return frame.with_columns(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()

@@ -113,8 +113,7 @@ def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
 
 
 def test_a_transactions_frame_becomes_request_bodies_the_endpoint_accepts() -> None:
-    from serving.batch import request_bodies
-    from serving.requests import FIELDS, parse_request
+    from serving.requests import FIELDS, parse_request, request_bodies
     from usecases.fraud.simulator import ScenarioConfig, Simulator
 
     sim = Simulator(
