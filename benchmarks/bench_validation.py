@@ -22,8 +22,9 @@ import numpy as np
 import polars as pl
 
 from quality.contracts import run_contract
-from quality.drift import build_profile, drift_columns, drift_frame, profile_and_compare
-from quality.schema import CHANNELS, COUNTRIES, SCHEMAS
+from quality.drift import build_profile, drift_frame, profile_and_compare
+from quality.schema import drift_columns
+from usecases.fraud.simulator import CHANNELS, COUNTRIES, SCHEMAS
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 

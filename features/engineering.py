@@ -27,7 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from core.storage import data_root, uri, write_parquet_atomic
-from quality.schema import SCHEMAS, UTC_TS
+from quality.schema import UTC_TS, schema, time_columns
 
 LOOKBACK = timedelta(days=30)
 CARD_VIEW = "card_stats_fv"
@@ -451,14 +451,14 @@ def read_validated(
     folder = data_root(lake) / "validated" / dataset
     excluded = set(exclude_batches)
     files = sorted(uri(p) for p in folder.glob("*.parquet") if p.stem not in excluded)
-    schema = SCHEMAS[dataset]
+    columns = schema(dataset)
     if not files:
-        return pl.DataFrame(schema=schema)
+        return pl.DataFrame(schema=columns)
     frame = pl.scan_parquet(files)
-    time_column = {"transactions": TS, "labels": "label_timestamp"}.get(dataset)
+    time_column = time_columns().get(dataset)
     if since is not None and time_column is not None:
         frame = frame.filter(pl.col(time_column) >= _utc(since))
-    return frame.select([pl.col(c).cast(t) for c, t in schema.items()]).collect()
+    return frame.select([pl.col(c).cast(t) for c, t in columns.items()]).collect()
 
 
 def write_feature_file(lake: Path, view: str, batch_id: str, rows: pl.DataFrame) -> Path:

@@ -33,7 +33,7 @@ from features.engineering import (
     write_feature_file,
 )
 from features.store import materialize
-from quality.schema import SCHEMAS
+from quality.schema import schema
 
 # Which datasets' batches change which view.
 VIEW_DATASETS: dict[str, tuple[str, ...]] = {
@@ -79,8 +79,8 @@ def pending(lake: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
 
 def _validated(lake: Path, batch: Batch) -> pl.DataFrame:
     path = data_root(lake) / "validated" / batch.dataset / f"{batch.batch_id}.parquet"
-    schema = SCHEMAS[batch.dataset]
-    return pl.read_parquet(uri(path)).select([pl.col(c).cast(t) for c, t in schema.items()])
+    columns = schema(batch.dataset)
+    return pl.read_parquet(uri(path)).select([pl.col(c).cast(t) for c, t in columns.items()])
 
 
 def batch_rows(
@@ -100,7 +100,7 @@ def batch_rows(
         raise ValueError(f"{batch.dataset} batches do not change {view}")
     new = _validated(lake, batch)
     is_tx = batch.dataset == "transactions"
-    new_tx = new if is_tx else pl.DataFrame(schema=SCHEMAS["transactions"])
+    new_tx = new if is_tx else pl.DataFrame(schema=schema("transactions"))
     new_labels = None if is_tx else new
     since = history_start(new_tx, new_labels)
     history = read_validated(

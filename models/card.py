@@ -11,12 +11,12 @@ from models.gate import GateDecision
 from models.spec import FeatureSpec
 
 DEFAULT_LIMITATIONS = (
-    "Trained on historical labelled transactions; labels arrive late, so the most recent "
-    "fraud patterns are under-represented in the training window.",
+    "Trained on historical labelled data; labels arrive late, so the most recent patterns "
+    "are under-represented in the training window.",
     "Slices with small support have wide uncertainty; their metrics are indicative only.",
-    "Categories unseen in training (new countries, merchant categories) share one "
-    "'unknown' embedding; expect weaker scores for them until the next retrain.",
-    "Probabilities are calibrated on the validation split; calibration drifts as the fraud "
+    "Categories unseen in training share one 'unknown' embedding; expect weaker scores for "
+    "them until the next retrain.",
+    "Probabilities are calibrated on the validation split; calibration drifts as the positive "
     "rate changes, so re-check the threshold after a base-rate shift.",
 )
 

@@ -23,33 +23,25 @@ from models.metrics import (
     precision_recall_curve,
 )
 from models.preprocess import Preprocessor, TabularBatch, label_array
-from models.spec import AMOUNT_BUCKET_EDGES, AMOUNT_BUCKET_LABELS, DEFAULT_SLICES
+from models.spec import NO_SLICES, Bucket, Slicing
 
 HEADLINE = ("pr_auc", "roc_auc", "log_loss", "brier", "precision", "recall", "f1")
 NULL_SLICE = "(null)"
 
 
-def amount_bucket_expr(amount: str = "amount") -> pl.Expr:
-    """<10, 10-100, 100-1000, >=1000 (left-closed), nulls stay null."""
-    col = pl.col(amount)
-    lo, mid, hi = AMOUNT_BUCKET_EDGES
-    b0, b1, b2, b3 = AMOUNT_BUCKET_LABELS
-    return (
-        pl.when(col.is_null())
-        .then(pl.lit(None, dtype=pl.String))
-        .when(col < lo)
-        .then(pl.lit(b0))
-        .when(col < mid)
-        .then(pl.lit(b1))
-        .when(col < hi)
-        .then(pl.lit(b2))
-        .otherwise(pl.lit(b3))
-        .alias("amount_bucket")
-    )
+def bucket_expr(bucket: Bucket) -> pl.Expr:
+    """The bucket's label per row (left-closed bins); nulls stay null."""
+    col = pl.col(bucket.column)
+    expr = pl.when(col.is_null()).then(pl.lit(None, dtype=pl.String))
+    for edge, label in zip(bucket.edges, bucket.labels, strict=False):
+        expr = expr.when(col < edge).then(pl.lit(label))
+    return expr.otherwise(pl.lit(bucket.labels[-1])).alias(bucket.name)
 
 
-def with_amount_bucket(frame: pl.DataFrame, amount: str = "amount") -> pl.DataFrame:
-    return frame.with_columns(amount_bucket_expr(amount))
+def with_buckets(frame: pl.DataFrame, buckets: Sequence[Bucket]) -> pl.DataFrame:
+    """``frame`` with each bucket whose column it has as a slice column."""
+    derived = [bucket_expr(b) for b in buckets if b.column in frame.columns]
+    return frame.with_columns(derived) if derived else frame
 
 
 def predict_proba(
@@ -162,7 +154,7 @@ def evaluate_scores(
     threshold: float,
     slice_frame: pl.DataFrame | None = None,
     *,
-    slice_columns: Sequence[str] = DEFAULT_SLICES,
+    slice_columns: Sequence[str] = (),
     split: str = "test",
     threshold_split: str = "validation",
     n_bins: int = 10,
@@ -221,11 +213,12 @@ def evaluate_model(
     threshold: float | None = None,
     split: str = "test",
     threshold_split: str = "validation",
-    slice_columns: Sequence[str] = DEFAULT_SLICES,
+    slicing: Slicing = NO_SLICES,
     n_bins: int = 10,
 ) -> EvaluationReport:
-    """Scores `split`; the decision threshold (best F1) is chosen on `threshold_split`, not test."""
-    frame = with_amount_bucket(frame) if "amount" in frame.columns else frame
+    """Scores `split`; the decision threshold (best F1) is chosen on `threshold_split`, not test.
+    Metrics are broken down by ``slicing``'s columns (its buckets derived first)."""
+    frame = with_buckets(frame, slicing.buckets)
     label = preprocessor.spec.label
     test = frame.filter(pl.col("split") == split)
     if test.height == 0:
@@ -245,7 +238,7 @@ def evaluate_model(
         predict_proba(module, preprocessor, test),
         threshold,
         test,
-        slice_columns=slice_columns,
+        slice_columns=slicing.columns,
         split=split,
         threshold_split=threshold_split,
         n_bins=n_bins,

@@ -23,7 +23,7 @@ from models.checksum import file_checksums
 from models.evaluate import EvaluationReport, evaluate_model
 from models.gate import GateDecision, GatePolicy, InfraReport, infra_validate, validate_challenger
 from models.registry import ModelRecord, Registry
-from models.spec import FeatureSpec
+from models.spec import NO_SLICES, FeatureSpec, Slicing
 
 CARD = "MODEL_CARD.md"
 EVALUATION = "evaluation.json"
@@ -80,10 +80,12 @@ class Evaluation:
         )
 
 
-def evaluate_saved(model_dir: str | Path, frame: pl.DataFrame, name: str) -> EvaluationReport:
+def evaluate_saved(
+    model_dir: str | Path, frame: pl.DataFrame, name: str, slicing: Slicing = NO_SLICES
+) -> EvaluationReport:
     """Reloads a saved model (checksums verified) and evaluates it on the test split."""
     module, preprocessor = load_model(model_dir)
-    return evaluate_model(module, preprocessor, frame, name=name)
+    return evaluate_model(module, preprocessor, frame, name=name, slicing=slicing)
 
 
 def evaluate_candidate(
@@ -94,18 +96,19 @@ def evaluate_candidate(
     lineage: Lineage,
     *,
     champion: tuple[str, str | Path] | None = None,
-    model_name: str = "fraud_model",
+    model_name: str = "model",
+    slicing: Slicing = NO_SLICES,
 ) -> Evaluation:
     """Challenger, baseline and champion (version, directory) on one split, then the gate.
 
     All three are reloaded from disk, so what is judged is what would be served.
     """
     reports = {
-        "challenger": evaluate_saved(candidate.path, frame, "challenger"),
-        "baseline": evaluate_saved(baseline.path, frame, "baseline"),
+        "challenger": evaluate_saved(candidate.path, frame, "challenger", slicing),
+        "baseline": evaluate_saved(baseline.path, frame, "baseline", slicing),
     }
     if champion is not None:
-        reports["champion"] = evaluate_saved(champion[1], frame, "champion")
+        reports["champion"] = evaluate_saved(champion[1], frame, "champion", slicing)
     sample = frame.filter(pl.col("split") == reports["challenger"].split).head(INFRA_SAMPLE_ROWS)
     infra = infra_validate(candidate.path, sample, policy)
     decision = validate_challenger(

@@ -6,13 +6,48 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from core.usecase import UseCase, active
+
 SPLITS = ("train", "validation", "test")
-DEFAULT_SLICES = ("country", "merchant_category", "channel", "amount_bucket")
-AMOUNT_BUCKET_EDGES = (10.0, 100.0, 1000.0)
-AMOUNT_BUCKET_LABELS = ("<10", "10-100", "100-1000", ">=1000")
 MISSING_INDEX = 0
 OOV_INDEX = 1
 FIRST_CATEGORY_INDEX = 2
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A derived slice column ``name``: ``column`` cut at ``edges`` (left-closed bins), one
+    label per bin; nulls stay null."""
+
+    name: str
+    column: str
+    edges: tuple[float, ...]
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.edges) + 1:
+            raise ValueError(f"bucket {self.name!r}: {len(self.edges)} edges need one more label")
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """What metrics are broken down by: slice columns, some of them derived ``buckets``."""
+
+    columns: tuple[str, ...] = ()
+    buckets: tuple[Bucket, ...] = ()
+
+    @classmethod
+    def of(cls, uc: UseCase) -> Slicing:
+        declared = uc.evaluation
+        return cls(
+            columns=declared.slices,
+            buckets=tuple(
+                Bucket(name, b.column, b.edges, b.labels) for name, b in declared.buckets.items()
+            ),
+        )
+
+
+NO_SLICES = Slicing()
 
 
 @dataclass(frozen=True)
@@ -122,9 +157,6 @@ class TrainConfig:
 
 
 CATEGORICAL_DTYPES = frozenset({"String"})
-# Columns of the transaction itself, next to the FeatureService's stored features.
-REQUEST_NUMERIC: tuple[str, ...] = ("amount",)
-REQUEST_CATEGORICAL: tuple[str, ...] = ("country", "channel")
 
 
 def feature_spec_from_fields(
@@ -137,7 +169,7 @@ def feature_spec_from_fields(
     """A feature store's fields, given as (name, dtype name), as a FeatureSpec.
 
     String fields are categorical; numbers and booleans are numeric. Request-time columns
-    (what the transaction itself carries) follow the stored features; a name seen twice keeps
+    (what the request itself carries) follow the stored features; a name seen twice keeps
     its first kind and place, so the column order, and with it the model's inputs, is stable.
     """
     kinds: dict[str, bool] = {}
@@ -179,17 +211,22 @@ class GatePolicy:
         return asdict(self)
 
 
-def feature_spec_of_service(service: Any, label: str = "label") -> FeatureSpec:
+def feature_spec_of_service(
+    service: Any, uc: UseCase | None = None, label: str = "label"
+) -> FeatureSpec:
     """The model's inputs: a Feast FeatureService's features (read from its
-    ``feature_view_projections``, so no Feast import here) plus the transaction's own columns."""
+    ``feature_view_projections``, so no Feast import here) plus the request's own model
+    inputs (``request.model_inputs`` of the use case, the active one by default)."""
+    uc = uc or active()
     schema = [
         (f.name, str(f.dtype))
         for projection in service.feature_view_projections
         for f in projection.features
     ]
+    inputs = {name: uc.request.fields[name].type for name in uc.request.model_inputs}
     return feature_spec_from_fields(
         schema,
-        request_numeric=REQUEST_NUMERIC,
-        request_categorical=REQUEST_CATEGORICAL,
+        request_numeric=[n for n, kind in inputs.items() if kind == "number"],
+        request_categorical=[n for n, kind in inputs.items() if kind == "category"],
         label=label,
     )

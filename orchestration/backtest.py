@@ -77,8 +77,8 @@ from orchestration.triggers import (
     estimated_decay_signal,
     new_data_signal,
 )
-from quality.schema import SCHEMAS
-from serving.monitoring import SCORE, live_quality, serving_drift
+from quality.schema import schema
+from serving.monitoring import live_quality, log_columns, serving_drift
 from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 POLICY_KINDS: tuple[str, ...] = ("static", "nightly", "triggers")
@@ -91,6 +91,7 @@ _SERVABLE = InfraReport(
     True, True, 0.0, 0, {"1": {"p50": 0.0, "p95": 0.0}, "64": {"p50": 0.0, "p95": 0.0}}
 )
 _TRUTH = ("is_fraud", "label_timestamp")
+SCORE = log_columns().score
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def build_world(config: BacktestConfig) -> World:
         home = Path(tmp)
         cards = card_features(tx, sim.cards(), created_at=created)
         merchants = merchant_features(
-            tx, truth.select(list(SCHEMAS["labels"])), sim.merchants(), created_at=created
+            tx, truth.select(list(schema("labels"))), sim.merchants(), created_at=created
         )
         write_feature_file(home, CARD_VIEW, "backtest", cards)
         write_feature_file(home, MERCHANT_VIEW, "backtest", merchants)
@@ -335,7 +336,7 @@ def _feature_spec(store: Any) -> FeatureSpec:
 
 def known_labels(world: World, now: datetime) -> pl.DataFrame:
     """Labels that have arrived before ``now`` (schema ``labels``)."""
-    return world.rows.filter(pl.col("label_timestamp") < now).select(list(SCHEMAS["labels"]))
+    return world.rows.filter(pl.col("label_timestamp") < now).select(list(schema("labels")))
 
 
 def training_frame(

@@ -12,11 +12,12 @@ import polars as pl
 
 from core.settings import Settings
 from core.storage import uri
+from core.usecase import active
 from orchestration.resources import LooplineStorage
 from quality import contracts, drift
 from quality.ingest import UnreadableBatch, quarantine, read_batch, scan_landing, store_batch
 from quality.ledger import BatchLedger, BatchRecord
-from quality.schema import DATASETS, DRIFT_CATEGORICAL, DRIFT_NUMERIC, TIME_COLUMNS
+from quality.schema import datasets, drift_columns, time_columns
 
 PSI_WARN = 0.2
 SKEW_MIN_ROWS = 200  # fewer rows say more about sampling noise than about the data
@@ -27,7 +28,7 @@ MAX_INGEST_RUNS = 3
 BATCH_TAG = "loopline/batch"
 
 PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
-    ds: dg.DynamicPartitionsDefinition(name=f"{ds}_batches") for ds in DATASETS
+    ds: dg.DynamicPartitionsDefinition(name=f"{ds}_batches") for ds in datasets()
 }
 
 
@@ -130,7 +131,7 @@ def _archive(settings: Settings, dataset: str, batch_id: str, source: Path) -> N
 def _validated_asset(dataset: str) -> dg.AssetsDefinition:
     name = f"validated_{dataset}"
     checks = [dg.AssetCheckSpec("contract", asset=name, blocking=True)]
-    profiled = dataset in DRIFT_NUMERIC
+    profiled = any(drift_columns(dataset))
     if profiled:
         checks.append(
             dg.AssetCheckSpec(
@@ -226,7 +227,7 @@ def _skew_check(settings: Settings, dataset: str, path: Path) -> dg.AssetCheckRe
             metadata={"compared": False, "why": f"{batch.height} rows (< {SKEW_MIN_ROWS})"},
         )
     result = drift.compare(profile, drift.drift_frame(dataset, batch))
-    time_column = TIME_COLUMNS.get(dataset)
+    time_column = time_columns().get(dataset)
     if time_column and "hour_of_day" in profile.numeric:
         span = batch[time_column].max() - batch[time_column].min()
         if span < timedelta(hours=23):  # a batch of part of a day is skewed in hour by nature
@@ -255,6 +256,10 @@ def _fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.4f}"
 
 
+# The dataset scoring requests are rows of: its batches' skew is judged against a profile.
+REQUEST_DATASET = active().request.dataset
+
+
 class ReferenceProfileConfig(dg.Config):
     max_batches: int = 28
 
@@ -262,24 +267,24 @@ class ReferenceProfileConfig(dg.Config):
 @dg.asset(
     group_name="quality",
     kinds={"polars"},
-    deps=[dg.AssetKey("validated_transactions")],
-    description="Reference distribution profile of validated transactions (for skew checks).",
+    deps=[dg.AssetKey(f"validated_{REQUEST_DATASET}")],
+    description=f"Reference distribution profile of validated {REQUEST_DATASET} (for skew checks).",
 )
 def reference_profile(
     context: dg.AssetExecutionContext, config: ReferenceProfileConfig, storage: LooplineStorage
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    batches = storage.ledger.batches(dataset="transactions", status="validated")
+    batches = storage.ledger.batches(dataset=REQUEST_DATASET, status="validated")
     # The newest batches: after a retraining the reference follows the data it trained on.
     chosen = sorted(batches, key=lambda b: b.received_at)[-config.max_batches :]
-    files = [settings.validated_file("transactions", b.batch_id) for b in chosen]
+    files = [settings.validated_file(REQUEST_DATASET, b.batch_id) for b in chosen]
     if not files:
-        raise dg.Failure("no validated transactions batches yet to build a reference profile from")
-    frame = drift.drift_frame("transactions", pl.read_parquet([uri(f) for f in files]))
-    profile = drift.build_profile(
-        frame, DRIFT_NUMERIC["transactions"], DRIFT_CATEGORICAL["transactions"]
-    )
-    path = profile.save(settings.reference_profile_path("transactions"))
+        raise dg.Failure(
+            f"no validated {REQUEST_DATASET} batches yet to build a reference profile from"
+        )
+    frame = drift.drift_frame(REQUEST_DATASET, pl.read_parquet([uri(f) for f in files]))
+    profile = drift.build_profile(frame, *drift_columns(REQUEST_DATASET))
+    path = profile.save(settings.reference_profile_path(REQUEST_DATASET))
     context.log.info(f"reference profile from {len(files)} batches, {frame.height} rows")
     return dg.MaterializeResult(
         metadata={
@@ -291,8 +296,8 @@ def reference_profile(
     )
 
 
-RAW_ASSETS = [_raw_asset(ds) for ds in DATASETS]
-VALIDATED_ASSETS = [_validated_asset(ds) for ds in DATASETS]
+RAW_ASSETS = [_raw_asset(ds) for ds in datasets()]
+VALIDATED_ASSETS = [_validated_asset(ds) for ds in datasets()]
 
 INGEST_JOBS = {
     ds: dg.define_asset_job(
@@ -302,7 +307,7 @@ INGEST_JOBS = {
         executor_def=dg.in_process_executor,  # two small steps: a process each costs more
         description=f"Store and validate one landed {ds} batch.",
     )
-    for ds in DATASETS
+    for ds in datasets()
 }
 reference_profile_job = dg.define_asset_job(
     "reference_profile_job", selection=dg.AssetSelection.assets(reference_profile)
@@ -351,8 +356,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
         )
         if request is not None:
             requests.append(request)
-    if not settings.reference_profile_path("transactions").exists():
-        validated = ledger.batches(dataset="transactions", status="validated")
+    if not settings.reference_profile_path(REQUEST_DATASET).exists():
+        validated = ledger.batches(dataset=REQUEST_DATASET, status="validated")
         if len(validated) >= REFERENCE_MIN_BATCHES:
             requests.append(
                 dg.RunRequest(run_key="reference-bootstrap", job_name=reference_profile_job.name)

@@ -21,9 +21,10 @@ import polars as pl
 
 from core.settings import Settings
 from core.storage import uri, write_json_atomic, write_parquet_atomic
+from core.usecase import active
 from features.engineering import read_validated
 from models.registry import CHAMPION, Registry
-from models.spec import DEFAULT_SLICES
+from models.spec import Slicing
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
@@ -33,7 +34,6 @@ from orchestration.triggers import (
 )
 from serving.client import TorchServeError
 from serving.monitoring import (
-    SCORE,
     Availability,
     LiveQuality,
     append_live_quality,
@@ -46,6 +46,7 @@ from serving.monitoring import (
     live_metrics,
     live_quality,
     live_quality_row,
+    log_columns,
     quality_cohort,
     read_compacted,
     read_live_quality,
@@ -81,7 +82,7 @@ def prediction_log(
     settings = storage.settings
     done = compact(_log_dir(settings, torchserve, storage), _monitoring_dir(settings) / "log")
     predictions = read_compacted(_monitoring_dir(settings) / "log")
-    joined = join_labels(predictions, read_validated(settings.lake, "labels"))
+    joined = join_labels(predictions, read_validated(settings.lake, active().label.dataset))
     write_parquet_atomic(joined, _joined_path(settings))
     labelled = joined.filter(pl.col("label").is_not_null()).height
     context.log.info(f"compacted {done.files} log files ({done.rows} records)")
@@ -203,7 +204,7 @@ def serving_availability(
             check_name="feature_availability", passed=True, metadata={"measured": False, "why": why}
         )
         return
-    measured = availability(window, [c for c in feature_columns(window) if c != SCORE])
+    measured = availability(window, feature_columns(window))
     limits = {v: h * 3600.0 for v, h in config.max_staleness_hours.items()}
     findings = availability_findings(
         measured,
@@ -330,8 +331,12 @@ def drift_report(
         list(spec.categorical),
         min_present=config.min_present,
     )
+    score_column = log_columns().score
     score = serving_drift(
-        pl.DataFrame({SCORE: reference_scores}), serving.select(SCORE), [SCORE], []
+        pl.DataFrame({score_column: reference_scores}),
+        serving.select(score_column),
+        [score_column],
+        [],
     )
     features = [*result.features, *score.features]
     # PSI of the values present; a feature too rarely present has none (availability's).
@@ -363,7 +368,7 @@ def drift_report(
             "rows": serving.height,
             "window_end": report["window_end"],
             "max_psi": max(psi.values(), default=0.0),
-            "score_psi": psi.get(SCORE, float("nan")),
+            "score_psi": psi.get(log_columns().score, float("nan")),
             "drifted": ", ".join(drifted) or "none",
             "not_measured": ", ".join(not_measured) or "none",
             "psi": dg.MetadataValue.json(psi),
@@ -471,7 +476,7 @@ def live_performance(
         answered, newest_label_at, label_maturity=maturity, window=window
     )
     threshold = float(champion.metrics.get("threshold", 0.5))
-    live = live_metrics(cohort, threshold, DEFAULT_SLICES)
+    live = live_metrics(cohort, threshold, Slicing.of(active()))
     metadata.update(
         evaluated=True,
         live_pr_auc=quality.pr_auc,
@@ -518,10 +523,11 @@ def _serving_figures(
 
 
 def _label_state(storage: LooplineStorage) -> tuple[datetime | None, str | None]:
-    """The newest label's time (how far labelling has got) and the newest labels batch."""
-    labels = read_validated(storage.settings.lake, "labels")
-    newest = labels["label_timestamp"].max() if labels.height else None
-    batches = storage.ledger.batches(dataset="labels", status="validated", limit=1)
+    """The newest label's time (how far labelling has got) and the newest label batch."""
+    declared = active().label
+    labels = read_validated(storage.settings.lake, declared.dataset)
+    newest = labels[declared.time].max() if labels.height else None
+    batches = storage.ledger.batches(dataset=declared.dataset, status="validated", limit=1)
     return newest, (batches[0].batch_id if batches else None)
 
 
@@ -608,7 +614,7 @@ def monitoring_sensor(
 ):
     settings = storage.settings
     files = [p.name for p in closed_files(_log_dir(settings, torchserve, storage))]
-    labels = storage.ledger.batches(dataset="labels", status="validated", limit=1)
+    labels = storage.ledger.batches(dataset=active().label.dataset, status="validated", limit=1)
     state = f"{len(files)}:{files[-1] if files else ''}:{labels[0].batch_id if labels else ''}"
     if state == context.cursor or not files:
         return dg.SkipReason("nothing new in the serving log or the labels")

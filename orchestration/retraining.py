@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from core.settings import Settings
+from core.usecase import active
 from orchestration import alerts
 from orchestration.ingest_assets import reference_profile
 from orchestration.monitoring_assets import champion_of
@@ -95,7 +96,7 @@ def gather_signals(
     cutoff = datetime.fromtimestamp(since, UTC).isoformat() if since else ""
     new_rows = sum(
         b.rows or 0
-        for b in storage.ledger.batches(dataset="labels", status="validated")
+        for b in storage.ledger.batches(dataset=active().label.dataset, status="validated")
         if b.updated_at > cutoff
     )
     signals.append(new_data_signal(new_rows, policy))
@@ -104,7 +105,7 @@ def gather_signals(
     drift = _latest_metadata(instance, "drift_report")
     if drift and drift[1] > since and drift[0].get("champion") == champion.version:
         signals.append(drift_signal(drift[0].get("psi") or {}, policy))
-    skew = _latest_metadata(instance, "validated_transactions")
+    skew = _latest_metadata(instance, f"validated_{active().request.dataset}")
     if skew and skew[1] > since and skew[0].get("psi"):
         batch_signal = drift_signal(skew[0]["psi"], policy)
         if batch_signal is not None:

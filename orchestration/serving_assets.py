@@ -13,6 +13,7 @@ import dagster as dg
 import polars as pl
 
 from core.storage import uri, write_parquet_atomic
+from core.usecase import active
 from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
@@ -119,28 +120,34 @@ def model_archive(
 def replay_requests(
     storage: LooplineStorage, config: ServingConfig, limit: int
 ) -> tuple[list[dict], str]:
-    """Recent real requests from the prediction log; recent validated transactions if none."""
+    """Recent real requests from the prediction log; recent rows of the request dataset if none."""
+    uc = active()
     recent: list[dict] = []
     for record in read_records(config.prediction_log_dir):
         request = record.get("request")
-        if record.get("status") == 200 and request and not is_synthetic(record["transaction_id"]):
+        if record.get("status") == 200 and request and not is_synthetic(record[uc.request.id]):
             recent.append(request)
     if recent:
         return recent[-limit:], "prediction log"
-    folder = storage.settings.validated / "transactions"
+    dataset = uc.request.dataset
+    folder = storage.settings.validated / dataset
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]
     if not files:
-        raise dg.Failure("no logged requests and no validated transactions to replay")
-    frame = pl.read_parquet([uri(f) for f in files]).sort("event_timestamp").tail(limit)
-    return request_bodies(frame), "validated transactions"
+        raise dg.Failure(f"no logged requests and no validated {dataset} to replay")
+    time = uc.request_dataset.event_time
+    frame = pl.read_parquet([uri(f) for f in files])
+    frame = (frame.sort(time) if time else frame).tail(limit)
+    return request_bodies(frame), f"validated {dataset}"
 
 
 def newest_validated_event_time(storage: LooplineStorage) -> datetime | None:
-    """The newest event time among the validated transactions (None: there are none)."""
-    files = sorted((storage.settings.validated / "transactions").glob("*.parquet"))
-    if not files:
+    """The newest event time among the validated rows of the request dataset (None: none)."""
+    uc = active()
+    time = uc.request_dataset.event_time
+    files = sorted((storage.settings.validated / uc.request.dataset).glob("*.parquet"))
+    if not files or time is None:
         return None
-    newest = pl.scan_parquet([uri(f) for f in files]).select(pl.col("event_timestamp").max())
+    newest = pl.scan_parquet([uri(f) for f in files]).select(pl.col(time).max())
     return newest.collect().item()
 
 
@@ -149,23 +156,24 @@ def stale_online_features(
 ) -> list[str]:
     """Reasons the online store cannot serve ``feature_service`` (empty: it can, or unknown).
 
-    Unknown (an online store other than SQLite, or no validated transactions) is logged as a
+    Unknown (an online store other than SQLite, or no validated requests) is logged as a
     warning and does not block: the check cannot be made, it has not failed.
     """
     from features.store import online_newest_event_times
     from serving.delivery import online_freshness_reasons
 
+    dataset = active().request.dataset
     views = online_newest_event_times(storage.feature_store(), feature_service)
     reference = newest_validated_event_time(storage)
     if views is None or reference is None:
         log.warning(
             "cannot check the online store's freshness for "
-            f"{feature_service} ({'not SQLite' if views is None else 'no validated transactions'})"
+            f"{feature_service} ({'not SQLite' if views is None else f'no validated {dataset}'})"
             "; delivery goes on without that check"
         )
         return []
     for view, (newest, ttl) in views.items():
-        log.info(f"online {view}: newest row {newest}, TTL {ttl}, newest transaction {reference}")
+        log.info(f"online {view}: newest row {newest}, TTL {ttl}, newest request {reference}")
     return online_freshness_reasons(views, reference)
 
 
@@ -238,7 +246,8 @@ def deployment(
 
 
 class BatchPredictionsConfig(dg.Config):
-    """A parquet/CSV file of transactions to score; empty: the newest validated batch."""
+    """A parquet/CSV file of requests to score; empty: the request dataset's newest
+    validated batch."""
 
     path: str = ""
     source: str = "online"
@@ -248,7 +257,7 @@ class BatchPredictionsConfig(dg.Config):
 def batch_predictions(
     context: dg.AssetExecutionContext, config: BatchPredictionsConfig, storage: LooplineStorage
 ) -> dg.MaterializeResult:
-    """A file of transactions scored by the champion through the endpoint's features and model."""
+    """A file of requests scored by the champion through the endpoint's features and model."""
     from serving.batch import score_version
 
     settings = storage.settings
@@ -264,17 +273,19 @@ def batch_predictions(
             else pl.read_parquet(source)
         )
     else:
+        dataset = active().request.dataset
         files = sorted(
-            (settings.validated / "transactions").glob("*.parquet"), key=lambda p: p.stat().st_mtime
+            (settings.validated / dataset).glob("*.parquet"), key=lambda p: p.stat().st_mtime
         )
         if not files:
-            raise dg.Failure("no validated transactions batch to score")
+            raise dg.Failure(f"no validated {dataset} batch to score")
         source = files[-1]
         frame = pl.read_parquet(uri(source))
     scored = score_version(registry, version, settings.home, frame, source=config.source)
     out = settings.home / "batch_predictions" / f"{source.stem}-{version}.parquet"
 
     write_parquet_atomic(scored, out)
+    task = active().task
     context.log.info(f"scored {scored.height} rows of {source.name} with {version}")
     return dg.MaterializeResult(
         metadata={
@@ -282,8 +293,10 @@ def batch_predictions(
             "model_version": version,
             "input": dg.MetadataValue.path(str(source)),
             "path": dg.MetadataValue.path(str(out)),
-            "mean_fraud_probability": float(scored["fraud_probability"].mean() or 0.0),
-            "declined": int((scored["decision"] == "decline").sum()),
+            f"mean_{task.score}": float(scored[task.score].mean() or 0.0),
+            f"decided_{task.decision.positive}": int(
+                (scored["decision"] == task.decision.positive).sum()
+            ),
         }
     )
 

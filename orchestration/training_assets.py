@@ -18,12 +18,13 @@ import dagster as dg
 import polars as pl
 
 from core.settings import REPO_ROOT
+from core.usecase import active
 from models.registry import CHAMPION, Registry
-from models.spec import DEFAULT_SLICES, FeatureSpec, GatePolicy, TrainConfig
+from models.spec import FeatureSpec, GatePolicy, Slicing, TrainConfig
 from orchestration.resources import LooplineStorage
 
 GROUP = "training"
-MODEL_NAME = "fraud_model"
+MODEL_NAME = f"{active().name}_model"
 HEADLINE_METADATA = ("pr_auc", "roc_auc", "log_loss", "brier", "ece", "precision", "recall")
 
 _TRAIN = TrainConfig()
@@ -89,7 +90,7 @@ class RegistrationConfig(dg.Config):
 
 
 def feature_spec(home: Path, service_name: str) -> FeatureSpec:
-    """The model's inputs: the FeatureService's features plus the transaction's own columns."""
+    """The model's inputs: the FeatureService's features plus the request's own model inputs."""
     from feast import FeatureService
 
     from features.feature_repo.definitions import build_definitions
@@ -228,6 +229,7 @@ def evaluation_report(
         lineage,
         champion=champion,
         model_name=MODEL_NAME,
+        slicing=Slicing.of(active()),
     )
     decision = evaluation.decision
     check_metadata: dict = {
@@ -282,7 +284,7 @@ def _evaluation_metadata(evaluation) -> dict:
             "infra": dg.MetadataValue.json(evaluation.infra.to_dict()),
         }
     )
-    for column in DEFAULT_SLICES:
+    for column in active().evaluation.slices:
         if any(s.column == column for s in challenger.slices):
             png = slice_metric_png(reports, column)
             metadata[f"slices_{column}"] = dg.MetadataValue.md(png_markdown(png, column))

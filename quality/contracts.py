@@ -1,6 +1,7 @@
 """Run a dataset's soda-core 4 data contract over one parquet batch.
 
-The contracts live in ``quality/contracts/<dataset>.yml``. Each run opens its own in-memory
+Each dataset's contract is the file its use case declares (``usecases/fraud/contracts/`` for
+the demo). Each run opens its own in-memory
 DuckDB connection with a view named after the dataset over the parquet file, so no DuckDB
 database file (and no file lock) is involved and runs can happen in parallel.
 """
@@ -17,9 +18,9 @@ import duckdb
 
 from core.jsonutil import json_safe
 from core.storage import duckdb_uri, register_filesystems
-from quality.schema import KEYS, SCHEMAS
+from core.usecase import active
+from quality.schema import keys
 
-CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 DATA_SOURCE_NAME = "batch"
 
 Outcome = Literal["passed", "failed", "not_evaluated"]
@@ -87,10 +88,11 @@ class ContractResult:
 
 
 def contract_path(dataset: str) -> Path:
-    """The contract YAML of a dataset; fails for datasets Loopline does not know."""
-    if dataset not in SCHEMAS:
-        raise ContractError(f"unknown dataset {dataset!r}; expected one of {sorted(SCHEMAS)}")
-    return CONTRACTS_DIR / f"{dataset}.yml"
+    """The contract YAML of a dataset of the active use case; fails for datasets it lacks."""
+    uc = active()
+    if dataset not in uc.datasets:
+        raise ContractError(f"unknown dataset {dataset!r}; expected one of {sorted(uc.datasets)}")
+    return uc.contract_path(dataset)
 
 
 def run_contract(
@@ -204,7 +206,7 @@ def _schema_reasons(check_result: Any, outcome: Outcome) -> list[str]:
 def _value_reason(
     dataset: str, check_type: str, column: str | None, check: Any, diagnostics: dict[str, Any]
 ) -> str:
-    is_key = column == KEYS.get(dataset)
+    is_key = column == keys().get(dataset)
     if check_type == "missing":
         noun = "null keys" if is_key else "null values"
         return f"{column}: {diagnostics.get('missing_count')} {noun}"

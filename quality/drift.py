@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from core.jsonutil import json_safe
-from quality.schema import DRIFT_CATEGORICAL, DRIFT_NUMERIC, TIME_COLUMNS
+from quality.schema import drift_columns, time_columns
 
 OTHER = "__other__"
 N_QUANTILES = 101
@@ -323,19 +323,15 @@ def _compare(profile: Profile, columns: _Columns) -> DriftResult:
 
 def drift_frame(dataset: str, df: pl.DataFrame) -> pl.DataFrame:
     """The columns drift is measured on for ``dataset``, derived ones (``hour_of_day``) included."""
-    if dataset not in DRIFT_NUMERIC and dataset not in DRIFT_CATEGORICAL:
+    numeric, categorical = drift_columns(dataset)
+    columns = [*numeric, *categorical]
+    if not columns:
         raise ValueError(f"no drift columns are defined for dataset {dataset!r}")
-    columns = [*DRIFT_NUMERIC.get(dataset, ()), *DRIFT_CATEGORICAL.get(dataset, ())]
     derived: list[pl.Expr] = []
     if "hour_of_day" in columns and "hour_of_day" not in df.columns:
-        time_column = TIME_COLUMNS[dataset]
+        time_column = time_columns()[dataset]
         derived.append(pl.col(time_column).dt.hour().alias("hour_of_day"))
     return df.with_columns(derived).select(columns) if derived else df.select(columns)
-
-
-def drift_columns(dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The numeric and categorical drift columns of a dataset."""
-    return DRIFT_NUMERIC.get(dataset, ()), DRIFT_CATEGORICAL.get(dataset, ())
 
 
 def _profile_numeric(

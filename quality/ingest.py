@@ -22,7 +22,7 @@ from core.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from quality.schema import SCHEMAS, dataset_of
+from quality.schema import dataset_of, schema
 
 LANDING_SUFFIXES = (".parquet", ".csv")
 # Letters, digits, dot, dash, underscore: no separators, no traversal, no control characters.
@@ -100,7 +100,7 @@ def read_batch(path: Path, dataset: str) -> pl.DataFrame:
     try:
         if path.suffix.lower() == ".csv":
             df = pl.read_csv(path, infer_schema=False)
-            df = _cast_known(df, SCHEMAS[dataset])
+            df = _cast_known(df, schema(dataset))
         else:
             df = pl.read_parquet(path)
     except UnreadableBatch:

@@ -1,80 +1,62 @@
-"""Canonical schemas and vocabularies of the datasets that land in Loopline.
+"""The datasets of the use case that runs, as Polars schemas.
 
-The simulator writes these, ingestion normalises to them, the contracts in
-``quality/contracts/`` check them. One place, so the three cannot disagree.
+A use case declares its datasets in its ``usecase.yaml`` (``core.usecase``): columns and types,
+keys, event time, drift columns. This module turns that declaration into what ingestion, the
+contracts and the drift profile work with. ``uc`` defaults to the active use case.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from core.usecase import UseCase, active
+
 UTC_TS = pl.Datetime("us", "UTC")
-
-SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "transactions": {
-        "transaction_id": pl.String(),
-        "card_id": pl.String(),
-        "merchant_id": pl.String(),
-        "amount": pl.Float64(),
-        "channel": pl.String(),
-        "country": pl.String(),
-        "event_timestamp": UTC_TS,
-    },
-    "labels": {
-        "transaction_id": pl.String(),
-        "is_fraud": pl.Boolean(),
-        "label_timestamp": UTC_TS,
-    },
-    "cards": {
-        "card_id": pl.String(),
-        "home_country": pl.String(),
-        "spending_profile": pl.String(),
-    },
-    "merchants": {
-        "merchant_id": pl.String(),
-        "category": pl.String(),
-        "country": pl.String(),
-    },
+DTYPES: dict[str, pl.DataType] = {
+    "string": pl.String(),
+    "float": pl.Float64(),
+    "int": pl.Int64(),
+    "bool": pl.Boolean(),
+    "timestamp": UTC_TS,
 }
 
-DATASETS: tuple[str, ...] = tuple(SCHEMAS)
 
-# Primary keys: never null, unique within a batch.
-KEYS: dict[str, str] = {
-    "transactions": "transaction_id",
-    "labels": "transaction_id",
-    "cards": "card_id",
-    "merchants": "merchant_id",
-}
-
-# Event-time column per dataset (None for reference data).
-TIME_COLUMNS: dict[str, str | None] = {
-    "transactions": "event_timestamp",
-    "labels": "label_timestamp",
-    "cards": None,
-    "merchants": None,
-}
-
-CHANNELS: tuple[str, ...] = ("pos", "contactless", "online")
-COUNTRIES: tuple[str, ...] = (
-    "US", "GB", "DE", "FR", "NL", "ES", "IT", "SE", "PL", "IE",
-    "CA", "MX", "BR", "JP", "SG", "AU", "IN", "AE", "NG", "ZA",
-)  # fmt: skip
-MERCHANT_CATEGORIES: tuple[str, ...] = (
-    "grocery", "restaurants", "fuel", "travel", "electronics",
-    "fashion", "digital_goods", "gambling", "pharmacy", "utilities",
-)  # fmt: skip
-SPENDING_PROFILES: tuple[str, ...] = ("low", "medium", "high")
-
-AMOUNT_MIN = 0.01
-AMOUNT_MAX = 50_000.0
-
-# Columns whose distribution is profiled and compared per batch (distribution skew).
-DRIFT_NUMERIC: dict[str, tuple[str, ...]] = {"transactions": ("amount", "hour_of_day")}
-DRIFT_CATEGORICAL: dict[str, tuple[str, ...]] = {"transactions": ("channel", "country")}
+def schemas(uc: UseCase | None = None) -> dict[str, dict[str, pl.DataType]]:
+    """Every dataset's columns and Polars types, in declaration order."""
+    uc = uc or active()
+    return {
+        name: {col: DTYPES[kind] for col, kind in ds.columns.items()}
+        for name, ds in uc.datasets.items()
+    }
 
 
-def dataset_of(filename: str) -> str | None:
-    """The dataset a landed file belongs to, from its name prefix (``transactions-*.parquet``)."""
+def schema(dataset: str, uc: UseCase | None = None) -> dict[str, pl.DataType]:
+    return schemas(uc)[dataset]
+
+
+def datasets(uc: UseCase | None = None) -> tuple[str, ...]:
+    return tuple((uc or active()).datasets)
+
+
+def keys(uc: UseCase | None = None) -> dict[str, str]:
+    """Primary key per dataset: never null, unique within a batch."""
+    return {name: ds.key for name, ds in (uc or active()).datasets.items()}
+
+
+def time_columns(uc: UseCase | None = None) -> dict[str, str | None]:
+    """Event-time column per dataset (None for reference data)."""
+    return {name: ds.event_time for name, ds in (uc or active()).datasets.items()}
+
+
+def drift_columns(
+    dataset: str, uc: UseCase | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(numeric, categorical) columns profiled per batch of ``dataset``; both empty when none."""
+    ds = (uc or active()).datasets.get(dataset)
+    return (ds.drift.numeric, ds.drift.categorical) if ds else ((), ())
+
+
+def dataset_of(filename: str, uc: UseCase | None = None) -> str | None:
+    """The dataset a landed file belongs to, from its name prefix (``<dataset>-*.parquet``)."""
     stem = filename.split("-", 1)[0].split(".", 1)[0].lower()
-    return stem if stem in SCHEMAS else None
+    return stem if stem in (uc or active()).datasets else None

@@ -19,18 +19,24 @@ from typing import Literal
 import polars as pl
 
 from models.registry import Registry
-from serving.requests import request_frame, validate_transaction
-from serving.scoring import Scorer, ServingInfo, version_info
+from serving.requests import request_schema
+from serving.scoring import RequestLayout, Scorer, ServingInfo, version_info
 
 CHUNK_ROWS = 50_000
-OUTPUT_SCHEMA = {
-    "transaction_id": pl.String,
-    "fraud_probability": pl.Float64,
-    "decision": pl.String,
-    "model_version": pl.String,
-    "missing_features": pl.List(pl.String),
-    "unknown_entities": pl.List(pl.String),
-}
+
+
+def output_schema() -> dict[str, pl.DataType]:
+    """The columns ``score_frame`` returns: the request's id, the use case's score, the
+    decision and what the scorer reports beside it."""
+    layout = RequestLayout()
+    return {
+        layout.id: pl.String(),
+        layout.score: pl.Float64(),
+        "decision": pl.String(),
+        "model_version": pl.String(),
+        "missing_features": pl.List(pl.String()),
+        "unknown_entities": pl.List(pl.String()),
+    }
 
 
 def score_frame(
@@ -43,30 +49,33 @@ def score_frame(
     info: ServingInfo | None = None,
     scorer: Scorer | None = None,
 ) -> pl.DataFrame:
-    """One output row per input row, in order (``OUTPUT_SCHEMA``).
+    """One output row per input row, in order (``output_schema()``).
 
-    ``frame`` holds the request fields; ``event_timestamp`` (the transactions dataset's name)
-    is accepted for ``timestamp``. An invalid row raises ``RequestError`` naming its index.
+    ``frame`` holds the request fields, or the request dataset's columns they carry (its
+    event-time column for the time field). An invalid row raises ``RequestError`` naming its
+    index.
     """
     if source not in ("online", "offline"):
         raise ValueError(f"source must be 'online' or 'offline', got {source!r}")
     scorer = scorer or Scorer.load(model_dir, home, info)
-    frame = request_frame(frame)
+    rules = request_schema()
+    frame = rules.frame(frame)
+    schema = output_schema()
     parts = []
     for offset in range(0, frame.height, CHUNK_ROWS):
         chunk = frame.slice(offset, CHUNK_ROWS).to_dicts()
-        transactions = [
-            validate_transaction(_plain(row), index=offset + i, now=at)
+        requests = [
+            rules.validate(_plain(row, rules.time_field), index=offset + i, now=at)
             for i, row in enumerate(chunk)
         ]
         if source == "online":
-            features = scorer.online_features(transactions, at=at)
+            features = scorer.online_features(requests, at=at)
         else:
-            features = scorer.offline_features(transactions)
+            features = scorer.offline_features(requests)
         scores = scorer.score(features)
-        parts.append(pl.DataFrame(scorer.responses(transactions, scores), schema=OUTPUT_SCHEMA))
+        parts.append(pl.DataFrame(scorer.responses(requests, scores), schema=schema))
     if not parts:
-        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+        return pl.DataFrame(schema=schema)
     return pl.concat(parts)
 
 
@@ -85,9 +94,9 @@ def score_version(
     return score_frame(model_dir, home, frame, source=source, at=at, info=info)
 
 
-def _plain(row: dict) -> dict:
+def _plain(row: dict, time_field: str) -> dict:
     """Frame values as a JSON request would carry them (datetimes as ISO text)."""
-    ts = row.get("timestamp")
+    ts = row.get(time_field)
     if isinstance(ts, datetime):
-        row = {**row, "timestamp": ts.isoformat() if ts.tzinfo else ts.isoformat() + "+00:00"}
+        row = {**row, time_field: ts.isoformat() if ts.tzinfo else ts.isoformat() + "+00:00"}
     return row

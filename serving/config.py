@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.storage import write_bytes_atomic
+from core.usecase import active
 
-MODEL_NAME = "fraud"
+# TorchServe serves the model under the name of its use case.
+MODEL_NAME = active().name
 PROPERTIES = "config.properties"
 KEY_FILE = "key_file.json"
-# The decision vocabulary of a scored transaction.
-APPROVE, DECLINE = "approve", "decline"
 
 
 @dataclass(frozen=True)

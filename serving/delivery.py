@@ -10,7 +10,7 @@ Before any of it, a version is deferred when the online store lacks fresh rows f
 view of its FeatureService (``online_freshness_reasons``): served, it would score every request
 without that view's features. The champion keeps serving; the version is not rejected.
 
-Replayed and probe requests carry transaction ids prefixed ``shadow:``/``smoke:``/``watch:``
+Replayed and probe requests carry request ids prefixed ``shadow:``/``smoke:``/``watch:``
 so monitoring can leave them out (``is_synthetic``).
 """
 
@@ -25,17 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from core.usecase import active
 from models.registry import CHAMPION, Registry
 from quality.drift import ks_statistic, psi
 from serving.client import TorchServeClient, TorchServeError
-from serving.config import DECLINE
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 
 
-def is_synthetic(transaction_id: str | None) -> bool:
+def is_synthetic(request_id: str | None) -> bool:
     """Requests the deployment step sent itself (not customer traffic)."""
-    return bool(transaction_id) and transaction_id.startswith(SYNTHETIC_PREFIXES)
+    return bool(request_id) and request_id.startswith(SYNTHETIC_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,11 @@ class DeliveryPolicy:
     replay_batch: int = 16
     max_error_rate: float = 0.0
     max_p95_latency_ms: float = 500.0
+    # The challenger's median latency against the champion's on the same requests: a slower
+    # model moves the median; a p95 of a few dozen batches is their slowest few, where one
+    # scheduling pause on a shared host read as "3x slower" (decision 30). The ratio counts
+    # only past this many ms over the champion.
     max_latency_ratio: float = 3.0
-    # The ratio counts only past this many ms over the champion: p95s of a few ms are mostly
-    # scheduling noise, where one pause makes a sound challenger "3x slower".
     min_latency_gap_ms: float = 10.0
     max_score_ks: float = 0.8
     max_flag_rate_change: float = 0.2
@@ -78,6 +80,10 @@ class Probe:
         return len(self.errors) / self.sent if self.sent else 0.0
 
     @property
+    def p50_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50)) if self.latencies_ms else 0.0
+
+    @property
     def p95_ms(self) -> float:
         return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else 0.0
 
@@ -91,9 +97,7 @@ class Probe:
             "requests": self.sent,
             "error_rate": round(self.error_rate, 4),
             "errors": self.errors[:5],
-            "p50_ms": round(float(np.percentile(self.latencies_ms, 50)), 2)
-            if self.latencies_ms
-            else None,
+            "p50_ms": round(self.p50_ms, 2) if self.latencies_ms else None,
             "p95_ms": round(self.p95_ms, 2),
             "mean_score": round(float(np.mean(self.scores)), 5) if self.scores else None,
             "flag_rate": round(self.flag_rate, 4),
@@ -119,11 +123,12 @@ class DeliveryReport:
 
 
 def tagged(requests: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """Copies of ``requests`` whose transaction ids say they are synthetic (max 64 chars)."""
+    """Copies of ``requests`` whose ids say they are synthetic (max 64 chars)."""
+    key = active().request.id
     out = []
     for i, r in enumerate(requests):
-        tid = f"{prefix}{i}:{r.get('transaction_id', '')}"[:64]
-        out.append({**r, "transaction_id": tid})
+        tid = f"{prefix}{i}:{r.get(key, '')}"[:64]
+        out.append({**r, key: tid})
     return out
 
 
@@ -136,6 +141,8 @@ def probe(
 ) -> Probe:
     """Send ``requests`` in lists of ``batch`` to a version (None: the default endpoint)."""
     result = Probe(version or "default")
+    task = active().task
+    score, positive = task.score, task.decision.positive
     for start in range(0, len(requests), batch):
         chunk = list(requests[start : start + batch])
         result.sent += len(chunk)
@@ -152,12 +159,12 @@ def probe(
             continue
         result.latencies_ms.append(elapsed)
         for a in answers:
-            p = a.get("fraud_probability") if isinstance(a, dict) else None
+            p = a.get(score) if isinstance(a, dict) else None
             if not isinstance(p, int | float) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
-                result.errors.append(f"invalid fraud_probability {p!r}")
+                result.errors.append(f"invalid {score} {p!r}")
                 continue
             result.scores.append(float(p))
-            result.flagged += a.get("decision") == DECLINE
+            result.flagged += a.get("decision") == positive
     return result
 
 
@@ -214,13 +221,13 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
             f"shadow p95 latency {challenger.p95_ms:.1f} ms > {policy.max_p95_latency_ms} ms"
         )
     if (
-        champion.p95_ms > 0
-        and challenger.p95_ms > policy.max_latency_ratio * champion.p95_ms
-        and challenger.p95_ms - champion.p95_ms > policy.min_latency_gap_ms
+        champion.p50_ms > 0
+        and challenger.p50_ms > policy.max_latency_ratio * champion.p50_ms
+        and challenger.p50_ms - champion.p50_ms > policy.min_latency_gap_ms
     ):
         reasons.append(
-            f"shadow p95 latency {challenger.p95_ms:.1f} ms is more than "
-            f"{policy.max_latency_ratio}x the champion's {champion.p95_ms:.1f} ms"
+            f"shadow p50 latency {challenger.p50_ms:.1f} ms is more than "
+            f"{policy.max_latency_ratio}x the champion's {champion.p50_ms:.1f} ms"
         )
     if champion.scores and challenger.scores:
         ks = ks_statistic(champion.scores, challenger.scores)

@@ -32,7 +32,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from features.store import redis_online_store
 from serving.explain import explain
 from serving.prediction_log import PredictionLog
-from serving.requests import RequestError, Transaction, parse_request
+from serving.requests import Record, RequestError, parse_request
 from serving.scoring import SERVING_FILE, Scorer, ServingInfo
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class LooplineHandler(BaseHandler):
         now = datetime.now(UTC)
         self.context = context
         responses: list[str | bytes | None] = [None] * len(data)
-        accepted: list[tuple[int, list[Transaction], bool, bool]] = []
+        accepted: list[tuple[int, list[Record], bool, bool]] = []
         for i, item in enumerate(data):
             context.set_response_content_type(i, JSON)
             try:
@@ -131,6 +131,7 @@ class LooplineHandler(BaseHandler):
                 endpoints += ["explanations" if exp else "predictions"] * len(txs)
                 start += len(txs)
             # One line of columns per batch (serving.prediction_log): no dict per row here.
+            layout = self.scorer.layout
             self.log.log_rows(
                 {
                     "logged_at": now.isoformat(),
@@ -143,13 +144,13 @@ class LooplineHandler(BaseHandler):
                 {
                     "request_id": request_ids,
                     "endpoint": endpoints,
-                    "transaction_id": [t.transaction_id for t in flat],
-                    "request": flat,  # Transaction dataclasses: written as their fields
+                    layout.id: [t[layout.id] for t in flat],
+                    "request": flat,
                     "features": scores.inputs,
                     "missing_features": scores.missing_features,
                     "unknown_entities": scores.unknown_entities,
                     "feature_age_s": found.feature_age_s,  # per view: seconds, None if absent
-                    "fraud_probability": scores.probabilities,
+                    layout.score: scores.probabilities,
                     "decision": scores.decisions,
                 },
                 len(flat),

@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from core.storage import write_json_atomic, write_parquet_atomic
+from core.usecase import UseCase, active
 from quality import drift
 from quality.schema import UTC_TS
 from serving.delivery import SYNTHETIC_PREFIXES
@@ -37,25 +38,56 @@ from serving.prediction_log import closed_files, file_records
 
 if TYPE_CHECKING:
     from models.evaluate import EvaluationReport
+    from models.spec import Slicing
 
 MANIFEST = "_compacted.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
-REQUEST_COLUMNS = ("card_id", "merchant_id", "amount", "channel", "country", "timestamp")
-SCORE = "fraud_probability"
-BASE_SCHEMA: dict[str, pl.DataType] = {
-    "logged_at": UTC_TS,
-    "status": pl.Int64(),
-    "model_version": pl.String(),
-    "transaction_id": pl.String(),
-    SCORE: pl.Float64(),
-    "decision": pl.String(),
-    "latency_ms": pl.Float64(),
-    "n_missing_features": pl.Int64(),
-    "unknown_entity": pl.Boolean(),
-    "missing_features": pl.List(pl.String()),
-    "unknown_entities": pl.List(pl.String()),
-}
+
+
+@dataclass(frozen=True)
+class LogColumns:
+    """The use case's names in the prediction log: the request's id, the score, the request's
+    time and its other fields, and the label's time once joined (``join_labels``)."""
+
+    id: str
+    score: str
+    time: str
+    request: tuple[str, ...]
+    label_time: str
+
+    @classmethod
+    def of(cls, uc: UseCase | None = None) -> LogColumns:
+        uc = uc or active()
+        return cls(
+            id=uc.request.id,
+            score=uc.task.score,
+            time=uc.timestamp_field,
+            request=tuple(f for f in uc.request.fields if f != uc.request.id),
+            label_time=uc.label.time,
+        )
+
+    @property
+    def base_schema(self) -> dict[str, pl.DataType]:
+        """The compacted log's columns besides the request fields and features."""
+        return {
+            "logged_at": UTC_TS,
+            "status": pl.Int64(),
+            "model_version": pl.String(),
+            self.id: pl.String(),
+            self.score: pl.Float64(),
+            "decision": pl.String(),
+            "latency_ms": pl.Float64(),
+            "n_missing_features": pl.Int64(),
+            "unknown_entity": pl.Boolean(),
+            "missing_features": pl.List(pl.String()),
+            "unknown_entities": pl.List(pl.String()),
+        }
+
+
+def log_columns() -> LogColumns:
+    """``LogColumns`` of the active use case."""
+    return LogColumns.of()
 
 
 @dataclass(frozen=True)
@@ -66,8 +98,8 @@ class Compaction:
     errors: int
 
 
-def _flatten(record: dict[str, Any]) -> dict[str, Any] | None:
-    tid = record.get("transaction_id")
+def _flatten(record: dict[str, Any], cols: LogColumns) -> dict[str, Any] | None:
+    tid = record.get(cols.id)
     if isinstance(tid, str) and tid.startswith(SYNTHETIC_PREFIXES):
         return None
     request = record.get("request") or {}
@@ -75,8 +107,8 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any] | None:
         "logged_at": record.get("logged_at"),
         "status": record.get("status"),
         "model_version": record.get("model_version"),
-        "transaction_id": tid,
-        SCORE: record.get(SCORE),
+        cols.id: tid,
+        cols.score: record.get(cols.score),
         "decision": record.get("decision"),
         "latency_ms": record.get("latency_ms"),
         "n_missing_features": len(record.get("missing_features") or []),
@@ -87,7 +119,7 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any] | None:
         row["unknown_entities"] = list(record.get("unknown_entities") or [])
     for view, age in (record.get("feature_age_s") or {}).items():
         row[f"{AGE_PREFIX}{view}"] = age
-    for column in REQUEST_COLUMNS:
+    for column in cols.request:
         row[column] = request.get(column)
     for name, value in (record.get("features") or {}).items():
         row.setdefault(name, value)
@@ -104,13 +136,14 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     if not todo:
         return Compaction(None, 0, 0, 0)
     rows = []
+    cols = log_columns()
     for path in todo:
         for record in file_records(path):
-            if (row := _flatten(record)) is not None:
+            if (row := _flatten(record, cols)) is not None:
                 rows.append(row)
     digest = hashlib.sha256("\n".join(p.name for p in todo).encode()).hexdigest()[:16]
     target = out / f"predictions-{digest}.parquet"
-    frame = _typed(pl.from_dicts(rows, infer_schema_length=None)) if rows else None
+    frame = _typed(pl.from_dicts(rows, infer_schema_length=None), cols) if rows else None
     if frame is not None and frame.height:
         write_parquet_atomic(frame, target)
     # Files the log's size bound deleted drop out of the manifest, so it stays bounded too.
@@ -119,21 +152,21 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     return Compaction(target if frame is not None else None, len(todo), len(rows), errors)
 
 
-def _typed(frame: pl.DataFrame) -> pl.DataFrame:
+def _typed(frame: pl.DataFrame, cols: LogColumns) -> pl.DataFrame:
     casts = [
         pl.col(c).str.to_datetime(time_zone="UTC", strict=False).cast(t)
         if t == UTC_TS
         else pl.col(c).cast(t, strict=False)
-        for c, t in BASE_SCHEMA.items()
+        for c, t in cols.base_schema.items()
         if c in frame.columns
     ]
     ages = [
         pl.col(c).cast(pl.Float64, strict=False) for c in frame.columns if c.startswith(AGE_PREFIX)
     ]
     frame = frame.with_columns(casts + ages)
-    if "timestamp" in frame.columns and frame.schema["timestamp"] == pl.String:
+    if cols.time in frame.columns and frame.schema[cols.time] == pl.String:
         frame = frame.with_columns(
-            pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False).cast(UTC_TS)
+            pl.col(cols.time).str.to_datetime(time_zone="UTC", strict=False).cast(UTC_TS)
         )
     return frame
 
@@ -142,7 +175,7 @@ def read_compacted(out_dir: str | Path, since: datetime | None = None) -> pl.Dat
     """Every compacted prediction (logged at or after ``since``), errors included."""
     files = sorted(Path(out_dir).glob("predictions-*.parquet"))
     if not files:
-        return pl.DataFrame(schema=BASE_SCHEMA)
+        return pl.DataFrame(schema=log_columns().base_schema)
     frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
     if since is not None:
         frame = frame.filter(pl.col("logged_at") >= since)
@@ -150,19 +183,24 @@ def read_compacted(out_dir: str | Path, since: datetime | None = None) -> pl.Dat
 
 
 def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """Answered predictions with the label of their transaction where it has arrived.
+    """Answered predictions with the label of their request where it has arrived (``label``,
+    0/1, and the label dataset's time column), as the use case's ``label`` declares them.
 
-    A transaction scored twice (a client retry) counts once: its first answer.
+    A request scored twice (a client retry) counts once: its first answer.
     """
+    declared = active().label
+    key = log_columns().id
     answered = (
         predictions.filter(pl.col("status") == 200)
         .sort("logged_at")
-        .unique("transaction_id", keep="first", maintain_order=True)
+        .unique(key, keep="first", maintain_order=True)
     )
     known = labels.select(
-        "transaction_id", pl.col("is_fraud").cast(pl.Int8).alias("label"), "label_timestamp"
-    ).unique("transaction_id", keep="last")
-    return answered.join(known, on="transaction_id", how="left")
+        pl.col(declared.key).alias(key),
+        pl.col(declared.column).cast(pl.Int8).alias("label"),
+        declared.time,
+    ).unique(key, keep="last")
+    return answered.join(known, on=key, how="left")
 
 
 def serving_drift(
@@ -178,7 +216,7 @@ def serving_drift(
     them (``null_rate_current``). A feature present in fewer than ``min_present`` requests has
     no drift figure (PSI NaN): a few values say nothing about a distribution, and a feature
     that is mostly missing is an availability problem (``availability``), not drift.
-    The score is compared like a feature when both frames carry ``fraud_probability``.
+    The score is compared like a feature when both frames carry the use case's score column.
     Categories the reference never saw are part of each feature's result.
     """
     # A feature training never saw a value of (e.g. a chargeback rate before any label) has
@@ -217,21 +255,20 @@ def schema_skew(result: drift.DriftResult, max_null_increase: float = 0.1) -> li
 
 
 def live_metrics(
-    joined: pl.DataFrame, threshold: float, slice_columns: tuple[str, ...]
+    joined: pl.DataFrame, threshold: float, slicing: Slicing
 ) -> EvaluationReport | None:
     """PR-AUC, precision, recall... on labelled predictions, overall and per slice."""
-    from models.evaluate import evaluate_scores, with_amount_bucket
+    from models.evaluate import evaluate_scores, with_buckets
 
     labelled = joined.filter(pl.col("label").is_not_null())
     if labelled.height == 0 or labelled["label"].n_unique() < 2:
         return None
-    if "amount" in labelled.columns:
-        labelled = with_amount_bucket(labelled)
-    present = tuple(c for c in slice_columns if c in labelled.columns)
+    labelled = with_buckets(labelled, slicing.buckets)
+    present = tuple(c for c in slicing.columns if c in labelled.columns)
     return evaluate_scores(
         "live",
         labelled["label"].to_numpy().astype(np.float64),
-        labelled[SCORE].to_numpy().astype(np.float64),
+        labelled[log_columns().score].to_numpy().astype(np.float64),
         threshold,
         labelled,
         slice_columns=present,
@@ -256,27 +293,27 @@ def event_window(
     the log's wall-clock ``logged_at``: an accelerated simulated clock and a real one give the
     same windows.
     """
-    timed = served.filter(pl.col("timestamp").is_not_null()).sort("timestamp")
+    time = log_columns().time
+    timed = served.filter(pl.col(time).is_not_null()).sort(time)
     if timed.height == 0:
         return timed
-    since = timed["timestamp"][-1] - timedelta(hours=hours)
-    recent = timed.filter(pl.col("timestamp") > since)
+    since = timed[time][-1] - timedelta(hours=hours)
+    recent = timed.filter(pl.col(time) > since)
     if recent.height < min_rows:
         recent = timed.tail(min_rows)
     if recent.height > max_rows:
-        recent = recent.sample(max_rows, seed=seed).sort("timestamp")
+        recent = recent.sample(max_rows, seed=seed).sort(time)
     return recent
 
 
-# Columns of the compacted log that are not model features.
-_NOT_FEATURES = frozenset(
-    {*BASE_SCHEMA, "card_id", "merchant_id", "timestamp", "label", "label_timestamp"}
-)
-
-
 def feature_columns(frame: pl.DataFrame) -> list[str]:
-    """The model-input columns of a compacted (or joined) log frame."""
-    return [c for c in frame.columns if c not in _NOT_FEATURES and not c.startswith(AGE_PREFIX)]
+    """The model-input columns of a compacted (or joined) log frame: not the log's own
+    columns, the request's entity keys and time, nor the label."""
+    uc = active()
+    cols = log_columns()
+    keys = set(uc.request.entity_keys) | {cols.time, cols.id}
+    others = {*cols.base_schema, *keys, "label", cols.label_time}
+    return [c for c in frame.columns if c not in others and not c.startswith(AGE_PREFIX)]
 
 
 def _missing(frame: pl.DataFrame, feature: str) -> pl.Expr:
@@ -348,7 +385,8 @@ def availability(frame: pl.DataFrame, features: Sequence[str] | None = None) -> 
         if ages.len():
             p50[view] = float(ages.quantile(0.5, "linear"))
             p95[view] = float(ages.quantile(0.95, "linear"))
-    times = answered["timestamp"].drop_nulls() if "timestamp" in answered.columns else None
+    time = log_columns().time
+    times = answered[time].drop_nulls() if time in answered.columns else None
     return Availability(
         requests=n,
         unknown_entity_rate=unknown,
@@ -472,7 +510,7 @@ def quality_cohort(
         return predictions.clear(), predictions, None, None
     end = newest_label_at - label_maturity
     start = end - window
-    t = pl.col("timestamp")
+    t = pl.col(log_columns().time)
     return predictions.filter((t > start) & (t <= end)), predictions.filter(t > end), start, end
 
 
@@ -485,10 +523,10 @@ def live_quality(
 ) -> LiveQuality:
     """The live metric of one model's answered predictions (joined to labels, ``join_labels``).
 
-    Labels arrive late and at different delays (fraud in 1-10 days by chargeback, legit after
-    the 7-day settlement), so the predictions of the last few days have their frauds labelled
-    but not their legit transactions: a metric over them is biased towards fraud. The cohort
-    is therefore the predictions whose transaction time lies at least ``label_maturity``
+    Labels arrive late and at different delays (in the fraud demo, fraud in 1-10 days by
+    chargeback, legit after the 7-day settlement), so the predictions of the last few days
+    have their positives labelled but not their negatives: a metric over them is biased. The
+    cohort is therefore the predictions whose request time lies at least ``label_maturity``
     before the newest label's time, within a trailing ``window`` of event time:
     ``(newest_label_at - label_maturity - window, newest_label_at - label_maturity]``. Event
     time (the request's ``timestamp``), not the log's wall clock, so an accelerated demo clock
@@ -498,6 +536,7 @@ def live_quality(
     cohort, recent, start, end = quality_cohort(
         predictions, newest_label_at, label_maturity=label_maturity, window=window
     )
+    score = log_columns().score
     labelled = cohort.filter(pl.col("label").is_not_null()) if cohort.height else cohort
     positives = int(labelled["label"].sum()) if labelled.height else 0
     realised = realised_se = None
@@ -505,7 +544,7 @@ def live_quality(
         from models.metrics import average_precision, average_precision_se
 
         y = labelled["label"].to_numpy().astype(np.float64)
-        scores = labelled[SCORE].to_numpy().astype(np.float64)
+        scores = labelled[score].to_numpy().astype(np.float64)
         realised = average_precision(y, scores)
         realised_se = average_precision_se(y, scores)
     return LiveQuality(
@@ -514,11 +553,11 @@ def live_quality(
         labelled=labelled.height,
         positives=positives,
         pr_auc=realised,
-        estimated_pr_auc=_cbpe(labelled[SCORE]) if labelled.height else None,
+        estimated_pr_auc=_cbpe(labelled[score]) if labelled.height else None,
         recent=recent.height,
-        estimated_pr_auc_unlabelled=_cbpe(recent[SCORE]) if recent.height else None,
+        estimated_pr_auc_unlabelled=_cbpe(recent[score]) if recent.height else None,
         pr_auc_se=realised_se,
-        estimated_pr_auc_unlabelled_se=_cbpe_se(recent[SCORE]) if recent.height else None,
+        estimated_pr_auc_unlabelled_se=_cbpe_se(recent[score]) if recent.height else None,
     )
 
 

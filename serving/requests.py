@@ -1,8 +1,11 @@
 """What a scoring request may contain, checked field by field before any lookup or model call.
 
-A request body is one transaction object or a non-empty list of them. Every field is required,
-typed and range-checked against the canonical vocabularies in ``quality/schema.py``; unknown
-fields are refused too, so a misspelt field name is an error rather than a silent default.
+A request body is one object or a non-empty list of them. The fields, their types, ranges and
+vocabularies are the use case's ``request`` declaration (``core.usecase``); ``RequestSchema``
+is generated from it. Every field is required, typed and range-checked; unknown fields are
+refused too, so a misspelt field name is an error rather than a silent default. A validated
+request is a dict of its fields in declaration order, numbers as floats and the timestamp as a
+UTC ``datetime``.
 """
 
 from __future__ import annotations
@@ -10,29 +13,26 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
 
-from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES
+from core.usecase import UseCase, active
 
-FIELDS = ("transaction_id", "card_id", "merchant_id", "amount", "channel", "country", "timestamp")
-_FIELD_SET = frozenset(FIELDS)
 MAX_ID_LENGTH = 64
 MAX_SHOWN = 80  # characters of a bad value quoted back in a reason
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
-# An id, its length included; the quick check matches the three at once, joined by a newline
-# (which no id may hold).
 _ID_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{MAX_ID_LENGTH - 1}}}"
 _ID = re.compile(_ID_PATTERN)
-_THREE_IDS = re.compile(rf"{_ID_PATTERN}\n{_ID_PATTERN}\n{_ID_PATTERN}")
-_CHANNEL_SET, _COUNTRY_SET = frozenset(CHANNELS), frozenset(COUNTRIES)
 _FLAT = {str, int, bool, type(None)}
 _INT64 = float(2**63)
+
+Record = dict[str, Any]
 
 
 class RequestError(ValueError):
@@ -61,30 +61,6 @@ class RequestError(ValueError):
         if self.index is not None:
             body["index"] = self.index
         return body
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """One validated transaction, as the scorer consumes it (timestamp in UTC)."""
-
-    transaction_id: str
-    card_id: str
-    merchant_id: str
-    amount: float
-    channel: str
-    country: str
-    timestamp: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "transaction_id": self.transaction_id,
-            "card_id": self.card_id,
-            "merchant_id": self.merchant_id,
-            "amount": self.amount,
-            "channel": self.channel,
-            "country": self.country,
-            "timestamp": self.timestamp.isoformat(),
-        }
 
 
 def decode_body(body: Any, *, max_bytes: int) -> Any:
@@ -148,147 +124,237 @@ def _fast_loads(body: bytes | bytearray) -> Any:
     return value
 
 
+class RequestSchema:
+    """The request rules of one use case, compiled for the serving worker's every request:
+    the field names in order, which are ids, numbers (with their ranges) and categories (with
+    their vocabularies), and which one is the time."""
+
+    def __init__(self, uc: UseCase) -> None:
+        declared = uc.request.fields
+        self.fields: tuple[str, ...] = tuple(declared)
+        self.id_field = uc.request.id
+        self.time_field = uc.timestamp_field
+        self.ids = tuple(n for n, f in declared.items() if f.type == "id")
+        # min and max are present on every number field, vocabularies declared: load checks it.
+        self.numbers: dict[str, tuple[float, float]] = {
+            n: (float(f.min or 0.0), float(f.max or 0.0))
+            for n, f in declared.items()
+            if f.type == "number"
+        }
+        self.categories: dict[str, tuple[str, ...]] = {
+            n: uc.vocabularies[f.vocabulary or ""]
+            for n, f in declared.items()
+            if f.type == "category"
+        }
+        self.columns = {n: f.column_name(n) for n, f in declared.items()}  # field -> column
+        self._field_set = frozenset(self.fields)
+        self._category_sets = {n: frozenset(v) for n, v in self.categories.items()}
+        # The quick check matches every id at once, joined by a newline (which no id may hold).
+        self._all_ids = re.compile("\n".join([_ID_PATTERN] * len(self.ids)))
+
+    def parse(
+        self, body: Any, *, max_bytes: int, max_items: int, now: datetime | None = None
+    ) -> tuple[list[Record], bool]:
+        """Validated requests and whether the body was a single object (not a list)."""
+        value = decode_body(body, max_bytes=max_bytes)
+        if isinstance(value, dict):
+            return [self.validate(value, now=now)], True
+        if isinstance(value, list):
+            if not value:
+                raise RequestError("request list is empty")
+            if len(value) > max_items:
+                raise RequestError(
+                    f"request holds {len(value)} items; the limit is {max_items}",
+                    status=413,
+                    error="payload_too_large",
+                )
+            return [self.validate(v, index=i, now=now) for i, v in enumerate(value)], False
+        raise RequestError(
+            f"request must be a JSON object or a list of objects, got {type(value).__name__}"
+        )
+
+    def validate(
+        self, item: Any, *, index: int | None = None, now: datetime | None = None
+    ) -> Record:
+        """One request object -> its Record, or RequestError naming the first bad field."""
+        valid = self.quick(item, now)
+        return valid if valid is not None else self.checked(item, index, now)
+
+    def checked(self, item: Any, index: int | None, now: datetime | None) -> Record:
+        """``validate`` field by field: the first bad field's reason, or the Record of a
+        request the quick check did not take."""
+        if not isinstance(item, dict):
+            raise RequestError(
+                f"a request item must be a JSON object, got {type(item).__name__}", index=index
+            )
+        if item.keys() != self._field_set:
+            missing = [f for f in self.fields if f not in item]
+            if missing:
+                raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
+            unknown = sorted(set(item) - self._field_set)
+            names = ", ".join(_shown(name) for name in unknown[:8])
+            raise RequestError(
+                f"unknown field(s) [{names}]", field=unknown[0][:MAX_SHOWN], index=index
+            )
+        out: Record = {}
+        for name in self.fields:
+            if name in self.numbers:
+                out[name] = _number(item, name, self.numbers[name], index)
+            elif name in self.categories:
+                out[name] = _choice(item, name, self.categories[name], index)
+            elif name == self.time_field:
+                out[name] = parse_timestamp(item[name], index=index, now=now, field=name)
+            else:
+                out[name] = _identifier(item, name, index)
+        return out
+
+    def quick(self, item: Any, now: datetime | None) -> Record | None:
+        """The Record of a well-formed request object in a few checks (the serving worker's
+        every request); None for anything else, which ``checked`` then refuses with a reason
+        (or accepts: text timestamps only here). The same rules, and a test holds the two to
+        the same verdicts."""
+        if type(item) is not dict or item.keys() != self._field_set:
+            return None
+        ids = [item[n] for n in self.ids]
+        for value in ids:
+            if type(value) is not str:
+                return None
+        if not self._all_ids.fullmatch("\n".join(ids)):
+            return None
+        out = {name: item[name] for name in self.fields}
+        for name, (low, high) in self.numbers.items():
+            value = item[name]
+            if not ((type(value) is float or type(value) is int) and low <= value <= high):
+                return None  # False for NaN
+            out[name] = float(value)
+        for name, allowed in self._category_sets.items():
+            value = item[name]
+            if type(value) is not str or value not in allowed:
+                return None
+        stamp = item[self.time_field]
+        if type(stamp) is not str:
+            return None
+        try:
+            ts = datetime.fromisoformat(stamp)
+        except ValueError:
+            return None
+        if ts.tzinfo is None:
+            return None
+        try:
+            ts = ts.astimezone(UTC)
+        except OverflowError:  # year 1 or 9999 pushed past the calendar by its offset
+            return None
+        if not EARLIEST <= ts <= (now or datetime.now(UTC)) + MAX_CLOCK_SKEW:
+            return None
+        out[self.time_field] = ts
+        return out
+
+    def frame(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """The request fields of a frame of the request dataset, in field order (a field named
+        apart from its column, such as ``timestamp`` for ``event_timestamp``, renamed). A
+        missing field raises ``RequestError`` naming it."""
+        renames = {c: n for n, c in self.columns.items() if c != n and n not in frame.columns}
+        frame = frame.rename({c: n for c, n in renames.items() if c in frame.columns})
+        missing = [c for c in self.fields if c not in frame.columns]
+        if missing:
+            raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
+        return frame.select(self.fields)
+
+    def bodies(self, frame: pl.DataFrame) -> list[dict]:
+        """JSON-ready scoring requests of a frame of the request dataset (timestamps as
+        ISO-8601 UTC text), as a client would send them to ``/predictions``."""
+        frame = self.frame(frame)
+        stamp = pl.col(self.time_field).cast(pl.Datetime("us", "UTC"))
+        return frame.with_columns(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()
+
+
+_COMPILED: dict[Path, tuple[UseCase, RequestSchema]] = {}
+
+
+def request_schema(uc: UseCase | None = None) -> RequestSchema:
+    """The request rules of ``uc``, the active use case by default (built once per use case)."""
+    uc = uc or active()
+    known = _COMPILED.get(uc.root)
+    if known is None or known[0] is not uc:
+        known = _COMPILED[uc.root] = (uc, RequestSchema(uc))
+    return known[1]
+
+
 def parse_request(
     body: Any, *, max_bytes: int, max_items: int, now: datetime | None = None
-) -> tuple[list[Transaction], bool]:
-    """Validated transactions and whether the body was a single object (not a list)."""
-    value = decode_body(body, max_bytes=max_bytes)
-    if isinstance(value, dict):
-        return [validate_transaction(value, now=now)], True
-    if isinstance(value, list):
-        if not value:
-            raise RequestError("request list is empty")
-        if len(value) > max_items:
-            raise RequestError(
-                f"request holds {len(value)} transactions; the limit is {max_items}",
-                status=413,
-                error="payload_too_large",
-            )
-        return [validate_transaction(v, index=i, now=now) for i, v in enumerate(value)], False
-    raise RequestError(
-        f"request must be a JSON object or a list of objects, got {type(value).__name__}"
-    )
+) -> tuple[list[Record], bool]:
+    """``RequestSchema.parse`` with the active use case's rules."""
+    return request_schema().parse(body, max_bytes=max_bytes, max_items=max_items, now=now)
 
 
-def validate_transaction(
-    item: Any, *, index: int | None = None, now: datetime | None = None
-) -> Transaction:
-    """One request object -> Transaction, or RequestError naming the first bad field."""
-    valid = _valid_transaction(item, now)
-    return valid if valid is not None else _checked_transaction(item, index, now)
+def validate_request(item: Any, *, index: int | None = None, now: datetime | None = None) -> Record:
+    """``RequestSchema.validate`` with the active use case's rules."""
+    return request_schema().validate(item, index=index, now=now)
 
 
-def _checked_transaction(item: Any, index: int | None, now: datetime | None) -> Transaction:
-    """``validate_transaction`` field by field: the first bad field's reason, or the
-    Transaction of a request the quick check did not take."""
-    if not isinstance(item, dict):
-        raise RequestError(
-            f"a transaction must be a JSON object, got {type(item).__name__}", index=index
-        )
-    if item.keys() != _FIELD_SET:
-        missing = [f for f in FIELDS if f not in item]
-        if missing:
-            raise RequestError(f"missing field(s) {missing}", field=missing[0], index=index)
-        unknown = sorted(set(item) - _FIELD_SET)
-        names = ", ".join(_shown(name) for name in unknown[:8])
-        raise RequestError(f"unknown field(s) [{names}]", field=unknown[0][:MAX_SHOWN], index=index)
-    return Transaction(
-        transaction_id=_identifier(item, "transaction_id", index),
-        card_id=_identifier(item, "card_id", index),
-        merchant_id=_identifier(item, "merchant_id", index),
-        amount=_amount(item["amount"], index),
-        channel=_choice(item, "channel", CHANNELS, index),
-        country=_choice(item, "country", COUNTRIES, index),
-        timestamp=parse_timestamp(item["timestamp"], index=index, now=now),
-    )
+def request_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """``RequestSchema.frame`` with the active use case's rules."""
+    return request_schema().frame(frame)
 
 
-def _valid_transaction(item: Any, now: datetime | None) -> Transaction | None:
-    """The Transaction of a well-formed request object in a few checks (the serving worker's
-    every request); None for anything else, which ``validate_transaction``'s field-by-field
-    checks then refuse with a reason (or accept: text timestamps only here). The same rules,
-    and a test holds the two to the same verdicts."""
-    if type(item) is not dict or item.keys() != _FIELD_SET:
-        return None
-    tid, card, merchant = item["transaction_id"], item["card_id"], item["merchant_id"]
-    amount, channel, country = item["amount"], item["channel"], item["country"]
-    stamp = item["timestamp"]
-    if not (
-        type(tid) is str
-        and type(card) is str
-        and type(merchant) is str
-        and (type(amount) is float or type(amount) is int)
-        and AMOUNT_MIN <= amount <= AMOUNT_MAX  # False for NaN
-        and type(channel) is str
-        and channel in _CHANNEL_SET
-        and type(country) is str
-        and country in _COUNTRY_SET
-        and type(stamp) is str
-        and _THREE_IDS.fullmatch(f"{tid}\n{card}\n{merchant}")
-    ):
-        return None
-    try:
-        ts = datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    if ts.tzinfo is None:
-        return None
-    try:
-        ts = ts.astimezone(UTC)
-    except OverflowError:  # year 1 or 9999 pushed past the calendar by its offset
-        return None
-    if not EARLIEST <= ts <= (now or datetime.now(UTC)) + MAX_CLOCK_SKEW:
-        return None
-    return Transaction(tid, card, merchant, float(amount), channel, country, ts)
+def request_bodies(frame: pl.DataFrame) -> list[dict]:
+    """``RequestSchema.bodies`` with the active use case's rules."""
+    return request_schema().bodies(frame)
+
+
+def request_ids(records: Sequence[Record]) -> list[str]:
+    """The id field of each validated request."""
+    name = request_schema().id_field
+    return [r[name] for r in records]
 
 
 def parse_timestamp(
-    value: Any, *, index: int | None = None, now: datetime | None = None
+    value: Any, *, index: int | None = None, now: datetime | None = None, field: str = "timestamp"
 ) -> datetime:
     """ISO-8601 text with a UTC offset, or epoch seconds; not before 2000 nor a day ahead."""
     if isinstance(value, bool):
         raise RequestError(
-            "timestamp must be ISO-8601 text or epoch seconds", field="timestamp", index=index
+            f"{field} must be ISO-8601 text or epoch seconds", field=field, index=index
         )
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            raise RequestError("timestamp must be finite", field="timestamp", index=index)
+            raise RequestError(f"{field} must be finite", field=field, index=index)
         try:  # an int too large for a float overflows here too
             ts = datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:
             raise RequestError(
-                f"timestamp {_shown(value)} is out of range", field="timestamp", index=index
+                f"{field} {_shown(value)} is out of range", field=field, index=index
             ) from exc
     elif isinstance(value, str):
         try:
             ts = datetime.fromisoformat(value)
         except ValueError as exc:
             raise RequestError(
-                f"timestamp {_shown(value)} is not ISO-8601", field="timestamp", index=index
+                f"{field} {_shown(value)} is not ISO-8601", field=field, index=index
             ) from exc
         if ts.tzinfo is None:
             raise RequestError(
-                f"timestamp {_shown(value)} has no UTC offset (add 'Z' or '+00:00')",
-                field="timestamp",
+                f"{field} {_shown(value)} has no UTC offset (add 'Z' or '+00:00')",
+                field=field,
                 index=index,
             )
         try:
             ts = ts.astimezone(UTC)
         except OverflowError as exc:  # year 1 or 9999 pushed past the calendar by its offset
             raise RequestError(
-                f"timestamp {_shown(value)} is out of range", field="timestamp", index=index
+                f"{field} {_shown(value)} is out of range", field=field, index=index
             ) from exc
     else:
         raise RequestError(
-            f"timestamp must be ISO-8601 text or epoch seconds, got {type(value).__name__}",
-            field="timestamp",
+            f"{field} must be ISO-8601 text or epoch seconds, got {type(value).__name__}",
+            field=field,
             index=index,
         )
     latest = (now or datetime.now(UTC)) + MAX_CLOCK_SKEW
     if not EARLIEST <= ts <= latest:
         raise RequestError(
-            f"timestamp {ts.isoformat()} is outside [{EARLIEST.date()}, now + 1 day]",
-            field="timestamp",
+            f"{field} {ts.isoformat()} is outside [{EARLIEST.date()}, now + 1 day]",
+            field=field,
             index=index,
         )
     return ts
@@ -309,22 +375,24 @@ def _identifier(item: dict[str, Any], name: str, index: int | None) -> str:
     return value
 
 
-def _amount(value: Any, index: int | None) -> float:
+def _number(
+    item: dict[str, Any], name: str, bounds: tuple[float, float], index: int | None
+) -> float:
+    value = item[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(
-            f"amount must be a number, got {type(value).__name__}", field="amount", index=index
+            f"{name} must be a number, got {type(value).__name__}", field=name, index=index
         )
     try:
-        amount = float(value)
+        number = float(value)
     except OverflowError:  # an integer beyond any float
-        amount = math.inf
-    if not math.isfinite(amount) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
+        number = math.inf
+    low, high = bounds
+    if not math.isfinite(number) or not low <= number <= high:
         raise RequestError(
-            f"amount {_shown(value)} is outside [{AMOUNT_MIN}, {AMOUNT_MAX}]",
-            field="amount",
-            index=index,
+            f"{name} {_shown(value)} is outside [{low}, {high}]", field=name, index=index
         )
-    return amount
+    return number
 
 
 def _choice(item: dict[str, Any], name: str, allowed: tuple[str, ...], index: int | None) -> str:
@@ -350,23 +418,3 @@ def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def request_frame(frame: pl.DataFrame) -> pl.DataFrame:
-    """The request fields of a transactions frame, in ``FIELDS`` order; ``event_timestamp``
-    (the transactions dataset's name) stands for ``timestamp``. A missing field raises
-    ``RequestError`` naming it."""
-    if "timestamp" not in frame.columns and "event_timestamp" in frame.columns:
-        frame = frame.rename({"event_timestamp": "timestamp"})
-    missing = [c for c in FIELDS if c not in frame.columns]
-    if missing:
-        raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
-    return frame.select(FIELDS)
-
-
-def request_bodies(frame: pl.DataFrame) -> list[dict]:
-    """JSON-ready scoring requests of a transactions frame (timestamps as ISO-8601 UTC text),
-    as a client would send them to ``/predictions``."""
-    frame = request_frame(frame)
-    stamp = pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
-    return frame.with_columns(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()

@@ -1,10 +1,10 @@
-"""Transactions -> features -> fraud probabilities: the one scoring path of the handler and of
+"""Requests -> features -> model scores: the one scoring path of the handler and of
 batch inference.
 
 Features come from the model's own FeatureService: the online store (``features.store.
 online_columns``) for live requests, or the point-in-time offline join for historical rows; in
 both, request-time features run through the same on-demand feature view as in training. A
-feature the store does not have (unknown card, expired row) is left null, imputed by the
+feature the store does not have (unknown entity, expired row) is left null, imputed by the
 model's preprocessor, and reported in ``missing_features``. The handler's batches (a few rows)
 stay columns of Python values from lookup to model; batch inference works on frames; a test
 holds the two equal.
@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ import pyarrow as pa
 from feast import FeatureStore
 from feast.errors import FeatureViewNotFoundException
 
+from core.usecase import UseCase, active
 from features.store import (
     SERVICE,
     feature_store,
@@ -38,13 +40,13 @@ from models.network import FrozenNet, TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
 from quality.schema import UTC_TS
-from serving.config import APPROVE, DECLINE, MODEL_NAME
-from serving.requests import Transaction
+from serving.config import MODEL_NAME
+from serving.requests import Record, request_schema
 
 SERVING_FILE = "serving.json"
 DEFAULT_THRESHOLD = 0.5
-# Training joins features 1 µs before each transaction (features.engineering.training_entities):
-# the state after the previous transaction, never the one being scored.
+# Training joins features 1 µs before each request (features.engineering.training_entities):
+# the state after the previous event of its entities, never the one being scored.
 _OFFLINE_OFFSET = timedelta(microseconds=1)
 
 
@@ -116,66 +118,52 @@ def version_info(registry: Registry, version: str, model_name: str = MODEL_NAME)
     )
 
 
-_TRANSACTION_SCHEMA = {
-    "transaction_id": pl.String,
-    "card_id": pl.String,
-    "merchant_id": pl.String,
-    "amount": pl.Float64,
-    "channel": pl.String,
-    "country": pl.String,
-    "transaction_timestamp": UTC_TS,
+_POLARS_TYPES = {
+    "id": pl.String(),
+    "category": pl.String(),
+    "number": pl.Float64(),
+    "timestamp": UTC_TS,
+}
+_ARROW_TYPES = {
+    "id": pa.string(),
+    "category": pa.string(),
+    "number": pa.float64(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
 }
 
 
-def transactions_frame(transactions: Sequence[Transaction]) -> pl.DataFrame:
-    """Validated transactions as the entity/request rows Feast expects (fixed schema). Built
-    from rows: a few times cheaper than column by column for the small batches serving sees."""
-    return pl.DataFrame(
-        [
-            (
-                t.transaction_id,
-                t.card_id,
-                t.merchant_id,
-                t.amount,
-                t.channel,
-                t.country,
-                t.timestamp,
-            )
-            for t in transactions
-        ],
-        schema=_TRANSACTION_SCHEMA,
-        orient="row",
-    )
+class RequestLayout:
+    """Validated requests as the entity/request rows Feast expects: one column per request
+    field, the time named as the feature store's request source names it (``time``)."""
 
+    def __init__(self, uc: UseCase | None = None) -> None:
+        uc = uc or active()
+        rules = request_schema(uc)
+        kinds = [uc.request.fields[f].type for f in rules.fields]
+        self.fields = rules.fields
+        self.time = uc.request.time_feature
+        self.names = [self.time if f == rules.time_field else f for f in rules.fields]
+        self.id = rules.id_field
+        self.score = uc.task.score
+        self.positive, self.negative = uc.task.decision.positive, uc.task.decision.negative
+        self.polars = dict(zip(self.names, (_POLARS_TYPES[k] for k in kinds), strict=True))
+        self.arrow = pa.schema(list(zip(self.names, (_ARROW_TYPES[k] for k in kinds), strict=True)))
+        self._row = itemgetter(*self.fields)
 
-_REQUEST_ARROW = pa.schema(
-    [
-        ("transaction_id", pa.string()),
-        ("card_id", pa.string()),
-        ("merchant_id", pa.string()),
-        ("amount", pa.float64()),
-        ("channel", pa.string()),
-        ("country", pa.string()),
-        ("transaction_timestamp", pa.timestamp("us", tz="UTC")),
-    ]
-)
+    def frame(self, requests: Sequence[Record]) -> pl.DataFrame:
+        """The requests as a frame of fixed schema. Built from rows: a few times cheaper than
+        column by column for the small batches serving sees."""
+        rows = [self._row(r) for r in requests]
+        if len(self.fields) == 1:
+            rows = [(v,) for v in rows]
+        return pl.DataFrame(rows, schema=self.polars, orient="row")
 
-
-# The request column the TTLs apply at: the on-demand view's request field.
-_REQUEST_TIME = "transaction_timestamp"
-
-
-def transaction_columns(transactions: Sequence[Transaction]) -> dict[str, list[Any]]:
-    """Validated transactions column by column, named as in ``transactions_frame``."""
-    return {
-        "transaction_id": [t.transaction_id for t in transactions],
-        "card_id": [t.card_id for t in transactions],
-        "merchant_id": [t.merchant_id for t in transactions],
-        "amount": [t.amount for t in transactions],
-        "channel": [t.channel for t in transactions],
-        "country": [t.country for t in transactions],
-        "transaction_timestamp": [t.timestamp for t in transactions],
-    }
+    def columns(self, requests: Sequence[Record]) -> dict[str, list[Any]]:
+        """The requests column by column, named as in ``frame``."""
+        return {
+            name: [r[field] for r in requests]
+            for name, field in zip(self.names, self.fields, strict=True)
+        }
 
 
 class OnlineLookup(NamedTuple):
@@ -221,7 +209,8 @@ class Scorer:
         entity = dict.fromkeys(n for names in self.entity_features.values() for n in names)
         self._others = [n for n in entity if n not in self.columns]
         self._masks: dict[tuple[str, ...], tuple[list[str], list[np.ndarray]]] = {}
-        available = set(transactions_frame([]).columns) | set(_service_features(store, info))
+        self.layout = RequestLayout()
+        available = set(self.layout.names) | set(_service_features(store, info))
         lacking = [c for c in preprocessor.spec.columns if c not in available]
         if lacking:
             raise ValueError(
@@ -243,48 +232,46 @@ class Scorer:
         info = info or ServingInfo.from_model_dir(model_dir)
         return cls(module, preprocessor, info, feature_store(Path(home), online_store))
 
-    def lookup(
-        self, transactions: Sequence[Transaction], at: datetime | None = None
-    ) -> OnlineLookup:
+    def lookup(self, requests: Sequence[Record], at: datetime | None = None) -> OnlineLookup:
         """``online_features`` as columns of Python values (None where null): the request's,
-        then the features'; and per feature view, the age of the online row each transaction
-        was scored with. TTLs apply at each transaction's own time, as in training (or at
+        then the features'; and per feature view, the age of the online row each request
+        was scored with. TTLs apply at each request's own time, as in training (or at
         ``at`` for all, when given). No frame is built: the handler's path."""
-        request = transaction_columns(transactions)
+        request = self.layout.columns(requests)
         found = online_columns(
             self.store,
             request,
-            schema=_REQUEST_ARROW,
+            schema=self.layout.arrow,
             service_name=self.info.feature_service,
             at=at,
-            time_column=None if at is not None else _REQUEST_TIME,
+            time_column=None if at is not None else self.layout.time,
         )
         return OnlineLookup({**request, **found.values}, found.ages)
 
     def online_columns(
-        self, transactions: Sequence[Transaction], at: datetime | None = None
+        self, requests: Sequence[Record], at: datetime | None = None
     ) -> dict[str, list[Any]]:
         """The columns of ``lookup``."""
-        return self.lookup(transactions, at).columns
+        return self.lookup(requests, at).columns
 
     def online_features(
-        self, transactions: Sequence[Transaction], at: datetime | None = None
+        self, requests: Sequence[Record], at: datetime | None = None
     ) -> pl.DataFrame:
         """Latest features from the online store, rows older than their TTL at each
-        transaction's time (or at ``at``) nulled: ``lookup``'s columns as a frame."""
+        request's time (or at ``at``) nulled: ``lookup``'s columns as a frame."""
         return online_features(
             self.store,
-            transactions_frame(transactions),
+            self.layout.frame(requests),
             service_name=self.info.feature_service,
             at=at,
-            time_column=None if at is not None else _REQUEST_TIME,
+            time_column=None if at is not None else self.layout.time,
         )
 
-    def offline_features(self, transactions: Sequence[Transaction]) -> pl.DataFrame:
-        """Point-in-time features as training saw them: the state just before each transaction."""
-        frame = transactions_frame(transactions)
+    def offline_features(self, requests: Sequence[Record]) -> pl.DataFrame:
+        """Point-in-time features as training saw them: the state just before each request."""
+        frame = self.layout.frame(requests)
         entities = frame.with_columns(
-            (pl.col("transaction_timestamp") - _OFFLINE_OFFSET).alias("event_timestamp")
+            (pl.col(self.layout.time) - _OFFLINE_OFFSET).alias("event_timestamp")
         )
         return historical_features(self.store, entities, self.info.feature_service).drop(
             "event_timestamp"
@@ -311,7 +298,8 @@ class Scorer:
         nulls = missing if others_null is None else np.concatenate([missing, others_null], 1)
         probabilities = batch_proba(self.forward, batch)
         threshold = self.info.threshold
-        decisions = [DECLINE if p >= threshold else APPROVE for p in probabilities.tolist()]
+        yes, no = self.layout.positive, self.layout.negative
+        decisions = [yes if p >= threshold else no for p in probabilities.tolist()]
         entities, masks = self._entity_masks(tuple(others))
         # An entity is unknown where every feature it contributes is null.
         by_row = np.stack([nulls[:, m].all(axis=1) for m in masks], axis=1) if masks else None
@@ -337,27 +325,26 @@ class Scorer:
         return self._masks[others]
 
     def predict(
-        self, transactions: Sequence[Transaction], at: datetime | None = None
+        self, requests: Sequence[Record], at: datetime | None = None
     ) -> tuple[list[dict[str, Any]], Scores]:
-        """Response objects (one per transaction) and the scores behind them (for the log)."""
-        if not transactions:
+        """Response objects (one per request) and the scores behind them (for the log)."""
+        if not requests:
             return [], Scores(np.zeros(0), [], [], [], {c: [] for c in self.columns})
-        scores = self.score(self.online_columns(transactions, at))
-        return self.responses(transactions, scores), scores
+        scores = self.score(self.online_columns(requests, at))
+        return self.responses(requests, scores), scores
 
-    def responses(
-        self, transactions: Sequence[Transaction], scores: Scores
-    ) -> list[dict[str, Any]]:
+    def responses(self, requests: Sequence[Record], scores: Scores) -> list[dict[str, Any]]:
+        request_id, score = self.layout.id, self.layout.score
         return [
             {
-                "transaction_id": t.transaction_id,
-                "fraud_probability": float(scores.probabilities[i]),
+                request_id: t[request_id],
+                score: float(scores.probabilities[i]),
                 "decision": scores.decisions[i],
                 "model_version": self.info.model_version,
                 "missing_features": scores.missing_features[i],
                 "unknown_entities": scores.unknown_entities[i],
             }
-            for i, t in enumerate(transactions)
+            for i, t in enumerate(requests)
         ]
 
 

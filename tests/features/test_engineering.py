@@ -26,7 +26,7 @@ from features.engineering import (
     training_entities,
     write_feature_file,
 )
-from quality.schema import SCHEMAS
+from usecases.fraud.simulator import SCHEMAS
 
 T0 = datetime(2024, 3, 1, 12, tzinfo=UTC)
 H = timedelta(hours=1)

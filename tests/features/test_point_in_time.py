@@ -28,7 +28,8 @@ from features.store import (
     materialize,
     online_features,
 )
-from quality.schema import SCHEMAS, UTC_TS
+from quality.schema import UTC_TS
+from usecases.fraud.simulator import SCHEMAS
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 C1 = datetime(2024, 6, 1, tzinfo=UTC)

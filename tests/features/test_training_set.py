@@ -28,7 +28,8 @@ from features.training_set import (
     labelled_transactions,
     write_training_set,
 )
-from quality.schema import SCHEMAS, UTC_TS
+from quality.schema import UTC_TS
+from usecases.fraud.simulator import SCHEMAS
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 CREATED = datetime(2024, 6, 1, tzinfo=UTC)

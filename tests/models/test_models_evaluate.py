@@ -18,11 +18,12 @@ from models.evaluate import (
     evaluate_scores,
     evaluation_markdown,
     predict_proba,
-    with_amount_bucket,
+    with_buckets,
 )
 from models.metrics import average_precision, best_f1_threshold, binary_metrics
+from models.spec import Slicing
 from models.train import train_baseline, train_model
-from tests.models.testkit import FAST, SPEC
+from tests.models.testkit import FAST, SLICING, SPEC
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,18 @@ def models(training_set):
 def reports(models, training_set):
     net, base = models
     return {
-        "challenger": evaluate_model(net.model, net.preprocessor, training_set, name="challenger"),
-        "baseline": evaluate_model(base.model, base.preprocessor, training_set, name="baseline"),
+        "challenger": evaluate_model(
+            net.model, net.preprocessor, training_set, name="challenger", slicing=SLICING
+        ),
+        "baseline": evaluate_model(
+            base.model, base.preprocessor, training_set, name="baseline", slicing=SLICING
+        ),
     }
 
 
 def test_amount_buckets_are_left_closed():
     frame = pl.DataFrame({"amount": [0.0, 9.99, 10.0, 99.99, 100.0, 999.99, 1000.0, None]})
-    buckets = with_amount_bucket(frame)["amount_bucket"].to_list()
+    buckets = with_buckets(frame, SLICING.buckets)["amount_bucket"].to_list()
     assert buckets == ["<10", "<10", "10-100", "10-100", "100-1000", "100-1000", ">=1000", None]
 
 
@@ -94,7 +99,11 @@ def test_unknown_slice_column_fails(models, training_set):
     net, _ = models
     with pytest.raises(KeyError, match="merchant_tier"):
         evaluate_model(
-            net.model, net.preprocessor, training_set, name="x", slice_columns=("merchant_tier",)
+            net.model,
+            net.preprocessor,
+            training_set,
+            name="x",
+            slicing=Slicing(columns=("merchant_tier",)),
         )
 
 

@@ -10,7 +10,7 @@ from models.artifact import WEIGHTS, save_training_result
 from models.evaluate import evaluate_model, evaluate_scores
 from models.gate import GatePolicy, InfraReport, infra_validate, validate_challenger
 from models.train import train_baseline, train_model
-from tests.models.testkit import FAST, SPEC, WEAK_BASELINE
+from tests.models.testkit import FAST, SLICING, SPEC, WEAK_BASELINE
 
 SMALL_DATA = GatePolicy(slice_min_support=50, slice_min_positives=5, latency_repeats=10)
 GOOD_INFRA = InfraReport(
@@ -54,8 +54,12 @@ def test_a_better_model_passes_when_there_is_no_champion(trained, training_set, 
     infra = infra_validate(saved.path, training_set.head(64), SMALL_DATA)
     assert infra.reloaded and infra.identical_outputs and infra.max_abs_diff == 0.0
     assert set(infra.latency_ms) == {"1", "64"} and infra.latency_ms["64"]["p95"] > 0
-    challenger = evaluate_model(net.model, net.preprocessor, training_set, name="challenger")
-    baseline = evaluate_model(base.model, base.preprocessor, training_set, name="baseline")
+    challenger = evaluate_model(
+        net.model, net.preprocessor, training_set, name="challenger", slicing=SLICING
+    )
+    baseline = evaluate_model(
+        base.model, base.preprocessor, training_set, name="baseline", slicing=SLICING
+    )
     # Slices of ~100 rows and ~10 positives are noisy: a wider tolerance for this small set.
     policy = replace(
         SMALL_DATA, slice_min_support=100, slice_min_positives=10, slice_tolerance=0.15

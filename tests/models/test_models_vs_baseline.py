@@ -25,6 +25,7 @@ from models.evaluate import evaluate_model
 from models.gate import InfraReport, validate_challenger
 from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_from_fields
 from models.train import train_baseline, train_model
+from tests.models.testkit import SLICING
 from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 # `loopline demo`'s scenario (1% fraud); 40 days of two-day batches, about 66k labelled rows.
@@ -80,8 +81,12 @@ def test_default_network_beats_the_baseline_and_passes_the_gate(simulated) -> No
     config = TrainConfig(device="cpu")
     network = train_model(frame, spec, config)
     baseline = train_baseline(frame, spec, config)
-    ours = evaluate_model(network.model, network.preprocessor, frame, name="challenger")
-    theirs = evaluate_model(baseline.model, baseline.preprocessor, frame, name="baseline")
+    ours = evaluate_model(
+        network.model, network.preprocessor, frame, name="challenger", slicing=SLICING
+    )
+    theirs = evaluate_model(
+        baseline.model, baseline.preprocessor, frame, name="baseline", slicing=SLICING
+    )
 
     # Training ran past the first few epochs instead of stopping on noise.
     assert network.fit.best_epoch >= 5, network.history

@@ -8,7 +8,12 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
-from models.spec import FeatureSpec, TrainConfig
+from core.usecase import load
+from models.spec import FeatureSpec, Slicing, TrainConfig
+
+# The fraud demo's slices (country, merchant category, channel, amount bucket): these frames
+# are shaped like its training sets.
+SLICING = Slicing.of(load("fraud"))
 
 SPEC = FeatureSpec(
     numeric=(

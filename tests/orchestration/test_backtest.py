@@ -29,9 +29,11 @@ from orchestration.backtest import (
     summarize,
 )
 from orchestration.triggers import TriggerPolicy
-from serving.monitoring import SCORE
+from serving.monitoring import log_columns
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+SCORE = log_columns().score
 
 
 def _predictions(ranked_well: dict[int, bool], rows: int = 100, positives: int = 5) -> pl.DataFrame:

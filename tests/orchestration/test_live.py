@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from orchestration.live import LiveSimulator, Traffic, live_simulator_running, request_drift
-from serving.requests import validate_transaction
+from serving.requests import validate_request
 from usecases.fraud import simulator
 
 START = datetime(2026, 10, 5, tzinfo=UTC)  # a Monday, well in the past
@@ -77,7 +77,7 @@ def test_traffic_sends_valid_requests_for_good_batches_only(tmp_path):
     requests = traffic.requests_of(good.path)
     assert len(requests) == 20
     for r in requests:
-        validate_transaction(r, index=0, now=datetime.now(UTC))
+        validate_request(r, index=0, now=datetime.now(UTC))
     assert traffic.send(requests) == 20
     assert [len(c) for c in client.calls] == [8, 8, 4]
     traffic.start()
@@ -148,7 +148,7 @@ def test_history_lands_first_in_bulk_and_is_not_traffic_then_steps_follow_the_cl
     assert clock.now() - history[-1].window_end == timedelta(hours=22.5)
     now = clock.now()
     for r in Traffic(_Client(), per_batch=5).requests_of(steps[-1].path):
-        t = validate_transaction(r, index=0, now=WALL).timestamp
+        t = validate_request(r, index=0, now=WALL)["timestamp"]
         assert steps[-1].window_start <= t < now  # requests carry simulated now
 
 

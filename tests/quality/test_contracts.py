@@ -11,17 +11,18 @@ import pytest
 import yaml
 
 from quality.contracts import ContractError, contract_path, run_contract
-from quality.schema import (
+from quality.schema import UTC_TS, datasets, time_columns
+from usecases.fraud.simulator import (
     CHANNELS,
     COUNTRIES,
-    DATASETS,
     KEYS,
     MERCHANT_CATEGORIES,
     SCHEMAS,
     SPENDING_PROFILES,
-    TIME_COLUMNS,
-    UTC_TS,
 )
+
+DATASETS = datasets()
+TIME_COLUMNS = time_columns()
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 N = 60

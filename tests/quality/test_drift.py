@@ -27,7 +27,8 @@ from quality.drift import (
     profile_and_compare,
     psi,
 )
-from quality.schema import CHANNELS, COUNTRIES, DRIFT_CATEGORICAL, DRIFT_NUMERIC
+from quality.schema import drift_columns
+from usecases.fraud.simulator import CHANNELS, COUNTRIES
 
 NUMERIC = ["amount", "hour_of_day"]
 CATEGORICAL = ["channel", "country"]
@@ -370,7 +371,8 @@ def test_drift_frame_derives_hour_of_day_in_utc() -> None:
     )
     frame = drift_frame("transactions", df)
 
-    assert frame.columns == [*DRIFT_NUMERIC["transactions"], *DRIFT_CATEGORICAL["transactions"]]
+    numeric, categorical = drift_columns("transactions")
+    assert frame.columns == [*numeric, *categorical]
     assert frame["hour_of_day"].to_list() == [t.hour for t in times]
 
 

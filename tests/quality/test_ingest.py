@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from quality.ingest import UnreadableBatch, batch_id_of, quarantine, read_batch, scan_landing
-from quality.schema import SCHEMAS
+from usecases.fraud.simulator import SCHEMAS
 
 
 def _tx(n: int = 3) -> pl.DataFrame:

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from models.registry import CHAMPION
 from orchestration.serving_assets import deployment, model_archive
-from serving.requests import FIELDS
+from serving.requests import request_schema
 from tests.e2e.kit import Loop
 from tests.reliability.kit import (
     Traffic,
@@ -42,6 +42,7 @@ from tests.reliability.kit import (
 pytestmark = pytest.mark.e2e
 
 SOAK_SECONDS = float(os.environ.get("LOOPLINE_SOAK_SECONDS", "30"))
+FIELDS = request_schema().fields
 FUZZ_BATCHES, FUZZ_PER_BATCH = 84, 24  # 2,016 malformed requests
 FIGURES: dict[str, object] = {}
 
@@ -220,11 +221,17 @@ def _malformed(draw, valid: list[dict]) -> tuple[bytes, str]:
         value = draw(_JSON | st.lists(_JSON, max_size=3) | st.just([]) | st.just({}))
         body = json.dumps(value).encode()
     elif kind == "nested":
-        base[draw(st.sampled_from(FIELDS))] = draw(st.recursive(_JSON, lambda k: st.lists(k)))
+        nested = st.recursive(_JSON, lambda k: st.lists(k)).filter(
+            lambda v: isinstance(v, list | dict)
+        )
+        base[draw(st.sampled_from(FIELDS))] = draw(nested)
         body = json.dumps(base).encode()
     elif kind == "list":
         bad = dict(base)
-        bad[draw(st.sampled_from(FIELDS))] = draw(_JSON.filter(lambda v: not isinstance(v, str)))
+        field = draw(st.sampled_from(FIELDS))
+        # A bad value of that field: any non-text JSON was not, an amount of 3 or an epoch-second
+        # timestamp is a valid request (one was answered 200 and failed the test).
+        bad[field] = draw(_BAD_VALUE[field])
         items = [dict(base)] * draw(st.integers(0, 5)) + [bad]
         if draw(st.booleans()):
             items = [dict(base)] * 600  # more transactions than one request may hold

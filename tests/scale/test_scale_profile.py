@@ -29,7 +29,6 @@ from orchestration.resources import LooplineStorage
 from orchestration.retraining import RetrainPolicy, retrain_sensor
 from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from serving import handler
-from serving.requests import Transaction
 from serving.scoring import Scorer, version_info
 from tests.e2e.kit import free_ports
 from tests.orchestration.conftest import Platform
@@ -214,9 +213,11 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
     rows = _requests(local_platform.settings.validated, n=64)
     now = datetime.now(UTC)
     transactions = [
-        Transaction(
-            f"t{i}", r["card_id"], r["merchant_id"], r["amount"], r["channel"], r["country"], now
-        )
+        {
+            "transaction_id": f"t{i}",
+            **{k: r[k] for k in ("card_id", "merchant_id", "amount", "channel", "country")},
+            "timestamp": now,
+        }
         for i, r in enumerate(rows.to_dicts())
     ]
     local_answers, local_scores = scorers["local"].predict(transactions, now)

@@ -29,8 +29,7 @@ from models.artifact import save_training_result
 from models.registry import ModelRecord, Registry
 from models.spec import FeatureSpec, TrainConfig
 from models.train import train_model
-from quality.schema import SCHEMAS
-from usecases.fraud.simulator import ScenarioConfig, Simulator
+from usecases.fraud.simulator import SCHEMAS, ScenarioConfig, Simulator
 
 FAST = TrainConfig(epochs=4, batch_size=256, lr=5e-3, hidden=(16,), patience=2, device="cpu")
 REQUEST_NUMERIC = ("amount",)

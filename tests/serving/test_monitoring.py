@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from models.metrics import average_precision
+from models.spec import Slicing
 from serving.monitoring import (
     append_live_quality,
     availability,
@@ -23,6 +24,7 @@ from serving.monitoring import (
     serving_drift,
 )
 from serving.prediction_log import PredictionLog
+from tests.models.testkit import SLICING
 
 T0 = datetime(2026, 11, 20, tzinfo=UTC)
 
@@ -96,11 +98,13 @@ def test_late_labels_join_and_live_metrics_per_slice(tmp_path):
     joined = join_labels(read_compacted(out), known)
     assert joined.height == 200  # the retried t0 counts once
     assert joined["label"].null_count() == 50
-    report = live_metrics(joined, 0.5, ("channel", "amount_bucket"))
+    slicing = Slicing(("channel", "amount_bucket"), SLICING.buckets)
+    report = live_metrics(joined, 0.5, slicing)
     assert report.support == 150
     assert report.metrics["pr_auc"] == pytest.approx(1.0)
     assert {s.column for s in report.slices} == {"channel", "amount_bucket"}
-    assert live_metrics(joined.with_columns(pl.lit(None).alias("label")), 0.5, ()) is None
+    unlabelled = joined.with_columns(pl.lit(None).alias("label"))
+    assert live_metrics(unlabelled, 0.5, Slicing()) is None
 
 
 def test_serving_drift_sees_shifted_amounts_and_schema_skew():

@@ -13,7 +13,7 @@ import pytest
 from models.artifact import save_training_result
 from models.train import train_model
 from serving.batch import score_version
-from serving.requests import RequestError, validate_transaction
+from serving.requests import RequestError, validate_request
 from serving.scoring import Scorer, version_info
 from tests.serving.kit import FAST, ServingHome
 
@@ -69,7 +69,7 @@ def test_the_handlers_columns_score_exactly_as_a_frame_does(
     bodies = serving_home.requests(n, offset=60)
     bodies[0] = {**bodies[0], "card_id": "new-card"}
     bodies[-1] = {**bodies[-1], "merchant_id": "new-merchant", "channel": "pos"}
-    transactions = [validate_transaction(b, now=now) for b in bodies]
+    transactions = [validate_request(b, now=now) for b in bodies]
     columns = scorer.online_columns(transactions, at=now)
     frame = scorer.online_features(transactions, at=now)
     assert list(columns) == frame.columns
@@ -103,7 +103,7 @@ def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
     now = datetime.now(UTC)
     bodies = serving_home.requests(6, offset=70)
     bodies[2] = {**bodies[2], "card_id": "new-card"}
-    transactions = [validate_transaction(b, now=now) for b in bodies]
+    transactions = [validate_request(b, now=now) for b in bodies]
     fast = scorer.score(scorer.online_columns(transactions, at=now))
     reference = scorer.score(scorer.online_features(transactions, at=now))
     assert fast.unknown_entities == reference.unknown_entities
@@ -113,7 +113,7 @@ def test_entity_features_the_model_does_not_take_still_flag_unknown_entities(
 
 
 def test_a_transactions_frame_becomes_request_bodies_the_endpoint_accepts() -> None:
-    from serving.requests import FIELDS, parse_request, request_bodies
+    from serving.requests import parse_request, request_bodies, request_schema
     from usecases.fraud.simulator import ScenarioConfig, Simulator
 
     sim = Simulator(
@@ -121,12 +121,12 @@ def test_a_transactions_frame_becomes_request_bodies_the_endpoint_accepts() -> N
     )
     frame = sim.transactions(0)  # the dataset's columns: event_timestamp, no timestamp
     bodies = request_bodies(frame)
-    assert len(bodies) == frame.height and list(bodies[0]) == list(FIELDS)
+    assert len(bodies) == frame.height and list(bodies[0]) == list(request_schema().fields)
     body = json.dumps(bodies).encode()
     parsed, single = parse_request(body, max_bytes=len(body), max_items=len(bodies))
     assert not single
-    assert [t.transaction_id for t in parsed] == frame["transaction_id"].to_list()
-    assert [t.timestamp for t in parsed] == frame["event_timestamp"].to_list()
-    assert [t.amount for t in parsed] == frame["amount"].to_list()
+    assert [t["transaction_id"] for t in parsed] == frame["transaction_id"].to_list()
+    assert [t["timestamp"] for t in parsed] == frame["event_timestamp"].to_list()
+    assert [t["amount"] for t in parsed] == frame["amount"].to_list()
     with pytest.raises(RequestError, match="lacks column"):
         request_bodies(frame.drop("country"))

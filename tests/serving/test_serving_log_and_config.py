@@ -180,14 +180,15 @@ def test_invalid_configs_are_refused(tmp_path: Path) -> None:
 
 def test_a_batch_logged_as_columns_reads_back_as_its_records(tmp_path: Path) -> None:
     """One line per scored batch (``log_rows``), one record per row on reading: the records
-    the same batch gives through ``log_many``, NaN, NumPy values and dataclasses included."""
-    from serving.requests import Transaction
-
+    the same batch gives through ``log_many``, NaN, NumPy values and datetimes included."""
     at = datetime(2026, 11, 24, 3, 0, 0, 123, tzinfo=UTC)
-    txs = [Transaction(f"t{i}", f"c{i}", "m1", 10.0 + i, "online", "US", at) for i in range(3)]
+    txs = [
+        {"transaction_id": f"t{i}", "card_id": f"c{i}", "amount": 10.0 + i, "timestamp": at}
+        for i in range(3)
+    ]
     shared = {"logged_at": at.isoformat(), "status": 200, "model_version": "v1"}
     rows = {
-        "transaction_id": [t.transaction_id for t in txs],
+        "transaction_id": [t["transaction_id"] for t in txs],
         "request": txs,
         "features": {"ratio": [0.5, float("nan"), None], "country": ["US", None, "DE"]},
         "missing_features": [[], ["ratio"], ["ratio", "country"]],
@@ -196,8 +197,8 @@ def test_a_batch_logged_as_columns_reads_back_as_its_records(tmp_path: Path) -> 
     per_row = [
         {
             **shared,
-            "transaction_id": t.transaction_id,
-            "request": t.to_dict(),
+            "transaction_id": t["transaction_id"],
+            "request": {**t, "timestamp": at.isoformat()},
             "features": {
                 "ratio": rows["features"]["ratio"][i],
                 "country": rows["features"]["country"][i],

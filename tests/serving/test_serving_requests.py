@@ -37,13 +37,17 @@ def refusal(body, **kw) -> RequestError:
 
 def test_one_object_or_a_list_in_bytes_text_or_decoded_form() -> None:
     (tx,), single = parse(json.dumps(GOOD).encode())
-    assert single and tx.amount == 42.5 and tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    assert (
+        single
+        and tx["amount"] == 42.5
+        and tx["timestamp"] == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    )
     txs, single = parse(json.dumps([GOOD, {**GOOD, "transaction_id": "tx-2"}]))
-    assert not single and [t.transaction_id for t in txs] == ["tx-1", "tx-2"]
+    assert not single and [t["transaction_id"] for t in txs] == ["tx-1", "tx-2"]
     (tx,), _ = parse({**GOOD, "amount": 7, "timestamp": NOW.timestamp() - 60})
-    assert tx.amount == 7.0 and tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    assert tx["amount"] == 7.0 and tx["timestamp"] == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
     (tx,), _ = parse({**GOOD, "timestamp": "2026-06-01T13:59:00+02:00"})
-    assert tx.timestamp == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
+    assert tx["timestamp"] == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -243,11 +247,11 @@ def _items(draw: st.DrawFn) -> object:
 @settings(max_examples=1500, deadline=None)
 @given(_items())
 def test_the_quick_check_accepts_only_what_the_field_checks_accept_and_as_they_do(item) -> None:
-    """Well-formed requests take a quick check (``_valid_transaction``); whatever it takes, the
-    field-by-field checks take too, as the same Transaction, and what they refuse it refuses."""
-    quick = request_rules._valid_transaction(item, NOW)
+    """Well-formed requests take a quick check (``RequestSchema.quick``); whatever it takes, the
+    field-by-field checks take too, as the same record, and what they refuse it refuses."""
+    quick = request_rules.request_schema().quick(item, NOW)
     try:
-        checked = request_rules._checked_transaction(item, None, NOW)
+        checked = request_rules.request_schema().checked(item, None, NOW)
     except RequestError:
         checked = None
     if quick is not None:
@@ -258,6 +262,8 @@ def test_the_quick_check_accepts_only_what_the_field_checks_accept_and_as_they_d
 
 def test_the_quick_check_takes_the_requests_clients_send() -> None:
     for item in (GOOD, {**GOOD, "amount": 7, "timestamp": "2026-06-01T13:59:00+02:00"}):
-        taken = request_rules._valid_transaction(item, NOW)
-        assert taken is not None and taken == request_rules._checked_transaction(item, None, NOW)
-        assert taken.timestamp.tzinfo is UTC and type(taken.amount) is float
+        taken = request_rules.request_schema().quick(item, NOW)
+        assert taken is not None and taken == request_rules.request_schema().checked(
+            item, None, NOW
+        )
+        assert taken["timestamp"].tzinfo is UTC and type(taken["amount"]) is float

@@ -28,17 +28,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from quality.schema import (
-    AMOUNT_MAX,
-    AMOUNT_MIN,
-    CHANNELS,
-    COUNTRIES,
-    KEYS,
-    MERCHANT_CATEGORIES,
-    SCHEMAS,
-    SPENDING_PROFILES,
-    UTC_TS,
-)
+from core.usecase import load
+from quality.schema import UTC_TS, keys, schemas
+
+# This simulator writes the fraud use case's datasets, whichever use case the process runs.
+FRAUD = load(Path(__file__).resolve().parent)
+SCHEMAS = schemas(FRAUD)
+KEYS = keys(FRAUD)
+CHANNELS: tuple[str, ...] = FRAUD.vocabularies["channel"]
+COUNTRIES: tuple[str, ...] = FRAUD.vocabularies["country"]
+MERCHANT_CATEGORIES: tuple[str, ...] = FRAUD.vocabularies["merchant_category"]
+SPENDING_PROFILES: tuple[str, ...] = FRAUD.vocabularies["spending_profile"]
+_AMOUNT = FRAUD.request.fields["amount"]
+AMOUNT_MIN, AMOUNT_MAX = float(_AMOUNT.min), float(_AMOUNT.max)
 
 DRIFTS: tuple[str, ...] = ("none", "covariate", "concept")
 FAULTS: tuple[str, ...] = (

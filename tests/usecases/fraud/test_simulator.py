@@ -13,9 +13,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from quality.schema import AMOUNT_MAX, AMOUNT_MIN, CHANNELS, COUNTRIES, SCHEMAS
 from usecases.fraud.simulator import (
+    AMOUNT_MAX,
+    AMOUNT_MIN,
+    CHANNELS,
+    COUNTRIES,
     FAULTS,
+    SCHEMAS,
     LandedBatch,
     ScenarioConfig,
     Simulator,
