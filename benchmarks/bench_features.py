@@ -40,13 +40,6 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
 from benchmarks.bench_validation import best_of
-from features.engineering import (
-    CARD_FEATURE_SCHEMA,
-    CARD_VIEW,
-    MERCHANT_FEATURE_SCHEMA,
-    MERCHANT_VIEW,
-    write_feature_file,
-)
 from features.incremental import sync_online
 from features.store import (
     apply_definitions,
@@ -55,7 +48,14 @@ from features.store import (
     online_features,
     online_features_sdk,
 )
+from features.views import write_feature_file
 from quality.schema import UTC_TS
+from usecases.fraud.features import (
+    CARD_FEATURE_SCHEMA,
+    CARD_VIEW,
+    MERCHANT_FEATURE_SCHEMA,
+    MERCHANT_VIEW,
+)
 
 T0 = datetime(2026, 9, 1, tzinfo=UTC)
 DAYS = 60

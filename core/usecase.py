@@ -13,10 +13,14 @@ Which use case runs: ``LOOPLINE_USECASE`` (a name under ``usecases/`` or a folde
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -110,6 +114,17 @@ class Label(_Strict):
     maturity_days: float = Field(gt=0)
 
 
+class Features(_Strict):
+    """Where the features are declared: ``module``, a Python module of the use case's folder
+    that computes the feature views (``VIEWS``, see ``features.views``); ``repo``, the Feast
+    repo folder (``feature_store.yaml`` and ``definitions.py``, whose ``build_definitions(lake)``
+    returns the Feast objects); ``service``, the FeatureService models train and serve on."""
+
+    module: Name
+    repo: Name
+    service: Name
+
+
 class Bucket(_Strict):
     """A derived slice: ``column``'s values cut at ``edges`` (left-closed), one label per bin."""
 
@@ -150,6 +165,7 @@ class UseCase(_Strict):
     datasets: dict[Name, Dataset] = Field(min_length=1)
     vocabularies: dict[Name, tuple[str, ...]] = {}
     request: Request
+    features: Features
     label: Label
     task: Task
     evaluation: Evaluation = Evaluation()
@@ -165,6 +181,27 @@ class UseCase(_Strict):
     @property
     def request_dataset(self) -> Dataset:
         return self.datasets[self.request.dataset]
+
+    @property
+    def feature_repo(self) -> Path:
+        return self.root / self.features.repo
+
+    def module(self, name: str) -> ModuleType:
+        """The use case's Python module ``name`` (dotted, relative to its folder): imported as
+        ``usecases.<folder>.<name>`` when the folder is under ``usecases/``, else from its file."""
+        if self.root.parent == USECASES_DIR:
+            return importlib.import_module(f"usecases.{self.root.name}.{name}")
+        qualified = f"loopline_usecase_{self.name}.{name}"
+        if qualified in sys.modules:
+            return sys.modules[qualified]
+        path = self.root.joinpath(*name.split(".")).with_suffix(".py")
+        spec = importlib.util.spec_from_file_location(qualified, path)
+        if spec is None or spec.loader is None:
+            raise UseCaseError(self.file, "", f"cannot import {path}")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
 
     @property
     def label_maturity(self) -> timedelta:
@@ -240,6 +277,12 @@ def _problems(uc: UseCase) -> list[tuple[str, str]]:
                     "key (request.entity_keys) nor a model input (request.model_inputs)",
                 )
             )
+    module = uc.root / f"{uc.features.module}.py"
+    if not module.is_file():
+        found.append(("features.module", f"no module {module.name} in {uc.root}"))
+    for part in ("feature_store.yaml", "definitions.py"):
+        if not (uc.root / uc.features.repo / part).is_file():
+            found.append(("features.repo", f"{uc.features.repo}/ has no {part}"))
     label = uc.label
     if label.dataset not in uc.datasets:
         found.append(("label.dataset", f"{label.dataset!r} is not a declared dataset"))

@@ -1,8 +1,8 @@
 """Feature files per validated batch, and the online store kept in step with them.
 
-Each validated batch gets one file per feature view it can change, ``features/<view>/<batch>.parquet``:
-transactions batches for both views, labels batches for the merchant view (chargeback rates).
-A file holds only the rows the batch adds or changes (``compute_*_features``), and its presence
+Each validated batch gets one file per feature view it can change, ``features/<view>/<batch>.parquet``
+(a view declares the datasets that change it: ``features.views.View``). A file holds only the
+rows the batch adds or changes (the view's ``compute``), and its presence
 is the record that the batch is done, so a failed or interrupted run is simply resumed. The
 online store loads the rows of files it has not loaded yet; a manifest of loaded files tells
 which, so late rows (recomputed with event times before the last load) are not skipped.
@@ -21,25 +21,10 @@ import polars as pl
 from feast import FeatureStore
 
 from core.storage import data_root, uri, write_json_atomic
-from features.engineering import (
-    CARD_VIEW,
-    FEATURE_SCHEMAS,
-    MERCHANT_VIEW,
-    TS,
-    compute_card_features,
-    compute_merchant_features,
-    history_start,
-    read_validated,
-    write_feature_file,
-)
 from features.store import materialize
+from features.views import TS, ViewBatch, read_validated, views, write_feature_file
 from quality.schema import schema
 
-# Which datasets' batches change which view.
-VIEW_DATASETS: dict[str, tuple[str, ...]] = {
-    CARD_VIEW: ("transactions",),
-    MERCHANT_VIEW: ("transactions", "labels"),
-}
 MANIFEST = Path("feast") / "online_manifest.json"
 
 
@@ -70,10 +55,11 @@ def feature_dir(lake: Path, view: str) -> Path:
 def pending(lake: Path, view: str, batches: Sequence[Batch]) -> list[Batch]:
     """The batches, in the given (arrival) order, that change ``view`` and have no file yet."""
     folder = feature_dir(lake, view)
+    changes = views()[view].datasets
     return [
         b
         for b in batches
-        if b.dataset in VIEW_DATASETS[view] and not (folder / f"{b.batch_id}.parquet").exists()
+        if b.dataset in changes and not (folder / f"{b.batch_id}.parquet").exists()
     ]
 
 
@@ -96,22 +82,16 @@ def batch_rows(
     ``not_yet``: validated batches still waiting for this view; they are left out of the
     history, so each batch is computed as if it were the newest (their turn comes next).
     """
-    if batch.dataset not in VIEW_DATASETS[view]:
+    declared = views()[view]
+    if batch.dataset not in declared.datasets:
         raise ValueError(f"{batch.dataset} batches do not change {view}")
-    new = _validated(lake, batch)
-    is_tx = batch.dataset == "transactions"
-    new_tx = new if is_tx else pl.DataFrame(schema=schema("transactions"))
-    new_labels = None if is_tx else new
-    since = history_start(new_tx, new_labels)
-    history = read_validated(
-        lake, "transactions", since=since, exclude_batches=[batch.batch_id, *not_yet]
-    )
-    if view == CARD_VIEW:
-        return compute_card_features(new_tx, history, read_validated(lake, "cards"), created_at)
-    labels = read_validated(lake, "labels", since=since, exclude_batches=not_yet)
-    return compute_merchant_features(
-        new_tx, history, labels, read_validated(lake, "merchants"), created_at, new_labels
-    )
+    excluded = list(not_yet)
+
+    def read(dataset: str, since: datetime | None = None, *, with_batch: bool = False):
+        leave_out = excluded if with_batch else [batch.batch_id, *excluded]
+        return read_validated(lake, dataset, since=since, exclude_batches=leave_out)
+
+    return declared.compute(ViewBatch(batch.dataset, _validated(lake, batch), created_at, read))
 
 
 def update_view(
@@ -127,7 +107,7 @@ def _files(lake: Path) -> dict[str, tuple[int, int]]:
     """Every feature file, by its name under the lake (``features/<view>/<batch>.parquet``):
     size and modification time (whole seconds on object storage)."""
     out = {}
-    for view in FEATURE_SCHEMAS:
+    for view in views():
         for path in sorted(feature_dir(lake, view).glob("*.parquet")):
             stat = path.stat()
             out[f"features/{view}/{path.name}"] = (stat.st_size, stat.st_mtime_ns)

@@ -49,15 +49,12 @@ from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.storage import register_filesystems, remote_paths
-from features.feature_repo.definitions import (
-    HASH_TAG,
-    NUMPY_UDF_TAG,
-    Definitions,
-    build_definitions,
-)
+from core.usecase import active
+from features.declarations import HASH_TAG, NUMPY_UDF_TAG, build_definitions, service_name
 
-SERVICE = "fraud_model_v1"
-REPO_DIR = Path(__file__).resolve().parent / "feature_repo"
+# The active use case's FeatureService and Feast repo (decision 31: one process, one use case).
+SERVICE = service_name()
+REPO_DIR = active().feature_repo
 HOME_VARIABLE = "${LOOPLINE_HOME}"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _U64_MAX = 2**64 - 1
@@ -144,8 +141,8 @@ def apply_definitions(store: FeatureStore, lake: Path | None = None) -> bool:
     carries a hash of the declaration files, the lake and the Feast version; equal to the
     registry's means nothing to do. Objects no longer declared are removed.
     """
-    definitions: Definitions = build_definitions(lake if lake else _home_of(store))
-    wanted = definitions.fraud_model_v1.tags[HASH_TAG]
+    definitions = build_definitions(lake if lake else _home_of(store))
+    wanted = next(o for o in definitions if o.name == SERVICE).tags[HASH_TAG]
     try:
         applied = store.registry.get_feature_service(SERVICE, store.project, allow_cache=False)
         if applied.tags.get(HASH_TAG) == wanted:

@@ -32,21 +32,13 @@ import pyarrow.parquet as pq
 from feast import FeatureService, FeatureStore, FeatureView
 
 from core.storage import data_root, uri, write_json_atomic, write_parquet_atomic
-from features.engineering import TS, read_validated, training_entities
-from features.feature_repo.definitions import build_definitions
+from core.usecase import UseCase, active
+from features.declarations import build_definitions
 from features.store import SERVICE, historical_features
+from features.views import TS, read_validated, training_entities
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 LABEL = "label"
-ENTITY_COLUMNS: tuple[str, ...] = (
-    "transaction_id",
-    "card_id",
-    "merchant_id",
-    TS,
-    "amount",
-    "country",
-    "channel",
-)
 DEFAULT_LABEL_MATURITY = timedelta(days=7)
 
 
@@ -91,49 +83,59 @@ class TrainingSet:
     summary: dict[str, Any]
 
 
-def labelled_transactions(
-    transactions: pl.DataFrame,
+def entity_columns(uc: UseCase | None = None) -> tuple[str, ...]:
+    """The key columns of a training set: every request field but the time, then ``TS`` (the
+    request's own time)."""
+    uc = uc or active()
+    return (*(f for f in uc.request.fields if f != uc.timestamp_field), TS)
+
+
+def labelled_requests(
+    requests: pl.DataFrame,
     labels: pl.DataFrame,
     *,
     label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
     presume_negative_after: timedelta | None = None,
+    uc: UseCase | None = None,
 ) -> pl.DataFrame:
-    """Transactions with their latest known label (``label`` 0/1), unlabelled ones dropped.
+    """Rows of the request dataset with their latest known label (``label`` 0/1), unlabelled
+    ones dropped; the use case's ``label`` declares where the labels are and how they join.
 
-    Only transactions at or before ``newest label time - label_maturity`` are kept, so every
-    kept transaction had the time to receive its label whatever it is.
+    Only requests at or before ``newest label time - label_maturity`` are kept, so every kept
+    request had the time to receive its label whatever it is.
 
-    With ``presume_negative_after`` (shorter than the maturity), a transaction that old counts
-    as negative until a positive label arrives, as a card issuer counts a payment with no
-    chargeback yet as legit: positive labels (1-10 days late) then reach training days
-    before the negative ones would, with the transactions around them, and the split stays
-    in time order. The price is positives counted as negatives until their label comes: with
-    the demo's 1-10 day chargeback delays and two days' presumption, about 60% of the frauds
-    among the presumed rows are not known yet.
+    With ``presume_negative_after`` (shorter than the maturity), a request that old counts as
+    negative until a positive label arrives, as a card issuer counts a payment with no
+    chargeback yet as legit: positive labels (1-10 days late in the fraud demo) then reach
+    training days before the negative ones would, with the requests around them, and the split
+    stays in time order. The price is positives counted as negatives until their label comes:
+    with the demo's 1-10 day delays and two days' presumption, about 60% of the positives among
+    the presumed rows are not known yet.
     """
+    uc = uc or active()
+    declared = uc.label
+    key, time = uc.request_dataset.key, uc.request_dataset.event_time
     if label_maturity < timedelta(0):
         raise ValueError("label_maturity must be >= 0")
     presume = presume_negative_after
     if presume is not None and not timedelta(0) <= presume <= label_maturity:
         raise ValueError("presume_negative_after must be between 0 and label_maturity")
     latest = (
-        labels.sort("label_timestamp", "transaction_id")
-        .unique("transaction_id", keep="last", maintain_order=True)
-        .select("transaction_id", pl.col("is_fraud").cast(pl.Int8).alias(LABEL))
+        labels.sort(declared.time, declared.key)
+        .unique(declared.key, keep="last", maintain_order=True)
+        .select(pl.col(declared.key).alias(key), pl.col(declared.column).cast(pl.Int8).alias(LABEL))
     )
-    tx = transactions.unique("transaction_id", keep="last", maintain_order=True)
+    rows = requests.unique(key, keep="last", maintain_order=True)
     if labels.is_empty():
-        return tx.join(latest, on="transaction_id", how="inner").sort(TS, "transaction_id")
-    newest = labels["label_timestamp"].max()
-    matured = tx.filter(pl.col(TS) <= newest - label_maturity)
-    out = matured.join(latest, on="transaction_id", how="inner")
+        return rows.join(latest, on=key, how="inner").sort(time, key)
+    newest = labels[declared.time].max()
+    at = pl.col(time)
+    out = rows.filter(at <= newest - label_maturity).join(latest, on=key, how="inner")
     if presume is not None:
-        young = tx.filter((pl.col(TS) > newest - label_maturity) & (pl.col(TS) <= newest - presume))
-        presumed = young.join(latest, on="transaction_id", how="left").with_columns(
-            pl.col(LABEL).fill_null(0)
-        )
+        young = rows.filter((at > newest - label_maturity) & (at <= newest - presume))
+        presumed = young.join(latest, on=key, how="left").with_columns(pl.col(LABEL).fill_null(0))
         out = pl.concat([out, presumed])
-    return out.sort(TS, "transaction_id")
+    return out.sort(time, key)
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def assign_splits(
 
 
 def split_summary(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per split: rows, positives, fraud rate and the event-time window."""
+    """Per split: rows, positives, positive rate and the event-time window."""
     out: dict[str, dict[str, Any]] = {}
     for name in SPLITS:
         part = frame.filter(pl.col("split") == name)
@@ -346,7 +348,7 @@ def split_summary(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
         out[name] = {
             "rows": part.height,
             "positives": positives,
-            "fraud_rate": positives / part.height if part.height else None,
+            "positive_rate": positives / part.height if part.height else None,
             "start": part[TS].min().isoformat() if part.height else None,
             "end": part[TS].max().isoformat() if part.height else None,
         }
@@ -384,7 +386,7 @@ def content_version(frame: pl.DataFrame) -> str:
 
 def build_training_set(
     store: FeatureStore,
-    transactions: pl.DataFrame,
+    requests: pl.DataFrame,
     labels: pl.DataFrame,
     *,
     split: SplitPolicy = SplitPolicy(),
@@ -393,30 +395,34 @@ def build_training_set(
     presume_negative_after: timedelta | None = None,
     service_name: str = SERVICE,
 ) -> TrainingSet:
-    """Labelled transactions, their features through ``service_name`` as of just before each
-    transaction, a time-based split and a content hash. Deterministic in its inputs' rows.
+    """Labelled requests, their features through ``service_name`` as of just before each
+    request, a time-based split and a content hash. Deterministic in its inputs' rows.
+    ``requests`` and ``labels`` are rows of the use case's request and label datasets.
 
     ``fractions`` is the older spelling of ``split=SplitPolicy(fractions=...)``.
     """
+    uc = active()
     policy = resolve_policy(split, fractions)
-    labelled = labelled_transactions(
-        transactions,
+    labelled = labelled_requests(
+        requests,
         labels,
         label_maturity=label_maturity,
         presume_negative_after=presume_negative_after,
     )
-    history_start = transactions[TS].min() if transactions.height else None
+    time = uc.request_dataset.event_time or TS
+    labelled = labelled.with_columns(pl.col(time).alias(TS)) if time != TS else labelled
+    history_start = requests[time].min() if requests.height else None
     labelled, warmed = apply_warm_up(labelled, history_start, policy.warm_up)
     labelled = apply_window(labelled, policy.window)
     if labelled.is_empty():
-        raise ValueError("no labelled transactions old enough to train on")
+        raise ValueError("no labelled requests old enough to train on")
     entities = training_entities(labelled).with_columns(labelled[LABEL])
     joined = historical_features(store, entities, service_name)
     features = [c for c in joined.columns if c not in entities.columns]
     rows = (
-        joined.with_columns(pl.col("transaction_timestamp").alias(TS))
-        .select(*ENTITY_COLUMNS, *features, LABEL)
-        .sort(TS, "transaction_id")
+        joined.with_columns(pl.col(uc.request.time_feature).alias(TS))
+        .select(*entity_columns(uc), *features, LABEL)
+        .sort(TS, uc.request.id)
     )
     cuts = split_cuts(rows, policy)
     rows = label_splits(rows, cuts)
@@ -523,16 +529,19 @@ def training_set_from_home(
     presume_negative_after: timedelta | None = None,
     service_name: str = SERVICE,
 ) -> tuple[TrainingSetRef, TrainingSet]:
-    """Build and write a training set from every validated transactions and labels batch."""
+    """Build and write a training set from every validated batch of the request and label
+    datasets."""
+    uc = active()
+    requests, labels = uc.request.dataset, uc.label.dataset
     built = build_training_set(
         store,
-        read_validated(lake, "transactions"),
-        read_validated(lake, "labels"),
+        read_validated(lake, requests),
+        read_validated(lake, labels),
         split=split,
         fractions=fractions,
         label_maturity=label_maturity,
         presume_negative_after=presume_negative_after,
         service_name=service_name,
     )
-    batches = validated_batches(lake, "transactions") + validated_batches(lake, "labels")
+    batches = validated_batches(lake, requests) + validated_batches(lake, labels)
     return write_training_set(lake, built, batches), built

@@ -44,25 +44,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    TS,
-    card_features,
-    merchant_features,
-    training_entities,
-    write_feature_file,
-)
 from features.store import SERVICE, apply_definitions, feature_store, historical_features
 from features.training_set import (
     DEFAULT_LABEL_MATURITY,
-    ENTITY_COLUMNS,
     LABEL,
     SplitPolicy,
     assign_splits,
     drift_reference,
-    labelled_transactions,
+    entity_columns,
+    labelled_requests,
 )
+from features.views import TS, ViewBatch, training_entities, views, write_feature_file
 from models.evaluate import EvaluationReport, evaluate_model, predict_proba
 from models.gate import InfraReport, validate_challenger
 from models.metrics import average_precision, expected_average_precision
@@ -277,7 +269,7 @@ def demo_config(
 class World:
     """Every transaction of the scenario, its features as of just before it, and its truth.
 
-    ``rows``: ``ENTITY_COLUMNS``, the FeatureService's features, ``is_fraud``,
+    ``rows``: ``entity_columns()``, the FeatureService's features, ``is_fraud``,
     ``label_timestamp`` and ``step`` (the batch index), in time order.
     """
 
@@ -301,12 +293,19 @@ def build_world(config: BacktestConfig) -> World:
     created = sim.window(total - 1)[1]
     with tempfile.TemporaryDirectory(prefix="loopline-backtest-") as tmp:
         home = Path(tmp)
-        cards = card_features(tx, sim.cards(), created_at=created)
-        merchants = merchant_features(
-            tx, truth.select(list(schema("labels"))), sim.merchants(), created_at=created
-        )
-        write_feature_file(home, CARD_VIEW, "backtest", cards)
-        write_feature_file(home, MERCHANT_VIEW, "backtest", merchants)
+        known = {
+            "transactions": tx.clear(),  # the whole scenario is the one batch: no history
+            "labels": truth.select(list(schema("labels"))),
+            "cards": sim.cards(),
+            "merchants": sim.merchants(),
+        }
+
+        def read(dataset: str, since: datetime | None = None, *, with_batch: bool = False):
+            return known[dataset]
+
+        for view in views().values():
+            rows = view.compute(ViewBatch("transactions", tx, created, read))
+            write_feature_file(home, view.name, "backtest", rows)
         store = feature_store(home)
         apply_definitions(store)
         joined = historical_features(store, training_entities(tx), SERVICE)
@@ -316,7 +315,7 @@ def build_world(config: BacktestConfig) -> World:
     span_us = config.scenario.batch_span // timedelta(microseconds=1)
     rows = (
         joined.with_columns(pl.col("transaction_timestamp").alias(TS))
-        .select(*ENTITY_COLUMNS, *features)
+        .select(*entity_columns(), *features)
         .join(truth, on="transaction_id", how="left")
         .with_columns(
             ((pl.col(TS) - pl.lit(sim.start)).dt.total_microseconds() // span_us)
@@ -347,14 +346,15 @@ def training_frame(
     are left out: their features are immature."""
     seen = world.rows.filter((pl.col(TS) >= world.history_start) & (pl.col(TS) < now))
     seen = seen.drop(*_TRUTH, "step")
-    labelled = labelled_transactions(
+    labelled = labelled_requests(
         seen,
         known_labels(world, now),
         label_maturity=label_maturity,
         presume_negative_after=adaptation.presume_negative_after,
     )
-    features = [c for c in seen.columns if c not in ENTITY_COLUMNS]
-    rows = labelled.select(*ENTITY_COLUMNS, *features, LABEL).sort(TS, "transaction_id")
+    keys = entity_columns()
+    features = [c for c in seen.columns if c not in keys]
+    rows = labelled.select(*keys, *features, LABEL).sort(TS, "transaction_id")
     return assign_splits(rows, adaptation.split_policy())
 
 

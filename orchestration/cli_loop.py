@@ -499,7 +499,7 @@ def measured_by_phase(
     before its predictions' labels matured is never judged there)."""
     import polars as pl
 
-    from features.engineering import read_validated
+    from features.views import read_validated
     from serving.monitoring import join_labels, live_quality, read_compacted
 
     predictions = read_compacted(settings.home / "monitoring" / "status-log")

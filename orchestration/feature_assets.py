@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from features.engineering import CARD_VIEW, MERCHANT_VIEW
+from core.usecase import active
+from features.views import View, views
 from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
 
@@ -26,14 +27,12 @@ GROUP = "features"
 
 
 def validated_batches(storage: LooplineStorage) -> list:
-    """Validated transactions and labels batches (``incremental.Batch``), in arrival order."""
+    """Validated batches of the datasets that change a feature view (``incremental.Batch``),
+    in arrival order."""
     from features import incremental
 
-    records = [
-        r
-        for r in storage.ledger.batches(status="validated")
-        if r.dataset in ("transactions", "labels")
-    ]
+    changing = {d for view in VIEWS.values() for d in view.datasets}
+    records = [r for r in storage.ledger.batches(status="validated") if r.dataset in changing]
     records.sort(key=lambda r: (r.received_at, r.batch_id))
     return [incremental.Batch(r.dataset, r.batch_id) for r in records]
 
@@ -66,28 +65,26 @@ def _update(
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"polars", "parquet"},
-    deps=["validated_transactions", "validated_cards"],
-)
-def card_features(
-    context: dg.AssetExecutionContext, storage: LooplineStorage
-) -> dg.MaterializeResult:
-    """Card activity features: one parquet file per validated transactions batch."""
-    return _update(context, storage, CARD_VIEW)
+def _view_asset(view: View) -> dg.AssetsDefinition:
+    """The asset of one feature view of the use case: its per-batch feature files."""
+
+    @dg.asset(
+        name=view.name,
+        group_name=GROUP,
+        kinds={"polars", "parquet"},
+        deps=[f"validated_{d}" for d in (*view.datasets, *view.reads)],
+        description=view.description
+        or f"{view.name}: one parquet file per validated {' or '.join(view.datasets)} batch.",
+    )
+    def _asset(context: dg.AssetExecutionContext, storage: LooplineStorage) -> dg.MaterializeResult:
+        return _update(context, storage, view.name)
+
+    return _asset
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"polars", "parquet"},
-    deps=["validated_transactions", "validated_labels", "validated_merchants"],
-)
-def merchant_features(
-    context: dg.AssetExecutionContext, storage: LooplineStorage
-) -> dg.MaterializeResult:
-    """Merchant volume and chargeback-rate features: one file per transactions or labels batch."""
-    return _update(context, storage, MERCHANT_VIEW)
+# The use case's feature views (decision 31: the process's use case), one asset each.
+VIEWS = views()
+VIEW_ASSETS = [_view_asset(v) for v in VIEWS.values()]
 
 
 @contextmanager
@@ -107,7 +104,7 @@ def _feast_lock(home: Path) -> Iterator[None]:
 @dg.asset(group_name=GROUP, kinds={"feast"})
 def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     """Feast registry with the repo's declarations; re-applied only when they change."""
-    from features.feature_repo.definitions import HASH_TAG
+    from features.declarations import HASH_TAG
     from features.store import SERVICE, apply_definitions
 
     settings = storage.settings
@@ -131,7 +128,7 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
 @dg.asset(
     group_name=GROUP,
     kinds={"feast", "sqlite"},
-    deps=[card_features, merchant_features, feature_registry],
+    deps=[*VIEW_ASSETS, feature_registry],
 )
 def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
     """Online store (SQLite, Redis in the scale profile) loaded with every new feature row."""
@@ -194,12 +191,13 @@ class TrainingSetConfig(dg.Config):
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "parquet"},
-    deps=[card_features, merchant_features, feature_registry, "validated_labels"],
+    deps=[*VIEW_ASSETS, feature_registry, f"validated_{active().label.dataset}"],
 )
 def training_set(
     context: dg.AssetExecutionContext, config: TrainingSetConfig, storage: LooplineStorage
 ) -> dg.Output:
-    """Labelled transactions with point-in-time features of fraud_model_v1, split by time."""
+    """Labelled requests with the point-in-time features of the use case's FeatureService,
+    split by time."""
     from features.training_set import (
         missing_feature_views,
         training_set_from_home,
@@ -229,7 +227,7 @@ def training_set(
             "split": name,
             "rows": s["rows"],
             "positives": s["positives"],
-            "fraud_rate": f"{s['fraud_rate']:.4f}" if s["fraud_rate"] is not None else "",
+            "positive_rate": f"{s['positive_rate']:.4f}" if s["positive_rate"] is not None else "",
             "start": s["start"] or "",
             "end": s["end"] or "",
         }
@@ -252,16 +250,15 @@ def training_set(
         context.log.warning(built.summary["split_note"])
     for name, s in splits.items():
         metadata[f"{name}_rows"] = s["rows"]
-        metadata[f"{name}_fraud_rate"] = s["fraud_rate"] if s["fraud_rate"] is not None else 0.0
+        rate = s["positive_rate"]
+        metadata[f"{name}_positive_rate"] = rate if rate is not None else 0.0
         metadata[f"{name}_window"] = f"{s['start']} .. {s['end']}"
     return dg.Output(ref, metadata=metadata)
 
 
 features_job = dg.define_asset_job(
     "update_features",
-    selection=dg.AssetSelection.assets(
-        card_features, merchant_features, feature_registry, online_features
-    ),
+    selection=dg.AssetSelection.assets(*VIEW_ASSETS, feature_registry, online_features),
     description="Feature files for every validated batch without them, then the online store.",
 )
 
@@ -273,9 +270,7 @@ def features_backlog(storage: LooplineStorage) -> list[str]:
     settings = storage.settings
     batches = validated_batches(storage)
     waiting = {
-        b.batch_id
-        for view in incremental.VIEW_DATASETS
-        for b in incremental.pending(settings.lake, view, batches)
+        b.batch_id for view in VIEWS for b in incremental.pending(settings.lake, view, batches)
     }
     return sorted(waiting) + incremental.unloaded_files(settings.home, settings.lake)
 
@@ -298,7 +293,7 @@ def features_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorag
 
 
 defs = dg.Definitions(
-    assets=[card_features, merchant_features, feature_registry, online_features, training_set],
+    assets=[*VIEW_ASSETS, feature_registry, online_features, training_set],
     jobs=[features_job],
     sensors=[features_sensor],
 )

@@ -22,7 +22,7 @@ import polars as pl
 from core.settings import Settings
 from core.storage import uri, write_json_atomic, write_parquet_atomic
 from core.usecase import active
-from features.engineering import read_validated
+from features.views import read_validated
 from models.registry import CHAMPION, Registry
 from models.spec import Slicing
 from orchestration import alerts

@@ -93,7 +93,7 @@ def feature_spec(home: Path, service_name: str) -> FeatureSpec:
     """The model's inputs: the FeatureService's features plus the request's own model inputs."""
     from feast import FeatureService
 
-    from features.feature_repo.definitions import build_definitions
+    from features.declarations import build_definitions
     from models.spec import feature_spec_of_service
 
     services = {d.name: d for d in build_definitions(home) if isinstance(d, FeatureService)}

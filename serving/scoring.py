@@ -45,7 +45,7 @@ from serving.requests import Record, request_schema
 
 SERVING_FILE = "serving.json"
 DEFAULT_THRESHOLD = 0.5
-# Training joins features 1 µs before each request (features.engineering.training_entities):
+# Training joins features 1 µs before each request (features.views.training_entities):
 # the state after the previous event of its entities, never the one being scored.
 _OFFLINE_OFFSET = timedelta(microseconds=1)
 

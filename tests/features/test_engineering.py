@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 
 from core.storage import write_parquet_atomic
-from features.engineering import (
+from features.views import read_validated, training_entities, write_feature_file
+from usecases.fraud.features import (
     CARD_FEATURE_SCHEMA,
     CARD_VIEW,
     MERCHANT_FEATURE_SCHEMA,
@@ -22,9 +23,6 @@ from features.engineering import (
     compute_merchant_features,
     history_start,
     merchant_features,
-    read_validated,
-    training_entities,
-    write_feature_file,
 )
 from usecases.fraud.simulator import SCHEMAS
 

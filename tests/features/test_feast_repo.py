@@ -18,16 +18,18 @@ import pytest
 from feast import FeatureView, Field, FileSource
 from feast.types import Float64, Int64, String
 
-from features.engineering import (
+from features.declarations import HASH_TAG
+from features.declarations import build_definitions as tagged_definitions
+from features.store import REPO_DIR, apply_definitions, feature_store, online_features
+from features.views import write_feature_file
+from quality.schema import UTC_TS
+from usecases.fraud.feature_repo.definitions import build_definitions
+from usecases.fraud.features import (
     CARD_FEATURE_SCHEMA,
     CARD_VIEW,
     MERCHANT_FEATURE_SCHEMA,
     MERCHANT_VIEW,
-    write_feature_file,
 )
-from features.feature_repo.definitions import HASH_TAG, build_definitions
-from features.store import REPO_DIR, apply_definitions, feature_store, online_features
-from quality.schema import UTC_TS
 
 FEAST = Path(sys.executable).parent / "feast"
 POLARS_OF = {String: pl.String(), Int64: pl.Int64(), Float64: pl.Float64()}
@@ -99,9 +101,8 @@ def test_apply_definitions_applies_only_when_declarations_change(tmp_path: Path)
     assert apply_definitions(store) is True
     assert {v.name for v in store.list_feature_views()} == {CARD_VIEW, MERCHANT_VIEW}
     applied = store.get_feature_service("fraud_model_v1")
-    assert (
-        applied.tags[HASH_TAG] == build_definitions(tmp_path / "home").fraud_model_v1.tags[HASH_TAG]
-    )
+    [service] = [o for o in tagged_definitions(tmp_path / "home") if o.name == "fraud_model_v1"]
+    assert applied.tags[HASH_TAG] == service.tags[HASH_TAG]
 
 
 def _recent_rows(now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:

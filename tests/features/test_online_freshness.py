@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.store import OnlineNewest, materialize, online_newest_event_times
 from serving.delivery import online_freshness_reasons
 from tests.features.test_point_in_time import CARD_TTL, MERCHANT_TTL, T0, _build_home
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW
 
 
 def _newest_file_row(home: Path, view: str):

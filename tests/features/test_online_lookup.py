@@ -14,7 +14,7 @@ from feast import FeatureStore
 from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
 
 import features.store
-from features.feature_repo.definitions import NUMPY_UDF_TAG, transaction_request_features
+from features.declarations import NUMPY_UDF_TAG
 from features.store import (
     _READERS,
     SERVICE,
@@ -32,6 +32,7 @@ from features.store import (
 )
 from quality.schema import UTC_TS
 from tests.features.test_point_in_time import CARD_TTL, EDGE, MERCHANT_TTL, T0, _build_home
+from usecases.fraud.feature_repo.definitions import transaction_request_features
 
 END = T0 + timedelta(days=62)
 # Lookup times: all alive, merchants past their TTL, everything past, before any row.

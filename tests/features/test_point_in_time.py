@@ -11,16 +11,6 @@ import polars as pl
 import pytest
 from feast import FeatureStore
 
-from features.engineering import (
-    CARD_FEATURE_SCHEMA,
-    CARD_VIEW,
-    MERCHANT_FEATURE_SCHEMA,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    training_entities,
-    write_feature_file,
-)
 from features.store import (
     apply_definitions,
     feature_store,
@@ -28,7 +18,16 @@ from features.store import (
     materialize,
     online_features,
 )
+from features.views import training_entities, write_feature_file
 from quality.schema import UTC_TS
+from usecases.fraud.features import (
+    CARD_FEATURE_SCHEMA,
+    CARD_VIEW,
+    MERCHANT_FEATURE_SCHEMA,
+    MERCHANT_VIEW,
+    card_features,
+    merchant_features,
+)
 from usecases.fraud.simulator import SCHEMAS
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

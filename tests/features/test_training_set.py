@@ -10,13 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    write_feature_file,
-)
 from features.store import apply_definitions, feature_store
 from features.training_set import (
     SplitFractions,
@@ -25,10 +18,12 @@ from features.training_set import (
     assign_splits,
     build_training_set,
     drift_reference,
-    labelled_transactions,
+    labelled_requests,
     write_training_set,
 )
+from features.views import write_feature_file
 from quality.schema import UTC_TS
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW, card_features, merchant_features
 from usecases.fraud.simulator import SCHEMAS
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -86,7 +81,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     return home, store, tx, labels
 
 
-def test_labelled_transactions_keep_the_latest_label_and_only_mature_rows() -> None:
+def test_labelled_requests_keep_the_latest_label_and_only_mature_rows() -> None:
     tx = _tx(6).with_columns(
         pl.Series("event_timestamp", [T0 + i * D for i in range(6)], dtype=UTC_TS)
     )
@@ -99,7 +94,7 @@ def test_labelled_transactions_keep_the_latest_label_and_only_mature_rows() -> N
         },
         schema=SCHEMAS["labels"],
     )
-    rows = labelled_transactions(tx, labels, label_maturity=timedelta(days=5))
+    rows = labelled_requests(tx, labels, label_maturity=timedelta(days=5))
     # t0002 and t0004 have no label; t0005 (day 5) is younger than newest label - 5 days.
     assert dict(zip(rows["transaction_id"], rows["label"], strict=True)) == {
         "t0000": 1,
@@ -107,7 +102,7 @@ def test_labelled_transactions_keep_the_latest_label_and_only_mature_rows() -> N
         "t0003": 1,
     }
     assert rows["label"].dtype == pl.Int8
-    everything = labelled_transactions(tx, labels, label_maturity=timedelta(0))
+    everything = labelled_requests(tx, labels, label_maturity=timedelta(0))
     assert set(everything["transaction_id"]) == {"t0000", "t0001", "t0003", "t0005"}
 
 
@@ -127,12 +122,12 @@ def test_presumed_negatives_bring_young_fraud_labels_with_their_legit_neighbours
         schema=SCHEMAS["labels"],
     )
     maturity = timedelta(days=5)
-    matured = labelled_transactions(tx, labels, label_maturity=maturity)
+    matured = labelled_requests(tx, labels, label_maturity=maturity)
     assert dict(zip(matured["transaction_id"], matured["label"], strict=True)) == {
         "t0001": 0,
         "t0002": 1,
     }
-    presumed = labelled_transactions(
+    presumed = labelled_requests(
         tx, labels, label_maturity=maturity, presume_negative_after=timedelta(days=2)
     )
     # Matured rows still need a label (t0000, t0003-t0005 have none); t0009 is too young.
@@ -145,7 +140,7 @@ def test_presumed_negatives_bring_young_fraud_labels_with_their_legit_neighbours
     }
     assert presumed["event_timestamp"].is_sorted()
     with pytest.raises(ValueError, match="presume_negative_after"):
-        labelled_transactions(
+        labelled_requests(
             tx, labels, label_maturity=maturity, presume_negative_after=timedelta(days=6)
         )
 
@@ -315,7 +310,7 @@ def test_training_set_has_labels_point_in_time_features_and_time_splits(world) -
     assert splits["train"]["end"] < splits["validation"]["start"]
     assert splits["validation"]["end"] < splits["test"]["start"]
     test_part = rows.filter(pl.col("split") == "test")
-    assert splits["test"]["fraud_rate"] == pytest.approx(test_part["label"].mean())
+    assert splits["test"]["positive_rate"] == pytest.approx(test_part["label"].mean())
 
 
 def test_version_is_a_content_hash_and_the_file_is_written_once(world) -> None:
@@ -357,7 +352,7 @@ def test_version_is_a_content_hash_and_the_file_is_written_once(world) -> None:
 
 def test_no_labelled_rows_is_an_error_not_an_empty_set(world) -> None:
     _, store, tx, labels = world
-    with pytest.raises(ValueError, match="no labelled transactions"):
+    with pytest.raises(ValueError, match="no labelled requests"):
         build_training_set(store, tx, labels, label_maturity=timedelta(days=365))
 
 

@@ -12,20 +12,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    write_feature_file,
-)
 from features.store import SERVICE, apply_definitions, feature_store
 from features.training_set import build_training_set
+from features.views import write_feature_file
 from models.evaluate import evaluate_model
 from models.gate import InfraReport, validate_challenger
 from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_from_fields
 from models.train import train_baseline, train_model
 from tests.models.testkit import SLICING
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW, card_features, merchant_features
 from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 # `loopline demo`'s scenario (1% fraud); 40 days of two-day batches, about 66k labelled rows.

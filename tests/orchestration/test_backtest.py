@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.engineering import TS
+from features.views import TS
 from orchestration.backtest import (
     Adaptation,
     PolicySpec,

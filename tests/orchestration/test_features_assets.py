@@ -7,18 +7,17 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from features.engineering import CARD_VIEW, MERCHANT_VIEW
 from features.store import feature_store, online_features
 from features.training_set import TrainingSetRef
 from orchestration import feature_assets
 from orchestration.resources import LooplineStorage
 from tests.orchestration.conftest import Platform
 from usecases.fraud import simulator
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW
 
 SPAN = timedelta(days=4)
 FEATURES = [
-    feature_assets.card_features,
-    feature_assets.merchant_features,
+    *feature_assets.VIEW_ASSETS,
     feature_assets.feature_registry,
     feature_assets.online_features,
 ]
@@ -132,7 +131,7 @@ def test_the_second_step_writes_only_what_its_batches_touch(run) -> None:
     assert set(label_rows["merchant_id"]) <= set(labelled["merchant_id"])
     assert label_rows["event_timestamp"].min() >= labelled["event_timestamp"].min()
 
-    metadata = second["result"].asset_materializations_for_node("card_features")[0].metadata
+    metadata = second["result"].asset_materializations_for_node("card_stats_fv")[0].metadata
     assert metadata["batches_processed"].value == 1
     assert metadata["rows_written"].value == card_rows.height
 
@@ -229,6 +228,6 @@ def test_training_set_is_split_in_time_without_leakage(run) -> None:
     metadata = out.asset_materializations_for_node("training_set")[0].metadata
     assert metadata["version"].value == ref.version
     assert metadata["train_rows"].value == windows["train"].len()
-    assert metadata["test_fraud_rate"].value == pytest.approx(
+    assert metadata["test_positive_rate"].value == pytest.approx(
         rows.filter(pl.col("split") == "test")["label"].mean()
     )

@@ -21,8 +21,7 @@ from usecases.fraud import simulator
 
 SERVICE = "fraud_model_v1"
 FEATURES = [
-    feature_assets.card_features,
-    feature_assets.merchant_features,
+    *feature_assets.VIEW_ASSETS,
     feature_assets.feature_registry,
     feature_assets.online_features,
 ]

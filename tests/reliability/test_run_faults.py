@@ -169,7 +169,7 @@ def test_two_feature_runs_started_together_both_succeed_without_lock_errors(inge
     assert files and all(pl.read_parquet(f).height > 0 for f in files)
     assert leftover_temporaries(ingested.settings.home) == []
     again = dg.materialize(
-        [feature_assets.card_features, feature_assets.merchant_features],
+        feature_assets.VIEW_ASSETS,
         resources=ingested.resources,
         instance=ingested.instance,
     )

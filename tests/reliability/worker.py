@@ -87,8 +87,7 @@ def features(home: str) -> None:
     _say("started")
     result = dg.materialize(
         [
-            assets.card_features,
-            assets.merchant_features,
+            *assets.VIEW_ASSETS,
             assets.feature_registry,
             assets.online_features,
         ],

@@ -23,20 +23,14 @@ from core.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    read_validated,
-    write_feature_file,
-)
 from features.incremental import sync_online, unloaded_files
 from features.store import apply_definitions, feature_store, online_features
 from features.training_set import build_training_set, write_training_set
+from features.views import read_validated, write_feature_file
 from quality.contracts import run_contract
 from tests.features.test_training_set import CARDS, CREATED, MERCHANTS, T0, _labels, _tx
 from tests.scale.test_scale_profile import request_columns
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW, card_features, merchant_features
 
 
 def _keys(bucket: str, prefix: str) -> list[str]:

@@ -10,14 +10,6 @@ from pathlib import Path
 import polars as pl
 from feast import FeatureStore
 
-from features.engineering import (
-    CARD_VIEW,
-    MERCHANT_VIEW,
-    card_features,
-    merchant_features,
-    training_entities,
-    write_feature_file,
-)
 from features.store import (
     SERVICE,
     apply_definitions,
@@ -25,10 +17,12 @@ from features.store import (
     historical_features,
     materialize,
 )
+from features.views import training_entities, write_feature_file
 from models.artifact import save_training_result
 from models.registry import ModelRecord, Registry
 from models.spec import FeatureSpec, TrainConfig
 from models.train import train_model
+from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW, card_features, merchant_features
 from usecases.fraud.simulator import SCHEMAS, ScenarioConfig, Simulator
 
 FAST = TrainConfig(epochs=4, batch_size=256, lr=5e-3, hidden=(16,), patience=2, device="cpu")

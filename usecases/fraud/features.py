@@ -1,4 +1,5 @@
-"""Card and merchant features with point-in-time semantics, computed incrementally per batch.
+"""The fraud demo's card and merchant features, with point-in-time semantics, computed
+incrementally per batch (``VIEWS``, the contract of ``features.views``).
 
 Feature rows are event-stamped: the row of card ``c`` stamped ``t`` describes the card right after
 its transactions at ``t`` (they are included), built only from transactions at or before ``t``
@@ -8,7 +9,7 @@ transaction time; transactions of one card at the same instant share it.
 
 Serving looks up the latest row (the state after the card's last known transaction), so a
 training row for a transaction at ``t`` must be joined as of just before ``t``:
-``training_entities`` stamps each transaction ``t - 1 µs``. Its own amount, country and time reach
+``features.views.training_entities`` stamps each transaction ``t - 1 µs``. Its own amount, country and time reach
 the model through the on-demand view ``transaction_request_fv``, in training and serving alike.
 
 Incremental: a batch only needs the transactions of the ``LOOKBACK`` (30 days, the longest
@@ -20,21 +21,16 @@ both Feast and ``features.store.historical_features`` prefer over the older vers
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import polars as pl
 
-from core.storage import data_root, uri, write_parquet_atomic
-from quality.schema import UTC_TS, schema, time_columns
+from features.views import CREATED, TS, View, ViewBatch
+from quality.schema import UTC_TS, schema
 
 LOOKBACK = timedelta(days=30)
 CARD_VIEW = "card_stats_fv"
 MERCHANT_VIEW = "merchant_stats_fv"
-TS = "event_timestamp"
-CREATED = "created_timestamp"
-TRAINING_OFFSET = timedelta(microseconds=1)
 
 CARD_FEATURE_SCHEMA: dict[str, pl.DataType] = {
     "card_id": pl.String(),
@@ -418,55 +414,42 @@ def compute_merchant_features(
     return merchant_features(both, labels, merchants, created_at=created_at, anchors=anchors)
 
 
-def training_entities(transactions: pl.DataFrame) -> pl.DataFrame:
-    """Entity rows for a training set: keys, request fields, and the time to join features at.
+def _card_rows(batch: ViewBatch) -> pl.DataFrame:
+    new_tx = batch.rows
+    history = batch.read("transactions", history_start(new_tx, None))
+    return compute_card_features(new_tx, history, batch.read("cards"), batch.created_at)
 
-    Stamped 1 µs before each transaction, so the join sees what serving sees: the state after
-    the card's and merchant's previous transactions, never the transaction being scored.
-    ``transaction_id`` and ``channel`` ride along for labels and slices.
-    """
-    return transactions.select(
-        "transaction_id",
-        "card_id",
-        "merchant_id",
-        (pl.col(TS).cast(UTC_TS) - TRAINING_OFFSET).alias(TS),
-        "amount",
-        "country",
-        "channel",
-        pl.col(TS).cast(UTC_TS).alias("transaction_timestamp"),
+
+def _merchant_rows(batch: ViewBatch) -> pl.DataFrame:
+    is_tx = batch.dataset == "transactions"
+    new_tx = batch.rows if is_tx else pl.DataFrame(schema=schema("transactions"))
+    new_labels = None if is_tx else batch.rows
+    since = history_start(new_tx, new_labels)
+    history = batch.read("transactions", since)
+    labels = batch.read("labels", since, with_batch=True)
+    return compute_merchant_features(
+        new_tx, history, labels, batch.read("merchants"), batch.created_at, new_labels
     )
 
 
-def read_validated(
-    lake: Path,
-    dataset: str,
-    *,
-    since: datetime | None = None,
-    exclude_batches: Iterable[str] = (),
-) -> pl.DataFrame:
-    """Validated rows of a dataset with time column >= ``since``; parquet statistics skip the rest.
-
-    This is how a batch reads its history without touching all of it.
-    """
-    folder = data_root(lake) / "validated" / dataset
-    excluded = set(exclude_batches)
-    files = sorted(uri(p) for p in folder.glob("*.parquet") if p.stem not in excluded)
-    columns = schema(dataset)
-    if not files:
-        return pl.DataFrame(schema=columns)
-    frame = pl.scan_parquet(files)
-    time_column = time_columns().get(dataset)
-    if since is not None and time_column is not None:
-        frame = frame.filter(pl.col(time_column) >= _utc(since))
-    return frame.select([pl.col(c).cast(t) for c, t in columns.items()]).collect()
-
-
-def write_feature_file(lake: Path, view: str, batch_id: str, rows: pl.DataFrame) -> Path:
-    """Write a batch's rows of a view to ``<lake>/features/<view>/<batch_id>.parquet``, atomically.
-
-    The view's Feast source is the glob over that folder, so the file is visible once in place.
-    """
-    schema = FEATURE_SCHEMAS[view]
-    if list(rows.schema) != list(schema) or any(rows.schema[c] != t for c, t in schema.items()):
-        raise ValueError(f"{view} rows do not have the declared schema {schema}")
-    return write_parquet_atomic(rows, data_root(lake) / "features" / view / f"{batch_id}.parquet")
+VIEWS = (
+    View(
+        CARD_VIEW,
+        "card_id",
+        CARD_FEATURE_SCHEMA,
+        ("transactions",),
+        _card_rows,
+        reads=("cards",),
+        description="Card activity features: one parquet file per validated transactions batch.",
+    ),
+    View(
+        MERCHANT_VIEW,
+        "merchant_id",
+        MERCHANT_FEATURE_SCHEMA,
+        ("transactions", "labels"),
+        _merchant_rows,
+        reads=("merchants",),
+        description="Merchant volume and chargeback-rate features: one file per transactions or "
+        "labels batch.",
+    ),
+)

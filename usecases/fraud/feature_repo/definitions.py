@@ -12,14 +12,11 @@ below are built for ``$LOOPLINE_LAKE`` or else ``$LOOPLINE_HOME`` (the variable
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
-import feast
 import pandas as pd
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, RequestSource
 from feast.data_format import ParquetFormat
@@ -27,12 +24,9 @@ from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.types import Bool, Float64, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
-from core.storage import data_root, duckdb_uri
+from features.declarations import NUMPY_UDF_TAG, feast_cli_objects, feature_glob
 
 TAGS = {"owner": "loopline", "domain": "fraud"}
-HASH_TAG = "loopline_definitions_sha256"
-# On an on-demand view: its pandas UDF also takes and returns a dict of NumPy columns.
-NUMPY_UDF_TAG = "loopline_udf_takes_numpy"
 CARD_TTL = timedelta(days=30)
 MERCHANT_TTL = timedelta(days=7)
 
@@ -132,19 +126,6 @@ _UDF_SOURCE = inspect.getsource(transaction_request_features)
 transaction_request_features.__module__ = "__main__"
 
 
-def feature_glob(lake: Path, view: str) -> str:
-    """The glob a view's source reads: every per-batch file the feature assets wrote, spelt as
-    DuckDB reads it (``core.storage.duckdb_uri``)."""
-    return duckdb_uri(data_root(lake) / "features" / view / "*.parquet")
-
-
-def declarations_hash(lake: Path) -> str:
-    """Fingerprint of what ``build_definitions(lake)`` declares: this file, the lake, Feast."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(f"{data_root(lake)}|{feast.__version__}".encode())
-    return digest.hexdigest()
-
-
 def build_definitions(lake: Path) -> Definitions:
     """All declarations for one Loopline lake (sources point at its feature files)."""
     card = Entity(
@@ -219,7 +200,7 @@ def build_definitions(lake: Path) -> Definitions:
         name="fraud_model_v1",
         features=[card_stats_fv, merchant_stats_fv, transaction_request_fv],
         description="Features of the fraud model, version 1: training and serving both use it.",
-        tags={**TAGS, "version": "1", HASH_TAG: declarations_hash(lake)},
+        tags={**TAGS, "version": "1"},
     )
     return Definitions(
         card=card,
@@ -234,6 +215,7 @@ def build_definitions(lake: Path) -> Definitions:
     )
 
 
+# What `feast apply` run in this folder applies (see feature_store.yaml).
 (
     card,
     merchant,
@@ -244,8 +226,4 @@ def build_definitions(lake: Path) -> Definitions:
     merchant_stats_fv,
     transaction_request_fv,
     fraud_model_v1,
-) = build_definitions(
-    os.environ.get("LOOPLINE_LAKE")
-    or os.environ.get("LOOPLINE_HOME")
-    or Path(__file__).parents[2] / ".loopline"
-)
+) = feast_cli_objects(build_definitions, __file__)
