@@ -206,7 +206,7 @@ class Settings:
     def validated_file(self, dataset: str, batch_id: str) -> Path:
         return self.validated / dataset / f"{batch_id}.parquet"
 
-    def reference_profile_path(self, dataset: str = "transactions") -> Path:
+    def reference_profile_path(self, dataset: str) -> Path:
         return self.profiles / f"reference_{dataset}.json"
 
     def ensure(self) -> Settings:

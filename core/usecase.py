@@ -139,6 +139,12 @@ class Evaluation(_Strict):
 
     slices: tuple[Name, ...] = ()
     buckets: dict[Name, Bucket] = {}
+    # The slice whose live metrics are plotted beside the offline ones (the first by default).
+    live_plot_slice: Name | None = None
+
+    @property
+    def plot_slice(self) -> str | None:
+        return self.live_plot_slice or (self.slices[0] if self.slices else None)
 
 
 class Decision(_Strict):
@@ -295,6 +301,9 @@ def _problems(uc: UseCase) -> list[tuple[str, str]]:
                 found.append((f"label.{part}", f"{column!r} is not a column of {label.dataset!r}"))
             elif kind and cols[column] != kind:
                 found.append((f"label.{part}", f"{column!r} is {cols[column]}, not {kind}"))
+    plotted = uc.evaluation.live_plot_slice
+    if plotted is not None and plotted not in uc.evaluation.slices:
+        found.append(("evaluation.live_plot_slice", f"{plotted!r} is not one of the slices"))
     for name, bucket in uc.evaluation.buckets.items():
         at = f"evaluation.buckets.{name}"
         if len(bucket.labels) != len(bucket.edges) + 1:

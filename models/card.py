@@ -31,6 +31,7 @@ def model_card(
     decision: GateDecision | None = None,
     lineage: Mapping[str, Any] | None = None,
     limitations: Sequence[str] = DEFAULT_LIMITATIONS,
+    intended_use: str = "",
 ) -> str:
     """Renders the card; `training` is TrainResult.summary(), `reports` challenger first."""
     window = training.get("data_window", {})
@@ -39,8 +40,8 @@ def model_card(
         "",
         "## Intended use",
         "",
-        "Scores card transactions for fraud risk in real time; transactions at or above the "
-        "decision threshold are flagged for review.",
+        (intended_use.strip() or "Scores requests in real time.")
+        + " Scores at or above the decision threshold get the positive decision.",
         "",
         "## Data window",
         "",

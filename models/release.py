@@ -98,6 +98,7 @@ def evaluate_candidate(
     champion: tuple[str, str | Path] | None = None,
     model_name: str = "model",
     slicing: Slicing = NO_SLICES,
+    intended_use: str = "",
 ) -> Evaluation:
     """Challenger, baseline and champion (version, directory) on one split, then the gate.
 
@@ -127,6 +128,7 @@ def evaluate_candidate(
         reports=reports,
         decision=decision,
         lineage=card_lineage,
+        intended_use=intended_use,
     )
     return Evaluation(
         candidate=candidate,

@@ -24,6 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from core.storage import write_json_atomic
+from core.usecase import active
 from serving.client import TorchServeClient, TorchServeError
 from serving.requests import RequestError, request_bodies
 from usecases.fraud import simulator
@@ -220,7 +221,7 @@ class Traffic:
 
     def submit(self, batch: simulator.LandedBatch) -> None:
         """Queue a landed transactions batch's sample (dropped when the queue is full)."""
-        if batch.dataset != "transactions" or batch.fault is not None:
+        if batch.dataset != active().request.dataset or batch.fault is not None:
             return
         requests = self.requests_of(batch.path)
         if requests:

@@ -139,7 +139,8 @@ class MonitoringConfig(dg.Config):
     reference_warm_up_days: float | None = 40.0
     max_unknown_entity_rate: float = 0.01
     max_missing_rate: float = 0.05
-    max_staleness_hours: dict[str, float] = {"card_stats_fv": 360.0, "merchant_stats_fv": 84.0}
+    # Per feature view; a view not named here gets half its TTL (no limit without a TTL).
+    max_staleness_hours: dict[str, float] = {}
     label_maturity_days: float = 7.0
     quality_window_days: float = 7.0
 
@@ -205,7 +206,12 @@ def serving_availability(
         )
         return
     measured = availability(window, feature_columns(window))
-    limits = {v: h * 3600.0 for v, h in config.max_staleness_hours.items()}
+    limits = {
+        view.name: view.ttl.total_seconds() / 2
+        for view in storage.feature_store().list_feature_views()
+        if view.ttl
+    }
+    limits.update({v: h * 3600.0 for v, h in config.max_staleness_hours.items()})
     findings = availability_findings(
         measured,
         max_unknown_entity_rate=config.max_unknown_entity_rate,
@@ -489,21 +495,25 @@ def live_performance(
             slices=dg.MetadataValue.md(_md_table(_slice_rows(live))),
         )
         evaluation = Path(champion.artifact_dir) / "evaluation.json"
-        if evaluation.exists():
-            metadata["plot_by_channel"] = dg.MetadataValue.md(_channel_plot(evaluation, live))
+        plot = _slice_plot(evaluation, live) if evaluation.exists() else None
+        if plot is not None:
+            metadata[f"plot_by_{active().evaluation.plot_slice}"] = dg.MetadataValue.md(plot)
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _channel_plot(evaluation: Path, live: "EvaluationReport") -> str:
-    """PR-AUC by channel, offline evaluation beside live."""
+def _slice_plot(evaluation: Path, live: "EvaluationReport") -> str | None:
+    """PR-AUC by the use case's plot slice, offline evaluation beside live."""
     from models.evaluate import EvaluationReport
     from models.plots import png_markdown, slice_metric_png
 
     offline = EvaluationReport.from_dict(
         json.loads(evaluation.read_text())["reports"]["challenger"]
     )
-    png = slice_metric_png({"offline": offline, "live": live}, "channel")
-    return png_markdown(png, "PR-AUC by channel")
+    column = active().evaluation.plot_slice
+    if column is None:
+        return None
+    png = slice_metric_png({"offline": offline, "live": live}, column)
+    return png_markdown(png, f"PR-AUC by {column}")
 
 
 def _serving_figures(

@@ -230,6 +230,7 @@ def evaluation_report(
         champion=champion,
         model_name=MODEL_NAME,
         slicing=Slicing.of(active()),
+        intended_use=active().description,
     )
     decision = evaluation.decision
     check_metadata: dict = {

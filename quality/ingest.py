@@ -22,7 +22,7 @@ from core.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from quality.schema import dataset_of, schema
+from quality.schema import dataset_of, datasets, schema
 
 LANDING_SUFFIXES = (".parquet", ".csv")
 # Letters, digits, dot, dash, underscore: no separators, no traversal, no control characters.
@@ -81,7 +81,8 @@ def scan_landing(landing: Path, limit: int = 100) -> list[LandedFile]:
             problem = f"unsupported file type {p.suffix!r}: expected one of {LANDING_SUFFIXES}"
         elif dataset is None:
             problem = (
-                f"unknown dataset for {p.name!r}: expected a name like 'transactions-*.parquet'"
+                f"unknown dataset for {p.name!r}: expected '<dataset>-<anything>.parquet' "
+                f"with a dataset of the use case ({', '.join(datasets())})"
             )
         found.append(LandedFile(p, dataset, batch_id_of(p), problem))
     return found

@@ -65,7 +65,7 @@ def build_archive(
     settings = {
         **info.to_dict(),
         "max_body_bytes": config.max_body_bytes,
-        "max_transactions_per_request": config.max_transactions_per_request,
+        "max_items_per_request": config.max_items_per_request,
         "source_model_dir": str(model_dir.resolve()),
     }
     store.mkdir(parents=True, exist_ok=True)

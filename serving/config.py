@@ -51,7 +51,7 @@ class ServingConfig:
     max_request_size: int = 1 << 20
     max_response_size: int = 4 << 20
     max_body_bytes: int = 256 << 10
-    max_transactions_per_request: int = 512
+    max_items_per_request: int = 512
     response_timeout_s: int = 30
     startup_timeout_s: int = 120
     token_expiration_min: int = 7 * 24 * 60

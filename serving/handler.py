@@ -55,7 +55,7 @@ class LooplineHandler(BaseHandler):
         self.context = context
         self.scorer = Scorer.load(model_dir, home, info, online_store=online_store(os.environ))
         self.max_body_bytes = int(settings.get("max_body_bytes", 256 << 10))
-        self.max_items = int(settings.get("max_transactions_per_request", 512))
+        self.max_items = int(settings.get("max_items_per_request", 512))
         self.log = PredictionLog(
             Path(home) / "predictions" / info.model_name,
             prefix=f"{info.model_name}-{info.model_version}",
@@ -88,7 +88,7 @@ class LooplineHandler(BaseHandler):
         for i, item in enumerate(data):
             context.set_response_content_type(i, JSON)
             try:
-                transactions, single = parse_request(
+                records, single = parse_request(
                     _body(item), max_bytes=self.max_body_bytes, max_items=self.max_items, now=now
                 )
             except RequestError as exc:
@@ -103,7 +103,7 @@ class LooplineHandler(BaseHandler):
                 )
                 responses[i] = self._refuse(context, i, item, error, now)
                 continue
-            accepted.append((i, transactions, single, _is_explain(context, i)))
+            accepted.append((i, records, single, _is_explain(context, i)))
 
         flat = [t for _, txs, _, _ in accepted for t in txs]
         if flat:
