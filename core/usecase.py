@@ -251,6 +251,17 @@ def _problems(uc: UseCase) -> list[tuple[str, str]]:
     stamps = [n for n, f in req.fields.items() if f.type == "timestamp"]
     if len(stamps) != 1:
         found.append(("request.fields", f"needs exactly one timestamp field, has {stamps}"))
+    else:
+        carried = req.fields[stamps[0]].column_name(stamps[0])
+        event_time = uc.datasets[req.dataset].event_time
+        if carried in cols and carried != event_time:
+            found.append(
+                (
+                    f"request.fields.{stamps[0]}",
+                    f"carries column {carried!r}, but the event time of {req.dataset!r} is "
+                    f"{event_time!r}: requests are judged and joined by their event time",
+                )
+            )
     if req.id not in req.fields:
         found.append(("request.id", f"{req.id!r} is not a request field"))
     elif req.fields[req.id].type != "id":

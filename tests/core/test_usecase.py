@@ -120,6 +120,16 @@ def test_a_request_field_naming_an_unknown_column_is_refused(tmp_path: Path):
     assert "column 'event_time' is not in dataset 'transactions'" in error.problem
 
 
+def test_the_request_time_must_be_the_request_datasets_event_time(tmp_path: Path):
+    def edit(d):
+        d["datasets"]["transactions"]["columns"]["settled_at"] = "timestamp"
+        d["request"]["fields"]["timestamp"]["column"] = "settled_at"
+
+    error = _refusal(_broken(tmp_path, edit))
+    assert error.field == "request.fields.timestamp"
+    assert "the event time of 'transactions' is 'event_timestamp'" in error.problem
+
+
 def test_a_category_field_needs_a_declared_vocabulary(tmp_path: Path):
     def edit(d):
         d["request"]["fields"]["channel"]["vocabulary"] = "channels"
