@@ -409,7 +409,7 @@ def build_training_set(
         label_maturity=label_maturity,
         presume_negative_after=presume_negative_after,
     )
-    time = uc.request_dataset.event_time or TS
+    time = uc.request_dataset.event_time  # always set: the request time is checked to be it
     labelled = labelled.with_columns(pl.col(time).alias(TS)) if time != TS else labelled
     history_start = requests[time].min() if requests.height else None
     labelled, warmed = apply_warm_up(labelled, history_start, policy.warm_up)

@@ -253,8 +253,10 @@ class RequestSchema:
         """The request fields of a frame of the request dataset, in field order (a field named
         apart from its column, such as ``timestamp`` for ``event_timestamp``, renamed). A
         missing field raises ``RequestError`` naming it."""
-        renames = {c: n for n, c in self.columns.items() if c != n and n not in frame.columns}
-        frame = frame.rename({c: n for c, n in renames.items() if c in frame.columns})
+        present = frame.columns
+        frame = frame.rename(
+            {c: n for n, c in self.columns.items() if c != n and c in present and n not in present}
+        )
         missing = [c for c in self.fields if c not in frame.columns]
         if missing:
             raise RequestError(f"batch frame lacks column(s) {missing}", field=missing[0])
