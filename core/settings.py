@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from core.storage import data_root, is_remote
+from core.usecase import DEFAULT_USECASE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,7 @@ SCALE = "scale"
 PROFILES = (LOCAL, SCALE)
 # Every variable Loopline reads (the Kubernetes files are tested against this list).
 ENV_VARS = (
+    "LOOPLINE_USECASE",
     "LOOPLINE_HOME",
     "LOOPLINE_LAKE",
     "LOOPLINE_PROFILE",
@@ -43,6 +45,15 @@ POSTGRES_SCHEME = "postgresql+psycopg2"
 _DEFAULTS = {LOCAL: {"workers": 1, "runs": 2}, SCALE: {"workers": 2, "runs": 8}}
 
 
+def default_home(usecase: str | None = None) -> Path:
+    """The home when ``LOOPLINE_HOME`` is unset: ``.loopline/`` in the repository for the
+    default use case, ``.loopline-<name>/`` for another (``usecase`` as ``LOOPLINE_USECASE``
+    spells it: a name or a folder), so two use cases never share a ledger or a registry."""
+    name = Path(usecase).name if usecase else DEFAULT_USECASE
+    suffix = "" if name == DEFAULT_USECASE else f"-{name}"
+    return (REPO_ROOT / f".loopline{suffix}").resolve()
+
+
 def local_path(location: str) -> Path:
     """A local path from a plain path or a ``file://`` URI (fsspec's spelling of the same).
 
@@ -61,7 +72,8 @@ def local_path(location: str) -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository), and the
+    """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository, see
+    ``default_home``), and the
     profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster on Postgres, Feast
     online store on Redis, several TorchServe workers). Connection URLs carry secrets: they
     come from the environment only and are kept out of ``repr``.
@@ -113,7 +125,7 @@ class Settings:
         env = os.environ if env is None else env
         home = env.get("LOOPLINE_HOME")
         return cls(
-            local_path(home) if home else (REPO_ROOT / ".loopline").resolve(),
+            local_path(home) if home else default_home(env.get("LOOPLINE_USECASE")),
             lake_uri=env.get("LOOPLINE_LAKE", ""),
             profile=env.get("LOOPLINE_PROFILE") or LOCAL,
             postgres_url=env.get("LOOPLINE_POSTGRES_URL", ""),

@@ -13,6 +13,7 @@ Which use case runs: ``LOOPLINE_USECASE`` (a name under ``usecases/`` or a folde
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -21,7 +22,7 @@ from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +36,7 @@ ENV_VAR = "LOOPLINE_USECASE"
 ColumnType = Literal["string", "float", "int", "bool", "timestamp"]
 # Derived from a dataset's event time when profiled for drift (no column holds it).
 DERIVED_DRIFT_COLUMNS = frozenset({"hour_of_day"})
+T = TypeVar("T")
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
 
 
@@ -175,6 +177,13 @@ class UseCase(_Strict):
     label: Label
     task: Task
     evaluation: Evaluation = Evaluation()
+    # Overrides of the platform's defaults, checked by their owners when the platform loads
+    # (models.spec.train_config/gate_policy, orchestration.triggers.trigger_policy).
+    training: dict[Name, Any] = {}
+    gate: dict[Name, Any] = {}
+    retrain: dict[Name, Any] = {}
+    # The module of the folder that generates demo data (see core.simulation), if any.
+    simulator: Name | None = None
     root: Path = Field(default=Path("."), exclude=True)
 
     @property
@@ -208,6 +217,35 @@ class UseCase(_Strict):
         sys.modules[qualified] = loaded
         spec.loader.exec_module(loaded)
         return loaded
+
+    def declared(self, block: str, cls: type[T], /, **overrides: Any) -> T:
+        """``cls``, a frozen dataclass of the platform's defaults, with this use case's
+        ``block`` (``training``, ``gate`` or ``retrain``) applied, then ``overrides`` (run
+        configuration, the environment). A ``timedelta`` field is declared in minutes as
+        ``<field>_minutes``. A key ``cls`` lacks, or a value it refuses, is a UseCaseError
+        naming the field."""
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values: dict[str, Any] = {}
+        for key, value in {**getattr(self, block), **overrides}.items():
+            name = key.removesuffix("_minutes")
+            if key.endswith("_minutes") and name in known:
+                try:
+                    values[name] = timedelta(minutes=float(value))
+                except (TypeError, ValueError):
+                    raise UseCaseError(self.file, f"{block}.{key}", "must be a number") from None
+            elif key in known:
+                values[key] = tuple(value) if isinstance(value, list) else value
+            else:
+                settable = sorted(
+                    f"{n}_minutes" if "timedelta" in str(f.type) else n for n, f in known.items()
+                )
+                raise UseCaseError(
+                    self.file, f"{block}.{key}", f"unknown; expected one of {settable}"
+                )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise UseCaseError(self.file, block, str(exc)) from None
 
     @property
     def label_maturity(self) -> timedelta:
@@ -312,6 +350,10 @@ def _problems(uc: UseCase) -> list[tuple[str, str]]:
                 found.append((f"label.{part}", f"{column!r} is not a column of {label.dataset!r}"))
             elif kind and cols[column] != kind:
                 found.append((f"label.{part}", f"{column!r} is {cols[column]}, not {kind}"))
+    if uc.simulator is not None:
+        module = uc.root.joinpath(*uc.simulator.split(".")).with_suffix(".py")
+        if not module.is_file():
+            found.append(("simulator", f"no module {uc.simulator!r} ({module.name}) in {uc.root}"))
     plotted = uc.evaluation.live_plot_slice
     if plotted is not None and plotted not in uc.evaluation.slices:
         found.append(("evaluation.live_plot_slice", f"{plotted!r} is not one of the slices"))

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.settings import default_home
 from core.storage import data_root, duckdb_uri
-from core.usecase import REPO_ROOT, UseCase, active, load
+from core.usecase import UseCase, active, load
 
 HASH_TAG = "loopline_definitions_sha256"
 # On an on-demand view: its pandas UDF also takes and returns a dict of NumPy columns, which
@@ -56,14 +57,14 @@ def build_definitions(lake: Path | str, uc: UseCase | None = None) -> list[Any]:
 def feast_cli_objects(build: Callable[[Path | str], Any], definitions_file: str) -> list[Any]:
     """What ``feast apply`` and the other Feast commands see in a use case's repo: its objects
     for ``$LOOPLINE_LAKE``, else ``$LOOPLINE_HOME`` (the variable ``feature_store.yaml``
-    substitutes), else the repository's ``.loopline``, stamped as the platform stamps them, so
+    substitutes), else the use case's default home, stamped as the platform stamps them, so
     the library finds nothing to apply after a ``feast apply``. ``definitions_file``: the
     repo's ``definitions.py``, which names the use case (the folder above the repo)."""
     uc = load(Path(definitions_file).resolve().parents[1])
     lake = (
         os.environ.get("LOOPLINE_LAKE")
         or os.environ.get("LOOPLINE_HOME")
-        or str(REPO_ROOT / ".loopline")
+        or str(default_home(os.environ.get("LOOPLINE_USECASE")))
     )
     return _stamped(list(build(lake)), lake, uc)
 

@@ -39,7 +39,6 @@ from features.views import TS, read_validated, training_entities
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 LABEL = "label"
-DEFAULT_LABEL_MATURITY = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def labelled_requests(
     requests: pl.DataFrame,
     labels: pl.DataFrame,
     *,
-    label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
+    label_maturity: timedelta | None = None,
     presume_negative_after: timedelta | None = None,
     uc: UseCase | None = None,
 ) -> pl.DataFrame:
@@ -102,7 +101,8 @@ def labelled_requests(
     ones dropped; the use case's ``label`` declares where the labels are and how they join.
 
     Only requests at or before ``newest label time - label_maturity`` are kept, so every kept
-    request had the time to receive its label whatever it is.
+    request had the time to receive its label whatever it is (the use case's maturity by
+    default).
 
     With ``presume_negative_after`` (shorter than the maturity), a request that old counts as
     negative until a positive label arrives, as a card issuer counts a payment with no
@@ -115,6 +115,8 @@ def labelled_requests(
     uc = uc or active()
     declared = uc.label
     key, time = uc.request_dataset.key, uc.request_dataset.event_time
+    if label_maturity is None:
+        label_maturity = uc.label_maturity
     if label_maturity < timedelta(0):
         raise ValueError("label_maturity must be >= 0")
     presume = presume_negative_after
@@ -391,7 +393,7 @@ def build_training_set(
     *,
     split: SplitPolicy = SplitPolicy(),
     fractions: SplitFractions | None = None,
-    label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
+    label_maturity: timedelta | None = None,
     presume_negative_after: timedelta | None = None,
     service_name: str = SERVICE,
 ) -> TrainingSet:
@@ -402,6 +404,7 @@ def build_training_set(
     ``fractions`` is the older spelling of ``split=SplitPolicy(fractions=...)``.
     """
     uc = active()
+    label_maturity = uc.label_maturity if label_maturity is None else label_maturity
     policy = resolve_policy(split, fractions)
     labelled = labelled_requests(
         requests,
@@ -525,7 +528,7 @@ def training_set_from_home(
     *,
     split: SplitPolicy = SplitPolicy(),
     fractions: SplitFractions | None = None,
-    label_maturity: timedelta = DEFAULT_LABEL_MATURITY,
+    label_maturity: timedelta | None = None,
     presume_negative_after: timedelta | None = None,
     service_name: str = SERVICE,
 ) -> tuple[TrainingSetRef, TrainingSet]:

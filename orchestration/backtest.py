@@ -9,7 +9,7 @@ with perfectly fresh features sees and what any later training set holds, so tha
 serves every step of every policy.
 
 Then simulated time advances one scenario batch per step. At each step the champion scores
-the step's transactions (the served predictions); labels whose ``label_timestamp`` has passed
+the step's requests (the served predictions); labels whose arrival time has passed
 become known; the policy gathers its signals from what is known (new labels, PSI of the
 served features against the champion's training data via ``serving_drift``, live PR-AUC on
 matured labels against the offline figure, the schedule) and asks
@@ -35,7 +35,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,9 +44,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from core import simulation
+from core.usecase import active
 from features.store import SERVICE, apply_definitions, feature_store, historical_features
 from features.training_set import (
-    DEFAULT_LABEL_MATURITY,
     LABEL,
     SplitPolicy,
     assign_splits,
@@ -71,7 +72,6 @@ from orchestration.triggers import (
 )
 from quality.schema import schema
 from serving.monitoring import live_quality, log_columns, serving_drift
-from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 POLICY_KINDS: tuple[str, ...] = ("static", "nightly", "triggers")
 DRIFT_OR_DECAY = frozenset({"drift", "decay"})
@@ -82,8 +82,18 @@ INFRA_NOT_REPLAYED = (
 _SERVABLE = InfraReport(
     True, True, 0.0, 0, {"1": {"p50": 0.0, "p95": 0.0}, "64": {"p50": 0.0, "p95": 0.0}}
 )
-_TRUTH = ("is_fraud", "label_timestamp")
 SCORE = log_columns().score
+
+
+def _truth() -> tuple[str, str]:
+    """The label column and its arrival time (the label dataset's), of the active use case."""
+    label = active().label
+    return label.column, label.time
+
+
+def _key() -> str:
+    """The request dataset's key: one row of the world per request."""
+    return active().request_dataset.key
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -176,16 +186,21 @@ class BacktestConfig:
     then ``batches`` steps are served.
     """
 
-    scenario: ScenarioConfig
+    scenario: Any  # the use case simulator's ScenarioConfig
     burn_in_batches: int = 40
     warmup_batches: int = 28
     batches: int = 30
     smoothing_batches: int = 3
-    label_maturity: timedelta = DEFAULT_LABEL_MATURITY
+    label_maturity: timedelta = field(default_factory=lambda: active().label_maturity)
     decay_window: timedelta = timedelta(days=7)
-    triggers: TriggerPolicy = TriggerPolicy()
-    gate: GatePolicy = GatePolicy()
-    train: TrainConfig = TrainConfig(device="cpu")
+    # The use case's declared policies (its `retrain:`, `gate:` and `training:` blocks).
+    triggers: TriggerPolicy = field(
+        default_factory=lambda: active().declared("retrain", TriggerPolicy)
+    )
+    gate: GatePolicy = field(default_factory=lambda: active().declared("gate", GatePolicy))
+    train: TrainConfig = field(
+        default_factory=lambda: active().declared("training", TrainConfig, device="cpu")
+    )
     recovery_fraction: float = 0.9
     # Issue 14's deadline: recovered within this many label-maturity periods of the drift.
     recovery_periods: float = 3.0
@@ -235,26 +250,29 @@ def demo_config(
     drift_after: int = 5,
     burn_in_days: int = 40,
     warmup_days: int = 28,
-    concept_merchant_share: float = 1.0,
+    scenario: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> BacktestConfig:
-    """``loopline demo``'s scenario shape (1,500 cards, 200 merchants, ~2,000 transactions and
-    ~20 frauds a day, 1% fraud) in one-day steps: ``days`` served days after the first
-    champion, drift ``drift_after`` days into them. ``options``: other BacktestConfig fields."""
-    scenario = ScenarioConfig(
+    """``loopline backtest``'s scenario: the use case simulator's ``BACKTEST`` shape (for the
+    fraud demo ``loopline demo``'s: ~2,000 transactions and ~20 frauds a day) in one-day steps,
+    ``days`` served days after the first champion, drift ``drift_after`` days into them.
+    ``scenario``: more ScenarioConfig fields; ``options``: other BacktestConfig fields."""
+    fields_ = {
+        "rows_per_batch": 2000,
+        **getattr(simulation.simulator_module(), "BACKTEST", {}),
+        **(scenario or {}),
+    }
+    config = simulation.scenario(
         seed=seed,
-        n_cards=1500,
-        n_merchants=200,
         start=datetime(2024, 1, 1, tzinfo=UTC),
         batch_span=timedelta(days=1),
-        rows_per_batch=2000,
         drift=drift,
         drift_start_batch=burn_in_days + warmup_days + drift_after,
         drift_strength=drift_strength,
-        concept_merchant_share=concept_merchant_share,
+        **fields_,
     )
     return BacktestConfig(
-        scenario,
+        config,
         burn_in_batches=burn_in_days,
         warmup_batches=warmup_days,
         batches=days,
@@ -269,8 +287,8 @@ def demo_config(
 class World:
     """Every transaction of the scenario, its features as of just before it, and its truth.
 
-    ``rows``: ``entity_columns()``, the FeatureService's features, ``is_fraud``,
-    ``label_timestamp`` and ``step`` (the batch index), in time order.
+    ``rows``: ``entity_columns()``, the FeatureService's features, the label column and its
+    arrival time (the label dataset's), and ``step`` (the batch index), in time order.
     """
 
     rows: pl.DataFrame
@@ -286,25 +304,26 @@ class World:
 def build_world(config: BacktestConfig) -> World:
     """Generate the scenario, compute and store its features, join every transaction once."""
     started = time.perf_counter()
-    sim = Simulator(config.scenario)
+    uc = active()
+    sim = simulation.simulator_module(uc).Simulator(config.scenario)
     total = config.total_batches
-    tx = pl.concat([sim.transactions(k) for k in range(total)]).sort(TS, "transaction_id")
-    truth = pl.concat([sim.ground_truth(k) for k in range(total)]).select("transaction_id", *_TRUTH)
+    requests, key = uc.request.dataset, _key()
+    tx = pl.concat([sim.events(k)[requests] for k in range(total)]).sort(TS, key)
+    truth = pl.concat([sim.truth(k) for k in range(total)])
     created = sim.window(total - 1)[1]
     with tempfile.TemporaryDirectory(prefix="loopline-backtest-") as tmp:
         home = Path(tmp)
         known = {
-            "transactions": tx.clear(),  # the whole scenario is the one batch: no history
-            "labels": truth.select(list(schema("labels"))),
-            "cards": sim.cards(),
-            "merchants": sim.merchants(),
+            requests: tx.clear(),  # the whole scenario is the one batch: no history
+            uc.label.dataset: truth,
+            **sim.reference(),
         }
 
         def read(dataset: str, since: datetime | None = None, *, with_batch: bool = False):
             return known[dataset]
 
         for view in views().values():
-            rows = view.compute(ViewBatch("transactions", tx, created, read))
+            rows = view.compute(ViewBatch(requests, tx, created, read))
             write_feature_file(home, view.name, "backtest", rows)
         store = feature_store(home)
         apply_definitions(store)
@@ -314,15 +333,15 @@ def build_world(config: BacktestConfig) -> World:
     features = [c for c in joined.columns if c not in entity]
     span_us = config.scenario.batch_span // timedelta(microseconds=1)
     rows = (
-        joined.with_columns(pl.col("transaction_timestamp").alias(TS))
+        joined.with_columns(pl.col(uc.request.time_feature).alias(TS))
         .select(*entity_columns(), *features)
-        .join(truth, on="transaction_id", how="left")
+        .join(truth.select(uc.label.key, *_truth()), left_on=key, right_on=uc.label.key, how="left")
         .with_columns(
             ((pl.col(TS) - pl.lit(sim.start)).dt.total_microseconds() // span_us)
             .cast(pl.Int64)
             .alias("step")
         )
-        .sort(TS, "transaction_id")
+        .sort(TS, key)
     )
     windows = tuple(sim.window(k) for k in range(total))
     history_start = windows[config.burn_in_batches][0]
@@ -335,7 +354,8 @@ def _feature_spec(store: Any) -> FeatureSpec:
 
 def known_labels(world: World, now: datetime) -> pl.DataFrame:
     """Labels that have arrived before ``now`` (schema ``labels``)."""
-    return world.rows.filter(pl.col("label_timestamp") < now).select(list(schema("labels")))
+    label = active().label
+    return world.rows.filter(pl.col(label.time) < now).select(list(schema(label.dataset)))
 
 
 def training_frame(
@@ -345,7 +365,7 @@ def training_frame(
     labels, their features, split by the adaptation's ``SplitPolicy``. Rows of the burn-in
     are left out: their features are immature."""
     seen = world.rows.filter((pl.col(TS) >= world.history_start) & (pl.col(TS) < now))
-    seen = seen.drop(*_TRUTH, "step")
+    seen = seen.drop(*_truth(), "step")
     labelled = labelled_requests(
         seen,
         known_labels(world, now),
@@ -354,7 +374,7 @@ def training_frame(
     )
     keys = entity_columns()
     features = [c for c in seen.columns if c not in keys]
-    rows = labelled.select(*keys, *features, LABEL).sort(TS, "transaction_id")
+    rows = labelled.select(*keys, *features, LABEL).sort(TS, _key())
     return assign_splits(rows, adaptation.split_policy())
 
 
@@ -506,7 +526,7 @@ def gather_signals(
     now = world.windows[step][1]
     rules = config.triggers
     arrived = world.rows.filter(
-        (pl.col("label_timestamp") >= state.last_started) & (pl.col("label_timestamp") < now)
+        pl.col(_truth()[1]).is_between(state.last_started, now, closed="left")
     ).height
     return [
         new_data_signal(arrived, rules),
@@ -537,9 +557,7 @@ def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal 
     predictions = mine.select(
         pl.col(TS).alias("timestamp"),
         SCORE,
-        pl.when(pl.col("label_timestamp") < now)
-        .then(pl.col("is_fraud").cast(pl.Int8))
-        .alias("label"),
+        pl.when(pl.col(_truth()[1]) < now).then(pl.col(_truth()[0]).cast(pl.Int8)).alias("label"),
     )
     quality = live_quality(
         predictions, now, label_maturity=config.label_maturity, window=config.decay_window
@@ -654,9 +672,7 @@ def run_policy(
             pl.Series(SCORE, state.champion.score(served)),
             pl.lit(state.champion.version).alias("version"),
         )
-        state.served.append(
-            served.select(TS, "step", "version", SCORE, "is_fraud", "label_timestamp")
-        )
+        state.served.append(served.select(TS, "step", "version", SCORE, *_truth()))
         psi = served_psi(state.champion, world.spec, served)
         state.worst_psi.append(max(psi.items(), key=lambda kv: kv[1]))
         signals = gather_signals(policy, state, world, config, step, psi)
@@ -693,7 +709,7 @@ def _pooled(frame: pl.DataFrame) -> tuple[float, float]:
     """Realised PR-AUC and the label-free estimate of pooled predictions."""
     if frame.height == 0:
         return math.nan, math.nan
-    y = frame["is_fraud"].cast(pl.Float64).to_numpy()
+    y = frame[_truth()[0]].cast(pl.Float64).to_numpy()
     p = frame[SCORE].to_numpy()
     return average_precision(y, p), expected_average_precision(p)
 
@@ -719,7 +735,7 @@ def cohort_series(predictions: pl.DataFrame, drift_step: int, smoothing: int) ->
                 "start": day[TS].min(),
                 "version": day["version"][0],
                 "rows": day.height,
-                "positives": int(day["is_fraud"].sum()),
+                "positives": int(day[_truth()[0]].sum()),
                 "pr_auc": realised,
                 "estimate": estimate,
                 "smoothed_pr_auc": smooth,
@@ -1009,10 +1025,10 @@ def deadline_ceilings(
     ):
         rows = world.rows.filter((pl.col(TS) >= drift_start) & (pl.col(TS) < until))
         frame = assign_splits(
-            rows.with_columns(pl.col("is_fraud").cast(pl.Int8).alias(LABEL)),
+            rows.with_columns(pl.col(_truth()[0]).cast(pl.Int8).alias(LABEL)),
             SplitPolicy(held_out_positives=25),
         )
-        truth = judged["is_fraud"].cast(pl.Int8).to_numpy()
+        truth = judged[_truth()[0]].cast(pl.Int8).to_numpy()
         scores = []
         for seed in seeds:
             trained = train_model(frame, world.spec, replace(config.train, seed=seed))
@@ -1052,7 +1068,7 @@ def deadline_note(result: BacktestResult, at_once: Ceiling, matured: Ceiling) ->
 
 def _ceiling(regime: str, rows: pl.DataFrame, spec: FeatureSpec, config: BacktestConfig) -> Ceiling:
     frame = assign_splits(
-        rows.with_columns(pl.col("is_fraud").cast(pl.Int8).alias(LABEL)), SplitPolicy()
+        rows.with_columns(pl.col(_truth()[0]).cast(pl.Int8).alias(LABEL)), SplitPolicy()
     )
     trained = train_model(frame, spec, config.train)
     test = frame.filter(pl.col("split") == "test")

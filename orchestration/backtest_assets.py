@@ -14,7 +14,8 @@ class BacktestRunConfig(dg.Config):
 
     drift: str = "concept"
     drift_strength: float = 1.0
-    concept_merchant_share: float = 1.0
+    # Fields of the use case simulator's ScenarioConfig, as KEY=VALUE.
+    scenario: list[str] = []
     days: int = 30
     drift_after: int = 5
     seed: int = 3
@@ -26,13 +27,14 @@ def backtest_report(
     context: dg.AssetExecutionContext, config: BacktestRunConfig
 ) -> dg.MaterializeResult:
     """Live PR-AUC of each retraining policy replayed through a drifting scenario in simulated time."""
+    from core.simulation import scenario_options
     from models.plots import png_markdown
     from orchestration import backtest as bt
 
     scenario = bt.demo_config(
         config.drift,
         drift_strength=config.drift_strength,
-        concept_merchant_share=config.concept_merchant_share,
+        scenario=scenario_options(config.scenario),
         seed=config.seed,
         days=config.days,
         drift_after=config.drift_after,

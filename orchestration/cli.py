@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import Settings
+from orchestration.cli_init import init
 from orchestration.cli_loop import LivePlatform, demo, retrain, status
 from orchestration.cli_models import models
 from orchestration.cli_serve import serve
@@ -23,26 +24,29 @@ def main() -> None:
     """Loopline: a continuous-training ML platform on your machine."""
 
 
+_SCENARIO_HELP = (
+    "A field of the use case simulator's ScenarioConfig, KEY=VALUE (repeatable); an unknown "
+    "key lists the known ones."
+)
+
+
 def _simulator_options(f):
-    from usecases.fraud.simulator import FAULTS
+    from core.simulation import FAULTS, FORMATS
 
     opts = [
         click.option("--seed", default=7, show_default=True, help="Scenario seed (deterministic)."),
         click.option("--rows-per-batch", default=2000, show_default=True),
-        click.option("--cards", "n_cards", default=2000, show_default=True),
-        click.option("--merchants", "n_merchants", default=300, show_default=True),
         click.option(
             "--batch-hours", default=6.0, show_default=True, help="Simulated hours per batch."
         ),
-        click.option(
-            "--drift", type=click.Choice(["none", "covariate", "concept"]), default="none"
-        ),
+        click.option("--drift", default="none", show_default=True, help="A drift of the scenario."),
         click.option(
             "--drift-start", default=0, show_default=True, help="Batch index where drift starts."
         ),
+        click.option("--scenario", "scenario_opts", multiple=True, help=_SCENARIO_HELP),
         click.option("--fault", type=click.Choice(FAULTS), default=None, help="Inject one fault."),
         click.option("--fault-batch", default=None, type=int, help="Batch index for the fault."),
-        click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet"),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet"),
         click.option("--interval", default=5.0, show_default=True, help="Seconds between batches."),
         click.option("--start-batch", default=0, show_default=True),
     ]
@@ -51,25 +55,36 @@ def _simulator_options(f):
     return f
 
 
+def _scenario_options(pairs) -> dict:
+    from core.simulation import scenario_options
+
+    try:
+        return scenario_options(pairs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _scenario(opts: dict, start=None):
     from datetime import timedelta
 
-    from usecases.fraud.simulator import ScenarioConfig
+    from core.simulation import scenario
 
-    return ScenarioConfig(
-        start=start,
-        seed=opts["seed"],
-        n_cards=opts["n_cards"],
-        n_merchants=opts["n_merchants"],
-        batch_span=timedelta(hours=opts["batch_hours"]),
-        rows_per_batch=opts["rows_per_batch"],
-        drift=opts["drift"],
-        drift_start_batch=opts["drift_start"],
-    )
+    try:
+        return scenario(
+            start=start,
+            seed=opts["seed"],
+            batch_span=timedelta(hours=opts["batch_hours"]),
+            rows_per_batch=opts["rows_per_batch"],
+            drift=opts["drift"],
+            drift_start_batch=opts["drift_start"],
+            **_scenario_options(opts["scenario_opts"]),
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=None):
-    from usecases.fraud import simulator
+    from core import simulation
 
     def report(b) -> None:
         fault = f" [red]fault={b.fault}[/]" if b.fault else ""
@@ -77,7 +92,7 @@ def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=Non
             f"landed [bold]{b.dataset}[/] batch {b.batch_index}: {b.rows} rows -> {b.path.name}{fault}"
         )
 
-    return simulator.run(
+    return simulation.run(
         _scenario(opts),
         settings.landing,
         batches=batches,
@@ -96,7 +111,7 @@ def _run_simulator(settings: Settings, opts: dict, batches: int | None, stop=Non
 @click.option("--batches", default=None, type=int, help="Land N batches and exit (default: run).")
 @click.option("--once", is_flag=True, help="Same as --batches 1.")
 def simulate(batches: int | None, once: bool, **opts) -> None:
-    """Land simulated card-payment batches into the landing folder."""
+    """Land the use case's simulated batches into the landing folder."""
     settings = Settings.from_env().ensure()
     if batches is None and not once and live_simulator_running(settings.home):
         if opts["drift"] != "none":
@@ -146,47 +161,33 @@ def run(
     an accelerated clock (--speed; never ahead of the wall clock): each step lands one window
     of simulated time (at least --batch-hours, at least 45 wall seconds' worth, with
     --rows-per-batch scaled to keep the rate), and customer traffic sends a sample of it at
-    once, near simulated now. Labels mature in 7 simulated days, so at the default speed
-    `loopline simulate --drift concept` leads to a retraining on drifted labels within about
+    once, near simulated now. The fraud demo's labels mature in 7 simulated days, so at the
+    default speed `loopline simulate --drift concept` leads to a retraining on drifted labels within about
     10-15 minutes; watch it with `loopline status`. Retrainings are at least
     LOOPLINE_RETRAIN_COOLDOWN_MINUTES apart (5 here unless set), and drift retrains again
     only a label-maturity period of simulated time after it last did.
     """
     from datetime import timedelta
 
-    from usecases.fraud.simulator import SimClock, Simulator
+    from core.simulation import SimClock
+    from core.usecase import active
 
+    uc = active()
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
-    # Drift re-arms after a label-maturity period (7 days) of simulated time.
-    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{7 * 1440 / speed:.2f}")
+    # Drift re-arms after a label-maturity period of simulated time.
+    maturity_min = uc.label_maturity.total_seconds() / 60
+    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{maturity_min / speed:.2f}")
     settings = Settings.from_env().ensure()
-    console.print(f"[bold]Loopline[/] home: {settings.home}, lake: {settings.lake}")
-    clock = SimClock(speed, timedelta(days=headroom_days))
-    # One window per step, a step every RUN_STEP_S at least: each step is two ingest runs (and
-    # a features and a monitoring run), about what two cores sustain beside a training run.
-    step_s = max(opts["interval"], RUN_STEP_S)
-    hours = max(opts["batch_hours"], speed * step_s / 3600)
-    opts = {
-        **opts,
-        "batch_hours": hours,
-        "rows_per_batch": round(opts["rows_per_batch"] * hours / opts["batch_hours"]),
-    }
-    scenario = _scenario(opts, start=clock.now() - timedelta(days=RUN_HISTORY_DAYS))
-    if opts["fault"] is None and opts["fault_batch"] is None:  # show one quarantine, live
-        live_from = Simulator(scenario).batch_at(clock.now())
-        opts["fault"], opts["fault_batch"] = "renamed_column", live_from + 4
-    step_s = scenario.batch_span.total_seconds() / speed
+    console.print(f"[bold]Loopline[/] {uc.name}; home: {settings.home}, lake: {settings.lake}")
+    if uc.simulator is None and not no_simulator:
+        console.print(f"{uc.name} declares no simulator: land your files in {settings.landing}")
+        no_simulator = True
     live = LivePlatform(settings, host=host, port=port)
     try:
-        live.start(
-            scenario,
-            interval_s=step_s,
-            fault=opts["fault"],
-            fault_batch=opts["fault_batch"],
-            fmt=opts["fmt"],
-            simulate=not no_simulator,
-            clock=clock,
-        )
+        if no_simulator:
+            live.start(None, interval_s=0.0, simulate=False)
+        else:
+            _start_simulated(live, SimClock(speed, timedelta(days=headroom_days)), speed, opts)
         cfg = live.serving.config
         console.print(f"Dagster UI: [link]http://{host}:{port}[/link]  (Ctrl-C stops everything)")
         console.print(
@@ -204,6 +205,35 @@ def run(
     finally:
         live.stop()
         console.print("stopped")
+
+
+def _start_simulated(live: LivePlatform, clock, speed: float, opts: dict) -> None:
+    """Start ``live`` with the use case's simulator on ``clock``: one window per step, a step
+    every RUN_STEP_S at least (each step is an ingest run per dataset, then a features and a
+    monitoring run: about what two cores sustain beside a training run)."""
+    from datetime import timedelta
+
+    from core.simulation import simulator_module
+
+    step_s = max(opts["interval"], RUN_STEP_S)
+    hours = max(opts["batch_hours"], speed * step_s / 3600)
+    opts = {
+        **opts,
+        "batch_hours": hours,
+        "rows_per_batch": round(opts["rows_per_batch"] * hours / opts["batch_hours"]),
+    }
+    scenario = _scenario(opts, start=clock.now() - timedelta(days=RUN_HISTORY_DAYS))
+    if opts["fault"] is None and opts["fault_batch"] is None:  # show one quarantine, live
+        live_from = simulator_module().Simulator(scenario).batch_at(clock.now())
+        opts["fault"], opts["fault_batch"] = "renamed_column", live_from + 4
+    live.start(
+        scenario,
+        interval_s=scenario.batch_span.total_seconds() / speed,
+        fault=opts["fault"],
+        fault_batch=opts["fault_batch"],
+        fmt=opts["fmt"],
+        clock=clock,
+    )
 
 
 @main.command()
@@ -240,19 +270,11 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
 
 
 @main.command()
-@click.option(
-    "--drift", type=click.Choice(["none", "covariate", "concept"]), default="concept",
-    show_default=True,
-)  # fmt: skip
+@click.option("--drift", default="concept", show_default=True, help="A drift of the scenario.")
 @click.option(
     "--drift-strength", default=1.0, show_default=True, help="Scale of the drift (0 to 1)."
 )
-@click.option(
-    "--concept-merchant-share",
-    default=1.0,
-    show_default=True,
-    help="Concept drift strikes this share of grocery merchants (1: the whole segment).",
-)
+@click.option("--scenario", "scenario_opts", multiple=True, help=_SCENARIO_HELP)
 @click.option("--days", default=30, show_default=True, help="Simulated days served.")
 @click.option("--drift-after", default=5, show_default=True, help="Days served before drift.")
 @click.option(
@@ -273,7 +295,7 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
 def backtest(
     drift: str,
     drift_strength: float,
-    concept_merchant_share: float,
+    scenario_opts: tuple[str, ...],
     days: int,
     drift_after: int,
     policies: str,
@@ -295,8 +317,8 @@ def backtest(
         config = bt.demo_config(
             drift,
             drift_strength=drift_strength,
-            concept_merchant_share=concept_merchant_share,
             seed=seed,
+            scenario=_scenario_options(scenario_opts),
             days=days,
             drift_after=drift_after,
         )
@@ -351,6 +373,7 @@ main.add_command(serve)
 main.add_command(retrain)
 main.add_command(status)
 main.add_command(demo)
+main.add_command(init)
 
 if __name__ == "__main__":
     main()

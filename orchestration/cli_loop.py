@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import Settings
+from core.usecase import active
 
 console = Console()
 
@@ -290,7 +291,7 @@ def _monitoring_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(
             (
                 "live PR-AUC",
-                f"{fmt(p['pr_auc'])} realised on {p['labelled']} labelled ({p['positives']} fraud), "
+                f"{fmt(p['pr_auc'])} realised on {p['labelled']} labelled ({p['positives']} positive), "
                 f"{fmt(p['estimated_pr_auc'])} estimated; newest unlabelled estimated "
                 f"{fmt(p['estimated_pr_auc_unlabelled'])} ({p['champion']}, {len(points)} points)",
             )
@@ -373,8 +374,8 @@ def _loop_runs(settings: Settings) -> list[dict[str, Any]]:
 def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) -> dict[str, Any]:
     """Land a batch with a renamed column while nothing else lands: it must be quarantined,
     start no retraining, and leave the champion serving."""
+    from core import simulation
     from quality.ledger import BatchLedger
-    from usecases.fraud import simulator
 
     settings = platform.settings
     live = platform.simulator
@@ -382,11 +383,12 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
     time.sleep(platform.simulator.interval_s + 1)
     before = len(_loop_runs(settings))
     k = max(live.next_batch - 1, 0)  # a window of the past: nothing from the future
-    frame = live.sim.transactions(k)
-    path = simulator.land(
-        simulator.apply_fault(frame, "renamed_column", seed=k),
+    dataset = active().request.dataset
+    frame = live.sim.events(k)[dataset]
+    path = simulation.land(
+        simulation.apply_fault(frame, "renamed_column", seed=k),
         settings.landing,
-        "transactions",
+        dataset,
         f"skewed-{k:06d}",
     )
     ledger = BatchLedger(settings.ledger_path)
@@ -422,23 +424,21 @@ DEMO_HEADROOM = timedelta(days=45)
 DEMO_HISTORY = timedelta(days=64)
 DEMO_SPAN = timedelta(hours=48)
 DEMO_DRIFT_AFTER = timedelta(days=2)  # of served traffic before the drift
-LABEL_MATURITY = timedelta(days=7)  # TrainingSetConfig and live_performance's default
 
 
 def demo_world(seed: int, clock) -> tuple[Any, int]:
     """The demo's scenario, its history ending at the clock's (still) time, and the window the
     simulator holds at once history is landed (the first live one)."""
-    from usecases.fraud.simulator import ScenarioConfig, Simulator
+    from core import simulation
 
-    scenario = ScenarioConfig(
+    scenario = simulation.scenario(
         seed=seed,
-        n_cards=1500,
-        n_merchants=120,  # about 8 transactions a merchant a day: few rows past the 7-day TTL
         start=clock.now().replace(minute=0, second=0, microsecond=0) - DEMO_HISTORY,
         batch_span=DEMO_SPAN,
         rows_per_batch=2000,  # a thousand a day
+        **getattr(simulation.simulator_module(), "DEMO", {}),
     )
-    return scenario, Simulator(scenario).batch_at(clock.now())
+    return scenario, simulation.simulator_module().Simulator(scenario).batch_at(clock.now())
 
 
 def _inject_drift(platform: LivePlatform, drift: str, served_from: datetime) -> datetime:
@@ -503,11 +503,12 @@ def measured_by_phase(
     from serving.monitoring import join_labels, live_quality, read_compacted
 
     predictions = read_compacted(settings.home / "monitoring" / "status-log")
-    labels = read_validated(settings.lake, "labels")
+    label = active().label
+    labels = read_validated(settings.lake, label.dataset)
     if drift_start is None or not predictions.height or not labels.height:
         return {}
     joined = join_labels(predictions, labels)
-    newest = labels["label_timestamp"].max()
+    newest = labels[label.time].max()
     t, version = pl.col("timestamp"), pl.col("model_version")
     phases = {
         "before_drift": joined.filter(t < drift_start),
@@ -516,7 +517,9 @@ def measured_by_phase(
     }
     out: dict[str, Any] = {}
     for name, part in phases.items():
-        q = live_quality(part, newest, label_maturity=LABEL_MATURITY, window=timedelta(days=3650))
+        q = live_quality(
+            part, newest, label_maturity=active().label_maturity, window=timedelta(days=3650)
+        )
         out[name] = (
             None
             if q.pr_auc is None
@@ -550,7 +553,7 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     injected, and the loop retrains from the drifted labels as they mature and replaces the
     champion on its own. Prints the served model's live PR-AUC before the drift, after it, and
     after recovery."""
-    from usecases.fraud.simulator import SimClock
+    from core.simulation import SimClock
 
     # Demo-sized triggers for the Dagster processes started below (an explicit setting wins):
     # 11 simulated days of labels, so new data alone retrains once drifted labels matured.
@@ -662,7 +665,7 @@ def _print_phases(data: dict[str, Any]) -> None:
         point = phases.get(name)
         text = (
             f"{point['champion']}: live PR-AUC {point['pr_auc']:.3f} on {point['labelled']} "
-            f"labelled ({point['positives']} frauds), cohort to {point['cohort_end'][:16]}"
+            f"labelled ({point['positives']} positives), cohort to {point['cohort_end'][:16]}"
             if point
             else "not evaluated by the loop"
         )
@@ -670,7 +673,7 @@ def _print_phases(data: dict[str, Any]) -> None:
         if end:
             text += (
                 f"; all its label-mature predictions ({', '.join(end['versions'])}): "
-                f"{end['pr_auc']:.3f} on {end['labelled']} ({end['positives']} frauds)"
+                f"{end['pr_auc']:.3f} on {end['labelled']} ({end['positives']} positives)"
             )
         console.print(f"live quality {name.replace('_', ' ')}: {text}")
     rate = data.get("availability", {}).get("unknown_entity_rate")
@@ -774,7 +777,7 @@ def _progress(settings: Settings) -> str:
     parts = [
         f"{d} {c.get('validated_batches', 0)} ok/{c.get('quarantined_batches', 0)} bad"
         for d, c in sorted(counts.items())
-        if d in ("transactions", "labels")
+        if d in (active().request.dataset, active().label.dataset)
     ]
     registry = _registry(settings)
     models = len(registry.list_versions()) if registry else 0

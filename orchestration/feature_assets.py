@@ -172,7 +172,7 @@ class TrainingSetConfig(dg.Config):
     held_out_positives: int | None = None
     window_days: float | None = None
     warm_up_days: float | None = None
-    label_maturity_days: float = 7.0
+    label_maturity_days: float = active().label.maturity_days
     presume_negative_after_days: float | None = None
 
     def split_policy(self) -> "SplitPolicy":

@@ -1,5 +1,5 @@
-"""The live demo loop: a simulator whose scenario can be switched while it runs, and customer
-traffic that sends each landed transactions batch to the served model.
+"""The live demo loop: the use case's simulator, whose scenario can be switched while it runs,
+and customer traffic that sends each landed request-dataset batch to the served model.
 
 Plain Python (no Dagster): ``loopline run`` and ``loopline demo`` drive it beside the Dagster
 daemon and TorchServe. ``loopline simulate --drift concept`` while it runs writes the control
@@ -20,14 +20,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
+from core import simulation
 from core.storage import write_json_atomic
 from core.usecase import active
 from serving.client import TorchServeClient, TorchServeError
 from serving.requests import RequestError, request_bodies
-from usecases.fraud import simulator
 
 logger = logging.getLogger(__name__)
 CONTROL_FILE = "simulator.json"
@@ -39,8 +40,9 @@ def control_path(home: Path) -> Path:
 
 def request_drift(home: Path, drift: str) -> Path:
     """Ask the running simulator of ``home`` to switch to ``drift`` from its next batch."""
-    if drift not in simulator.DRIFTS:
-        raise ValueError(f"drift must be one of {simulator.DRIFTS}")
+    drifts = simulation.simulator_module().DRIFTS
+    if drift not in drifts:
+        raise ValueError(f"drift must be one of {drifts}")
     return write_json_atomic({"drift": drift}, control_path(home))
 
 
@@ -62,7 +64,7 @@ class LiveSimulator:
 
     def __init__(
         self,
-        config: simulator.ScenarioConfig,
+        config: Any,
         landing: Path,
         home: Path,
         *,
@@ -70,12 +72,12 @@ class LiveSimulator:
         fault: str | None = None,
         fault_batch: int | None = None,
         fmt: str = "parquet",
-        on_batch: Callable[[simulator.LandedBatch], None] | None = None,
+        on_batch: Callable[[simulation.LandedBatch], None] | None = None,
         hold_at_batch: int | None = None,
-        clock: simulator.SimClock | None = None,
+        clock: simulation.SimClock | None = None,
         history_files: int = 4,
     ) -> None:
-        sim = simulator.Simulator(config)
+        sim = simulation.simulator_module().Simulator(config)
         self.config = replace(config, start=sim.start)  # one clock across scenario switches
         self.sim = sim
         self.landing = Path(landing)
@@ -87,7 +89,7 @@ class LiveSimulator:
         self.resume_at = None
         self.next_batch = 0
         self.drift = config.drift
-        self.landed: list[simulator.LandedBatch] = []
+        self.landed: list[simulation.LandedBatch] = []
         self.paused = threading.Event()
         self.hold_at_batch = hold_at_batch  # pause by itself before landing this batch
         self.retried: str | None = None  # the rejected run more data was released for
@@ -107,16 +109,16 @@ class LiveSimulator:
         whole = self.resume_at is None or self.resume_at == self.sim.window(self.next_batch)[0]
         start = self.next_batch if whole else self.next_batch + 1
         self.config = replace(self.config, drift=wanted, drift_start_batch=start)
-        self.sim = simulator.Simulator(self.config)
+        self.sim = simulation.simulator_module().Simulator(self.config)
         logger.warning("simulator: %s drift from batch %d on", wanted, start)
 
-    def step(self, stop: threading.Event | None = None) -> list[simulator.LandedBatch]:
+    def step(self, stop: threading.Event | None = None) -> list[simulation.LandedBatch]:
         self._switch_if_asked()
         fault = self.fault if self.fault_batch == self.next_batch else None
         kwargs = (
             {"resume_at": self.resume_at} if self.resume_at else {"start_batch": self.next_batch}
         )
-        landed = simulator.run(
+        landed = simulation.run(
             self.config,
             self.landing,
             batches=1,
@@ -138,12 +140,12 @@ class LiveSimulator:
         self.landed += landed
         return landed
 
-    def land_history(self) -> list[simulator.LandedBatch]:
+    def land_history(self) -> list[simulation.LandedBatch]:
         """Reference data, then every whole window before the clock's (still) time in
         ``history_files`` files per dataset; the live steps resume after them."""
         until = self.clock.now()
-        landed = simulator.land_reference_data(self.sim, self.landing, self.fmt, self.on_batch)
-        landed += simulator.land_history(
+        landed = simulation.land_reference_data(self.sim, self.landing, self.fmt, self.on_batch)
+        landed += simulation.land_history(
             self.sim,
             self.landing,
             until=until,
@@ -177,7 +179,7 @@ class LiveSimulator:
 
 
 class Traffic:
-    """Customer traffic: a sample of each landed transactions batch, scored online.
+    """Customer traffic: a sample of each landed request-dataset batch, scored online.
 
     ``submit`` reads the batch at once (the landing sensor moves the file soon after) and
     queues its requests; a background thread sends them, so landing never waits on serving.
@@ -211,7 +213,7 @@ class Traffic:
         return self.requests_of_frame(frame)
 
     def requests_of_frame(self, frame: pl.DataFrame) -> list[dict]:
-        """A sample of ``per_batch`` transactions as scoring requests (none if columns miss)."""
+        """A sample of ``per_batch`` rows as scoring requests (none if columns miss)."""
         if frame.height > self.per_batch:
             frame = frame.sample(self.per_batch, seed=self._rng.randrange(1 << 30))
         try:
@@ -219,8 +221,8 @@ class Traffic:
         except RequestError:  # a renamed column: the batch is the pipeline's problem
             return []
 
-    def submit(self, batch: simulator.LandedBatch) -> None:
-        """Queue a landed transactions batch's sample (dropped when the queue is full)."""
+    def submit(self, batch: simulation.LandedBatch) -> None:
+        """Queue a landed request-dataset batch's sample (dropped when the queue is full)."""
         if batch.dataset != active().request.dataset or batch.fault is not None:
             return
         requests = self.requests_of(batch.path)

@@ -131,7 +131,7 @@ class MonitoringConfig(dg.Config):
     min_rows: int = 100
     min_present: int = 200
     # The drift check and alert fire where the drift trigger does (TriggerPolicy.drift_psi).
-    psi_threshold: float = TriggerPolicy().drift_psi
+    psi_threshold: float = active().declared("retrain", TriggerPolicy).drift_psi
     reference_rows: int = 50_000
     # Serving is compared with the champion's train split less its first weeks, while the
     # rolling features filled (the fraud features' 30-day windows plus 10 days of label delay;
@@ -141,7 +141,7 @@ class MonitoringConfig(dg.Config):
     max_missing_rate: float = 0.05
     # Per feature view; a view not named here gets half its TTL (no limit without a TTL).
     max_staleness_hours: dict[str, float] = {}
-    label_maturity_days: float = 7.0
+    label_maturity_days: float = active().label.maturity_days
     quality_window_days: float = 7.0
 
 

@@ -8,7 +8,7 @@ decision in ``orchestration.triggers``; ``nightly_retrain`` is the schedule.
 
 import json
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -60,16 +60,13 @@ class RetrainPolicy(dg.ConfigurableResource):
     decay_confidence: float | None = None
 
     def policy(self) -> TriggerPolicy:
+        """The policy default, then the use case's ``retrain:`` declaration, then the
+        environment, then this resource's configuration."""
         fields = {**Settings.from_env().retrain}
         fields.update({k: v for k, v in self.model_dump().items() if v is not None})
-        if "cooldown_minutes" in fields:
-            fields["cooldown"] = timedelta(minutes=float(fields.pop("cooldown_minutes")))
-        if "drift_rearm_minutes" in fields:
-            minutes = float(fields.pop("drift_rearm_minutes"))
-            fields["drift_rearm"] = timedelta(minutes=minutes)
         if "min_new_labelled_rows" in fields:
             fields["min_new_labelled_rows"] = int(fields["min_new_labelled_rows"])
-        return TriggerPolicy(**fields)
+        return active().declared("retrain", TriggerPolicy, **fields)
 
 
 def _latest_metadata(instance: dg.DagsterInstance, key: str) -> tuple[dict, float] | None:

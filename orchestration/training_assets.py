@@ -27,8 +27,9 @@ GROUP = "training"
 MODEL_NAME = f"{active().name}_model"
 HEADLINE_METADATA = ("pr_auc", "roc_auc", "log_loss", "brier", "ece", "precision", "recall")
 
-_TRAIN = TrainConfig()
-_GATE = GatePolicy()
+# The platform's defaults with the use case's `training:` and `gate:` declarations applied.
+_TRAIN = active().declared("training", TrainConfig)
+_GATE = active().declared("gate", GatePolicy)
 
 
 class _TrainingRunConfig(dg.Config):
@@ -41,7 +42,7 @@ class _TrainingRunConfig(dg.Config):
     recency_half_life_days: float | None = _TRAIN.recency_half_life_days
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.model_dump())
+        return active().declared("training", TrainConfig, **self.model_dump())
 
 
 class CandidateConfig(_TrainingRunConfig):
@@ -79,7 +80,7 @@ class GateConfig(dg.Config):
     latency_repeats: int = _GATE.latency_repeats
 
     def policy(self) -> GatePolicy:
-        return GatePolicy(**self.model_dump())
+        return active().declared("gate", GatePolicy, **self.model_dump())
 
 
 class RegistrationConfig(dg.Config):

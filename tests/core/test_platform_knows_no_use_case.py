@@ -3,9 +3,8 @@ demo's datasets, entities, columns, features or vocabularies; everything specifi
 declared in ``usecases/fraud/``. Read from the source: every import, identifier, attribute and
 string literal (docstrings and comments are prose and may mention the demo as an example).
 
-``NOT_YET`` lists the modules still driving the demo's simulator by name (the CLI's simulate,
-demo and backtest commands, the live simulator, the backtest): a ratchet, so no other module
-gains a fraud name meanwhile, and each must leave the list once it is generic."""
+``NOT_YET`` is the ratchet that listed the modules still driving the demo's simulator by name
+while they were made generic; it is empty now and must stay so."""
 
 from __future__ import annotations
 
@@ -35,16 +34,8 @@ MARKERS = (
 )
 
 
-# Still wired to the fraud simulator (issue 15 is open until this is empty).
-NOT_YET = frozenset(
-    {
-        "orchestration/backtest.py",
-        "orchestration/backtest_assets.py",
-        "orchestration/cli.py",
-        "orchestration/cli_loop.py",
-        "orchestration/live.py",
-    }
-)
+# Modules allowed a fraud name for now: none.
+NOT_YET: frozenset[str] = frozenset()
 # The use case a process runs when LOOPLINE_USECASE is unset: the demo, by its name.
 DEFAULT_NAME = ("core/usecase.py", "fraud")
 

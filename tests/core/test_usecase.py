@@ -171,3 +171,43 @@ def test_invalid_yaml_and_unknown_use_cases_are_named(tmp_path: Path):
         UseCaseError, match=r"no use case declared here \(known use cases: .*'fraud'"
     ):
         load("no_such_use_case")
+
+
+def test_a_simulator_module_that_is_not_there_is_refused(tmp_path: Path):
+    def edit(d):
+        d["simulator"] = "simulatr"
+
+    error = _refusal(_broken(tmp_path, edit))
+    assert error.field == "simulator"
+    assert "no module 'simulatr'" in error.problem
+
+
+def test_declared_policies_override_the_platform_defaults_and_name_their_mistakes(tmp_path):
+    from models.spec import GatePolicy, TrainConfig
+    from orchestration.triggers import TriggerPolicy
+
+    def edit(d):
+        d["training"] = {"hidden": [64, 16], "epochs": 12}
+        d["retrain"] = {"cooldown_minutes": 90, "drift_psi": 0.2}
+
+    uc = load(_broken(tmp_path, edit))
+    train = uc.declared("training", TrainConfig)
+    assert (train.hidden, train.epochs, train.lr) == ((64, 16), 12, TrainConfig().lr)
+    retrain = uc.declared("retrain", TriggerPolicy, drift_psi=0.4)  # run config wins
+    assert retrain.cooldown.total_seconds() == 90 * 60 and retrain.drift_psi == 0.4
+    assert uc.declared("gate", GatePolicy) == GatePolicy()
+
+    def typo(d):
+        d["gate"] = {"min_gain_over_champoin": 0.01}
+
+    with pytest.raises(UseCaseError) as caught:
+        load(_broken(tmp_path / "typo", typo)).declared("gate", GatePolicy)
+    assert caught.value.field == "gate.min_gain_over_champoin"
+    assert "min_gain_over_champion" in caught.value.problem  # the fields it could have meant
+
+    def refused(d):
+        d["training"] = {"epochs": 0}
+
+    with pytest.raises(UseCaseError) as caught:
+        load(_broken(tmp_path / "refused", refused)).declared("training", TrainConfig)
+    assert caught.value.field == "training" and "epochs" in caught.value.problem

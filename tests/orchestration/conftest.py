@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from core import simulation
 from core.settings import Settings
 from orchestration import ingest_assets
 from orchestration.resources import LooplineStorage
@@ -30,8 +31,8 @@ class Platform:
         )
         self.resources = {"storage": self.storage}
 
-    def land(self, config: simulator.ScenarioConfig, **kwargs) -> list[simulator.LandedBatch]:
-        return simulator.run(config, self.settings.landing, **kwargs)
+    def land(self, config: simulator.ScenarioConfig, **kwargs) -> list[simulation.LandedBatch]:
+        return simulation.run(config, self.settings.landing, **kwargs)
 
     def tick(self) -> dg.SensorResult:
         """One landing-sensor evaluation, its dynamic partitions added as the daemon would."""

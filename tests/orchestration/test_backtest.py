@@ -132,7 +132,7 @@ def test_concept_drift_is_measured_and_answered_by_gated_retrainings():
         "concept",
         days=SHORT_DAYS,
         drift_after=SHORT_DRIFT_AFTER,
-        concept_merchant_share=0.15,
+        scenario={"concept_merchant_share": 0.15},
     )
     world = build_world(config)
     specs = [PolicySpec.parse("static"), PolicySpec.parse(DEFAULT_POLICY)]

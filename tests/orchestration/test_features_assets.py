@@ -7,6 +7,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from core import simulation
 from features.store import feature_store, online_features
 from features.training_set import TrainingSetRef
 from orchestration import feature_assets
@@ -73,13 +74,13 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         )
     )
     landing = storage.settings.landing
-    simulator.land(sim.cards(), landing, "cards", "ref")
-    simulator.land(sim.merchants(), landing, "merchants", "ref")
+    simulation.land(sim.cards(), landing, "cards", "ref")
+    simulation.land(sim.merchants(), landing, "merchants", "ref")
     _ingest(platform)
     steps = []
     for k in (0, 1):
-        simulator.land(sim.transactions(k), landing, "transactions", f"b{k}")
-        simulator.land(sim.labels(k), landing, "labels", f"b{k}")
+        simulation.land(sim.transactions(k), landing, "transactions", f"b{k}")
+        simulation.land(sim.labels(k), landing, "labels", f"b{k}")
         batches = _ingest(platform)
         before = _sensor(instance, storage)
         features = _features(instance, storage)

@@ -6,11 +6,12 @@ from datetime import timedelta
 import polars as pl
 import pytest
 
+from core import simulation
 from quality.ledger import BatchLedger
 from usecases.fraud import simulator
 
 
-def _landed_rows(landed: list[simulator.LandedBatch], dataset: str) -> int:
+def _landed_rows(landed: list[simulation.LandedBatch], dataset: str) -> int:
     """Rows in the files landed for ``dataset`` (an empty file holds none; a copy adds none)."""
     return sum(
         b.rows

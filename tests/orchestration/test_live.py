@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
+from core import simulation
 from orchestration.live import LiveSimulator, Traffic, live_simulator_running, request_drift
 from serving.requests import validate_request
 from usecases.fraud import simulator
@@ -69,7 +70,7 @@ class _Client:
 
 
 def test_traffic_sends_valid_requests_for_good_batches_only(tmp_path):
-    landed = simulator.run(_config(), tmp_path, batches=2, fault="renamed_column", fault_batch=1)
+    landed = simulation.run(_config(), tmp_path, batches=2, fault="renamed_column", fault_batch=1)
     client = _Client()
     traffic = Traffic(client, per_batch=20, chunk=8)
     good = next(b for b in landed if b.dataset == "transactions" and b.fault is None)
@@ -100,7 +101,7 @@ WALL = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 def _clocked(tmp_path, timer, **kw):
     """A LiveSimulator on an accelerated clock (a simulated hour per wall second), with 10
     days of 12-hour windows of history before the clock's start."""
-    clock = simulator.SimClock(3600.0, timedelta(days=20), wall=WALL, timer=timer)
+    clock = simulation.SimClock(3600.0, timedelta(days=20), wall=WALL, timer=timer)
     config = simulator.ScenarioConfig(
         seed=4,
         n_cards=150,

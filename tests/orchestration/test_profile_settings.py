@@ -138,3 +138,16 @@ def test_torchserve_workers_follow_the_profile(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     assert TorchServeResource().serving_config(storage).workers_per_model == 2
     assert TorchServeResource(workers_per_model=3).serving_config(storage).workers_per_model == 3
+
+
+def test_each_use_case_has_its_own_default_home(tmp_path):
+    from core.settings import REPO_ROOT
+
+    assert Settings.from_env({}).home == REPO_ROOT / ".loopline"
+    assert Settings.from_env({"LOOPLINE_USECASE": "fraud"}).home == REPO_ROOT / ".loopline"
+    shop = Settings.from_env({"LOOPLINE_USECASE": "shop"}).home
+    assert shop == REPO_ROOT / ".loopline-shop"
+    by_path = Settings.from_env({"LOOPLINE_USECASE": str(tmp_path / "shop") + "/"}).home
+    assert by_path == shop  # a folder path names the same use case as its name
+    chosen = Settings.from_env({"LOOPLINE_USECASE": "shop", "LOOPLINE_HOME": str(tmp_path)})
+    assert chosen.home == tmp_path

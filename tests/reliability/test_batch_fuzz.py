@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from core import simulation
 from quality.ingest import batch_id_of
 from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
@@ -136,7 +137,7 @@ def malformed_batch(draw) -> tuple[bytes, str]:
         return frame.head(0).write_csv().encode() if draw(st.booleans()) else b"", "csv"
     fmt = draw(st.sampled_from(["parquet", "csv"]))
     frame = _noise(draw, _edit_breaks_contract(draw, frame, fmt))
-    return simulator.encode(frame, fmt), fmt
+    return simulation.encode(frame, fmt), fmt
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_malformed_batches_are_each_quarantined_with_a_reason_and_good_ones_flow
     def land_and_ingest(batch: tuple[bytes, str], with_good: bool) -> None:
         payload, fmt = batch
         n = FIGURES["malformed"]
-        path = simulator.land(payload, landing, "transactions", f"fuzz{n:04d}", fmt)
+        path = simulation.land(payload, landing, "transactions", f"fuzz{n:04d}", fmt)
         bad_id = batch_id_of(path)
         if bad_id in seen:  # the same bytes drawn twice: a re-landed copy, not a new batch
             platform.ingest_all()
@@ -170,7 +171,7 @@ def test_malformed_batches_are_each_quarantined_with_a_reason_and_good_ones_flow
         FIGURES["malformed"] += 1
         if with_good:
             frame = simulator.Simulator(CONFIG).transactions(40 + n)  # windows 0-20 are bad
-            good = simulator.land(frame, landing, "transactions", f"good{n:04d}")
+            good = simulation.land(frame, landing, "transactions", f"good{n:04d}")
             good_batches.append((batch_id_of(good), frame.height))
             FIGURES["good"] += 1
         platform.ingest_all()  # raises if the sensor itself fails

@@ -9,6 +9,7 @@ import threading
 import polars as pl
 import pytest
 
+from core import simulation
 from quality.ingest import batch_id_of
 from quality.ledger import BatchLedger
 from tests.orchestration.conftest import Platform
@@ -25,7 +26,7 @@ def platform(tmp_path) -> Platform:
 
 def _land(platform: Platform, k: int, name: str | None = None) -> tuple[str, pl.DataFrame]:
     frame = simulator.Simulator(CONFIG).transactions(k)
-    path = simulator.land(frame, platform.settings.landing, "transactions", name or f"b{k:06d}")
+    path = simulation.land(frame, platform.settings.landing, "transactions", name or f"b{k:06d}")
     return batch_id_of(path), frame
 
 
@@ -137,7 +138,7 @@ def test_the_same_batch_landed_twice_is_ingested_once(platform):
     outcomes = platform.ingest_all()
     assert [o.success for o in outcomes] == [True]
     # Landed a third time after it was stored: recognised again, no run.
-    simulator.land(frame, platform.settings.landing, "transactions", "b000003-late")
+    simulation.land(frame, platform.settings.landing, "transactions", "b000003-late")
     assert platform.tick().run_requests == []
 
     ledger = BatchLedger(platform.settings.ledger_path)

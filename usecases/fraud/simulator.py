@@ -12,15 +12,8 @@ amounts, risky merchants, and a share of legit-looking fraud that no model can c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import os
-import tempfile
-import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from core.simulation import default_start
 from core.usecase import load
 from quality.schema import UTC_TS, keys, schemas
 
@@ -43,18 +37,8 @@ _AMOUNT = FRAUD.request.fields["amount"]
 AMOUNT_MIN, AMOUNT_MAX = float(_AMOUNT.min), float(_AMOUNT.max)
 
 DRIFTS: tuple[str, ...] = ("none", "covariate", "concept")
-FAULTS: tuple[str, ...] = (
-    "missing_column",
-    "extra_column",
-    "renamed_column",
-    "wrong_dtype",
-    "null_keys",
-    "out_of_range",
-    "empty_file",
-    "corrupt_file",
-    "duplicate",
-)
-FORMATS: tuple[str, ...] = ("parquet", "csv")
+# ``loopline backtest``'s scenario shape: ``loopline demo``'s 1,500 cards and 200 merchants.
+BACKTEST = {"n_cards": 1500, "n_merchants": 200}
 PATTERNS: tuple[str, ...] = (
     "legit",
     "card_testing",
@@ -67,7 +51,6 @@ PATTERNS: tuple[str, ...] = (
 LEGIT_LABEL_DELAY = timedelta(days=7)
 FRAUD_LABEL_DELAY_MIN = timedelta(days=1)
 FRAUD_LABEL_DELAY_MAX = timedelta(days=10)
-CSV_DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.6f%:z"
 
 _US = 1_000_000
 _HOUR = 3600 * _US
@@ -77,7 +60,8 @@ _ONE_US = timedelta(microseconds=1)
 
 # RNG stream tags: one independent stream per concern keeps e.g. inputs identical across
 # drift modes that only change labels.
-_S_CARDS, _S_MERCHANTS, _S_VOLUME, _S_FRAUD, _S_CONCEPT, _S_LABELS, _S_FAULT = range(1, 8)
+# (Stream 7 is core.simulation.FAULT_STREAM, the fault seeds.)
+_S_CARDS, _S_MERCHANTS, _S_VOLUME, _S_FRAUD, _S_CONCEPT, _S_LABELS = range(1, 7)
 _S_CONCEPT_MERCHANTS = 8
 
 _P_LEGIT, _P_TESTING, _P_FOREIGN, _P_RISKY, _P_NOISE, _P_CONCEPT = range(6)
@@ -240,25 +224,6 @@ class ScenarioConfig:
             raise ValueError("concept_merchant_share must be in (0, 1]")
 
 
-@dataclass(frozen=True)
-class LandedBatch:
-    """One file the driver landed; ``rows`` is the row count of the frame it was written from."""
-
-    dataset: str
-    path: Path
-    rows: int
-    window_start: datetime
-    window_end: datetime
-    batch_index: int
-    fault: str | None = None
-
-
-def default_start(now: datetime | None = None) -> datetime:
-    """Now rounded down to the hour minus 21 days: three weeks of history to backfill."""
-    now = now or datetime.now(UTC)
-    return now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=21)
-
-
 def _to_us(t: datetime) -> int:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
@@ -358,6 +323,25 @@ class Simulator:
             _COVARIATE_ONLINE_PULL * self.config.drift_strength
         )
         self._concept_merchants = self._pick_concept_merchants()
+
+    # -- the simulator protocol (core.simulation) ----------------------------------------
+
+    def reference(self) -> dict[str, pl.DataFrame]:
+        """The reference datasets: cards and merchants."""
+        return {"cards": self.cards(), "merchants": self.merchants()}
+
+    def events(
+        self, k: int, *, since: datetime | None = None, until: datetime | None = None
+    ) -> dict[str, pl.DataFrame]:
+        """Window ``k``'s (or its sub-window's) transactions, then the labels known in it."""
+        return {
+            "transactions": self.transactions(k, since=since, until=until),
+            "labels": self.labels(k, since=since, until=until),
+        }
+
+    def truth(self, k: int) -> pl.DataFrame:
+        """The label of every transaction of window ``k`` (schema ``labels``)."""
+        return self._batch(k).select(list(SCHEMAS["labels"]))
 
     # -- reference data -------------------------------------------------------------------
 
@@ -753,364 +737,3 @@ class Simulator:
         chosen = rng.choice(candidates, size=min(old.size, candidates.size), replace=False)
         rows.fraud[chosen] = True
         rows.pattern[chosen] = _P_CONCEPT
-
-
-# -- faults ---------------------------------------------------------------------------------
-
-_ROW_FAULTS = frozenset({"null_keys", "out_of_range"})
-_RENAMES = {
-    "amount": "amt",
-    "event_timestamp": "event_time",
-    "merchant_id": "merchantId",
-    "card_id": "card_number",
-    "channel": "channel_type",
-    "country": "country_code",
-}
-
-
-def apply_fault(
-    df: pl.DataFrame, fault: str, seed: int = 0, *, fmt: str = "parquet"
-) -> pl.DataFrame | bytes:
-    """A copy of ``df`` broken the way real upstream batches break, to exercise the gates.
-
-    Returns bytes only for ``corrupt_file`` (content that is not a valid ``fmt`` file).
-    ``duplicate`` returns ``df`` unchanged: the fault is landing the same bytes twice.
-    """
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
-    rng = np.random.default_rng(seed)
-    key = next((c for c in KEYS.values() if c in df.columns), df.columns[0])
-    if fault in _ROW_FAULTS and df.height < 3:
-        raise ValueError(f"fault {fault!r} needs at least 3 rows")
-    if fault == "missing_column":
-        others = [c for c in df.columns if c != key]
-        return df.drop(others[int(rng.integers(0, len(others)))])
-    if fault == "extra_column":
-        return df.with_columns(
-            pl.Series("promo_code", rng.integers(0, 10_000, df.height)).cast(pl.String)
-        )
-    if fault == "renamed_column":
-        options = [c for c in _RENAMES if c in df.columns]
-        old = options[int(rng.integers(0, len(options)))]
-        return df.rename({old: _RENAMES[old]})
-    if fault == "wrong_dtype":
-        # A locale bug upstream: amounts as strings with a decimal comma.
-        return df.with_columns(
-            pl.col("amount").round(2).cast(pl.String).str.replace(".", ",", literal=True)
-        )
-    if fault == "null_keys":
-        n = max(1, df.height // 20)
-        mask = np.zeros(df.height, dtype=bool)
-        mask[rng.choice(df.height, size=n, replace=False)] = True
-        return df.with_columns(
-            pl.when(pl.Series(mask)).then(None).otherwise(pl.col(key)).alias(key)
-        )
-    if fault == "out_of_range":
-        n = max(3, df.height // 30)
-        idx = rng.choice(df.height, size=n, replace=False)
-        kind = np.zeros(df.height, dtype=np.int8)
-        kind[idx] = np.arange(n) % 3 + 1  # 1 negative, 2 absurd, 3 unknown channel
-        kinds = pl.Series(kind)
-        return df.with_columns(
-            pl.when(kinds == 1)
-            .then(-pl.col("amount"))
-            .when(kinds == 2)
-            .then(pl.col("amount") + AMOUNT_MAX * 1000)
-            .otherwise(pl.col("amount"))
-            .alias("amount"),
-            pl.when(kinds == 3)
-            .then(pl.lit("teleport"))
-            .otherwise(pl.col("channel"))
-            .alias("channel"),
-        )
-    if fault == "empty_file":
-        return df.clear()
-    if fault == "corrupt_file":
-        good = encode(df, fmt)
-        if fmt == "parquet":
-            return good[: max(4, len(good) // 2)]
-        header = good.split(b"\n", 1)[0] + b"\n"
-        return header + b"\xff\xfe\x00" + rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
-    return df
-
-
-# -- landing ----------------------------------------------------------------------------------
-
-
-def encode(df: pl.DataFrame, fmt: str = "parquet") -> bytes:
-    """File bytes of ``df`` with fixed writer settings, so equal frames give equal bytes."""
-    buf = io.BytesIO()
-    if fmt == "parquet":
-        df.write_parquet(buf, compression="zstd", compression_level=3, statistics=True)
-    elif fmt == "csv":
-        df.write_csv(buf, datetime_format=CSV_DATETIME_FORMAT)
-    else:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    return buf.getvalue()
-
-
-def land(
-    data: pl.DataFrame | bytes,
-    landing_dir: str | Path,
-    dataset: str,
-    name: str,
-    fmt: str = "parquet",
-) -> Path:
-    """Write ``<dataset>-<name>.<fmt>`` atomically: a reader sees no file or the whole file.
-
-    Written to a hidden temp name in the same directory, fsynced, then renamed over the target.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    if "-" in dataset or "/" in dataset or not dataset:
-        raise ValueError(f"bad dataset name {dataset!r}")
-    if "/" in name or name.startswith(".") or not name:
-        raise ValueError(f"bad file name part {name!r}")
-    payload = data if isinstance(data, bytes) else encode(data, fmt)
-    directory = Path(landing_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{dataset}-{name}.{fmt}"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o644)
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
-
-
-def reference_landed(landing_dir: str | Path) -> bool:
-    """Whether cards and merchants reference files are already in the landing directory."""
-    directory = Path(landing_dir)
-    return any(directory.glob("cards-*")) and any(directory.glob("merchants-*"))
-
-
-# -- driver -----------------------------------------------------------------------------------
-
-
-class SimClock:
-    """Simulated "now" for a demo world: ``speed`` times faster than the wall clock, never
-    ahead of it (contracts and request validation refuse future times).
-
-    Until ``start`` it stands still at ``wall - headroom`` (history is landed up to it); then
-    it advances ``speed`` simulated seconds per wall second until it meets the wall clock
-    (its lead, the headroom plus the time it stood still, gone after ``lead / (speed - 1)``),
-    and from there keeps pace with it. Elapsed time is read from a monotonic timer, so
-    ``now`` never goes backwards.
-    """
-
-    def __init__(
-        self,
-        speed: float,
-        headroom: timedelta,
-        *,
-        wall: datetime | None = None,
-        timer: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not (math.isfinite(speed) and speed >= 1.0):
-            raise ValueError("speed must be finite and >= 1")
-        if headroom < timedelta(0):
-            raise ValueError("headroom must be >= 0")
-        self.speed = speed
-        self.headroom = headroom
-        self._timer = timer
-        self._wall0 = (wall or datetime.now(UTC)).astimezone(UTC)
-        self._t0 = timer()
-        self._started: float | None = None  # timer reading at start
-        self._lock = threading.Lock()
-
-    @property
-    def started(self) -> bool:
-        return self._started is not None
-
-    def start(self) -> SimClock:
-        """Lets simulated time run (once; later calls change nothing)."""
-        with self._lock:
-            if self._started is None:
-                self._started = self._timer()
-        return self
-
-    def now(self) -> datetime:
-        t = self._timer()
-        wall = self._wall0 + timedelta(seconds=t - self._t0)
-        origin = self._wall0 - self.headroom
-        if self._started is None:
-            return origin
-        simulated = origin + timedelta(seconds=(t - self._started) * self.speed)
-        return min(simulated, wall)
-
-    def wall_seconds_until(self, t: datetime) -> float:
-        """Wall seconds until ``now`` reaches ``t`` once started (0 if it has)."""
-        ahead = (t - self.now()).total_seconds()
-        return max(0.0, ahead / self.speed)
-
-
-def land_reference_data(
-    sim: Simulator,
-    landing_dir: str | Path,
-    fmt: str = "parquet",
-    on_batch: Callable[[LandedBatch], None] | None = None,
-) -> list[LandedBatch]:
-    """Cards and merchants reference files, unless the landing directory has them already."""
-    if reference_landed(landing_dir):
-        return []
-    landed = []
-    name = f"seed{sim.config.seed}"
-    for dataset, frame in (("cards", sim.cards()), ("merchants", sim.merchants())):
-        path = land(frame, landing_dir, dataset, name, fmt)
-        landed.append(LandedBatch(dataset, path, frame.height, sim.start, sim.start, -1))
-        if on_batch is not None:
-            on_batch(landed[-1])
-    return landed
-
-
-def land_history(
-    sim: Simulator,
-    landing_dir: str | Path,
-    *,
-    until: datetime,
-    files: int,
-    fmt: str = "parquet",
-    on_batch: Callable[[LandedBatch], None] | None = None,
-) -> list[LandedBatch]:
-    """Whole windows from the scenario start up to ``until`` (the last whole window before it)
-    in ``files`` files per dataset, for bulk backfill: each file a Dagster run, so history goes
-    in a few large files rather than one per window. The labels are those known by then."""
-    last = sim.batch_at(until)  # windows before this one are whole
-    if last <= 0:
-        return []
-    per_file = math.ceil(last / max(1, files))
-    landed: list[LandedBatch] = []
-    for first in range(0, last, per_file):
-        end = min(first + per_file, last)
-        lo, hi = sim.window(first)[0], sim.window(end - 1)[1]
-        name = f"b{first:06d}-b{end - 1:06d}"
-        for dataset, frame in (
-            ("transactions", pl.concat([sim.transactions(k) for k in range(first, end)])),
-            ("labels", pl.concat([sim.labels(k) for k in range(first, end)])),
-        ):
-            if frame.height:
-                path = land(frame, landing_dir, dataset, name, fmt)
-                landed.append(LandedBatch(dataset, path, frame.height, lo, hi, first))
-                if on_batch is not None:
-                    on_batch(landed[-1])
-    return landed
-
-
-def run(
-    config: ScenarioConfig,
-    landing_dir: str | Path,
-    *,
-    batches: int | None = None,
-    interval_s: float = 0.0,
-    fault: str | None = None,
-    fault_batch: int | None = None,
-    fmt: str = "parquet",
-    on_batch: Callable[[LandedBatch], None] | None = None,
-    stop: threading.Event | None = None,
-    start_batch: int = 0,
-    resume_at: datetime | None = None,
-    land_reference: bool = True,
-    clock: Callable[[], datetime] | None = None,
-    simulator: Simulator | None = None,
-) -> list[LandedBatch]:
-    """Land reference data once, then a transactions and a labels file per step.
-
-    A step is window ``k``, or the part of it up to "now" (whole seconds; ``clock``, such as a
-    ``SimClock``'s ``now``, else the wall clock): nothing in the future is ever landed; the next step continues where the last part ended. ``batches`` counts
-    steps; None runs until ``stop`` is set. ``resume_at`` (a previous step's ``window_end``)
-    resumes inside a window; otherwise the run starts at window ``start_batch``. The fault hits
-    the first transactions file of window ``fault_batch`` (default: the first window run).
-    Empty frames are not landed (labels only start arriving a day into the scenario): an empty
-    file is a fault the gates quarantine, not a normal batch.
-    """
-    if fault is not None and fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    sim = simulator or Simulator(config)
-    now_fn = clock or (lambda: datetime.now(UTC))
-    landed: list[LandedBatch] = []
-
-    def emit(item: LandedBatch) -> None:
-        landed.append(item)
-        if on_batch is not None:
-            on_batch(item)
-
-    def wait(seconds: float) -> None:
-        if seconds <= 0:
-            return
-        if stop is not None:
-            stop.wait(seconds)
-        else:
-            time.sleep(seconds)
-
-    if land_reference:
-        landed += land_reference_data(sim, landing_dir, fmt, on_batch)
-
-    if resume_at is not None:
-        k, lo = sim.batch_at(resume_at), resume_at
-        if k < 0:
-            raise ValueError("resume_at is before the scenario start")
-    else:
-        k, lo = start_batch, sim.window(start_batch)[0]
-    fault_k = k if fault_batch is None else fault_batch
-    if fault_k < k:
-        raise ValueError(f"fault_batch {fault_k} is before the first batch of this run ({k})")
-    fault_pending = fault is not None
-    span_s = int(config.batch_span.total_seconds())
-    width = len(str(span_s))
-    steps = 0
-    while (batches is None or steps < batches) and not (stop is not None and stop.is_set()):
-        s, e = sim.window(k)
-        caught_up = s + timedelta(seconds=math.floor((now_fn() - s).total_seconds()))
-        hi = min(e, caught_up)
-        if hi <= lo:
-            wait(max(interval_s, 1.0))
-            continue
-        if (lo, hi) == (s, e):
-            name = f"b{k:06d}"
-        else:
-            lo_s, hi_s = int((lo - s).total_seconds()), int((hi - s).total_seconds())
-            name = f"b{k:06d}-{lo_s:0{width}d}-{hi_s:0{width}d}"
-        txn = sim.transactions(k, since=lo, until=hi)
-        this_fault = None
-        eligible = fault not in _ROW_FAULTS or txn.height >= 3
-        if fault is not None and fault_pending and k >= fault_k and eligible:
-            this_fault, fault_pending = fault, False
-        payload: pl.DataFrame | bytes = txn
-        if this_fault not in (None, "duplicate"):
-            fault_seed = int(_rng(config.seed, _S_FAULT, k).integers(2**31))
-            payload = apply_fault(txn, this_fault, fault_seed, fmt=fmt)
-        if txn.height or this_fault is not None:
-            path = land(payload, landing_dir, "transactions", name, fmt)
-            tagged = None if this_fault == "duplicate" else this_fault
-            emit(LandedBatch("transactions", path, txn.height, lo, hi, k, tagged))
-            if this_fault == "duplicate":
-                copy = land(
-                    path.read_bytes(), landing_dir, "transactions", f"{name}-redelivered", fmt
-                )
-                emit(LandedBatch("transactions", copy, txn.height, lo, hi, k, "duplicate"))
-        lab = sim.labels(k, since=lo, until=hi)
-        if lab.height:
-            path = land(lab, landing_dir, "labels", name, fmt)
-            emit(LandedBatch("labels", path, lab.height, lo, hi, k))
-        steps += 1
-        if hi == e:
-            k, lo = k + 1, e
-        else:
-            lo = hi
-        if batches is None or steps < batches:
-            wait(interval_s)
-    return landed

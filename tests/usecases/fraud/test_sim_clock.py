@@ -8,7 +8,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from usecases.fraud.simulator import ScenarioConfig, SimClock, Simulator, land_history
+from core.simulation import SimClock, land_history
+from usecases.fraud.simulator import ScenarioConfig, Simulator
 
 WALL = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
 HEADROOM = timedelta(days=10)

@@ -13,20 +13,15 @@ import numpy as np
 import polars as pl
 import pytest
 
+from core.simulation import FAULTS, LandedBatch, apply_fault, encode, land, run
 from usecases.fraud.simulator import (
     AMOUNT_MAX,
     AMOUNT_MIN,
     CHANNELS,
     COUNTRIES,
-    FAULTS,
     SCHEMAS,
-    LandedBatch,
     ScenarioConfig,
     Simulator,
-    apply_fault,
-    encode,
-    land,
-    run,
 )
 
 T0 = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday, midnight UTC

@@ -1,0 +1,1 @@
+"""The {{name}} use case (see README.md)."""

@@ -1,0 +1,185 @@
+"""Demo data for the {{name}} use case: accounts, their events and each event's outcome, learnt
+a few days later. It follows the simulator protocol of ``core.simulation``, which lands its
+batches (``loopline simulate``), injects faults and runs it live (``loopline run``).
+
+Every number comes from ``ScenarioConfig.seed``: window ``k`` draws from RNG streams of
+``(seed, stream, k)``, so any window regenerates alone, in any order, byte-identically.
+
+What the data hides, for a model to learn: an event is more likely positive when it is large
+and on the web, when it is small in a store for a basic account, and when its account is one
+of the few risky ones (which are busier than the rest). Covariate drift moves values up and
+traffic to the web; concept drift swaps the web rule for an app rule (``drift_strength``: the
+share of events under the new rule).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from core.simulation import default_start
+from core.usecase import load
+from quality.schema import UTC_TS, schemas
+
+USECASE = load(Path(__file__).resolve().parent)
+SCHEMAS = schemas(USECASE)
+KINDS: tuple[str, ...] = USECASE.vocabularies["kind"]
+SEGMENTS: tuple[str, ...] = USECASE.vocabularies["segment"]
+DRIFTS: tuple[str, ...] = ("none", "covariate", "concept")
+# loopline backtest's and loopline demo's scenario fields (none beyond the defaults).
+BACKTEST: dict = {}
+DEMO: dict = {}
+
+POSITIVE_DELAY = (timedelta(hours=6), timedelta(days=2))  # a positive outcome is learnt soon
+NEGATIVE_DELAY = timedelta(days=3)  # a negative one when the case closes (label.maturity_days)
+_S_ACCOUNTS, _S_EVENTS, _S_OUTCOMES = 1, 2, 3  # RNG streams (7 is core.simulation's faults)
+_KIND_P = np.array([0.4, 0.4, 0.2])  # web, app, store
+_SEGMENT_P = np.array([0.6, 0.3, 0.1])  # basic, plus, business
+_SEGMENT_LOG_VALUE = np.array([3.0, 3.5, 4.2])
+_US = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Everything that defines a scenario; two equal configs give byte-identical data."""
+
+    seed: int = 7
+    n_accounts: int = 400
+    start: datetime | None = None
+    batch_span: timedelta = timedelta(hours=6)
+    rows_per_batch: int = 1000
+    risky_share: float = 0.05
+    drift: str = "none"
+    drift_start_batch: int = 0
+    drift_strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.seed < 0 or self.n_accounts < 1 or self.rows_per_batch < 0:
+            raise ValueError("seed and rows_per_batch must be >= 0 and n_accounts >= 1")
+        if self.batch_span < timedelta(seconds=1):
+            raise ValueError("batch_span must be at least one second")
+        if not 0.0 <= self.risky_share <= 0.5:
+            raise ValueError("risky_share must be in [0, 0.5]")
+        if self.drift not in DRIFTS:
+            raise ValueError(f"drift must be one of {DRIFTS}, got {self.drift!r}")
+        if self.drift_start_batch < 0 or not 0.0 <= self.drift_strength <= 1.0:
+            raise ValueError("drift_start_batch must be >= 0 and drift_strength in [0, 1]")
+
+
+def _rng(seed: int, stream: int, k: int = 0) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, k]))
+
+
+class Simulator:
+    """The scenario of one ``ScenarioConfig``; window ``k`` covers
+    ``[start + k * span, start + (k + 1) * span)``."""
+
+    def __init__(self, config: ScenarioConfig | None = None) -> None:
+        self.config = config or ScenarioConfig()
+        start = self.config.start or default_start()
+        self.start = (start if start.tzinfo else start.replace(tzinfo=UTC)).astimezone(UTC)
+        rng = _rng(self.config.seed, _S_ACCOUNTS)
+        n = self.config.n_accounts
+        self._segment = rng.choice(len(SEGMENTS), size=n, p=_SEGMENT_P)
+        self._risky = rng.random(n) < self.config.risky_share
+        activity = rng.gamma(2.0, 0.5, n) * np.where(self._risky, 4.0, 1.0)
+        self._activity = activity / activity.sum()
+        self._ids = [f"a{i:06d}" for i in range(n)]
+        self._cache: OrderedDict[int, pl.DataFrame] = OrderedDict()
+
+    # -- the simulator protocol -----------------------------------------------------------
+
+    def window(self, k: int) -> tuple[datetime, datetime]:
+        if k < 0:
+            raise ValueError("batch index must be >= 0")
+        span = self.config.batch_span
+        return self.start + k * span, self.start + (k + 1) * span
+
+    def batch_at(self, t: datetime) -> int:
+        return (t - self.start) // self.config.batch_span
+
+    def reference(self) -> dict[str, pl.DataFrame]:
+        segments = [SEGMENTS[s] for s in self._segment]
+        frame = pl.DataFrame({"account_id": self._ids, "segment": segments})
+        return {"accounts": frame.cast(SCHEMAS["accounts"])}
+
+    def events(
+        self, k: int, *, since: datetime | None = None, until: datetime | None = None
+    ) -> dict[str, pl.DataFrame]:
+        """Window ``k``'s events (or those of its sub-window), then the outcomes learnt in it."""
+        lo, hi = self.window(k)
+        lo, hi = max(lo, since or lo), min(hi, until or hi)
+        events = self._batch(k).filter(pl.col("event_timestamp").is_between(lo, hi, "left"))
+        first = max(0, self.batch_at(lo - NEGATIVE_DELAY))
+        outcomes = pl.concat(
+            [self._batch(j) for j in range(first, self.batch_at(hi - _US) + 1)]
+        ).filter(pl.col("outcome_timestamp").is_between(lo, hi, "left"))
+        return {
+            "events": events.select(list(SCHEMAS["events"])),
+            "outcomes": outcomes.select(list(SCHEMAS["outcomes"])).sort(
+                "outcome_timestamp", "event_id"
+            ),
+        }
+
+    def truth(self, k: int) -> pl.DataFrame:
+        """The outcome of every event of window ``k``, whenever it is learnt."""
+        return self._batch(k).select(list(SCHEMAS["outcomes"]))
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _batch(self, k: int) -> pl.DataFrame:
+        if k not in self._cache:
+            self._cache[k] = self._generate(k)
+            while len(self._cache) > 64:
+                self._cache.popitem(last=False)
+        return self._cache[k]
+
+    def _generate(self, k: int) -> pl.DataFrame:
+        cfg = self.config
+        rng, decide = _rng(cfg.seed, _S_EVENTS, k), _rng(cfg.seed, _S_OUTCOMES, k)
+        drifted = k >= cfg.drift_start_batch and cfg.drift != "none"
+        covariate = drifted and cfg.drift == "covariate"
+        lo, _ = self.window(k)
+        n = int(rng.poisson(cfg.rows_per_batch))
+        offsets = np.sort(rng.integers(0, cfg.batch_span // _US, n))
+        account = rng.choice(cfg.n_accounts, size=n, p=self._activity)
+        segment = self._segment[account]
+        kind_p = _KIND_P + (np.array([0.3, -0.2, -0.1]) * cfg.drift_strength if covariate else 0)
+        kind = rng.choice(len(KINDS), size=n, p=kind_p / kind_p.sum())
+        shift = 0.7 * cfg.drift_strength if covariate else 0.0
+        value = np.exp(_SEGMENT_LOG_VALUE[segment] + shift + rng.normal(0.0, 0.8, n))
+        value = np.round(np.clip(value, 0.0, 100_000.0), 2)
+        # The hidden rules: web and large, store and small for a basic account, risky accounts.
+        new_rule = (
+            decide.random(n) < cfg.drift_strength
+            if drifted and cfg.drift == "concept"
+            else np.zeros(n, bool)
+        )
+        web_rule = (kind == 0) & (value > 100) & ~new_rule
+        app_rule = (kind == 1) & (value < 20) & new_rule
+        logit = (
+            -4.0
+            + 3.0 * (web_rule | app_rule)
+            + 2.0 * ((kind == 2) & (value < 20) & (segment == 0))
+            + 2.5 * self._risky[account]
+        )
+        positive = decide.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        lo_us, hi_us = (d // _US for d in POSITIVE_DELAY)
+        delay = np.where(positive, decide.integers(lo_us, hi_us, n), NEGATIVE_DELAY // _US)
+        at = pl.Series(offsets, dtype=pl.Int64).cast(pl.Duration("us")) + lo
+        return pl.DataFrame(
+            {
+                "event_id": [f"e{k:06d}-{i:07d}" for i in range(n)],
+                "account_id": [self._ids[a] for a in account],
+                "value": value,
+                "kind": [KINDS[i] for i in kind],
+                "event_timestamp": at.cast(UTC_TS),
+                "outcome": positive,
+                "outcome_timestamp": (at + pl.Series(delay).cast(pl.Duration("us"))).cast(UTC_TS),
+            }
+        )

@@ -1,0 +1,152 @@
+"""The loop of one use case, run in its own process (``LOOPLINE_USECASE`` chooses it, as it
+does for the platform): demo data and a user's own files landed, ingested and validated,
+features built, a model trained, gated against its baseline, registered, deployed to a real
+TorchServe and asked for predictions, a good request and a malformed one. Writes a JSON
+summary for ``test_init`` to judge.
+
+    LOOPLINE_USECASE=<folder> python -m tests.usecases.scaffold_loop <home> <summary.json>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import torch
+
+from core import simulation
+from core.usecase import active
+from models.registry import CHAMPION, Registry
+from orchestration import feature_assets, training_assets
+from orchestration.serving_assets import TorchServeResource, deployment, model_archive
+from quality.ledger import BatchLedger
+from serving.client import TorchServeError
+from serving.requests import request_bodies
+from tests.e2e.kit import free_ports
+from tests.orchestration.conftest import Platform
+
+FAST = {"epochs": 8, "batch_size": 512, "device": "cpu", "patience": 2}
+GATE = {"max_latency_ms_batch1": 500.0, "max_latency_ms_batch64": 1000.0, "latency_repeats": 5}
+
+
+def _land_users_files(platform: Platform, sim, k: int) -> tuple[str, str]:
+    """A good and a broken CSV of the request dataset, as a user would export them."""
+    uc = active()
+    dataset = uc.request.dataset
+    frame = sim.events(k)[dataset]
+    good = platform.settings.landing / f"{dataset}-my-export.csv"
+    frame.write_csv(good, datetime_format=simulation.CSV_DATETIME_FORMAT)
+    bad = platform.settings.landing / f"{dataset}-my-broken-export.csv"
+    frame.drop(uc.request_dataset.key).write_csv(
+        bad, datetime_format=simulation.CSV_DATETIME_FORMAT
+    )
+    return good.name, bad.name
+
+
+def main(home: Path) -> dict:
+    uc = active()
+    torch.set_num_threads(1)
+    platform = Platform(home)
+    start = (datetime.now(UTC) - timedelta(days=40)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    config = simulation.scenario(
+        seed=5, start=start, batch_span=timedelta(days=1), rows_per_batch=1500
+    )
+    platform.land(config, batches=24)
+    sim = simulation.simulator_module().Simulator(config)
+    users_good, users_bad = _land_users_files(platform, sim, 26)
+    ingested = platform.ingest_all()
+    ledger = {
+        b.source_name: (b.status, b.reason)
+        for b in BatchLedger(platform.settings.ledger_path).batches()
+    }
+
+    features = dg.materialize(
+        [
+            *feature_assets.VIEW_ASSETS,
+            feature_assets.feature_registry,
+            feature_assets.online_features,
+        ],
+        instance=platform.instance,
+        resources=platform.resources,
+    )
+    trained = dg.materialize(
+        [
+            feature_assets.training_set,
+            training_assets.candidate_model,
+            training_assets.baseline_model,
+            training_assets.evaluation_report,
+            training_assets.registered_model,
+        ],
+        instance=platform.instance,
+        resources=platform.resources,
+        run_config={
+            "ops": {
+                "candidate_model": {"config": FAST},
+                "baseline_model": {"config": FAST},
+                "evaluation_report": {"config": GATE},
+            }
+        },
+        raise_on_error=False,
+    )
+    [gate] = [
+        e for e in trained.get_asset_check_evaluations() if e.check_name == "model_validation"
+    ]
+    registry = Registry(platform.settings.registry_path)
+    version = registry.get_alias(CHAMPION)
+    champion = registry.get(version) if version else None
+    summary = {
+        "usecase": uc.name,
+        "ingest_runs": len(ingested),
+        "failed_ingest_runs": sum(not o.success for o in ingested),  # quarantines stop runs
+        "ledger": ledger,
+        "users_good": users_good,
+        "users_bad": users_bad,
+        "features_ok": features.success,
+        "trained_ok": trained.success,
+        "gate_passed": gate.passed,
+        "gate": gate.description,
+        "champion": version,
+        "pr_auc": champion.metrics["pr_auc"] if champion else None,
+        "baseline_pr_auc": champion.extra["compared"]["baseline"]["pr_auc"] if champion else None,
+        "positive_rate": champion.metrics.get("positive_rate") if champion else None,
+    }
+    if champion is None:
+        return summary
+
+    inference, management, metrics = free_ports(3)
+    torchserve = TorchServeResource(
+        home=str(home), inference_port=inference, management_port=management, metrics_port=metrics
+    )
+
+    @dg.asset(name="registered_model")
+    def registered() -> str:
+        return champion.version
+
+    try:
+        deployed = dg.materialize(
+            [registered, model_archive, deployment],
+            resources={"storage": platform.storage, "torchserve": torchserve},
+            run_config={"ops": {"deployment": {"config": {"watch_seconds": 2.0}}}},
+        )
+        client = torchserve.process(platform.storage).client()
+        newest = sim.events(27)[uc.request.dataset].head(3)
+        summary["deployed_ok"] = deployed.success
+        summary["predictions"] = client.predict(request_bodies(newest))
+        try:
+            client.predict([{uc.request.id: "x"}])
+            summary["malformed"] = {"status": 200}
+        except TorchServeError as exc:
+            summary["malformed"] = {"status": exc.status, "body": exc.body}
+        summary["still_serving"] = client.ping()
+    finally:
+        torchserve.process(platform.storage).stop()
+    return summary
+
+
+if __name__ == "__main__":
+    Path(sys.argv[2]).write_text(json.dumps(main(Path(sys.argv[1])), default=str))
