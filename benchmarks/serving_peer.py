@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from models.artifact import load_model
-from models.evaluate import predict_proba
+from models.evaluate import predict as predict_scores
 
 
 class Transaction(BaseModel):
@@ -77,7 +77,7 @@ async def predict(tx: Transaction) -> dict[str, Any]:
     names = answer["metadata"]["feature_names"]
     row = {name: result["values"][0] for name, result in zip(names, answer["results"], strict=True)}
     row.update(amount=tx.amount, channel=tx.channel, country=tx.country)
-    probability = float(predict_proba(state["module"], state["preprocessor"], [row])[0])
+    probability = float(predict_scores(state["module"], state["preprocessor"], [row])[0])
     return {
         "transaction_id": tx.transaction_id,
         "fraud_probability": probability,

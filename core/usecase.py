@@ -150,17 +150,20 @@ class Evaluation(_Strict):
 
 
 class Decision(_Strict):
-    """The decision words of a binary classifier: ``positive`` at or above the threshold."""
+    """The decision words of a binary classifier: ``positive`` at or above the threshold (a
+    regressor takes no decision)."""
 
     positive: Name = "positive"
     negative: Name = "negative"
 
 
 class Task(_Strict):
-    """What the model predicts. ``score`` names the response and prediction-log field that
-    holds the model's output; ``decision`` the words a response decides with."""
+    """What the model predicts (models.tasks): a probability of the label being true
+    (``binary_classification``) or the label's value (``regression``). ``score`` names the
+    response and prediction-log field that holds the model's output; ``decision`` the words a
+    classifier's response decides with."""
 
-    type: Literal["binary_classification"]
+    type: Literal["binary_classification", "regression"]
     score: Name
     decision: Decision = Decision()
 
@@ -343,13 +346,16 @@ def _problems(uc: UseCase) -> list[tuple[str, str]]:
         found.append(("label.dataset", f"{label.dataset!r} is not a declared dataset"))
     else:
         cols = uc.datasets[label.dataset].columns
-        want = {"column": "bool", "key": None, "time": "timestamp"}
-        for part, kind in want.items():
+        # A classifier learns a bool, a regressor a number.
+        kinds = ("bool",) if uc.task.type == "binary_classification" else ("float", "int")
+        want = {"column": kinds, "key": None, "time": ("timestamp",)}
+        for part, allowed in want.items():
             column = getattr(label, part)
             if column not in cols:
                 found.append((f"label.{part}", f"{column!r} is not a column of {label.dataset!r}"))
-            elif kind and cols[column] != kind:
-                found.append((f"label.{part}", f"{column!r} is {cols[column]}, not {kind}"))
+            elif allowed and cols[column] not in allowed:
+                need = " or ".join(allowed)
+                found.append((f"label.{part}", f"{column!r} is {cols[column]}, not {need}"))
     if uc.simulator is not None:
         module = uc.root.joinpath(*uc.simulator.split(".")).with_suffix(".py")
         if not module.is_file():

@@ -9,15 +9,24 @@ from typing import Any
 from models.evaluate import EvaluationReport, evaluation_markdown
 from models.gate import GateDecision
 from models.spec import FeatureSpec
+from models.tasks import BINARY
 
-DEFAULT_LIMITATIONS = (
+_COMMON_LIMITATIONS = (
     "Trained on historical labelled data; labels arrive late, so the most recent patterns "
     "are under-represented in the training window.",
     "Slices with small support have wide uncertainty; their metrics are indicative only.",
     "Categories unseen in training share one 'unknown' embedding; expect weaker scores for "
     "them until the next retrain.",
+)
+DEFAULT_LIMITATIONS = (
+    *_COMMON_LIMITATIONS,
     "Probabilities are calibrated on the validation split; calibration drifts as the positive "
     "rate changes, so re-check the threshold after a base-rate shift.",
+)
+REGRESSION_LIMITATIONS = (
+    *_COMMON_LIMITATIONS,
+    "Predictions regress towards the training mean: rare extreme values are under-predicted, "
+    "and a shift of the target's level shows as bias until the next retrain.",
 )
 
 
@@ -30,29 +39,38 @@ def model_card(
     reports: Mapping[str, EvaluationReport],
     decision: GateDecision | None = None,
     lineage: Mapping[str, Any] | None = None,
-    limitations: Sequence[str] = DEFAULT_LIMITATIONS,
+    limitations: Sequence[str] | None = None,
     intended_use: str = "",
 ) -> str:
     """Renders the card; `training` is TrainResult.summary(), `reports` challenger first."""
     window = training.get("data_window", {})
+    binary = spec.task == BINARY
+    if limitations is None:
+        limitations = DEFAULT_LIMITATIONS if binary else REGRESSION_LIMITATIONS
+
+    def counts(part: Mapping[str, Any]) -> str:
+        if binary:
+            return f"{part.get('rows')} rows, {part.get('positives')} positives"
+        return f"{part.get('rows')} rows, mean label {_num(part.get('mean_label'))}"
+
     lines = [
         f"# Model card: {name}" + (f" {version}" if version else ""),
         "",
         "## Intended use",
         "",
         (intended_use.strip() or "Scores requests in real time.")
-        + " Scores at or above the decision threshold get the positive decision.",
+        + (
+            " Scores at or above the decision threshold get the positive decision."
+            if binary
+            else " Predicts a value in the label's units; no decision is taken."
+        ),
         "",
         "## Data window",
         "",
-        f"- Events from {window.get('start')} to {window.get('end')} "
-        f"({window.get('rows')} rows, {window.get('positives')} positives)",
+        f"- Events from {window.get('start')} to {window.get('end')} ({counts(window)})",
     ]
     for split, part in (window.get("splits") or {}).items():
-        lines.append(
-            f"- {split}: {part.get('start')} to {part.get('end')} "
-            f"({part.get('rows')} rows, {part.get('positives')} positives)"
-        )
+        lines.append(f"- {split}: {part.get('start')} to {part.get('end')} ({counts(part)})")
     if lineage:
         lines += ["", "## Lineage", ""]
         lines += [f"- {k}: {_short(v)}" for k, v in lineage.items() if k != "artifacts"]
@@ -74,8 +92,14 @@ def model_card(
         f"lr {config.get('lr')}, batch {config.get('batch_size')}, seed {config.get('seed')}",
         f"- Epochs run: {training.get('epochs_run')} (best {training.get('best_epoch')}, "
         f"early stop: {training.get('stopped_early')}) on {training.get('train_device')}",
-        f"- Imbalance: {config.get('imbalance')} (pos_weight {_num(training.get('pos_weight'))}); "
-        f"calibration: {(training.get('calibration') or {}).get('method')}",
+        (
+            f"- Imbalance: {config.get('imbalance')} (pos_weight "
+            f"{_num(training.get('pos_weight'))}); "
+            if binary
+            else "- Loss: Huber on the standardised label; "
+        )
+        + ("calibration" if binary else "output")
+        + f": {(training.get('calibration') or {}).get('method')}",
         "",
         "## Metrics",
         "",

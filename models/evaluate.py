@@ -1,4 +1,6 @@
-"""Evaluation on the held-out split: headline metrics, calibration, and the same per slice."""
+"""Evaluation on the held-out split: headline metrics, calibration, and the same per slice, as
+the model's task reads them (models.tasks): a classifier's PR-AUC, threshold and reliability
+curve, a regressor's MAE and binned predicted-against-actual curve."""
 
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from models.metrics import (
 )
 from models.preprocess import Preprocessor, TabularBatch, label_array
 from models.spec import NO_SLICES, Bucket, Slicing
+from models.tasks import BINARY, regression_metrics
+from models.tasks import of as task_of
 
-HEADLINE = ("pr_auc", "roc_auc", "log_loss", "brier", "precision", "recall", "f1")
 NULL_SLICE = "(null)"
 
 
@@ -44,28 +47,31 @@ def with_buckets(frame: pl.DataFrame, buckets: Sequence[Bucket]) -> pl.DataFrame
     return frame.with_columns(derived) if derived else frame
 
 
-def predict_proba(
+def predict(
     module: nn.Module,
     preprocessor: Preprocessor,
     data: pl.DataFrame | Sequence[Mapping[str, Any]],
     batch_size: int = 65536,
 ) -> np.ndarray:
-    """Fraud probabilities on CPU, float64, one per row."""
+    """The model's predictions on CPU, float64, one per row: a classifier's probabilities, a
+    regressor's values (the task is the preprocessor's ``spec.task``)."""
     batch: TabularBatch = preprocessor.transform(data)
     logits = predict_logits(module.cpu(), batch.numeric, batch.categorical, batch_size)
-    return torch.sigmoid(logits.double()).numpy()
+    return task_of(preprocessor.spec.task).output(logits.double()).numpy()
 
 
 @torch.inference_mode()
-def batch_proba(
-    module: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: TabularBatch
+def batch_predict(
+    module: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: TabularBatch,
+    task: str = BINARY,
 ) -> np.ndarray:
-    """``predict_proba`` of a built batch, for a module already on the CPU in eval mode or its
+    """``predict`` of a built batch, for a module already on the CPU in eval mode or its
     ``FrozenNet`` (equal outputs): the serving path, which sets the model up once per load
     rather than walking it per call (the walk costs more than a small batch's forward pass).
     One forward over the whole batch."""
-    logits = module(batch.numeric, batch.categorical).float()
-    return torch.sigmoid(logits.double()).numpy()
+    raw = module(batch.numeric, batch.categorical).float()
+    return task_of(task).output(raw.double()).numpy()
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class SliceResult:
 
     @property
     def positives(self) -> int:
-        return int(self.metrics["positives"])
+        """A classifier's positives among the slice's rows (0 for a regressor)."""
+        return int(self.metrics.get("positives", 0))
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class EvaluationReport:
     calibration: CalibrationCurve
     pr_curve: dict[str, list[float]]
     slices: tuple[SliceResult, ...]
+    task: str = BINARY
 
     @property
     def support(self) -> int:
@@ -112,6 +120,7 @@ class EvaluationReport:
         return json_safe(
             {
                 "model": self.model,
+                "task": self.task,
                 "split": self.split,
                 "threshold": self.threshold,
                 "threshold_split": self.threshold_split,
@@ -131,7 +140,7 @@ class EvaluationReport:
         return cls(
             model=data["model"],
             split=data["split"],
-            threshold=float(data["threshold"]),
+            threshold=_float(data["threshold"]),
             threshold_split=data["threshold_split"],
             metrics=_floats(data["metrics"]),
             calibration=CalibrationCurve(
@@ -144,6 +153,7 @@ class EvaluationReport:
             slices=tuple(
                 SliceResult(s["column"], s["value"], _floats(s["metrics"])) for s in data["slices"]
             ),
+            task=data.get("task", BINARY),
         )
 
 
@@ -158,17 +168,36 @@ def evaluate_scores(
     split: str = "test",
     threshold_split: str = "validation",
     n_bins: int = 10,
+    task: str = BINARY,
 ) -> EvaluationReport:
-    """Builds a report from labels and probabilities (slice_frame rows align with them)."""
+    """Builds a report from labels and predictions (slice_frame rows align with them): a
+    classifier's probabilities judged at ``threshold``, or a regressor's values (``threshold``
+    unused, NaN in the report)."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(probs, dtype=np.float64)
-    metrics = binary_metrics(y, p, threshold)
-    # How far this PR-AUC may move by chance: the decay trigger weighs it (decision 26).
-    metrics["pr_auc_se"] = average_precision_se(y, p)
-    calibration = calibration_curve(y, p, n_bins)
+    binary = task_of(task).name == BINARY
+
+    def metrics_of(yy: np.ndarray, pp: np.ndarray) -> dict[str, float]:
+        return binary_metrics(yy, pp, threshold) if binary else regression_metrics(yy, pp)
+
+    metrics = metrics_of(y, p)
+    pr_curve: dict[str, list[float]] = {}
+    if binary:
+        # How far this PR-AUC may move by chance: the decay trigger weighs it (decision 26).
+        metrics["pr_auc_se"] = average_precision_se(y, p)
+        calibration = calibration_curve(y, p, n_bins)
+        precision, recall, _ = precision_recall_curve(y, p)
+        keep = _downsample(precision.size, 200)
+        pr_curve = {
+            "precision": [float(v) for v in precision[keep]],
+            "recall": [float(v) for v in recall[keep]],
+        }
+    else:
+        # Mean actual against mean predicted per decile of the predictions; ``ece`` is the
+        # row-weighted gap in the target's units.
+        calibration = calibration_curve(y, p, n_bins, strategy="quantile")
+        threshold = math.nan
     metrics["ece"] = calibration.ece
-    precision, recall, _ = precision_recall_curve(y, p)
-    keep = _downsample(precision.size, 200)
     slices: list[SliceResult] = []
     if slice_frame is not None:
         if slice_frame.height != y.size:
@@ -185,22 +214,18 @@ def evaluate_scores(
             )
             for value, idx in groups.iter_rows():
                 rows = np.asarray(idx, dtype=np.int64)
-                slices.append(
-                    SliceResult(column, value, binary_metrics(y[rows], p[rows], threshold))
-                )
+                slices.append(SliceResult(column, value, metrics_of(y[rows], p[rows])))
         slices.sort(key=lambda s: (slice_columns.index(s.column), -s.support, s.value))
     return EvaluationReport(
         model=name,
         split=split,
         threshold=float(threshold),
-        threshold_split=threshold_split,
+        threshold_split=threshold_split if binary else "none",
         metrics=metrics,
         calibration=calibration,
-        pr_curve={
-            "precision": [float(v) for v in precision[keep]],
-            "recall": [float(v) for v in recall[keep]],
-        },
+        pr_curve=pr_curve,
         slices=tuple(slices),
+        task=task,
     )
 
 
@@ -216,76 +241,89 @@ def evaluate_model(
     slicing: Slicing = NO_SLICES,
     n_bins: int = 10,
 ) -> EvaluationReport:
-    """Scores `split`; the decision threshold (best F1) is chosen on `threshold_split`, not test.
-    Metrics are broken down by ``slicing``'s columns (its buckets derived first)."""
+    """Scores `split`; a classifier's decision threshold (best F1) is chosen on
+    `threshold_split`, not test. Metrics are broken down by ``slicing``'s columns (its buckets
+    derived first)."""
     frame = with_buckets(frame, slicing.buckets)
-    label = preprocessor.spec.label
+    spec = preprocessor.spec
     test = frame.filter(pl.col("split") == split)
     if test.height == 0:
         raise ValueError(f"the {split!r} split is empty: nothing to evaluate")
-    if threshold is None:
+    if not task_of(spec.task).has_threshold:
+        threshold = math.nan
+    elif threshold is None:
         tuning = frame.filter(pl.col("split") == threshold_split)
         if tuning.height == 0:
             raise ValueError(f"the {threshold_split!r} split is empty: cannot choose a threshold")
         threshold = best_f1_threshold(
-            label_array(tuning, label), predict_proba(module, preprocessor, tuning)
+            label_array(tuning, spec.label, spec.task), predict(module, preprocessor, tuning)
         )
     else:
         threshold_split = "given"
     return evaluate_scores(
         name,
-        label_array(test, label),
-        predict_proba(module, preprocessor, test),
+        label_array(test, spec.label, spec.task),
+        predict(module, preprocessor, test),
         threshold,
         test,
         slice_columns=slicing.columns,
         split=split,
         threshold_split=threshold_split,
         n_bins=n_bins,
+        task=spec.task,
     )
 
 
 def evaluation_markdown(
-    reports: Mapping[str, EvaluationReport], slice_metric: str = "pr_auc", max_slice_rows: int = 25
+    reports: Mapping[str, EvaluationReport],
+    slice_metric: str | None = None,
+    max_slice_rows: int = 25,
 ) -> str:
-    """Side-by-side tables (challenger, baseline, champion...) for the Dagster UI and the card."""
+    """Side-by-side tables (challenger, baseline, champion...) for the Dagster UI and the card:
+    the task's headline metrics, then ``slice_metric`` (the task's primary one by default) per
+    slice, with a classifier's recall at its threshold."""
     names = list(reports)
     if not names:
         return "_no evaluation_\n"
     first = reports[names[0]]
+    task = task_of(first.task)
+    binary = task.name == BINARY
+    slice_metric = slice_metric or task.primary_metric
+    counted = f", {int(first.metrics['positives'])} positives" if binary else ""
+    threshold = " threshold |" if binary else ""
     lines = [
-        f"**Split:** {first.split} ({first.support} rows, {int(first.metrics['positives'])} positives)",
+        f"**Split:** {first.split} ({first.support} rows{counted})",
         "",
-        "| model | " + " | ".join(HEADLINE) + " | threshold |",
-        "|---" * (len(HEADLINE) + 2) + "|",
+        "| model | " + " | ".join(task.headline) + " |" + threshold,
+        "|---" * (len(task.headline) + 1 + binary) + "|",
     ]
     for n in names:
         r = reports[n]
-        cells = " | ".join(_fmt(r.metrics.get(m)) for m in HEADLINE)
-        lines.append(f"| {n} | {cells} | {_fmt(r.threshold)} ({r.threshold_split}) |")
+        cells = " | ".join(_fmt(r.metrics.get(m)) for m in task.headline)
+        tail = f" {_fmt(r.threshold)} ({r.threshold_split}) |" if binary else ""
+        lines.append(f"| {n} | {cells} |{tail}")
     columns = list(dict.fromkeys(s.column for s in first.slices))
+    per_slice = [slice_metric, "recall"] if binary else [slice_metric]
     for column in columns:
+        note = f"{slice_metric}; recall at threshold" if binary else slice_metric
         lines += [
             "",
-            f"**Slices by {column}** ({slice_metric}; recall at threshold)",
+            f"**Slices by {column}** ({note})",
             "",
-            "| value | support | positives | "
-            + " | ".join(f"{n} {slice_metric}" for n in names)
-            + " | "
-            + " | ".join(f"{n} recall" for n in names)
+            "| value | support | "
+            + ("positives | " if binary else "")
+            + " | ".join(f"{n} {m}" for m in per_slice for n in names)
             + " |",
-            "|---" * (3 + 2 * len(names)) + "|",
+            "|---" * (2 + binary + len(per_slice) * len(names)) + "|",
         ]
         rows = [s for s in first.slices if s.column == column][:max_slice_rows]
         for s in rows:
             others = [reports[n].slice(column, s.value) for n in names]
-            metric_cells = " | ".join(
-                _fmt(o.metrics.get(slice_metric) if o else None) for o in others
+            cells = " | ".join(
+                _fmt(o.metrics.get(m) if o else None) for m in per_slice for o in others
             )
-            recall_cells = " | ".join(_fmt(o.metrics.get("recall") if o else None) for o in others)
-            lines.append(
-                f"| {s.value} | {s.support} | {s.positives} | {metric_cells} | {recall_cells} |"
-            )
+            counts = f"{s.support} | {s.positives}" if binary else f"{s.support}"
+            lines.append(f"| {s.value} | {counts} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,10 +22,9 @@ from models.artifact import golden_check, load_model
 from models.checksum import directory_size
 from models.evaluate import EvaluationReport
 from models.spec import GatePolicy
+from models.tasks import of as task_of
 
 __all__ = ["GatePolicy", "InfraReport", "GateDecision", "infra_validate", "validate_challenger"]
-
-LOWER_IS_BETTER = frozenset({"log_loss", "brier", "ece"})
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,6 @@ class GateDecision:
         return "\n".join(lines) + "\n"
 
 
-def _gain(metric: str, challenger: float, reference: float) -> float:
-    return reference - challenger if metric in LOWER_IS_BETTER else challenger - reference
-
-
 def validate_challenger(
     challenger: EvaluationReport,
     baseline: EvaluationReport,
@@ -83,7 +78,8 @@ def validate_challenger(
     def add(name: str, passed: bool, detail: str, **values: Any) -> None:
         checks.append({"check": name, "passed": bool(passed), "detail": detail, **values})
 
-    metric = policy.primary_metric
+    task = task_of(challenger.task)
+    metric = policy.primary_metric or task.primary_metric
     for name, other in (("baseline", baseline), ("champion", champion)):
         if other is None:
             continue
@@ -101,19 +97,25 @@ def validate_challenger(
             f"than the challenger ({challenger.split}, {challenger.support} rows)",
         )
 
-    positives = int(challenger.metrics.get("positives", 0))
-    enough = positives >= policy.min_test_positives
+    # A classifier's metric needs positives, a regressor's rows (decision 16).
+    counted, needed = (
+        ("positives", policy.min_test_positives)
+        if task.count_metric == "positives"
+        else ("rows", policy.min_test_rows)
+    )
+    count = int(challenger.metrics.get(task.count_metric, 0))
+    enough = count >= needed
     add(
-        "enough_positives",
+        f"enough_{counted}",
         enough,
-        f"{positives} positives in {challenger.split}"
+        f"{count} {counted} in {challenger.split}"
         + (
-            f" (>= {policy.min_test_positives})"
+            f" (>= {needed})"
             if enough
-            else f", fewer than {policy.min_test_positives}: too few to tell models apart; "
+            else f", fewer than {needed}: too few to tell models apart; "
             "retrain once more labels have arrived"
         ),
-        positives=positives,
+        **{counted: count},
     )
     value = challenger.metrics.get(metric, math.nan)
     if value is None or math.isnan(value):
@@ -130,7 +132,7 @@ def validate_challenger(
             add(f"beats_{name}", True, f"no {name}: nothing to beat", margin=margin)
             continue
         ref = other.metrics.get(metric, math.nan)
-        gain = _gain(metric, value, ref)
+        gain = task.gain(metric, value, ref)
         ok = not math.isnan(gain) and gain > 0 and gain >= margin
         verb = "beats" if ok else "does not beat"
         add(
@@ -159,10 +161,14 @@ def _slice_checks(
     policy: GatePolicy,
     add: Any,
 ) -> None:
-    metric = policy.slice_metric or policy.primary_metric
+    task = task_of(challenger.task)
+    metric = policy.slice_metric or policy.primary_metric or task.primary_metric
+    binary = task.count_metric == "positives"
     evaluated = 0
     for s in challenger.slices:
-        if s.support < policy.slice_min_support or s.positives < policy.slice_min_positives:
+        if s.support < policy.slice_min_support or (
+            binary and s.positives < policy.slice_min_positives
+        ):
             continue
         ref = reference.slice(s.column, s.value)
         if ref is None:
@@ -170,13 +176,14 @@ def _slice_checks(
         evaluated += 1
         mine = s.metrics.get(metric, math.nan)
         theirs = ref.metrics.get(metric, math.nan)
-        drop = -_gain(metric, mine, theirs)
+        drop = -task.gain(metric, mine, theirs)
         ok = not math.isnan(drop) and drop <= policy.slice_tolerance
         add(
             f"slice:{s.column}={s.value}",
             ok,
-            f"slice {s.column}={s.value} (support {s.support}, {s.positives} positives): "
-            f"{metric} {mine:.4f} vs {reference_name} {theirs:.4f} "
+            f"slice {s.column}={s.value} (support {s.support}"
+            + (f", {s.positives} positives): " if binary else "): ")
+            + f"{metric} {mine:.4f} vs {reference_name} {theirs:.4f} "
             + (
                 f"within tolerance {policy.slice_tolerance:.4f}"
                 if ok
@@ -191,8 +198,9 @@ def _slice_checks(
         add(
             "slices_evaluated",
             True,
-            f"no slice reached support {policy.slice_min_support} with "
-            f"{policy.slice_min_positives} positives; no slice comparison made",
+            f"no slice reached support {policy.slice_min_support}"
+            + (f" with {policy.slice_min_positives} positives" if binary else "")
+            + "; no slice comparison made",
         )
 
 

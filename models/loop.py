@@ -180,8 +180,10 @@ def fit(
     config: TrainConfig,
     device: torch.device,
     pos_weight: float = 1.0,
+    loss_fn: LossFn | None = None,
 ) -> FitResult:
     """Trains in place; with a validation split, early-stops and keeps the best epoch's weights.
+    ``loss_fn`` (a regression's) replaces the classifier's loss built from ``config``.
 
     Seeded (permutations, OOV masking and dropout draw from generators seeded by
     `config.seed`), so the same seed on the same device and thread count gives the same
@@ -192,7 +194,7 @@ def fit(
     module.to(device)
     train = train.to(device)
     validation = validation.to(device) if validation is not None and len(validation) else None
-    loss_fn = make_loss(config, pos_weight, device)
+    loss_fn = loss_fn or make_loss(config, pos_weight, device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)

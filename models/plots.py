@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from models.evaluate import EvaluationReport
+from models.tasks import BINARY
+from models.tasks import of as task_of
 
 
 def _png(fig: Figure) -> bytes:
@@ -52,10 +54,16 @@ def loss_curves_png(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> b
 
 
 def calibration_png(reports: Mapping[str, EvaluationReport]) -> bytes:
-    """Reliability diagram: observed fraud rate against mean predicted probability."""
+    """Reliability diagram: a classifier's observed positive rate against its mean predicted
+    probability, or a regressor's mean actual against mean predicted value per decile."""
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
+    binary = next(iter(reports.values())).task == BINARY if reports else True
+    points = [
+        v for r in reports.values() for v in (*r.calibration.prob_pred, *r.calibration.prob_true)
+    ]
+    lo, hi = (0.0, 1.0) if binary or not points else (min(points), max(points))
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle=":", label="perfect")
     for i, (name, r) in enumerate(reports.items()):
         ece = r.calibration.ece
         ax.plot(
@@ -63,13 +71,14 @@ def calibration_png(reports: Mapping[str, EvaluationReport]) -> bytes:
             r.calibration.prob_true,
             marker="o",
             color=f"C{i}",
-            label=f"{name} (ECE {ece:.3f})",
+            label=f"{name} ({'ECE' if binary else 'mean gap'} {ece:.3f})",
         )
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed positive rate")
+    ax.set_xlabel("mean predicted probability" if binary else "mean prediction (decile)")
+    ax.set_ylabel("observed positive rate" if binary else "mean actual")
     ax.set_title("Calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    if binary:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
@@ -100,12 +109,14 @@ def pr_curve_png(reports: Mapping[str, EvaluationReport]) -> bytes:
 def slice_metric_png(
     reports: Mapping[str, EvaluationReport],
     column: str,
-    metric: str = "pr_auc",
+    metric: str | None = None,
     max_values: int = 15,
 ) -> bytes:
-    """Grouped bars of one metric per slice value (largest slices first), support in labels."""
+    """Grouped bars of one metric (the task's primary one by default) per slice value
+    (largest slices first), support in labels."""
     names = list(reports)
     first = reports[names[0]]
+    metric = metric or task_of(first.task).primary_metric
     slices = [s for s in first.slices if s.column == column][:max_values]
     fig = Figure(figsize=(max(6, 0.6 * len(slices) * len(names)), 4))
     ax = fig.add_subplot()

@@ -20,6 +20,7 @@ import polars as pl
 import torch
 
 from models.spec import FIRST_CATEGORY_INDEX, MISSING_INDEX, OOV_INDEX, FeatureSpec
+from models.tasks import of as task_of
 
 _FLOAT64_MAX = float(np.finfo(np.float64).max)
 
@@ -207,9 +208,11 @@ class Preprocessor:
         return pl.DataFrame(columns)
 
     def labels(self, frame: pl.DataFrame) -> torch.Tensor:
-        """The 0/1 label as float32; nulls or other values are an error, not a silent 0."""
+        """The label as float32 (0/1 for a classifier); nulls or other values are an error,
+        not a silent 0."""
         _require_columns(frame, (self.spec.label,))
-        return torch.from_numpy(label_array(frame, self.spec.label).astype(np.float32))
+        values = label_array(frame, self.spec.label, self.spec.task)
+        return torch.from_numpy(values.astype(np.float32))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -227,18 +230,12 @@ class Preprocessor:
         )
 
 
-def label_array(frame: pl.DataFrame, label: str = "label") -> np.ndarray:
-    """Labels as int8, checked to be 0/1 with no nulls."""
-    column = frame.get_column(label)
-    if column.null_count():
-        raise ValueError(f"label column {label!r} has {column.null_count()} null values")
-    values = column.cast(pl.Int8).to_numpy()
-    bad = (values != 0) & (values != 1)
-    if bad.any():
-        raise ValueError(
-            f"label column {label!r} must be 0/1, found {sorted(set(values[bad]))[:5]}"
-        )
-    return values
+def label_array(
+    frame: pl.DataFrame, label: str = "label", task: str = "binary_classification"
+) -> np.ndarray:
+    """Labels as the task reads them (models.tasks): 0/1 int8 for a classifier, finite floats
+    for a regressor; nulls and other values are refused."""
+    return task_of(task).labels(frame.get_column(label))
 
 
 def _require_columns(data: pl.DataFrame | Mapping[str, Any], names: Sequence[str]) -> None:

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from core.usecase import UseCase, active
 
 SPLITS = ("train", "validation", "test")
+# models.tasks' task types (spec.py stays free of torch and Polars, so it names them here).
+TASK_TYPES = ("binary_classification", "regression")
 MISSING_INDEX = 0
 OOV_INDEX = 1
 FIRST_CATEGORY_INDEX = 2
@@ -57,8 +59,12 @@ class FeatureSpec:
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
     label: str = "label"
+    # What the model predicts (models.tasks): saved with the model, so it knows its own task.
+    task: str = "binary_classification"
 
     def __post_init__(self) -> None:
+        if self.task not in TASK_TYPES:
+            raise ValueError(f"unknown task type {self.task!r}; expected one of {TASK_TYPES}")
         names = (*self.numeric, *self.categorical)
         if not names:
             raise ValueError("FeatureSpec needs at least one feature column")
@@ -76,6 +82,7 @@ class FeatureSpec:
             "numeric": list(self.numeric),
             "categorical": list(self.categorical),
             "label": self.label,
+            "task": self.task,
         }
 
     @classmethod
@@ -84,6 +91,7 @@ class FeatureSpec:
             numeric=tuple(data["numeric"]),
             categorical=tuple(data["categorical"]),
             label=data.get("label", "label"),
+            task=data.get("task", "binary_classification"),  # models saved before tasks
         )
 
 
@@ -165,6 +173,7 @@ def feature_spec_from_fields(
     request_numeric: Sequence[str] = (),
     request_categorical: Sequence[str] = (),
     label: str = "label",
+    task: str = "binary_classification",
 ) -> FeatureSpec:
     """A feature store's fields, given as (name, dtype name), as a FeatureSpec.
 
@@ -183,18 +192,23 @@ def feature_spec_from_fields(
         numeric=tuple(n for n, cat in kinds.items() if not cat),
         categorical=tuple(n for n, cat in kinds.items() if cat),
         label=label,
+        task=task,
     )
 
 
 @dataclass(frozen=True)
 class GatePolicy:
-    """Thresholds of the gate. Gains are in metric units (PR-AUC 0.005 = half a point)."""
+    """Thresholds of the gate. Gains are in metric units (PR-AUC 0.005 = half a point; MAE in
+    the target's units)."""
 
-    primary_metric: str = "pr_auc"
+    # "" is the task's own (models.tasks): PR-AUC for a classifier, MAE for a regressor.
+    primary_metric: str = ""
     min_gain_over_baseline: float = 0.0
     min_gain_over_champion: float = 0.002
     # Below this many positives in the test split the metric is noise (decision 16): no verdict.
     min_test_positives: int = 30
+    # A regressor's metric needs rows rather than positives.
+    min_test_rows: int = 200
     slice_metric: str | None = None
     slice_tolerance: float = 0.05
     slice_min_support: int = 500
@@ -229,4 +243,5 @@ def feature_spec_of_service(
         request_numeric=[n for n, kind in inputs.items() if kind == "number"],
         request_categorical=[n for n, kind in inputs.items() if kind == "category"],
         label=label,
+        task=uc.task.type,
     )

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from models.loop import FitResult, TensorData, fit, predict_logits, select_devic
 from models.network import TabularNet, build_network, count_parameters
 from models.preprocess import Preprocessor, label_array
 from models.spec import SPLITS, FeatureSpec, TrainConfig
+from models.tasks import BINARY, Regression
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,23 @@ def split_frame(frame: pl.DataFrame, split: str) -> pl.DataFrame:
     return frame.filter(pl.col("split") == split)
 
 
-def data_window(frame: pl.DataFrame, label: str = "label") -> dict[str, Any]:
-    """Event-time span and row/positive counts, overall and per split (for lineage and the card)."""
+def data_window(frame: pl.DataFrame, label: str = "label", task: str = BINARY) -> dict[str, Any]:
+    """Event-time span and row counts, overall and per split, with the positives of a
+    classifier or the mean label of a regressor (for lineage and the card)."""
 
     def span(part: pl.DataFrame) -> dict[str, Any]:
         ts = part.get_column("event_timestamp")
-        return {
+        out: dict[str, Any] = {
             "start": ts.min().isoformat() if part.height else None,
             "end": ts.max().isoformat() if part.height else None,
             "rows": part.height,
-            "positives": int(part.get_column(label).cast(pl.Int64).sum()) if part.height else 0,
         }
+        column = part.get_column(label)
+        if task == BINARY:
+            out["positives"] = int(column.cast(pl.Int64).sum()) if part.height else 0
+        else:
+            out["mean_label"] = float(column.cast(pl.Float64).mean()) if part.height else None
+        return out
 
     out = span(frame)
     out["splits"] = {s: span(split_frame(frame, s)) for s in SPLITS}
@@ -81,10 +89,17 @@ def data_window(frame: pl.DataFrame, label: str = "label") -> dict[str, Any]:
 
 
 def tensor_data(
-    preprocessor: Preprocessor, frame: pl.DataFrame, weight: torch.Tensor | None = None
+    preprocessor: Preprocessor,
+    frame: pl.DataFrame,
+    weight: torch.Tensor | None = None,
+    standardise: tuple[float, float] | None = None,
 ) -> TensorData:
+    """A split as tensors; ``standardise`` (mean, std) turns a regression target into z-scores."""
     batch = preprocessor.transform(frame)
-    return TensorData(batch.numeric, batch.categorical, preprocessor.labels(frame), weight)
+    label = preprocessor.labels(frame)
+    if standardise is not None:
+        label = (label - standardise[0]) / standardise[1]
+    return TensorData(batch.numeric, batch.categorical, label, weight)
 
 
 def recency_weights(
@@ -126,24 +141,22 @@ def weighting_summary(weight: torch.Tensor | None, half_life_days: float | None)
 def train_model(
     frame: pl.DataFrame, spec: FeatureSpec, config: TrainConfig, *, kind: str = "network"
 ) -> TrainResult:
-    """Fits preprocessing on the train split, trains with early stopping on validation, calibrates.
+    """Fits preprocessing on the train split, trains with early stopping on validation, and
+    fits the output to the task (``spec.task``, models.tasks).
 
-    Class imbalance: `pos_weight = n_neg / n_pos` (capped) or focal loss. Weighting
-    inflates probabilities, so the logits are Platt-scaled on the validation split
-    afterwards (falling back to the exact prior correction -log(pos_weight)).
+    A classifier: class imbalance by `pos_weight = n_neg / n_pos` (capped) or focal loss.
+    Weighting inflates probabilities, so the logits are Platt-scaled on the validation split
+    afterwards (falling back to the exact prior correction -log(pos_weight)). A regressor
+    learns the standardised target with the Huber loss; the model's output affine maps it back
+    to the target's units.
     """
     missing = [c for c in ("split", "event_timestamp", spec.label) if c not in frame.columns]
     if missing:
         raise KeyError(f"training set is missing columns {missing}")
     train_df = split_frame(frame, "train")
     val_df = split_frame(frame, "validation")
-    y_train = label_array(train_df, spec.label)
-    n_pos = int(y_train.sum())
-    n_neg = int(y_train.shape[0] - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"the train split needs both classes, got {n_pos} positives and {n_neg} negatives"
-        )
+    y_train = label_array(train_df, spec.label, spec.task)
+    standardise = _check_labels(y_train, spec.task)
     preprocessor = Preprocessor.fit(train_df, spec, max_categories=config.max_categories)
     half_life = config.recency_half_life_days
     weight = (
@@ -151,8 +164,10 @@ def train_model(
         if half_life is None
         else recency_weights(train_df.get_column("event_timestamp"), half_life)
     )
-    train = tensor_data(preprocessor, train_df, weight)
-    validation = tensor_data(preprocessor, val_df) if val_df.height else None
+    train = tensor_data(preprocessor, train_df, weight, standardise)
+    validation = (
+        tensor_data(preprocessor, val_df, standardise=standardise) if val_df.height else None
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -167,19 +182,28 @@ def train_model(
         )
     numeric64 = train.numeric.double()
     model.set_normalization(numeric64.mean(0).float(), numeric64.std(0, correction=0).float())
-    pos_weight = (
-        min(n_neg / n_pos, config.max_pos_weight) if config.imbalance == "pos_weight" else 1.0
-    )
     device = select_device(config.device)
-    result = fit(model, train, validation, config, device, pos_weight=pos_weight)
-    model.cpu().eval()
-
-    prior_bias = -math.log(pos_weight) if config.imbalance == "pos_weight" else 0.0
-    calibration: dict[str, float | str] = {"method": "prior", "scale": 1.0, "bias": prior_bias}
-    if config.calibrate and validation is not None:
-        fitted = platt_scale(model, validation)
-        if fitted is not None:
-            calibration = {"method": "platt", "scale": fitted[0], "bias": fitted[1]}
+    if standardise is not None:
+        pos_weight = 1.0
+        result = fit(model, train, validation, config, device, loss_fn=Regression().huber)
+        model.cpu().eval()
+        mean, std = standardise
+        calibration: dict[str, float | str] = {"method": "standardised", "scale": std, "bias": mean}
+    else:
+        n_pos = int(y_train.sum())
+        pos_weight = (
+            min((y_train.size - n_pos) / n_pos, config.max_pos_weight)
+            if config.imbalance == "pos_weight"
+            else 1.0
+        )
+        result = fit(model, train, validation, config, device, pos_weight=pos_weight)
+        model.cpu().eval()
+        prior_bias = -math.log(pos_weight) if config.imbalance == "pos_weight" else 0.0
+        calibration = {"method": "prior", "scale": 1.0, "bias": prior_bias}
+        if config.calibrate and validation is not None:
+            fitted = platt_scale(model, validation)
+            if fitted is not None:
+                calibration = {"method": "platt", "scale": fitted[0], "bias": fitted[1]}
     model.set_calibration(float(calibration["scale"]), float(calibration["bias"]))
     return TrainResult(
         model=model,
@@ -188,10 +212,26 @@ def train_model(
         fit=result,
         pos_weight=float(pos_weight),
         calibration=calibration,
-        data_window=data_window(frame, spec.label),
+        data_window=data_window(frame, spec.label, spec.task),
         kind=kind,
         weighting=weighting_summary(weight, half_life),
     )
+
+
+def _check_labels(y: np.ndarray, task: str) -> tuple[float, float] | None:
+    """Refuses a train split the task cannot learn from; a regressor's (mean, std)."""
+    if task == BINARY:
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == y.size:
+            raise ValueError(
+                f"the train split needs both classes, got {n_pos} positives and "
+                f"{y.size - n_pos} negatives"
+            )
+        return None
+    std = float(np.std(y))
+    if y.size < 2 or not std > 0:
+        raise ValueError(f"the train split's label is constant ({y.size} rows): nothing to learn")
+    return float(np.mean(y)), std
 
 
 def platt_scale(model: TabularNet, validation: TensorData) -> tuple[float, float] | None:
@@ -219,7 +259,8 @@ def platt_scale(model: TabularNet, validation: TensorData) -> tuple[float, float
 
 
 def baseline_config(config: TrainConfig) -> TrainConfig:
-    """The same run as a logistic regression: no hidden layers, one weight per category.
+    """The same run as a logistic (or linear) regression: no hidden layers, one weight per
+    category.
 
     A convex model tolerates (and needs, to converge in few epochs) a larger step size.
     """
@@ -227,5 +268,6 @@ def baseline_config(config: TrainConfig) -> TrainConfig:
 
 
 def train_baseline(frame: pl.DataFrame, spec: FeatureSpec, config: TrainConfig) -> TrainResult:
-    """Logistic regression on the same preprocessing, split and imbalance handling."""
+    """Logistic (a classifier's) or linear (a regressor's) regression on the same
+    preprocessing, split and imbalance handling."""
     return train_model(frame, spec, baseline_config(config), kind="baseline")

@@ -56,7 +56,7 @@ from features.training_set import (
     labelled_requests,
 )
 from features.views import TS, ViewBatch, training_entities, views, write_feature_file
-from models.evaluate import EvaluationReport, evaluate_model, predict_proba
+from models.evaluate import EvaluationReport, evaluate_model, predict
 from models.gate import InfraReport, validate_challenger
 from models.metrics import average_precision, expected_average_precision
 from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_of_service
@@ -457,7 +457,7 @@ class Champion:
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:
         model = self.trained.candidate
-        return predict_proba(model.model, model.preprocessor, frame)
+        return predict(model.model, model.preprocessor, frame)
 
 
 @dataclass(frozen=True)
@@ -505,7 +505,7 @@ def _champion_of(trained: Trained, version: str, reference_rows: int) -> Champio
     train = drift_reference(trained.frame, reference_rows).select(columns)
     model = trained.candidate
     test = trained.frame.filter(pl.col("split") == "test")
-    scores = predict_proba(model.model, model.preprocessor, test)
+    scores = predict(model.model, model.preprocessor, test)
     return Champion(version, trained, train, scores)
 
 
@@ -1033,7 +1033,7 @@ def deadline_ceilings(
         for seed in seeds:
             trained = train_model(frame, world.spec, replace(config.train, seed=seed))
             scores.append(
-                average_precision(truth, predict_proba(trained.model, trained.preprocessor, judged))
+                average_precision(truth, predict(trained.model, trained.preprocessor, judged))
             )
         train = frame.filter(pl.col("split") == "train")
         day = timedelta(days=1)
@@ -1073,7 +1073,7 @@ def _ceiling(regime: str, rows: pl.DataFrame, spec: FeatureSpec, config: Backtes
     trained = train_model(frame, spec, config.train)
     test = frame.filter(pl.col("split") == "test")
     scored = test.with_columns(
-        pl.Series(SCORE, predict_proba(trained.model, trained.preprocessor, test)),
+        pl.Series(SCORE, predict(trained.model, trained.preprocessor, test)),
         pl.lit("ceiling").alias("version"),
     )
     first_test = int(scored["step"].min())

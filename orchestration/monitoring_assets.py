@@ -294,7 +294,7 @@ def drift_report(
 ):
     """Serving features and scores against the champion's training data: PSI, KS, JS, skew."""
     from models.artifact import load_model
-    from models.evaluate import predict_proba
+    from models.evaluate import predict
     from models.plots import drift_png, png_markdown
 
     settings = storage.settings
@@ -329,7 +329,7 @@ def drift_report(
         warm_up=timedelta(days=warm_up) if warm_up else None,
     )
     held_out = training.filter(pl.col("split") == "test")
-    reference_scores = predict_proba(module, preprocessor, held_out)
+    reference_scores = predict(module, preprocessor, held_out)
     result = serving_drift(
         reference.select(spec.columns),
         serving,

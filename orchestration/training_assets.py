@@ -25,7 +25,6 @@ from orchestration.resources import LooplineStorage
 
 GROUP = "training"
 MODEL_NAME = f"{active().name}_model"
-HEADLINE_METADATA = ("pr_auc", "roc_auc", "log_loss", "brier", "ece", "precision", "recall")
 
 # The platform's defaults with the use case's `training:` and `gate:` declarations applied.
 _TRAIN = active().declared("training", TrainConfig)
@@ -265,24 +264,27 @@ def evaluation_report(
 def _evaluation_metadata(evaluation) -> dict:
     from models.evaluate import evaluation_markdown
     from models.plots import calibration_png, png_markdown, pr_curve_png, slice_metric_png
+    from models.tasks import of as task_of
 
     reports = evaluation.reports
     challenger = evaluation.challenger
+    task = task_of(challenger.task)
     metadata: dict = {
         name: dg.MetadataValue.float(float(challenger.metrics[name]))
-        for name in HEADLINE_METADATA
+        for name in (*task.headline, "ece")
         if math.isfinite(challenger.metrics.get(name, math.nan))
     }
+    if task.has_threshold:
+        metadata["threshold"] = dg.MetadataValue.float(challenger.threshold)
+        metadata["pr_curve"] = dg.MetadataValue.md(png_markdown(pr_curve_png(reports), "PR curve"))
     metadata.update(
         {
-            "threshold": dg.MetadataValue.float(challenger.threshold),
             "test_rows": challenger.support,
             "champion": evaluation.champion_version or "none",
             "gate_passed": evaluation.decision.passed,
             "report": dg.MetadataValue.md(evaluation_markdown(reports)),
             "model_card": dg.MetadataValue.md(evaluation.card),
             "calibration": dg.MetadataValue.md(png_markdown(calibration_png(reports), "calib")),
-            "pr_curve": dg.MetadataValue.md(png_markdown(pr_curve_png(reports), "PR curve")),
             "infra": dg.MetadataValue.json(evaluation.infra.to_dict()),
         }
     )
@@ -303,6 +305,7 @@ def registered_model(
 ) -> dg.Output[str]:
     """The validated candidate in the model registry with its lineage; challenger or champion."""
     from models.release import register_candidate
+    from models.tasks import of as task_of
 
     evaluation = evaluation_report
     if Path(evaluation.candidate.path) != Path(candidate_model.path):
@@ -337,7 +340,11 @@ def registered_model(
             "aliases": ", ".join(registered.aliases) or "none",
             "registry": dg.MetadataValue.path(str(registry.path)),
             "artifact_dir": dg.MetadataValue.path(registered.artifact_dir),
-            "pr_auc": dg.MetadataValue.float(float(registered.metrics["pr_auc"])),
+            **{
+                metric: dg.MetadataValue.float(float(registered.metrics[metric]))
+                for metric in [_GATE.primary_metric or task_of(active().task.type).primary_metric]
+                if metric in registered.metrics
+            },
             "lineage": dg.MetadataValue.json(registered.lineage()),
         },
     )

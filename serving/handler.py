@@ -119,7 +119,7 @@ class LooplineHandler(BaseHandler):
                 for j, detail in zip(rows, details, strict=True):
                     outputs[j] = {**outputs[j], "explanation": detail}
             latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            finite = bool(np.isfinite(scores.probabilities).all())
+            finite = bool(np.isfinite(scores.predictions).all())
             request_ids: list[str | None] = []
             endpoints: list[str] = []
             start = 0
@@ -150,8 +150,8 @@ class LooplineHandler(BaseHandler):
                     "missing_features": scores.missing_features,
                     "unknown_entities": scores.unknown_entities,
                     "feature_age_s": found.feature_age_s,  # per view: seconds, None if absent
-                    layout.score: scores.probabilities,
-                    "decision": scores.decisions,
+                    layout.score: scores.predictions,
+                    "decision": scores.decisions or [None] * len(flat),  # a regressor's none
                 },
                 len(flat),
             )

@@ -35,10 +35,11 @@ from features.store import (
     online_features,
 )
 from models.artifact import load_model, read_sidecar
-from models.evaluate import batch_proba
+from models.evaluate import batch_predict
 from models.network import FrozenNet, TabularNet
 from models.preprocess import Preprocessor
 from models.registry import Registry
+from models.tasks import of as task_of
 from quality.schema import UTC_TS
 from serving.config import MODEL_NAME
 from serving.requests import Record, request_schema
@@ -177,9 +178,10 @@ class OnlineLookup(NamedTuple):
 
 @dataclass(frozen=True)
 class Scores:
-    """Model outputs for a feature frame, row-aligned with it."""
+    """Model outputs for a feature frame, row-aligned with it: a classifier's probabilities and
+    decision words, or a regressor's values (and no decisions)."""
 
-    probabilities: np.ndarray
+    predictions: np.ndarray
     decisions: list[str]
     missing_features: list[list[str]]
     unknown_entities: list[list[str]]
@@ -296,18 +298,22 @@ class Scorer:
         # a number. Entity features beyond them are flagged alike (unknown entities).
         missing = self.preprocessor.missing(batch)
         nulls = missing if others_null is None else np.concatenate([missing, others_null], 1)
-        probabilities = batch_proba(self.forward, batch)
-        threshold = self.info.threshold
-        yes, no = self.layout.positive, self.layout.negative
-        decisions = [yes if p >= threshold else no for p in probabilities.tolist()]
+        predictions = batch_predict(self.forward, batch, self.preprocessor.spec.task)
+        decisions: list[str] = []
+        if task_of(self.preprocessor.spec.task).has_threshold:
+            threshold = self.info.threshold
+            yes, no = self.layout.positive, self.layout.negative
+            decisions = [yes if p >= threshold else no for p in predictions.tolist()]
         entities, masks = self._entity_masks(tuple(others))
         # An entity is unknown where every feature it contributes is null.
         by_row = np.stack([nulls[:, m].all(axis=1) for m in masks], axis=1) if masks else None
         return Scores(
-            probabilities=probabilities,
+            predictions=predictions,
             decisions=decisions,
             missing_features=_names_where(columns, missing),
-            unknown_entities=_names_where(entities, by_row) if masks else [[] for _ in decisions],
+            unknown_entities=(
+                _names_where(entities, by_row) if masks else [[] for _ in range(len(predictions))]
+            ),
             inputs=inputs,
         )
 
@@ -334,18 +340,20 @@ class Scorer:
         return self.responses(requests, scores), scores
 
     def responses(self, requests: Sequence[Record], scores: Scores) -> list[dict[str, Any]]:
+        """One object per request: its id, the declared score field, a classifier's decision,
+        the model version, and which features were missing and which entities unknown."""
         request_id, score = self.layout.id, self.layout.score
-        return [
-            {
-                request_id: t[request_id],
-                score: float(scores.probabilities[i]),
-                "decision": scores.decisions[i],
-                "model_version": self.info.model_version,
-                "missing_features": scores.missing_features[i],
-                "unknown_entities": scores.unknown_entities[i],
-            }
-            for i, t in enumerate(requests)
-        ]
+        version, decisions = self.info.model_version, scores.decisions
+        out = []
+        for i, t in enumerate(requests):
+            response = {request_id: t[request_id], score: float(scores.predictions[i])}
+            if decisions:
+                response["decision"] = decisions[i]
+            response["model_version"] = version
+            response["missing_features"] = scores.missing_features[i]
+            response["unknown_entities"] = scores.unknown_entities[i]
+            out.append(response)
+        return out
 
 
 def _service_features(store: FeatureStore, info: ServingInfo) -> list[str]:

@@ -195,7 +195,7 @@ def test_declared_policies_override_the_platform_defaults_and_name_their_mistake
     assert (train.hidden, train.epochs, train.lr) == ((64, 16), 12, TrainConfig().lr)
     retrain = uc.declared("retrain", TriggerPolicy, drift_psi=0.4)  # run config wins
     assert retrain.cooldown.total_seconds() == 90 * 60 and retrain.drift_psi == 0.4
-    assert uc.declared("gate", GatePolicy) == GatePolicy()
+    assert uc.declared("gate", GatePolicy) == GatePolicy(primary_metric="pr_auc")  # as declared
 
     def typo(d):
         d["gate"] = {"min_gain_over_champoin": 0.01}

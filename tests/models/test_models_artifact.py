@@ -17,7 +17,7 @@ from models.artifact import (
     read_sidecar,
     save_training_result,
 )
-from models.evaluate import predict_proba
+from models.evaluate import predict
 from models.train import train_model
 from tests.models.testkit import FAST, SPEC
 
@@ -34,8 +34,8 @@ def test_saved_model_reloads_weights_only_with_identical_outputs(trained, traini
     assert "num_mean" in state and "calib_bias" in state  # normalisation travels in the weights
     module, preprocessor = load_model(saved.path)
     assert preprocessor == trained.preprocessor
-    before = predict_proba(trained.model, trained.preprocessor, training_set)
-    after = predict_proba(module, preprocessor, training_set)
+    before = predict(trained.model, trained.preprocessor, training_set)
+    after = predict(module, preprocessor, training_set)
     np.testing.assert_array_equal(before, after)
     assert golden_check(saved.path) == (True, 0.0)
     sidecar = read_sidecar(saved.path)

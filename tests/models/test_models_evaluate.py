@@ -17,7 +17,7 @@ from models.evaluate import (
     evaluate_model,
     evaluate_scores,
     evaluation_markdown,
-    predict_proba,
+    predict,
     with_buckets,
 )
 from models.metrics import average_precision, best_f1_threshold, binary_metrics
@@ -75,14 +75,12 @@ def test_slices_carry_support_and_their_own_metrics():
 def test_threshold_is_chosen_on_validation_not_test(models, training_set, reports):
     net, _ = models
     val = training_set.filter(pl.col("split") == "validation")
-    expected = best_f1_threshold(
-        val["label"].to_numpy(), predict_proba(net.model, net.preprocessor, val)
-    )
+    expected = best_f1_threshold(val["label"].to_numpy(), predict(net.model, net.preprocessor, val))
     report = reports["challenger"]
     assert report.threshold == expected and report.threshold_split == "validation"
     test = training_set.filter(pl.col("split") == "test")
     assert report.support == test.height
-    probs = predict_proba(net.model, net.preprocessor, test)
+    probs = predict(net.model, net.preprocessor, test)
     assert report.metrics["pr_auc"] == average_precision(test["label"].to_numpy(), probs)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.evaluate import batch_proba
+from models.evaluate import batch_predict
 from models.network import FrozenNet, TabularNet, build_network
 from models.preprocess import TabularBatch
 
@@ -58,8 +58,8 @@ def test_the_frozen_forward_equals_the_module_bit_for_bit(architecture, n: int) 
     assert got.dtype == expected.dtype and got.shape == expected.shape == (n,)
     assert torch.equal(got, expected)
     assert torch.equal(
-        torch.from_numpy(batch_proba(frozen, TabularBatch(numeric, categorical))),
-        torch.from_numpy(batch_proba(module, TabularBatch(numeric, categorical))),
+        torch.from_numpy(batch_predict(frozen, TabularBatch(numeric, categorical))),
+        torch.from_numpy(batch_predict(module, TabularBatch(numeric, categorical))),
     )
 
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from models.evaluate import evaluate_model, predict_proba
+from models.evaluate import evaluate_model, predict
 from models.loop import (
     NonFiniteLossError,
     TensorData,
@@ -33,7 +33,7 @@ def test_overfits_a_tiny_training_set():
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 150
     assert losses[-1] < 0.1 * losses[0]
-    probs = predict_proba(result.model, result.preprocessor, tiny)
+    probs = predict(result.model, result.preprocessor, tiny)
     assert average_precision(tiny["label"].to_numpy(), probs) == 1.0
 
 
@@ -49,10 +49,10 @@ def test_extreme_inputs_train_and_predict_without_nan():
     assert all(
         math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history
     )
-    probs = predict_proba(result.model, result.preprocessor, frame)
+    probs = predict(result.model, result.preprocessor, frame)
     assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
     weird = {"amount": 1e308, "card_txn_count_24h": -1e308, "country": "ATLANTIS"}
-    assert np.isfinite(predict_proba(result.model, result.preprocessor, [weird])).all()
+    assert np.isfinite(predict(result.model, result.preprocessor, [weird])).all()
 
 
 def test_same_seed_gives_same_model_and_metrics(training_set):
@@ -108,10 +108,10 @@ def test_class_imbalance_is_weighted_then_calibrated_back(training_set):
     assert result.pos_weight == pytest.approx(min(ratio, FAST.max_pos_weight))
     assert result.calibration["method"] == "platt"
     test = training_set.filter(pl.col("split") == "test")
-    probs = predict_proba(result.model, result.preprocessor, test)
+    probs = predict(result.model, result.preprocessor, test)
     assert abs(probs.mean() - test["label"].mean()) < 0.03
     result.model.set_calibration(1.0, 0.0)  # the raw weighted logits over-predict fraud
-    raw = predict_proba(result.model, result.preprocessor, test)
+    raw = predict(result.model, result.preprocessor, test)
     assert raw.mean() > 2 * test["label"].mean()
 
 
@@ -129,7 +129,7 @@ def test_baseline_is_a_logistic_regression_that_learns(training_set):
     assert all(e.embedding_dim == 1 for e in result.model.embeddings)
     test = training_set.filter(pl.col("split") == "test")
     ap = average_precision(
-        test["label"].to_numpy(), predict_proba(result.model, result.preprocessor, test)
+        test["label"].to_numpy(), predict(result.model, result.preprocessor, test)
     )
     assert ap > 3 * test["label"].mean()
 
@@ -203,7 +203,7 @@ def test_recency_weighting_learns_the_new_world_after_a_concept_drift():
 
     def test_ap(frame: pl.DataFrame, config) -> tuple[float, dict]:
         result = train_model(frame, SPEC, config)
-        return average_precision(y, predict_proba(result.model, result.preprocessor, test)), (
+        return average_precision(y, predict(result.model, result.preprocessor, test)), (
             result.summary()
         )
 

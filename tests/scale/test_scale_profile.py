@@ -226,7 +226,7 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
     assert not any("card" in unknown for unknown in scale_scores.unknown_entities)
     assert scale_scores.unknown_entities == local_scores.unknown_entities
     assert [a["decision"] for a in scale_answers] == [a["decision"] for a in local_answers]
-    assert scale_scores.probabilities == pytest.approx(local_scores.probabilities, abs=1e-6)
+    assert scale_scores.predictions == pytest.approx(local_scores.predictions, abs=1e-6)
 
 
 def _traffic(validated: Path, n: int) -> list[dict]:

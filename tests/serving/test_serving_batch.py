@@ -75,7 +75,7 @@ def test_the_handlers_columns_score_exactly_as_a_frame_does(
     assert list(columns) == frame.columns
     assert pl.DataFrame(columns, schema=frame.schema).equals(frame)
     fast, reference = scorer.score(columns), scorer.score(frame)
-    assert np.array_equal(fast.probabilities, reference.probabilities)
+    assert np.array_equal(fast.predictions, reference.predictions)
     assert fast.decisions == reference.decisions
     assert fast.missing_features == reference.missing_features
     assert fast.unknown_entities == reference.unknown_entities

@@ -1,0 +1,162 @@
+"""What a model predicts, and what follows from it: its labels, loss, output, metrics and which
+of them are better lower, and whether it decides with a threshold.
+
+Two task types run through one code path (``task.type`` in a use case's declaration, carried
+by the model's ``FeatureSpec`` so a saved model knows its own):
+
+- ``binary_classification``: 0/1 labels, a logit trained with (weighted) binary cross-entropy,
+  Platt-scaled, read through a sigmoid as a probability; judged on PR-AUC; a decision threshold
+  (best F1 on validation) turns it into the positive or negative decision word.
+- ``regression``: real-valued labels, standardised for training (the network learns
+  ``(y - mean) / std`` with the Huber loss, robust to the long tails of durations and amounts)
+  and mapped back by the model's output affine, so the network outputs the target's units;
+  judged on MAE; no threshold.
+
+The network, preprocessing, training loop, registry, gate and serving are shared; only the
+pieces below differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from models.spec import TASK_TYPES as SPEC_TASK_TYPES
+
+BINARY = "binary_classification"
+REGRESSION = "regression"
+
+
+@dataclass(frozen=True)
+class Task:
+    """The common surface; ``of(name)`` returns the task type."""
+
+    name: ClassVar[str]
+    primary_metric: ClassVar[str]
+    # The metrics shown side by side in the evaluation table and the model card.
+    headline: ClassVar[tuple[str, ...]]
+    lower_is_better: ClassVar[frozenset[str]]
+    # What the gate counts before trusting a metric: positives, or rows.
+    count_metric: ClassVar[str]
+    has_threshold: ClassVar[bool]
+
+    def labels(self, column: pl.Series) -> np.ndarray:
+        """The label column as this task learns it; nulls and other values are refused."""
+        if column.null_count():
+            raise ValueError(f"label column {column.name!r} has {column.null_count()} null values")
+        return self._values(column)
+
+    def _values(self, column: pl.Series) -> np.ndarray:
+        raise NotImplementedError
+
+    def output(self, raw: torch.Tensor) -> torch.Tensor:
+        """The prediction from the network's (affine-mapped) output."""
+        raise NotImplementedError
+
+    def gain(self, metric: str, challenger: float, reference: float) -> float:
+        """How much better ``challenger`` is than ``reference`` on ``metric`` (> 0: better)."""
+        if metric in self.lower_is_better:
+            return reference - challenger
+        return challenger - reference
+
+
+@dataclass(frozen=True)
+class BinaryClassification(Task):
+    name: ClassVar[str] = BINARY
+    primary_metric: ClassVar[str] = "pr_auc"
+    headline: ClassVar[tuple[str, ...]] = (
+        "pr_auc",
+        "roc_auc",
+        "log_loss",
+        "brier",
+        "precision",
+        "recall",
+        "f1",
+    )
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"log_loss", "brier", "ece"})
+    count_metric: ClassVar[str] = "positives"
+    has_threshold: ClassVar[bool] = True
+
+    def _values(self, column: pl.Series) -> np.ndarray:
+        """0/1 as int8."""
+        values = column.cast(pl.Int8).to_numpy()
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            raise ValueError(
+                f"label column {column.name!r} must be 0/1, found {sorted(set(values[bad]))[:5]}"
+            )
+        return values
+
+    def output(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(raw)
+
+
+@dataclass(frozen=True)
+class Regression(Task):
+    name: ClassVar[str] = REGRESSION
+    primary_metric: ClassVar[str] = "mae"
+    headline: ClassVar[tuple[str, ...]] = ("mae", "rmse", "r2", "bias", "median_ae")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset(
+        {"mae", "rmse", "median_ae", "abs_bias", "ece"}
+    )
+    count_metric: ClassVar[str] = "support"
+    has_threshold: ClassVar[bool] = False
+
+    def _values(self, column: pl.Series) -> np.ndarray:
+        """Finite floats."""
+        values = column.cast(pl.Float64).to_numpy()
+        if not np.isfinite(values).all():
+            raise ValueError(f"label column {column.name!r} has non-finite values")
+        return values
+
+    def output(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def huber(self, prediction: torch.Tensor, y: torch.Tensor, weight=None) -> torch.Tensor:
+        """The training loss on standardised targets (delta 1: one standard deviation)."""
+        terms = F.huber_loss(prediction, y, reduction="none", delta=1.0)
+        return (terms if weight is None else terms * weight).mean()
+
+
+def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, R², mean error (bias: predicted minus actual), median absolute error."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(predictions, dtype=np.float64)
+    if y.shape != p.shape:
+        raise ValueError("labels and predictions must have the same shape")
+    n = y.size
+    if n == 0:
+        nan = math.nan
+        return {"support": 0.0, "mae": nan, "rmse": nan, "r2": nan, "bias": nan, "median_ae": nan}
+    error = p - y
+    total = float(np.sum((y - y.mean()) ** 2))
+    return {
+        "support": float(n),
+        "mean_label": float(y.mean()),
+        "mean_prediction": float(p.mean()),
+        "mae": float(np.mean(np.abs(error))),
+        "rmse": float(math.sqrt(np.mean(error**2))),
+        "r2": 1.0 - float(np.sum(error**2)) / total if total > 0 else math.nan,
+        "bias": float(error.mean()),
+        "abs_bias": float(abs(error.mean())),
+        "median_ae": float(np.median(np.abs(error))),
+    }
+
+
+_TASKS: dict[str, Task] = {BINARY: BinaryClassification(), REGRESSION: Regression()}
+TASK_TYPES = tuple(_TASKS)
+assert TASK_TYPES == SPEC_TASK_TYPES, "models.spec.TASK_TYPES must name the same task types"
+
+
+def of(name: str) -> Task:
+    """The task type ``name`` (a use case's ``task.type``)."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task type {name!r}; expected one of {TASK_TYPES}") from None
