@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import typing
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -138,6 +139,64 @@ def scenario_options(
         except ValueError as exc:
             raise ValueError(f"scenario option {key}={text!r}: {exc}") from None
     return out
+
+
+def check_scenario(config: Any, drifts: Iterable[str]) -> None:
+    """The protocol's fields of a ``ScenarioConfig`` are sane (a ValueError otherwise): a
+    use case's ``__post_init__`` calls it, then checks its own fields."""
+    drifts = tuple(drifts)
+    if config.seed < 0 or config.rows_per_batch < 0:
+        raise ValueError("seed and rows_per_batch must be >= 0")
+    if config.batch_span < timedelta(seconds=1):
+        raise ValueError("batch_span must be at least one second")
+    if config.drift not in drifts:
+        raise ValueError(f"drift must be one of {drifts}, got {config.drift!r}")
+    if config.drift_start_batch < 0 or not 0.0 <= config.drift_strength <= 1.0:
+        raise ValueError("drift_start_batch must be >= 0 and drift_strength in [0, 1]")
+
+
+def stream_rng(seed: int, stream: int, k: int = 0) -> np.random.Generator:
+    """The RNG of one concern (``stream``) of window ``k``: any window regenerates alone, in any
+    order, byte-identically. Stream ``FAULT_STREAM`` is the faults'."""
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, k]))
+
+
+class Windows:
+    """A base for a use case's ``Simulator``: the scenario's time grid and a cache of generated
+    windows. Window ``k`` covers ``[start + k * span, start + (k + 1) * span)``; ``start`` is
+    ``config.start`` in UTC, or ``default_start()``. A subclass implements ``_generate(k)``
+    (every row of window ``k``, whatever dataset it lands in) and reads it with ``_batch(k)``,
+    which keeps the newest ``cached_windows`` (label windows reach back a few)."""
+
+    cached_windows = 256
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        start = config.start or default_start()
+        self.start: datetime = (start if start.tzinfo else start.replace(tzinfo=UTC)).astimezone(
+            UTC
+        )
+        self._cache: OrderedDict[int, pl.DataFrame] = OrderedDict()
+
+    def window(self, k: int) -> tuple[datetime, datetime]:
+        if k < 0:
+            raise ValueError("batch index must be >= 0")
+        span = self.config.batch_span
+        return self.start + k * span, self.start + (k + 1) * span
+
+    def batch_at(self, t: datetime) -> int:
+        """The window holding ``t`` (negative before ``start``)."""
+        return (t - self.start) // self.config.batch_span
+
+    def _batch(self, k: int) -> pl.DataFrame:
+        if k not in self._cache:
+            self._cache[k] = self._generate(k)
+            while len(self._cache) > self.cached_windows:
+                self._cache.popitem(last=False)
+        return self._cache[k]
+
+    def _generate(self, k: int) -> pl.DataFrame:
+        raise NotImplementedError
 
 
 def default_start(now: datetime | None = None) -> datetime:
@@ -455,8 +514,7 @@ def land_history(
 
 
 def _fault_seed(seed: int, k: int) -> int:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, FAULT_STREAM, k]))
-    return int(rng.integers(2**31))
+    return int(stream_rng(seed, FAULT_STREAM, k).integers(2**31))
 
 
 def run(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from models.metrics import (
 )
 from models.preprocess import Preprocessor, TabularBatch, label_array
 from models.spec import NO_SLICES, Bucket, Slicing
-from models.tasks import BINARY, regression_metrics
+from models.tasks import BINARY, error_curve, regression_metrics
 from models.tasks import of as task_of
 
 NULL_SLICE = "(null)"
@@ -105,6 +105,9 @@ class EvaluationReport:
     pr_curve: dict[str, list[float]]
     slices: tuple[SliceResult, ...]
     task: str = BINARY
+    # A regressor's |error| by decile of its predictions (models.tasks.ErrorCurve): the
+    # reference of the label-free MAE estimate in monitoring.
+    error_curve: dict[str, list] = field(default_factory=dict)
 
     @property
     def support(self) -> int:
@@ -127,6 +130,7 @@ class EvaluationReport:
                 "metrics": self.metrics,
                 "calibration": self.calibration.to_dict(),
                 "pr_curve": self.pr_curve,
+                "error_curve": self.error_curve,
                 "slices": [
                     {"column": s.column, "value": s.value, "metrics": s.metrics}
                     for s in self.slices
@@ -154,6 +158,7 @@ class EvaluationReport:
                 SliceResult(s["column"], s["value"], _floats(s["metrics"])) for s in data["slices"]
             ),
             task=data.get("task", BINARY),
+            error_curve=dict(data.get("error_curve") or {}),
         )
 
 
@@ -182,6 +187,7 @@ def evaluate_scores(
 
     metrics = metrics_of(y, p)
     pr_curve: dict[str, list[float]] = {}
+    errors: dict[str, list] = {}
     if binary:
         # How far this PR-AUC may move by chance: the decay trigger weighs it (decision 26).
         metrics["pr_auc_se"] = average_precision_se(y, p)
@@ -196,6 +202,7 @@ def evaluate_scores(
         # Mean actual against mean predicted per decile of the predictions; ``ece`` is the
         # row-weighted gap in the target's units.
         calibration = calibration_curve(y, p, n_bins, strategy="quantile")
+        errors = error_curve(y, p, n_bins).to_dict()
         threshold = math.nan
     metrics["ece"] = calibration.ece
     slices: list[SliceResult] = []
@@ -226,6 +233,7 @@ def evaluate_scores(
         pr_curve=pr_curve,
         slices=tuple(slices),
         task=task,
+        error_curve=errors,
     )
 
 

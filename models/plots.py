@@ -153,24 +153,28 @@ def drift_png(psi_by_feature: Mapping[str, float], threshold: float) -> bytes:
     return _png(fig)
 
 
-_LIVE_SERIES = (
-    ("pr_auc", "realised (label-mature cohort)", "-", "o"),
-    ("estimated_pr_auc", "estimated, same cohort (CBPE)", "--", "x"),
-    ("estimated_pr_auc_unlabelled", "estimated, newest unlabelled (CBPE)", ":", "^"),
-)
-
-
 def live_quality_png(
     points: Sequence[Mapping[str, object]],
     promotions: Sequence[tuple[datetime, str]] = (),
     offline: float | None = None,
+    *,
+    task: str = BINARY,
 ) -> bytes:
-    """The live metric over time: realised and estimated PR-AUC per point (``at`` on the x
-    axis), each promotion of the registry a vertical line, the offline evaluation a level."""
+    """The live metric over time: the task's primary metric (a classifier's PR-AUC, a
+    regressor's MAE) realised and estimated per point (``at`` on the x axis), each promotion
+    of the registry a vertical line, the offline evaluation a level."""
+    kind = task_of(task)
+    m = kind.primary_metric
+    method = "CBPE" if kind.name == BINARY else "expected MAE"
+    series = (
+        (m, "realised (label-mature cohort)", "-", "o"),
+        (f"estimated_{m}", f"estimated, same cohort ({method})", "--", "x"),
+        (f"estimated_{m}_unlabelled", f"estimated, newest unlabelled ({method})", ":", "^"),
+    )
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     times = [p["at"] for p in points]
-    for i, (key, label, style, marker) in enumerate(_LIVE_SERIES):
+    for i, (key, label, style, marker) in enumerate(series):
         values = [_finite_or_nan(p.get(key)) for p in points]
         if any(not math.isnan(v) for v in values):
             ax.plot(times, values, linestyle=style, marker=marker, color=f"C{i}", label=label)
@@ -187,8 +191,9 @@ def live_quality_png(
         )
     if offline is not None and math.isfinite(offline):
         ax.axhline(offline, color="C3", linewidth=1, linestyle="-.", label="offline (test split)")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("PR-AUC")
+    if kind.name == BINARY:
+        ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("PR-AUC" if kind.name == BINARY else m.upper())
     ax.set_title("Live quality of the served model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")

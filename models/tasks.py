@@ -20,17 +20,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import polars as pl
-import torch
-import torch.nn.functional as F
 
 from models.spec import TASK_TYPES as SPEC_TASK_TYPES
 
+if TYPE_CHECKING:  # torch is imported where a model runs, not where a task is named
+    import torch
+
 BINARY = "binary_classification"
 REGRESSION = "regression"
+# How people read the metrics' names (status lines, plots, trigger reasons).
+METRIC_LABELS = {"pr_auc": "PR-AUC", "roc_auc": "ROC-AUC", "mae": "MAE", "rmse": "RMSE"}
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class BinaryClassification(Task):
         return values
 
     def output(self, raw: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.sigmoid(raw)
 
 
@@ -120,6 +129,8 @@ class Regression(Task):
 
     def huber(self, prediction: torch.Tensor, y: torch.Tensor, weight=None) -> torch.Tensor:
         """The training loss on standardised targets (delta 1: one standard deviation)."""
+        import torch.nn.functional as F
+
         terms = F.huber_loss(prediction, y, reduction="none", delta=1.0)
         return (terms if weight is None else terms * weight).mean()
 
@@ -154,9 +165,77 @@ TASK_TYPES = tuple(_TASKS)
 assert TASK_TYPES == SPEC_TASK_TYPES, "models.spec.TASK_TYPES must name the same task types"
 
 
+def task_of_metric(metric: str) -> str:
+    """The task type whose primary metric ``metric`` is."""
+    for name, task in _TASKS.items():
+        if task.primary_metric == metric:
+            return name
+    raise ValueError(f"{metric!r} is no task type's primary metric")
+
+
 def of(name: str) -> Task:
     """The task type ``name`` (a use case's ``task.type``)."""
     try:
         return _TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task type {name!r}; expected one of {TASK_TYPES}") from None
+
+
+@dataclass(frozen=True)
+class ErrorCurve:
+    """A regressor's absolute error by decile of its predictions, measured on a labelled split:
+    the reference of the label-free MAE estimate (``expected_mae``). ``edges`` are the inner
+    decile edges; per bin, the mean and the standard deviation of |error| and the row count."""
+
+    edges: tuple[float, ...]
+    mae: tuple[float, ...]
+    std: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: list(getattr(self, k)) for k in ("edges", "mae", "std", "counts")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ErrorCurve:
+        return cls(*(tuple(data[k]) for k in ("edges", "mae", "std", "counts")))
+
+
+def error_curve(y_true: np.ndarray, predictions: np.ndarray, n_bins: int = 10) -> ErrorCurve:
+    """``ErrorCurve`` of labelled predictions (empty bins merged away by unique edges)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(predictions, dtype=np.float64)
+    if p.size == 0:
+        return ErrorCurve((), (), (), ())
+    edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1))[1:-1])
+    bins = np.searchsorted(edges, p, side="right")
+    error = np.abs(p - y)
+    k = edges.size + 1
+    counts = np.bincount(bins, minlength=k)
+    sums = np.bincount(bins, weights=error, minlength=k)
+    squares = np.bincount(bins, weights=error**2, minlength=k)
+    mean = np.divide(sums, counts, out=np.full(k, np.nan), where=counts > 0)
+    var = np.divide(squares, counts, out=np.full(k, np.nan), where=counts > 0) - mean**2
+    return ErrorCurve(
+        tuple(float(e) for e in edges),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in np.sqrt(np.clip(var, 0.0, None))),
+        tuple(int(c) for c in counts),
+    )
+
+
+def expected_mae(curve: ErrorCurve, predictions: np.ndarray) -> tuple[float, float]:
+    """Label-free estimate of the MAE of ``predictions`` and its standard error: each prediction
+    expects the mean |error| its decile had on the labelled reference (direct loss estimation
+    on one input, the prediction itself). It follows covariate shift that moves predictions
+    into deciles where the model errs more, and, like CBPE for a classifier, cannot see
+    concept drift (the same inputs now meaning other targets); NaN without a reference."""
+    p = np.asarray(predictions, dtype=np.float64)
+    if p.size == 0 or not curve.mae:
+        return math.nan, math.nan
+    bins = np.searchsorted(np.asarray(curve.edges), p, side="right")
+    mae, std = np.asarray(curve.mae), np.asarray(curve.std)
+    known = np.nan_to_num(mae, nan=np.nanmean(mae))
+    spread = np.nan_to_num(std, nan=np.nanmean(std))
+    estimate = float(known[bins].mean())
+    se = float(math.sqrt(np.sum(spread[bins] ** 2)) / p.size)
+    return estimate, se

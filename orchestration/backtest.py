@@ -566,20 +566,20 @@ def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal 
     offline, offline_se = champion.offline_pr_auc, champion.offline_pr_auc_se
     return [
         decay_signal(
-            quality.pr_auc,
+            quality.value,
             offline,
             quality.labelled,
             rules,
             positives=quality.positives,
-            live_se=quality.pr_auc_se,
+            live_se=quality.value_se,
             offline_se=offline_se,
         ),
         estimated_decay_signal(
-            quality.estimated_pr_auc_unlabelled,
+            quality.estimated_unlabelled,
             offline,
             quality.recent,
             rules,
-            estimate_se=quality.estimated_pr_auc_unlabelled_se,
+            estimate_se=quality.estimated_unlabelled_se,
             offline_se=offline_se,
         ),
     ]

@@ -25,6 +25,8 @@ from rich.table import Table
 
 from core.settings import Settings
 from core.usecase import active
+from models.tasks import metric_label
+from models.tasks import of as task_of
 
 console = Console()
 
@@ -278,6 +280,11 @@ def print_summary(data: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _metric() -> str:
+    """The active use case's primary metric: the live quality's column."""
+    return task_of(active().task.type).primary_metric
+
+
 def _monitoring_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Table lines for live quality and feature availability (``summary``'s keys)."""
     lines = []
@@ -288,12 +295,14 @@ def _monitoring_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
         def fmt(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.3f}"
 
+        m = _metric()
+        counted = f" ({p['positives']} positive)" if p.get("positives") is not None else ""
         lines.append(
             (
-                "live PR-AUC",
-                f"{fmt(p['pr_auc'])} realised on {p['labelled']} labelled ({p['positives']} positive), "
-                f"{fmt(p['estimated_pr_auc'])} estimated; newest unlabelled estimated "
-                f"{fmt(p['estimated_pr_auc_unlabelled'])} ({p['champion']}, {len(points)} points)",
+                f"live {metric_label(m)}",
+                f"{fmt(p[m])} realised on {p['labelled']} labelled{counted}, "
+                f"{fmt(p[f'estimated_{m}'])} estimated; newest unlabelled estimated "
+                f"{fmt(p[f'estimated_{m}_unlabelled'])} ({p['champion']}, {len(points)} points)",
             )
         )
     a = data.get("availability")
@@ -457,18 +466,19 @@ def _inject_drift(platform: LivePlatform, drift: str, served_from: datetime) -> 
 def live_quality_by_phase(
     rows: list[dict[str, Any]], first: str | None, new: str | None, drift_start: datetime | None
 ) -> dict[str, Any]:
-    """The served model's live PR-AUC in each phase, from ``live_quality`` rows: before the
-    drift (cohorts ending before it), after it (the old champion on cohorts reaching into
-    it), after recovery (the new champion). Per phase its newest evaluated point and the
-    number of evaluated points."""
-    evaluated = [r for r in rows if r.get("pr_auc") is not None]
+    """The served model's live quality (the task's primary metric) in each phase, from
+    ``live_quality`` rows: before the drift (cohorts ending before it), after it (the old
+    champion on cohorts reaching into it), after recovery (the new champion). Per phase its
+    newest evaluated point and the number of evaluated points."""
+    m = _metric()
+    evaluated = [r for r in rows if r.get(m) is not None]
 
     def phase(keep) -> dict[str, Any] | None:
         points = [r for r in evaluated if keep(r)]
         if not points:
             return None
         last = points[-1]
-        keys = ("champion", "pr_auc", "estimated_pr_auc", "labelled", "positives")
+        keys = ("champion", m, f"estimated_{m}", "labelled", "positives")
         return {k: last.get(k) for k in keys} | {
             "cohort_start": str(last.get("cohort_start")),
             "cohort_end": str(last.get("cohort_end")),
@@ -493,7 +503,7 @@ def live_quality_by_phase(
 def measured_by_phase(
     settings: Settings, new: str | None, drift_start: datetime | None
 ) -> dict[str, Any]:
-    """The live PR-AUC of every label-mature prediction served in each phase, measured from
+    """The live quality of every label-mature prediction served in each phase, measured from
     the prediction log and the labels once the demo ends, with ``live_quality`` (the loop's
     own points judge only the champion of the moment, on a trailing week: a champion replaced
     before its predictions' labels matured is never judged there)."""
@@ -522,10 +532,10 @@ def measured_by_phase(
         )
         out[name] = (
             None
-            if q.pr_auc is None
+            if q.value is None
             else {
-                "pr_auc": q.pr_auc,
-                "estimated_pr_auc": q.estimated_pr_auc,
+                q.metric: q.value,
+                f"estimated_{q.metric}": q.estimated,
                 "labelled": q.labelled,
                 "positives": q.positives,
                 "versions": sorted(part["model_version"].unique().to_list()),
@@ -538,7 +548,7 @@ def _recovered_metric(settings: Settings, new: str) -> bool | None:
     from serving.monitoring import read_live_quality
 
     rows = read_live_quality(settings.home / "monitoring")
-    done = rows.filter((rows["champion"] == new) & rows["pr_auc"].is_not_null()).height
+    done = rows.filter((rows["champion"] == new) & rows[_metric()].is_not_null()).height
     return True if done else None
 
 
@@ -661,11 +671,18 @@ def _replaced_after(platform: LivePlatform, drift_start: datetime) -> str | None
 
 def _print_phases(data: dict[str, Any]) -> None:
     phases = data["live_quality_by_phase"]
+    m = _metric()
+    label = metric_label(m)
+
+    def counted(point: dict[str, Any]) -> str:
+        positives = point.get("positives")
+        return f" ({positives} positives)" if positives is not None else ""
+
     for name in ("before_drift", "after_drift", "after_recovery"):
         point = phases.get(name)
         text = (
-            f"{point['champion']}: live PR-AUC {point['pr_auc']:.3f} on {point['labelled']} "
-            f"labelled ({point['positives']} positives), cohort to {point['cohort_end'][:16]}"
+            f"{point['champion']}: live {label} {point[m]:.3f} on {point['labelled']} "
+            f"labelled{counted(point)}, cohort to {point['cohort_end'][:16]}"
             if point
             else "not evaluated by the loop"
         )
@@ -673,7 +690,7 @@ def _print_phases(data: dict[str, Any]) -> None:
         if end:
             text += (
                 f"; all its label-mature predictions ({', '.join(end['versions'])}): "
-                f"{end['pr_auc']:.3f} on {end['labelled']} ({end['positives']} positives)"
+                f"{end[m]:.3f} on {end['labelled']}{counted(end)}"
             )
         console.print(f"live quality {name.replace('_', ' ')}: {text}")
     rate = data.get("availability", {}).get("unknown_entity_rate")

@@ -450,17 +450,22 @@ def live_performance(
     storage: LooplineStorage,
     torchserve: TorchServeResource,
 ) -> dg.MaterializeResult:
-    """Live PR-AUC over time: realised on label-mature predictions, estimated without labels."""
+    """Live quality over time (a classifier's PR-AUC, a regressor's MAE): realised on
+    label-mature predictions, estimated without labels."""
+    from models.tasks import of as task_of
+
     settings = storage.settings
     registry, champion = champion_of(storage)
     if champion is None:
         return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
+    task = task_of(active().task.type)
+    m = task.primary_metric
     answered = _answered(settings, champion.version)
-    offline = float(champion.metrics.get("pr_auc", float("nan")))
+    offline = float(champion.metrics.get(m, float("nan")))
     metadata: dict = {
         "champion": champion.version,
-        "offline_pr_auc": offline,
-        "offline_pr_auc_se": float(champion.metrics.get("pr_auc_se", float("nan"))),
+        f"offline_{m}": offline,
+        f"offline_{m}_se": float(champion.metrics.get(f"{m}_se", float("nan"))),
     }
     metadata.update(_serving_figures(answered, torchserve, storage))
     if answered.height == 0:
@@ -469,51 +474,69 @@ def live_performance(
     newest_label_at, label_batch = _label_state(storage)
     maturity = timedelta(days=config.label_maturity_days)
     window = timedelta(days=config.quality_window_days)
-    quality = live_quality(answered, newest_label_at, label_maturity=maturity, window=window)
+    offline_report = _offline_report(champion)
+    quality = live_quality(
+        answered,
+        newest_label_at,
+        label_maturity=maturity,
+        window=window,
+        reference=offline_report.error_curve if offline_report else None,
+    )
     points = _record_live_quality(settings, quality, label_batch, champion.version)
     metadata.update(_quality_metadata(quality), points=points.height)
     if points.height:
         metadata["plot"] = dg.MetadataValue.md(_live_quality_plot(points, registry, offline))
-    if quality.pr_auc is None:
-        why = "no label-mature predictions of both classes yet"
-        metadata.update(evaluated=False, why=why)
+    if quality.value is None:
+        why = "no label-mature predictions" + (" of both classes" if task.has_threshold else "")
+        metadata.update(evaluated=False, why=why + " yet")
         return dg.MaterializeResult(metadata=metadata)
     cohort, _, _, _ = quality_cohort(
         answered, newest_label_at, label_maturity=maturity, window=window
     )
-    threshold = float(champion.metrics.get("threshold", 0.5))
+    threshold = float(champion.metrics.get("threshold") or 0.5)
     live = live_metrics(cohort, threshold, Slicing.of(active()))
-    metadata.update(
-        evaluated=True,
-        live_pr_auc=quality.pr_auc,
-        pr_auc_drop=1.0 - quality.pr_auc / offline if offline > 0 else 0.0,
-    )
-    if live is not None:
-        metadata.update(
-            live_precision=float(live.metrics["precision"]),
-            live_recall=float(live.metrics["recall"]),
-            slices=dg.MetadataValue.md(_md_table(_slice_rows(live))),
+    change = (
+        (
+            quality.value / offline - 1.0
+            if m in task.lower_is_better
+            else 1.0 - quality.value / offline
         )
-        evaluation = Path(champion.artifact_dir) / "evaluation.json"
-        plot = _slice_plot(evaluation, live) if evaluation.exists() else None
+        if offline > 0
+        else 0.0
+    )
+    metadata.update({"evaluated": True, f"live_{m}": quality.value, f"{m}_change": change})
+    if live is not None:
+        for name in ("precision", "recall") if task.has_threshold else ("rmse", "bias"):
+            metadata[f"live_{name}"] = float(live.metrics[name])
+        metadata["slices"] = dg.MetadataValue.md(_md_table(_slice_rows(live, m)))
+        plot = _slice_plot(offline_report, live) if offline_report else None
         if plot is not None:
             metadata[f"plot_by_{active().evaluation.plot_slice}"] = dg.MetadataValue.md(plot)
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _slice_plot(evaluation: Path, live: "EvaluationReport") -> str | None:
-    """PR-AUC by the use case's plot slice, offline evaluation beside live."""
+def _offline_report(champion) -> "EvaluationReport | None":
+    """The champion's own evaluation on its test split (``evaluation.json``), if stored."""
     from models.evaluate import EvaluationReport
+
+    path = Path(champion.artifact_dir) / "evaluation.json"
+    if not path.exists():
+        return None
+    return EvaluationReport.from_dict(json.loads(path.read_text())["reports"]["challenger"])
+
+
+def _slice_plot(offline: "EvaluationReport", live: "EvaluationReport") -> str | None:
+    """The primary metric by the use case's plot slice, offline evaluation beside live."""
     from models.plots import png_markdown, slice_metric_png
 
-    offline = EvaluationReport.from_dict(
-        json.loads(evaluation.read_text())["reports"]["challenger"]
-    )
     column = active().evaluation.plot_slice
     if column is None:
         return None
+    from models.tasks import metric_label
+    from models.tasks import of as task_of
+
     png = slice_metric_png({"offline": offline, "live": live}, column)
-    return png_markdown(png, f"PR-AUC by {column}")
+    return png_markdown(png, f"{metric_label(task_of(live.task).primary_metric)} by {column}")
 
 
 def _serving_figures(
@@ -562,39 +585,46 @@ def _quality_metadata(quality: LiveQuality) -> dict[str, object]:
     def num(x: float | None) -> float:
         return float("nan") if x is None else float(x)
 
-    return {
+    m = quality.metric
+    out: dict[str, object] = {
         "cohort_start": str(quality.cohort_start) if quality.cohort_start else "none",
         "cohort_end": str(quality.cohort_end) if quality.cohort_end else "none",
         "labelled": quality.labelled,
-        "positives": quality.positives,
-        "estimated_pr_auc": num(quality.estimated_pr_auc),
+        f"estimated_{m}": num(quality.estimated),
         "estimate_error": num(quality.estimate_error),
         "recent": quality.recent,
-        "estimated_pr_auc_unlabelled": num(quality.estimated_pr_auc_unlabelled),
-        "estimated_pr_auc_unlabelled_se": num(quality.estimated_pr_auc_unlabelled_se),
-        "live_pr_auc_se": num(quality.pr_auc_se),
+        f"estimated_{m}_unlabelled": num(quality.estimated_unlabelled),
+        f"estimated_{m}_unlabelled_se": num(quality.estimated_unlabelled_se),
+        f"live_{m}_se": num(quality.value_se),
     }
+    if quality.positives is not None:
+        out["positives"] = quality.positives
+    return out
 
 
 def _live_quality_plot(points: pl.DataFrame, registry: Registry, offline: float) -> str:
     from models.plots import live_quality_png, png_markdown
+    from models.tasks import metric_label
+    from models.tasks import of as task_of
 
     promotions = [
         (datetime.fromisoformat(e.at), e.version or "")
         for e in registry.events()
         if e.kind == "promoted"
     ]
-    png = live_quality_png(points.to_dicts(), promotions, offline)
-    return png_markdown(png, "live PR-AUC over time")
+    task = task_of(active().task.type)
+    png = live_quality_png(points.to_dicts(), promotions, offline, task=task.name)
+    return png_markdown(png, f"live {metric_label(task.primary_metric)} over time")
 
 
-def _slice_rows(live: "EvaluationReport") -> list[dict[str, object]]:
+def _slice_rows(live: "EvaluationReport", metric: str) -> list[dict[str, object]]:
+    second = "recall" if live.task == "binary_classification" else "bias"
     return [
         {
             "slice": f"{s.column}={s.value}",
             "support": s.support,
-            "pr_auc": round(s.metrics.get("pr_auc", float("nan")), 4),
-            "recall": round(s.metrics.get("recall", float("nan")), 4),
+            metric: round(s.metrics.get(metric, float("nan")), 4),
+            second: round(s.metrics.get(second, float("nan")), 4),
         }
         for s in live.slices
     ]

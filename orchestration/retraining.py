@@ -14,6 +14,7 @@ import dagster as dg
 
 from core.settings import Settings
 from core.usecase import active
+from models.tasks import of as task_of
 from orchestration import alerts
 from orchestration.ingest_assets import reference_profile
 from orchestration.monitoring_assets import champion_of
@@ -51,7 +52,7 @@ class RetrainPolicy(dg.ConfigurableResource):
 
     min_new_labelled_rows: int | None = None
     drift_psi: float | None = None
-    decay_pr_auc_drop: float | None = None
+    decay_drop: float | None = None
     min_labelled_for_decay: int | None = None
     min_positives_for_decay: int | None = None
     cooldown_minutes: float | None = None
@@ -112,25 +113,32 @@ def gather_signals(
     live = _latest_metadata(instance, "live_performance")
     if live and live[1] > since and live[0].get("champion") == champion.version:
         meta = live[0]
+        task = task_of(active().task.type)
+        m = task.primary_metric
+        lower = m in task.lower_is_better
         signals.append(
             decay_signal(
-                meta.get("live_pr_auc"),
-                meta.get("offline_pr_auc"),
+                meta.get(f"live_{m}"),
+                meta.get(f"offline_{m}"),
                 int(meta.get("labelled") or 0),
                 policy,
-                positives=int(meta["positives"]) if "positives" in meta else None,
-                live_se=_finite(meta.get("live_pr_auc_se")),
-                offline_se=_finite(meta.get("offline_pr_auc_se")),
+                positives=int(meta["positives"]) if meta.get("positives") is not None else None,
+                live_se=_finite(meta.get(f"live_{m}_se")),
+                offline_se=_finite(meta.get(f"offline_{m}_se")),
+                metric=m,
+                lower_is_better=lower,
             )
         )
         signals.append(
             estimated_decay_signal(
-                _finite(meta.get("estimated_pr_auc_unlabelled")),
-                meta.get("offline_pr_auc"),
+                _finite(meta.get(f"estimated_{m}_unlabelled")),
+                meta.get(f"offline_{m}"),
                 int(meta.get("recent") or 0),
                 policy,
-                estimate_se=_finite(meta.get("estimated_pr_auc_unlabelled_se")),
-                offline_se=_finite(meta.get("offline_pr_auc_se")),
+                estimate_se=_finite(meta.get(f"estimated_{m}_unlabelled_se")),
+                offline_se=_finite(meta.get(f"offline_{m}_se")),
+                metric=m,
+                lower_is_better=lower,
             )
         )
     return signals

@@ -80,6 +80,7 @@ class DeploymentConfig(dg.Config):
     min_latency_gap_ms: float = 10.0
     max_score_ks: float = 0.8
     max_flag_rate_change: float = 0.2
+    max_mean_change: float = 0.2
     watch_seconds: float = 5.0
     watch_max_error_rate: float = 0.0
     watch_max_p95_latency_ms: float = 500.0

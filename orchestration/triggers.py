@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
 
+from models.tasks import metric_label
+
 # Highest first: a person asking wins, then what says the model is wrong, then plain freshness.
 PRIORITY = ("manual", "drift", "decay", "new_data", "schedule")
 BYPASSES_COOLDOWN = frozenset({"manual", "schedule"})
@@ -24,16 +26,19 @@ class TriggerPolicy:
     # 0.25 is the usual "significant shift" line; with no drift at all the demo's merchant
     # chargeback rate wanders to PSI 0.24 within a month (its merchants' rates move), so 0.3.
     drift_psi: float = 0.3
-    decay_pr_auc_drop: float = 0.15
+    # Decay: the live primary metric worse than offline by this fraction (a classifier's
+    # PR-AUC 15% lower, a regressor's MAE 15% higher).
+    decay_drop: float = 0.15
     min_labelled_for_decay: int = 200
     # Average precision on fewer positives than this is too coarse to call decay on.
     min_positives_for_decay: int = 30
     cooldown: timedelta = timedelta(minutes=30)
-    # Decay may also be read from the label-free estimate (CBPE) of the newest predictions,
-    # days before their labels arrive; it is blind to concept drift (scores look the same).
+    # Decay may also be read from the label-free estimate (CBPE for a classifier, the expected
+    # MAE for a regressor) of the newest predictions, days before their labels arrive; it is
+    # blind to concept drift (the predictions look the same).
     decay_on_estimate: bool = True
     # A PR-AUC on ~1% positives moves by 0.05-0.15 between samples. Decay fires only when the
-    # live figure is below (1 - decay_pr_auc_drop) x offline with this confidence, given both
+    # live figure is past (1 -/+ decay_drop) x offline with this confidence, given both
     # figures' standard errors (decision 26); 0.5 compares the point figures alone. One-sided
     # 99%, not 95%: the sensor tests again at every labels batch, ~30 times a month.
     decay_confidence: float = 0.99
@@ -49,8 +54,8 @@ class TriggerPolicy:
             raise ValueError("row thresholds must be >= 1")
         if self.min_positives_for_decay < 1:
             raise ValueError("min_positives_for_decay must be >= 1")
-        if self.drift_psi <= 0 or not 0 < self.decay_pr_auc_drop < 1:
-            raise ValueError("drift_psi must be > 0 and decay_pr_auc_drop in (0, 1)")
+        if self.drift_psi <= 0 or not 0 < self.decay_drop < 1:
+            raise ValueError("drift_psi must be > 0 and decay_drop in (0, 1)")
         if not 0.5 <= self.decay_confidence < 1:
             raise ValueError("decay_confidence must be in [0.5, 1)")
         if self.cooldown < timedelta(0) or self.drift_rearm < timedelta(0):
@@ -118,90 +123,104 @@ def drift_signal(psi_by_feature: dict[str, float | None], policy: TriggerPolicy)
 
 
 def decay_signal(
-    live_pr_auc: float | None,
-    offline_pr_auc: float | None,
+    live: float | None,
+    offline: float | None,
     labelled: int,
     policy: TriggerPolicy,
     *,
     positives: int | None = None,
     live_se: float | None = None,
     offline_se: float | None = None,
+    metric: str = "pr_auc",
+    lower_is_better: bool = False,
 ) -> Signal | None:
-    """Live PR-AUC fell by more than the allowed fraction of the offline evaluation's, by
-    more than chance explains (``live_se``, ``offline_se``: the figures' standard errors;
-    missing ones count as exact), on enough labelled predictions and ``positives``."""
+    """The live metric (a classifier's PR-AUC, a regressor's MAE) is worse than the offline
+    evaluation's by more than the allowed fraction, by more than chance explains (``live_se``,
+    ``offline_se``: the figures' standard errors; missing ones count as exact), on enough
+    labelled predictions and (a classifier's) ``positives``."""
     if labelled < policy.min_labelled_for_decay:
         return None
     if positives is not None and positives < policy.min_positives_for_decay:
         return None
-    found = _significant_drop(live_pr_auc, offline_pr_auc, live_se, offline_se, policy)
+    found = _significant_decay(live, offline, live_se, offline_se, policy, lower_is_better)
     if found is None:
         return None
-    drop, margin = found
+    change, margin = found
+    name = metric_label(metric)
     return Signal(
         "decay",
-        f"live PR-AUC {live_pr_auc:.3f} is {drop:.0%} below offline {offline_pr_auc:.3f} "
-        f"on {labelled} labelled predictions{margin}",
-        drop,
-        policy.decay_pr_auc_drop,
+        f"live {name} {live:.3f} is {change:.0%} {'above' if lower_is_better else 'below'} "
+        f"offline {offline:.3f} on {labelled} labelled predictions{margin}",
+        change,
+        policy.decay_drop,
     )
 
 
 def estimated_decay_signal(
-    estimated_pr_auc: float | None,
-    offline_pr_auc: float | None,
+    estimated: float | None,
+    offline: float | None,
     rows: int,
     policy: TriggerPolicy,
     *,
     estimate_se: float | None = None,
     offline_se: float | None = None,
+    metric: str = "pr_auc",
+    lower_is_better: bool = False,
 ) -> Signal | None:
-    """The label-free estimate of live PR-AUC (CBPE on predictions not labelled yet) fell by
-    more than the allowed fraction of the offline evaluation's, by more than chance explains;
-    off with ``decay_on_estimate``."""
+    """The label-free estimate of the live metric on predictions not labelled yet (CBPE for a
+    classifier, the expected MAE for a regressor) is worse than the offline evaluation's by
+    more than the allowed fraction, by more than chance explains; off with
+    ``decay_on_estimate``."""
     if not policy.decay_on_estimate or rows < policy.min_labelled_for_decay:
         return None
-    found = _significant_drop(estimated_pr_auc, offline_pr_auc, estimate_se, offline_se, policy)
+    found = _significant_decay(estimated, offline, estimate_se, offline_se, policy, lower_is_better)
     if found is None:
         return None
-    drop, margin = found
+    change, margin = found
+    name, method = metric_label(metric), "CBPE" if not lower_is_better else "DLE"
     return Signal(
         "decay",
-        f"estimated live PR-AUC {estimated_pr_auc:.3f} (label-free, CBPE) is {drop:.0%} below "
-        f"offline {offline_pr_auc:.3f} on {rows} predictions not labelled yet{margin}",
-        drop,
-        policy.decay_pr_auc_drop,
+        f"estimated live {name} {estimated:.3f} (label-free, {method}) is {change:.0%} "
+        f"{'above' if lower_is_better else 'below'} offline {offline:.3f} on {rows} "
+        f"predictions not labelled yet{margin}",
+        change,
+        policy.decay_drop,
     )
 
 
-def decay_bound(offline_pr_auc: float, policy: TriggerPolicy) -> float:
-    """The live PR-AUC under which the point figures alone count as decay."""
-    return (1.0 - policy.decay_pr_auc_drop) * offline_pr_auc
+def decay_bound(offline: float, policy: TriggerPolicy, lower_is_better: bool = False) -> float:
+    """The live figure past which the point figures alone count as decay: under
+    ``(1 - decay_drop) x offline`` for a higher-is-better metric, over ``(1 + decay_drop) x
+    offline`` for a lower-is-better one."""
+    sign = 1.0 if lower_is_better else -1.0
+    return (1.0 + sign * policy.decay_drop) * offline
 
 
-def _significant_drop(
+def _significant_decay(
     live: float | None,
     offline: float | None,
     live_se: float | None,
     offline_se: float | None,
     policy: TriggerPolicy,
+    lower_is_better: bool = False,
 ) -> tuple[float, str] | None:
-    """(drop, reason suffix) when ``live`` lies under the decay bound by more than
-    ``policy.decay_confidence`` allows for chance; None otherwise or when not measured."""
+    """(relative worsening, reason suffix) when ``live`` lies past the decay bound by more
+    than ``policy.decay_confidence`` allows for chance; None otherwise or when not measured."""
     if not _positive(live, allow_zero=True) or not _positive(offline):
         return None
     assert live is not None and offline is not None
-    drop = 1.0 - live / offline
-    if drop < policy.decay_pr_auc_drop:
+    change = live / offline - 1.0 if lower_is_better else 1.0 - live / offline
+    if change < policy.decay_drop:
         return None
-    keep = 1.0 - policy.decay_pr_auc_drop
-    se = math.hypot(_se(live_se), keep * _se(offline_se))
+    scale = 1.0 + policy.decay_drop if lower_is_better else 1.0 - policy.decay_drop
+    se = math.hypot(_se(live_se), scale * _se(offline_se))
     z = NormalDist().inv_cdf(policy.decay_confidence)
-    gap = decay_bound(offline, policy) - live
+    bound = decay_bound(offline, policy, lower_is_better)
+    gap = live - bound if lower_is_better else bound - live
     if se > 0 and gap < z * se:
         return None
     margin = f" (z {gap / se:.1f}; standard error {se:.3f})" if se > 0 else ""
-    return drop, margin
+    return change, margin
 
 
 def _se(value: float | None) -> float:

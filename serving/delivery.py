@@ -54,7 +54,9 @@ class DeliveryPolicy:
     max_latency_ratio: float = 3.0
     min_latency_gap_ms: float = 10.0
     max_score_ks: float = 0.8
+    # A classifier's share of positive decisions; a regressor's mean prediction, relative.
     max_flag_rate_change: float = 0.2
+    max_mean_change: float = 0.2
     watch_seconds: float = 5.0
     watch_interval_s: float = 0.5
     watch_max_error_rate: float = 0.0
@@ -143,6 +145,8 @@ def probe(
     result = Probe(version or "default")
     task = active().task
     score, positive = task.score, task.decision.positive
+    # A classifier answers a probability; a regressor any finite value.
+    bounded = task.type == "binary_classification"
     for start in range(0, len(requests), batch):
         chunk = list(requests[start : start + batch])
         result.sent += len(chunk)
@@ -160,7 +164,8 @@ def probe(
         result.latencies_ms.append(elapsed)
         for a in answers:
             p = a.get(score) if isinstance(a, dict) else None
-            if not isinstance(p, int | float) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+            valid = isinstance(p, int | float) and math.isfinite(p)
+            if not valid or (bounded and not 0.0 <= p <= 1.0):
                 result.errors.append(f"invalid {score} {p!r}")
                 continue
             result.scores.append(float(p))
@@ -235,12 +240,20 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
             reasons.append(
                 f"score distribution moved: KS {ks:.3f} vs the champion > {policy.max_score_ks}"
             )
-    change = abs(challenger.flag_rate - champion.flag_rate)
-    if change > policy.max_flag_rate_change:
-        reasons.append(
-            f"flag rate {challenger.flag_rate:.2%} differs from the champion's "
-            f"{champion.flag_rate:.2%} by more than {policy.max_flag_rate_change:.0%}"
-        )
+    if active().task.type == "binary_classification":
+        change = abs(challenger.flag_rate - champion.flag_rate)
+        if change > policy.max_flag_rate_change:
+            reasons.append(
+                f"flag rate {challenger.flag_rate:.2%} differs from the champion's "
+                f"{champion.flag_rate:.2%} by more than {policy.max_flag_rate_change:.0%}"
+            )
+    elif champion.scores and challenger.scores:
+        before, after = float(np.mean(champion.scores)), float(np.mean(challenger.scores))
+        if before and abs(after - before) / abs(before) > policy.max_mean_change:
+            reasons.append(
+                f"mean prediction {after:.3f} differs from the champion's {before:.3f} by "
+                f"more than {policy.max_mean_change:.0%}"
+            )
     return reasons
 
 

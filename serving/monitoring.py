@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 MANIFEST = "_compacted.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
+# The joined label's type per task: 0/1 for a classifier, the value for a regressor.
+_LABEL_TYPES = {"binary_classification": pl.Int8(), "regression": pl.Float64()}
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,9 @@ def read_compacted(out_dir: str | Path, since: datetime | None = None) -> pl.Dat
 
 
 def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """Answered predictions with the label of their request where it has arrived (``label``,
-    0/1, and the label dataset's time column), as the use case's ``label`` declares them.
+    """Answered predictions with the label of their request where it has arrived (``label``:
+    0/1 for a classifier, the value for a regressor; and the label dataset's time column), as
+    the use case's ``label`` declares them.
 
     A request scored twice (a client retry) counts once: its first answer.
     """
@@ -197,7 +200,7 @@ def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame
     )
     known = labels.select(
         pl.col(declared.key).alias(key),
-        pl.col(declared.column).cast(pl.Int8).alias("label"),
+        pl.col(declared.column).cast(_LABEL_TYPES[active().task.type]).alias("label"),
         declared.time,
     ).unique(key, keep="last")
     return answered.join(known, on=key, how="left")
@@ -255,13 +258,17 @@ def schema_skew(result: drift.DriftResult, max_null_increase: float = 0.1) -> li
 
 
 def live_metrics(
-    joined: pl.DataFrame, threshold: float, slicing: Slicing
+    joined: pl.DataFrame, threshold: float, slicing: Slicing, task: str | None = None
 ) -> EvaluationReport | None:
-    """PR-AUC, precision, recall... on labelled predictions, overall and per slice."""
+    """The task's metrics on labelled predictions (a classifier's PR-AUC, precision, recall at
+    ``threshold``; a regressor's MAE, RMSE, bias), overall and per slice."""
     from models.evaluate import evaluate_scores, with_buckets
+    from models.tasks import BINARY
 
+    task = task or active().task.type
     labelled = joined.filter(pl.col("label").is_not_null())
-    if labelled.height == 0 or labelled["label"].n_unique() < 2:
+    needed = 2 if task == BINARY else 1  # classes, or distinct values
+    if labelled.height < 2 or labelled["label"].n_unique() < needed:
         return None
     labelled = with_buckets(labelled, slicing.buckets)
     present = tuple(c for c in slicing.columns if c in labelled.columns)
@@ -274,6 +281,7 @@ def live_metrics(
         slice_columns=present,
         split="live",
         threshold_split="serving",
+        task=task,
     )
 
 
@@ -434,53 +442,72 @@ def availability_findings(
     return findings
 
 
-LIVE_QUALITY_SCHEMA: dict[str, pl.DataType] = {
+_COMMON_QUALITY_COLUMNS: dict[str, pl.DataType] = {
     "at": UTC_TS,
     "label_batch": pl.String(),
     "champion": pl.String(),
     "cohort_start": UTC_TS,
     "cohort_end": UTC_TS,
     "labelled": pl.Int64(),
-    "positives": pl.Int64(),
-    "pr_auc": pl.Float64(),
-    "pr_auc_se": pl.Float64(),
-    "estimated_pr_auc": pl.Float64(),
-    "estimate_error": pl.Float64(),
-    "recent": pl.Int64(),
-    "estimated_pr_auc_unlabelled": pl.Float64(),
-    "estimated_pr_auc_unlabelled_se": pl.Float64(),
 }
+
+
+def live_quality_schema(task: str | None = None) -> dict[str, pl.DataType]:
+    """The columns of ``live_quality.parquet`` for a task (the active use case's by default):
+    the common ones, then the task's primary metric ``m`` realised (``m``, ``m_se``), estimated
+    on the same labelled predictions (``estimated_m``, ``estimate_error``) and on the newest
+    ones (``recent``, ``estimated_m_unlabelled``, ``estimated_m_unlabelled_se``); a
+    classifier's cohort also counts its ``positives``."""
+    from models.tasks import BINARY
+    from models.tasks import of as task_of
+
+    kind = task_of(task or active().task.type)
+    m = kind.primary_metric
+    counted = {"positives": pl.Int64()} if kind.name == BINARY else {}
+    return {
+        **_COMMON_QUALITY_COLUMNS,
+        **counted,
+        m: pl.Float64(),
+        f"{m}_se": pl.Float64(),
+        f"estimated_{m}": pl.Float64(),
+        "estimate_error": pl.Float64(),
+        "recent": pl.Int64(),
+        f"estimated_{m}_unlabelled": pl.Float64(),
+        f"estimated_{m}_unlabelled_se": pl.Float64(),
+    }
 
 
 @dataclass(frozen=True)
 class LiveQuality:
-    """One point of the live metric: realised on a label-mature cohort, estimated by CBPE.
+    """One point of the live metric (``metric``, the task's primary one: a classifier's
+    PR-AUC, a regressor's MAE): realised on a label-mature cohort, estimated without labels.
 
-    ``pr_auc`` is the realised PR-AUC of the cohort's labelled predictions (None unless both
-    classes are there); ``estimated_pr_auc`` is CBPE on those same predictions' scores, so
-    ``estimate_error`` (estimated - realised) measures the estimate. ``recent`` predictions are
-    those too new for the cohort (labels not all in); ``estimated_pr_auc_unlabelled`` is CBPE
-    on them: the label-free view of what is served now. The ``_se`` fields are standard
-    errors: how far each figure may move by chance (``models.metrics``), which the decay
-    trigger weighs before it calls a drop real.
+    ``value`` is the metric on the cohort's labelled predictions (a classifier's needs both
+    classes there); ``estimated`` is the label-free estimate on those same predictions (CBPE
+    for a classifier, ``models.tasks.expected_mae`` for a regressor), so ``estimate_error``
+    (estimated - realised) measures the estimate. ``recent`` predictions are those too new for
+    the cohort (labels not all in); ``estimated_unlabelled`` is the estimate on them: the
+    label-free view of what is served now. The ``_se`` fields are standard errors: how far each
+    figure may move by chance, which the decay trigger weighs before it calls a change real.
     """
 
+    metric: str
     cohort_start: datetime | None
     cohort_end: datetime | None
     labelled: int
-    positives: int
-    pr_auc: float | None
-    estimated_pr_auc: float | None
+    positives: int | None
+    value: float | None
+    estimated: float | None
     recent: int
-    estimated_pr_auc_unlabelled: float | None
-    pr_auc_se: float | None = None
-    estimated_pr_auc_unlabelled_se: float | None = None
+    estimated_unlabelled: float | None
+    value_se: float | None = None
+    estimated_unlabelled_se: float | None = None
 
     @property
     def estimate_error(self) -> float | None:
-        if self.pr_auc is None or self.estimated_pr_auc is None:
+        if self.value is None or self.estimated is None:
             return None
-        return self.estimated_pr_auc - self.pr_auc
+        return self.estimated - self.value
 
 
 def _cbpe(scores: pl.Series) -> float | None:
@@ -503,6 +530,7 @@ def quality_cohort(
     *,
     label_maturity: timedelta = timedelta(days=7),
     window: timedelta = timedelta(days=7),
+    columns: LogColumns | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, datetime | None, datetime | None]:
     """Split predictions into the label-mature cohort and the recent ones (see ``live_quality``):
     ``(cohort, recent, cohort_start, cohort_end)``."""
@@ -510,7 +538,7 @@ def quality_cohort(
         return predictions.clear(), predictions, None, None
     end = newest_label_at - label_maturity
     start = end - window
-    t = pl.col(log_columns().time)
+    t = pl.col((columns or log_columns()).time)
     return predictions.filter((t > start) & (t <= end)), predictions.filter(t > end), start, end
 
 
@@ -520,54 +548,120 @@ def live_quality(
     *,
     label_maturity: timedelta = timedelta(days=7),
     window: timedelta = timedelta(days=7),
+    task: str | None = None,
+    reference: Any = None,
+    columns: LogColumns | None = None,
 ) -> LiveQuality:
     """The live metric of one model's answered predictions (joined to labels, ``join_labels``).
 
     Labels arrive late and at different delays (in the fraud demo, fraud in 1-10 days by
     chargeback, legit after the 7-day settlement), so the predictions of the last few days
-    have their positives labelled but not their negatives: a metric over them is biased. The
-    cohort is therefore the predictions whose request time lies at least ``label_maturity``
-    before the newest label's time, within a trailing ``window`` of event time:
+    have some labels but not all: a metric over them is biased. The cohort is therefore the
+    predictions whose request time lies at least ``label_maturity`` before the newest label's
+    time, within a trailing ``window`` of event time:
     ``(newest_label_at - label_maturity - window, newest_label_at - label_maturity]``. Event
     time (the request's ``timestamp``), not the log's wall clock, so an accelerated demo clock
     and a real one give the same cohorts. With no labels yet, there is no cohort and every
-    prediction is recent.
+    prediction is recent. ``task`` and ``columns`` (the log's names): the active use case's by
+    default; ``reference``: a regressor's ``ErrorCurve`` (its champion's, from evaluation),
+    without which it has no label-free estimate.
     """
+    from models.tasks import BINARY
+    from models.tasks import of as task_of
+
+    kind = task_of(task or active().task.type)
+    columns = columns or log_columns()
     cohort, recent, start, end = quality_cohort(
-        predictions, newest_label_at, label_maturity=label_maturity, window=window
+        predictions, newest_label_at, label_maturity=label_maturity, window=window, columns=columns
     )
-    score = log_columns().score
+    score = columns.score
     labelled = cohort.filter(pl.col("label").is_not_null()) if cohort.height else cohort
+    if kind.name == BINARY:
+        return _binary_quality(kind.primary_metric, labelled, recent, score, start, end)
+    return _regression_quality(kind.primary_metric, labelled, recent, score, start, end, reference)
+
+
+def _binary_quality(metric, labelled, recent, score, start, end) -> LiveQuality:
+    from models.metrics import average_precision, average_precision_se
+
     positives = int(labelled["label"].sum()) if labelled.height else 0
     realised = realised_se = None
     if 0 < positives < labelled.height:
-        from models.metrics import average_precision, average_precision_se
-
         y = labelled["label"].to_numpy().astype(np.float64)
         scores = labelled[score].to_numpy().astype(np.float64)
         realised = average_precision(y, scores)
         realised_se = average_precision_se(y, scores)
     return LiveQuality(
+        metric=metric,
         cohort_start=start,
         cohort_end=end,
         labelled=labelled.height,
         positives=positives,
-        pr_auc=realised,
-        estimated_pr_auc=_cbpe(labelled[score]) if labelled.height else None,
+        value=realised,
+        estimated=_cbpe(labelled[score]) if labelled.height else None,
         recent=recent.height,
-        estimated_pr_auc_unlabelled=_cbpe(recent[score]) if recent.height else None,
-        pr_auc_se=realised_se,
-        estimated_pr_auc_unlabelled_se=_cbpe_se(recent[score]) if recent.height else None,
+        estimated_unlabelled=_cbpe(recent[score]) if recent.height else None,
+        value_se=realised_se,
+        estimated_unlabelled_se=_cbpe_se(recent[score]) if recent.height else None,
+    )
+
+
+def _regression_quality(metric, labelled, recent, score, start, end, reference) -> LiveQuality:
+    from models.tasks import ErrorCurve, expected_mae
+
+    realised = realised_se = None
+    if labelled.height >= 2:
+        error = (labelled[score].cast(pl.Float64) - labelled["label"].cast(pl.Float64)).abs()
+        realised = float(error.mean())
+        realised_se = float(error.std()) / math.sqrt(labelled.height)
+
+    def estimate(frame: pl.DataFrame) -> tuple[float | None, float | None]:
+        if reference is None or frame.height == 0:
+            return None, None
+        curve = reference if isinstance(reference, ErrorCurve) else ErrorCurve.from_dict(reference)
+        value, se = expected_mae(curve, frame[score].to_numpy().astype(np.float64))
+        return (None, None) if math.isnan(value) else (value, se)
+
+    recent_estimate, recent_se = estimate(recent)
+    return LiveQuality(
+        metric=metric,
+        cohort_start=start,
+        cohort_end=end,
+        labelled=labelled.height,
+        positives=None,
+        value=realised,
+        estimated=estimate(labelled)[0],
+        recent=recent.height,
+        estimated_unlabelled=recent_estimate,
+        value_se=realised_se,
+        estimated_unlabelled_se=recent_se,
     )
 
 
 def live_quality_row(
     quality: LiveQuality, *, at: datetime, label_batch: str | None, champion: str
 ) -> dict[str, object]:
-    """One row of ``live_quality.parquet``."""
-    row = {"at": at, "label_batch": label_batch, "champion": champion, **asdict(quality)}
-    row["estimate_error"] = quality.estimate_error
-    return {c: row[c] for c in LIVE_QUALITY_SCHEMA}
+    """One row of ``live_quality.parquet`` (``live_quality_schema``)."""
+    m = quality.metric
+    row = {
+        "at": at,
+        "label_batch": label_batch,
+        "champion": champion,
+        "cohort_start": quality.cohort_start,
+        "cohort_end": quality.cohort_end,
+        "labelled": quality.labelled,
+        "positives": quality.positives,
+        m: quality.value,
+        f"{m}_se": quality.value_se,
+        f"estimated_{m}": quality.estimated,
+        "estimate_error": quality.estimate_error,
+        "recent": quality.recent,
+        f"estimated_{m}_unlabelled": quality.estimated_unlabelled,
+        f"estimated_{m}_unlabelled_se": quality.estimated_unlabelled_se,
+    }
+    from models.tasks import task_of_metric
+
+    return {c: row[c] for c in live_quality_schema(task_of_metric(m))}
 
 
 def _live_quality_path(home_or_dir: str | Path) -> Path:
@@ -583,26 +677,21 @@ def read_live_quality(home_or_dir: str | Path) -> pl.DataFrame:
     """The live metric over time, oldest first: from a Loopline home, its ``monitoring``
     folder, or the parquet file itself. Empty (with its columns) before the first point."""
     path = _live_quality_path(home_or_dir)
+    schema = live_quality_schema()
     if not path.exists():
-        return pl.DataFrame(schema=LIVE_QUALITY_SCHEMA)
+        return pl.DataFrame(schema=schema)
     frame = pl.read_parquet(path)
     # Files written before a column existed read with it empty.
     missing = [
-        pl.lit(None, dtype).alias(c)
-        for c, dtype in LIVE_QUALITY_SCHEMA.items()
-        if c not in frame.columns
+        pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c not in frame.columns
     ]
-    return (
-        frame.with_columns(missing)
-        .select(list(LIVE_QUALITY_SCHEMA))
-        .sort("at", maintain_order=True)
-    )
+    return frame.with_columns(missing).select(list(schema)).sort("at", maintain_order=True)
 
 
 def append_live_quality(row: dict[str, object], home_or_dir: str | Path) -> pl.DataFrame:
     """Append one point to ``live_quality.parquet`` (rewritten atomically; it stays small)."""
     frame = pl.concat(
-        [read_live_quality(home_or_dir), pl.DataFrame([row], schema=LIVE_QUALITY_SCHEMA)]
+        [read_live_quality(home_or_dir), pl.DataFrame([row], schema=live_quality_schema())]
     )
     write_parquet_atomic(frame, _live_quality_path(home_or_dir))
     return frame

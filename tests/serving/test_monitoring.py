@@ -333,27 +333,27 @@ def test_live_quality_scores_a_label_mature_cohort_without_fraud_bias():
     )
     assert naive["label"].mean() > 3 * true_rate
     # Realised and label-free estimate agree on calibrated scores.
-    assert quality.pr_auc is not None and quality.estimated_pr_auc is not None
+    assert quality.value is not None and quality.estimated is not None
     assert abs(quality.estimate_error) < 0.06
     assert quality.recent == predictions.filter(pl.col("timestamp") > quality.cohort_end).height
     recent = predictions.filter(pl.col("timestamp") > quality.cohort_end)
     fraud_recent = fraud[-recent.height :].astype(float)
     realised_recent = average_precision(fraud_recent, recent["fraud_probability"].to_numpy())
-    assert quality.estimated_pr_auc_unlabelled == pytest.approx(realised_recent, abs=0.08)
+    assert quality.estimated_unlabelled == pytest.approx(realised_recent, abs=0.08)
 
 
 def test_live_quality_before_any_label_and_with_one_class_only():
     predictions, _, _ = _served_with_labels(1, days=5, per_day=50)
     none_yet = live_quality(predictions.with_columns(pl.lit(None, pl.Int8).alias("label")), None)
     assert none_yet.cohort_end is None and none_yet.labelled == 0
-    assert none_yet.pr_auc is None and none_yet.estimate_error is None
+    assert none_yet.value is None and none_yet.estimate_error is None
     assert none_yet.recent == predictions.height
-    assert 0.0 < none_yet.estimated_pr_auc_unlabelled < 1.0
+    assert 0.0 < none_yet.estimated_unlabelled < 1.0
     legit_only = predictions.with_columns(pl.lit(0, pl.Int8).alias("label"))
     newest = predictions["timestamp"].max() + 7 * DAY
     quality = live_quality(legit_only, newest)
     assert quality.labelled == predictions.height and quality.positives == 0
-    assert quality.pr_auc is None and quality.estimated_pr_auc is not None
+    assert quality.value is None and quality.estimated is not None
 
 
 def test_live_quality_rows_append_and_read_back_oldest_first(tmp_path):

@@ -76,7 +76,7 @@ def test_a_scaffolded_use_case_passes_its_own_tests(shop: Path):
 def test_a_scaffolded_use_case_trains_is_gated_and_serves_a_prediction(shop: Path, tmp_path: Path):
     out = tmp_path / "summary.json"
     done = subprocess.run(
-        [sys.executable, "-m", "tests.usecases.scaffold_loop", str(tmp_path / "home"), str(out)],
+        [sys.executable, "-m", "tests.usecases.usecase_loop", str(tmp_path / "home"), str(out)],
         cwd=REPO_ROOT,
         env=_env(shop, tmp_path / "home"),
         capture_output=True,
@@ -96,7 +96,8 @@ def test_a_scaffolded_use_case_trains_is_gated_and_serves_a_prediction(shop: Pat
     # A model is trained, beats its logistic-regression baseline at the gate, and is champion.
     assert summary["features_ok"] and summary["trained_ok"], summary["gate"]
     assert summary["gate_passed"] and summary["champion"] == "v0001"
-    assert summary["pr_auc"] > summary["baseline_pr_auc"] + 0.02
+    assert summary["metric"] == "pr_auc"
+    assert summary["value"] > summary["baseline_value"] + 0.02
     # Deployed to TorchServe: answers with the declared score and decision words, features
     # found for every entity, and a malformed request is a JSON 400 that leaves it serving.
     assert summary["deployed_ok"]

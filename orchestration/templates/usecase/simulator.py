@@ -14,15 +14,14 @@ share of events under the new rule).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from core.simulation import default_start
+from core.simulation import Windows, check_scenario, stream_rng
 from core.usecase import load
 from quality.schema import UTC_TS, schemas
 
@@ -59,49 +58,26 @@ class ScenarioConfig:
     drift_strength: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.seed < 0 or self.n_accounts < 1 or self.rows_per_batch < 0:
-            raise ValueError("seed and rows_per_batch must be >= 0 and n_accounts >= 1")
-        if self.batch_span < timedelta(seconds=1):
-            raise ValueError("batch_span must be at least one second")
-        if not 0.0 <= self.risky_share <= 0.5:
-            raise ValueError("risky_share must be in [0, 0.5]")
-        if self.drift not in DRIFTS:
-            raise ValueError(f"drift must be one of {DRIFTS}, got {self.drift!r}")
-        if self.drift_start_batch < 0 or not 0.0 <= self.drift_strength <= 1.0:
-            raise ValueError("drift_start_batch must be >= 0 and drift_strength in [0, 1]")
+        check_scenario(self, DRIFTS)
+        if self.n_accounts < 1 or not 0.0 <= self.risky_share <= 0.5:
+            raise ValueError("n_accounts must be >= 1 and risky_share in [0, 0.5]")
 
 
-def _rng(seed: int, stream: int, k: int = 0) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, stream, k]))
-
-
-class Simulator:
-    """The scenario of one ``ScenarioConfig``; window ``k`` covers
-    ``[start + k * span, start + (k + 1) * span)``."""
+class Simulator(Windows):
+    """The scenario of one ``ScenarioConfig`` (the time grid and the window cache are
+    ``core.simulation.Windows``')."""
 
     def __init__(self, config: ScenarioConfig | None = None) -> None:
-        self.config = config or ScenarioConfig()
-        start = self.config.start or default_start()
-        self.start = (start if start.tzinfo else start.replace(tzinfo=UTC)).astimezone(UTC)
-        rng = _rng(self.config.seed, _S_ACCOUNTS)
+        super().__init__(config or ScenarioConfig())
+        rng = stream_rng(self.config.seed, _S_ACCOUNTS)
         n = self.config.n_accounts
         self._segment = rng.choice(len(SEGMENTS), size=n, p=_SEGMENT_P)
         self._risky = rng.random(n) < self.config.risky_share
         activity = rng.gamma(2.0, 0.5, n) * np.where(self._risky, 4.0, 1.0)
         self._activity = activity / activity.sum()
         self._ids = [f"a{i:06d}" for i in range(n)]
-        self._cache: OrderedDict[int, pl.DataFrame] = OrderedDict()
 
     # -- the simulator protocol -----------------------------------------------------------
-
-    def window(self, k: int) -> tuple[datetime, datetime]:
-        if k < 0:
-            raise ValueError("batch index must be >= 0")
-        span = self.config.batch_span
-        return self.start + k * span, self.start + (k + 1) * span
-
-    def batch_at(self, t: datetime) -> int:
-        return (t - self.start) // self.config.batch_span
 
     def reference(self) -> dict[str, pl.DataFrame]:
         segments = [SEGMENTS[s] for s in self._segment]
@@ -132,16 +108,9 @@ class Simulator:
 
     # -- generation -----------------------------------------------------------------------
 
-    def _batch(self, k: int) -> pl.DataFrame:
-        if k not in self._cache:
-            self._cache[k] = self._generate(k)
-            while len(self._cache) > 64:
-                self._cache.popitem(last=False)
-        return self._cache[k]
-
     def _generate(self, k: int) -> pl.DataFrame:
         cfg = self.config
-        rng, decide = _rng(cfg.seed, _S_EVENTS, k), _rng(cfg.seed, _S_OUTCOMES, k)
+        rng, decide = stream_rng(cfg.seed, _S_EVENTS, k), stream_rng(cfg.seed, _S_OUTCOMES, k)
         drifted = k >= cfg.drift_start_batch and cfg.drift != "none"
         covariate = drifted and cfg.drift == "covariate"
         lo, _ = self.window(k)

@@ -1,10 +1,10 @@
-"""The loop of one use case, run in its own process (``LOOPLINE_USECASE`` chooses it, as it
+"""The loop of one use case (a scaffolded one, the delivery demo), run in its own process (``LOOPLINE_USECASE`` chooses it, as it
 does for the platform): demo data and a user's own files landed, ingested and validated,
 features built, a model trained, gated against its baseline, registered, deployed to a real
 TorchServe and asked for predictions, a good request and a malformed one. Writes a JSON
 summary for ``test_init`` to judge.
 
-    LOOPLINE_USECASE=<folder> python -m tests.usecases.scaffold_loop <home> <summary.json>
+    LOOPLINE_USECASE=<folder> python -m tests.usecases.usecase_loop <home> <summary.json>
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from core import simulation
 from core.usecase import active
 from models.registry import CHAMPION, Registry
+from models.tasks import of as task_of
 from orchestration import feature_assets, training_assets
 from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from quality.ledger import BatchLedger
@@ -89,6 +90,8 @@ def main(home: Path) -> dict:
                 "candidate_model": {"config": FAST},
                 "baseline_model": {"config": FAST},
                 "evaluation_report": {"config": GATE},
+                # As continuous_training: only the deployment step promotes.
+                "registered_model": {"config": {"promote_on_pass": False}},
             }
         },
         raise_on_error=False,
@@ -96,9 +99,11 @@ def main(home: Path) -> dict:
     [gate] = [
         e for e in trained.get_asset_check_evaluations() if e.check_name == "model_validation"
     ]
+    metric = task_of(uc.task.type).primary_metric
     registry = Registry(platform.settings.registry_path)
-    version = registry.get_alias(CHAMPION)
-    champion = registry.get(version) if version else None
+    registered = registry.list_versions()
+    version = registered[-1].version if registered else None
+    candidate = registry.get(version) if version else None
     summary = {
         "usecase": uc.name,
         "ingest_runs": len(ingested),
@@ -110,12 +115,12 @@ def main(home: Path) -> dict:
         "trained_ok": trained.success,
         "gate_passed": gate.passed,
         "gate": gate.description,
-        "champion": version,
-        "pr_auc": champion.metrics["pr_auc"] if champion else None,
-        "baseline_pr_auc": champion.extra["compared"]["baseline"]["pr_auc"] if champion else None,
-        "positive_rate": champion.metrics.get("positive_rate") if champion else None,
+        "registered": version,
+        "metric": metric,
+        "value": candidate.metrics[metric] if candidate else None,
+        "baseline_value": candidate.extra["compared"]["baseline"][metric] if candidate else None,
     }
-    if champion is None:
+    if candidate is None:
         return summary
 
     inference, management, metrics = free_ports(3)
@@ -125,7 +130,7 @@ def main(home: Path) -> dict:
 
     @dg.asset(name="registered_model")
     def registered() -> str:
-        return champion.version
+        return candidate.version
 
     try:
         deployed = dg.materialize(
@@ -136,6 +141,7 @@ def main(home: Path) -> dict:
         client = torchserve.process(platform.storage).client()
         newest = sim.events(27)[uc.request.dataset].head(3)
         summary["deployed_ok"] = deployed.success
+        summary["champion"] = registry.get_alias(CHAMPION)  # the deployment promotes
         summary["predictions"] = client.predict(request_bodies(newest))
         try:
             client.predict([{uc.request.id: "x"}])

@@ -1,0 +1,1 @@
+"""The food-delivery-time demo (see usecase.yaml)."""
