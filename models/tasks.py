@@ -144,7 +144,15 @@ def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str,
     n = y.size
     if n == 0:
         nan = math.nan
-        return {"support": 0.0, "mae": nan, "rmse": nan, "r2": nan, "bias": nan, "median_ae": nan}
+        return {
+            "support": 0.0,
+            "mae": nan,
+            "mae_se": nan,
+            "rmse": nan,
+            "r2": nan,
+            "bias": nan,
+            "median_ae": nan,
+        }
     error = p - y
     total = float(np.sum((y - y.mean()) ** 2))
     return {
@@ -152,6 +160,8 @@ def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str,
         "mean_label": float(y.mean()),
         "mean_prediction": float(p.mean()),
         "mae": float(np.mean(np.abs(error))),
+        # How far this MAE may move by chance: the decay trigger weighs it.
+        "mae_se": float(np.std(np.abs(error), ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
         "rmse": float(math.sqrt(np.mean(error**2))),
         "r2": 1.0 - float(np.sum(error**2)) / total if total > 0 else math.nan,
         "bias": float(error.mean()),

@@ -110,3 +110,8 @@ def test_a_scaffolded_use_case_trains_is_gated_and_serves_a_prediction(shop: Pat
     assert summary["malformed"]["status"] == 400
     assert "missing field" in summary["malformed"]["body"]["reason"]
     assert summary["still_serving"]
+    # Monitoring: a day of traffic and its truth give the live PR-AUC and its CBPE estimate.
+    live = summary["live"]
+    assert live["evaluated"] and live["labelled"] == summary["traffic"] > 1000
+    assert live["positives"] > 30 and 0.05 < live["live_pr_auc"] <= 1.0
+    assert abs(live["estimate_error"]) < 0.15

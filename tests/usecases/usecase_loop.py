@@ -22,6 +22,7 @@ from core.usecase import active
 from models.registry import CHAMPION, Registry
 from models.tasks import of as task_of
 from orchestration import feature_assets, training_assets
+from orchestration.monitoring_assets import live_performance, prediction_log
 from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from quality.ledger import BatchLedger
 from serving.client import TorchServeError
@@ -30,6 +31,7 @@ from tests.e2e.kit import free_ports
 from tests.orchestration.conftest import Platform
 
 FAST = {"epochs": 8, "batch_size": 512, "device": "cpu", "patience": 2}
+TRAFFIC = 27  # the window whose requests are sent as customer traffic
 GATE = {"max_latency_ms_batch1": 500.0, "max_latency_ms_batch64": 1000.0, "latency_repeats": 5}
 
 
@@ -149,9 +151,31 @@ def main(home: Path) -> dict:
         except TorchServeError as exc:
             summary["malformed"] = {"status": exc.status, "body": exc.body}
         summary["still_serving"] = client.ping()
+        # Customer traffic: a window of requests, scored online.
+        bodies = request_bodies(sim.events(TRAFFIC)[uc.request.dataset])
+        for i in range(0, len(bodies), 50):
+            client.predict(bodies[i : i + 50])
+        summary["traffic"] = len(bodies)
     finally:
-        torchserve.process(platform.storage).stop()
+        torchserve.process(platform.storage).stop()  # closes the workers' log files
+    summary["live"] = _monitor(platform, sim, torchserve)
     return summary
+
+
+def _monitor(platform: Platform, sim, torchserve: TorchServeResource) -> dict:
+    """The traffic's truth lands; monitoring measures the served model on it."""
+    uc = active()
+    simulation.land(sim.truth(TRAFFIC), platform.settings.landing, uc.label.dataset, "truth")
+    platform.ingest_all()
+    monitored = dg.materialize(
+        [prediction_log, live_performance],
+        instance=platform.instance,
+        resources={"storage": platform.storage, "torchserve": torchserve},
+        # The truth is complete for this window: no maturity to wait for.
+        run_config={"ops": {"live_performance": {"config": {"label_maturity_days": 0.0}}}},
+    )
+    [meta] = monitored.asset_materializations_for_node("live_performance")
+    return {k: getattr(v, "value", v) for k, v in meta.metadata.items() if k != "plot"}
 
 
 if __name__ == "__main__":

@@ -155,3 +155,10 @@ def test_delivery_trains_beats_its_baseline_on_mae_and_answers_in_minutes(tmp_pa
         assert 5.0 <= p["predicted_minutes"] <= 180.0 and "decision" not in p
         assert p["unknown_entities"] == [] and p["missing_features"] == []
     assert summary["malformed"]["status"] == 400 and summary["still_serving"]
+    # Monitoring: a day of traffic and its truth give the live MAE, near the offline one, and
+    # the label-free expected MAE agrees with it.
+    live = summary["live"]
+    assert live["evaluated"] and live["labelled"] == summary["traffic"] > 1000
+    assert live["live_mae"] == pytest.approx(live["offline_mae"], rel=0.25)
+    assert live["estimated_mae"] == pytest.approx(live["live_mae"], rel=0.15)
+    assert "| zone=centre |" in live["slices"]
