@@ -107,6 +107,11 @@ def test_a_scaffolded_use_case_trains_is_gated_and_serves_a_prediction(shop: Pat
         assert 0.0 <= p["outcome_probability"] <= 1.0
         assert p["decision"] in ("review", "accept") and p["model_version"] == "v0001"
         assert p["unknown_entities"] == [] and p["missing_features"] == []
+    # The guarantees hold for it too: the training set's join equals Feast's, and online
+    # scores equal batch scores of the same requests (float32 rounding apart).
+    assert summary["asof_equals_feast"]
+    online = [p["outcome_probability"] for p in summary["predictions"]]
+    assert online == pytest.approx(summary["batch_scores"], rel=1e-5, abs=1e-6)
     assert summary["malformed"]["status"] == 400
     assert "missing field" in summary["malformed"]["body"]["reason"]
     assert summary["still_serving"]

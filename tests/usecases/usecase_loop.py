@@ -25,6 +25,7 @@ from orchestration import feature_assets, training_assets
 from orchestration.monitoring_assets import live_performance, prediction_log
 from orchestration.serving_assets import TorchServeResource, deployment, model_archive
 from quality.ledger import BatchLedger
+from serving.batch import score_version
 from serving.client import TorchServeError
 from serving.requests import request_bodies
 from tests.e2e.kit import free_ports
@@ -102,6 +103,7 @@ def main(home: Path) -> dict:
         e for e in trained.get_asset_check_evaluations() if e.check_name == "model_validation"
     ]
     metric = task_of(uc.task.type).primary_metric
+    summary_guarantees = {"asof_equals_feast": _asof_equals_feast(platform, sim)}
     registry = Registry(platform.settings.registry_path)
     registered = registry.list_versions()
     version = registered[-1].version if registered else None
@@ -117,6 +119,7 @@ def main(home: Path) -> dict:
         "trained_ok": trained.success,
         "gate_passed": gate.passed,
         "gate": gate.description,
+        **summary_guarantees,
         "registered": version,
         "metric": metric,
         "value": candidate.metrics[metric] if candidate else None,
@@ -145,6 +148,8 @@ def main(home: Path) -> dict:
         summary["deployed_ok"] = deployed.success
         summary["champion"] = registry.get_alias(CHAMPION)  # the deployment promotes
         summary["predictions"] = client.predict(request_bodies(newest))
+        batch = score_version(registry, candidate.version, home, newest)
+        summary["batch_scores"] = batch[uc.task.score].to_list()
         try:
             client.predict([{uc.request.id: "x"}])
             summary["malformed"] = {"status": 200}
@@ -160,6 +165,35 @@ def main(home: Path) -> dict:
         torchserve.process(platform.storage).stop()  # closes the workers' log files
     summary["live"] = _monitor(platform, sim, torchserve)
     return summary
+
+
+def _asof_equals_feast(platform: Platform, sim) -> bool:
+    """The training path's point-in-time join equals Feast's get_historical_features, row for
+    row, on requests of a window whose entities have history (and some that do not)."""
+    import pandas as pd
+
+    from features.store import feature_store, historical_features
+    from features.views import training_entities
+
+    uc = active()
+    requests = sim.events(20)[uc.request.dataset].head(300)
+    entities = training_entities(requests).with_row_index("row_id")
+    store = feature_store(platform.settings.home)
+    ours = historical_features(store, entities, uc.features.service)
+    theirs = store.get_historical_features(
+        entity_df=entities.to_pandas(), features=store.get_feature_service(uc.features.service)
+    ).to_df()
+    if list(ours.columns) != list(theirs.columns) or ours.height != len(theirs):
+        return False
+    try:
+        pd.testing.assert_frame_equal(
+            ours.to_pandas().sort_values("row_id").reset_index(drop=True),
+            theirs.sort_values("row_id").reset_index(drop=True),
+            check_exact=True,
+        )
+    except AssertionError:
+        return False
+    return True
 
 
 def _monitor(platform: Platform, sim, torchserve: TorchServeResource) -> dict:

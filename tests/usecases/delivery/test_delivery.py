@@ -154,6 +154,11 @@ def test_delivery_trains_beats_its_baseline_on_mae_and_answers_in_minutes(tmp_pa
     for p in summary["predictions"]:
         assert 5.0 <= p["predicted_minutes"] <= 180.0 and "decision" not in p
         assert p["unknown_entities"] == [] and p["missing_features"] == []
+    # The guarantees hold for it too: the training set's join equals Feast's, and online
+    # scores equal batch scores of the same requests (float32 rounding apart).
+    assert summary["asof_equals_feast"]
+    online = [p["predicted_minutes"] for p in summary["predictions"]]
+    assert online == pytest.approx(summary["batch_scores"], rel=1e-5, abs=1e-6)
     assert summary["malformed"]["status"] == 400 and summary["still_serving"]
     # Monitoring: a day of traffic and its truth give the live MAE, near the offline one, and
     # the label-free expected MAE agrees with it.
