@@ -35,9 +35,17 @@ def _simulator_options(f):
 
     opts = [
         click.option("--seed", default=7, show_default=True, help="Scenario seed (deterministic)."),
-        click.option("--rows-per-batch", default=2000, show_default=True),
         click.option(
-            "--batch-hours", default=6.0, show_default=True, help="Simulated hours per batch."
+            "--rows-per-batch",
+            default=None,
+            type=int,
+            help="Expected rows per batch (default: the scenario's).",
+        ),
+        click.option(
+            "--batch-hours",
+            default=None,
+            type=float,
+            help="Simulated hours per batch (default: the scenario's).",
         ),
         click.option("--drift", default="none", show_default=True, help="A drift of the scenario."),
         click.option(
@@ -64,10 +72,31 @@ def _scenario_options(pairs) -> dict:
         raise click.ClickException(str(exc)) from exc
 
 
+def _with_scenario_defaults(opts: dict) -> dict:
+    """``opts`` with ``batch_hours`` and ``rows_per_batch`` the scenario's own where unset."""
+    import dataclasses
+
+    from core.simulation import simulator_module
+
+    try:
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(simulator_module().ScenarioConfig)
+        }
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return {
+        **opts,
+        "batch_hours": opts["batch_hours"] or defaults["batch_span"].total_seconds() / 3600,
+        "rows_per_batch": opts["rows_per_batch"] or defaults["rows_per_batch"],
+    }
+
+
 def _scenario(opts: dict, start=None):
     from datetime import timedelta
 
     from core.simulation import scenario
+
+    opts = _with_scenario_defaults(opts)
 
     try:
         return scenario(
@@ -215,6 +244,7 @@ def _start_simulated(live: LivePlatform, clock, speed: float, opts: dict) -> Non
 
     from core.simulation import simulator_module
 
+    opts = _with_scenario_defaults(opts)
     step_s = max(opts["interval"], RUN_STEP_S)
     hours = max(opts["batch_hours"], speed * step_s / 3600)
     opts = {
