@@ -165,7 +165,7 @@ def live_quality_png(
     of the registry a vertical line, the offline evaluation a level."""
     kind = task_of(task)
     m = kind.primary_metric
-    method = "CBPE" if kind.name == BINARY else "expected MAE"
+    method = kind.estimate_name
     series = (
         (m, "realised (label-mature cohort)", "-", "o"),
         (f"estimated_{m}", f"estimated, same cohort ({method})", "--", "x"),

@@ -52,6 +52,9 @@ class Task:
     # What the gate counts before trusting a metric: positives, or rows.
     count_metric: ClassVar[str]
     has_threshold: ClassVar[bool]
+    # The label as monitoring joins it, and the name of the label-free estimate of the metric.
+    label_dtype: ClassVar[pl.DataType]
+    estimate_name: ClassVar[str]
 
     def labels(self, column: pl.Series) -> np.ndarray:
         """The label column as this task learns it; nulls and other values are refused."""
@@ -89,10 +92,12 @@ class BinaryClassification(Task):
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"log_loss", "brier", "ece"})
     count_metric: ClassVar[str] = "positives"
     has_threshold: ClassVar[bool] = True
+    label_dtype: ClassVar[pl.DataType] = pl.Int8()
+    estimate_name: ClassVar[str] = "CBPE"
 
     def _values(self, column: pl.Series) -> np.ndarray:
         """0/1 as int8."""
-        values = column.cast(pl.Int8).to_numpy()
+        values = column.cast(self.label_dtype).to_numpy()
         bad = (values != 0) & (values != 1)
         if bad.any():
             raise ValueError(
@@ -116,10 +121,12 @@ class Regression(Task):
     )
     count_metric: ClassVar[str] = "support"
     has_threshold: ClassVar[bool] = False
+    label_dtype: ClassVar[pl.DataType] = pl.Float64()
+    estimate_name: ClassVar[str] = "DLE"
 
     def _values(self, column: pl.Series) -> np.ndarray:
         """Finite floats."""
-        values = column.cast(pl.Float64).to_numpy()
+        values = column.cast(self.label_dtype).to_numpy()
         if not np.isfinite(values).all():
             raise ValueError(f"label column {column.name!r} has non-finite values")
         return values
@@ -181,6 +188,11 @@ def task_of_metric(metric: str) -> str:
         if task.primary_metric == metric:
             return name
     raise ValueError(f"{metric!r} is no task type's primary metric")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower ``metric`` is better (MAE, log loss) for the task that has it."""
+    return any(metric in task.lower_is_better for task in _TASKS.values())
 
 
 def of(name: str) -> Task:

@@ -25,6 +25,8 @@ from core.usecase import active
 from features.views import read_validated
 from models.registry import CHAMPION, Registry
 from models.spec import Slicing
+from models.tasks import metric_label
+from models.tasks import of as task_of
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
@@ -452,7 +454,6 @@ def live_performance(
 ) -> dg.MaterializeResult:
     """Live quality over time (a classifier's PR-AUC, a regressor's MAE): realised on
     label-mature predictions, estimated without labels."""
-    from models.tasks import of as task_of
 
     settings = storage.settings
     registry, champion = champion_of(storage)
@@ -532,8 +533,6 @@ def _slice_plot(offline: "EvaluationReport", live: "EvaluationReport") -> str | 
     column = active().evaluation.plot_slice
     if column is None:
         return None
-    from models.tasks import metric_label
-    from models.tasks import of as task_of
 
     png = slice_metric_png({"offline": offline, "live": live}, column)
     return png_markdown(png, f"{metric_label(task_of(live.task).primary_metric)} by {column}")
@@ -604,8 +603,6 @@ def _quality_metadata(quality: LiveQuality) -> dict[str, object]:
 
 def _live_quality_plot(points: pl.DataFrame, registry: Registry, offline: float) -> str:
     from models.plots import live_quality_png, png_markdown
-    from models.tasks import metric_label
-    from models.tasks import of as task_of
 
     promotions = [
         (datetime.fromisoformat(e.at), e.version or "")
@@ -618,7 +615,7 @@ def _live_quality_plot(points: pl.DataFrame, registry: Registry, offline: float)
 
 
 def _slice_rows(live: "EvaluationReport", metric: str) -> list[dict[str, object]]:
-    second = "recall" if live.task == "binary_classification" else "bias"
+    second = "recall" if task_of(live.task).has_threshold else "bias"
     return [
         {
             "slice": f"{s.column}={s.value}",

@@ -115,7 +115,6 @@ def gather_signals(
         meta = live[0]
         task = task_of(active().task.type)
         m = task.primary_metric
-        lower = m in task.lower_is_better
         signals.append(
             decay_signal(
                 meta.get(f"live_{m}"),
@@ -126,7 +125,6 @@ def gather_signals(
                 live_se=_finite(meta.get(f"live_{m}_se")),
                 offline_se=_finite(meta.get(f"offline_{m}_se")),
                 metric=m,
-                lower_is_better=lower,
             )
         )
         signals.append(
@@ -138,7 +136,6 @@ def gather_signals(
                 estimate_se=_finite(meta.get(f"estimated_{m}_unlabelled_se")),
                 offline_se=_finite(meta.get(f"offline_{m}_se")),
                 metric=m,
-                lower_is_better=lower,
             )
         )
     return signals

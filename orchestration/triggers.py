@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
 
-from models.tasks import metric_label
+from models.tasks import lower_is_better, metric_label, task_of_metric
+from models.tasks import of as task_of
 
 # Highest first: a person asking wins, then what says the model is wrong, then plain freshness.
 PRIORITY = ("manual", "drift", "decay", "new_data", "schedule")
@@ -132,7 +133,6 @@ def decay_signal(
     live_se: float | None = None,
     offline_se: float | None = None,
     metric: str = "pr_auc",
-    lower_is_better: bool = False,
 ) -> Signal | None:
     """The live metric (a classifier's PR-AUC, a regressor's MAE) is worse than the offline
     evaluation's by more than the allowed fraction, by more than chance explains (``live_se``,
@@ -142,14 +142,14 @@ def decay_signal(
         return None
     if positives is not None and positives < policy.min_positives_for_decay:
         return None
-    found = _significant_decay(live, offline, live_se, offline_se, policy, lower_is_better)
+    found = _significant_decay(live, offline, live_se, offline_se, policy, metric)
     if found is None:
         return None
     change, margin = found
     name = metric_label(metric)
     return Signal(
         "decay",
-        f"live {name} {live:.3f} is {change:.0%} {'above' if lower_is_better else 'below'} "
+        f"live {name} {live:.3f} is {change:.0%} {_direction(metric)} "
         f"offline {offline:.3f} on {labelled} labelled predictions{margin}",
         change,
         policy.decay_drop,
@@ -165,7 +165,6 @@ def estimated_decay_signal(
     estimate_se: float | None = None,
     offline_se: float | None = None,
     metric: str = "pr_auc",
-    lower_is_better: bool = False,
 ) -> Signal | None:
     """The label-free estimate of the live metric on predictions not labelled yet (CBPE for a
     classifier, the expected MAE for a regressor) is worse than the offline evaluation's by
@@ -173,26 +172,30 @@ def estimated_decay_signal(
     ``decay_on_estimate``."""
     if not policy.decay_on_estimate or rows < policy.min_labelled_for_decay:
         return None
-    found = _significant_decay(estimated, offline, estimate_se, offline_se, policy, lower_is_better)
+    found = _significant_decay(estimated, offline, estimate_se, offline_se, policy, metric)
     if found is None:
         return None
     change, margin = found
-    name, method = metric_label(metric), "CBPE" if not lower_is_better else "DLE"
+    name, method = metric_label(metric), task_of(task_of_metric(metric)).estimate_name
     return Signal(
         "decay",
         f"estimated live {name} {estimated:.3f} (label-free, {method}) is {change:.0%} "
-        f"{'above' if lower_is_better else 'below'} offline {offline:.3f} on {rows} "
+        f"{_direction(metric)} offline {offline:.3f} on {rows} "
         f"predictions not labelled yet{margin}",
         change,
         policy.decay_drop,
     )
 
 
-def decay_bound(offline: float, policy: TriggerPolicy, lower_is_better: bool = False) -> float:
+def _direction(metric: str) -> str:
+    return "above" if lower_is_better(metric) else "below"
+
+
+def decay_bound(offline: float, policy: TriggerPolicy, metric: str = "pr_auc") -> float:
     """The live figure past which the point figures alone count as decay: under
     ``(1 - decay_drop) x offline`` for a higher-is-better metric, over ``(1 + decay_drop) x
     offline`` for a lower-is-better one."""
-    sign = 1.0 if lower_is_better else -1.0
+    sign = 1.0 if lower_is_better(metric) else -1.0
     return (1.0 + sign * policy.decay_drop) * offline
 
 
@@ -202,21 +205,22 @@ def _significant_decay(
     live_se: float | None,
     offline_se: float | None,
     policy: TriggerPolicy,
-    lower_is_better: bool = False,
+    metric: str = "pr_auc",
 ) -> tuple[float, str] | None:
     """(relative worsening, reason suffix) when ``live`` lies past the decay bound by more
     than ``policy.decay_confidence`` allows for chance; None otherwise or when not measured."""
     if not _positive(live, allow_zero=True) or not _positive(offline):
         return None
     assert live is not None and offline is not None
-    change = live / offline - 1.0 if lower_is_better else 1.0 - live / offline
+    lower = lower_is_better(metric)
+    change = live / offline - 1.0 if lower else 1.0 - live / offline
     if change < policy.decay_drop:
         return None
-    scale = 1.0 + policy.decay_drop if lower_is_better else 1.0 - policy.decay_drop
+    scale = 1.0 + policy.decay_drop if lower else 1.0 - policy.decay_drop
     se = math.hypot(_se(live_se), scale * _se(offline_se))
     z = NormalDist().inv_cdf(policy.decay_confidence)
-    bound = decay_bound(offline, policy, lower_is_better)
-    gap = live - bound if lower_is_better else bound - live
+    bound = decay_bound(offline, policy, metric)
+    gap = live - bound if lower else bound - live
     if se > 0 and gap < z * se:
         return None
     margin = f" (z {gap / se:.1f}; standard error {se:.3f})" if se > 0 else ""

@@ -27,6 +27,7 @@ import numpy as np
 
 from core.usecase import active
 from models.registry import CHAMPION, Registry
+from models.tasks import of as task_of
 from quality.drift import ks_statistic, psi
 from serving.client import TorchServeClient, TorchServeError
 
@@ -146,7 +147,7 @@ def probe(
     task = active().task
     score, positive = task.score, task.decision.positive
     # A classifier answers a probability; a regressor any finite value.
-    bounded = task.type == "binary_classification"
+    bounded = task_of(task.type).has_threshold
     for start in range(0, len(requests), batch):
         chunk = list(requests[start : start + batch])
         result.sent += len(chunk)
@@ -240,7 +241,7 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
             reasons.append(
                 f"score distribution moved: KS {ks:.3f} vs the champion > {policy.max_score_ks}"
             )
-    if active().task.type == "binary_classification":
+    if task_of(active().task.type).has_threshold:
         change = abs(challenger.flag_rate - champion.flag_rate)
         if change > policy.max_flag_rate_change:
             reasons.append(

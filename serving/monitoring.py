@@ -31,6 +31,8 @@ import polars as pl
 
 from core.storage import write_json_atomic, write_parquet_atomic
 from core.usecase import UseCase, active
+from models.tasks import BINARY, ErrorCurve, expected_mae, task_of_metric
+from models.tasks import of as task_of
 from quality import drift
 from quality.schema import UTC_TS
 from serving.delivery import SYNTHETIC_PREFIXES
@@ -43,8 +45,6 @@ if TYPE_CHECKING:
 MANIFEST = "_compacted.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
-# The joined label's type per task: 0/1 for a classifier, the value for a regressor.
-_LABEL_TYPES = {"binary_classification": pl.Int8(), "regression": pl.Float64()}
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame
     )
     known = labels.select(
         pl.col(declared.key).alias(key),
-        pl.col(declared.column).cast(_LABEL_TYPES[active().task.type]).alias("label"),
+        pl.col(declared.column).cast(task_of(active().task.type).label_dtype).alias("label"),
         declared.time,
     ).unique(key, keep="last")
     return answered.join(known, on=key, how="left")
@@ -263,7 +263,6 @@ def live_metrics(
     """The task's metrics on labelled predictions (a classifier's PR-AUC, precision, recall at
     ``threshold``; a regressor's MAE, RMSE, bias), overall and per slice."""
     from models.evaluate import evaluate_scores, with_buckets
-    from models.tasks import BINARY
 
     task = task or active().task.type
     labelled = joined.filter(pl.col("label").is_not_null())
@@ -458,8 +457,6 @@ def live_quality_schema(task: str | None = None) -> dict[str, pl.DataType]:
     on the same labelled predictions (``estimated_m``, ``estimate_error``) and on the newest
     ones (``recent``, ``estimated_m_unlabelled``, ``estimated_m_unlabelled_se``); a
     classifier's cohort also counts its ``positives``."""
-    from models.tasks import BINARY
-    from models.tasks import of as task_of
 
     kind = task_of(task or active().task.type)
     m = kind.primary_metric
@@ -566,8 +563,6 @@ def live_quality(
     default; ``reference``: a regressor's ``ErrorCurve`` (its champion's, from evaluation),
     without which it has no label-free estimate.
     """
-    from models.tasks import BINARY
-    from models.tasks import of as task_of
 
     kind = task_of(task or active().task.type)
     columns = columns or log_columns()
@@ -607,7 +602,6 @@ def _binary_quality(metric, labelled, recent, score, start, end) -> LiveQuality:
 
 
 def _regression_quality(metric, labelled, recent, score, start, end, reference) -> LiveQuality:
-    from models.tasks import ErrorCurve, expected_mae
 
     realised = realised_se = None
     if labelled.height >= 2:
@@ -659,7 +653,6 @@ def live_quality_row(
         f"estimated_{m}_unlabelled": quality.estimated_unlabelled,
         f"estimated_{m}_unlabelled_se": quality.estimated_unlabelled_se,
     }
-    from models.tasks import task_of_metric
 
     return {c: row[c] for c in live_quality_schema(task_of_metric(m))}
 

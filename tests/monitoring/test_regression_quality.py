@@ -83,19 +83,14 @@ def test_live_quality_of_a_regressor_is_its_mae_on_the_mature_cohort():
 
 
 def test_decay_of_a_regressor_is_its_mae_rising():
-    rising = decay_signal(12.0, 10.0, 500, POLICY, metric="mae", lower_is_better=True)
+    rising = decay_signal(12.0, 10.0, 500, POLICY, metric="mae")
     assert rising.kind == "decay" and rising.value == pytest.approx(0.2)
     assert rising.reason.startswith("live MAE 12.000 is 20% above offline 10.000")
-    assert decay_signal(11.0, 10.0, 500, POLICY, metric="mae", lower_is_better=True) is None
-    assert decay_signal(8.0, 10.0, 500, POLICY, metric="mae", lower_is_better=True) is None
+    assert decay_signal(11.0, 10.0, 500, POLICY, metric="mae") is None
+    assert decay_signal(8.0, 10.0, 500, POLICY, metric="mae") is None
     # Noisy figures: 20% worse, but within what chance explains.
-    assert (
-        decay_signal(
-            12.0, 10.0, 500, POLICY, live_se=2.0, offline_se=0.5, metric="mae", lower_is_better=True
-        )
-        is None
-    )
+    assert decay_signal(12.0, 10.0, 500, POLICY, live_se=2.0, offline_se=0.5, metric="mae") is None
     estimated = estimated_decay_signal(
-        13.0, 10.0, 500, POLICY, estimate_se=0.2, offline_se=0.2, metric="mae", lower_is_better=True
+        13.0, 10.0, 500, POLICY, estimate_se=0.2, offline_se=0.2, metric="mae"
     )
     assert estimated.reason.startswith("estimated live MAE 13.000 (label-free, DLE) is 30% above")
