@@ -36,6 +36,7 @@ from core.usecase import UseCase, active
 from features.declarations import build_definitions
 from features.store import SERVICE, historical_features
 from features.views import TS, read_validated, training_entities
+from models.tasks import of as task_of
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 LABEL = "label"
@@ -97,8 +98,9 @@ def labelled_requests(
     presume_negative_after: timedelta | None = None,
     uc: UseCase | None = None,
 ) -> pl.DataFrame:
-    """Rows of the request dataset with their latest known label (``label`` 0/1), unlabelled
-    ones dropped; the use case's ``label`` declares where the labels are and how they join.
+    """Rows of the request dataset with their latest known label (``label``: 0/1 for a
+    classifier, the value for a regressor, as the task's ``label_dtype``), unlabelled ones
+    dropped; the use case's ``label`` declares where the labels are and how they join.
 
     Only requests at or before ``newest label time - label_maturity`` are kept, so every kept
     request had the time to receive its label whatever it is (the use case's maturity by
@@ -122,10 +124,14 @@ def labelled_requests(
     presume = presume_negative_after
     if presume is not None and not timedelta(0) <= presume <= label_maturity:
         raise ValueError("presume_negative_after must be between 0 and label_maturity")
+    task = task_of(uc.task.type)
+    if presume is not None and not task.has_threshold:
+        raise ValueError("presume_negative_after is for a classifier's labels (no positive yet)")
+    value = pl.col(declared.column).cast(task.label_dtype)  # 0/1, or the regressor's minutes
     latest = (
         labels.sort(declared.time, declared.key)
         .unique(declared.key, keep="last", maintain_order=True)
-        .select(pl.col(declared.key).alias(key), pl.col(declared.column).cast(pl.Int8).alias(LABEL))
+        .select(pl.col(declared.key).alias(key), value.alias(LABEL))
     )
     rows = requests.unique(key, keep="last", maintain_order=True)
     if labels.is_empty():

@@ -138,8 +138,9 @@ class Regression(Task):
         """The training loss on standardised targets (delta 1: one standard deviation)."""
         import torch.nn.functional as F
 
-        terms = F.huber_loss(prediction, y, reduction="none", delta=1.0)
-        return (terms if weight is None else terms * weight).mean()
+        if weight is None:  # one fused kernel: no per-row tensor to allocate and reduce
+            return F.huber_loss(prediction, y, delta=1.0)
+        return (F.huber_loss(prediction, y, reduction="none", delta=1.0) * weight).mean()
 
 
 def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
@@ -254,10 +255,22 @@ def expected_mae(curve: ErrorCurve, predictions: np.ndarray) -> tuple[float, flo
     p = np.asarray(predictions, dtype=np.float64)
     if p.size == 0 or not curve.mae:
         return math.nan, math.nan
-    bins = np.searchsorted(np.asarray(curve.edges), p, side="right")
-    mae, std = np.asarray(curve.mae), np.asarray(curve.std)
-    known = np.nan_to_num(mae, nan=np.nanmean(mae))
-    spread = np.nan_to_num(std, nan=np.nanmean(std))
-    estimate = float(known[bins].mean())
+    bins = _decile(curve, p)
+    spread = np.nan_to_num(np.asarray(curve.std), nan=np.nanmean(curve.std))
+    estimate = float(expected_errors(curve, p).mean())
     se = float(math.sqrt(np.sum(spread[bins] ** 2)) / p.size)
     return estimate, se
+
+
+def expected_errors(curve: ErrorCurve, predictions: np.ndarray) -> np.ndarray:
+    """Each prediction's expected |error|: the mean its decile had on the labelled reference
+    (``expected_mae`` is their mean); NaN for every one without a reference."""
+    p = np.asarray(predictions, dtype=np.float64)
+    if not curve.mae:
+        return np.full(p.size, math.nan)
+    mae = np.asarray(curve.mae)
+    return np.nan_to_num(mae, nan=np.nanmean(mae))[_decile(curve, p)]
+
+
+def _decile(curve: ErrorCurve, p: np.ndarray) -> np.ndarray:
+    return np.searchsorted(np.asarray(curve.edges), p, side="right")

@@ -42,6 +42,9 @@ continuous_training_job = dg.define_asset_job(
     ),
     config={"ops": {"registered_model": {"config": {"promote_on_pass": False}}}},
     tags={"loopline/pool": "training"},
+    # Steps in one process: a process per step cost ~10-30 s of imports each on 2 busy cores,
+    # a minute or two per retraining, for a parallelism two cores do not have (decision 36).
+    executor_def=dg.in_process_executor,
     description="Train on fresh data, validate, register, deploy progressively, refresh references.",
 )
 

@@ -353,6 +353,7 @@ def registered_model(
 training_job = dg.define_asset_job(
     "training_job",
     selection=dg.AssetSelection.assets("training_set") | dg.AssetSelection.groups(GROUP),
+    executor_def=dg.in_process_executor,  # one step at a time anyway (decision 36)
     description="Rebuild the training set, then train, evaluate, validate and register a model.",
 )
 

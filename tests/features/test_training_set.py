@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from core.usecase import load
 from features.store import apply_definitions, feature_store
 from features.training_set import (
     SplitFractions,
@@ -104,6 +105,25 @@ def test_labelled_requests_keep_the_latest_label_and_only_mature_rows() -> None:
     assert rows["label"].dtype == pl.Int8
     everything = labelled_requests(tx, labels, label_maturity=timedelta(0))
     assert set(everything["transaction_id"]) == {"t0000", "t0001", "t0003", "t0005"}
+
+
+def test_a_regressors_labels_keep_their_values() -> None:
+    # Delivery minutes are the target itself: not 0/1, not cut to whole minutes.
+    delivery = load("delivery")
+    orders = pl.DataFrame(
+        {"order_id": ["o1", "o2"], "event_timestamp": [T0, T0 + D]},
+        schema={"order_id": pl.String, "event_timestamp": UTC_TS},
+    )
+    deliveries = pl.DataFrame(
+        {
+            "order_id": ["o1", "o2"],
+            "delivery_minutes": [31.75, 140.5],
+            "delivered_at": [T0 + timedelta(minutes=32), T0 + D + timedelta(minutes=141)],
+        },
+        schema={"order_id": pl.String, "delivery_minutes": pl.Float64, "delivered_at": UTC_TS},
+    )
+    rows = labelled_requests(orders, deliveries, label_maturity=timedelta(0), uc=delivery)
+    assert rows["label"].dtype == pl.Float64 and rows["label"].to_list() == [31.75, 140.5]
 
 
 def test_presumed_negatives_bring_young_fraud_labels_with_their_legit_neighbours() -> None:

@@ -81,6 +81,28 @@ def _rows(view: str, batch_dataset: str, rows, known: dict, created) -> pl.DataF
     return VIEWS[view].compute(ViewBatch(batch_dataset, rows, created, read))
 
 
+def test_a_training_set_keeps_the_delivered_minutes_as_they_are():
+    """A regressor's label is its value: 47.5 minutes stays 47.5, a 3-hour delivery 180."""
+    from features.training_set import LABEL, labelled_requests
+
+    sim = SIM.Simulator(CONFIG)
+    orders = pl.concat([sim.events(k)["orders"] for k in range(30)])
+    truth = pl.concat([sim.truth(k) for k in range(30)])
+    slow = truth.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(180.0)
+        .otherwise(pl.col("delivery_minutes"))
+        .alias("delivery_minutes")
+    )
+    rows = labelled_requests(orders, slow, uc=USECASE)
+    assert rows[LABEL].dtype == pl.Float64 and rows.height > 1000
+    joined = rows.join(slow, on="order_id")
+    assert (joined[LABEL] == joined["delivery_minutes"]).all()
+    assert 180.0 in rows[LABEL].to_list() and (rows[LABEL] % 1 != 0).any()
+    with pytest.raises(ValueError, match="for a classifier"):
+        labelled_requests(orders, slow, uc=USECASE, presume_negative_after=timedelta(hours=1))
+
+
 def test_restaurant_features_are_point_in_time_and_batches_agree_with_one_pass():
     sim = SIM.Simulator(CONFIG)
     reference = sim.reference()
