@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/loopline run
 
+# Everything but the soaks (their own targets below); the slowest tests are listed at the end.
 test: setup lint services
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not soak" --durations=15
 
 # Postgres and Redis for the scale-out profile's tests (tests/scale start private instances on
 # loopback ports): Debian's packages, installed only when their binaries are missing.
@@ -54,6 +55,13 @@ bench-features: setup
 .PHONY: soak
 soak: setup
 	LOOPLINE_SOAK_SECONDS=600 $(BIN)/pytest -s tests/reliability/test_serving_reliability.py -k soak
+
+# Both demos end to end with a real daemon and TorchServe, their live metric before the drift,
+# after it and on recovery asserted (fraud 25-35 min: its labels mature in 7 simulated days;
+# delivery ~15); make test runs the loop for both at once in tests/e2e/test_platform_e2e.py.
+.PHONY: demo-e2e
+demo-e2e: setup
+	$(BIN)/pytest -m soak tests/e2e/test_loop_daemon_e2e.py
 
 # Loop latency: `loopline demo` against a default-interval Dagster sensor (15-25 min).
 .PHONY: bench-loop

@@ -1,11 +1,15 @@
 """Serving: Loopline's TorchServe endpoint under load from wrk (a separate client process).
 
-Run: ``make bench-serving``, or ``.venv/bin/python -m benchmarks.bench_serving
-[--duration 15] [--warmup 5] [--rounds 2] [--peer-python benchmarks/.venv-peer/bin/python]``
+Run: ``make bench-serving``, or ``[LOOPLINE_USECASE=delivery] .venv/bin/python -m
+benchmarks.bench_serving [--duration 15] [--warmup 5] [--rounds 2]
+[--peer-python benchmarks/.venv-peer/bin/python]``
 
-Setup (in a temporary home): ``tests.serving.kit.build_serving_home`` (simulated transactions,
-materialized Feast features, a trained model registered as champion), then these servers on free
-loopback ports, all serving that champion:
+It serves the active use case (``LOOPLINE_USECASE``, the fraud demo by default). Setup (in a
+temporary home): for the fraud demo, ``tests.serving.kit.build_serving_home`` (simulated
+transactions, materialized Feast features, a trained model registered as champion); for any
+other use case, the same from its own simulator and declaration
+(``benchmarks.serving_home.build_usecase_home``). Then these servers on free loopback ports,
+all serving that champion:
 
 - ``loopline``: ``TorchServeProcess`` as ``loopline serve start`` runs it (batch 32, 5 ms);
 - ``floor``: the same TorchServe settings and archive, with a no-op handler that parses the body
@@ -13,9 +17,11 @@ loopback ports, all serving that champion:
 - ``loopline-b1`` / ``floor-b1``: the same with batch size 1 (dynamic batching off);
 - ``peer``: the two-hop setup users build today, ``feast serve`` on the same Feast repo and home
   plus a FastAPI model endpoint under uvicorn that calls it over HTTP and runs the same model
-  (``benchmarks/serving_peer.py``), one worker each; it needs ``--peer-python`` (httpx).
+  (``benchmarks/serving_peer.py``), one worker each; it needs ``--peer-python`` (httpx). The
+  peer is written for the fraud demo's transactions: for other use cases it is skipped (and
+  says so), and (b) is not reported.
 
-wrk POSTs 512 distinct valid transactions in turn (``benchmarks/serving_load.lua``) with the
+wrk POSTs 512 distinct valid requests in turn (``benchmarks/serving_load.lua``) with the
 inference token. Each round runs every case back to back (the second round in reverse order);
 ratios are taken within a round, and the median over rounds is reported.
 
@@ -44,15 +50,20 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
+from benchmarks.serving_home import UseCaseHome, build_usecase_home
+from core.usecase import active
 from features.store import REPO_DIR
 from serving.archive import build_archive
 from serving.config import ServingConfig
 from serving.process import TorchServeProcess
 from serving.scoring import version_info
-from tests.serving.kit import ServingHome, build_serving_home
+
+if TYPE_CHECKING:
+    from tests.serving.kit import ServingHome
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,6 +71,8 @@ LUA = HERE / "serving_load.lua"
 FLOOR_HANDLER = HERE / "serving_floor_handler.py"
 PEER_APP = "benchmarks.serving_peer:app"
 BODIES = 512
+# The use case the test kit's serving home and the peer are written for.
+FRAUD = "fraud"
 TS_METRICS = (
     "ts_inference_requests_total",
     "ts_queue_latency_microseconds",
@@ -102,8 +115,23 @@ def free_ports(n: int) -> list[int]:
 # --- servers -----------------------------------------------------------------------------------
 
 
+def build_home(path: Path) -> ServingHome | UseCaseHome:
+    """The fraud demo's home as the test kit builds it (as earlier runs measured it), or the
+    active use case's from its simulator."""
+    if active().name == FRAUD:
+        from tests.serving.kit import build_serving_home
+
+        return build_serving_home(path)
+    return build_usecase_home(path)
+
+
 def torchserve(
-    home: ServingHome, name: str, *, batch_size: int, floor: bool = False, workers: int = 1
+    home: ServingHome | UseCaseHome,
+    name: str,
+    *,
+    batch_size: int,
+    floor: bool = False,
+    workers: int = 1,
 ) -> TorchServeProcess:
     """A TorchServe instance of its own (serving dir, ports) over the shared home; ``floor``
     serves the champion through the no-op handler."""
@@ -173,7 +201,9 @@ def wait_http(check: Callable[[], bool], what: str, timeout: float = 120.0) -> N
     raise RuntimeError(f"{what} did not answer within {timeout:.0f}s")
 
 
-def start_peer(home: ServingHome, python: str, logs: Path, stack: ExitStack) -> Target:
+def start_peer(
+    home: ServingHome | UseCaseHome, python: str, logs: Path, stack: ExitStack
+) -> Target:
     """``feast serve`` on the repo and home, and the FastAPI model endpoint in front of it."""
     feast_port, peer_port = free_ports(2)
     env = {
@@ -268,8 +298,9 @@ def post(target: Target, body: dict) -> requests.Response:
 
 def check_targets(targets: dict[str, Target], bodies: list[dict]) -> None:
     """Every endpoint answers; Loopline's and the peer's scores agree (same features, model)."""
+    score = active().task.score
     sample = bodies[:8]
-    reference = [post(targets["loopline"], b).json()["fraud_probability"] for b in sample]
+    reference = [post(targets["loopline"], b).json()[score] for b in sample]
     for name, target in targets.items():
         answers = [post(target, b) for b in sample]
         bad = [a.status_code for a in answers if a.status_code != 200]
@@ -277,7 +308,7 @@ def check_targets(targets: dict[str, Target], bodies: list[dict]) -> None:
             raise RuntimeError(f"{name} answered {bad}: {answers[0].text[:500]}")
         if name.startswith("floor"):
             continue
-        got = [a.json()["fraud_probability"] for a in answers]
+        got = [a.json()[score] for a in answers]
         worst = max(abs(g - r) for g, r in zip(got, reference, strict=True))
         if worst > 1e-6:
             raise RuntimeError(f"{name} scores differ from loopline's by {worst:.2e}")
@@ -354,8 +385,8 @@ def main() -> None:
         if not args.keep:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         started = time.monotonic()
-        print(f"setup in {tmp} ({load()})", flush=True)
-        home = build_serving_home(tmp / "home")
+        print(f"use case {active().name}; setup in {tmp} ({load()})", flush=True)
+        home = build_home(tmp / "home")
         home.register(seed=1, champion=True)
         bodies = home.requests(BODIES)
         bodies_file = tmp / "bodies.jsonl"
@@ -381,7 +412,13 @@ def main() -> None:
             )
             for name, p in processes.items()
         }
-        if args.peer_python:
+        if active().name != FRAUD:
+            print(
+                f"peer skipped: benchmarks/serving_peer.py serves the {FRAUD} demo's "
+                f"transactions, not {active().name}'s requests; (b) is not measured",
+                flush=True,
+            )
+        elif args.peer_python:
             targets["peer"] = start_peer(home, os.path.abspath(args.peer_python), tmp, stack)
         check_targets(targets, bodies)
         print(f"servers up after {time.monotonic() - started:.0f}s; warm-up ({load()})", flush=True)

@@ -23,6 +23,7 @@ PROFILES = (LOCAL, SCALE)
 ENV_VARS = (
     "LOOPLINE_USECASE",
     "LOOPLINE_HOME",
+    "LOOPLINE_SERVING_DIR",
     "LOOPLINE_LAKE",
     "LOOPLINE_PROFILE",
     "LOOPLINE_POSTGRES_URL",
@@ -85,6 +86,9 @@ class Settings:
 
     home: Path
     lake_uri: str = ""
+    # TorchServe's working directory; the use cases of one platform share it (one TorchServe
+    # serves them all, decision 35). Default: ``<home>/serving``.
+    serving_path: Path | None = None
     profile: str = LOCAL
     postgres_url: str = field(default="", repr=False)
     redis_url: str = field(default="", repr=False)
@@ -127,6 +131,9 @@ class Settings:
         return cls(
             local_path(home) if home else default_home(env.get("LOOPLINE_USECASE")),
             lake_uri=env.get("LOOPLINE_LAKE", ""),
+            serving_path=local_path(env["LOOPLINE_SERVING_DIR"])
+            if env.get("LOOPLINE_SERVING_DIR")
+            else None,
             profile=env.get("LOOPLINE_PROFILE") or LOCAL,
             postgres_url=env.get("LOOPLINE_POSTGRES_URL", ""),
             redis_url=env.get("LOOPLINE_REDIS_URL", ""),
@@ -191,8 +198,9 @@ class Settings:
 
     @property
     def serving_dir(self) -> Path:
-        """TorchServe's working directory: config.properties, key_file.json, logs."""
-        return self.home / "serving"
+        """TorchServe's working directory: config.properties, key_file.json, logs; shared by the
+        use cases of a platform (``LOOPLINE_SERVING_DIR``)."""
+        return self.serving_path or self.home / "serving"
 
     @property
     def model_store(self) -> Path:

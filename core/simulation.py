@@ -15,7 +15,10 @@ folder provides (the *simulator protocol*):
   until=)``, the event datasets whose event time falls in window ``k`` (or its sub-window) by
   name, the request dataset first; ``truth(k)``, the label rows (the label dataset's schema) of
   every request of window ``k``, whenever each label arrives;
-- optionally ``BACKTEST``: scenario fields for ``loopline backtest``'s shape.
+- optionally ``BACKTEST``: ``loopline backtest``'s shape (scenario fields, and the days of
+  feature burn-in and warm-up before its first champion, ``burn_in_days`` and
+  ``warmup_days``: ``orchestration.backtest.demo_config``), and ``DEMO``: how
+  ``loopline demo`` runs it (``orchestration.cli_loop.DemoPlan``'s fields).
 
 Everything else here is generic and reads the declaration: the driver (``run``,
 ``land_history``, ``land_reference_data``), the accelerated clock (``SimClock``), the atomic

@@ -183,6 +183,8 @@ class UseCase(_Strict):
     # Overrides of the platform's defaults, checked by their owners when the platform loads
     # (models.spec.train_config/gate_policy, orchestration.triggers.trigger_policy).
     training: dict[Name, Any] = {}
+    # How labelled rows are kept and split (orchestration.feature_assets.TrainingSetConfig).
+    training_set: dict[Name, Any] = {}
     gate: dict[Name, Any] = {}
     retrain: dict[Name, Any] = {}
     # The module of the folder that generates demo data (see core.simulation), if any.
@@ -415,6 +417,16 @@ def load(where: str | Path) -> UseCase:
 @cache
 def _cached(where: str) -> UseCase:
     return load(where)
+
+
+def available(with_simulator: bool = False) -> list[str]:
+    """The use cases under ``usecases/`` by name, the default one first (only those that
+    generate demo data, if asked)."""
+    names = sorted(
+        (p.parent.name for p in USECASES_DIR.glob(f"*/{DECLARATION}")),
+        key=lambda n: (n != DEFAULT_USECASE, n),
+    )
+    return [n for n in names if not with_simulator or load(n).simulator is not None]
 
 
 def active() -> UseCase:

@@ -1,29 +1,36 @@
 """Backtest: replay a scenario through the platform's own code in simulated time, no servers.
 
 What it answers: with a retraining policy, how good is the *served* model while the world
-changes, and how fast does it recover after drift. One scenario is generated, its card and
-merchant features are computed with ``features.engineering``, applied to a Feast repo in a
-temporary home, and every transaction is joined once to its point-in-time features through the
-training FeatureService (``historical_features``). Point-in-time features are what serving
-with perfectly fresh features sees and what any later training set holds, so that one frame
-serves every step of every policy.
+changes, and how fast does it recover after drift. One scenario of the active use case is
+generated (its simulator, ``core.simulation``), its features are computed with the use case's
+views, applied to a Feast repo in a temporary home, and every request is joined once to its
+point-in-time features through the training FeatureService (``historical_features``).
+Point-in-time features are what serving with perfectly fresh features sees and what any later
+training set holds, so that one frame serves every step of every policy.
 
-Then simulated time advances one scenario batch per step. At each step the champion scores
-the step's requests (the served predictions); labels whose arrival time has passed
+Then simulated time advances one scenario batch (a day) per step. At each step the champion
+scores the step's requests (the served predictions); labels whose arrival time has passed
 become known; the policy gathers its signals from what is known (new labels, PSI of the
-served features against the champion's training data via ``serving_drift``, live PR-AUC on
+served features against the champion's training data via ``serving_drift``, the live metric on
 matured labels against the offline figure, the schedule) and asks
 ``orchestration.triggers.decide`` (cooldown in simulated time). A retraining builds the
-training set as of now with ``features.training_set`` (matured labels only), trains candidate
-and baseline with ``models.train``, evaluates candidate, baseline and champion on the
-candidate's test split and applies ``models.gate.validate_challenger``; it promotes on pass
-and the new champion serves from the next step. The gate's infrastructure checks (reload,
-size, latency) are not replayed: every candidate is reported servable (``INFRA_NOT_REPLAYED``).
+training set as of now (matured labels only; the use case's declared ``training_set`` window
+unless the policy sets its own), trains candidate and baseline with ``models.train``,
+evaluates candidate, baseline and champion on the candidate's test split and applies
+``models.gate.validate_challenger``; it promotes on pass and the new champion serves from the
+next step. The gate's infrastructure checks (reload, size, latency) are not replayed: every
+candidate is reported servable (``INFRA_NOT_REPLAYED``).
 
-The live metric is computed at the end with full ground truth, per transaction-time cohort
-(one step), pooled over a trailing window because ~20 frauds a day make one day's PR-AUC
-noisy; the window never straddles the drift start. Beside it, the label-free estimate
-(``models.metrics.expected_average_precision``) of the same predictions.
+The live metric is the task's primary one (``models.tasks``: a classifier's PR-AUC, higher is
+better; a regressor's MAE, lower is better), computed at the end with full ground truth per
+request-time cohort (one step), pooled over a trailing window because ~20 frauds a day make
+one day's PR-AUC noisy; the window never straddles the drift start. Beside it, the label-free
+estimate of the same predictions: CBPE's expected average precision for a classifier, the
+expected MAE for a regressor (each prediction expects the |error| its decile had on the
+serving champion's test split, ``models.tasks.expected_errors``). Every figure is read in the
+metric's direction: "recovered" means back within ``recovery_fraction`` of the pre-drift level
+as a ratio of quality, i.e. at least ``fraction x level`` for a higher-is-better metric and at
+most ``level / fraction`` for a lower-is-better one.
 
 Plain Python: no Dagster, no TorchServe. It lives in ``orchestration`` because it composes
 every package; import it inside functions of Dagster modules (it pulls in torch and Feast).
@@ -49,10 +56,14 @@ from core.usecase import active
 from features.store import SERVICE, apply_definitions, feature_store, historical_features
 from features.training_set import (
     LABEL,
+    SplitCuts,
     SplitPolicy,
+    apply_window,
     assign_splits,
     drift_reference,
     entity_columns,
+    fraction_cuts,
+    label_splits,
     labelled_requests,
 )
 from features.views import TS, ViewBatch, training_entities, views, write_feature_file
@@ -60,6 +71,16 @@ from models.evaluate import EvaluationReport, evaluate_model, predict
 from models.gate import InfraReport, validate_challenger
 from models.metrics import average_precision, expected_average_precision
 from models.spec import FeatureSpec, GatePolicy, TrainConfig, feature_spec_of_service
+from models.tasks import (
+    BINARY,
+    ErrorCurve,
+    Task,
+    expected_errors,
+    metric_label,
+    regression_metrics,
+)
+from models.tasks import lower_is_better as metric_lower_is_better
+from models.tasks import of as task_of
 from models.train import TrainResult, train_baseline, train_model
 from orchestration.triggers import (
     Signal,
@@ -83,6 +104,18 @@ _SERVABLE = InfraReport(
     True, True, 0.0, 0, {"1": {"p50": 0.0, "p95": 0.0}, "64": {"p50": 0.0, "p95": 0.0}}
 )
 SCORE = log_columns().score
+# A regressor's served rows carry each prediction's label-free expected |error| (the serving
+# champion's error curve): the expected MAE of any pool of them is their mean.
+EXPECTED = "expected_abs_error"
+
+
+def _task() -> Task:
+    """The active use case's task: its primary metric, direction, label and count."""
+    return task_of(active().task.type)
+
+
+def _binary() -> bool:
+    return _task().name == BINARY
 
 
 def _truth() -> tuple[str, str]:
@@ -96,26 +129,99 @@ def _key() -> str:
     return active().request_dataset.key
 
 
+# -- the live metric, in the task's terms ---------------------------------------------------
+
+
+def metric_of(y: np.ndarray, p: np.ndarray) -> float:
+    """The task's primary metric of labelled predictions: a classifier's PR-AUC (NaN without
+    a positive), a regressor's MAE (NaN without a row)."""
+    if _binary():
+        return average_precision(y, p)
+    return float(regression_metrics(y, p)[_task().primary_metric])
+
+
+def count_of(y: np.ndarray) -> int:
+    """What a figure rests on (the task's count): a classifier's positives, a regressor's
+    rows."""
+    return int(np.sum(y)) if _binary() else int(np.size(y))
+
+
+def _lower(metric: str | None) -> bool:
+    return metric_lower_is_better(metric or _task().primary_metric)
+
+
+def quality_ratio(value: float, level: float, metric: str | None = None) -> float:
+    """``value`` as a share of ``level`` in quality, 1 as good and under 1 worse:
+    ``value / level``, or ``level / value`` for a lower-is-better metric (the task's primary
+    one by default)."""
+    return level / value if _lower(metric) else value / level
+
+
+def recovery_target(level: float, fraction: float, metric: str | None = None) -> float:
+    """The figure a cohort must reach to count as recovered, a quality ratio of ``fraction``
+    to ``level``: at least ``fraction x level`` (PR-AUC), at most ``level / fraction`` (MAE)."""
+    return level / fraction if _lower(metric) else fraction * level
+
+
+def reaches(value: float, target: float, metric: str | None = None) -> bool:
+    """Whether ``value`` is at least as good as ``target`` in the metric's direction."""
+    return value <= target if _lower(metric) else value >= target
+
+
 # -- configuration --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Adaptation:
-    """How a retraining builds and weights its training set (the options issue 14 adds)."""
+    """How a retraining builds and weights its training set (the options issue 14 adds).
 
-    held_out_positives: int | None = None
+    ``held_out``: validation and test are the newest rows holding that many of the task's count
+    each (positives for a classifier, rows for a regressor); ``window_days``: only labelled rows
+    that recent; ``recency_half_life_days``: recency weights; ``presume_negative_days`` (a
+    classifier's): a request that old counts as negative until a positive label arrives. An
+    option left None is the use case's declared one (``BacktestConfig.training_set``).
+    """
+
+    held_out: int | None = None
     window_days: float | None = None
     recency_half_life_days: float | None = None
     presume_negative_days: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.presume_negative_days is not None and not _binary():
+            raise ValueError(
+                "presume_negative_days is for a classifier's labels; "
+                f"this use case's task is {_task().name}"
+            )
+
+    @classmethod
+    def declared(cls) -> Adaptation:
+        """The active use case's ``training_set`` block, as far as the backtest replays it."""
+        block = active().training_set
+        return cls(
+            held_out=block.get("held_out_positives"),
+            window_days=block.get("window_days"),
+            presume_negative_days=block.get("presume_negative_after_days"),
+        )
+
+    def over(self, base: Adaptation) -> Adaptation:
+        """These options, and ``base``'s where these set none."""
+        chosen = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Adaptation(**{k: getattr(base, k) if v is None else v for k, v in chosen.items()})
 
     @property
     def presume_negative_after(self) -> timedelta | None:
         days = self.presume_negative_days
         return timedelta(days=days) if days is not None else None
 
-    def split_policy(self) -> SplitPolicy:
+    def split(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """``rows`` within the window, with ``split`` (train, validation, test in time)."""
         window = timedelta(days=self.window_days) if self.window_days else None
-        return SplitPolicy(held_out_positives=self.held_out_positives, window=window)
+        if self.held_out is None or _binary():
+            policy = SplitPolicy(held_out_positives=self.held_out, window=window)
+            return assign_splits(rows, policy)
+        rows = apply_window(rows, window)
+        return label_splits(rows, held_out_row_cuts(rows, self.held_out))
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.recency_half_life_days is None:
@@ -127,8 +233,8 @@ class Adaptation:
     @property
     def suffix(self) -> str:
         parts = []
-        if self.held_out_positives is not None:
-            parts.append(f"+hold{self.held_out_positives}")
+        if self.held_out is not None:
+            parts.append(f"+hold{self.held_out}")
         if self.window_days is not None:
             parts.append(f"+win{self.window_days:g}d")
         if self.recency_half_life_days is not None:
@@ -136,6 +242,18 @@ class Adaptation:
         if self.presume_negative_days is not None:
             parts.append(f"+presume{self.presume_negative_days:g}d")
         return "".join(parts)
+
+
+def held_out_row_cuts(frame: pl.DataFrame, rows: int) -> SplitCuts:
+    """A regressor's held-out splits (it has no positives to count): test the newest ``rows``
+    rows, validation the ``rows`` before them, train everything older; cut on whole
+    timestamps. Too few rows for that and a train split: the default fractions' cuts."""
+    stamps = frame[TS].sort(descending=True)
+    if stamps.len() < 3 * rows:
+        cuts = fraction_cuts(frame, SplitPolicy().fractions)
+        note = f"{stamps.len()} rows are too few to hold out {rows} twice: split by fractions"
+        return SplitCuts(cuts.first_validation, cuts.first_test, "fractions", note)
+    return SplitCuts(stamps[2 * rows - 1], stamps[rows - 1], "held_out_rows")
 
 
 @dataclass(frozen=True)
@@ -161,7 +279,7 @@ class PolicySpec:
         values: dict[str, Any] = {}
         for option in options:
             for prefix, key, cast in (
-                ("hold", "held_out_positives", int),
+                ("hold", "held_out", int),
                 ("win", "window_days", float),
                 ("hl", "recency_half_life_days", float),
                 ("presume", "presume_negative_days", float),
@@ -179,11 +297,12 @@ class BacktestConfig:
     """The scenario and how it is replayed, in scenario batches (steps).
 
     The first ``burn_in_batches`` only give the features their history: rolling windows reach
-    30 days back and the merchant chargeback counts need labels, which arrive days late, so
-    rows of a scenario's first weeks carry immature features that no steady-state platform
-    trains on or serves (drift on them against later serving is 0.2-6 PSI). Training sets
-    start after it. The first champion is trained at the end of the next ``warmup_batches``,
-    then ``batches`` steps are served.
+    back (the fraud demo's 30 days, and its merchant chargeback counts need labels, which
+    arrive days late), so rows of a scenario's first weeks carry immature features that no
+    steady-state platform trains on or serves (drift on them against later serving is 0.2-6
+    PSI). Training sets start after it. The first champion is trained at the end of the next
+    ``warmup_batches``, then ``batches`` steps are served. ``training_set``: what a retraining
+    builds where its policy sets no option (the use case's declared ``training_set``).
     """
 
     scenario: Any  # the use case simulator's ScenarioConfig
@@ -201,6 +320,7 @@ class BacktestConfig:
     train: TrainConfig = field(
         default_factory=lambda: active().declared("training", TrainConfig, device="cpu")
     )
+    training_set: Adaptation = field(default_factory=Adaptation.declared)
     recovery_fraction: float = 0.9
     # Issue 14's deadline: recovered within this many label-maturity periods of the drift.
     recovery_periods: float = 3.0
@@ -223,8 +343,10 @@ class BacktestConfig:
 
     @property
     def recovery_deadline_steps(self) -> int:
-        """Steps from the drift start to the recovery deadline."""
-        return round(self.recovery_periods * self.label_maturity / self.scenario.batch_span)
+        """Steps from the drift start to the recovery deadline (at least one: the drift's own
+        step, when label-maturity periods are shorter than a step)."""
+        steps = round(self.recovery_periods * self.label_maturity / self.scenario.batch_span)
+        return max(1, steps)
 
     @property
     def first_step(self) -> int:
@@ -241,6 +363,11 @@ class BacktestConfig:
         return max(self.scenario.drift_start_batch, self.first_step)
 
 
+# Fields of a simulator's ``BACKTEST`` besides its ScenarioConfig's: the days before the first
+# champion (feature burn-in, then warm-up), which depend on its features' windows.
+SHAPE_FIELDS = ("burn_in_days", "warmup_days")
+
+
 def demo_config(
     drift: str = "none",
     *,
@@ -248,33 +375,35 @@ def demo_config(
     seed: int = 3,
     days: int = 30,
     drift_after: int = 5,
-    burn_in_days: int = 40,
-    warmup_days: int = 28,
+    burn_in_days: int | None = None,
+    warmup_days: int | None = None,
     scenario: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> BacktestConfig:
-    """``loopline backtest``'s scenario: the use case simulator's ``BACKTEST`` shape (for the
-    fraud demo ``loopline demo``'s: ~2,000 transactions and ~20 frauds a day) in one-day steps,
-    ``days`` served days after the first champion, drift ``drift_after`` days into them.
-    ``scenario``: more ScenarioConfig fields; ``options``: other BacktestConfig fields."""
-    fields_ = {
-        "rows_per_batch": 2000,
-        **getattr(simulation.simulator_module(), "BACKTEST", {}),
-        **(scenario or {}),
-    }
+    """``loopline backtest``'s scenario for the active use case, in one-day steps: its
+    simulator's ``BACKTEST`` shape (ScenarioConfig fields, e.g. the fraud demo's ~2,000
+    transactions and ~20 frauds a day, and ``SHAPE_FIELDS``: 40 burn-in and 28 warm-up days
+    unless it says otherwise), ``days`` served days after the first champion, drift
+    ``drift_after`` days into them. ``scenario``: more ScenarioConfig fields; ``options``:
+    other BacktestConfig fields."""
+    declared = dict(getattr(simulation.simulator_module(), "BACKTEST", {}))
+    shape = {k: declared.pop(k) for k in SHAPE_FIELDS if k in declared}
+    burn_in = shape.get("burn_in_days", 40) if burn_in_days is None else burn_in_days
+    warm_up = shape.get("warmup_days", 28) if warmup_days is None else warmup_days
+    fields_ = {"rows_per_batch": 2000, **declared, **(scenario or {})}
     config = simulation.scenario(
         seed=seed,
         start=datetime(2024, 1, 1, tzinfo=UTC),
         batch_span=timedelta(days=1),
         drift=drift,
-        drift_start_batch=burn_in_days + warmup_days + drift_after,
+        drift_start_batch=burn_in + warm_up + drift_after,
         drift_strength=drift_strength,
         **fields_,
     )
     return BacktestConfig(
         config,
-        burn_in_batches=burn_in_days,
-        warmup_batches=warmup_days,
+        burn_in_batches=burn_in,
+        warmup_batches=warm_up,
         batches=days,
         **options,
     )
@@ -361,9 +490,9 @@ def known_labels(world: World, now: datetime) -> pl.DataFrame:
 def training_frame(
     world: World, now: datetime, adaptation: Adaptation, label_maturity: timedelta
 ) -> pl.DataFrame:
-    """The training set a retraining at ``now`` builds: transactions before now with matured
-    labels, their features, split by the adaptation's ``SplitPolicy``. Rows of the burn-in
-    are left out: their features are immature."""
+    """The training set a retraining at ``now`` builds: requests before now with matured
+    labels, their features, split as the adaptation says (``Adaptation.split``). Rows of the
+    burn-in are left out: their features are immature."""
     seen = world.rows.filter((pl.col(TS) >= world.history_start) & (pl.col(TS) < now))
     seen = seen.drop(*_truth(), "step")
     labelled = labelled_requests(
@@ -375,7 +504,7 @@ def training_frame(
     keys = entity_columns()
     features = [c for c in seen.columns if c not in keys]
     rows = labelled.select(*keys, *features, LABEL).sort(TS, _key())
-    return assign_splits(rows, adaptation.split_policy())
+    return adaptation.split(rows)
 
 
 # -- training, cached across policies -------------------------------------------------------
@@ -396,7 +525,8 @@ class Trained:
 class Trainer:
     """Trains at most once per (step, adaptation): the training set and both models depend
     only on what is known at that step, not on the policy, so policies share them. Each policy
-    is still charged the training's seconds."""
+    is still charged the training's seconds. A policy's options go over the use case's
+    declared training set (``BacktestConfig.training_set``)."""
 
     def __init__(self, world: World, config: BacktestConfig) -> None:
         self.world = world
@@ -410,9 +540,9 @@ class Trainer:
 
     def at(self, step: int, adaptation: Adaptation) -> Trained | str:
         """The training at the end of ``step``, or why there is none."""
-        key = (step, adaptation)
+        key = (step, adaptation.over(self.config.training_set))
         if key not in self._cache:
-            self._cache[key] = self._train(step, adaptation)
+            self._cache[key] = self._train(*key)
         return self._cache[key]
 
     def _train(self, step: int, adaptation: Adaptation) -> Trained | str:
@@ -429,7 +559,7 @@ class Trainer:
             base_report = evaluate_model(
                 baseline.model, baseline.preprocessor, frame, name="baseline"
             )
-        except ValueError as exc:  # too few labelled rows or positives for a split
+        except ValueError as exc:  # too few labelled rows (or positives) for a split
             return f"training failed: {exc}"
         seconds = time.perf_counter() - started
         return Trained(frame, candidate, baseline, cand_report, base_report, seconds)
@@ -448,21 +578,42 @@ class Champion:
     reference_scores: np.ndarray
 
     @property
-    def offline_pr_auc(self) -> float:
-        return float(self.trained.candidate_report.metrics["pr_auc"])
+    def offline(self) -> float:
+        """The task's primary metric on the champion's test split: what decay compares with."""
+        return float(self.trained.candidate_report.metrics[_task().primary_metric])
 
     @property
-    def offline_pr_auc_se(self) -> float:
-        return float(self.trained.candidate_report.metrics.get("pr_auc_se", math.nan))
+    def offline_se(self) -> float:
+        metric = _task().primary_metric
+        return float(self.trained.candidate_report.metrics.get(f"{metric}_se", math.nan))
+
+    @property
+    def error_curve(self) -> ErrorCurve | None:
+        """A regressor's |error| by prediction decile on its test split: the reference of the
+        label-free expected MAE (None for a classifier)."""
+        curve = self.trained.candidate_report.error_curve
+        return ErrorCurve.from_dict(curve) if curve else None
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:
         model = self.trained.candidate
         return predict(model.model, model.preprocessor, frame)
 
+    def serve(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` with the served score, the version and, for a regressor, each
+        prediction's expected |error| (``EXPECTED``)."""
+        scores = self.score(frame)
+        served = frame.with_columns(pl.Series(SCORE, scores), pl.lit(self.version).alias("version"))
+        curve = self.error_curve
+        if curve is None:
+            return served
+        return served.with_columns(pl.Series(EXPECTED, expected_errors(curve, scores)))
+
 
 @dataclass(frozen=True)
 class Retraining:
-    """One retraining a policy started: when, why, and what the gate said."""
+    """One retraining a policy started: when, why, and what the gate said; the candidate's,
+    champion's and baseline's figures on the candidate's test split are the task's ``metric``
+    (``Task.gain`` reads them in its direction)."""
 
     step: int
     at: datetime
@@ -472,12 +623,13 @@ class Retraining:
     promoted: bool
     reasons: tuple[str, ...]
     version: str | None = None
-    candidate_pr_auc: float | None = None
-    champion_pr_auc: float | None = None
-    baseline_pr_auc: float | None = None
+    candidate_value: float | None = None
+    champion_value: float | None = None
+    baseline_value: float | None = None
     seconds: float = 0.0
     train_end: datetime | None = None
     drifted_train_share: float | None = None
+    metric: str = field(default_factory=lambda: _task().primary_metric)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -547,23 +699,30 @@ def served_psi(champion: Champion, spec: FeatureSpec, served: pl.DataFrame) -> d
 
 
 def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal | None]:
-    """Decay as the sensor reads it from ``live_quality``: realised PR-AUC of the champion's
-    label-mature cohort, and the label-free estimate on its predictions not labelled yet."""
+    """Decay as the sensor reads it from ``live_quality``: the realised metric of the
+    champion's label-mature cohort, and the label-free estimate (CBPE, or the expected MAE by
+    the champion's error curve) on its predictions not labelled yet."""
     if not state.served:
         return []
     mine = pl.concat(state.served[-_steps_back(config) :]).filter(
         pl.col("version") == state.champion.version
     )
+    task, (label, label_time) = _task(), _truth()
     predictions = mine.select(
-        pl.col(TS).alias("timestamp"),
+        pl.col(TS).alias(log_columns().time),
         SCORE,
-        pl.when(pl.col(_truth()[1]) < now).then(pl.col(_truth()[0]).cast(pl.Int8)).alias("label"),
-    )
-    quality = live_quality(
-        predictions, now, label_maturity=config.label_maturity, window=config.decay_window
+        pl.when(pl.col(label_time) < now).then(pl.col(label).cast(task.label_dtype)).alias("label"),
     )
     champion, rules = state.champion, config.triggers
-    offline, offline_se = champion.offline_pr_auc, champion.offline_pr_auc_se
+    quality = live_quality(
+        predictions,
+        now,
+        label_maturity=config.label_maturity,
+        window=config.decay_window,
+        task=task.name,
+        reference=champion.error_curve,
+    )
+    offline, offline_se, metric = champion.offline, champion.offline_se, task.primary_metric
     return [
         decay_signal(
             quality.value,
@@ -573,6 +732,7 @@ def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal 
             positives=quality.positives,
             live_se=quality.value_se,
             offline_se=offline_se,
+            metric=metric,
         ),
         estimated_decay_signal(
             quality.estimated_unlabelled,
@@ -581,6 +741,7 @@ def _decay(state: _State, now: datetime, config: BacktestConfig) -> list[Signal 
             rules,
             estimate_se=quality.estimated_unlabelled_se,
             offline_se=offline_se,
+            metric=metric,
         ),
     ]
 
@@ -630,6 +791,7 @@ def _retrain(
         if drift_start is not None and train.height
         else None
     )
+    metric = _task().primary_metric
     state.retrainings.append(
         Retraining(
             step=step,
@@ -640,9 +802,9 @@ def _retrain(
             promoted=decision.passed,
             reasons=tuple(decision.reasons),
             version=version,
-            candidate_pr_auc=float(trained.candidate_report.metrics["pr_auc"]),
-            champion_pr_auc=float(champion_report.metrics["pr_auc"]),
-            baseline_pr_auc=float(trained.baseline_report.metrics["pr_auc"]),
+            candidate_value=float(trained.candidate_report.metrics[metric]),
+            champion_value=float(champion_report.metrics[metric]),
+            baseline_value=float(trained.baseline_report.metrics[metric]),
             seconds=trained.seconds,
             train_end=train[TS].max() if train.height else None,
             drifted_train_share=share,
@@ -667,12 +829,9 @@ def run_policy(
     )
     for step in range(start_step, start_step + config.batches):
         now = world.windows[step][1]
-        served = world.step_rows(step)
-        served = served.with_columns(
-            pl.Series(SCORE, state.champion.score(served)),
-            pl.lit(state.champion.version).alias("version"),
-        )
-        state.served.append(served.select(TS, "step", "version", SCORE, *_truth()))
+        served = state.champion.serve(world.step_rows(step))
+        kept = [c for c in (TS, "step", "version", SCORE, EXPECTED) if c in served.columns]
+        state.served.append(served.select(*kept, *_truth()))
         psi = served_psi(state.champion, world.spec, served)
         state.worst_psi.append(max(psi.items(), key=lambda kv: kv[1]))
         signals = gather_signals(policy, state, world, config, step, psi)
@@ -706,21 +865,28 @@ def run_policy(
 
 
 def _pooled(frame: pl.DataFrame) -> tuple[float, float]:
-    """Realised PR-AUC and the label-free estimate of pooled predictions."""
+    """The realised metric and the label-free estimate of pooled predictions: PR-AUC and
+    CBPE's expected average precision, or MAE and the mean of the rows' expected |error|."""
     if frame.height == 0:
         return math.nan, math.nan
     y = frame[_truth()[0]].cast(pl.Float64).to_numpy()
     p = frame[SCORE].to_numpy()
-    return average_precision(y, p), expected_average_precision(p)
+    if _binary():
+        return metric_of(y, p), expected_average_precision(p)
+    if EXPECTED not in frame.columns:  # predictions of a model without an error curve
+        return metric_of(y, p), math.nan
+    return metric_of(y, p), float(frame[EXPECTED].cast(pl.Float64).mean())  # type: ignore[arg-type]
 
 
 def cohort_series(predictions: pl.DataFrame, drift_step: int, smoothing: int) -> pl.DataFrame:
-    """Per step (transaction-time cohort): rows, positives, PR-AUC and the estimate, each
-    alone and pooled over the trailing ``smoothing`` steps; a trailing window stops at the
-    drift start, so no post-drift cohort borrows pre-drift predictions."""
+    """Per step (request-time cohort): ``rows``, ``count`` (the task's: positives or rows),
+    the task's metric (``value``) and its label-free ``estimate``, each alone and pooled over
+    the trailing ``smoothing`` steps (``smoothed_value``, ``smoothed_estimate``); a trailing
+    window stops at the drift start, so no post-drift cohort borrows pre-drift predictions."""
     steps = sorted(predictions["step"].unique().to_list())
     first = steps[0] if steps else 0
     by_step = {s: predictions.filter(pl.col("step") == s) for s in steps}
+    label = _truth()[0]
     out = []
     for s in steps:
         floor = drift_step if s >= drift_step else first
@@ -735,10 +901,10 @@ def cohort_series(predictions: pl.DataFrame, drift_step: int, smoothing: int) ->
                 "start": day[TS].min(),
                 "version": day["version"][0],
                 "rows": day.height,
-                "positives": int(day[_truth()[0]].sum()),
-                "pr_auc": realised,
+                "count": count_of(day[label].cast(pl.Float64).to_numpy()),
+                "value": realised,
                 "estimate": estimate,
-                "smoothed_pr_auc": smooth,
+                "smoothed_value": smooth,
                 "smoothed_estimate": smooth_estimate,
             }
         )
@@ -746,26 +912,35 @@ def cohort_series(predictions: pl.DataFrame, drift_step: int, smoothing: int) ->
 
 
 def steps_to_recover(
-    smoothed: Sequence[float], steps: Sequence[int], drift_step: int, level: float, fraction: float
+    smoothed: Sequence[float],
+    steps: Sequence[int],
+    drift_step: int,
+    level: float,
+    fraction: float,
+    metric: str | None = None,
 ) -> int | None:
-    """Cohorts from the drift start up to and including the first whose smoothed PR-AUC is at
-    least ``fraction`` of ``level``; None when none is."""
-    target = fraction * level
+    """Cohorts from the drift start up to and including the first whose smoothed figure
+    reaches ``recovery_target(level, fraction, metric)`` (``metric``: the task's primary one
+    by default); None when none does."""
+    target = recovery_target(level, fraction, metric)
     for step, value in zip(steps, smoothed, strict=True):
-        if step >= drift_step and not math.isnan(value) and value >= target:
+        if step >= drift_step and not math.isnan(value) and reaches(value, target, metric):
             return step - drift_step + 1
     return None
 
 
 @dataclass(frozen=True)
 class PolicySummary:
-    """One policy's row of the table."""
+    """One policy's row of the table; every figure is the task's ``metric`` (``pr_auc``,
+    ``mae``...), read in its direction."""
 
     policy: str
-    pre_drift_pr_auc: float
+    metric: str
+    pre_drift_level: float
+    recovery_target: float
     recovery_days: float | None
     recovery_periods: float | None
-    post_drift_mean_pr_auc: float
+    post_drift_mean: float
     retrainings: int
     by_trigger: dict[str, int]
     drift_or_decay_retrainings: int
@@ -773,7 +948,7 @@ class PolicySummary:
     train_seconds: float
     estimate_mean_abs_error: float
     estimate_bias: float
-    realised_pr_auc_all: float = math.nan
+    realised_all: float = math.nan
     estimate_all: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
@@ -789,32 +964,36 @@ def summarize(
     pooled: tuple[float, float] = (math.nan, math.nan),
 ) -> PolicySummary:
     """Pre-drift level (pooled over the cohorts before the drift), time to recover, post-drift
-    mean of the cohorts' PR-AUC, retrainings by trigger, compute, and the estimate's error:
+    mean of the cohorts' metric, retrainings by trigger, compute, and the estimate's error:
     per smoothed cohort (mean absolute), per cohort (mean signed), and ``pooled`` (realised
-    PR-AUC and estimate over every served prediction)."""
+    metric and estimate over every served prediction)."""
     drift_step = config.drift_step
+    metric = _task().primary_metric
     pre = series.filter(pl.col("step") < drift_step)
     post = series.filter(pl.col("step") >= drift_step)
     level = _level(pre)
     n = steps_to_recover(
-        series["smoothed_pr_auc"].to_list(),
+        series["smoothed_value"].to_list(),
         series["step"].to_list(),
         drift_step,
         level,
         config.recovery_fraction,
+        metric,
     )
     span_days = config.scenario.batch_span / timedelta(days=1)
     days = None if n is None else n * span_days
     periods = None if days is None else days / (config.label_maturity / timedelta(days=1))
     triggers = Counter(r.trigger for r in retrainings)
-    errors = (series["smoothed_estimate"] - series["smoothed_pr_auc"]).drop_nans().abs()
+    errors = (series["smoothed_estimate"] - series["smoothed_value"]).drop_nans().abs()
     bias = _estimate_bias(series)
     return PolicySummary(
         policy=name,
-        pre_drift_pr_auc=level,
+        metric=metric,
+        pre_drift_level=level,
+        recovery_target=recovery_target(level, config.recovery_fraction, metric),
         recovery_days=days,
         recovery_periods=periods,
-        post_drift_mean_pr_auc=float(post["pr_auc"].drop_nans().mean() or math.nan),
+        post_drift_mean=float(post["value"].drop_nans().mean() or math.nan),
         retrainings=len(retrainings),
         by_trigger=dict(sorted(triggers.items())),
         drift_or_decay_retrainings=sum(v for k, v in triggers.items() if k in DRIFT_OR_DECAY),
@@ -822,23 +1001,24 @@ def summarize(
         train_seconds=first_seconds + sum(r.seconds for r in retrainings),
         estimate_mean_abs_error=float(errors.mean()) if errors.len() else math.nan,
         estimate_bias=bias,
-        realised_pr_auc_all=pooled[0],
+        realised_all=pooled[0],
         estimate_all=pooled[1],
     )
 
 
 def _level(pre: pl.DataFrame) -> float:
-    """Pre-drift level: the positive-weighted mean of the pre-drift cohorts' PR-AUC."""
-    pre = pre.filter(pl.col("pr_auc").is_not_nan())
+    """Pre-drift level: the mean of the pre-drift cohorts' metric weighted by the task's count
+    (positives; rows, which makes a regressor's the pooled MAE)."""
+    pre = pre.filter(pl.col("value").is_not_nan())
     if pre.height == 0:
         return math.nan
-    weights = pre["positives"].cast(pl.Float64)
-    return float((pre["pr_auc"] * weights).sum() / weights.sum())
+    weights = pre["count"].cast(pl.Float64)
+    return float((pre["value"] * weights).sum() / weights.sum())
 
 
 def _estimate_bias(series: pl.DataFrame) -> float:
-    """Mean over cohorts of estimate minus realised PR-AUC (the estimate's bias)."""
-    diff = (series["estimate"] - series["pr_auc"]).drop_nans()
+    """Mean over cohorts of estimate minus realised metric (the estimate's bias)."""
+    diff = (series["estimate"] - series["value"]).drop_nans()
     return float(diff.mean()) if diff.len() else math.nan
 
 
@@ -917,8 +1097,18 @@ def run_backtest(
     finally:
         torch.set_num_threads(threads)
     span = config.scenario.batch_span.total_seconds()
+    declared = config.training_set.suffix
+    notes = (INFRA_NOT_REPLAYED,) + (
+        (
+            f"every training set follows the use case's declared training_set ({declared} in "
+            "policy options) where its policy sets no option of its own",
+        )
+        if declared
+        else ()
+    )
     return BacktestResult(
         config=config,
+        notes=notes,
         policies=results,
         drift_start=_drift_start(world, config),
         world_seconds=world.seconds,
@@ -960,17 +1150,19 @@ def _run_policies(
 class Ceiling:
     """A model trained with full ground truth on one regime, judged on its later days.
 
-    ``pr_auc`` is the test split's (pooled) figure, ``smoothed_pr_auc`` the mean over test
-    cohorts of the live metric's trailing-window figure, comparable with the backtest's.
+    ``value`` is the task's ``metric`` on the test split (pooled), ``smoothed_value`` the mean
+    over test cohorts of the live metric's trailing-window figure, comparable with the
+    backtest's; ``test_count`` and ``train_count`` the task's count (positives or rows).
     """
 
     regime: str
+    metric: str
     train_days: float
     test_days: float
-    test_positives: int
-    pr_auc: float
-    smoothed_pr_auc: float
-    train_positives: int | None = None
+    test_count: int
+    value: float
+    smoothed_value: float
+    train_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -979,7 +1171,8 @@ class Ceiling:
 def measure_ceiling(world: World, config: BacktestConfig) -> tuple[Ceiling, Ceiling]:
     """Pre-drift and post-drift ceilings: every row of the regime labelled (no maturity lag),
     split 70/15/15 in time, the default network trained on it. If the post-drift ceiling is
-    under ``recovery_fraction`` of the pre-drift one, no policy can recover to that level."""
+    not within ``recovery_fraction`` of the pre-drift one, no policy can recover to that
+    level."""
     if config.scenario.drift == "none" or config.drift_step >= len(world.windows):
         raise ValueError("a ceiling needs a scenario that drifts within its served steps")
     drift_start = world.windows[config.drift_step][0]
@@ -991,6 +1184,11 @@ def measure_ceiling(world: World, config: BacktestConfig) -> tuple[Ceiling, Ceil
     )
 
 
+def _labelled(rows: pl.DataFrame) -> pl.DataFrame:
+    """World rows with every label known, as a training set's ``LABEL``."""
+    return rows.with_columns(pl.col(_truth()[0]).cast(_task().label_dtype).alias(LABEL))
+
+
 def deadline_ceilings(
     world: World, config: BacktestConfig, seeds: Sequence[int] = (0, 1, 2)
 ) -> tuple[Ceiling, Ceiling]:
@@ -1000,76 +1198,97 @@ def deadline_ceilings(
     judged on the last ``smoothing_batches`` cohorts before it, so the model serving them is
     trained at the start of that window at the latest. Two bounds, each trained on the
     drifted rows only (older rows teach the old concept; adding them measured worse), split
-    with 25 held-out positives per split and judged on that window with full ground truth,
-    averaged over ``seeds``:
+    with 25 held-out positives per split (a regressor: the gate's ``min_test_rows`` rows) and
+    judged on that window with full ground truth, averaged over ``seeds``:
 
     - ``labels at once``: every drifted row labelled the moment it happens (no policy can do
       better with this network and features);
     - ``matured labels``: only the drifted rows a label-maturity period old by then, i.e. what
       a training set on matured labels can hold at best.
+
+    A ValueError when that window starts at the drift (a deadline within ``smoothing_batches``
+    steps of it, as one-day steps make 3 periods of 3-hour labels): no model of drifted rows
+    could serve those cohorts.
     """
     if config.scenario.drift == "none":
         raise ValueError("a ceiling needs a scenario that drifts within its served steps")
     drift = config.drift_step
     judged_from = drift + config.recovery_deadline_steps - config.smoothing_batches
     judged_to = judged_from + config.smoothing_batches
+    if judged_from <= drift:
+        raise ValueError(
+            f"the recovery deadline ({config.recovery_deadline_steps} step(s) after the drift) "
+            f"is judged on {config.smoothing_batches}-step cohorts from the drift's own step: "
+            "no model of drifted rows could serve them; no deadline ceiling"
+        )
     if judged_to > len(world.windows):
         raise ValueError("the scenario ends before the recovery deadline: serve more steps")
     drift_start = world.windows[drift][0]
     cutoff = world.windows[judged_from][0]
     judged = world.rows.filter(pl.col("step").is_between(judged_from, judged_to - 1))
+    held_out = Adaptation(held_out=25 if _binary() else config.gate.min_test_rows)
     out = []
     for regime, until in (
         ("labels at once, by the deadline", cutoff),
         ("matured labels, by the deadline", cutoff - config.label_maturity),
     ):
         rows = world.rows.filter((pl.col(TS) >= drift_start) & (pl.col(TS) < until))
-        frame = assign_splits(
-            rows.with_columns(pl.col(_truth()[0]).cast(pl.Int8).alias(LABEL)),
-            SplitPolicy(held_out_positives=25),
-        )
-        truth = judged[_truth()[0]].cast(pl.Int8).to_numpy()
+        frame = held_out.split(_labelled(rows))
+        truth = judged[_truth()[0]].cast(_task().label_dtype).to_numpy()
         scores = []
         for seed in seeds:
             trained = train_model(frame, world.spec, replace(config.train, seed=seed))
-            scores.append(
-                average_precision(truth, predict(trained.model, trained.preprocessor, judged))
-            )
+            scores.append(metric_of(truth, predict(trained.model, trained.preprocessor, judged)))
         train = frame.filter(pl.col("split") == "train")
         day = timedelta(days=1)
         out.append(
             Ceiling(
                 regime=regime,
+                metric=_task().primary_metric,
                 train_days=(until - drift_start) / day,
                 test_days=config.smoothing_batches * (config.scenario.batch_span / day),
-                test_positives=int(truth.sum()),
-                pr_auc=float(np.mean(scores)),
-                smoothed_pr_auc=float(np.mean(scores)),
-                train_positives=int(train[LABEL].sum()),
+                test_count=count_of(truth),
+                value=float(np.mean(scores)),
+                smoothed_value=float(np.mean(scores)),
+                train_count=count_of(train[LABEL].to_numpy()),
             )
         )
     return out[0], out[1]
 
 
 def deadline_note(result: BacktestResult, at_once: Ceiling, matured: Ceiling) -> str:
-    """One sentence: the recovery target against what any policy could reach by the deadline."""
+    """One sentence: the recovery target against what any policy could reach by the deadline
+    (shares are quality ratios to the best pre-drift level, ``quality_ratio``)."""
     config = result.config
-    levels = [p.summary.pre_drift_pr_auc for p in result.policies.values()]
-    level = float(np.nanmax(levels)) if levels else math.nan
-    target = config.recovery_fraction * level
+    metric = _task().primary_metric
+    levels = [p.summary.pre_drift_level for p in result.policies.values()]
+    best = np.nanmin if metric_lower_is_better(metric) else np.nanmax
+    level = float(best(levels)) if levels else math.nan
+    target = recovery_target(level, config.recovery_fraction, metric)
     days = config.recovery_deadline_steps * (config.scenario.batch_span / timedelta(days=1))
+    name = metric_label(metric)
+
+    def share(c: Ceiling) -> str:
+        return f"{quality_ratio(c.value, level, metric):.0%}"
+
     return (
-        f"recovery target {target:.3f} ({config.recovery_fraction:.0%} of the pre-drift "
-        f"{level:.3f}) within {days:g} days; by then a model of the drifted rows reaches "
-        f"{at_once.pr_auc:.3f} with every label known at once ({at_once.pr_auc / level:.0%}) "
-        f"and {matured.pr_auc:.3f} on matured labels ({matured.pr_auc / level:.0%})"
+        f"recovery target {name} {target:.3f} "
+        f"({_target_rule(metric, config.recovery_fraction, f'{level:.3f}')}) within {days:g} "
+        "days; by then a model of the drifted rows reaches "
+        f"{at_once.value:.3f} with every label known at once ({share(at_once)}) "
+        f"and {matured.value:.3f} on matured labels ({share(matured)})"
     )
+
+
+def _target_rule(metric: str, fraction: float, level: str) -> str:
+    """How the recovery target follows from the pre-drift ``level``, in words."""
+    if metric_lower_is_better(metric):
+        return f"the pre-drift {level} / {fraction:.0%}, at most {1 / fraction - 1:.0%} above it"
+    return f"{fraction:.0%} of the pre-drift {level}"
 
 
 def _ceiling(regime: str, rows: pl.DataFrame, spec: FeatureSpec, config: BacktestConfig) -> Ceiling:
-    frame = assign_splits(
-        rows.with_columns(pl.col(_truth()[0]).cast(pl.Int8).alias(LABEL)), SplitPolicy()
-    )
+    frame = assign_splits(_labelled(rows), SplitPolicy())
     trained = train_model(frame, spec, config.train)
     test = frame.filter(pl.col("split") == "test")
     scored = test.with_columns(
@@ -1082,11 +1301,12 @@ def _ceiling(regime: str, rows: pl.DataFrame, spec: FeatureSpec, config: Backtes
     train = frame.filter(pl.col("split") == "train")
     return Ceiling(
         regime=regime,
+        metric=_task().primary_metric,
         train_days=(train[TS].max() - train[TS].min()) / day,
         test_days=(test[TS].max() - test[TS].min()) / day,
-        test_positives=int(test[LABEL].sum()),
-        pr_auc=average_precision(test[LABEL].to_numpy(), scored[SCORE].to_numpy()),
-        smoothed_pr_auc=float(series["smoothed_pr_auc"].drop_nans().mean() or math.nan),
+        test_count=count_of(test[LABEL].to_numpy()),
+        value=metric_of(test[LABEL].to_numpy(), scored[SCORE].to_numpy()),
+        smoothed_value=float(series["smoothed_value"].drop_nans().mean() or math.nan),
     )
 
 
@@ -1101,6 +1321,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def summary_rows(result: BacktestResult) -> list[dict[str, str]]:
     """One formatted row per policy: what the CLI's table and the markdown table show."""
+    name = metric_label(_task().primary_metric)
     rows = []
     for r in result.policies.values():
         s = r.summary
@@ -1114,19 +1335,25 @@ def summary_rows(result: BacktestResult) -> list[dict[str, str]]:
         rows.append(
             {
                 "policy": s.policy,
-                "pre-drift PR-AUC": _fmt(s.pre_drift_pr_auc),
+                f"pre-drift {name}": _fmt(s.pre_drift_level),
                 "time to recover": recovered,
-                "post-drift mean PR-AUC": _fmt(s.post_drift_mean_pr_auc),
+                f"post-drift mean {name}": _fmt(s.post_drift_mean),
                 "retrainings": f"{s.retrainings} ({triggers})",
                 "drift/decay": str(s.drift_or_decay_retrainings),
                 "promoted": str(s.promotions),
                 "train s": f"{s.train_seconds:.0f}",
-                "estimate MAE": _fmt(s.estimate_mean_abs_error),
-                "all: realised / estimate": f"{_fmt(s.realised_pr_auc_all)} / {_fmt(s.estimate_all)}",
+                "estimate error": _fmt(s.estimate_mean_abs_error),
+                "all: realised / estimate": f"{_fmt(s.realised_all)} / {_fmt(s.estimate_all)}",
                 "max served PSI": _fmt(float(r.series["max_psi"].max() or math.nan), 2),
             }
         )
     return rows
+
+
+def _estimate_words() -> str:
+    if _binary():
+        return "CBPE's expected average precision of the scores"
+    return "the expected MAE, each prediction's decile error on the serving champion's test split"
 
 
 def summary_markdown(result: BacktestResult) -> str:
@@ -1140,21 +1367,25 @@ def summary_markdown(result: BacktestResult) -> str:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row[h] for h in header) + " |" for row in rows),
     ]
-    scenario = result.config.scenario
+    scenario, config = result.config.scenario, result.config
+    metric = _task().primary_metric
+    sign = "<=" if metric_lower_is_better(metric) else ">="
     lines += [
         "",
         f"Scenario: {scenario.drift} drift (strength {scenario.drift_strength:g}) from "
-        f"{result.drift_start:%Y-%m-%d}, seed {scenario.seed}, {result.config.batches} served "
+        f"{result.drift_start:%Y-%m-%d}, seed {scenario.seed}, {config.batches} served "
         f"steps of {scenario.batch_span / timedelta(days=1):g} day(s); recovery = first cohort whose "
-        f"{result.config.smoothing_batches}-step PR-AUC is >= "
-        f"{result.config.recovery_fraction:.0%} of the pre-drift level.",
+        f"{config.smoothing_batches}-step {metric_label(metric)} is {sign} "
+        f"{_target_rule(metric, config.recovery_fraction, 'level')}. Label-free estimate: "
+        f"{_estimate_words()}; its error: the mean absolute gap to the realised figure over "
+        "the smoothed cohorts.",
         *(f"Note: {n}." for n in result.notes),
     ]
     return "\n".join(lines) + "\n"
 
 
 def backtest_png(result: BacktestResult) -> bytes:
-    """Live PR-AUC (trailing window) per policy over simulated time; the drift start, the
+    """The live metric (trailing window) per policy over simulated time; the drift start, the
     recovery target and every promotion marked; the label-free estimate dotted."""
     from matplotlib.figure import Figure
 
@@ -1165,23 +1396,31 @@ def backtest_png(result: BacktestResult) -> bytes:
     for i, (name, r) in enumerate(result.policies.items()):
         color = f"C{i}"
         x = r.series["start"].to_list()
-        ax.plot(x, r.series["smoothed_pr_auc"].to_list(), color=color, label=name)
+        ax.plot(x, r.series["smoothed_value"].to_list(), color=color, label=name)
         ax.plot(x, r.series["smoothed_estimate"].to_list(), color=color, linestyle=":", alpha=0.6)
         promoted = [t.step for t in r.retrainings if t.promoted]
         points = r.series.filter(pl.col("step").is_in([s + 1 for s in promoted]))
         ax.scatter(
-            points["start"].to_list(), points["smoothed_pr_auc"].to_list(), color=color,
+            points["start"].to_list(), points["smoothed_value"].to_list(), color=color,
             marker="^", zorder=3,
         )  # fmt: skip
     if result.config.scenario.drift != "none":
         ax.axvline(result.drift_start, color="grey", linestyle="--", label="drift starts")
-    levels = [r.summary.pre_drift_pr_auc for r in result.policies.values()]
-    if levels and not math.isnan(levels[0]):
-        target = result.config.recovery_fraction * levels[0]
+    targets = [r.summary.recovery_target for r in result.policies.values()]
+    if targets and not math.isnan(targets[0]):
+        target = targets[0]
         ax.axhline(target, color="grey", linestyle=":", label=f"recovery target {target:.2f}")
-    ax.set_ylabel(f"live PR-AUC ({result.config.smoothing_batches}-step window)")
-    ax.set_title("Served model quality per policy (^ promotion, dotted: label-free estimate)")
-    ax.set_ylim(0, 1)
+    metric = _task().primary_metric
+    ax.set_ylabel(f"live {metric_label(metric)} ({result.config.smoothing_batches}-step window)")
+    direction = "lower" if metric_lower_is_better(metric) else "higher"
+    ax.set_title(
+        f"Served model quality per policy ({direction} is better; ^ promotion, dotted: "
+        "label-free estimate)"
+    )
+    if _binary():
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.autofmt_xdate()

@@ -180,11 +180,34 @@ RUN_STEP_S = 45.0
     help="How far behind the wall clock simulated time starts; it runs at --speed until it "
     "meets the wall clock, then at 1x.",
 )
+@click.option(
+    "--usecase",
+    "usecases",
+    multiple=True,
+    help="A use case to run (repeatable). Default: LOOPLINE_USECASE's; else, with LOOPLINE_HOME "
+    "unset, every use case under usecases/ with a simulator, side by side.",
+)
+@click.option(
+    "--startup-timeout", default=300.0, show_default=True, help="Seconds for TorchServe to start."
+)
 @_simulator_options
+@click.pass_context
 def run(
-    host: str, port: int, no_simulator: bool, speed: float, headroom_days: float, **opts
+    ctx: click.Context,
+    host: str,
+    port: int,
+    no_simulator: bool,
+    speed: float,
+    headroom_days: float,
+    usecases: tuple[str, ...],
+    startup_timeout: float,
+    **opts,
 ) -> None:
     """Run the platform: Dagster UI + daemon, TorchServe, the simulator and its traffic.
+
+    Several use cases run side by side (decision 35): one TorchServe serves each one's model at
+    /predictions/<use case>; each has its own Dagster UI (--port, --port + 1, ...), home,
+    sensors and simulator.
 
     The simulator first lands 21 simulated days of history in a few large files, then runs on
     an accelerated clock (--speed; never ahead of the wall clock): each step lands one window
@@ -200,7 +223,18 @@ def run(
 
     from core.simulation import SimClock
     from core.usecase import active
+    from orchestration.cli_platform import run_platform, selected
 
+    names = selected(usecases)
+    if usecases or len(names) > 1:
+        given = [
+            name
+            for name in ctx.params
+            if name not in {"host", "port", "usecases", "startup_timeout"}
+            and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        run_platform(names, host, port, _as_args(ctx, given), timeout_s=startup_timeout)
+        return
     uc = active()
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
     # Drift re-arms after a label-maturity period of simulated time.
@@ -234,6 +268,23 @@ def run(
     finally:
         live.stop()
         console.print("stopped")
+
+
+def _as_args(ctx: click.Context, names: list[str]) -> list[str]:
+    """The command-line spelling of the parameters ``names`` of ``ctx``'s command."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name not in names or not isinstance(param, click.Option):
+            continue
+        flag, value = param.opts[0], ctx.params[param.name]
+        if param.is_flag:
+            args += [flag] if value else []
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def _start_simulated(live: LivePlatform, clock, speed: float, opts: dict) -> None:
@@ -334,12 +385,14 @@ def backtest(
     as_json: bool,
     plot: str | None,
 ) -> None:
-    """Replay a scenario through features, training, gate and trigger policy in simulated time."""
+    """Replay a scenario through features, training, gate and trigger policy in simulated time
+    (the active use case's, judged on its task's metric: PR-AUC, MAE)."""
     import json
     from pathlib import Path
 
     from rich.progress import Progress
 
+    from models.tasks import metric_label
     from orchestration import backtest as bt
 
     try:
@@ -364,9 +417,14 @@ def backtest(
 
         result = bt.run_backtest(config, specs, on_step=step, world=world)
         ceilings: tuple = ()
+        no_deadline = None
         if ceiling and drift != "none":
             progress.update(task, description="training the ceilings")
-            ceilings = (*bt.measure_ceiling(world, config), *bt.deadline_ceilings(world, config))
+            ceilings = bt.measure_ceiling(world, config)
+            try:
+                ceilings += bt.deadline_ceilings(world, config)
+            except ValueError as exc:  # a deadline no model of drifted rows can meet
+                no_deadline = str(exc)
     if plot:
         Path(plot).write_bytes(bt.backtest_png(result))
     if as_json:
@@ -382,11 +440,13 @@ def backtest(
     console.print(table)
     for c in ceilings:
         console.print(
-            f"ceiling {c.regime}: PR-AUC {c.pr_auc:.3f} (smoothed {c.smoothed_pr_auc:.3f}) "
-            f"trained on {c.train_days:.0f} fully labelled days"
+            f"ceiling {c.regime}: {metric_label(c.metric)} {c.value:.3f} (smoothed "
+            f"{c.smoothed_value:.3f}) trained on {c.train_days:.0f} fully labelled days"
         )
-    if ceilings:
+    if len(ceilings) == 4:
         console.print(bt.deadline_note(result, ceilings[2], ceilings[3]))
+    elif no_deadline:
+        console.print(f"[dim]{no_deadline}[/]")
     for note in result.notes:
         console.print(f"[dim]note: {note}[/]")
     console.print(
@@ -401,9 +461,27 @@ def backtest(
 main.add_command(models)
 main.add_command(serve)
 main.add_command(retrain)
-main.add_command(status)
 main.add_command(demo)
 main.add_command(init)
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--usecase",
+    "usecases",
+    multiple=True,
+    help="A use case to show (repeatable); default as for `loopline run`.",
+)
+def status_command(as_json: bool, usecases: tuple[str, ...]) -> None:
+    """Champion, models, promotions, drift and serving figures at a glance, per use case."""
+    from orchestration.cli_platform import each, selected
+
+    names = selected(usecases)
+    if usecases or len(names) > 1:
+        raise SystemExit(each(names, ["status", *(["--json"] if as_json else [])], as_json=as_json))
+    status.callback(as_json)
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,6 +70,7 @@ class LivePlatform:
         self.traffic = None
         self.simulator = None
         self._sim_thread: threading.Thread | None = None
+        self._owns_serving = False
 
     def start(
         self,
@@ -95,11 +96,14 @@ class LivePlatform:
             # `kill`, a container stop or a CI timeout stop everything, as Ctrl-C does.
             signal.signal(signal.SIGTERM, _interrupt)
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
-        config = ServingConfig.for_home(self.settings.home)
+        config = ServingConfig.for_home(self.settings.home, self.settings.serving_dir)
         self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
         if not self.serving.status().running:
             with console.status("starting TorchServe"):
                 self.serving.start()
+            self._owns_serving = True
+        else:  # the platform's TorchServe, shared by its use cases: join it, leave it running
+            self.serving.serve_champion()
         wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
         if not simulate:
             return
@@ -141,7 +145,7 @@ class LivePlatform:
             self._sim_thread.join(timeout=30)
         if self.traffic is not None:
             self.traffic.stop()
-        if self.serving is not None:
+        if self.serving is not None and self._owns_serving:
             self.serving.stop()
         if self.dagster is not None:
             platform.stop(self.dagster)
@@ -189,7 +193,7 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
             "drifted": report["drifted"],
             "psi": report["psi"],
         }
-    config = ServingConfig.for_home(settings.home)
+    config = ServingConfig.for_home(settings.home, settings.serving_dir)
     folder = settings.home / "monitoring" / "status-log"
     compact(config.prediction_log_dir, folder)
     logged = read_compacted(folder)
@@ -419,44 +423,85 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
     }
 
 
-# The demo world: an accelerated clock, history landed in bulk before any traffic, then a live
-# phase in which a simulated day passes in 36 wall seconds. Each live step lands one 48-hour
-# window (two files, so two ingest runs, then a features and a monitoring run) every 72 s: the
-# pipeline's own lag, a minute or two of wall time, is then 2-4 simulated days, well within
-# the merchant view's 7-day TTL (at 3600x on two busy cores it reached 7-12 days and merchant
-# rows expired). History is long enough for the 30-day features of most training rows to cover
-# whole windows (a shorter one trains on warm-up values that serving never sees again), and
-# history plus headroom stays under the contracts' 120-day maximum event age; the headroom
-# outlasts the live phase, so the clock never meets the wall clock during a demo.
-DEMO_SPEED = 2400.0  # 40 simulated minutes per wall second
-DEMO_HEADROOM = timedelta(days=45)
-DEMO_HISTORY = timedelta(days=64)
-DEMO_SPAN = timedelta(hours=48)
-DEMO_DRIFT_AFTER = timedelta(days=2)  # of served traffic before the drift
+@dataclass(frozen=True)
+class DemoPlan:
+    """How ``loopline demo`` runs a use case's world; a simulator module's optional ``DEMO``
+    dict overrides these fields (``scenario``: ScenarioConfig fields).
+
+    The defaults are the fraud demo's: an accelerated clock, history landed in bulk before any
+    traffic, then a live phase in which a simulated day passes in 36 wall seconds. Each live
+    step lands one 48-hour window (two files, so two ingest runs, then a features and a
+    monitoring run) every 72 s: the pipeline's own lag, a minute or two of wall time, is then
+    2-4 simulated days, well within the merchant view's 7-day TTL (at 3600x on two busy cores
+    it reached 7-12 days and merchant rows expired). History is long enough for the 30-day
+    features of most training rows to cover whole windows (a shorter one trains on warm-up
+    values that serving never sees again), and history plus headroom stays under the
+    contracts' 120-day maximum event age; the headroom outlasts the live phase, so the clock
+    never meets the wall clock during a demo. A use case whose labels mature in hours runs
+    slower and shorter (the delivery demo: 360x, 6-hour steps, 21 days of history)."""
+
+    speed: float = 2400.0  # simulated seconds per wall second (40 minutes)
+    headroom_days: float = 45.0
+    history_days: float = 64.0
+    batch_hours: float = 48.0
+    drift_after_hours: float = 48.0  # of served traffic before the drift
+    rows_per_batch: int = 2000
+    traffic_per_batch: int = 2000
+    history_files: int = 4
+    # Simulated hours the demo keeps serving once a champion trained on drifted labels serves
+    # (the loop may promote a better one meanwhile); 0 stops at once.
+    recovery_hours: float = 0.0
+    # New labelled rows that start a retraining (11 simulated days of the fraud demo's labels:
+    # new data alone retrains once drifted labels matured); None keeps the use case's own.
+    min_new_labelled_rows: int | None = 11000
+    scenario: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_active(cls) -> DemoPlan:
+        from core import simulation
+
+        declared = dict(getattr(simulation.simulator_module(), "DEMO", {}))
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(declared) - known):
+            raise click.ClickException(
+                f"the simulator's DEMO has unknown fields {unknown}; known: {sorted(known)}"
+            )
+        return cls(**declared)
+
+    @property
+    def step(self) -> timedelta:
+        return timedelta(hours=self.batch_hours)
+
+    @property
+    def step_s(self) -> float:
+        return self.step.total_seconds() / self.speed
 
 
-def demo_world(seed: int, clock) -> tuple[Any, int]:
+def demo_world(plan: DemoPlan, seed: int, clock) -> tuple[Any, int]:
     """The demo's scenario, its history ending at the clock's (still) time, and the window the
     simulator holds at once history is landed (the first live one)."""
     from core import simulation
 
     scenario = simulation.scenario(
         seed=seed,
-        start=clock.now().replace(minute=0, second=0, microsecond=0) - DEMO_HISTORY,
-        batch_span=DEMO_SPAN,
-        rows_per_batch=2000,  # a thousand a day
-        **getattr(simulation.simulator_module(), "DEMO", {}),
+        start=clock.now().replace(minute=0, second=0, microsecond=0)
+        - timedelta(days=plan.history_days),
+        batch_span=plan.step,
+        rows_per_batch=plan.rows_per_batch,
+        **plan.scenario,
     )
     return scenario, simulation.simulator_module().Simulator(scenario).batch_at(clock.now())
 
 
-def _inject_drift(platform: LivePlatform, drift: str, served_from: datetime) -> datetime:
-    """Once ``DEMO_DRIFT_AFTER`` of traffic is served, ask for drift; the simulated time it
+def _inject_drift(
+    platform: LivePlatform, drift: str, served_from: datetime, after: timedelta
+) -> datetime:
+    """Once ``after`` of traffic is served, ask for drift; the simulated time it
     starts at (the next whole window)."""
     from orchestration.live import request_drift
 
     live = platform.simulator
-    time.sleep(live.clock.wall_seconds_until(served_from + DEMO_DRIFT_AFTER))
+    time.sleep(live.clock.wall_seconds_until(served_from + after))
     request_drift(platform.settings.home, drift)
     while live.drift != drift and not platform.stop_event.is_set():
         time.sleep(0.5)
@@ -501,12 +546,14 @@ def live_quality_by_phase(
 
 
 def measured_by_phase(
-    settings: Settings, new: str | None, drift_start: datetime | None
+    settings: Settings, new: str | None, drift_start: datetime | None, final: str | None = None
 ) -> dict[str, Any]:
     """The live quality of every label-mature prediction served in each phase, measured from
     the prediction log and the labels once the demo ends, with ``live_quality`` (the loop's
     own points judge only the champion of the moment, on a trailing week: a champion replaced
-    before its predictions' labels matured is never judged there)."""
+    before its predictions' labels matured is never judged there): before the drift, after it
+    (the old champion), after recovery (the first champion trained on drifted labels) and, if
+    the loop promoted again since, ``final`` (the champion at the end)."""
     import polars as pl
 
     from features.views import read_validated
@@ -520,11 +567,15 @@ def measured_by_phase(
     joined = join_labels(predictions, labels)
     newest = labels[label.time].max()
     t, version = pl.col("timestamp"), pl.col("model_version")
+    before = joined.filter(t < drift_start)
+    old = before["model_version"].unique().to_list()  # the champion(s) that never saw drift
     phases = {
-        "before_drift": joined.filter(t < drift_start),
-        "after_drift": joined.filter((t >= drift_start) & (version != (new or ""))),
+        "before_drift": before,
+        "after_drift": joined.filter((t >= drift_start) & version.is_in(old)),
         "after_recovery": joined.filter(version == (new or "")),
     }
+    if final and final != new and drift_start is not None:
+        phases["final_champion"] = joined.filter(version == final)
     out: dict[str, Any] = {}
     for name, part in phases.items():
         q = live_quality(
@@ -558,24 +609,29 @@ def _recovered_metric(settings: Settings, new: str) -> bool | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--seed", default=7, show_default=True)
 def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
-    """Headless, bounded demo on an accelerated clock (a simulated day every 36 s): history
-    first, a champion trained on it serves live traffic, a bad batch changes nothing, drift is
-    injected, and the loop retrains from the drifted labels as they mature and replaces the
-    champion on its own. Prints the served model's live PR-AUC before the drift, after it, and
+    """Headless, bounded demo on an accelerated clock (the fraud demo's: a simulated day every
+    36 s; a use case's simulator may set its own, see DemoPlan): history first, a champion
+    trained on it serves live traffic, a bad batch changes nothing, drift is injected, and the
+    loop retrains from the drifted labels as they mature and replaces the champion on its own. Prints the served model's live metric before the drift, after it, and
     after recovery."""
     from core.simulation import SimClock
 
-    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins):
-    # 11 simulated days of labels, so new data alone retrains once drifted labels matured.
-    os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", "11000")
+    plan = DemoPlan.of_active()
+    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins).
+    if plan.min_new_labelled_rows is not None:
+        os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", str(plan.min_new_labelled_rows))
     os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
-    # Drift re-arms after a label-maturity period of simulated time (7 days: 4.2 wall minutes).
-    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{7 * 1440 / DEMO_SPEED:.2f}")
+    # Drift re-arms after a label-maturity period of simulated time (the fraud demo's 7 days:
+    # 4.2 wall minutes).
+    maturity_min = active().label_maturity.total_seconds() / 60
+    os.environ.setdefault(
+        "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{maturity_min / plan.speed:.2f}"
+    )
     # A third run slot: a training run (minutes) must not hold up ingestion and features.
     os.environ.setdefault("LOOPLINE_MAX_CONCURRENT_RUNS", "3")
     settings = Settings.from_env().ensure()
-    clock = SimClock(DEMO_SPEED, DEMO_HEADROOM)
-    scenario, live_from = demo_world(seed, clock)
+    clock = SimClock(plan.speed, timedelta(days=plan.headroom_days))
+    scenario, live_from = demo_world(plan, seed, clock)
     platform = LivePlatform(settings, port=free_port())
     deadline = time.monotonic() + timeout
     outcome = "timed out waiting for the first champion"
@@ -583,10 +639,9 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     latency: dict[str, Any] | None = None
     first = new = drift_start = None
     try:
-        step_s = DEMO_SPAN.total_seconds() / DEMO_SPEED
         platform.start(
-            scenario, interval_s=step_s, quiet=True, hold_at_batch=live_from, clock=clock,
-            history_files=4, per_batch=2000,
+            scenario, interval_s=plan.step_s, quiet=True, hold_at_batch=live_from, clock=clock,
+            history_files=plan.history_files, per_batch=plan.traffic_per_batch,
         )  # fmt: skip
         console.print(
             f"Dagster on http://127.0.0.1:{platform.port} (headless), home {settings.home}"
@@ -601,7 +656,9 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
             )
             clock.start()
             platform.simulator.paused.clear()  # live traffic, on the accelerated clock
-            drift_start = _inject_drift(platform, drift, clock.now())
+            drift_start = _inject_drift(
+                platform, drift, clock.now(), timedelta(hours=plan.drift_after_hours)
+            )
             console.print(f"{drift} drift from simulated {drift_start:%Y-%m-%d %H:%M}")
             new = _wait_for(
                 deadline,
@@ -622,6 +679,21 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
                     f"{new}'s live metric",
                     settings,
                 )
+                if plan.recovery_hours:  # the loop goes on learning the drifted world
+                    settle = timedelta(hours=plan.recovery_hours)
+                    console.print(f"serving {settle} more of drifted traffic")
+                    time.sleep(
+                        min(platform.simulator.clock.wall_seconds_until(clock.now() + settle),
+                            max(0.0, deadline - time.monotonic() - 120))
+                    )  # fmt: skip
+                    final = _champion_served(platform)
+                    if final and final != new:
+                        _wait_for(
+                            deadline,
+                            lambda: _recovered_metric(settings, final),
+                            f"{final}'s live metric",
+                            settings,
+                        )
                 # The promoting run watches the new version after promotion: let it finish
                 # rather than stop Dagster under it.
                 _wait_for(
@@ -642,8 +714,8 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     data["retrainings"] = _loop_runs(settings)
     data["live_quality_by_phase"] = live_quality_by_phase(
         data.get("live_quality", []), first, new, drift_start
-    ) | {"measured_at_end": measured_by_phase(settings, new, drift_start)}
-    data["clock"] = {"speed": DEMO_SPEED, "simulated_now": clock.now().isoformat()}
+    ) | {"measured_at_end": measured_by_phase(settings, new, drift_start, data.get("champion"))}
+    data["clock"] = {"speed": plan.speed, "simulated_now": clock.now().isoformat()}
     if platform.traffic is not None:
         data["traffic"] = {"sent": platform.traffic.sent, "failed": platform.traffic.failed}
     if as_json:

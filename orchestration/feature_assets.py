@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from core.usecase import active
+from core.usecase import UseCaseError, active
 from features.views import View, views
 from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage, run_in_flight
@@ -153,6 +153,10 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
     )
 
 
+# The use case's `training_set` block: its defaults for the fields below.
+_SET = active().training_set
+
+
 class TrainingSetConfig(dg.Config):
     """How the labelled rows are split in time, how much history is kept, and how old a
     transaction must be to count as labelled (see features.training_set.SplitPolicy).
@@ -166,14 +170,14 @@ class TrainingSetConfig(dg.Config):
     the rows it removes cost the first model its gate (decision 26).
     """
 
-    train_fraction: float = 0.70
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    held_out_positives: int | None = None
-    window_days: float | None = None
-    warm_up_days: float | None = None
+    train_fraction: float = _SET.get("train_fraction", 0.70)
+    validation_fraction: float = _SET.get("validation_fraction", 0.15)
+    test_fraction: float = _SET.get("test_fraction", 0.15)
+    held_out_positives: int | None = _SET.get("held_out_positives")
+    window_days: float | None = _SET.get("window_days")
+    warm_up_days: float | None = _SET.get("warm_up_days")
     label_maturity_days: float = active().label.maturity_days
-    presume_negative_after_days: float | None = None
+    presume_negative_after_days: float | None = _SET.get("presume_negative_after_days")
 
     def split_policy(self) -> "SplitPolicy":
         from features.training_set import SplitFractions, SplitPolicy
@@ -186,6 +190,24 @@ class TrainingSetConfig(dg.Config):
             window=timedelta(days=self.window_days) if self.window_days is not None else None,
             warm_up=timedelta(days=self.warm_up_days) if self.warm_up_days else None,
         )
+
+
+def _check_declared_split() -> None:
+    """A `training_set` field the config lacks, or a value it refuses, names the field."""
+    uc = active()
+    settable = sorted(set(TrainingSetConfig.model_fields) - {"label_maturity_days"})
+    for key in _SET:
+        if key not in settable:
+            raise UseCaseError(
+                uc.file, f"training_set.{key}", f"unknown; expected one of {settable}"
+            )
+    try:
+        TrainingSetConfig().split_policy()
+    except (TypeError, ValueError) as exc:
+        raise UseCaseError(uc.file, "training_set", str(exc)) from None
+
+
+_check_declared_split()
 
 
 @dg.asset(
@@ -259,6 +281,9 @@ def training_set(
 features_job = dg.define_asset_job(
     "update_features",
     selection=dg.AssetSelection.assets(*VIEW_ASSETS, feature_registry, online_features),
+    # Its steps take seconds; a process each (importing Dagster, Feast, torch) took 10-30 s
+    # more apiece on 2 busy cores, and the live features fell days behind (decision 36).
+    executor_def=dg.in_process_executor,
     description="Feature files for every validated batch without them, then the online store.",
 )
 

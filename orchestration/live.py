@@ -32,6 +32,8 @@ from serving.requests import RequestError, request_bodies
 
 logger = logging.getLogger(__name__)
 CONTROL_FILE = "simulator.json"
+# What the running simulator switched to, and from which window (simulated time): written by it.
+DRIFT_STATE_FILE = "simulator_drift.json"
 
 
 def control_path(home: Path) -> Path:
@@ -111,6 +113,10 @@ class LiveSimulator:
         self.config = replace(self.config, drift=wanted, drift_start_batch=start)
         self.sim = simulation.simulator_module().Simulator(self.config)
         logger.warning("simulator: %s drift from batch %d on", wanted, start)
+        write_json_atomic(
+            {"drift": wanted, "from_batch": start, "from": self.sim.window(start)[0].isoformat()},
+            Path(self.home) / DRIFT_STATE_FILE,
+        )
 
     def step(self, stop: threading.Event | None = None) -> list[simulation.LandedBatch]:
         self._switch_if_asked()

@@ -43,6 +43,7 @@ class TorchServeResource(dg.ConfigurableResource):
         settings = storage.settings
         return ServingConfig.for_home(
             settings.home,
+            settings.serving_dir,
             inference_port=self.inference_port,
             management_port=self.management_port,
             metrics_port=self.metrics_port,

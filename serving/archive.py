@@ -2,8 +2,10 @@
 
 An archive carries the whole model directory (weights, sidecar with architecture and
 preprocessor, golden rows, SHA256SUMS, which the worker verifies on load), the handler as
-``loopline_handler.py``, and ``serving.json``: model name, registry version id, FeatureService,
-decision threshold and request limits. Its TorchServe version is the registry version id.
+``loopline_handler.py`` (``serving/entry.py``, which hands over to ``serving.handler``), and
+``serving.json``: model name, registry version id, FeatureService, decision threshold, request
+limits, and the use case and home it serves (one TorchServe serves every use case of a
+platform, so a worker learns its own from its archive). Its TorchServe version is the registry version id.
 
 torch-model-archiver stages files in ``$TMPDIR/<model name>``, so it runs in a subprocess
 with a private TMPDIR (two builds at once must not share that folder); the result is renamed
@@ -22,13 +24,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from core.usecase import active
 from models.artifact import CHECKSUMS, GOLDEN, SIDECAR, WEIGHTS, verify_checksums
 from models.registry import Registry
 from serving.config import ServingConfig
 from serving.scoring import SERVING_FILE, ServingInfo, version_info
 
 HANDLER_FILE = "loopline_handler.py"
-HANDLER_SOURCE = Path(__file__).resolve().parent / "handler.py"
+HANDLER_SOURCE = Path(__file__).resolve().parent / "entry.py"
 
 
 class ArchiveError(RuntimeError):
@@ -67,6 +70,8 @@ def build_archive(
         "max_body_bytes": config.max_body_bytes,
         "max_items_per_request": config.max_items_per_request,
         "source_model_dir": str(model_dir.resolve()),
+        "usecase": str(active().root.resolve()),
+        "home": str(Path(config.home).resolve()),
     }
     store.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.model_name}-{version}-", dir=store))

@@ -71,10 +71,13 @@ class ServingConfig:
             raise ValueError("max_body_bytes must not exceed max_request_size")
 
     @classmethod
-    def for_home(cls, home: Path, **overrides: object) -> ServingConfig:
-        """The default layout: ``<home>/serving`` and ``<home>/serving/model-store``."""
+    def for_home(
+        cls, home: Path, serving_dir: Path | None = None, **overrides: object
+    ) -> ServingConfig:
+        """The default layout: ``<home>/serving`` (or a platform's shared ``serving_dir``) and
+        its ``model-store``."""
         home = Path(home).resolve()
-        serving_dir = home / "serving"
+        serving_dir = Path(serving_dir).resolve() if serving_dir else home / "serving"
         base = cls(serving_dir=serving_dir, model_store=serving_dir / "model-store", home=home)
         return replace(base, **overrides)  # type: ignore[arg-type]
 

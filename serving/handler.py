@@ -1,4 +1,5 @@
-"""TorchServe handler of Loopline's fraud model (archived as ``loopline_handler.py``).
+"""TorchServe handler of a use case's model (``serving.entry``, archived as ``loopline_handler.py``,
+subclasses it).
 
 TorchServe hands ``handle`` a batch: one item per HTTP request (dynamic batching), each body a
 transaction object or a list of them. Every body is validated on its own; a bad one gets its
@@ -6,9 +7,9 @@ own 400/413 with a JSON reason while the rest of the batch is scored. All valid 
 of the batch share one feature lookup and one model call. ``/explanations/<model>`` requests
 (TorchServe sets the ``explain`` header) get Integrated Gradients attributions as well.
 
-The worker is a process entry point, so it reads ``LOOPLINE_HOME`` (set by
-``serving.process``) to find the feature store and the prediction log; the model itself,
-its FeatureService and threshold come from the archive.
+The worker is a process entry point, so it reads ``LOOPLINE_HOME`` (``serving.entry`` sets it and
+``LOOPLINE_USECASE`` from the archive) to find the feature store and the prediction log; the
+model itself, its FeatureService and threshold come from the archive.
 """
 
 from __future__ import annotations

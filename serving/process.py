@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,13 +75,18 @@ class TorchServeProcess:
         cls, config: ServingConfig, registry_path: str | Path | None = None
     ) -> TorchServeProcess:
         """The instance running in ``config.serving_dir`` with the settings it was started
-        with (ports may differ from ``config``); ``config`` itself when none runs."""
+        with (ports may differ from ``config``); ``config`` itself when none runs. The model
+        and its home stay ``config``'s: a platform's use cases share one TorchServe, which may
+        have been started for another of them."""
         state_path = config.serving_dir / STATE_FILE
         try:
             saved = json.loads(state_path.read_text()).get("config")
         except (FileNotFoundError, json.JSONDecodeError):
             saved = None
-        return cls(ServingConfig.from_dict(saved) if saved else config, registry_path)
+        if not saved:
+            return cls(config, registry_path)
+        running = replace(ServingConfig.from_dict(saved), model_name=config.model_name)
+        return cls(replace(running, home=config.home), registry_path)
 
     @property
     def state_path(self) -> Path:
@@ -103,6 +108,21 @@ class TorchServeProcess:
 
             archive_version(registry, version, self.config)
         return version
+
+    def serve_champion(self, timeout: float | None = None) -> str | None:
+        """On a running instance, make this registry's champion the model's default version
+        (archived and registered if it is not yet): how a use case joins a TorchServe that
+        another one started. Returns the champion, None without one."""
+        champion = self.champion()
+        if champion is None:
+            return None
+        client = self.client(timeout=timeout or float(self.config.startup_timeout_s))
+        versions = client.versions()
+        if champion not in versions:
+            client.register(champion, set_default=True)
+        elif not versions[champion]:
+            client.set_default(champion)
+        return champion
 
     def start(self, *, timeout: float | None = None) -> ServerStatus:
         """Starts TorchServe, waits until it is healthy and the champion's worker is ready."""

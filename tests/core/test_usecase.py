@@ -3,7 +3,10 @@ file and the field, before anything runs."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,34 @@ def test_declared_policies_override_the_platform_defaults_and_name_their_mistake
     with pytest.raises(UseCaseError) as caught:
         load(_broken(tmp_path / "refused", refused)).declared("training", TrainConfig)
     assert caught.value.field == "training" and "epochs" in caught.value.problem
+
+
+def _training_set_defaults(usecase: str | Path) -> subprocess.CompletedProcess:
+    code = (
+        "from orchestration.feature_assets import TrainingSetConfig\n"
+        "print(TrainingSetConfig().split_policy().window)"
+    )
+    env = {**os.environ, "LOOPLINE_USECASE": str(usecase)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_declared_training_set_block_sets_the_split_and_names_its_mistakes(tmp_path):
+    # The delivery demo trains on its last 5 days (decision 35); fraud keeps every row.
+    assert _training_set_defaults("delivery").stdout.strip() == "5 days, 0:00:00"
+    assert _training_set_defaults("fraud").stdout.strip() == "None"
+
+    def typo(d):
+        d["training_set"] = {"windo_days": 3}
+
+    done = _training_set_defaults(_broken(tmp_path / "typo", typo))
+    assert done.returncode != 0
+    assert "training_set.windo_days: unknown; expected one of" in done.stderr
+    assert "window_days" in done.stderr
+
+    def refused(d):
+        d["training_set"] = {"window_days": -2}
+
+    done = _training_set_defaults(_broken(tmp_path / "refused", refused))
+    assert done.returncode != 0 and "training_set: window must be a positive" in done.stderr

@@ -24,6 +24,9 @@ from orchestration.backtest import (
     deadline_ceilings,
     deadline_note,
     demo_config,
+    held_out_row_cuts,
+    quality_ratio,
+    recovery_target,
     run_backtest,
     steps_to_recover,
     summarize,
@@ -59,13 +62,13 @@ def _predictions(ranked_well: dict[int, bool], rows: int = 100, positives: int =
 def test_cohort_metric_pools_a_trailing_window_that_never_crosses_the_drift():
     series = cohort_series(_predictions({0: True, 1: True, 2: False, 3: True}), 2, smoothing=3)
     by_step = {r["step"]: r for r in series.to_dicts()}
-    assert by_step[1]["pr_auc"] == pytest.approx(1.0)
-    assert by_step[2]["pr_auc"] < 0.1  # frauds ranked last
+    assert by_step[1]["value"] == pytest.approx(1.0)
+    assert by_step[2]["value"] < 0.1  # frauds ranked last
     # Step 2 is the first after the drift: its window is itself, not steps 0-1's good days.
-    assert by_step[2]["smoothed_pr_auc"] == pytest.approx(by_step[2]["pr_auc"])
+    assert by_step[2]["smoothed_value"] == pytest.approx(by_step[2]["value"])
     # Step 3 pools steps 2 and 3: between the bad day and the good one.
-    assert by_step[2]["pr_auc"] < by_step[3]["smoothed_pr_auc"] < 1.0
-    assert by_step[0]["rows"] == 100 and by_step[0]["positives"] == 5
+    assert by_step[2]["value"] < by_step[3]["smoothed_value"] < 1.0
+    assert by_step[0]["rows"] == 100 and by_step[0]["count"] == 5
     # The label-free estimate is there for every cohort, a probability-like figure.
     assert all(0.0 <= r["smoothed_estimate"] <= 1.0 for r in by_step.values())
 
@@ -80,6 +83,25 @@ def test_time_to_recover_counts_cohorts_from_the_drift_to_the_first_back_at_nine
     assert steps_to_recover([0.9, 0.1, 0.2], [0, 1, 2], 1, 0.6, 0.9) is None
 
 
+def test_a_lower_is_better_metric_recovers_downwards_to_the_level_over_the_fraction():
+    # MAE 4.5 before the drift: the target is 4.5 / 0.9 = 5.0 minutes, reached from above.
+    assert recovery_target(4.5, 0.9, "mae") == pytest.approx(5.0)
+    mae = [4.5, 4.4, 9.0, 7.0, 5.2, 4.9, 4.6]
+    assert steps_to_recover(mae, list(range(7)), 2, 4.5, 0.9, "mae") == 4
+    assert steps_to_recover(mae, list(range(7)), 2, 4.0, 0.9, "mae") is None
+    # The same ratio of quality either way: 5.0 is to 4.5 as 0.9 is to 1.
+    assert quality_ratio(5.0, 4.5, "mae") == pytest.approx(quality_ratio(0.54, 0.6, "pr_auc"))
+
+
+def test_a_regressor_holds_out_the_newest_rows_when_asked_for_held_out_counts():
+    stamps = [T0 + timedelta(minutes=i) for i in range(100)]
+    cuts = held_out_row_cuts(pl.DataFrame({TS: stamps}), 20)
+    assert cuts.method == "held_out_rows"
+    assert (cuts.first_validation, cuts.first_test) == (stamps[60], stamps[80])
+    fallback = held_out_row_cuts(pl.DataFrame({TS: stamps}), 40)
+    assert fallback.method == "fractions" and "too few" in fallback.note
+
+
 def test_summary_reports_recovery_in_days_and_label_maturity_periods():
     config = demo_config("concept", days=7, drift_after=2)
     first = config.first_step
@@ -92,7 +114,7 @@ def test_summary_reports_recovery_in_days_and_label_maturity_periods():
         first + 2, T0, "decay", "live PR-AUC fell", True, True, (), "v0002", seconds=4.0
     )
     summary = summarize("triggers", series, [drift_retraining], config, first_seconds=6.0)
-    assert summary.pre_drift_pr_auc == pytest.approx(1.0)
+    assert summary.metric == "pr_auc" and summary.pre_drift_level == pytest.approx(1.0)
     # Drift at step first+2, two bad cohorts, then good ones: a 3-cohort window holding a bad
     # day is not back at 90%, so the fifth cohort after the drift is the first recovered.
     assert summary.recovery_days == 5.0
@@ -100,7 +122,7 @@ def test_summary_reports_recovery_in_days_and_label_maturity_periods():
     assert summary.drift_or_decay_retrainings == 1 and summary.by_trigger == {"decay": 1}
     assert summary.train_seconds == pytest.approx(10.0)
     # The mean of the post-drift cohorts: three perfect of five, two near zero.
-    assert 0.6 < summary.post_drift_mean_pr_auc < 0.65
+    assert 0.6 < summary.post_drift_mean < 0.65
 
 
 def test_policies_are_spelled_kind_plus_adaptation_options():
@@ -139,7 +161,7 @@ def test_concept_drift_is_measured_and_answered_by_gated_retrainings():
     result = run_backtest(config, specs, world=world)
     static, adaptive = result.policies["static"], result.policies[DEFAULT_POLICY]
     # The damage is seen: the first model serves at under a third of its level after the drift.
-    assert static.summary.post_drift_mean_pr_auc < 0.3 * static.summary.pre_drift_pr_auc
+    assert static.summary.post_drift_mean < 0.3 * static.summary.pre_drift_level
     # The default triggers answer with a drift or decay retraining within three label-maturity
     # periods (late: a champion promoted for new data after the drift needs 7 days of its own
     # matured labels before decay can be read).
@@ -149,7 +171,7 @@ def test_concept_drift_is_measured_and_answered_by_gated_retrainings():
     # Every promotion beat the champion on the candidate's own test split (the gate held).
     promoted = [r for r in adaptive.retrainings if r.promoted]
     assert promoted
-    assert all(r.candidate_pr_auc > r.champion_pr_auc for r in promoted)
+    assert all(r.candidate_value > r.champion_value for r in promoted)
     # Later retrainings learn from drifted rows that reached their train split.
     assert max(r.drifted_train_share or 0.0 for r in adaptive.retrainings) > 0.05
     # What any policy could serve by the recovery deadline (3 label-maturity periods), from
@@ -157,11 +179,11 @@ def test_concept_drift_is_measured_and_answered_by_gated_retrainings():
     # level, and knowing every label at once does at least as well. The CLI's --ceiling says
     # so beside the target.
     at_once, matured = deadline_ceilings(world, config)
-    assert matured.pr_auc > 2 * static.summary.post_drift_mean_pr_auc
-    assert at_once.pr_auc > 0.9 * matured.pr_auc
-    assert at_once.train_positives > matured.train_positives > 50
+    assert matured.value > 2 * static.summary.post_drift_mean
+    assert at_once.value > 0.9 * matured.value
+    assert at_once.train_count > matured.train_count > 50
     note = deadline_note(result, at_once, matured)
-    assert "within 21 days" in note and f"{matured.pr_auc:.3f} on matured labels" in note
+    assert "within 21 days" in note and f"{matured.value:.3f} on matured labels" in note
 
 
 @pytest.mark.slow
@@ -181,7 +203,7 @@ def test_without_real_drift_the_default_triggers_never_retrain_for_drift_or_deca
     # The live metric was measured every day and stayed near its level.
     series = policy.series
     assert series.height == 30
-    assert series["smoothed_pr_auc"].min() > 0.5 * policy.summary.pre_drift_pr_auc
+    assert series["smoothed_value"].min() > 0.5 * policy.summary.pre_drift_level
 
 
 @pytest.mark.slow
@@ -198,4 +220,4 @@ def test_a_lasting_covariate_drift_is_answered_once_per_label_maturity_period():
     assert all(gap >= 7 for gap in gaps), gaps
     # ... and the loop still recovers, and serves better than the first model left alone.
     assert triggers.summary.recovery_days is not None
-    assert triggers.summary.post_drift_mean_pr_auc > static.summary.post_drift_mean_pr_auc + 0.02
+    assert triggers.summary.post_drift_mean > static.summary.post_drift_mean + 0.02

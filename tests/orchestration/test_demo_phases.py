@@ -1,10 +1,17 @@
-"""The demo's live-quality report: the served model's live PR-AUC per phase of the story."""
+"""The demo's plan per use case, and its live-quality report: the served model's live metric per
+phase of the story."""
 
 from __future__ import annotations
 
+import types
 from datetime import UTC, datetime, timedelta
 
-from orchestration.cli_loop import live_quality_by_phase
+import click
+import pytest
+
+from core import simulation
+from core.usecase import load
+from orchestration.cli_loop import DemoPlan, live_quality_by_phase
 
 DRIFT = datetime(2026, 11, 10, tzinfo=UTC)
 
@@ -46,3 +53,18 @@ def test_a_phase_never_evaluated_reads_as_none() -> None:
     assert phases["before_drift"]["pr_auc"] == 0.4
     assert phases["after_drift"] is None and phases["after_recovery"] is None
     assert live_quality_by_phase([], None, None, None)["before_drift"] is None
+
+
+def test_a_use_case_declares_how_its_demo_runs(monkeypatch) -> None:
+    """The simulator module's DEMO dict sets the demo's clock and story; the fraud demo keeps
+    the defaults; an unknown field is refused with the known ones."""
+    assert DemoPlan.of_active() == DemoPlan()  # fraud: 2,400x, 64 days, 48-hour windows
+    delivery = load("delivery").module("simulator")
+    monkeypatch.setattr(simulation, "simulator_module", lambda: delivery)
+    plan = DemoPlan.of_active()
+    assert (plan.speed, plan.batch_hours, plan.min_new_labelled_rows) == (720.0, 12.0, None)
+    assert plan.step_s == 60.0 and plan.recovery_hours > 0  # a window a minute
+    fake = types.SimpleNamespace(DEMO={"speed": 100.0, "sped": 3})
+    monkeypatch.setattr(simulation, "simulator_module", lambda: fake)
+    with pytest.raises(click.ClickException, match="unknown fields \\['sped'\\]"):
+        DemoPlan.of_active()

@@ -60,7 +60,9 @@ def run_batch(h: LooplineHandler, bodies: list, explain: list[bool] | None = Non
     return statuses, [json.loads(o) for o in out], types
 
 
-def test_archive_carries_model_handler_and_serving_metadata(archive: Path) -> None:
+def test_archive_carries_model_handler_and_serving_metadata(
+    archive: Path, serving_home: ServingHome
+) -> None:
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
     assert {"model.pt", "model.json", "golden.json", "SHA256SUMS", "serving.json"} <= names
@@ -70,6 +72,9 @@ def test_archive_carries_model_handler_and_serving_metadata(archive: Path) -> No
     assert meta["manifest"]["model"]["handler"] == "loopline_handler.py"
     assert meta["serving"]["feature_service"] == "fraud_model_v1"
     assert meta["serving"]["model_version"] == "v0001" and meta["serving"]["threshold"] == 0.5
+    # One TorchServe serves every use case of a platform: the worker learns its own from here.
+    assert Path(meta["serving"]["usecase"]).name == "fraud"
+    assert Path(meta["serving"]["home"]) == serving_home.home.resolve()
     assert not [p for p in archive.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 

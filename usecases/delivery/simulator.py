@@ -35,9 +35,26 @@ ZONES: tuple[str, ...] = USECASE.vocabularies["zone"]
 CUISINES: tuple[str, ...] = USECASE.vocabularies["cuisine"]
 VEHICLES: tuple[str, ...] = USECASE.vocabularies["vehicle"]
 DRIFTS: tuple[str, ...] = ("none", "covariate", "concept")
-# loopline backtest's scenario fields: a day a step, about 2,000 orders a day.
-BACKTEST: dict = {}
-DEMO: dict = {}
+# loopline backtest's shape (orchestration.backtest.demo_config): a day a step, about 2,000
+# orders a day (its default rows_per_batch); 8 days for the 7-day restaurant features to fill,
+# then 6 for the first champion's training set (the declared 5-day window and a day of
+# maturing labels) before the served days.
+BACKTEST: dict = {"burn_in_days": 8, "warmup_days": 6}
+# loopline demo (orchestration.cli_loop.DemoPlan): labels mature in 3 hours, so a shorter story
+# than the fraud demo's: a simulated day in 2 wall minutes, a 12-hour window (~1,440 orders, half
+# sent as customer traffic) a minute, rain after a day of traffic, and two more days of rain
+# once a champion trained on rainy deliveries serves.
+DEMO: dict = {
+    "speed": 720.0,
+    "headroom_days": 14.0,
+    "history_days": 21.0,
+    "batch_hours": 12.0,
+    "drift_after_hours": 24.0,
+    "rows_per_batch": 1440,
+    "traffic_per_batch": 720,
+    "min_new_labelled_rows": None,
+    "recovery_hours": 48.0,  # two days of rain more: the loop retrains on a rainier window
+}
 
 MAX_MINUTES = 180.0  # every order is delivered within 3 hours (the label's maturity)
 _S_WORLD, _S_ORDERS, _S_TIMES = 1, 2, 3  # RNG streams (7 is core.simulation's faults)

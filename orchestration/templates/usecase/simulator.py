@@ -30,7 +30,9 @@ SCHEMAS = schemas(USECASE)
 KINDS: tuple[str, ...] = USECASE.vocabularies["kind"]
 SEGMENTS: tuple[str, ...] = USECASE.vocabularies["segment"]
 DRIFTS: tuple[str, ...] = ("none", "covariate", "concept")
-# loopline backtest's and loopline demo's scenario fields (none beyond the defaults).
+# loopline backtest's shape (scenario fields, burn_in_days, warmup_days: orchestration.backtest.
+# demo_config), and loopline demo's plan (orchestration.cli_loop.DemoPlan: clock speed, history,
+# window; `scenario` for scenario fields), none beyond the defaults.
 BACKTEST: dict = {}
 DEMO: dict = {}
 

@@ -1,0 +1,135 @@
+"""A serving home for the active use case (``LOOPLINE_USECASE``), for ``bench_serving``: the
+use case's simulated requests, its feature views computed and materialized to the online
+store, and models trained on its FeatureService and registered (the first as champion).
+
+``tests.serving.kit.build_serving_home`` builds the fraud demo's home and stays the fraud
+benchmark's, so its figures compare with earlier runs; this builds any use case's from its
+declaration and simulator, as ``orchestration.backtest.build_world`` does: the whole history
+is one batch of the request dataset for every view, with the other event datasets (labels
+known by now among them) and the reference data as its history. No ingest, no Dagster.
+Every request's truth labels the training set, as in the fraud kit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+from feast import FeatureStore
+
+from core import simulation
+from core.usecase import active
+from features.store import (
+    SERVICE,
+    apply_definitions,
+    feature_store,
+    historical_features,
+    materialize,
+)
+from features.training_set import LABEL, assign_splits
+from features.views import TS, ViewBatch, training_entities, views, write_feature_file
+from models.artifact import save_training_result
+from models.registry import ModelRecord, Registry
+from models.spec import FeatureSpec, TrainConfig, feature_spec_of_service
+from models.tasks import of as task_of
+from models.train import train_model
+from quality.schema import time_columns
+from serving.requests import request_bodies
+
+# As tests.serving.kit.FAST: a small model, trained in seconds.
+FAST = TrainConfig(epochs=4, batch_size=256, lr=5e-3, hidden=(16,), patience=2, device="cpu")
+
+
+@dataclass
+class UseCaseHome:
+    """What ``bench_serving`` uses of ``tests.serving.kit.ServingHome``, for any use case."""
+
+    home: Path
+    store: FeatureStore
+    registry: Registry
+    request_rows: pl.DataFrame
+    training_frame: pl.DataFrame
+    spec: FeatureSpec
+
+    def register(self, seed: int, *, champion: bool = False) -> str:
+        """Trains a model (seed changes its weights), saves and registers it."""
+        uc = active()
+        result = train_model(
+            self.training_frame, self.spec, TrainConfig(**{**FAST.to_dict(), "seed": seed})
+        )
+        saved = save_training_result(
+            result, self.home / "models" / f"seed-{seed}", metadata={"feature_service": SERVICE}
+        )
+        has_threshold = task_of(uc.task.type).has_threshold
+        version = self.registry.register(
+            ModelRecord(
+                model_name=uc.name,
+                artifact_dir=str(saved.path),
+                artifacts=saved.checksums,
+                training_set_version="bench",
+                feature_service=SERVICE,
+                training_batches=["b1"],
+                hyperparameters=result.config.to_dict(),
+                metrics={"threshold": 0.5} if has_threshold else {},
+                data_window=result.data_window,
+            )
+        )
+        if champion:
+            self.registry.promote(version, "bench champion")
+        return version
+
+    def requests(self, n: int) -> list[dict]:
+        """Valid request bodies for known entities, stamped now (``serving.requests``)."""
+        now = datetime.now(UTC).isoformat()
+        field = active().timestamp_field
+        return [{**b, field: now} for b in request_bodies(self.request_rows.head(n))]
+
+
+def build_usecase_home(home: Path, *, seed: int = 11, batches: int = 6) -> UseCaseHome:
+    """The use case's simulator over ``batches`` windows of 12 hours up to now (~500 requests
+    each), features in the online store as of now, the training set split by time."""
+    uc = active()
+    now = datetime.now(UTC)
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=12 * batches)
+    config = simulation.scenario(
+        seed=seed, start=start, batch_span=timedelta(hours=12), rows_per_batch=500
+    )
+    sim = simulation.simulator_module(uc).Simulator(config)
+    events = [sim.events(k) for k in range(batches)]
+    known = {name: pl.concat([e[name] for e in events]) for name in events[0]}
+    name, key = uc.request.dataset, uc.request_dataset.key
+    requests = known[name].sort(uc.request_dataset.event_time, key)
+    _write_views(home, requests, {**known, name: requests.clear(), **sim.reference()}, now)
+    store = feature_store(home)
+    apply_definitions(store)
+    materialize(store, now)
+    # Joined here rather than by features.training_set.labelled_requests, which casts every
+    # label to Int8 (a regressor's minutes would be truncated).
+    truth = pl.concat([sim.truth(k) for k in range(batches)]).select(
+        pl.col(uc.label.key).alias(uc.request.id),
+        pl.col(uc.label.column).cast(task_of(uc.task.type).label_dtype).alias(LABEL),
+    )
+    rows = historical_features(store, training_entities(requests)).join(truth, on=uc.request.id)
+    frame = assign_splits(rows.sort(TS, uc.request.id))
+    spec = feature_spec_of_service(store.get_feature_service(SERVICE))
+    registry = Registry(home / "registry" / "registry.sqlite")
+    return UseCaseHome(home, store, registry, requests, frame, spec)
+
+
+def _write_views(
+    home: Path, requests: pl.DataFrame, history: dict[str, pl.DataFrame], now: datetime
+) -> None:
+    """Every view's rows of the whole history, computed as one batch of the request dataset."""
+    times = time_columns()
+    requests_name = active().request.dataset
+
+    def read(dataset: str, since: datetime | None = None, *, with_batch: bool = False):
+        rows = requests if with_batch and dataset == requests_name else history[dataset]
+        column = times.get(dataset)
+        return rows if since is None or column is None else rows.filter(pl.col(column) >= since)
+
+    for view in views().values():
+        rows = view.compute(ViewBatch(requests_name, requests, now, read))
+        write_feature_file(home, view.name, "b1", rows)

@@ -1,0 +1,243 @@
+"""Two use cases side by side in one platform (decision 35): ``loopline run --usecase fraud
+--usecase delivery`` starts one TorchServe and, per use case, its own Dagster (daemon, UI,
+sensors), simulator and traffic. Each trains, gates and deploys its first champion on its own;
+TorchServe answers both at ``/predictions/<use case>`` with features looked up online. Then a
+bad batch and a failed training in the delivery use case leave the fraud use case's champion,
+runs and data untouched. (Each one's drift story end to end: test_loop_daemon_e2e.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from core import simulation
+from core.usecase import load
+from models.registry import CHAMPION, Registry
+from orchestration.cli_loop import free_port
+from orchestration.cli_platform import Layout
+from orchestration.live import DRIFT_STATE_FILE, request_drift
+from quality.ledger import BatchLedger
+from serving.client import TorchServeClient, TorchServeError
+from serving.config import ServingConfig
+from serving.process import TorchServeProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+NAMES = ("fraud", "delivery")
+
+
+def _client(layout: Layout, name: str) -> TorchServeClient | None:
+    config = ServingConfig.for_home(layout.homes[name], layout.serving_dir, model_name=name)
+    process = TorchServeProcess.attach(config)
+    return process.client(timeout=10) if process.status().healthy else None
+
+
+def _champions(layout: Layout) -> dict[str, str | None]:
+    out = {}
+    for name in NAMES:
+        client = _client(layout, name)
+        try:
+            out[name] = client.default_version() if client else None
+        except TorchServeError:
+            out[name] = None
+    return out
+
+
+def _all_served(layout: Layout) -> dict[str, str | None] | None:
+    champions = _champions(layout)
+    return champions if all(champions.values()) else None
+
+
+def _rain_champion(layout: Layout, registry: Registry, rain_from: datetime):
+    """The delivery champion TorchServe serves, if its train split reaches into the rain."""
+    champion = _champions(layout)["delivery"]
+    if champion is None or registry.get_alias(CHAMPION) != champion:
+        return None
+    record = registry.get(champion)
+    trained_until = datetime.fromisoformat(record.data_window["splits"]["train"]["end"])
+    return record if trained_until > rain_from else None
+
+
+def _runs(layout: Layout, name: str) -> list[tuple[str, str, str]]:
+    """(run id, job, status) of every run of the use case's Dagster instance."""
+    import sqlite3
+
+    db = layout.settings(name).dagster_home / "history" / "runs.db"
+    with sqlite3.connect(db) as con:
+        return list(con.execute("select run_id, pipeline_name, status from runs"))
+
+
+def _request(layout: Layout, name: str) -> dict:
+    """A request as the use case's clients send it, from its newest validated row."""
+    uc = load(name)
+    files = sorted((layout.homes[name] / "validated" / uc.request.dataset).glob("*.parquet"))
+    row = pl.read_parquet(files[-1]).tail(1).to_dicts()[0]
+    body = {f: row[spec.column_name(f)] for f, spec in uc.request.fields.items()}
+    stamp = body[next(f for f, s in uc.request.fields.items() if s.type == "timestamp")]
+    for f, spec in uc.request.fields.items():
+        if spec.type == "timestamp":
+            body[f] = stamp.isoformat() if isinstance(stamp, datetime) else stamp
+    return body
+
+
+def _wait(probe, timeout_s: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"loopline run exited:\n{log.read_text()[-4000:]}"
+        found = probe()
+        if found:
+            return found
+        time.sleep(5)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
+    root, port, log = tmp_path / "platform", free_port(), tmp_path / "run.log"
+    # Retrainings a minute apart at most (loopline run's default is 5): the rainy champion
+    # comes within minutes, not a quarter of an hour.
+    env = {**os.environ, "LOOPLINE_HOME": str(root), "LOOPLINE_RETRAIN_COOLDOWN_MINUTES": "1"}
+    env.pop("LOOPLINE_USECASE", None)
+    layout = Layout.of(NAMES, env)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.cli", "run", "--port", str(port)]
+            + [arg for name in NAMES for arg in ("--usecase", name)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        # Each use case's loop, on its own, trains and deploys a first champion.
+        champions = _wait(
+            lambda: _all_served(layout),
+            1200,
+            "a champion of each use case",
+            proc,
+            log,
+        )
+        # One TorchServe answers both, each with its own model, request schema and features.
+        for name in NAMES:
+            answer = _client(layout, name).predict(_request(layout, name))
+            score = load(name).task.score
+            assert answer["model_version"] == champions[name] and score in answer, answer
+        fraud_answer = _client(layout, "fraud").predict(_request(layout, "fraud"))
+        assert "predicted_minutes" not in fraud_answer and "decision" in fraud_answer
+        with pytest.raises(TorchServeError) as refused:  # a fraud request is no delivery
+            _client(layout, "delivery").predict(_request(layout, "fraud"))
+        assert refused.value.status == 400
+
+        fraud_runs = {r[0]: r for r in _runs(layout, "fraud")}
+        fraud_ledger = BatchLedger(layout.settings("fraud").ledger_path).batches()
+
+        # A bad batch in delivery: quarantined there, with its reason.
+        dataset = load("delivery").request.dataset
+        good = sorted((layout.homes["delivery"] / "validated" / dataset).glob("*.parquet"))[-1]
+        skewed = pl.read_parquet(good).rename({"distance_km": "distanceKm"})
+        bad = simulation.land(skewed, layout.settings("delivery").landing, dataset, "skewed-e2e")
+        ledger = BatchLedger(layout.settings("delivery").ledger_path)
+        record = _wait(
+            lambda: next(
+                (
+                    b
+                    for b in ledger.batches()
+                    if b.source_name == bad.name and b.status in ("validated", "quarantined")
+                ),
+                None,
+            ),
+            300,
+            "the skewed batch's verdict",
+            proc,
+            log,
+        )
+        assert record.status == "quarantined" and "distance_km" in record.reason
+
+        # A failed training in delivery: launched as a person would from its Dagster UI, with
+        # a configuration the trainer refuses.
+        from dagster_graphql import DagsterGraphQLClient
+
+        graphql = DagsterGraphQLClient("127.0.0.1", port_number=port + 1)
+        run_id = graphql.submit_job_execution(
+            "continuous_training",
+            run_config={"ops": {"candidate_model": {"config": {"epochs": 0}}}},
+        )
+        status = _wait(
+            lambda: (
+                s if (s := graphql.get_run_status(run_id).value) in ("FAILURE", "SUCCESS") else None
+            ),
+            300,
+            "the refused training to end",
+            proc,
+            log,
+        )
+        assert status == "FAILURE"
+
+        # The fraud use case saw none of it: same champion served, no run of its own failed
+        # or started for it, and its ledger holds none of delivery's batches.
+        assert _champions(layout)["fraud"] == champions["fraud"]
+        after = {r[0]: r for r in _runs(layout, "fraud")}
+        assert run_id not in after
+        assert all(r[2] != "FAILURE" for r in after.values() if r[0] not in fraud_runs), after
+        names = {b.source_name for b in BatchLedger(layout.settings("fraud").ledger_path).batches()}
+        assert bad.name not in names and not any(n.startswith(f"{dataset}-") for n in names)
+        assert {b.batch_id for b in fraud_ledger} <= {
+            b.batch_id for b in BatchLedger(layout.settings("fraud").ledger_path).batches()
+        }
+        # And delivery still serves its champion (a bad batch and a failed run change nothing).
+        assert _champions(layout)["delivery"] == champions["delivery"]
+
+        # Rain in delivery: its loop, on its own, retrains on rainy deliveries (labels in 3
+        # simulated hours, a 5-day training window) and promotes a champion that beats the one
+        # that never saw rain on rainy deliveries. Fraud's champion stays.
+        request_drift(layout.homes["delivery"], "concept")
+        state = layout.homes["delivery"] / DRIFT_STATE_FILE
+        rain = _wait(lambda: state.exists() and state.read_text(), 300, "rain", proc, log)
+        rain_from = datetime.fromisoformat(json.loads(rain)["from"])
+        registry = Registry(layout.settings("delivery").registry_path)
+        learned = _wait(
+            lambda: _rain_champion(layout, registry, rain_from), 1200, "a rainy champion", proc, log
+        )
+        first = registry.get(champions["delivery"])
+        rainy_test = learned.data_window["splits"]["test"]
+        assert rainy_test["mean_label"] > first.data_window["splits"]["test"]["mean_label"] + 2
+        judged = learned.extra["compared"]
+        assert learned.metrics["mae"] < judged["champion"]["mae"], judged  # on rainy deliveries
+        assert learned.metrics["mae"] < judged["baseline"]["mae"], judged
+        assert _champions(layout)["fraud"] == champions["fraud"]
+
+        # `loopline status` shows each use case.
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestration.cli", "status", "--json"]
+            + [arg for name in NAMES for arg in ("--usecase", name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        both = json.loads(shown.stdout)
+        for name in NAMES:
+            assert both[name]["champion"] == champions[name], both[name]
+            assert both[name]["serving"]["requests"] > 0  # its own traffic, its own log
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0
+        assert (
+            not TorchServeProcess.attach(
+                ServingConfig.for_home(layout.homes["fraud"], layout.serving_dir)
+            )
+            .status()
+            .running
+        )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
