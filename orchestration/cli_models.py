@@ -140,12 +140,13 @@ def promote(version: str, reason: str, force: bool) -> None:
     except (KeyError, RegistryError) as exc:
         raise click.ClickException(str(exc.args[0])) from exc
     console.print(f"champion: {previous or 'none'} -> [green]{version}[/]")
+    console.print(_serve_champion())
 
 
 @models.command()
 @click.option("--reason", default="rolled back from the command line", show_default=True)
 def rollback(reason: str) -> None:
-    """Restore the previous champion."""
+    """Restore the previous champion, in the registry and, when it runs, in TorchServe."""
     registry = _registry()
     current = registry.get_alias(CHAMPION)
     try:
@@ -153,3 +154,19 @@ def rollback(reason: str) -> None:
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
     console.print(f"champion: {current} -> [green]{restored}[/] (rolled back)")
+    console.print(_serve_champion())
+
+
+def _serve_champion() -> str:
+    """Make the registry's champion TorchServe's default version of this use case's model (the
+    platform's TorchServe, shared with other use cases: theirs are left as they are)."""
+    from serving.config import ServingConfig
+    from serving.process import TorchServeProcess
+
+    settings = Settings.from_env()
+    config = ServingConfig.for_home(settings.home, settings.serving_dir)
+    process = TorchServeProcess.attach(config, settings.registry_path)
+    if not process.status().healthy:
+        return "TorchServe is not running: it serves the champion when it starts"
+    served = process.serve_champion()
+    return f"TorchServe {process.config.inference_url}/predictions/{config.model_name}: {served}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,32 @@ def _rain_champion(layout: Layout, registry: Registry, rain_from: datetime):
     record = registry.get(champion)
     trained_until = datetime.fromisoformat(record.data_window["splits"]["train"]["end"])
     return record if trained_until > rain_from else None
+
+
+def _promoted_since_rollback(registry: Registry) -> list[str]:
+    """Versions the loop promoted after the last rollback (it goes on)."""
+    events = registry.events()
+    back = max(i for i, e in enumerate(events) if e.kind == "rolled_back")
+    return [e.version for e in events[back + 1 :] if e.kind == "promoted"]
+
+
+def _serves_its_own(layout: Layout, name: str) -> Registry:
+    """The use case's model in the shared TorchServe is its own registry's champion."""
+    registry = Registry(layout.settings(name).registry_path)
+    for _ in range(20):  # a promotion sets TorchServe's default, then the registry's alias
+        served, champion = _champions(layout)[name], registry.get_alias(CHAMPION)
+        if served == champion:
+            break
+        time.sleep(1)
+    assert served == champion, (name, served, champion)
+    return registry
+
+
+def _fraud_is_its_own(layout: Layout) -> None:
+    """Fraud serves its own champion and was never rolled back: nothing done to delivery
+    reached it (fraud's own loop may have promoted a better model meanwhile)."""
+    registry = _serves_its_own(layout, "fraud")
+    assert not [e for e in registry.events() if e.kind == "rolled_back"]
 
 
 def _runs(layout: Layout, name: str) -> list[tuple[str, str, str]]:
@@ -183,7 +210,7 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
 
         # The fraud use case saw none of it: same champion served, no run of its own failed
         # or started for it, and its ledger holds none of delivery's batches.
-        assert _champions(layout)["fraud"] == champions["fraud"]
+        _fraud_is_its_own(layout)
         after = {r[0]: r for r in _runs(layout, "fraud")}
         assert run_id not in after
         assert all(r[2] != "FAILURE" for r in after.values() if r[0] not in fraud_runs), after
@@ -192,8 +219,11 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         assert {b.batch_id for b in fraud_ledger} <= {
             b.batch_id for b in BatchLedger(layout.settings("fraud").ledger_path).batches()
         }
-        # And delivery still serves its champion (a bad batch and a failed run change nothing).
-        assert _champions(layout)["delivery"] == champions["delivery"]
+        # And delivery serves its own registry's champion: the bad batch and the failed run
+        # registered nothing (its loop may have promoted a better model meanwhile).
+        delivery_registry = Registry(layout.settings("delivery").registry_path)
+        assert not [v for v in delivery_registry.list_versions() if v.dagster_run_id == run_id]
+        _serves_its_own(layout, "delivery")
 
         # Rain in delivery: its loop, on its own, retrains on rainy deliveries (labels in 3
         # simulated hours, a 5-day training window) and promotes a champion that beats the one
@@ -212,7 +242,24 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         judged = learned.extra["compared"]
         assert learned.metrics["mae"] < judged["champion"]["mae"], judged  # on rainy deliveries
         assert learned.metrics["mae"] < judged["baseline"]["mae"], judged
-        assert _champions(layout)["fraud"] == champions["fraud"]
+        _fraud_is_its_own(layout)
+
+        # A person rolls delivery back: its registry and TorchServe serve the previous champion
+        # again; fraud's model in the same TorchServe is left as it was.
+        rolled = subprocess.run(
+            [sys.executable, "-m", "orchestration.cli", "models", "rollback"],
+            env=layout.env("delivery", env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert rolled.returncode == 0, rolled.stderr[-3000:]
+        said = re.search(r"champion: (\S+) -> (\S+) \(rolled back\)", rolled.stdout)
+        assert said, rolled.stdout
+        replaced, restored = said.groups()
+        assert restored != replaced and f"/predictions/delivery: {restored}" in rolled.stdout
+        _fraud_is_its_own(layout)
+        assert _champions(layout)["delivery"] in (restored, *_promoted_since_rollback(registry))
 
         # `loopline status` shows each use case.
         shown = subprocess.run(
@@ -226,7 +273,8 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         assert shown.returncode == 0, shown.stderr[-3000:]
         both = json.loads(shown.stdout)
         for name in NAMES:
-            assert both[name]["champion"] == champions[name], both[name]
+            own = Registry(layout.settings(name).registry_path).events()
+            assert both[name]["champion"] in {e.version for e in own if e.kind == "promoted"}
             assert both[name]["serving"]["requests"] > 0  # its own traffic, its own log
 
         proc.send_signal(signal.SIGTERM)

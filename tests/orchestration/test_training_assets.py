@@ -201,6 +201,7 @@ def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
 
     rolled = runner.invoke(main, ["models", "rollback", "--reason", "canary alarms"], env=env)
     assert rolled.exit_code == 0, rolled.output
+    assert "TorchServe is not running" in rolled.output  # it serves the champion when it starts
     assert registry.get_alias(CHAMPION) == "v0001"
     assert registry.events()[-1].kind == "rolled_back"
     assert registry.events()[-1].reason == "canary alarms"
