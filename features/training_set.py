@@ -296,16 +296,33 @@ def held_out_positive_cuts(frame: pl.DataFrame, k: int) -> SplitCuts | None:
     return SplitCuts(first_validation, first_test, "held_out_positives")
 
 
+def held_out_row_cuts(
+    frame: pl.DataFrame, rows: int, fractions: SplitFractions | None = None
+) -> SplitCuts:
+    """A regressor's held-out splits (it has no positives to count): test the newest ``rows``
+    rows, validation the ``rows`` before them, train everything older; cut on whole
+    timestamps. Too few rows for that and a train split: the fractions' cuts, with a note."""
+    stamps = frame[TS].sort(descending=True)
+    if stamps.len() < 3 * rows:
+        cuts = fraction_cuts(frame, fractions or SplitFractions())
+        note = f"{stamps.len()} rows are too few to hold out {rows} twice: split by fractions"
+        return SplitCuts(cuts.first_validation, cuts.first_test, "fractions", note)
+    return SplitCuts(stamps[2 * rows - 1], stamps[rows - 1], "held_out_rows")
+
+
 def split_cuts(frame: pl.DataFrame, policy: SplitFractions | SplitPolicy) -> SplitCuts:
     """Where the policy cuts these rows (the window is not applied here).
 
-    A held-out-positives policy that the rows cannot satisfy falls back to its fractions,
-    and the cuts' ``note`` says so.
+    ``held_out_positives`` counts positives of a 0/1 label and rows of a regressor's (float)
+    label. A policy that the rows cannot satisfy falls back to its fractions, and the cuts'
+    ``note`` says so.
     """
     policy = as_policy(policy)
     k = policy.held_out_positives
     if k is None:
         return fraction_cuts(frame, policy.fractions)
+    if LABEL in frame.columns and frame.schema[LABEL].is_float():
+        return held_out_row_cuts(frame, k, policy.fractions)
     cuts = held_out_positive_cuts(frame, k)
     if cuts is not None:
         return cuts
@@ -348,15 +365,20 @@ def assign_splits(
 
 
 def split_summary(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per split: rows, positives, positive rate and the event-time window."""
+    """Per split: rows, positives and positive rate (a regressor's label: none, its mean
+    instead) and the event-time window."""
     out: dict[str, dict[str, Any]] = {}
+    regression = frame.schema[LABEL].is_float()
     for name in SPLITS:
         part = frame.filter(pl.col("split") == name)
-        positives = int(part[LABEL].sum()) if part.height else 0
+        positives = None if regression else int(part[LABEL].sum()) if part.height else 0
         out[name] = {
             "rows": part.height,
             "positives": positives,
-            "positive_rate": positives / part.height if part.height else None,
+            "positive_rate": positives / part.height
+            if part.height and positives is not None
+            else None,
+            "mean_label": float(part[LABEL].mean()) if regression and part.height else None,
             "start": part[TS].min().isoformat() if part.height else None,
             "end": part[TS].max().isoformat() if part.height else None,
         }
@@ -449,7 +471,7 @@ def build_training_set(
         ),
         "warm_up_days": warmed.total_seconds() / 86400 if warmed else 0.0,
         "rows": rows.height,
-        "positives": int(rows[LABEL].sum()),
+        "positives": None if rows.schema[LABEL].is_float() else int(rows[LABEL].sum()),
         "features": {"numeric": numeric, "categorical": categorical},
     }
     return TrainingSet(rows, content_version(rows), service_name, summary)

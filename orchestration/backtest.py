@@ -56,14 +56,10 @@ from core.usecase import active
 from features.store import SERVICE, apply_definitions, feature_store, historical_features
 from features.training_set import (
     LABEL,
-    SplitCuts,
     SplitPolicy,
-    apply_window,
     assign_splits,
     drift_reference,
     entity_columns,
-    fraction_cuts,
-    label_splits,
     labelled_requests,
 )
 from features.views import TS, ViewBatch, training_entities, views, write_feature_file
@@ -217,11 +213,8 @@ class Adaptation:
     def split(self, rows: pl.DataFrame) -> pl.DataFrame:
         """``rows`` within the window, with ``split`` (train, validation, test in time)."""
         window = timedelta(days=self.window_days) if self.window_days else None
-        if self.held_out is None or _binary():
-            policy = SplitPolicy(held_out_positives=self.held_out, window=window)
-            return assign_splits(rows, policy)
-        rows = apply_window(rows, window)
-        return label_splits(rows, held_out_row_cuts(rows, self.held_out))
+        # A held-out count is positives for a classifier, rows for a regressor (split_cuts).
+        return assign_splits(rows, SplitPolicy(held_out_positives=self.held_out, window=window))
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.recency_half_life_days is None:
@@ -242,18 +235,6 @@ class Adaptation:
         if self.presume_negative_days is not None:
             parts.append(f"+presume{self.presume_negative_days:g}d")
         return "".join(parts)
-
-
-def held_out_row_cuts(frame: pl.DataFrame, rows: int) -> SplitCuts:
-    """A regressor's held-out splits (it has no positives to count): test the newest ``rows``
-    rows, validation the ``rows`` before them, train everything older; cut on whole
-    timestamps. Too few rows for that and a train split: the default fractions' cuts."""
-    stamps = frame[TS].sort(descending=True)
-    if stamps.len() < 3 * rows:
-        cuts = fraction_cuts(frame, SplitPolicy().fractions)
-        note = f"{stamps.len()} rows are too few to hold out {rows} twice: split by fractions"
-        return SplitCuts(cuts.first_validation, cuts.first_test, "fractions", note)
-    return SplitCuts(stamps[2 * rows - 1], stamps[rows - 1], "held_out_rows")
 
 
 @dataclass(frozen=True)

@@ -248,8 +248,9 @@ def training_set(
         {
             "split": name,
             "rows": s["rows"],
-            "positives": s["positives"],
+            "positives": s["positives"] if s["positives"] is not None else "",
             "positive_rate": f"{s['positive_rate']:.4f}" if s["positive_rate"] is not None else "",
+            **({"mean_label": f"{s['mean_label']:.3f}"} if s.get("mean_label") is not None else {}),
             "start": s["start"] or "",
             "end": s["end"] or "",
         }

@@ -13,6 +13,7 @@ import pytest
 from core.usecase import load
 from features.store import apply_definitions, feature_store
 from features.training_set import (
+    LABEL,
     SplitFractions,
     SplitPolicy,
     apply_warm_up,
@@ -20,9 +21,11 @@ from features.training_set import (
     build_training_set,
     drift_reference,
     labelled_requests,
+    split_cuts,
+    split_summary,
     write_training_set,
 )
-from features.views import write_feature_file
+from features.views import TS, write_feature_file
 from quality.schema import UTC_TS
 from usecases.fraud.features import CARD_VIEW, MERCHANT_VIEW, card_features, merchant_features
 from usecases.fraud.simulator import SCHEMAS
@@ -415,3 +418,32 @@ def test_drift_reference_is_the_train_split_past_its_warm_up() -> None:
     assert drift_reference(frame, 10_000).height == train.height
     sampled = drift_reference(frame, 100)
     assert sampled.height == 100 and sampled.equals(drift_reference(frame, 100))
+
+
+def test_a_regressors_held_out_splits_count_rows_and_its_summary_gives_the_mean_label():
+    """A regressor has no positives: ``held_out_positives`` holds out that many rows each for
+    test and validation, and the split summary reports the mean label instead of positives."""
+    start = datetime(2026, 11, 2, tzinfo=UTC)
+    frame = pl.DataFrame(
+        {
+            TS: [start + timedelta(minutes=i) for i in range(400)],
+            LABEL: [20.0 + (i % 7) for i in range(400)],
+        }
+    )
+    policy = SplitPolicy(held_out_positives=50)
+    cuts = split_cuts(frame, policy)
+    assert cuts.method == "held_out_rows" and cuts.note is None
+    out = assign_splits(frame, policy)
+    counts = dict(out.group_by("split").len().iter_rows())
+    assert counts == {"train": 300, "validation": 50, "test": 50}
+    assert (
+        out.filter(pl.col("split") == "test")[TS].min()
+        > out.filter(pl.col("split") == "validation")[TS].max()
+    )
+    summary = split_summary(out)
+    assert summary["test"]["positives"] is None and summary["test"]["positive_rate"] is None
+    assert summary["test"]["mean_label"] == pytest.approx(
+        out.filter(pl.col("split") == "test")[LABEL].mean()
+    )
+    too_few = split_cuts(frame.head(120), policy)
+    assert too_few.method == "fractions" and "too few to hold out 50 twice" in too_few.note

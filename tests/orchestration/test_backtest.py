@@ -24,7 +24,6 @@ from orchestration.backtest import (
     deadline_ceilings,
     deadline_note,
     demo_config,
-    held_out_row_cuts,
     quality_ratio,
     recovery_target,
     run_backtest,
@@ -91,15 +90,6 @@ def test_a_lower_is_better_metric_recovers_downwards_to_the_level_over_the_fract
     assert steps_to_recover(mae, list(range(7)), 2, 4.0, 0.9, "mae") is None
     # The same ratio of quality either way: 5.0 is to 4.5 as 0.9 is to 1.
     assert quality_ratio(5.0, 4.5, "mae") == pytest.approx(quality_ratio(0.54, 0.6, "pr_auc"))
-
-
-def test_a_regressor_holds_out_the_newest_rows_when_asked_for_held_out_counts():
-    stamps = [T0 + timedelta(minutes=i) for i in range(100)]
-    cuts = held_out_row_cuts(pl.DataFrame({TS: stamps}), 20)
-    assert cuts.method == "held_out_rows"
-    assert (cuts.first_validation, cuts.first_test) == (stamps[60], stamps[80])
-    fallback = held_out_row_cuts(pl.DataFrame({TS: stamps}), 40)
-    assert fallback.method == "fractions" and "too few" in fallback.note
 
 
 def test_summary_reports_recovery_in_days_and_label_maturity_periods():
