@@ -55,7 +55,8 @@ class DeliveryPolicy:
     max_latency_ratio: float = 3.0
     min_latency_gap_ms: float = 10.0
     max_score_ks: float = 0.8
-    # A classifier's share of positive decisions; a regressor's mean prediction, relative.
+    # A classifier's share of positive decisions; a regressor's mean prediction, relative, as
+    # far from the shift the gate's test split showed (expected_mean_shift).
     max_flag_rate_change: float = 0.2
     max_mean_change: float = 0.2
     watch_seconds: float = 5.0
@@ -215,8 +216,25 @@ def score_psi(reference: Sequence[float], candidate: Sequence[float], bins: int 
     return psi(p / ref.size, q / cand.size)
 
 
-def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -> list[str]:
-    """Reasons the challenger's shadow run is out of bounds (empty: within bounds)."""
+def expected_mean_shift(registry: Registry, version: str) -> float:
+    """How far the challenger's mean prediction moved from the champion's on the gate's test
+    split (relative; 0 when the evaluation did not record both). After concept drift a better
+    regressor moves by design (rain: every delivery slower); the shadow then checks that live
+    traffic moves as the labelled test split did, not that nothing moved (decision 37)."""
+    record = registry.get(version)
+    champion = (record.extra.get("compared") or {}).get("champion") or {}
+    before, after = champion.get("mean_prediction"), record.metrics.get("mean_prediction")
+    if before is None or after is None or not before:
+        return 0.0
+    return (float(after) - float(before)) / abs(float(before))
+
+
+def compare_shadow(
+    champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
+) -> list[str]:
+    """Reasons the challenger's shadow run is out of bounds (empty: within bounds).
+    ``expected_shift``: a regressor's mean-prediction change the gate's test split showed
+    (``expected_mean_shift``); the live change may differ from it by ``max_mean_change``."""
     reasons = []
     if challenger.error_rate > policy.max_error_rate:
         reasons.append(
@@ -250,10 +268,12 @@ def compare_shadow(champion: Probe, challenger: Probe, policy: DeliveryPolicy) -
             )
     elif champion.scores and challenger.scores:
         before, after = float(np.mean(champion.scores)), float(np.mean(challenger.scores))
-        if before and abs(after - before) / abs(before) > policy.max_mean_change:
+        shift = (after - before) / abs(before) if before else 0.0
+        if before and abs(shift - expected_shift) > policy.max_mean_change:
             reasons.append(
                 f"mean prediction {after:.3f} differs from the champion's {before:.3f} by "
-                f"more than {policy.max_mean_change:.0%}"
+                f"{shift:+.0%}, where the test split showed {expected_shift:+.0%}: more than "
+                f"{policy.max_mean_change:.0%} apart"
             )
     return reasons
 
@@ -343,7 +363,7 @@ def deliver(
         champ, chall = shadow_probes(
             client, shadow_requests, served, version, batch=policy.replay_batch
         )
-        reasons = compare_shadow(champ, chall, policy)
+        reasons = compare_shadow(champ, chall, policy, expected_mean_shift(registry, version))
         psi = score_psi(champ.scores, chall.scores)
         step(
             "shadow_replay",

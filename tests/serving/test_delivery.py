@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 
 from models.registry import CHAMPION, ModelRecord, Registry
@@ -290,3 +291,23 @@ def test_a_challenger_is_deferred_while_its_features_are_stale_online_and_the_ch
     assert not [e for e in registry.events("v0002") if e.kind == "rejected"]
     fresh = deliver(serve, registry, "v0002", REQUESTS, FAST, stale_features=[])
     assert fresh.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0002"
+
+
+def test_a_regressor_may_move_live_as_far_as_it_moved_on_the_labelled_test_split(monkeypatch):
+    """After rain a better delivery model predicts longer minutes by design: the shadow lets
+    the live mean move as the gate's test split showed, and stops a model that moves live
+    where it did not offline (a unit or scale mistake)."""
+    monkeypatch.setenv("LOOPLINE_USECASE", "delivery")
+    rng = np.random.default_rng(0)
+    dry = rng.normal(37.4, 8.0, 200).tolist()
+    rainy = [m * 1.21 for m in dry]  # the rain-adapted challenger: +21% on every order
+    champion = Probe(version="v0001", sent=200, latencies_ms=[5.0] * 200, scores=dry)
+    challenger = Probe(version="v0005", sent=200, latencies_ms=[5.0] * 200, scores=rainy)
+    policy = DeliveryPolicy()
+    assert compare_shadow(champion, challenger, policy, expected_shift=0.18) == []
+    [reason] = compare_shadow(champion, challenger, policy)  # nothing moved offline
+    assert "+21%" in reason and "test split showed +0%" in reason
+    seconds = Probe(
+        version="v0006", sent=200, latencies_ms=[5.0] * 200, scores=[m * 60 for m in dry]
+    )
+    assert compare_shadow(champion, seconds, policy, expected_shift=0.18)  # minutes as seconds
