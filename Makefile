@@ -68,6 +68,13 @@ demo-e2e: setup
 bench-loop: setup
 	$(BIN)/python -m benchmarks.bench_loop
 
+.PHONY: bench-ingest bench-first-model
+bench-ingest: setup
+	$(BIN)/python -m benchmarks.bench_ingest
+
+bench-first-model: setup
+	$(BIN)/python -m benchmarks.bench_first_model
+
 .PHONY: bench-scale
 bench-scale: setup services
 	$(BIN)/python -m benchmarks.bench_scale

@@ -95,6 +95,10 @@ class Settings:
     serving_workers: int = 0
     max_concurrent_runs: int = 0
     retrain: Mapping[str, float] = field(default_factory=dict)
+    # Ingestion's micro-batch: the landing sensor (every 5 s) asks one run per dataset for the
+    # batches waiting, once the oldest has waited this long, at most this many per run.
+    ingest_window_s: float = 0.0
+    ingest_max_batches: int = 100
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -121,6 +125,10 @@ class Settings:
             object.__setattr__(self, "serving_workers", defaults["workers"])
         if not self.max_concurrent_runs:
             object.__setattr__(self, "max_concurrent_runs", defaults["runs"])
+        if self.ingest_window_s < 0 or self.ingest_max_batches < 1:
+            raise ValueError(
+                "LOOPLINE_INGEST_WINDOW_SECONDS must be >= 0 and LOOPLINE_INGEST_MAX_BATCHES >= 1"
+            )
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
 
@@ -140,6 +148,8 @@ class Settings:
             serving_workers=int(env.get("LOOPLINE_SERVING_WORKERS") or 0),
             max_concurrent_runs=int(env.get("LOOPLINE_MAX_CONCURRENT_RUNS") or 0),
             retrain={name: float(env[var]) for var, name in RETRAIN_ENV.items() if env.get(var)},
+            ingest_window_s=float(env.get("LOOPLINE_INGEST_WINDOW_SECONDS") or 0),
+            ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
         )
 
     @property

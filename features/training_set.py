@@ -25,18 +25,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow.parquet as pq
-from feast import FeatureService, FeatureStore, FeatureView
 
 from core.storage import data_root, uri, write_json_atomic, write_parquet_atomic
 from core.usecase import UseCase, active
 from features.declarations import build_definitions
-from features.store import SERVICE, historical_features
+from features.declarations import service_name as _service_name
 from features.views import TS, read_validated, training_entities
 from models.tasks import of as task_of
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+# The active use case's FeatureService (features.store.SERVICE, without importing Feast: the
+# code location imports this module, and every run process with it).
+SERVICE = _service_name()
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 LABEL = "label"
@@ -448,6 +454,8 @@ def build_training_set(
     if labelled.is_empty():
         raise ValueError("no labelled requests old enough to train on")
     entities = training_entities(labelled).with_columns(labelled[LABEL])
+    from features.store import historical_features
+
     joined = historical_features(store, entities, service_name)
     features = [c for c in joined.columns if c not in entities.columns]
     rows = (
@@ -515,6 +523,8 @@ def write_training_set(lake: Path, built: TrainingSet, batches: tuple[str, ...])
 
 def service_feature_views(lake: Path, service_name: str = SERVICE) -> list[str]:
     """The stored (file-backed) feature views a FeatureService reads, in its order."""
+    from feast import FeatureService, FeatureView
+
     declared = list(build_definitions(lake))
     stored = {d.name for d in declared if isinstance(d, FeatureView)}
     services = {d.name: d for d in declared if isinstance(d, FeatureService)}

@@ -18,7 +18,7 @@ import dagster as dg
 from core.usecase import UseCaseError, active
 from features.views import View, views
 from orchestration.ingest_assets import _md_table
-from orchestration.resources import LooplineStorage, run_in_flight
+from orchestration.resources import LooplineStorage, lane, run_in_flight
 
 if TYPE_CHECKING:
     from features.training_set import SplitPolicy
@@ -285,6 +285,7 @@ features_job = dg.define_asset_job(
     # Its steps take seconds; a process each (importing Dagster, Feast, torch) took 10-30 s
     # more apiece on 2 busy cores, and the live features fell days behind (decision 36).
     executor_def=dg.in_process_executor,
+    tags=lane("features"),
     description="Feature files for every validated batch without them, then the online store.",
 )
 

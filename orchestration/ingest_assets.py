@@ -3,7 +3,9 @@
 One dynamic partition per landed batch, keyed by the batch's content hash.
 """
 
+import hashlib
 import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,10 +15,10 @@ import polars as pl
 from core.settings import Settings
 from core.storage import uri
 from core.usecase import active
-from orchestration.resources import LooplineStorage
+from orchestration.resources import LooplineStorage, lane
 from quality import contracts, drift
 from quality.ingest import UnreadableBatch, quarantine, read_batch, scan_landing, store_batch
-from quality.ledger import BatchLedger, BatchRecord
+from quality.ledger import FINAL, BatchLedger, BatchRecord
 from quality.schema import datasets, drift_columns, time_columns
 
 PSI_WARN = 0.2
@@ -25,7 +27,8 @@ REFERENCE_MIN_BATCHES = 4
 # An ingest run that fails (a write error, a crash) is launched again under a new run key, up
 # to this many runs in all; then the batch is quarantined with the last error.
 MAX_INGEST_RUNS = 3
-BATCH_TAG = "loopline/batch"
+BATCH_TAG = "loopline/batch"  # on a run of one batch
+REQUEST_TAG = "loopline/request"  # the run key a run was asked under (the ledger keeps it)
 
 PARTITIONS: dict[str, dg.DynamicPartitionsDefinition] = {
     ds: dg.DynamicPartitionsDefinition(name=f"{ds}_batches") for ds in datasets()
@@ -58,6 +61,57 @@ def _quarantine(
     return str(where)
 
 
+@dataclass
+class Step:
+    """What storing or validating one batch produced: the asset's materialization metadata,
+    its check results, and whether the batch goes on (False once it is quarantined)."""
+
+    metadata: dict
+    checks: list[dg.AssetCheckResult]
+    ok: bool
+
+
+def store_raw(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: str, log) -> Step:
+    """Keep a landed batch as an immutable parquet file (or quarantine it, unreadable)."""
+    record = ledger.get(batch_id)
+    if record is None:
+        raise dg.Failure(f"batch {batch_id} is not in the ledger; land files via the sensor")
+    dest = settings.raw_file(dataset, batch_id)
+    source = _source_of(settings, record)
+    if dest.exists():
+        df = pl.read_parquet(uri(dest))  # re-run of a stored batch: idempotent
+    else:
+        try:
+            df = read_batch(source, dataset)
+        except UnreadableBatch as exc:
+            where = _quarantine(settings, ledger, dataset, batch_id, source, [str(exc)])
+            _archive(settings, dataset, batch_id, source)
+            log.warning(f"batch {batch_id} quarantined: {exc}")
+            return Step(
+                {"status": "quarantined", "reason": str(exc), "quarantine": where},
+                [
+                    dg.AssetCheckResult(
+                        check_name="readable", passed=False, metadata={"reason": str(exc)}
+                    )
+                ],
+                ok=False,
+            )
+        store_batch(df, dest)
+    ledger.mark(batch_id, "stored", rows=df.height)
+    _archive(settings, dataset, batch_id, source)
+    return Step(
+        {
+            "status": "stored",
+            "rows": df.height,
+            "columns": ", ".join(df.columns),
+            "source": record.source_name,
+            "path": dg.MetadataValue.path(uri(dest)),
+        },
+        [dg.AssetCheckResult(check_name="readable", passed=True)],
+        ok=True,
+    )
+
+
 def _raw_asset(dataset: str) -> dg.AssetsDefinition:
     name = f"raw_{dataset}"
 
@@ -70,42 +124,11 @@ def _raw_asset(dataset: str) -> dg.AssetsDefinition:
         description=f"Each landed {dataset} batch kept as an immutable parquet file.",
     )
     def raw(context: dg.AssetExecutionContext, storage: LooplineStorage):
-        batch_id = context.partition_key
-        settings, ledger = storage.settings, storage.ledger
-        record = ledger.get(batch_id)
-        if record is None:
-            raise dg.Failure(f"batch {batch_id} is not in the ledger; land files via the sensor")
-        dest = settings.raw_file(dataset, batch_id)
-        source = _source_of(settings, record)
-        if dest.exists():
-            df = pl.read_parquet(uri(dest))  # re-run of a stored batch: idempotent
-        else:
-            try:
-                df = read_batch(source, dataset)
-            except UnreadableBatch as exc:
-                where = _quarantine(settings, ledger, dataset, batch_id, source, [str(exc)])
-                _archive(settings, dataset, batch_id, source)
-                context.log.warning(f"batch {batch_id} quarantined: {exc}")
-                yield dg.MaterializeResult(
-                    metadata={"status": "quarantined", "reason": str(exc), "quarantine": where}
-                )
-                yield dg.AssetCheckResult(
-                    check_name="readable", passed=False, metadata={"reason": str(exc)}
-                )
-                return
-            store_batch(df, dest)
-        ledger.mark(batch_id, "stored", rows=df.height)
-        _archive(settings, dataset, batch_id, source)
-        yield dg.MaterializeResult(
-            metadata={
-                "status": "stored",
-                "rows": df.height,
-                "columns": ", ".join(df.columns),
-                "source": record.source_name,
-                "path": dg.MetadataValue.path(uri(dest)),
-            }
+        step = store_raw(
+            storage.settings, storage.ledger, dataset, context.partition_key, context.log
         )
-        yield dg.AssetCheckResult(check_name="readable", passed=True)
+        yield dg.MaterializeResult(metadata=step.metadata)
+        yield from step.checks
 
     return raw
 
@@ -128,11 +151,66 @@ def _archive(settings: Settings, dataset: str, batch_id: str, source: Path) -> N
         shutil.move(source, target)
 
 
+def validate(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: str, log) -> Step:
+    """Run a stored batch's soda contract: validated (with its skew against the reference
+    profile) or quarantined with the contract's reasons."""
+    raw_path = settings.raw_file(dataset, batch_id)
+    result = contracts.run_contract(dataset, raw_path, now=datetime.now(UTC))
+    check_rows = [
+        {"check": c.name, "column": c.column or "", "outcome": c.outcome, **c.diagnostics}
+        for c in result.checks
+    ]
+    contract_meta = {
+        "checks": dg.MetadataValue.md(_md_table(check_rows)),
+        "failed": sum(c.outcome == "failed" for c in result.checks),
+        "reasons": "\n".join(result.reasons) or "none",
+    }
+    rows = pl.scan_parquet(uri(raw_path)).select(pl.len()).collect().item()
+    profiled = any(drift_columns(dataset))
+    if not result.passed:
+        kind = "schema skew" if result.schema_skew else "contract violation"
+        where = _quarantine(settings, ledger, dataset, batch_id, raw_path, result.reasons, rows)
+        log.warning(f"batch {batch_id} quarantined ({kind}): {result.reasons}")
+        checks = [
+            dg.AssetCheckResult(
+                check_name="contract",
+                passed=False,
+                metadata={**contract_meta, "skew": kind},
+                description=f"{kind}: " + "; ".join(result.reasons),
+            )
+        ]
+        if profiled:
+            checks.append(
+                dg.AssetCheckResult(
+                    check_name="distribution_skew",
+                    passed=True,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"compared": False, "why": "batch quarantined"},
+                )
+            )
+        meta = {"status": "quarantined", "skew": kind, "quarantine": where, "rows": rows}
+        return Step(meta, checks, ok=False)
+
+    dest = settings.validated_file(dataset, batch_id)
+    if not dest.exists():
+        store_batch(pl.read_parquet(uri(raw_path)), dest)
+    ledger.mark(batch_id, "validated", rows=rows)
+    meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(uri(dest))}
+    skew = _skew_check(settings, dataset, dest) if profiled else None
+    if skew is not None and skew.metadata["compared"].value:
+        # On the materialization too, where the retraining sensor reads the value skew.
+        meta["max_psi"] = skew.metadata["max_psi"]
+        meta["psi"] = dg.MetadataValue.json(
+            {f["feature"]: f["psi"] for f in skew.metadata["drift"].value["features"]}
+        )
+    checks = [dg.AssetCheckResult(check_name="contract", passed=True, metadata=contract_meta)]
+    return Step(meta, checks + ([skew] if skew is not None else []), ok=True)
+
+
 def _validated_asset(dataset: str) -> dg.AssetsDefinition:
     name = f"validated_{dataset}"
     checks = [dg.AssetCheckSpec("contract", asset=name, blocking=True)]
-    profiled = any(drift_columns(dataset))
-    if profiled:
+    if any(drift_columns(dataset)):
         checks.append(
             dg.AssetCheckSpec(
                 "distribution_skew",
@@ -152,58 +230,11 @@ def _validated_asset(dataset: str) -> dg.AssetsDefinition:
         description=f"{dataset.capitalize()} batches that passed their soda data contract.",
     )
     def validated(context: dg.AssetExecutionContext, storage: LooplineStorage):
-        batch_id = context.partition_key
-        settings, ledger = storage.settings, storage.ledger
-        raw_path = settings.raw_file(dataset, batch_id)
-        result = contracts.run_contract(dataset, raw_path, now=datetime.now(UTC))
-        check_rows = [
-            {"check": c.name, "column": c.column or "", "outcome": c.outcome, **c.diagnostics}
-            for c in result.checks
-        ]
-        contract_meta = {
-            "checks": dg.MetadataValue.md(_md_table(check_rows)),
-            "failed": sum(c.outcome == "failed" for c in result.checks),
-            "reasons": "\n".join(result.reasons) or "none",
-        }
-        rows = pl.scan_parquet(uri(raw_path)).select(pl.len()).collect().item()
-        if not result.passed:
-            kind = "schema skew" if result.schema_skew else "contract violation"
-            where = _quarantine(settings, ledger, dataset, batch_id, raw_path, result.reasons, rows)
-            context.log.warning(f"batch {batch_id} quarantined ({kind}): {result.reasons}")
-            yield dg.MaterializeResult(
-                metadata={"status": "quarantined", "skew": kind, "quarantine": where, "rows": rows}
-            )
-            yield dg.AssetCheckResult(
-                check_name="contract",
-                passed=False,
-                metadata={**contract_meta, "skew": kind},
-                description=f"{kind}: " + "; ".join(result.reasons),
-            )
-            if profiled:
-                yield dg.AssetCheckResult(
-                    check_name="distribution_skew",
-                    passed=True,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    metadata={"compared": False, "why": "batch quarantined"},
-                )
-            return
-
-        dest = settings.validated_file(dataset, batch_id)
-        if not dest.exists():
-            store_batch(pl.read_parquet(uri(raw_path)), dest)
-        ledger.mark(batch_id, "validated", rows=rows)
-        meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(uri(dest))}
-        skew = _skew_check(settings, dataset, dest) if profiled else None
-        if skew is not None and skew.metadata["compared"].value:
-            # On the materialization too, where the retraining sensor reads the value skew.
-            meta["max_psi"] = skew.metadata["max_psi"]
-            meta["psi"] = dg.MetadataValue.json(
-                {f["feature"]: f["psi"] for f in skew.metadata["drift"].value["features"]}
-            )
-        yield dg.MaterializeResult(metadata=meta)
-        yield dg.AssetCheckResult(check_name="contract", passed=True, metadata=contract_meta)
-        if skew is not None:
-            yield skew
+        step = validate(
+            storage.settings, storage.ledger, dataset, context.partition_key, context.log
+        )
+        yield dg.MaterializeResult(metadata=step.metadata)
+        yield from step.checks
 
     return validated
 
@@ -299,31 +330,115 @@ def reference_profile(
 RAW_ASSETS = [_raw_asset(ds) for ds in datasets()]
 VALIDATED_ASSETS = [_validated_asset(ds) for ds in datasets()]
 
-INGEST_JOBS = {
-    ds: dg.define_asset_job(
-        f"ingest_{ds}",
-        selection=dg.AssetSelection.assets(f"raw_{ds}", f"validated_{ds}"),
-        partitions_def=PARTITIONS[ds],
-        executor_def=dg.in_process_executor,  # two small steps: a process each costs more
-        description=f"Store and validate one landed {ds} batch.",
+
+class IngestConfig(dg.Config):
+    """The landed batches one ingest run stores and validates, in order."""
+
+    batch_ids: list[str] = []
+
+
+def _ingest_op(dataset: str) -> dg.OpDefinition:
+    raw_key, validated_key = dg.AssetKey(f"raw_{dataset}"), dg.AssetKey(f"validated_{dataset}")
+
+    @dg.op(name=op_name(dataset), tags={"kind": "soda"})
+    def ingest(context: dg.OpExecutionContext, config: IngestConfig, storage: LooplineStorage):
+        """Store and validate each batch as ``raw_<dataset>`` and ``validated_<dataset>`` do for
+        one partition, recording each batch's materializations and checks under its partition.
+        A batch that fails leaves the others done; the run then fails naming it (its retry is
+        a run of its own)."""
+        settings, ledger = storage.settings, storage.ledger
+        failed: dict[str, str] = {}
+        quarantined: dict[str, str] = {}
+        for batch_id in config.batch_ids:
+            record = ledger.get(batch_id)
+            if record is not None and record.status in FINAL:
+                context.log.info(f"batch {batch_id} was already {record.status}")
+                continue
+            try:
+                for key, step in _ingest_steps(settings, ledger, dataset, batch_id, context.log):
+                    context.log_event(
+                        dg.AssetMaterialization(key, partition=batch_id, metadata=step.metadata)
+                    )
+                    for check in step.checks:
+                        context.log_event(_evaluation(key, batch_id, check))
+                    if not step.ok:
+                        quarantined[batch_id] = ledger.get(batch_id).reason or "quarantined"
+            except Exception as exc:  # the batch stays where it was (landed or stored)
+                failed[batch_id] = f"{type(exc).__name__}: {exc}"
+                context.log.error(f"batch {batch_id}: {failed[batch_id]}")
+        # Red when a batch failed (it is retried) or was quarantined (someone should look), as
+        # a run of that one batch was; the batches done beside it stay done.
+        if failed or quarantined:
+            lines = [f"batch {b}: {e}" for b, e in failed.items()]
+            lines += [f"batch {b} quarantined: {r}" for b, r in quarantined.items()]
+            raise dg.Failure(
+                description="\n".join(lines),
+                metadata={
+                    "batches": len(config.batch_ids),
+                    "failed": len(failed),
+                    "quarantined": len(quarantined),
+                },
+            )
+
+    def _ingest_steps(settings, ledger, dataset, batch_id, log):
+        step = store_raw(settings, ledger, dataset, batch_id, log)
+        yield raw_key, step
+        if step.ok:
+            yield validated_key, validate(settings, ledger, dataset, batch_id, log)
+
+    return ingest
+
+
+def op_name(dataset: str) -> str:
+    return f"ingest_{dataset}_batches"
+
+
+def _evaluation(key: dg.AssetKey, batch_id: str, check: dg.AssetCheckResult):
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=check.check_name,
+        passed=check.passed,
+        metadata=check.metadata,
+        severity=check.severity,
+        description=check.description,
+        partition=batch_id,
     )
-    for ds in datasets()
-}
+
+
+INGEST_OPS = [_ingest_op(ds) for ds in datasets()]
+
+
+@dg.job(
+    name="ingest",
+    executor_def=dg.in_process_executor,
+    tags=lane("ingest"),
+    description="Store and validate the landed batches waiting at a sensor tick: a step per "
+    "dataset, each batch its own partition of raw_<dataset> and validated_<dataset>.",
+)
+def ingest_job():
+    for op in INGEST_OPS:
+        op()
+
+
 reference_profile_job = dg.define_asset_job(
     "reference_profile_job", selection=dg.AssetSelection.assets(reference_profile)
 )
 
 
 @dg.sensor(
-    jobs=[*INGEST_JOBS.values(), reference_profile_job],
+    jobs=[ingest_job, reference_profile_job],
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Watches the landing folder: one dynamic partition and one run per new batch.",
+    description="Watches the landing folder: one dynamic partition per new batch, and one "
+    "ingest run for the batches waiting at a tick.",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
     settings, ledger = storage.settings, storage.ledger
     requests: list[dg.RunRequest] = []
     new_keys: dict[str, list[str]] = {}
+    fresh: dict[str, list[str]] = {}  # dataset -> batches never asked of a run
+    asked: dict[str, dict[str, list[str]]] = {}  # run key -> dataset -> its waiting batches
+    window = timedelta(seconds=settings.ingest_window_s)
     for landed in scan_landing(settings.landing):
         if landed.problem:
             ledger.receive(landed.batch_id, landed.dataset or "unknown", landed.path)
@@ -343,19 +458,26 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
             continue
         if existing is None:
             ledger.receive(landed.batch_id, landed.dataset, landed.path)
-        # Still in the landing folder: not yet stored. Requesting again is safe (the run key
-        # dedupes) and recovers a tick whose requests were lost after the ledger recorded them.
-        request = _ingest_request(context, settings, ledger, landed.dataset, landed.batch_id)
-        if request is not None:
             new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
-            requests.append(request)
+        _plan(context, settings, ledger, landed.dataset, landed.batch_id, fresh, asked, requests)
     # Stored but not validated, its run failed after the landed file was archived.
     for record in ledger.batches(status="stored"):
-        request = _ingest_request(
-            context, settings, ledger, record.dataset, record.batch_id, retry_only=True
-        )
-        if request is not None:
-            requests.append(request)
+        _plan(context, settings, ledger, record.dataset, record.batch_id, None, asked, requests)
+    # Asked before and their run not created yet (a tick whose requests were lost): the same
+    # key again, which Dagster launches once.
+    for key, batches in asked.items():
+        requests.append(_request(key, batches))
+    waiting = [(ds, b) for ds, ids in fresh.items() for b in ids]
+    oldest = min((ledger.get(b).received_at for _, b in waiting), default=None)
+    if oldest and window and datetime.now(UTC) - datetime.fromisoformat(oldest) < window:
+        waiting = []  # the micro-batch window is still open: more may land
+    for i in range(0, len(waiting), settings.ingest_max_batches):
+        chunk: dict[str, list[str]] = {}
+        for ds, b in waiting[i : i + settings.ingest_max_batches]:
+            chunk.setdefault(ds, []).append(b)
+        key = _run_key(chunk)
+        ledger.requested([b for ids in chunk.values() for b in ids], key, attempt=1)
+        requests.append(_request(key, chunk))
     if not settings.reference_profile_path(REQUEST_DATASET).exists():
         validated = ledger.batches(dataset=REQUEST_DATASET, status="validated")
         if len(validated) >= REFERENCE_MIN_BATCHES:
@@ -370,44 +492,75 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
     )
 
 
-def _ingest_request(
+def _run_key(batches: dict[str, list[str]]) -> str:
+    """One batch keeps the key it always had; several share a key naming their digest."""
+    ids = [(ds, b) for ds, bs in batches.items() for b in bs]
+    if len(ids) == 1:
+        return f"{ids[0][0]}-{ids[0][1]}"
+    digest = hashlib.sha256("\n".join(b for _, b in ids).encode()).hexdigest()[:16]
+    return f"ingest-{digest}-x{len(ids)}"
+
+
+def _request(run_key: str, batches: dict[str, list[str]]) -> dg.RunRequest:
+    """The ingest run of ``batches`` (dataset -> batch ids), under ``run_key``."""
+    count = sum(len(ids) for ids in batches.values())
+    tags = {
+        "loopline/dataset": ",".join(sorted(batches)),
+        REQUEST_TAG: run_key,
+        "loopline/batches": str(count),
+    }
+    if count == 1:
+        tags[BATCH_TAG] = next(iter(batches.values()))[0]
+    return dg.RunRequest(
+        run_key=run_key,
+        job_name=ingest_job.name,
+        run_config={
+            "ops": {op_name(ds): {"config": {"batch_ids": ids}} for ds, ids in batches.items()}
+        },
+        tags=tags,
+    )
+
+
+def _plan(
     context: dg.SensorEvaluationContext,
     settings: Settings,
     ledger: BatchLedger,
     dataset: str,
     batch_id: str,
-    *,
-    retry_only: bool = False,
-) -> dg.RunRequest | None:
-    """The ingest run of a batch: the first, or a retry after failed runs (a new run key,
-    since Dagster launches a run key once); None while one is in flight or, after
-    MAX_INGEST_RUNS failures, once the batch is quarantined with the last error."""
-    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={BATCH_TAG: batch_id}))
-    in_flight = any(not r.is_finished for r in runs)
-    failed = [r for r in runs if r.status == dg.DagsterRunStatus.FAILURE]  # newest first
-    if retry_only and (in_flight or not failed):
-        return None
-    record = ledger.get(batch_id)
-    if record is None:
-        return None
-    if len(failed) >= MAX_INGEST_RUNS and not in_flight:
+    fresh: dict[str, list[str]] | None,
+    asked: dict[str, dict[str, list[str]]],
+    requests: list[dg.RunRequest],
+) -> None:
+    """What a waiting batch needs: its first run (``fresh``, None when only a retry is due),
+    its asked run once more while that run does not exist yet, a retry under a new run key
+    after its run failed (Dagster launches a run key once), or, after MAX_INGEST_RUNS failed
+    runs, quarantine with the last error. Nothing while its run is queued or running."""
+    asked_of = ledger.request_of(batch_id)
+    if asked_of is None:
+        if fresh is not None:
+            fresh.setdefault(dataset, []).append(batch_id)
+        return
+    key, attempt = asked_of
+    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: key}), limit=1)
+    if not runs:
+        asked.setdefault(key, {}).setdefault(dataset, []).append(batch_id)
+        return
+    run = runs[0]
+    if run.status != dg.DagsterRunStatus.FAILURE:
+        return  # queued or running (or done, and the batch moved on meanwhile)
+    error = _failure(context, run, batch_id)
+    if attempt >= MAX_INGEST_RUNS:
+        record = ledger.get(batch_id)
         source = _source_of(settings, record)
-        reason = f"ingest failed in {len(failed)} runs; last error: {_failure(context, failed[0])}"
+        reason = f"ingest failed in {attempt} runs; last error: {error}"
         _quarantine(settings, ledger, dataset, batch_id, source, [reason], _rows(source, dataset))
         _archive(settings, dataset, batch_id, source)
         context.log.warning(f"batch {batch_id} quarantined: {reason}")
-        return None
-    suffix = f"-attempt{len(failed) + 1}" if failed else ""
-    return dg.RunRequest(
-        run_key=f"{dataset}-{batch_id}{suffix}",
-        job_name=INGEST_JOBS[dataset].name,
-        partition_key=batch_id,
-        tags={
-            "loopline/dataset": dataset,
-            "loopline/source": record.source_name,
-            BATCH_TAG: batch_id,
-        },
-    )
+        return
+    retry = f"{dataset}-{batch_id}-attempt{attempt + 1}"
+    ledger.requested([batch_id], retry, attempt + 1)
+    context.log.info(f"batch {batch_id}: run {run.run_id} failed ({error}); retrying as {retry}")
+    requests.append(_request(retry, {dataset: [batch_id]}))
 
 
 def _rows(source: Path, dataset: str) -> int | None:
@@ -418,8 +571,9 @@ def _rows(source: Path, dataset: str) -> int | None:
         return None
 
 
-def _failure(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> str:
-    """The error message of a failed run's failed step (the run id when there is none)."""
+def _failure(context: dg.SensorEvaluationContext, run: dg.DagsterRun, batch_id: str) -> str:
+    """The error of a batch in a failed run: its own line of the run's failure, else the
+    message of the run's failed step (the run id when there is none)."""
     records = context.instance.get_records_for_run(
         run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
     ).records
@@ -429,12 +583,15 @@ def _failure(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> str:
         while error is not None and error.cause is not None:
             error = error.cause  # Dagster wraps the step's own exception
         if error is not None:
-            return error.message.strip()
+            message = error.message.strip()
+            mine = f"batch {batch_id}: "
+            own = [line for line in message.splitlines() if mine in line]
+            return own[0].split(mine, 1)[1] if own else message
     return f"run {run.run_id} failed"
 
 
 defs = dg.Definitions(
     assets=[*RAW_ASSETS, *VALIDATED_ASSETS, reference_profile],
-    jobs=[*INGEST_JOBS.values(), reference_profile_job],
+    jobs=[ingest_job, reference_profile_job],
     sensors=[landing_sensor],
 )

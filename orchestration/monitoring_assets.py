@@ -29,7 +29,7 @@ from models.tasks import metric_label
 from models.tasks import of as task_of
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
-from orchestration.resources import LooplineStorage, run_in_flight
+from orchestration.resources import LooplineStorage, lane, run_in_flight
 from orchestration.serving_assets import TorchServeResource
 from orchestration.triggers import (
     TriggerPolicy,
@@ -633,7 +633,7 @@ monitoring_job = dg.define_asset_job(
         prediction_log, serving_availability, drift_report, live_performance
     ),
     executor_def=dg.in_process_executor,
-    tags={"loopline/pool": "monitoring"},
+    tags=lane("monitoring"),
     description=(
         "Compact the prediction log, join labels, measure availability, drift and live quality."
     ),

@@ -18,8 +18,17 @@ telemetry:
 run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
-  config:
+concurrency:
+  runs:
     max_concurrent_runs: {max_runs}
+    tag_concurrency_limits:
+      - key: loopline/lane
+        value: ingest
+        limit: 1
+      - key: loopline/pool
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
 run_monitoring:
   enabled: true
   poll_interval_seconds: 30

@@ -51,6 +51,20 @@ IN_FLIGHT = [
 ]
 
 
+# The queue (decision 38): the run coordinator launches the highest `dagster/priority` first
+# and lets one run per `loopline/pool` value go at a time; locally one ingest run at a time
+# (`loopline/lane`), so a flood of landed files never holds every slot.
+PRIORITY = {"ingest": 0, "features": 1, "monitoring": 2, "training": 3}
+
+
+def lane(pool: str) -> dict[str, str]:
+    """Tags of a job in ``pool``: its pool and its priority in the run queue."""
+    tags = {"dagster/priority": str(PRIORITY[pool])}
+    if pool == "ingest":  # ingest runs are capped per dataset in the scale profile instead
+        return {**tags, "loopline/lane": "ingest"}
+    return {**tags, "loopline/pool": pool}
+
+
 def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> dg.DagsterRun | None:
     """A queued or running run of ``job_name``, if any (sensors start one at a time)."""
     runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=1)

@@ -18,7 +18,7 @@ from models.tasks import of as task_of
 from orchestration import alerts
 from orchestration.ingest_assets import reference_profile
 from orchestration.monitoring_assets import champion_of
-from orchestration.resources import IN_FLIGHT, LooplineStorage
+from orchestration.resources import IN_FLIGHT, LooplineStorage, lane
 from orchestration.serving_assets import deployment, model_archive
 from orchestration.training_assets import GROUP as TRAINING_GROUP
 from orchestration.triggers import (
@@ -41,7 +41,7 @@ continuous_training_job = dg.define_asset_job(
         | dg.AssetSelection.assets(model_archive, deployment, reference_profile)
     ),
     config={"ops": {"registered_model": {"config": {"promote_on_pass": False}}}},
-    tags={"loopline/pool": "training"},
+    tags=lane("training"),
     # Steps in one process: a process per step cost ~10-30 s of imports each on 2 busy cores,
     # a minute or two per retraining, for a parallelism two cores do not have (decision 36).
     executor_def=dg.in_process_executor,

@@ -21,7 +21,7 @@ from core.settings import REPO_ROOT
 from core.usecase import active
 from models.registry import CHAMPION, Registry
 from models.spec import FeatureSpec, GatePolicy, Slicing, TrainConfig
-from orchestration.resources import LooplineStorage
+from orchestration.resources import LooplineStorage, lane
 
 GROUP = "training"
 MODEL_NAME = f"{active().name}_model"
@@ -354,6 +354,7 @@ training_job = dg.define_asset_job(
     "training_job",
     selection=dg.AssetSelection.assets("training_set") | dg.AssetSelection.groups(GROUP),
     executor_def=dg.in_process_executor,  # one step at a time anyway (decision 36)
+    tags=lane("training"),
     description="Rebuild the training set, then train, evaluate, validate and register a model.",
 )
 

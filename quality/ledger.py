@@ -36,6 +36,12 @@ create table if not exists batch_events (
     event     text not null,
     detail    text
 );
+create table if not exists batch_requests (
+    batch_id  text primary key,
+    run_key   text not null,
+    attempt   integer not null
+);
+create index if not exists batch_requests_key on batch_requests(run_key);
 """
 
 
@@ -111,6 +117,23 @@ class BatchLedger:
                 "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
                 (batch_id, now, status, reason),
             )
+
+    def requested(self, batch_ids: list[str], run_key: str, attempt: int) -> None:
+        """Record the ingest run each batch was asked of (its ``attempt``-th, one run key for
+        all of them): the next tick asks again under that key until the run exists."""
+        with self._connect() as con:
+            con.executemany(
+                "insert or replace into batch_requests values (?,?,?)",
+                [(b, run_key, attempt) for b in batch_ids],
+            )
+
+    def request_of(self, batch_id: str) -> tuple[str, int] | None:
+        """(run key, attempt) of the batch's latest ingest request, None if never asked."""
+        with self._connect() as con:
+            row = con.execute(
+                "select run_key, attempt from batch_requests where batch_id=?", (batch_id,)
+            ).fetchone()
+        return (row["run_key"], row["attempt"]) if row else None
 
     def get(self, batch_id: str) -> BatchRecord | None:
         with self._connect() as con:

@@ -35,7 +35,9 @@ class Platform:
         return simulation.run(config, self.settings.landing, **kwargs)
 
     def tick(self) -> dg.SensorResult:
-        """One landing-sensor evaluation, its dynamic partitions added as the daemon would."""
+        """One landing-sensor evaluation, its dynamic partitions added as the daemon would.
+
+        One ingest run takes the batches waiting at a tick (decision 38)."""
         context = dg.build_sensor_context(instance=self.instance, resources=self.resources)
         result = ingest_assets.landing_sensor(context)
         for request in result.dynamic_partitions_requests:
@@ -43,6 +45,17 @@ class Platform:
                 request.partitions_def_name, list(request.partition_keys)
             )
         return result
+
+    @staticmethod
+    def batch_ids(result: dg.SensorResult) -> list[str]:
+        """The landed batches the tick's ingest runs were asked to store and validate."""
+        return [
+            b
+            for r in result.run_requests
+            if r.job_name == ingest_assets.ingest_job.name
+            for op in r.run_config["ops"].values()
+            for b in op["config"]["batch_ids"]
+        ]
 
     def run_requests(self, result: dg.SensorResult) -> list[dg.ExecuteInProcessResult]:
         """Execute each run request in-process, as the daemon would launch it."""
@@ -60,16 +73,9 @@ class Platform:
                     )
                 )
                 continue
-            dataset = request.tags["loopline/dataset"]
-            assets = [
-                a
-                for a in ingest_assets.RAW_ASSETS + ingest_assets.VALIDATED_ASSETS
-                if dataset in str(a.key)
-            ]
             outcomes.append(
-                dg.materialize(
-                    assets,
-                    partition_key=request.partition_key,
+                ingest_assets.ingest_job.execute_in_process(
+                    run_config=request.run_config,
                     instance=self.instance,
                     resources=self.resources,
                     raise_on_error=False,

@@ -17,7 +17,7 @@ def test_workspace_points_at_the_one_definitions_module():
 def test_every_job_sensor_schedule_and_check_resolves():
     repo = defs.get_repository_def()
     jobs = {job.name for job in repo.get_all_jobs()}
-    assert {"ingest_transactions", "ingest_labels", "reference_profile_job"} <= jobs
+    assert {"ingest", "reference_profile_job"} <= jobs
     for sensor in repo.sensor_defs:
         targets = {t.job_name for t in sensor.targets}
         assert targets <= jobs, f"{sensor.name} targets unknown jobs {targets - jobs}"

@@ -28,7 +28,7 @@ def _ingest(platform: Platform) -> list[str]:
     """What the landing sensor and the ingest runs it asks for do; the new batch ids."""
     result = platform.tick()
     assert all(outcome.success for outcome in platform.run_requests(result))
-    return [request.partition_key for request in result.run_requests]
+    return platform.batch_ids(result)
 
 
 def _features(instance: dg.DagsterInstance, storage: LooplineStorage) -> dg.ExecuteInProcessResult:

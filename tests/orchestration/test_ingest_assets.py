@@ -3,6 +3,7 @@
 import json
 from datetime import timedelta
 
+import dagster as dg
 import polars as pl
 import pytest
 
@@ -34,9 +35,16 @@ def test_good_batches_are_validated_and_a_bad_one_is_quarantined_with_its_reason
     assert "missing column" in bad.reason and "unexpected column" in bad.reason
     assert all(b.status == "validated" for n, b in txns.items() if n != bad.source_name)
 
-    # The quarantined batch's run is red; the others are green and kept flowing.
-    by_source = {o.dagster_run.tags.get("loopline/source"): o for o in outcomes}
-    assert not by_source[bad.source_name].success
+    # The run holding the quarantined batch is red and names it; the others are green, and
+    # the good batches beside it kept flowing (above). One run per tick (decision 38).
+    def batches(o):
+        ops = o.dagster_run.run_config["ops"]
+        return ops.get("ingest_transactions_batches", {}).get("config", {}).get("batch_ids", [])
+
+    [red] = [o for o in outcomes if bad.batch_id in batches(o)]
+    assert not red.success and len(batches(red)) == 4
+    [failure] = red.get_step_failure_events()
+    assert f"batch {bad.batch_id} quarantined: " in failure.step_failure_data.error.to_string()
     assert sum(o.success for o in outcomes) == len(outcomes) - 1
 
     # The file and its reason are kept in quarantine; nothing is left in the landing folder.
@@ -156,7 +164,10 @@ def test_reference_profile_bootstraps_and_drift_is_a_warning_not_a_stop(platform
     assert skew.metadata["max_psi"].value > 0.2
     # The value skew also rides on the materialization, where the retraining sensor reads it.
     [materialization] = [
-        m for o in outcomes for m in o.asset_materializations_for_node("validated_transactions")
+        e.event_specific_data.materialization
+        for o in outcomes
+        for e in o.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("validated_transactions")
     ]
     assert max(materialization.metadata["psi"].value.values()) > 0.2
 

@@ -1,0 +1,147 @@
+"""Time to the first model: from ``loopline run`` on a fresh home to the first champion of each
+use case answering a REST prediction.
+
+Run: ``make bench-first-model`` (= ``.venv/bin/python -m benchmarks.bench_first_model``), about
+10 min.
+
+(a) Loopline: ``loopline run --usecase fraud`` (what ``make run`` starts), then
+    ``loopline run --usecase fraud --usecase delivery``, each on a fresh ``LOOPLINE_HOME``:
+    the demo's history lands and is ingested, features are computed, the first training runs,
+    passes its gate and is deployed; the clock stops when TorchServe answers
+    ``/predictions/<use case>`` with that version for a request built from validated data.
+(b) Anchor: the first ``continuous_training`` run's own length (created to finished, read from
+    its Dagster run record) in the same run: the work no orchestration can skip. The ratio
+    a/b is what the platform adds around it (landing, ingest, features, queueing, start-up).
+Goals (issue 17): fraud at most 180 s, both use cases at most 300 s, on 2 cores (1,119 s for
+fraud before decision 38's batched ingest and lazy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from core.usecase import load
+from orchestration.cli_loop import free_port
+from orchestration.cli_platform import Layout
+from serving.client import TorchServeError
+from serving.config import ServingConfig
+from serving.process import TorchServeProcess
+
+REPO = Path(__file__).resolve().parents[1]
+GOALS = {("fraud",): 180.0, ("fraud", "delivery"): 300.0}
+console = Console()
+
+
+def _request(layout: Layout, name: str) -> dict | None:
+    uc = load(name)
+    files = sorted((layout.homes[name] / "validated" / uc.request.dataset).glob("*.parquet"))
+    if not files:
+        return None
+    row = pl.read_parquet(files[-1]).tail(1).to_dicts()[0]
+    body = {f: row[spec.column_name(f)] for f, spec in uc.request.fields.items()}
+    for f, spec in uc.request.fields.items():
+        if spec.type == "timestamp" and isinstance(body[f], datetime):
+            body[f] = body[f].isoformat()
+    return body
+
+
+def _answered(layout: Layout, name: str) -> str | None:
+    """The version that answered a prediction, once a champion is served."""
+    config = ServingConfig.for_home(layout.homes[name], layout.serving_dir, model_name=name)
+    process = TorchServeProcess.attach(config)
+    if not process.status().healthy:
+        return None
+    client = process.client(timeout=10)
+    try:
+        if not client.default_version():
+            return None
+        body = _request(layout, name)
+        return client.predict(body)["model_version"] if body else None
+    except TorchServeError:
+        return None
+
+
+def _first_training_s(layout: Layout, name: str) -> float:
+    db = layout.settings(name).dagster_home / "history" / "runs.db"
+    with sqlite3.connect(db) as con:
+        row = con.execute(
+            "select end_time - strftime('%s', create_timestamp) from runs where "
+            "pipeline_name='continuous_training' and status='SUCCESS' "
+            "order by create_timestamp limit 1"
+        ).fetchone()
+    return float(row[0]) if row else float("nan")
+
+
+def measure(root: Path, names: tuple[str, ...], timeout_s: float) -> dict:
+    env = {**os.environ, "LOOPLINE_HOME": str(root)}
+    env.pop("LOOPLINE_USECASE", None)
+    layout = Layout.of(names, env)
+    cmd = [sys.executable, "-m", "orchestration.cli", "run", "--port", str(free_port())]
+    cmd += [arg for name in names for arg in ("--usecase", name)]
+    started = time.monotonic()
+    with open(root.parent / f"{'-'.join(names)}.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    seconds: dict[str, float] = {}
+    try:
+        while len(seconds) < len(names):
+            if time.monotonic() - started > timeout_s:
+                raise SystemExit(f"{names}: no champion within {timeout_s:.0f} s")
+            if proc.poll() is not None:
+                raise SystemExit(f"loopline run exited ({proc.returncode}); see {log.name}")
+            for name in names:
+                if name not in seconds and _answered(layout, name):
+                    seconds[name] = time.monotonic() - started
+                    console.print(f"  {name}: first champion answered after {seconds[name]:.0f} s")
+            time.sleep(2)
+        training = {name: _first_training_s(layout, name) for name in names}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"seconds": seconds, "training": training, "all": max(seconds.values())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--timeout", type=float, default=1500.0)
+    args = parser.parse_args(argv)
+    table = Table(title="loopline run on a fresh home -> first champion answering REST (2 cores)")
+    for col in ("use cases", "use case", "first champion (s)", "its training run (s)", "ratio"):
+        table.add_column(col)
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix="bench-first-") as tmp:
+        for names in GOALS:
+            console.print(f"[bold]{' + '.join(names)}[/]")
+            r = measure(Path(tmp) / "-".join(names) / "root", names, args.timeout)
+            for name in names:
+                s, t = r["seconds"][name], r["training"][name]
+                table.add_row(" + ".join(names), name, f"{s:.0f}", f"{t:.0f}", f"{s / t:.2f}x")
+            goal = GOALS[names]
+            verdicts.append(
+                f"{' + '.join(names)}: {r['all']:.0f} s vs goal {goal:.0f} s: "
+                + ("met" if r["all"] <= goal else "MISSED")
+            )
+    console.print(table)
+    for line in verdicts:
+        console.print(line)
+
+
+if __name__ == "__main__":
+    main()
