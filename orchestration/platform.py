@@ -20,11 +20,13 @@ run_coordinator:
   class: QueuedRunCoordinator
 concurrency:
   runs:
-    max_concurrent_runs: {max_runs}
+    max_concurrent_runs: {slots}
     tag_concurrency_limits:
       - key: loopline/lane
         value: ingest
         limit: 1
+      - key: loopline/pool
+        limit: {max_runs}
       - key: loopline/pool
         value:
           applyLimitPerUniqueValue: true
@@ -85,7 +87,8 @@ def instance_config(settings: Settings, max_runs: int | None = None) -> str:
     runs = max_runs or settings.max_concurrent_runs
     if settings.scale:
         return SCALE_DAGSTER_YAML.format(max_runs=runs, per_dataset=max(1, runs // 2))
-    return DAGSTER_YAML.format(max_runs=runs)
+    # Ingestion has a slot of its own beside them (decision 38): neither queue starves the other.
+    return DAGSTER_YAML.format(max_runs=runs, slots=runs + 1)
 
 
 def write_instance_config(settings: Settings, max_runs: int | None = None) -> Path:

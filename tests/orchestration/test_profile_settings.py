@@ -30,6 +30,15 @@ def test_local_is_the_default_and_needs_no_connection(tmp_path):
     assert settings.serving_workers == 1 and settings.max_concurrent_runs == 2
     text = instance_config(settings)
     assert "postgres" not in text and "QueuedRunCoordinator" in text
+    # Two slots for training, monitoring and features (one run of each at most), and one of
+    # its own for ingestion: neither starves the other (decision 38).
+    runs = yaml.safe_load(text)["concurrency"]["runs"]
+    assert runs["max_concurrent_runs"] == 3
+    assert runs["tag_concurrency_limits"] == [
+        {"key": "loopline/lane", "value": "ingest", "limit": 1},
+        {"key": "loopline/pool", "limit": 2},
+        {"key": "loopline/pool", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+    ]
 
 
 def test_scale_profile_takes_its_connections_from_the_environment(tmp_path):
