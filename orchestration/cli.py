@@ -144,8 +144,10 @@ def simulate(batches: int | None, once: bool, **opts) -> None:
     settings = Settings.from_env().ensure()
     if batches is None and not once and live_simulator_running(settings.home):
         if opts["drift"] != "none":
-            request_drift(settings.home, opts["drift"])
-            console.print(f"the running simulator switches to {opts['drift']} drift")
+            strength = _scenario_options(opts["scenario_opts"]).get("drift_strength")
+            request_drift(settings.home, opts["drift"], strength)
+            at = f" at strength {strength}" if strength is not None else ""
+            console.print(f"the running simulator switches to {opts['drift']} drift{at}")
             return
         raise click.ClickException("a simulator already runs for this home (loopline run)")
     if once:

@@ -40,12 +40,13 @@ def control_path(home: Path) -> Path:
     return Path(home) / CONTROL_FILE
 
 
-def request_drift(home: Path, drift: str) -> Path:
-    """Ask the running simulator of ``home`` to switch to ``drift`` from its next batch."""
+def request_drift(home: Path, drift: str, strength: float | None = None) -> Path:
+    """Ask the running simulator of ``home`` to switch to ``drift`` from its next batch, at
+    ``strength`` (the scenario's ``drift_strength``; None keeps the running one)."""
     drifts = simulation.simulator_module().DRIFTS
     if drift not in drifts:
         raise ValueError(f"drift must be one of {drifts}")
-    return write_json_atomic({"drift": drift}, control_path(home))
+    return write_json_atomic({"drift": drift, "strength": strength}, control_path(home))
 
 
 def live_simulator_running(home: Path) -> bool:
@@ -101,20 +102,36 @@ class LiveSimulator:
 
     def _switch_if_asked(self) -> None:
         try:
-            wanted = json.loads(control_path(self.home).read_text()).get("drift", self.drift)
+            asked = json.loads(control_path(self.home).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return
-        if wanted == self.drift:
+        wanted = asked.get("drift", self.drift)
+        strength = asked.get("strength") or self.config.drift_strength
+        if wanted == self.drift and strength == self.config.drift_strength:
             return
         self.drift = wanted
         # Windows are generated whole: one partly landed keeps its scenario to its end.
         whole = self.resume_at is None or self.resume_at == self.sim.window(self.next_batch)[0]
         start = self.next_batch if whole else self.next_batch + 1
-        self.config = replace(self.config, drift=wanted, drift_start_batch=start)
+        try:
+            config = replace(
+                self.config, drift=wanted, drift_start_batch=start, drift_strength=strength
+            )
+        except ValueError as exc:  # a strength the scenario refuses: keep the one running
+            logger.error("simulator: %s drift at strength %s refused: %s", wanted, strength, exc)
+            return
+        self.config = config
         self.sim = simulation.simulator_module().Simulator(self.config)
-        logger.warning("simulator: %s drift from batch %d on", wanted, start)
+        logger.warning(
+            "simulator: %s drift (strength %s) from batch %d on", wanted, strength, start
+        )
         write_json_atomic(
-            {"drift": wanted, "from_batch": start, "from": self.sim.window(start)[0].isoformat()},
+            {
+                "drift": wanted,
+                "strength": strength,
+                "from_batch": start,
+                "from": self.sim.window(start)[0].isoformat(),
+            },
             Path(self.home) / DRIFT_STATE_FILE,
         )
 

@@ -307,7 +307,9 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         # a new champion serves.
         asked = time.time()
         request_drift(layout.homes["delivery"], "concept")
-        request_drift(layout.homes["fraud"], "covariate")
+        # Twice the scenario's shift: the batch skew (PSI 0.6 on amount and channel; 0.17 at
+        # 1x, under the 0.3 threshold) starts a retraining ahead of the next new-data one.
+        request_drift(layout.homes["fraud"], "covariate", strength=2.0)
         registry, learned = _adapted(layout, "delivery", proc, log)
         first = registry.get(champions["delivery"])
         rainy_test = learned.data_window["splits"]["test"]
@@ -333,7 +335,7 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         assert _champions(layout)["delivery"] in (restored, *_promoted_since_rollback(registry))
 
         # Fraud's loop, meanwhile, retrained on its own because of the drift (the batch skew
-        # trigger), and serves a champion registered since.
+        # trigger, ahead of new data), and serves a champion registered since.
         fraud_registry = Registry(layout.settings("fraud").registry_path)
         adapted = _wait(
             lambda: _retrained_for_drift(layout, "fraud", fraud_registry, asked),

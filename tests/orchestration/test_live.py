@@ -42,6 +42,24 @@ def test_drift_requested_while_running_starts_at_the_next_batch(tmp_path):
     )
 
 
+def test_a_drift_asked_at_a_strength_lands_that_strength_and_a_refused_one_changes_nothing(
+    tmp_path,
+):
+    home, landing = tmp_path / "home", tmp_path / "home" / "landing"
+    live = LiveSimulator(_config(), landing, home, interval_s=0)
+    live.step()
+    request_drift(home, "concept", strength=2.0)  # concept strength is a share: <= 1
+    live.step()
+    assert live.config.drift == "none"
+    request_drift(home, "covariate", strength=2.0)
+    live.step()
+    assert (live.config.drift, live.config.drift_strength) == ("covariate", 2.0)
+    strong = simulator.Simulator(
+        _config(drift="covariate", drift_start_batch=2, drift_strength=2.0)
+    )
+    assert pl.read_parquet(landing / "transactions-b000002.parquet").equals(strong.transactions(2))
+
+
 def test_run_marks_the_home_as_having_a_live_simulator_while_it_runs(tmp_path):
     home = tmp_path / "home"
     live = LiveSimulator(_config(), home / "landing", home, interval_s=0.05)
