@@ -373,5 +373,9 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
             .running
         )
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # a failed check: stop it as a person would, so its use cases'
+            proc.send_signal(signal.SIGTERM)  # own process groups (Dagster, TorchServe) go too
+            try:
+                proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
