@@ -91,6 +91,7 @@ def measure(root: Path, names: tuple[str, ...], timeout_s: float) -> dict:
     layout = Layout.of(names, env)
     cmd = [sys.executable, "-m", "orchestration.cli", "run", "--port", str(free_port())]
     cmd += [arg for name in names for arg in ("--usecase", name)]
+    root.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(root.parent / f"{'-'.join(names)}.log", "w") as log:
         proc = subprocess.Popen(
