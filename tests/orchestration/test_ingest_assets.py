@@ -196,3 +196,21 @@ def test_a_batch_of_part_of_a_day_is_not_skewed_for_its_hours(platform):
     assert skew.metadata["compared"].value is True
     features = {f["feature"] for f in skew.metadata["drift"].value["features"]}
     assert "hour_of_day" not in features and "amount" in features
+
+
+def test_the_micro_batch_window_holds_files_then_one_run_takes_them_all(
+    platform, small_scenario, monkeypatch
+):
+    monkeypatch.setenv("LOOPLINE_INGEST_WINDOW_SECONDS", "3600")
+    platform.land(small_scenario, batches=3)
+    held = platform.tick()
+    assert held.run_requests == []  # the oldest file has not waited an hour yet
+    ledger = BatchLedger(platform.settings.ledger_path)
+    assert {b.status for b in ledger.batches()} == {"received"}  # known, not lost
+    monkeypatch.setenv("LOOPLINE_INGEST_WINDOW_SECONDS", "0")
+    [run] = platform.tick().run_requests  # every dataset's waiting files in one run
+    assert sorted(
+        b for op in run.run_config["ops"].values() for b in op["config"]["batch_ids"]
+    ) == sorted(b.batch_id for b in ledger.batches())
+    assert all(o.success for o in platform.run_requests(dg.SensorResult(run_requests=[run])))
+    assert {b.status for b in ledger.batches()} == {"validated"}
