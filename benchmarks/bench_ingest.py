@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"batched: {ours}")
         anchor = measure(Path(tmp) / "per-file", args.files, args.rows, 1)
         console.print(f"per file: {anchor}")
-    table = Table(title=f"{args.files} files of {args.rows} rows landed at once (fraud, 2 slots)")
+    table = Table(title=f"{args.files} files of {args.rows} rows landed at once (fraud demo)")
     for col in ("design", "runs", "seconds to validated", "files/min"):
         table.add_column(col)
     for name, r in (("one run per tick (Loopline)", ours), ("one run per file (anchor)", anchor)):
