@@ -51,6 +51,13 @@ def _simulator_options(f):
         click.option(
             "--drift-start", default=0, show_default=True, help="Batch index where drift starts."
         ),
+        click.option(
+            "--drift-strength",
+            default=None,
+            type=float,
+            help="Scale of the drift (default: the scenario's, 1.0); a running simulator "
+            "switches at that strength.",
+        ),
         click.option("--scenario", "scenario_opts", multiple=True, help=_SCENARIO_HELP),
         click.option("--fault", type=click.Choice(FAULTS), default=None, help="Inject one fault."),
         click.option("--fault-batch", default=None, type=int, help="Batch index for the fault."),
@@ -106,6 +113,11 @@ def _scenario(opts: dict, start=None):
             rows_per_batch=opts["rows_per_batch"],
             drift=opts["drift"],
             drift_start_batch=opts["drift_start"],
+            **(
+                {"drift_strength": opts["drift_strength"]}
+                if opts["drift_strength"] is not None
+                else {}
+            ),
             **_scenario_options(opts["scenario_opts"]),
         )
     except ValueError as exc:
@@ -144,7 +156,7 @@ def simulate(batches: int | None, once: bool, **opts) -> None:
     settings = Settings.from_env().ensure()
     if batches is None and not once and live_simulator_running(settings.home):
         if opts["drift"] != "none":
-            strength = _scenario_options(opts["scenario_opts"]).get("drift_strength")
+            strength = opts["drift_strength"]
             request_drift(settings.home, opts["drift"], strength)
             at = f" at strength {strength}" if strength is not None else ""
             console.print(f"the running simulator switches to {opts['drift']} drift{at}")
