@@ -468,9 +468,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage
     for key, batches in asked.items():
         requests.append(_request(key, batches))
     waiting = [(ds, b) for ds, ids in fresh.items() for b in ids]
-    oldest = min((ledger.get(b).received_at for _, b in waiting), default=None)
-    if oldest and window and datetime.now(UTC) - datetime.fromisoformat(oldest) < window:
-        waiting = []  # the micro-batch window is still open: more may land
+    if window and waiting:  # read the ledger only when a window is set (default: none)
+        oldest = min(ledger.get(b).received_at for _, b in waiting)
+        if datetime.now(UTC) - datetime.fromisoformat(oldest) < window:
+            waiting = []  # the micro-batch window is still open: more may land
     for i in range(0, len(waiting), settings.ingest_max_batches):
         chunk: dict[str, list[str]] = {}
         for ds, b in waiting[i : i + settings.ingest_max_batches]:
