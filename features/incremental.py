@@ -6,12 +6,18 @@ rows the batch adds or changes (the view's ``compute``), and its presence
 is the record that the batch is done, so a failed or interrupted run is simply resumed. The
 online store loads the rows of files it has not loaded yet; a manifest of loaded files tells
 which, so late rows (recomputed with event times before the last load) are not skipped.
+
+The manifest can be wrong about the store: Redis restarted without persistence, a SQLite file
+restored from an old copy. ``online_gaps`` checks a sample of the entities the newest loaded
+files hold against the store; when some are missing, ``sync_online(reload=True)`` loads every
+file again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +27,7 @@ import polars as pl
 from feast import FeatureStore
 
 from core.storage import data_root, uri, write_json_atomic
-from features.store import materialize
+from features.store import materialize, online_missing
 from features.views import TS, ViewBatch, read_validated, views, write_feature_file
 from quality.schema import schema
 
@@ -137,20 +143,79 @@ def unloaded_files(home: Path, lake: Path | None = None) -> list[str]:
     return [name for name, stat in _files(lake or home).items() if loaded.get(name) != stat]
 
 
+@dataclass(frozen=True)
+class OnlineGaps:
+    """Entities probed per view and how many of them the online store lacks."""
+
+    probed: dict[str, int]
+    missing: dict[str, int]
+
+    @property
+    def healthy(self) -> bool:
+        return not any(self.missing.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{v}: {self.missing[v]}/{n} missing" for v, n in self.probed.items())
+
+
+def probe_keys(
+    home: Path, lake: Path | None = None, *, per_view: int = 32, newest_files: int = 8
+) -> dict[str, list]:
+    """Entity keys the online store must hold: up to ``per_view`` keys of each view's newest
+    loaded feature files (the manifest's), which the last loads wrote."""
+    loaded, root = _loaded(home), data_root(lake or home)
+    out: dict[str, list] = {}
+    for name, view in views().items():
+        prefix = f"features/{name}/"
+        files = sorted((n for n in loaded if n.startswith(prefix)), key=lambda n: -loaded[n][1])
+        keys: list = []
+        for file in files[:newest_files]:
+            if not (root / file).exists():
+                continue
+            column = pl.read_parquet(uri(root / file), columns=[view.key])[view.key]
+            keys += [k for k in column.unique(maintain_order=True).to_list() if k not in keys]
+            if len(keys) >= per_view:
+                break
+        if keys:
+            out[name] = keys[:per_view]
+    return out
+
+
+def online_gaps(store: FeatureStore, home: Path, lake: Path | None = None) -> OnlineGaps:
+    """Whether the online store holds the entities the manifest says were loaded. Nothing is
+    probed once the last load is older than the store's key TTL: those keys expired."""
+    manifest = Path(home) / MANIFEST
+    key_ttl = getattr(store.config.online_store, "key_ttl_seconds", None)
+    if key_ttl and manifest.exists() and time.time() - manifest.stat().st_mtime > key_ttl:
+        return OnlineGaps(probed={}, missing={})
+    keys = probe_keys(home, lake)
+    if not keys:
+        return OnlineGaps(probed={}, missing={})
+    return OnlineGaps(
+        probed={v: len(k) for v, k in keys.items()}, missing=online_missing(store, keys)
+    )
+
+
 def sync_online(
-    store: FeatureStore, home: Path, *, lake: Path | None = None, end: datetime | None = None
+    store: FeatureStore,
+    home: Path,
+    *,
+    lake: Path | None = None,
+    end: datetime | None = None,
+    reload: bool = False,
 ) -> OnlineSync:
     """Load every feature row not yet in the online store, then record the files as loaded.
 
     The feature files are under ``lake`` (default: the home), the manifest of loaded files in
     the home, beside the online store it describes. ``end`` defaults to now, or just after the
     newest row if that is later; rows of the new files older than a view's last load are
-    reloaded from the oldest of them (``changed_since``).
+    reloaded from the oldest of them (``changed_since``). ``reload``: load every file again
+    (the store lost rows the manifest says it has).
     """
     home = Path(home)
     root = data_root(lake or home)
     files = _files(root)
-    loaded = _loaded(home)
+    loaded = {} if reload else _loaded(home)
     new = [root / name for name, stat in files.items() if loaded.get(name) != stat]
     if not new:
         return OnlineSync(files=0, rows=0, loaded={}, changed_since=None)

@@ -98,9 +98,13 @@ def feature_store(home: Path, online_store: Mapping[str, Any] | None = None) -> 
     return FeatureStore(repo_path=str(home), config=repo_config(home, online_store))
 
 
-def redis_online_store(url: str) -> dict[str, Any]:
+def redis_online_store(url: str, key_ttl: timedelta | None = None) -> dict[str, Any]:
     """Feast's Redis online store section for a ``redis://[:password@]host:port[/db]`` URL
-    (``rediss://`` for TLS). Feast takes ``host:port,db=N,password=...,ssl=true`` instead."""
+    (``rediss://`` for TLS). Feast takes ``host:port,db=N,password=...,ssl=true`` instead.
+
+    Redis keeps one hash per entity for all its views; ``key_ttl`` (default: the longest TTL
+    the use case's online views declare, ``online_key_ttl``) expires an entity no view has
+    written for that long, whose rows every lookup would already treat as absent."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ValueError("expected redis://[:password@]host:port[/db] or rediss://...")
@@ -116,7 +120,34 @@ def redis_online_store(url: str) -> dict[str, Any]:
         params.append("ssl=true")
     if any("," in p for p in params):
         raise ValueError("Feast's Redis connection string cannot carry a ',' in a value")
-    return {"type": "redis", "connection_string": ",".join(params)}
+    section: dict[str, Any] = {"type": "redis", "connection_string": ",".join(params)}
+    ttl = key_ttl if key_ttl is not None else online_key_ttl()
+    if ttl:
+        section["key_ttl_seconds"] = max(1, int(ttl.total_seconds()))
+    return section
+
+
+def online_key_ttl(lake: Path | str = ".") -> timedelta | None:
+    """The longest TTL among the use case's online feature views; None when one never expires
+    (an entity's key must then live for ever). The lake only names the sources' files."""
+    ttls = [o.ttl for o in build_definitions(lake) if isinstance(o, FeatureView) and o.online]
+    if not ttls or any(not t for t in ttls):
+        return None
+    return max(ttls)
+
+
+def online_missing(store: FeatureStore, keys: Mapping[str, Sequence[Any]]) -> dict[str, int]:
+    """Per feature view of the service, how many of ``keys[view]`` (entity key values as the
+    view's feature table holds them) its online table lacks, read from the store itself, past
+    every cache: after a Redis restart or a lost SQLite file they are all missing."""
+    reader = _StoreReader(store)
+    out: dict[str, int] = {}
+    for view, read in _resolve(store, SERVICE).online_plan(store).views:
+        wanted = list(dict.fromkeys(keys.get(view.name, ())))
+        if wanted:
+            # Redis answers an absent key with an empty row stamped at the epoch.
+            out[view.name] = sum(not stamp for stamp, _ in reader.read(read, wanted))
+    return out
 
 
 def _home_of(store: FeatureStore) -> Path:

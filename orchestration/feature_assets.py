@@ -7,6 +7,7 @@ whenever validated batches wait (docs/decisions.md, "Features follow validated b
 
 import fcntl
 import hashlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -130,14 +131,22 @@ def feature_registry(storage: LooplineStorage) -> dg.MaterializeResult:
     kinds={"feast", "sqlite"},
     deps=[*VIEW_ASSETS, feature_registry],
 )
-def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
-    """Online store (SQLite, Redis in the scale profile) loaded with every new feature row."""
+def online_features(
+    context: dg.AssetExecutionContext, storage: LooplineStorage
+) -> dg.MaterializeResult:
+    """Online store (SQLite, Redis in the scale profile) loaded with every new feature row;
+    reloaded whole when it lost rows it was given."""
     from features import incremental
 
     settings = storage.settings
     with _feast_lock(settings.home):
         store = storage.feature_store()
-        sync = incremental.sync_online(store, settings.home, lake=settings.lake)
+        gaps = incremental.online_gaps(store, settings.home, settings.lake)
+        if not gaps.healthy:
+            context.log.warning(f"online store lost rows ({gaps.describe()}): reloading all")
+        sync = incremental.sync_online(
+            store, settings.home, lake=settings.lake, reload=not gaps.healthy
+        )
     intervals = [
         {"view": v, "start": a.isoformat(), "end": b.isoformat()}
         for v, (a, b) in sync.loaded.items()
@@ -149,6 +158,8 @@ def online_features(storage: LooplineStorage) -> dg.MaterializeResult:
             "changed_since": sync.changed_since.isoformat() if sync.changed_since else "",
             "intervals": dg.MetadataValue.md(_md_table(intervals)),
             "online_store": store.config.online_store.type,
+            "reloaded": not gaps.healthy,
+            "probe": gaps.describe() or "nothing loaded yet",
         }
     )
 
@@ -309,7 +320,7 @@ def features_backlog(storage: LooplineStorage) -> list[str]:
     description="Starts update_features when validated batches or feature files are waiting.",
 )
 def features_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
-    backlog = features_backlog(storage)
+    backlog = features_backlog(storage) or _online_gaps_due(context, storage)
     if not backlog:
         return dg.SkipReason("every validated batch has its features in the online store")
     running = run_in_flight(context.instance, features_job.name)
@@ -317,6 +328,27 @@ def features_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorag
         return dg.SkipReason(f"{len(backlog)} items wait for run {running.run_id}")
     key = hashlib.sha256("\n".join(backlog).encode()).hexdigest()[:16]
     return dg.RunRequest(run_key=f"features-{key}", tags={"loopline/backlog": str(len(backlog))})
+
+
+# How often the sensor checks that the online store still holds what it was given.
+ONLINE_PROBE_SECONDS = 60
+
+
+def _online_gaps_due(context: dg.SensorEvaluationContext, storage: LooplineStorage) -> list[str]:
+    """Every ``ONLINE_PROBE_SECONDS`` (the cursor keeps the last probe's time): what the
+    online store lacks of the rows it was given, as backlog items; none when it holds them."""
+    from features import incremental
+
+    if context.cursor and time.time() - float(context.cursor) < ONLINE_PROBE_SECONDS:
+        return []
+    context.update_cursor(str(time.time()))
+    settings = storage.settings
+    gaps = incremental.online_gaps(storage.feature_store(), settings.home, settings.lake)
+    if gaps.healthy:
+        return []
+    context.log.warning(f"online store lost rows ({gaps.describe()})")
+    probe = context.cursor
+    return [f"online-gap:{view}:{n}:{probe}" for view, n in sorted(gaps.missing.items()) if n]
 
 
 defs = dg.Definitions(

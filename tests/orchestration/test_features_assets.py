@@ -232,3 +232,43 @@ def test_training_set_is_split_in_time_without_leakage(run) -> None:
     assert metadata["test_positive_rate"].value == pytest.approx(
         rows.filter(pl.col("split") == "test")["label"].mean()
     )
+
+
+def test_an_online_store_that_lost_its_rows_is_found_and_reloaded(run) -> None:
+    """Redis restarted without persistence (here: the SQLite online tables emptied) while the
+    manifest says every file is loaded: the sensor's probe notices, and the run reloads all."""
+    import sqlite3
+
+    home, storage, instance, _ = run
+    store = feature_store(home)
+    cards = _latest(home, CARD_VIEW, "card_id")
+    at = cards["event_timestamp"].max()
+    requests = cards.select("card_id").with_columns(
+        pl.lit("m-0").alias("merchant_id"),
+        pl.lit(10.0).alias("amount"),
+        pl.lit("US").alias("country"),
+        pl.lit(at).alias("transaction_timestamp"),
+    )
+    before = online_features(store, requests, at=at)["card_tx_count_7d"].to_list()
+    assert isinstance(_sensor(instance, storage), dg.SkipReason)  # healthy: nothing to do
+
+    with sqlite3.connect(home / "feast" / "online.db") as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            con.execute(f'DELETE FROM "{table}"')
+    assert (
+        online_features(feature_store(home), requests, at=at)["card_tx_count_7d"].to_list()
+        != before
+    )
+
+    request = _sensor(instance, storage)
+    assert isinstance(request, dg.RunRequest)
+    out = _features(instance, storage)
+    metadata = out.asset_materializations_for_node("online_features")[0].metadata
+    assert metadata["reloaded"].value is True
+    assert (
+        online_features(feature_store(home), requests, at=at)["card_tx_count_7d"].to_list()
+        == before
+    )
+    context = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+    assert isinstance(feature_assets.features_sensor(context), dg.SkipReason)

@@ -1,6 +1,7 @@
 """LOOPLINE_PROFILE: the one setting that picks local or scale, and what each profile writes.
 (The scale profile against real Postgres and Redis: tests/scale.)"""
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -123,10 +124,14 @@ def test_scale_instance_config_keeps_the_password_in_the_environment(tmp_path):
 
 
 def test_redis_url_becomes_feasts_connection_string(tmp_path):
+    # Keys expire after the longest TTL of the use case's online views (fraud: cards, 30
+    # days): an entity no view wrote for that long is absent to every lookup anyway.
     assert redis_online_store(REDIS) == {
         "type": "redis",
         "connection_string": "cache:6380,db=1,password=hunter2",
+        "key_ttl_seconds": 30 * 86400,
     }
+    assert "key_ttl_seconds" not in redis_online_store(REDIS, key_ttl=timedelta(0))
     assert redis_online_store("rediss://cache")["connection_string"] == "cache:6379,ssl=true"
     with pytest.raises(ValueError):
         redis_online_store("http://cache:6379")

@@ -22,6 +22,8 @@ from core.settings import Settings
 from core.storage import is_remote, uri
 from features.store import feature_store, online_features, redis_online_store
 from models.registry import CHAMPION, Registry
+from orchestration.feature_assets import VIEW_ASSETS, feature_registry, features_sensor
+from orchestration.feature_assets import online_features as online_features_asset
 from orchestration.monitoring_assets import drift_report, live_performance
 from orchestration.monitoring_assets import prediction_log as prediction_log_asset
 from orchestration.platform import write_instance_config
@@ -194,6 +196,31 @@ def test_online_features_from_redis_equal_sqlite(local, scale, redis_url):
     assert redis.Redis.from_url(redis_url).dbsize() > 0
     assert not (settings.home / "feast" / "online.db").exists()
     assert (local_platform.settings.home / "feast" / "online.db").exists()
+
+
+def test_a_restarted_redis_is_found_empty_and_reloaded(scale, redis_url):
+    """Redis without persistence restarts empty while the manifest says every feature file is
+    loaded: the features sensor's probe finds the gap and the next run reloads everything,
+    with keys that expire after the views' TTL."""
+    platform, _, settings = scale
+    client = redis.Redis.from_url(redis_url)
+    keys = client.keys("*")
+    assert keys and all(0 < client.ttl(k) <= 30 * 86400 for k in keys[:20])
+    before = client.dbsize()
+    client.flushdb()
+
+    context = dg.build_sensor_context(instance=platform.instance, resources=platform.resources)
+    assert isinstance(features_sensor(context), dg.RunRequest)
+    out = dg.materialize(
+        [*VIEW_ASSETS, feature_registry, online_features_asset],
+        instance=platform.instance,
+        resources=platform.resources,
+    )
+    [loaded] = out.asset_materializations_for_node("online_features")
+    assert loaded.metadata["reloaded"].value is True
+    assert client.dbsize() == before
+    context = dg.build_sensor_context(instance=platform.instance, resources=platform.resources)
+    assert isinstance(features_sensor(context), dg.SkipReason)
 
 
 def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale):
