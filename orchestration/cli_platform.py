@@ -97,7 +97,7 @@ def run_platform(
 
     layout = Layout.of(names)
     first = layout.settings(names[0]).ensure()
-    serving = TorchServeProcess.attach(ServingConfig.for_home(first.home, layout.serving_dir))
+    serving = TorchServeProcess.attach(ServingConfig.for_settings(first))
     owns_serving = not serving.status().running
     if owns_serving:
         with console.status("starting TorchServe for every use case"):
