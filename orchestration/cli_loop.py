@@ -23,6 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.lifeline import StopSignals
 from core.settings import Settings
 from core.usecase import active
 from models.tasks import metric_label
@@ -45,8 +46,8 @@ def wait_http(url: str, proc, timeout: float) -> None:
     raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _still_stopping(signum: int) -> None:
+    console.print(f"already stopping ({signal.Signals(signum).name} ignored)")
 
 
 def free_port() -> int:
@@ -65,6 +66,7 @@ class LivePlatform:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        self.signals = StopSignals(note=_still_stopping)
         self.dagster = None
         self.serving = None
         self.traffic = None
@@ -92,16 +94,16 @@ class LivePlatform:
         from serving.config import ServingConfig
         from serving.process import TorchServeProcess
 
-        if threading.current_thread() is threading.main_thread():
-            # `kill`, a container stop or a CI timeout stop everything, as Ctrl-C does.
-            signal.signal(signal.SIGTERM, _interrupt)
+        # The first SIGINT/SIGTERM (Ctrl-C, `kill`, a container stop, a supervisor) interrupts
+        # this thread; stop() runs to its end whatever else arrives.
+        self.signals.install()
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
         config = ServingConfig.for_settings(self.settings)
         self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
         if not self.serving.status().running:
+            self._owns_serving = True  # before start: a stop during start stops it too
             with console.status("starting TorchServe"):
-                self.serving.start()
-            self._owns_serving = True
+                self.serving.start(tied=True)
         else:  # the platform's TorchServe, shared by its use cases: join it, leave it running
             self.serving.serve_champion()
         wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
@@ -138,6 +140,12 @@ class LivePlatform:
         self._sim_thread.start()
 
     def stop(self) -> None:
+        """Stop what ``start`` started, ignoring further signals; safe to call again, and
+        after a partial start."""
+        self.signals.stopping(self._stop)
+        self.signals.restore()
+
+    def _stop(self) -> None:
         from orchestration import platform
 
         self.stop_event.set()
