@@ -30,6 +30,7 @@ ENV_VARS = (
     "LOOPLINE_REDIS_URL",
     "LOOPLINE_SERVING_WORKERS",
     "LOOPLINE_SERVING_PORTS",
+    "LOOPLINE_HEALTH_STALE_INTERVALS",
     "LOOPLINE_MAX_CONCURRENT_RUNS",
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
@@ -114,6 +115,9 @@ class Settings:
     # TorchServe's inference, management and metrics ports for the instance `loopline run`
     # and the Dagster deployment start (LOOPLINE_SERVING_PORTS="8080,8081,8082").
     serving_ports: tuple[int, int, int] = (8080, 8081, 8082)
+    # A sensor whose last tick is older than this many of its intervals (and 5 minutes) is
+    # stale: `loopline status` and the platform_health check say so, and an alert goes out.
+    health_stale_intervals: float = 10.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -150,6 +154,8 @@ class Settings:
                 f"LOOPLINE_SERVING_PORTS={','.join(map(str, ports))}: expected three different "
                 "ports, inference,management,metrics (e.g. 8080,8081,8082)"
             )
+        if self.health_stale_intervals <= 0:
+            raise ValueError("LOOPLINE_HEALTH_STALE_INTERVALS must be > 0")
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
 
@@ -172,6 +178,7 @@ class Settings:
             ingest_window_s=float(env.get("LOOPLINE_INGEST_WINDOW_SECONDS") or 0),
             ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
             **_ports(env.get("LOOPLINE_SERVING_PORTS")),
+            health_stale_intervals=float(env.get("LOOPLINE_HEALTH_STALE_INTERVALS") or 10),
         )
 
     @property

@@ -227,7 +227,29 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
         {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
         for row in read_live_quality(settings.home / "monitoring").to_dicts()
     ]
+    out["health"] = _health(settings)
     return out
+
+
+def _health(settings: Settings) -> dict[str, Any]:
+    """Disk per store, key expiry and each sensor's last tick (orchestration.health), read
+    from the home's Dagster instance with the sensors its code location declares."""
+    import warnings
+
+    import dagster as dg
+
+    from orchestration.definitions import defs
+    from orchestration.health import declared_sensors, health_report, local_instance
+
+    instance = local_instance(settings)
+    try:
+        with warnings.catch_warnings():  # Dagster's own beta notices, not the operator's
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            declared = declared_sensors(defs.get_repository_def()) if instance else None
+        return health_report(settings, instance, declared=declared)
+    finally:
+        if instance is not None:
+            instance.dispose()
 
 
 def print_summary(data: dict[str, Any]) -> None:
@@ -289,7 +311,53 @@ def print_summary(data: dict[str, Any]) -> None:
         table.add_row(
             "traffic", f"{data['traffic']['sent']} sent, {data['traffic']['failed']} failed"
         )
+    for what, line in _health_lines(data.get("health")):
+        table.add_row(what, line)
     console.print(table)
+
+
+def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Table lines for ``summary``'s health: disk by store, key expiry, sensor ticks."""
+    from orchestration.health import tick_line
+
+    if not report:
+        return []
+    disk = report["disk_bytes"]
+    largest = sorted((n for n in disk if disk[n]), key=disk.__getitem__, reverse=True)
+    lines = [
+        (
+            "disk",
+            f"{_size(sum(disk.values()))} in all; "
+            + (", ".join(f"{n} {_size(disk[n])}" for n in largest) or "empty"),
+        )
+    ]
+    keys = report["keys"]
+    if keys is None:
+        lines.append(("key expiry", "no TorchServe key file (TorchServe not running)"))
+    else:
+        left = keys["expires_in_s"]
+        colour = "red" if left < 86400 else "green"
+        lines.append(
+            (
+                "key expiry",
+                f"[{colour}]{'expired' if left <= 0 else f'in {left / 3600:.1f} h'}[/] "
+                f"({keys['expires_at'][:19]})",
+            )
+        )
+    for tick in report["sensors"]:
+        colour = "red" if tick["stale"] else "green"
+        lines.append((f"sensor {tick['name']}", f"[{colour}]{tick_line(tick)}[/]"))
+    return lines
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"
 
 
 def _metric() -> str:

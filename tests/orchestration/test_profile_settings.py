@@ -71,6 +71,7 @@ def test_scale_profile_takes_its_connections_from_the_environment(tmp_path):
         ({"LOOPLINE_SERVING_PORTS": "9000,9001"}, "three different ports"),
         ({"LOOPLINE_SERVING_PORTS": "9000,9000,9001"}, "three different ports"),
         ({"LOOPLINE_SERVING_PORTS": "9000;9001;9002"}, "inference,management,metrics"),
+        ({"LOOPLINE_HEALTH_STALE_INTERVALS": "0"}, "must be > 0"),
     ],
 )
 def test_a_wrong_profile_setting_is_refused_with_its_reason(tmp_path, change, message):
