@@ -178,10 +178,11 @@ def local_instance(settings: Settings) -> dg.DagsterInstance | None:
     return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
-def declared_sensors(repository: dg.RepositoryDefinition | None) -> dict[str, float]:
-    """The sensors of a code location that run by default, with their intervals."""
+def declared_sensors(repository: dg.RepositoryDefinition | None) -> dict[str, float] | None:
+    """The sensors of a code location that run by default, with their intervals; None when
+    the code location is not known (then every sensor the instance knows counts)."""
     if repository is None:
-        return {}
+        return None
     return {
         s.name: float(s.minimum_interval_seconds or DEFAULT_INTERVAL_S)
         for s in repository.sensor_defs
@@ -257,7 +258,8 @@ def sensors_ticking(context, storage: LooplineStorage):
 )
 def platform_health_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
     declared = declared_sensors(context.repository_def)
-    declared.pop(context.sensor_name, None)  # it is ticking: this is its tick
+    if declared is not None:
+        declared.pop(context.sensor_name, None)  # it is ticking: this is its tick
     report = health_report(storage.settings, context.instance, declared=declared)
     alerted = set(json.loads(context.cursor)) if context.cursor else set()
     stale = set(report["stale_sensors"])
