@@ -29,6 +29,8 @@ ENV_VARS = (
     "LOOPLINE_POSTGRES_URL",
     "LOOPLINE_REDIS_URL",
     "LOOPLINE_SERVING_WORKERS",
+    "LOOPLINE_SERVING_PORTS",
+    "LOOPLINE_HEALTH_STALE_INTERVALS",
     "LOOPLINE_MAX_CONCURRENT_RUNS",
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
@@ -71,6 +73,17 @@ def local_path(location: str) -> Path:
     )
 
 
+def _ports(value: str | None) -> dict[str, tuple[int, ...]]:
+    if not value:
+        return {}
+    try:
+        return {"serving_ports": tuple(int(p) for p in value.split(","))}
+    except ValueError:
+        raise ValueError(
+            f"LOOPLINE_SERVING_PORTS={value!r}: expected inference,management,metrics ports"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository, see
@@ -99,6 +112,12 @@ class Settings:
     # batches waiting, once the oldest has waited this long, at most this many per run.
     ingest_window_s: float = 0.0
     ingest_max_batches: int = 100
+    # TorchServe's inference, management and metrics ports for the instance `loopline run`
+    # and the Dagster deployment start (LOOPLINE_SERVING_PORTS="8080,8081,8082").
+    serving_ports: tuple[int, int, int] = (8080, 8081, 8082)
+    # A sensor whose last tick is older than this many of its intervals (and 5 minutes) is
+    # stale: `loopline status` and the platform_health check say so, and an alert goes out.
+    health_stale_intervals: float = 10.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -129,6 +148,14 @@ class Settings:
             raise ValueError(
                 "LOOPLINE_INGEST_WINDOW_SECONDS must be >= 0 and LOOPLINE_INGEST_MAX_BATCHES >= 1"
             )
+        ports = self.serving_ports
+        if len(ports) != 3 or len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
+            raise ValueError(
+                f"LOOPLINE_SERVING_PORTS={','.join(map(str, ports))}: expected three different "
+                "ports, inference,management,metrics (e.g. 8080,8081,8082)"
+            )
+        if self.health_stale_intervals <= 0:
+            raise ValueError("LOOPLINE_HEALTH_STALE_INTERVALS must be > 0")
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
 
@@ -150,6 +177,8 @@ class Settings:
             retrain={name: float(env[var]) for var, name in RETRAIN_ENV.items() if env.get(var)},
             ingest_window_s=float(env.get("LOOPLINE_INGEST_WINDOW_SECONDS") or 0),
             ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
+            **_ports(env.get("LOOPLINE_SERVING_PORTS")),
+            health_stale_intervals=float(env.get("LOOPLINE_HEALTH_STALE_INTERVALS") or 10),
         )
 
     @property

@@ -23,6 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.lifeline import StopSignals
 from core.settings import Settings
 from core.usecase import active
 from models.tasks import metric_label
@@ -45,8 +46,8 @@ def wait_http(url: str, proc, timeout: float) -> None:
     raise click.ClickException(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _still_stopping(signum: int) -> None:
+    console.print(f"already stopping ({signal.Signals(signum).name} ignored)")
 
 
 def free_port() -> int:
@@ -65,6 +66,7 @@ class LivePlatform:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        self.signals = StopSignals(note=_still_stopping)
         self.dagster = None
         self.serving = None
         self.traffic = None
@@ -92,16 +94,16 @@ class LivePlatform:
         from serving.config import ServingConfig
         from serving.process import TorchServeProcess
 
-        if threading.current_thread() is threading.main_thread():
-            # `kill`, a container stop or a CI timeout stop everything, as Ctrl-C does.
-            signal.signal(signal.SIGTERM, _interrupt)
+        # The first SIGINT/SIGTERM (Ctrl-C, `kill`, a container stop, a supervisor) interrupts
+        # this thread; stop() runs to its end whatever else arrives.
+        self.signals.install()
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
-        config = ServingConfig.for_home(self.settings.home, self.settings.serving_dir)
+        config = ServingConfig.for_settings(self.settings)
         self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
         if not self.serving.status().running:
+            self._owns_serving = True  # before start: a stop during start stops it too
             with console.status("starting TorchServe"):
-                self.serving.start()
-            self._owns_serving = True
+                self.serving.start(tied=True)
         else:  # the platform's TorchServe, shared by its use cases: join it, leave it running
             self.serving.serve_champion()
         wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
@@ -138,6 +140,12 @@ class LivePlatform:
         self._sim_thread.start()
 
     def stop(self) -> None:
+        """Stop what ``start`` started, ignoring further signals; safe to call again, and
+        after a partial start."""
+        self.signals.stopping(self._stop)
+        self.signals.restore()
+
+    def _stop(self) -> None:
         from orchestration import platform
 
         self.stop_event.set()
@@ -219,7 +227,29 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
         {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
         for row in read_live_quality(settings.home / "monitoring").to_dicts()
     ]
+    out["health"] = _health(settings)
     return out
+
+
+def _health(settings: Settings) -> dict[str, Any]:
+    """Disk per store, key expiry and each sensor's last tick (orchestration.health), read
+    from the home's Dagster instance with the sensors its code location declares."""
+    import warnings
+
+    import dagster as dg
+
+    from orchestration.definitions import defs
+    from orchestration.health import declared_sensors, health_report, local_instance
+
+    instance = local_instance(settings)
+    try:
+        with warnings.catch_warnings():  # Dagster's own beta notices, not the operator's
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            declared = declared_sensors(defs.get_repository_def()) if instance else None
+        return health_report(settings, instance, declared=declared)
+    finally:
+        if instance is not None:
+            instance.dispose()
 
 
 def print_summary(data: dict[str, Any]) -> None:
@@ -281,7 +311,53 @@ def print_summary(data: dict[str, Any]) -> None:
         table.add_row(
             "traffic", f"{data['traffic']['sent']} sent, {data['traffic']['failed']} failed"
         )
+    for what, line in _health_lines(data.get("health")):
+        table.add_row(what, line)
     console.print(table)
+
+
+def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Table lines for ``summary``'s health: disk by store, key expiry, sensor ticks."""
+    from orchestration.health import tick_line
+
+    if not report:
+        return []
+    disk = report["disk_bytes"]
+    largest = sorted((n for n in disk if disk[n]), key=disk.__getitem__, reverse=True)
+    lines = [
+        (
+            "disk",
+            f"{_size(sum(disk.values()))} in all; "
+            + (", ".join(f"{n} {_size(disk[n])}" for n in largest) or "empty"),
+        )
+    ]
+    keys = report["keys"]
+    if keys is None:
+        lines.append(("key expiry", "no TorchServe key file (TorchServe not running)"))
+    else:
+        left = keys["expires_in_s"]
+        colour = "red" if left < 86400 else "green"
+        lines.append(
+            (
+                "key expiry",
+                f"[{colour}]{'expired' if left <= 0 else f'in {left / 3600:.1f} h'}[/] "
+                f"({keys['expires_at'][:19]})",
+            )
+        )
+    for tick in report["sensors"]:
+        colour = "red" if tick["stale"] else "green"
+        lines.append((f"sensor {tick['name']}", f"[{colour}]{tick_line(tick)}[/]"))
+    return lines
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"
 
 
 def _metric() -> str:

@@ -15,6 +15,7 @@ Layout: with ``LOOPLINE_HOME`` set it is the platform's root, each use case at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from core.lifeline import StopSignals, tied
 from core.settings import REPO_ROOT, Settings, default_home, local_path
 from core.usecase import DEFAULT_USECASE, ENV_VAR, UseCaseError, available, load
 
@@ -97,19 +99,20 @@ def run_platform(
 
     layout = Layout.of(names)
     first = layout.settings(names[0]).ensure()
-    serving = TorchServeProcess.attach(ServingConfig.for_home(first.home, layout.serving_dir))
-    owns_serving = not serving.status().running
-    if owns_serving:
-        with console.status("starting TorchServe for every use case"):
-            serving.start(timeout=timeout_s)
-    cfg = serving.config
-    console.print(
-        f"[bold]Loopline[/] platform: {', '.join(names)}; TorchServe {cfg.inference_url} "
-        f"(token in {cfg.key_file})"
-    )
+    serving = TorchServeProcess.attach(ServingConfig.for_settings(first))
+    owns_serving = False
     children: dict[str, subprocess.Popen] = {}
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    signals = StopSignals().install()
     try:
+        if not serving.status().running:
+            owns_serving = True
+            with console.status("starting TorchServe for every use case"):
+                serving.start(timeout=timeout_s, tied=True)
+        cfg = serving.config
+        console.print(
+            f"[bold]Loopline[/] platform: {', '.join(names)}; TorchServe {cfg.inference_url} "
+            f"(token in {cfg.key_file})"
+        )
         for i, name in enumerate(names):
             console.print(
                 f"  {name}: Dagster UI http://{host}:{port + i}, "
@@ -117,7 +120,9 @@ def run_platform(
             )
             command = [sys.executable, "-m", "orchestration.cli", "run"]
             command += ["--host", host, "--port", str(port + i), *child_args]
-            children[name] = subprocess.Popen(command, cwd=REPO_ROOT, env=layout.env(name))
+            children[name] = subprocess.Popen(
+                tied(command), cwd=REPO_ROOT, env=layout.env(name), start_new_session=True
+            )
         while all(p.poll() is None for p in children.values()):
             time.sleep(0.5)
         exited = [n for n, p in children.items() if p.poll() is not None]
@@ -125,34 +130,34 @@ def run_platform(
     except KeyboardInterrupt:
         console.print("stopping the platform...")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _stop_children(list(children.values()))
-        if owns_serving:
-            serving.stop()
+
+        def stop() -> None:
+            _stop_children(list(children.values()))
+            if owns_serving:
+                serving.stop()
+
+        signals.stopping(stop)
+        signals.restore()
         console.print("platform stopped")
 
 
 def _stop_children(children: list[subprocess.Popen]) -> None:
-    """Ctrl-C in a terminal reached the children too (one process group): give them a moment
-    to stop on their own, then ask those still running once (SIGINT: each stops its Dagster and
-    simulator), and kill what is left after 90 s."""
-    deadline = time.monotonic() + 10
-    while any(p.poll() is None for p in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """Ask each child's process group once (SIGINT: each stops its Dagster and simulator; its
+    guard waits for it), and kill the groups still running after 90 s. Each child leads a
+    group of its own, so a signal to this command's group (Ctrl-C, a supervisor) reaches
+    only this command, which stops them here, once."""
     for proc in children:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + 90
     for proc in children:
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def each(names: Sequence[str], args: Sequence[str], *, as_json: bool = False) -> int:

@@ -8,6 +8,7 @@ import dagster as dg
 from orchestration import (
     backtest_assets,
     feature_assets,
+    health,
     ingest_assets,
     monitoring_assets,
     retraining,
@@ -24,5 +25,6 @@ defs = dg.Definitions.merge(
     monitoring_assets.defs,
     retraining.defs,
     backtest_assets.defs,
+    health.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

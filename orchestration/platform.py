@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.lifeline import tied
 from core.settings import REPO_ROOT, Settings
 
 DAGSTER_YAML = """\
@@ -103,10 +104,12 @@ def write_instance_config(settings: Settings, max_runs: int | None = None) -> Pa
 def start_dagster(
     settings: Settings, host: str = "127.0.0.1", port: int = 3000
 ) -> subprocess.Popen:
-    """`dagster dev` (webserver + daemon) in its own process group, so it can be stopped whole."""
+    """`dagster dev` (webserver + daemon) in its own process group, so it can be stopped whole,
+    tied to this process: it stops when this process is gone, even SIGKILLed (core.lifeline)."""
     write_instance_config(settings)
     exe = Path(sys.executable).with_name("dagster")
     cmd = [str(exe), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
+    cmd = tied(cmd)
     log = open(settings.home / "dagster.log", "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
         cmd,

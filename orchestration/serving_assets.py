@@ -32,21 +32,28 @@ class TorchServeResource(dg.ConfigurableResource):
     """The TorchServe instance of a Loopline home (loopback, token auth on)."""
 
     home: str = ""
-    inference_port: int = 8080
-    management_port: int = 8081
-    metrics_port: int = 8082
+    # 0: the settings' (LOOPLINE_SERVING_PORTS, default 8080, 8081, 8082).
+    inference_port: int = 0
+    management_port: int = 0
+    metrics_port: int = 0
     workers_per_model: int = 0  # 0: the profile's (LOOPLINE_SERVING_WORKERS; local 1, scale 2)
     batch_size: int = 32
     max_batch_delay_ms: int = 5
 
     def serving_config(self, storage: LooplineStorage) -> ServingConfig:
         settings = storage.settings
-        return ServingConfig.for_home(
-            settings.home,
-            settings.serving_dir,
-            inference_port=self.inference_port,
-            management_port=self.management_port,
-            metrics_port=self.metrics_port,
+        ports = {
+            name: port
+            for name, port in (
+                ("inference_port", self.inference_port),
+                ("management_port", self.management_port),
+                ("metrics_port", self.metrics_port),
+            )
+            if port
+        }
+        return ServingConfig.for_settings(
+            settings,
+            **ports,
             workers_per_model=self.workers_per_model or settings.serving_workers,
             batch_size=self.batch_size,
             max_batch_delay_ms=self.max_batch_delay_ms,

@@ -12,9 +12,13 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.storage import write_bytes_atomic
 from core.usecase import active
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 # TorchServe serves the model under the name of its use case.
 MODEL_NAME = active().name
@@ -80,6 +84,13 @@ class ServingConfig:
         serving_dir = Path(serving_dir).resolve() if serving_dir else home / "serving"
         base = cls(serving_dir=serving_dir, model_store=serving_dir / "model-store", home=home)
         return replace(base, **overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
+        """``for_home`` with the settings' serving folder and ports (LOOPLINE_SERVING_PORTS)."""
+        inference, management, metrics = settings.serving_ports
+        base = {"inference_port": inference, "management_port": management, "metrics_port": metrics}
+        return cls.for_home(settings.home, settings.serving_dir, **(base | overrides))
 
     def to_dict(self) -> dict[str, object]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}

@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from core import lifeline
 from core.storage import write_json_atomic
 from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
@@ -124,8 +125,12 @@ class TorchServeProcess:
             client.set_default(champion)
         return champion
 
-    def start(self, *, timeout: float | None = None) -> ServerStatus:
-        """Starts TorchServe, waits until it is healthy and the champion's worker is ready."""
+    def start(self, *, timeout: float | None = None, tied: bool = False) -> ServerStatus:
+        """Starts TorchServe, waits until it is healthy and the champion's worker is ready.
+
+        ``tied``: TorchServe stops when this process is gone, even SIGKILLed (``loopline run``
+        owns it); by default it outlives the caller (``loopline serve start``, a Dagster run).
+        """
         cfg = self.config
         if self._state_pid() is not None:
             raise ServingProcessError(
@@ -163,6 +168,8 @@ class TorchServeProcess:
             str(cfg.model_store),
             "--ncs",
         ]
+        if tied:
+            command = lifeline.tied(command)
         out = open(cfg.log_dir / OUTPUT_LOG, "ab")  # noqa: SIM115 (handed to the child)
         try:
             self._proc = subprocess.Popen(
@@ -347,10 +354,4 @@ def _our_group(state: dict[str, Any] | None) -> int | None:
 
 def _group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is left in the group."""
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
+    return bool(lifeline.group_members(pgid))

@@ -69,6 +69,10 @@ def test_scale_profile_takes_its_connections_from_the_environment(tmp_path):
             r"must start with postgresql\+psycopg2://",
         ),
         ({"LOOPLINE_SERVING_WORKERS": "-1"}, ">= 1"),
+        ({"LOOPLINE_SERVING_PORTS": "9000,9001"}, "three different ports"),
+        ({"LOOPLINE_SERVING_PORTS": "9000,9000,9001"}, "three different ports"),
+        ({"LOOPLINE_SERVING_PORTS": "9000;9001;9002"}, "inference,management,metrics"),
+        ({"LOOPLINE_HEALTH_STALE_INTERVALS": "0"}, "must be > 0"),
     ],
 )
 def test_a_wrong_profile_setting_is_refused_with_its_reason(tmp_path, change, message):
@@ -152,6 +156,26 @@ def test_torchserve_workers_follow_the_profile(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     assert TorchServeResource().serving_config(storage).workers_per_model == 2
     assert TorchServeResource(workers_per_model=3).serving_config(storage).workers_per_model == 3
+
+
+def test_torchserve_ports_come_from_the_settings(tmp_path, monkeypatch):
+    """`loopline run` and the deployment asset start TorchServe where LOOPLINE_SERVING_PORTS
+    says (a second platform, a test), not on 8080 whatever holds it."""
+    from orchestration.resources import LooplineStorage
+    from orchestration.serving_assets import TorchServeResource
+
+    storage = LooplineStorage(home=str(tmp_path))
+    assert TorchServeResource().serving_config(storage).inference_port == 8080
+    monkeypatch.setenv("LOOPLINE_SERVING_PORTS", "18090,18091,18092")
+    config = TorchServeResource().serving_config(storage)
+    assert (config.inference_port, config.management_port, config.metrics_port) == (
+        18090,
+        18091,
+        18092,
+    )
+    assert TorchServeResource(inference_port=18095).serving_config(storage).inference_port == (
+        18095
+    )
 
 
 def test_each_use_case_has_its_own_default_home(tmp_path):

@@ -1,0 +1,288 @@
+"""Platform health at a glance: disk use per store, TorchServe key expiry, and the age of each
+sensor's last tick, with an alert when a sensor stops ticking.
+
+One report (``health_report``) feeds ``loopline status`` and the Dagster UI. In the UI it is
+the ``platform_health`` asset: the ``platform_health_sensor`` records it every few minutes as a
+materialization (its metadata plots disk use per store over time) and evaluates the
+``sensors_ticking`` check, which fails, and alerts once per stall, when a sensor's last tick is
+older than ``stale_intervals`` of its interval (and at least ``MIN_STALE_S``). Sensors are the
+platform's heartbeat: landing, features, monitoring and retraining all start from one, so a
+sensor that stops (a code server down, a daemon stuck) stops the loop without failing a run.
+A stopped daemon stops this sensor too: ``loopline status`` reads the same report from the
+instance, so the operator sees the stall there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from core.disk_usage import store_usage
+from core.settings import Settings
+from orchestration import alerts
+from orchestration.resources import LooplineStorage
+
+# Dagster's default sensor interval; a sensor's own interval is recorded with its ticks.
+DEFAULT_INTERVAL_S = 30
+# A loaded 2-core host delays ticks by tens of seconds: never call a sensor stale sooner.
+MIN_STALE_S = 300.0
+HEALTH_INTERVAL_S = 300
+ASSET = "platform_health"
+CHECK = "sensors_ticking"
+
+
+@dataclass(frozen=True)
+class SensorTick:
+    """A running sensor's last tick, as the instance recorded it."""
+
+    name: str
+    interval_s: float
+    last_tick_at: datetime | None
+    last_tick_status: str | None
+    age_s: float | None
+    stale: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["last_tick_at"] = self.last_tick_at.isoformat() if self.last_tick_at else None
+        return out
+
+
+def is_stale(age_s: float, interval_s: float, stale_intervals: float) -> bool:
+    """Whether a last tick ``age_s`` old is older than ``stale_intervals`` of the interval and
+    ``MIN_STALE_S``."""
+    return age_s > max(stale_intervals * interval_s, MIN_STALE_S)
+
+
+def sensor_ticks(
+    instance: dg.DagsterInstance,
+    now: datetime,
+    stale_intervals: float,
+    declared: Mapping[str, float] | None = None,
+    since: datetime | None = None,
+) -> list[SensorTick]:
+    """Every running sensor's last tick. ``declared`` (name -> interval), the sensors a code
+    location declares, limits them to those (a renamed sensor's state stays behind) and adds
+    the ones that never ticked: stale once the platform, started at ``since``, has run longer
+    than a stall takes (a code location that fails to load ticks no sensor at all)."""
+    from dagster._core.definitions.run_request import InstigatorType
+
+    found: dict[str, SensorTick] = {}
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if not state.is_running or (declared is not None and state.name not in declared):
+            continue  # stopped, or no longer in the code
+        data = state.instigator_data
+        interval = float(
+            (declared or {}).get(state.name)
+            or getattr(data, "min_interval", None)
+            or DEFAULT_INTERVAL_S
+        )
+        ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)
+        at = datetime.fromtimestamp(ticks[0].timestamp, UTC) if ticks else None
+        age = (now - at).total_seconds() if at else None
+        found[state.name] = SensorTick(
+            state.name,
+            interval,
+            at,
+            ticks[0].status.value if ticks else None,
+            age,
+            age is not None and is_stale(age, interval, stale_intervals),
+        )
+    up_s = (now - since).total_seconds() if since else None
+    for name, interval in (declared or {}).items():
+        never = up_s is not None and is_stale(up_s, interval, stale_intervals)
+        found.setdefault(name, SensorTick(name, float(interval), None, None, None, never))
+    return sorted(found.values(), key=lambda t: t.name)
+
+
+def key_expiry(key_file: Path, now: datetime) -> dict[str, Any] | None:
+    """When TorchServe's inference and management keys expire (``key_file.json``, written at
+    its start: ``{"inference": {"key": ..., "expiration time": "...Z"}, ...}``); None when no
+    TorchServe runs. The earliest decides: every call needs both keys."""
+    try:
+        data = json.loads(key_file.read_text())
+    except FileNotFoundError:
+        return None
+    expiry = {
+        kind: datetime.fromisoformat(_microseconds(data[kind]["expiration time"]))
+        for kind in ("inference", "management")
+        if "expiration time" in data.get(kind, {})
+    }
+    if not expiry:
+        return None
+    first = min(expiry.values())
+    return {
+        "expires_at": first.isoformat(),
+        "expires_in_s": round((first - now).total_seconds(), 1),
+        "by_key": {kind: at.isoformat() for kind, at in expiry.items()},
+    }
+
+
+def _microseconds(stamp: str) -> str:
+    """TorchServe writes nanoseconds; ``fromisoformat`` reads at most microseconds."""
+    head, dot, rest = stamp.partition(".")
+    if not dot:
+        return stamp
+    digits = rest.rstrip("Z")
+    return f"{head}.{digits[:6]}{rest[len(digits) :]}"
+
+
+def health_report(
+    settings: Settings,
+    instance: dg.DagsterInstance | None,
+    now: datetime | None = None,
+    declared: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Disk bytes per store, key expiry and sensor ticks (none without an ``instance``);
+    ``ok`` is False when a sensor is stale or the keys have expired."""
+    now = now or datetime.now(UTC)
+    ticks = (
+        sensor_ticks(
+            instance, now, settings.health_stale_intervals, declared, platform_started(settings)
+        )
+        if instance is not None
+        else []
+    )
+    keys = key_expiry(settings.serving_dir / "key_file.json", now)
+    stale = [t.name for t in ticks if t.stale]
+    expired = keys is not None and keys["expires_in_s"] <= 0
+    return {
+        "at": now.isoformat(),
+        "ok": not stale and not expired,
+        "disk_bytes": store_usage(settings),
+        "keys": keys,
+        "sensors": [t.to_dict() for t in ticks],
+        "stale_sensors": stale,
+    }
+
+
+def platform_started(settings: Settings) -> datetime | None:
+    """When `loopline run` last started: it writes the instance's dagster.yaml then."""
+    path = settings.dagster_home / "dagster.yaml"
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except FileNotFoundError:
+        return None
+
+
+def local_instance(settings: Settings) -> dg.DagsterInstance | None:
+    """The home's Dagster instance, None before the first `loopline run` wrote its config."""
+    if not (settings.dagster_home / "dagster.yaml").exists():
+        return None
+    return dg.DagsterInstance.from_config(str(settings.dagster_home))
+
+
+def declared_sensors(repository: dg.RepositoryDefinition | None) -> dict[str, float] | None:
+    """The sensors of a code location that run by default, with their intervals; None when
+    the code location is not known (then every sensor the instance knows counts)."""
+    if repository is None:
+        return None
+    return {
+        s.name: float(s.minimum_interval_seconds or DEFAULT_INTERVAL_S)
+        for s in repository.sensor_defs
+        if s.default_status == dg.DefaultSensorStatus.RUNNING
+    }
+
+
+def _metadata(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as UI metadata: numbers plot over time on the asset's page."""
+    meta: dict[str, Any] = {
+        f"disk_bytes/{store}": dg.MetadataValue.int(size)
+        for store, size in report["disk_bytes"].items()
+    }
+    meta["disk_bytes/total"] = dg.MetadataValue.int(sum(report["disk_bytes"].values()))
+    if report["keys"]:
+        meta["key_expires_in_hours"] = round(report["keys"]["expires_in_s"] / 3600, 2)
+        meta["key_expires_at"] = report["keys"]["expires_at"]
+    for tick in report["sensors"]:
+        age = tick["age_s"]
+        meta[f"sensor_age_s/{tick['name']}"] = -1.0 if age is None else round(age, 1)
+    meta["stale_sensors"] = ", ".join(report["stale_sensors"]) or "none"
+    return meta
+
+
+def _check(report: dict[str, Any]) -> dg.AssetCheckEvaluation:
+    stale = report["stale_sensors"]
+    return dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey(ASSET),
+        check_name=CHECK,
+        passed=not stale,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"stale: {', '.join(stale)}" if stale else "every sensor ticks",
+        metadata={t["name"]: dg.MetadataValue.text(tick_line(t)) for t in report["sensors"]},
+    )
+
+
+def tick_line(tick: dict[str, Any]) -> str:
+    """One sensor's last tick, as a person reads it."""
+    age = "never ticked" if tick["age_s"] is None else f"last tick {tick['age_s']:.0f} s ago"
+    status = f" ({tick['last_tick_status'].lower()})" if tick["last_tick_status"] else ""
+    stale = ", STALE" if tick["stale"] else ""
+    return f"{age}{status}, every {tick['interval_s']:.0f} s{stale}"
+
+
+platform_health_asset = dg.AssetSpec(
+    ASSET,
+    group_name="operations",
+    description="Disk use per store, TorchServe key expiry and each sensor's last tick; "
+    "recorded by platform_health_sensor.",
+)
+
+
+@dg.asset_check(asset=ASSET, name=CHECK, description="Every running sensor ticks.")
+def sensors_ticking(context, storage: LooplineStorage):
+    """The same check, on demand from the UI."""
+    report = health_report(
+        storage.settings, context.instance, declared=declared_sensors(context.repository_def)
+    )
+    evaluation = _check(report)
+    return dg.AssetCheckResult(
+        passed=evaluation.passed,
+        severity=evaluation.severity,
+        description=evaluation.description,
+        metadata=evaluation.metadata,
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=HEALTH_INTERVAL_S,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records platform_health and its sensors_ticking check; alerts when a sensor "
+    "stops ticking.",
+)
+def platform_health_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
+    declared = declared_sensors(context.repository_def)
+    if declared is not None:
+        declared.pop(context.sensor_name, None)  # it is ticking: this is its tick
+    report = health_report(storage.settings, context.instance, declared=declared)
+    alerted = set(json.loads(context.cursor)) if context.cursor else set()
+    stale = set(report["stale_sensors"])
+    if stale - alerted:
+        alerts.send(
+            alerts.Alert(
+                "sensor_stalled",
+                f"sensors stopped ticking: {', '.join(sorted(stale))}",
+                {"sensors": [t for t in report["sensors"] if t["stale"]]},
+                severity="error",
+            )
+        )
+    return dg.SensorResult(
+        asset_events=[
+            dg.AssetMaterialization(ASSET, metadata=_metadata(report)),
+            _check(report),
+        ],
+        cursor=json.dumps(sorted(stale)),
+    )
+
+
+defs = dg.Definitions(
+    assets=[platform_health_asset],
+    asset_checks=[sensors_ticking],
+    sensors=[platform_health_sensor],
+)

@@ -1,0 +1,149 @@
+"""Health at a glance: `loopline status` shows disk use per store, TorchServe's key expiry and
+each sensor's last tick; the platform_health check fails, and alerts once, when a sensor stops
+ticking."""
+
+import json
+import logging
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+from dagster._core.definitions.run_request import InstigatorType
+from dagster._core.remote_origin import (
+    RegisteredCodeLocationOrigin,
+    RemoteInstigatorOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.scheduler.instigation import (
+    InstigatorState,
+    InstigatorStatus,
+    SensorInstigatorData,
+    TickData,
+    TickStatus,
+)
+
+from core.settings import Settings
+from orchestration import health
+from orchestration.cli import main
+from orchestration.definitions import defs
+from orchestration.platform import write_instance_config
+from orchestration.resources import LooplineStorage
+
+NOW = datetime.now(UTC)
+
+
+def _ticked(instance: dg.DagsterInstance, name: str, interval: int, ago: timedelta) -> None:
+    """A running sensor whose last tick was ``ago``, recorded as the daemon records it."""
+    origin = RemoteInstigatorOrigin(
+        RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("loopline"), "__repository__"), name
+    )
+    state = InstigatorState(
+        origin,
+        InstigatorType.SENSOR,
+        InstigatorStatus.DECLARED_IN_CODE,
+        SensorInstigatorData(min_interval=interval),
+    )
+    if instance.get_instigator_state(state.instigator_origin_id, state.selector_id) is None:
+        instance.add_instigator_state(state)
+    instance.create_tick(
+        TickData(
+            instigator_origin_id=state.instigator_origin_id,
+            instigator_name=name,
+            instigator_type=InstigatorType.SENSOR,
+            status=TickStatus.SKIPPED,
+            timestamp=(NOW - ago).timestamp(),
+            selector_id=state.selector_id,
+        )
+    )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A home that ran: files in two stores, TorchServe's key file, an instance where the
+    landing sensor ticked 3 s ago and the monitoring sensor 2 hours ago."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LOOPLINE_HOME", str(home))
+    settings = Settings.from_env().ensure()
+    (settings.landing / "a.csv").write_bytes(b"x" * 1000)
+    (settings.archive / "b.csv").write_bytes(b"y" * 2500)
+    settings.serving_dir.mkdir(parents=True)
+    expires = (NOW + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
+    keys = {kind: {"key": "k", "expiration time": expires} for kind in ("inference", "management")}
+    (settings.serving_dir / "key_file.json").write_text(json.dumps(keys | {"API": {"key": "a"}}))
+    config = write_instance_config(settings)
+    started = time.time() - 600  # `loopline run` started 10 minutes ago
+    os.utime(config, (started, started))
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    _ticked(instance, "landing_sensor", 5, timedelta(seconds=3))
+    _ticked(instance, "monitoring_sensor", 30, timedelta(hours=2))
+    yield settings, instance
+    instance.dispose()
+
+
+def test_status_json_shows_disk_keys_and_sensor_ages(home):
+    result = CliRunner().invoke(main, ["status", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["health"]
+    assert report["disk_bytes"]["landing"] == 1000
+    assert report["disk_bytes"]["archive"] == 2500
+    assert 3 * 86400 - 120 < report["keys"]["expires_in_s"] <= 3 * 86400
+    ticks = {t["name"]: t for t in report["sensors"]}
+    assert ticks["landing_sensor"]["age_s"] < 120 and not ticks["landing_sensor"]["stale"]
+    assert ticks["monitoring_sensor"]["age_s"] > 7000 and ticks["monitoring_sensor"]["stale"]
+    # Declared in the code but never ticked in 10 minutes: stalled as well.
+    assert ticks["retrain_sensor"]["last_tick_at"] is None and ticks["retrain_sensor"]["stale"]
+    assert "monitoring_sensor" in report["stale_sensors"]
+    assert "landing_sensor" not in report["stale_sensors"]
+    assert report["ok"] is False
+
+    text = CliRunner().invoke(main, ["status"], catch_exceptions=False).output
+    assert "monitoring_sensor" in text and "STALE" in text and "key expiry" in text
+
+
+def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog):
+    settings, instance = home
+    repository = defs.get_repository_def()
+
+    def evaluate(cursor=None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=instance,
+            cursor=cursor,
+            repository_def=repository,
+            sensor_name="platform_health_sensor",
+            resources={"storage": LooplineStorage(home=str(settings.home))},
+        )
+        return health.platform_health_sensor(context)
+
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        first = evaluate()
+        again = evaluate(first.cursor)
+    [materialization, check] = first.asset_events
+    assert check.check_name == "sensors_ticking" and check.passed is False
+    assert "monitoring_sensor" in check.description
+    assert materialization.metadata["disk_bytes/landing"].value == 1000
+    alerts = [r for r in caplog.records if '"sensor_stalled"' in r.getMessage()]
+    assert len(alerts) == 1, "one alert per stall, not one per evaluation"
+    assert again.asset_events[1].passed is False
+
+    # Every declared sensor ticks again: the check passes.
+    for sensor in repository.sensor_defs:
+        _ticked(instance, sensor.name, 30, timedelta(seconds=1))
+    assert evaluate(again.cursor).asset_events[1].passed is True
+
+
+def test_a_fresh_start_is_not_a_stall(tmp_path):
+    """Sensors that have not ticked yet a minute after start are not called stalled."""
+    settings = Settings(tmp_path / "home").ensure()
+    write_instance_config(settings)
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        report = health.health_report(
+            settings, instance, declared=health.declared_sensors(defs.get_repository_def())
+        )
+    finally:
+        instance.dispose()
+    assert report["sensors"] and report["stale_sensors"] == [] and report["ok"]
+    assert report["keys"] is None  # no TorchServe ran
