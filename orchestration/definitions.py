@@ -10,6 +10,7 @@ from orchestration import (
     feature_assets,
     ingest_assets,
     monitoring_assets,
+    retention_assets,
     retraining,
     serving_assets,
     training_assets,
@@ -24,5 +25,6 @@ defs = dg.Definitions.merge(
     monitoring_assets.defs,
     retraining.defs,
     backtest_assets.defs,
+    retention_assets.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )
