@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.rotating_log import LogRotator, open_append
 from core.settings import REPO_ROOT, Settings
 
 DAGSTER_YAML = """\
@@ -107,15 +108,35 @@ def start_dagster(
     write_instance_config(settings)
     exe = Path(sys.executable).with_name("dagster")
     cmd = [str(exe), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
-    log = open(settings.home / "dagster.log", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=environment(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = open_append(settings.dagster_log)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=environment(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)  # the child holds its own copy
+    proc.log_rotator = rotate_while_running(proc, settings)  # type: ignore[attr-defined]
+    return proc
+
+
+def rotate_while_running(
+    proc: subprocess.Popen, settings: Settings, interval_s: float = 5.0
+) -> LogRotator:
+    """Keep ``dagster.log`` within ``log_max_bytes`` (plus ``log_backups`` copies) for as long
+    as ``proc`` runs: copy-truncate from this process, so a slow check never blocks the child
+    (core/rotating_log.py)."""
+    return LogRotator(
+        settings.dagster_log,
+        settings.log_max_bytes,
+        settings.log_backups,
+        interval_s=interval_s,
+        alive=lambda: proc.poll() is None,
+    ).start()
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
