@@ -12,11 +12,24 @@ from pathlib import Path
 from core.rotating_log import LogRotator, open_append
 from core.settings import REPO_ROOT, Settings
 
+TICK_RETENTION = """\
+# Sensor and schedule ticks are kept a month (skipped ones a day): Dagster keeps successful
+# ticks forever by default, and the landing sensor ticks every few seconds.
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 1
+      success: 30
+      failure: 30
+"""
+
 DAGSTER_YAML = """\
 # Written by `loopline run`; edit LOOPLINE_HOME, not this file.
 telemetry:
   enabled: false
-run_coordinator:
+{retention}run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
 concurrency:
@@ -58,7 +71,7 @@ SCALE_DAGSTER_YAML = """\
 # Written by `loopline run` (LOOPLINE_PROFILE=scale); the Postgres URL stays in the environment.
 telemetry:
   enabled: false
-storage:
+{retention}storage:
   postgres:
     postgres_url:
       env: LOOPLINE_POSTGRES_URL
@@ -87,9 +100,11 @@ def instance_config(settings: Settings, max_runs: int | None = None) -> str:
     """dagster.yaml text for the settings' profile (``max_runs`` overrides the profile's)."""
     runs = max_runs or settings.max_concurrent_runs
     if settings.scale:
-        return SCALE_DAGSTER_YAML.format(max_runs=runs, per_dataset=max(1, runs // 2))
+        return SCALE_DAGSTER_YAML.format(
+            max_runs=runs, per_dataset=max(1, runs // 2), retention=TICK_RETENTION
+        )
     # Ingestion has a slot of its own beside them (decision 38): neither queue starves the other.
-    return DAGSTER_YAML.format(max_runs=runs, slots=runs + 1)
+    return DAGSTER_YAML.format(max_runs=runs, slots=runs + 1, retention=TICK_RETENTION)
 
 
 def write_instance_config(settings: Settings, max_runs: int | None = None) -> Path:

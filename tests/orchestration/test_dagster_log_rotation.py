@@ -1,5 +1,5 @@
 """dagster.log stays within its bound while `dagster dev` writes on, never blocked, and the
-newest lines are always in the live file (or the first backup)."""
+newest lines are always in the live file (or the first backup); the instance purges old ticks."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from core.rotating_log import backup_path, open_append
 from core.settings import Settings
-from orchestration.platform import rotate_while_running
+from orchestration.platform import rotate_while_running, write_instance_config
 
 # Writes numbered 100-byte lines as fast as it can for ``seconds``, then prints "done".
 CHILD = """
@@ -41,3 +41,20 @@ def test_dagster_log_stays_bounded_while_the_child_writes(tmp_path):
         assert b"\0" not in path.read_bytes()
     newest = (files[0].read_bytes() or files[1].read_bytes()).splitlines()
     assert newest[-1] == b"done"
+
+
+def test_the_instance_purges_old_sensor_and_schedule_ticks(tmp_path):
+    import dagster as dg
+    from dagster._core.definitions.run_request import InstigatorType
+    from dagster._core.scheduler.instigation import TickStatus
+
+    settings = Settings(tmp_path / "home")
+    write_instance_config(settings)
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        sensor = instance.get_tick_retention_settings(InstigatorType.SENSOR)
+        schedule = instance.get_tick_retention_settings(InstigatorType.SCHEDULE)
+    finally:
+        instance.dispose()
+    assert sensor[TickStatus.SKIPPED] == 1 and sensor[TickStatus.SUCCESS] == 30
+    assert schedule[TickStatus.SUCCESS] == 30  # Dagster's default: forever (-1)
