@@ -54,6 +54,8 @@ RETENTION_DEFAULTS = {
     "batch_predictions": Limits(max_count=100, max_bytes=parse_size("1G")),
     "compacted_log": Limits(max_bytes=parse_size("1G")),
     "prediction_log": Limits(max_bytes=parse_size("512M")),
+    # Finished Dagster runs and their event logs, by wall-clock age (orchestration's store).
+    "dagster_runs": Limits(max_age=timedelta(days=14)),
 }
 RETAIN_PREFIX = "LOOPLINE_RETAIN_"
 ENV_VARS += (

@@ -44,7 +44,8 @@ from serving.config import ServingConfig
 from serving.monitoring import MANIFEST
 from serving.prediction_log import closed_files
 
-STORES = tuple(RETENTION_DEFAULTS)
+# Dagster's runs are a store too, kept by orchestration/retention_assets.py (Dagster's API).
+STORES = tuple(s for s in RETENTION_DEFAULTS if s != "dagster_runs")
 BATCH_STORES = ("raw", "validated", "features", "archive")
 # Stores whose deletions leave a tombstone in the ledger (logs and batch scores do not).
 RECORDED = (*BATCH_STORES, "quarantine", "models", "mar", "training_sets")

@@ -2,15 +2,17 @@
 training window survive, old batches and retired models go, and the metadata says what went."""
 
 import json
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from core.retention import Limits
 from core.settings import Settings
 from orchestration.definitions import defs
 from orchestration.feature_assets import features_backlog
 from orchestration.resources import LooplineStorage
-from orchestration.retention_assets import retention
+from orchestration.retention_assets import retain_runs, retention
 from quality.ledger import BatchLedger
 from tests.serving import lakekit
 from tests.serving.lakekit import DAY
@@ -93,3 +95,32 @@ def test_expired_batches_are_no_feature_backlog(tmp_path, monkeypatch):
         "b05",
     ]
     assert features_backlog(storage) == []
+
+
+def test_old_dagster_runs_go_but_each_asset_keeps_its_latest_materialization(tmp_path):
+    @dg.asset
+    def thing() -> int:
+        return 1
+
+    @dg.op
+    def noop() -> None:
+        pass
+
+    @dg.job
+    def chores():
+        noop()
+
+    settings = replace(
+        Settings(tmp_path / "home"),
+        retention={"dagster_runs": Limits(max_age=timedelta(0))},
+        retention_grace_min=0.0,
+    )
+    with dg.instance_for_test() as instance:
+        runs = [dg.materialize([thing], instance=instance).run_id for _ in range(3)]
+        runs.append(chores.execute_in_process(instance=instance).run_id)
+        decided = retain_runs(instance, settings)
+        left = {r.run_id for r in instance.get_runs()}
+        latest = instance.get_latest_materialization_event(dg.AssetKey("thing"))
+    assert left == {runs[2]} and latest is not None and latest.run_id == runs[2]
+    assert {i.name for i in decided.delete} == {runs[0], runs[1], runs[3]}
+    assert decided.summary()["protected"] == {"an asset's latest materialization": 1}
