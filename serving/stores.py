@@ -187,16 +187,28 @@ def list_store(settings: Settings, store: str) -> list[Item]:
 
 
 def disk_usage(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Per store: items, bytes and the oldest item's time (``loopline status``, the asset)."""
+    """Per store: items, bytes and the oldest item's time (``loopline status``, the asset);
+    besides the retained stores, ``process_logs`` (dagster.log and TorchServe's logs, with
+    their backups) and ``dagster`` (its runs, event logs and captured output), which bound
+    themselves (rotation, ``dagster_runs`` retention)."""
     out = {}
     for store in STORES:
-        items = list_store(settings, store)
-        out[store] = {
-            "items": len(items),
-            "bytes": sum(i.bytes for i in items),
-            "oldest": items[0].time.isoformat() if items else None,
-        }
+        out[store] = _usage(list_store(settings, store))
+    config = ServingConfig.for_home(settings.home, settings.serving_dir)
+    logs = [*settings.home.glob(f"{settings.dagster_log.name}*"), config.log_dir]
+    out["process_logs"] = _usage([_item(p, p.name) for p in logs if p.exists()])
+    home = settings.dagster_home
+    out["dagster"] = _usage([_item(home, home.name)] if home.exists() else [])
     return out
+
+
+def _usage(items: list[Item]) -> dict[str, Any]:
+    oldest = min((i.time for i in items), default=None)
+    return {
+        "items": len(items),
+        "bytes": sum(i.bytes for i in items),
+        "oldest": oldest.isoformat() if oldest else None,
+    }
 
 
 # --- data ages -----------------------------------------------------------------------------

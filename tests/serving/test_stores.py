@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from core.retention import Limits
+from core.rotating_log import backup_path
 from core.settings import Settings
 from models.registry import Registry
 from quality.ledger import BatchLedger
@@ -156,6 +157,10 @@ def test_disk_usage_per_store(home):
     assert usage["mar"] == {"items": 1, "bytes": 300, "oldest": usage["mar"]["oldest"]}
     assert usage["quarantine"] == {"items": 0, "bytes": 0, "oldest": None}
     assert set(usage) >= {"archive", "raw", "features", "models", "training_sets", "prediction_log"}
+    settings.dagster_log.write_bytes(b"x" * 10)
+    backup_path(settings.dagster_log, 1).write_bytes(b"y" * 5)
+    assert disk_usage(settings)["process_logs"]["bytes"] == 15
+    assert disk_usage(settings)["dagster"]["items"] == 1  # ensure() made DAGSTER_HOME
 
 
 def test_a_pass_within_limits_deletes_nothing(home):
