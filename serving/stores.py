@@ -103,13 +103,19 @@ def needed(settings: Settings, ledger: BatchLedger, window_days: float | None) -
 # --- listing -------------------------------------------------------------------------------
 
 
-def _mtime(path: Path) -> datetime:
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
-
-
-def _item(path: Path, name: str, batch_id: str | None = None, *extra: Path) -> Item:
+def _item(path: Path, name: str, batch_id: str | None = None, *extra: Path) -> Item | None:
+    """The item of ``path`` (and ``extra`` paths deleted with it); None if it just vanished
+    (the prediction log's writer bounds its folder too)."""
+    try:
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except FileNotFoundError:
+        return None
     paths = (path, *extra)
-    return Item(name, paths, sum(tree_bytes(p) for p in paths), _mtime(path), batch_id=batch_id)
+    return Item(name, paths, sum(tree_bytes(p) for p in paths), mtime, batch_id=batch_id)
+
+
+def _present(items) -> list[Item]:
+    return [i for i in items if i is not None]
 
 
 def _visible(folder: Path, pattern: str = "*") -> list[Path]:
@@ -120,42 +126,42 @@ def _visible(folder: Path, pattern: str = "*") -> list[Path]:
 
 def _batch_files(root: Path) -> list[Item]:
     """``<root>/<dataset>/<batch>.parquet`` (raw, validated) or ``<root>/<view>/...``."""
-    return [
+    return _present(
         _item(path, f"{folder.name}/{path.name}", path.stem)
         for folder in _visible(root)
         for path in _visible(folder, "*.parquet")
-    ]
+    )
 
 
 def _archive(root: Path) -> list[Item]:
     """``archive/<dataset>/<batch>__<name>`` and ``archive/duplicates/<batch>__<name>``."""
-    return [
+    return _present(
         _item(path, f"{folder.name}/{path.name}", path.name.split("__", 1)[0])
         for folder in _visible(root)
         if folder.is_dir()
         for path in _visible(folder)
         if "__" in path.name
-    ]
+    )
 
 
 def _quarantine(root: Path) -> list[Item]:
-    return [
+    return _present(
         _item(path, f"{folder.name}/{path.name}", path.name)
         for folder in _visible(root)
         if folder.is_dir()
         for path in _visible(folder)
-    ]
+    )
 
 
 def _training_sets(root: Path) -> list[Item]:
-    return [
+    return _present(
         _item(path, path.stem, None, *[p for p in [path.with_suffix(".json")] if p.exists()])
         for path in _visible(root, "*.parquet")
-    ]
+    )
 
 
 def _files(root: Path, pattern: str) -> list[Item]:
-    return [_item(path, path.name) for path in _visible(root, pattern)]
+    return _present(_item(path, path.name) for path in _visible(root, pattern))
 
 
 def _listers(settings: Settings) -> dict[str, Callable[[], list[Item]]]:
@@ -171,10 +177,8 @@ def _listers(settings: Settings) -> dict[str, Callable[[], list[Item]]]:
         "training_sets": lambda: _training_sets(settings.training_sets),
         "batch_predictions": lambda: _files(settings.batch_predictions, "*.parquet"),
         "compacted_log": lambda: _files(settings.monitoring / "log", "predictions-*.parquet"),
-        "prediction_log": lambda: (
-            [_item(p, p.name) for p in closed_files(config.prediction_log_dir)]
-            if config.prediction_log_dir.exists()
-            else []
+        "prediction_log": lambda: _present(
+            _item(p, p.name) for p in closed_files(config.prediction_log_dir)
         ),
     }
 
@@ -196,9 +200,8 @@ def disk_usage(settings: Settings) -> dict[str, dict[str, Any]]:
         out[store] = _usage(list_store(settings, store))
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     logs = [*settings.home.glob(f"{settings.dagster_log.name}*"), config.log_dir]
-    out["process_logs"] = _usage([_item(p, p.name) for p in logs if p.exists()])
-    home = settings.dagster_home
-    out["dagster"] = _usage([_item(home, home.name)] if home.exists() else [])
+    out["process_logs"] = _usage(_present(_item(p, p.name) for p in logs))
+    out["dagster"] = _usage(_present([_item(settings.dagster_home, "dagster")]))
     return out
 
 
@@ -218,7 +221,11 @@ def newest_event(path: Path, column: str) -> datetime | None:
     """The largest value of ``column`` in a parquet file, from its footer's statistics."""
     import pyarrow.parquet as pq
 
-    with path.open("rb") if is_remote(path) else open(path, "rb") as fh:
+    try:
+        fh = path.open("rb") if is_remote(path) else open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    with fh:
         parquet = pq.ParquetFile(fh)
         index = parquet.schema_arrow.get_field_index(column)
         if index < 0:

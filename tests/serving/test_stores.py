@@ -12,6 +12,7 @@ from core.rotating_log import backup_path
 from core.settings import Settings
 from models.registry import Registry
 from quality.ledger import BatchLedger
+from serving import stores
 from serving.stores import disk_usage, retain
 from tests.serving import lakekit
 from tests.serving.lakekit import DAY
@@ -172,3 +173,23 @@ def test_a_pass_within_limits_deletes_nothing(home):
     report = retain(settings, ledger)  # the defaults: 90 days of data, 20 models, ...
     assert report.removed_bytes == 0 and disk_usage(settings) == before
     assert ledger.expired() == []
+
+
+def test_a_file_that_vanishes_while_listed_is_skipped(home, monkeypatch):
+    """The prediction log's writer deletes its oldest files itself, any time."""
+    settings, _ledger = home
+    folder = settings.home / "predictions" / "fraud"
+    folder.mkdir(parents=True)
+    for k in range(2):
+        (folder / f"2026010{k}-predictions-1-1.jsonl").write_bytes(b"{}\n")
+    real = stores.closed_files
+
+    def racing(directory):
+        found = real(directory)
+        found[0].unlink()
+        return found
+
+    monkeypatch.setattr(stores, "closed_files", racing)
+    assert [i.name for i in stores.list_store(settings, "prediction_log")] == [
+        "20260101-predictions-1-1.jsonl"
+    ]
