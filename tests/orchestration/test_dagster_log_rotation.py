@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from core.rotating_log import backup_path, open_append
 from core.settings import Settings
+from orchestration import platform
 from orchestration.platform import rotate_while_running, write_instance_config
 
 # Writes numbered 100-byte lines as fast as it can for ``seconds``, then prints "done".
@@ -58,3 +59,20 @@ def test_the_instance_purges_old_sensor_and_schedule_ticks(tmp_path):
         instance.dispose()
     assert sensor[TickStatus.SKIPPED] == 1 and sensor[TickStatus.SUCCESS] == 30
     assert schedule[TickStatus.SUCCESS] == 30  # Dagster's default: forever (-1)
+
+
+def test_start_dagster_writes_its_output_to_the_rotated_log(tmp_path, monkeypatch):
+    """The wiring: `dagster dev`'s output (here a stand-in child) lands in dagster.log, which
+    a rotator watches for as long as the child runs."""
+    real_popen = subprocess.Popen
+
+    def stand_in(cmd, **kwargs):
+        return real_popen([sys.executable, "-c", "print('dagster says hi')"], **kwargs)
+
+    monkeypatch.setattr(platform.subprocess, "Popen", stand_in)
+    settings = Settings(tmp_path / "home").ensure()
+    proc = platform.start_dagster(settings)
+    assert proc.wait(timeout=60) == 0
+    proc.log_rotator.stop()
+    assert settings.dagster_log.read_text() == "dagster says hi\n"
+    assert proc.log_rotator.path == settings.dagster_log
