@@ -36,7 +36,7 @@ from typing import Any
 
 from core.retention import Item, Limits, Plan, delete, plan, tree_bytes
 from core.settings import RETENTION_DEFAULTS, Settings
-from core.storage import is_remote
+from core.storage import is_remote, write_json_atomic
 from models.registry import CHALLENGER, CHAMPION, Registry
 from quality.ledger import FINAL, BatchLedger, BatchRecord
 from quality.schema import time_columns
@@ -49,6 +49,8 @@ STORES = tuple(s for s in RETENTION_DEFAULTS if s != "dagster_runs")
 BATCH_STORES = ("raw", "validated", "features", "archive")
 # Stores whose deletions leave a tombstone in the ledger (logs and batch scores do not).
 RECORDED = (*BATCH_STORES, "quarantine", "models", "mar", "training_sets")
+# Each batch's newest event time, read once from its validated file's footer (``data_ages``).
+AGES_FILE = "retention_ages.json"
 
 
 @dataclass(frozen=True)
@@ -236,22 +238,26 @@ def newest_event(path: Path, column: str) -> datetime | None:
     return max(values) if values else None
 
 
-def data_ages(validated: list[Item], root: Path, columns: Mapping[str, str | None]) -> dict:
+def data_ages(
+    validated: list[Item], root: Path, columns: Mapping[str, str | None], known: dict[str, list]
+) -> dict[str, timedelta]:
     """Batch id -> how far its newest event lies behind its dataset's newest (event datasets
-    only: reference data has no age)."""
-    newest: dict[str, datetime] = {}
-    per_batch: dict[str, tuple[str, datetime]] = {}
+    only: reference data has no age). ``known`` (batch id -> [dataset, newest event]) is what
+    earlier passes read: each footer is read once, and a batch whose validated file is gone
+    keeps its age for the raw and archive copies that may outlive it. Updated in place."""
     for item in validated:
         dataset = item.name.split("/", 1)[0]
         column = columns.get(dataset)
-        if column is None:
+        if column is None or item.batch_id in known:
             continue
         stamp = newest_event(root / item.name, column)
-        if stamp is None:
-            continue
-        per_batch[item.batch_id] = (dataset, stamp)  # type: ignore[index]
+        if stamp is not None:
+            known[item.batch_id] = [dataset, stamp.isoformat()]  # type: ignore[index]
+    stamps = {b: (ds, datetime.fromisoformat(t)) for b, (ds, t) in known.items()}
+    newest: dict[str, datetime] = {}
+    for dataset, stamp in stamps.values():
         newest[dataset] = max(newest.get(dataset, stamp), stamp)
-    return {b: newest[ds] - stamp for b, (ds, stamp) in per_batch.items()}
+    return {b: newest[ds] - stamp for b, (ds, stamp) in stamps.items()}
 
 
 # --- protection ----------------------------------------------------------------------------
@@ -351,7 +357,9 @@ def retain(
     need = needed(settings, ledger, window_days)
     columns = time_columns()
     validated = list_store(settings, "validated")
-    ages = data_ages(validated, settings.validated, columns)
+    ages_path = settings.home / AGES_FILE
+    known = json.loads(ages_path.read_text()) if ages_path.exists() else {}
+    ages = data_ages(validated, settings.validated, columns, known)
     plans: dict[str, Plan] = {}
     extras = _extras(settings, pending_features, unloaded_features)
     for store in ("validated", *[s for s in STORES if s != "validated"]):
@@ -367,6 +375,9 @@ def retain(
         plans[store] = plan(store, protected, settings.retention.get(store, Limits()))
         if not dry_run:
             _apply(ledger, plans[store])
+    if not dry_run:  # forget the batches no store holds any more
+        held = {i.batch_id for store in BATCH_STORES for i in plans[store].keep}
+        write_json_atomic({b: v for b, v in known.items() if b in held}, ages_path)
     return RetentionReport(plans)
 
 

@@ -193,3 +193,17 @@ def test_a_file_that_vanishes_while_listed_is_skipped(home, monkeypatch):
     assert [i.name for i in stores.list_store(settings, "prediction_log")] == [
         "20260101-predictions-1-1.jsonl"
     ]
+
+
+def test_raw_copies_outliving_their_validated_file_still_age(home):
+    settings, ledger = home
+    for k in range(10):
+        lakekit.land(settings, ledger, f"b{k:02d}", NEWEST - (9 - k) * DAY)
+    settings = _limits(settings, validated=Limits(max_age=3 * DAY), raw=Limits(max_age=5 * DAY))
+    retain(settings, ledger)
+    raw = settings.raw / "transactions"
+    assert sorted(p.stem for p in raw.iterdir())[0] == "b04"
+    lakekit.land(settings, ledger, "b10", NEWEST + DAY)  # a day later: b04 is 6 days old
+    retain(settings, ledger)
+    assert sorted(p.stem for p in raw.iterdir())[0] == "b05"
+    assert not (settings.validated / "transactions" / "b04.parquet").exists()
