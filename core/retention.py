@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -212,20 +212,6 @@ def tree_bytes(path: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
-
-
-@dataclass
-class Usage:
-    """Disk use of one store: files (items) and bytes."""
-
-    items: int = 0
-    bytes: int = 0
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-def usage(items: Iterable[Item]) -> Usage:
-    listed = list(items)
-    return Usage(len(listed), sum(i.bytes for i in listed))
 
 
 def limits_from_env(
