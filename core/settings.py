@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
+from core.retention import Limits, limits_from_env, parse_size
 from core.storage import data_root, is_remote
 from core.usecase import DEFAULT_USECASE
 
@@ -35,6 +37,35 @@ ENV_VARS = (
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
     "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES",
+)
+# Retention (core/retention.py, serving/stores.py): per store, LOOPLINE_RETAIN_<STORE> holds
+# its limits as ``days=N,count=N,bytes=SIZE`` (any of them; ``off``: none). ``days`` counts in
+# the data's event time for batch files (raw, validated, features, archive), so an accelerated
+# simulation expires data as fast as it makes it. Defaults keep a running demo's disk flat:
+# batch stores hold 90 days of data, the rest a count or a size. What a champion, a rollback
+# target, the training window or unfinished work needs is kept whatever the limit.
+RETENTION_DEFAULTS = {
+    "archive": Limits(max_age=timedelta(days=90), max_bytes=parse_size("2G")),
+    "raw": Limits(max_age=timedelta(days=90), max_bytes=parse_size("4G")),
+    "validated": Limits(max_age=timedelta(days=90)),
+    "features": Limits(max_age=timedelta(days=90)),
+    "quarantine": Limits(max_count=200, max_bytes=parse_size("1G")),
+    "models": Limits(max_count=20),
+    "mar": Limits(max_count=10),
+    "training_sets": Limits(max_count=10),
+    "batch_predictions": Limits(max_count=100, max_bytes=parse_size("1G")),
+    "compacted_log": Limits(max_bytes=parse_size("1G")),
+    "prediction_log": Limits(max_bytes=parse_size("512M")),
+    # Finished Dagster runs and their event logs, by wall-clock age (orchestration's store).
+    "dagster_runs": Limits(max_age=timedelta(days=14)),
+}
+RETAIN_PREFIX = "LOOPLINE_RETAIN_"
+ENV_VARS += (
+    *(f"{RETAIN_PREFIX}{store.upper()}" for store in RETENTION_DEFAULTS),
+    "LOOPLINE_RETAIN_GRACE_MINUTES",
+    "LOOPLINE_RETAIN_ROLLBACK_DEPTH",
+    "LOOPLINE_LOG_MAX_BYTES",
+    "LOOPLINE_LOG_BACKUPS",
 )
 # Retraining trigger overrides: environment variable -> TriggerPolicy field.
 RETRAIN_ENV = {
@@ -118,6 +149,13 @@ class Settings:
     # A sensor whose last tick is older than this many of its intervals (and 5 minutes) is
     # stale: `loopline status` and the platform_health check say so, and an alert goes out.
     health_stale_intervals: float = 10.0
+    # Retention: limits per store, the grace (nothing younger is deleted: a run may be using
+    # it), how many champions back rollback must find intact, and process logs' rotation.
+    retention: Mapping[str, Limits] = field(default_factory=lambda: dict(RETENTION_DEFAULTS))
+    retention_grace_min: float = 30.0
+    rollback_depth: int = 3
+    log_max_bytes: int = 16 << 20
+    log_backups: int = 3
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -158,6 +196,12 @@ class Settings:
             raise ValueError("LOOPLINE_HEALTH_STALE_INTERVALS must be > 0")
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
+        if self.retention_grace_min < 0 or self.rollback_depth < 1:
+            raise ValueError(
+                "LOOPLINE_RETAIN_GRACE_MINUTES must be >= 0 and LOOPLINE_RETAIN_ROLLBACK_DEPTH >= 1"
+            )
+        if self.log_max_bytes < 1 or self.log_backups < 1:
+            raise ValueError("LOOPLINE_LOG_MAX_BYTES and LOOPLINE_LOG_BACKUPS must be >= 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -179,6 +223,11 @@ class Settings:
             ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
             **_ports(env.get("LOOPLINE_SERVING_PORTS")),
             health_stale_intervals=float(env.get("LOOPLINE_HEALTH_STALE_INTERVALS") or 10),
+            retention=limits_from_env(env, RETENTION_DEFAULTS, RETAIN_PREFIX),
+            retention_grace_min=float(env.get("LOOPLINE_RETAIN_GRACE_MINUTES") or 30),
+            rollback_depth=int(env.get("LOOPLINE_RETAIN_ROLLBACK_DEPTH") or 3),
+            log_max_bytes=parse_size(env.get("LOOPLINE_LOG_MAX_BYTES") or "16M"),
+            log_backups=int(env.get("LOOPLINE_LOG_BACKUPS") or 3),
         )
 
     @property
@@ -254,6 +303,20 @@ class Settings:
     def retrain_request(self) -> Path:
         """Written by ``loopline retrain``; the retrain sensor consumes it."""
         return self.home / "retrain_request.json"
+
+    @property
+    def batch_predictions(self) -> Path:
+        return self.home / "batch_predictions"
+
+    @property
+    def monitoring(self) -> Path:
+        """Monitoring's outputs; ``log/`` holds the compacted prediction log."""
+        return self.home / "monitoring"
+
+    @property
+    def dagster_log(self) -> Path:
+        """`dagster dev`'s output, size-rotated (``log_max_bytes``, ``log_backups``)."""
+        return self.home / "dagster.log"
 
     @property
     def dagster_home(self) -> Path:

@@ -391,6 +391,11 @@ class Registry:
         with self._read() as con:
             return _get_alias(con, alias)
 
+    def champion_stack(self) -> list[str]:
+        """Champions in promotion order, current last: what rollback walks back through."""
+        with self._read() as con:
+            return _champion_stack(con)
+
     def aliases(self) -> dict[str, str]:
         with self._read() as con:
             return {

@@ -11,6 +11,7 @@ from orchestration import (
     health,
     ingest_assets,
     monitoring_assets,
+    retention_assets,
     retraining,
     serving_assets,
     training_assets,
@@ -26,5 +27,6 @@ defs = dg.Definitions.merge(
     retraining.defs,
     backtest_assets.defs,
     health.defs,
+    retention_assets.defs,
     dg.Definitions(resources={"storage": LooplineStorage()}),
 )

@@ -29,11 +29,17 @@ GROUP = "features"
 
 def validated_batches(storage: LooplineStorage) -> list:
     """Validated batches of the datasets that change a feature view (``incremental.Batch``),
-    in arrival order."""
+    in arrival order; not those retention has expired (their files are gone)."""
     from features import incremental
 
     changing = {d for view in VIEWS.values() for d in view.datasets}
-    records = [r for r in storage.ledger.batches(status="validated") if r.dataset in changing]
+    ledger = storage.ledger
+    expired = ledger.expired_batches("validated")
+    records = [
+        r
+        for r in ledger.batches(status="validated")
+        if r.dataset in changing and r.batch_id not in expired
+    ]
     records.sort(key=lambda r: (r.received_at, r.batch_id))
     return [incremental.Batch(r.dataset, r.batch_id) for r in records]
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import dagster as dg
 
-from core.disk_usage import store_usage
 from core.settings import Settings
 from orchestration import alerts
 from orchestration.resources import LooplineStorage
+from serving.stores import disk_usage
 
 # Dagster's default sensor interval; a sensor's own interval is recorded with its ticks.
 DEFAULT_INTERVAL_S = 30
@@ -155,7 +155,7 @@ def health_report(
     return {
         "at": now.isoformat(),
         "ok": not stale and not expired,
-        "disk_bytes": store_usage(settings),
+        "disk_bytes": {name: usage["bytes"] for name, usage in disk_usage(settings).items()},
         "keys": keys,
         "sensors": [t.to_dict() for t in ticks],
         "stale_sensors": stale,

@@ -10,13 +10,27 @@ import time
 from pathlib import Path
 
 from core.lifeline import tied
+from core.rotating_log import LogRotator, open_append
 from core.settings import REPO_ROOT, Settings
+
+TICK_RETENTION = """\
+# Sensor and schedule ticks are kept a month (skipped ones a day): Dagster keeps successful
+# ticks forever by default, and the landing sensor ticks every few seconds.
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 1
+      success: 30
+      failure: 30
+"""
 
 DAGSTER_YAML = """\
 # Written by `loopline run`; edit LOOPLINE_HOME, not this file.
 telemetry:
   enabled: false
-run_coordinator:
+{retention}run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
 concurrency:
@@ -58,7 +72,7 @@ SCALE_DAGSTER_YAML = """\
 # Written by `loopline run` (LOOPLINE_PROFILE=scale); the Postgres URL stays in the environment.
 telemetry:
   enabled: false
-storage:
+{retention}storage:
   postgres:
     postgres_url:
       env: LOOPLINE_POSTGRES_URL
@@ -87,9 +101,11 @@ def instance_config(settings: Settings, max_runs: int | None = None) -> str:
     """dagster.yaml text for the settings' profile (``max_runs`` overrides the profile's)."""
     runs = max_runs or settings.max_concurrent_runs
     if settings.scale:
-        return SCALE_DAGSTER_YAML.format(max_runs=runs, per_dataset=max(1, runs // 2))
+        return SCALE_DAGSTER_YAML.format(
+            max_runs=runs, per_dataset=max(1, runs // 2), retention=TICK_RETENTION
+        )
     # Ingestion has a slot of its own beside them (decision 38): neither queue starves the other.
-    return DAGSTER_YAML.format(max_runs=runs, slots=runs + 1)
+    return DAGSTER_YAML.format(max_runs=runs, slots=runs + 1, retention=TICK_RETENTION)
 
 
 def write_instance_config(settings: Settings, max_runs: int | None = None) -> Path:
@@ -110,15 +126,35 @@ def start_dagster(
     exe = Path(sys.executable).with_name("dagster")
     cmd = [str(exe), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
     cmd = tied(cmd)
-    log = open(settings.home / "dagster.log", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=environment(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = open_append(settings.dagster_log)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=environment(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)  # the child holds its own copy
+    proc.log_rotator = rotate_while_running(proc, settings)  # type: ignore[attr-defined]
+    return proc
+
+
+def rotate_while_running(
+    proc: subprocess.Popen, settings: Settings, interval_s: float = 5.0
+) -> LogRotator:
+    """Keep ``dagster.log`` within ``log_max_bytes`` (plus ``log_backups`` copies) for as long
+    as ``proc`` runs: copy-truncate from this process, so a slow check never blocks the child
+    (core/rotating_log.py)."""
+    return LogRotator(
+        settings.dagster_log,
+        settings.log_max_bytes,
+        settings.log_backups,
+        interval_s=interval_s,
+        alive=lambda: proc.poll() is None,
+    ).start()
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:

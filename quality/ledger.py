@@ -1,7 +1,9 @@
 """The batch ledger: every landed batch, what happened to it, and why.
 
 SQLite in WAL mode so the sensor, run workers and the CLI can read and write it at once.
-Status moves forward only: received -> stored -> validated | quarantined.
+Status moves forward only: received -> stored -> validated | quarantined. Retention deleting a
+batch's files leaves its row and status as they were and adds a tombstone per store
+(``expired_files``: what went, how many bytes, when), so every landed row stays accounted for.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ create table if not exists batch_requests (
     attempt   integer not null
 );
 create index if not exists batch_requests_key on batch_requests(run_key);
+create table if not exists expired_files (
+    store       text not null,
+    name        text not null,
+    batch_id    text,
+    bytes       integer not null,
+    expired_at  text not null,
+    primary key (store, name)
+);
+create index if not exists expired_files_batch on expired_files(batch_id);
 """
 
 
@@ -165,6 +176,39 @@ class BatchLedger:
             args.append(batch_id)
         with self._connect() as con:
             return [dict(r) for r in con.execute(sql + " order by id", args)]
+
+    def expire(self, store: str, name: str, *, batch_id: str | None, size: int) -> None:
+        """Record that retention deletes ``name`` of ``store`` (written before the delete: a
+        crash between the two leaves a tombstone whose file the next pass removes)."""
+        now = _now()
+        with self._connect() as con:
+            con.execute(
+                "insert or ignore into expired_files values (?,?,?,?,?)",
+                (store, name, batch_id, size, now),
+            )
+            if batch_id is not None:
+                con.execute(
+                    "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
+                    (batch_id, now, "expired", f"{store}: {name}"),
+                )
+
+    def expired(self, store: str | None = None) -> list[dict]:
+        """Retention's tombstones, oldest first (``store``: of that store only)."""
+        sql, args = "select * from expired_files", []
+        if store:
+            sql += " where store=?"
+            args.append(store)
+        with self._connect() as con:
+            return [dict(r) for r in con.execute(sql + " order by expired_at, name", args)]
+
+    def expired_batches(self, store: str) -> set[str]:
+        """Ids of the batches whose ``store`` file retention deleted."""
+        with self._connect() as con:
+            rows = con.execute(
+                "select batch_id from expired_files where store=? and batch_id is not null",
+                (store,),
+            )
+            return {r["batch_id"] for r in rows}
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per dataset and status: batch count and row count (the reconciliation view)."""

@@ -68,7 +68,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPLINE_HOME", str(home))
     settings = Settings.from_env().ensure()
     (settings.landing / "a.csv").write_bytes(b"x" * 1000)
-    (settings.archive / "b.csv").write_bytes(b"y" * 2500)
+    (settings.archive / "transactions").mkdir(parents=True)
+    (settings.archive / "transactions" / "0123abcd__b.csv").write_bytes(b"y" * 2500)
     settings.serving_dir.mkdir(parents=True)
     expires = (NOW + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
     keys = {kind: {"key": "k", "expiration time": expires} for kind in ("inference", "management")}
