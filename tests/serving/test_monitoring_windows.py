@@ -1,0 +1,157 @@
+"""Monitoring's windows read the compacted files their event time reaches, and give what a read
+of the whole log gives: the drift/availability window, the live-quality cohort and its labels."""
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from serving.monitoring import (
+    answered_once,
+    compact,
+    compacted_spans,
+    event_window,
+    join_labels,
+    judged_since,
+    live_quality,
+    read_compacted,
+    served_window,
+)
+from serving.prediction_log import PredictionLog
+
+T0 = datetime(2026, 6, 1, tzinfo=UTC)
+DAYS, PER_DAY, PROMOTED_ON = 40, 60, 30
+
+
+def _record(day: float, i: str, version: str, p: float) -> dict:
+    at = (T0 + timedelta(days=day)).isoformat()
+    return {
+        "logged_at": datetime.now(UTC).isoformat(),
+        "status": 200,
+        "model_version": version,
+        "transaction_id": i,
+        "request": {"transaction_id": i, "card_id": "c1", "amount": 10.0, "timestamp": at},
+        "features": {"card_amount_mean_30d": 10.0},
+        "missing_features": [],
+        "unknown_entities": [],
+        "fraud_probability": p,
+        "latency_ms": 2.0,
+    }
+
+
+def _history(tmp_path, rng) -> tuple:
+    """40 compacted files, a day of event time each; v2 promoted on day 30; a request retried
+    across that promotion (its first answer v1's); day 35's file also holds late day-10
+    events. Returns the compacted folder and every request's (id, day, fraud)."""
+    logs, out = tmp_path / "logs", tmp_path / "compacted"
+    truth = []
+    for day in range(DAYS):
+        version = "v2" if day >= PROMOTED_ON else "v1"
+        times = np.sort(day + rng.random(PER_DAY))
+        if day == 35:
+            times = np.concatenate([10 + rng.random(5), times])
+        fraud = rng.random(times.size) < 0.1
+        scores = np.clip(0.5 * fraud + 0.5 * rng.random(times.size), 0, 1)
+        records = [
+            _record(t, f"d{day}-{k}", version, float(s))
+            for k, (t, s) in enumerate(zip(times, scores, strict=True))
+        ]
+        truth += [(f"d{day}-{k}", t, f) for k, (t, f) in enumerate(zip(times, fraud, strict=True))]
+        if day == PROMOTED_ON - 1:
+            records.append(_record(PROMOTED_ON - 0.5, "retried", "v1", 0.2))
+        if day == PROMOTED_ON:
+            records.append(_record(PROMOTED_ON - 0.5, "retried", "v2", 0.9))
+        log = PredictionLog(logs, max_file_age_s=3600.0).start()
+        log.log_many(records)
+        log.close()
+        assert compact(logs, out).files == 1
+    return out, truth
+
+
+def _labels(truth, as_of_day: float) -> pl.DataFrame:
+    """Labels known by ``as_of_day``: fraud 2 days after the request, legit 7."""
+    rows = [
+        (i, bool(f), t + (2 if f else 7)) for i, t, f in truth if t + (2 if f else 7) <= as_of_day
+    ]
+    return pl.DataFrame(
+        {
+            "transaction_id": [r[0] for r in rows],
+            "is_fraud": [r[1] for r in rows],
+            "label_timestamp": [T0 + timedelta(days=r[2]) for r in rows],
+        },
+        schema={
+            "transaction_id": pl.String,
+            "is_fraud": pl.Boolean,
+            "label_timestamp": pl.Datetime("us", "UTC"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    return _history(tmp_path_factory.mktemp("history"), np.random.default_rng(7))
+
+
+@pytest.mark.parametrize(
+    ("version", "hours", "min_rows", "max_rows", "most_files"),
+    [
+        ("v2", 24.0, 50, 10_000, 2),  # a day of the newest traffic
+        ("v2", 24.0, 400, 10_000, 8),  # a quiet day: widened to the newest 400
+        ("v2", 72.0, 50, 100, 4),  # three days, sampled
+        ("v1", 24.0, 50, 10_000, 16),  # rolled back to v1: its newest rows are 10 days old
+    ],
+)
+def test_the_served_window_reads_the_newest_files_and_equals_the_whole_logs(
+    history, version, hours, min_rows, max_rows, most_files
+):
+    out, _ = history
+    everything = answered_once(read_compacted(out)).filter(pl.col("model_version") == version)
+    expected = event_window(everything, hours=hours, min_rows=min_rows, max_rows=max_rows)
+
+    window, files_read = served_window(
+        compacted_spans(out), version, hours=hours, min_rows=min_rows, max_rows=max_rows
+    )
+
+    assert expected.height >= min(min_rows, max_rows)
+    assert_frame_equal(window, expected.select(window.columns))
+    assert files_read <= most_files < DAYS
+
+
+def test_the_live_quality_cohort_reads_the_files_reaching_it_and_equals_the_whole_logs(history):
+    out, truth = history
+    labels = _labels(truth, as_of_day=DAYS)
+    newest = labels["label_timestamp"].max()
+    maturity, window = timedelta(days=7), timedelta(days=7)
+    start = newest - maturity - window
+    whole = join_labels(read_compacted(out), labels).filter(pl.col("model_version") == "v2")
+    expected = live_quality(whole, newest, label_maturity=maturity, window=window)
+
+    predictions, files_read = judged_since(compacted_spans(out), start)
+    judged = join_labels(predictions, labels).filter(pl.col("model_version") == "v2")
+    got = live_quality(judged, newest, label_maturity=maturity, window=window)
+
+    assert got == expected
+    assert expected.labelled > 100 and expected.value is not None and expected.recent > 100
+    # The files whose events reach the cohort's start (about 14 days of them), not all 40.
+    assert files_read <= 15 < DAYS
+    assert "retried" not in judged["transaction_id"].to_list()  # v1 answered it first
+
+
+def test_each_compacted_file_is_read_once_for_its_span(tmp_path, monkeypatch):
+    out, _ = _history(tmp_path, np.random.default_rng(1))
+    scanned: list[str] = []
+    scan = pl.scan_parquet
+
+    def spy(source, *args, **kwargs):
+        scanned.append(str(source))
+        return scan(source, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "scan_parquet", spy)
+    first = compacted_spans(out)
+    assert len(first) == DAYS and len(scanned) == DAYS
+    assert compacted_spans(out) == first and len(scanned) == DAYS  # the index answers
+    assert first[0].facts == {"answered": {"v1": PER_DAY}}
+    late = next(s for s in first if s.rows == PER_DAY + 5)
+    assert late.start < T0 + timedelta(days=11) and late.end > T0 + timedelta(days=35)
