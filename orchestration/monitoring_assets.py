@@ -579,7 +579,8 @@ def _slice_plot(offline: "EvaluationReport", live: "EvaluationReport") -> str | 
 def _serving_figures(
     answered: pl.DataFrame, torchserve: TorchServeResource, storage: LooplineStorage
 ) -> dict[str, object]:
-    """Latency of the champion's answers and TorchServe's own counters."""
+    """Latency of the champion's judged answers (live quality's window) and TorchServe's
+    own counters."""
     out: dict[str, object] = {}
     if answered.height:
         out["latency_p50_ms"] = float(answered["latency_ms"].quantile(0.5))
@@ -678,6 +679,35 @@ def _slice_rows(live: "EvaluationReport", metric: str) -> list[dict[str, object]
         }
         for s in live.slices
     ]
+
+
+def monitoring_costs(
+    instance: dg.DagsterInstance, job_name: str = "monitoring", limit: int = 1000
+) -> list[dict[str, object]]:
+    """Each finished monitoring run, oldest first: its wall time, the history it ran over
+    (compacted files and rows) and the files each window read, so a long run can show that a
+    run's cost stays flat as history grows."""
+    records = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=limit)
+    out = []
+    for record in reversed(records):
+        if record.start_time is None or record.end_time is None:
+            continue
+        row: dict[str, object] = {
+            "run_id": record.dagster_run.run_id,
+            "started": record.start_time,
+            "seconds": record.end_time - record.start_time,
+        }
+        events = instance.all_logs(
+            record.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        )
+        for event in events:
+            materialization = event.asset_materialization
+            asset = materialization.asset_key.to_user_string()
+            for key in ("compacted_files", "compacted_rows", "log_files_read"):
+                if key in materialization.metadata:
+                    row[f"{asset}.{key}"] = materialization.metadata[key].value
+        out.append(row)
+    return out
 
 
 monitoring_job = dg.define_asset_job(

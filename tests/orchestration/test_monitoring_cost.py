@@ -13,7 +13,12 @@ import polars as pl
 
 import serving.monitoring
 from features.views import read_validated
-from orchestration.monitoring_assets import live_performance, prediction_log, serving_availability
+from orchestration.monitoring_assets import (
+    live_performance,
+    monitoring_costs,
+    prediction_log,
+    serving_availability,
+)
 from serving.monitoring import (
     availability,
     compact,
@@ -27,6 +32,7 @@ from serving.monitoring import (
 )
 from serving.prediction_log import PredictionLog
 from tests.orchestration.test_monitoring_assets import START, Home
+from tests.serving.test_monitoring_windows import label_frame
 
 HISTORY_DAYS, PER_DAY, MIN_ROWS = 50, 200, 1000
 CONFIG = {"window_min_rows": MIN_ROWS}
@@ -74,18 +80,7 @@ class Traffic:
     def land_labels(self, day: int) -> None:
         """The labels that became known during ``day``, as one validated batch."""
         known = [r for r in self.truth if day <= r[1] < day + 1]
-        frame = pl.DataFrame(
-            {
-                "transaction_id": [r[0] for r in known],
-                "is_fraud": [r[2] for r in known],
-                "label_timestamp": [START + timedelta(days=r[1]) for r in known],
-            },
-            schema={
-                "transaction_id": pl.String,
-                "is_fraud": pl.Boolean,
-                "label_timestamp": pl.Datetime("us", "UTC"),
-            },
-        )
+        frame = label_frame([(i, START + timedelta(days=d), f) for i, d, f in known])
         batch = f"labels-{day:03d}"
         settings = self.home.settings
         frame.write_parquet(settings.validated / "labels" / f"{batch}.parquet")
@@ -161,7 +156,14 @@ def test_a_run_reads_the_new_file_and_its_windows_not_the_history(tmp_path, monk
     labels = reads.under(home.settings.validated / "labels", ".parquet")
     assert 0 < len(labels) <= 16
     meta = result.asset_materializations_for_node("live_performance")[0].metadata
-    assert meta["log_files_read"].value == len(compacted)
+    assert meta["log_files_read"].value <= len(compacted)
+    first, second = monitoring_costs(home.instance, job_name=result.dagster_run.job_name)
+    assert (first["prediction_log.compacted_files"], second["prediction_log.compacted_files"]) == (
+        HISTORY_DAYS,
+        HISTORY_DAYS + 1,
+    )
+    assert second["live_performance.log_files_read"] == meta["log_files_read"].value
+    assert second["seconds"] > 0 and first["serving_availability.log_files_read"] <= 8
     _assert_as_measured_on_the_whole_history(home, result)
 
 

@@ -70,16 +70,13 @@ def _history(tmp_path, rng) -> tuple:
     return out, truth
 
 
-def _labels(truth, as_of_day: float) -> pl.DataFrame:
-    """Labels known by ``as_of_day``: fraud 2 days after the request, legit 7."""
-    rows = [
-        (i, bool(f), t + (2 if f else 7)) for i, t, f in truth if t + (2 if f else 7) <= as_of_day
-    ]
+def label_frame(known: list[tuple[str, datetime, bool]]) -> pl.DataFrame:
+    """Labels in the fraud use case's columns from (request id, label time, fraud)."""
     return pl.DataFrame(
         {
-            "transaction_id": [r[0] for r in rows],
-            "is_fraud": [r[1] for r in rows],
-            "label_timestamp": [T0 + timedelta(days=r[2]) for r in rows],
+            "transaction_id": [k[0] for k in known],
+            "is_fraud": [k[2] for k in known],
+            "label_timestamp": [k[1] for k in known],
         },
         schema={
             "transaction_id": pl.String,
@@ -87,6 +84,12 @@ def _labels(truth, as_of_day: float) -> pl.DataFrame:
             "label_timestamp": pl.Datetime("us", "UTC"),
         },
     )
+
+
+def _labels(truth, as_of_day: float) -> pl.DataFrame:
+    """Labels known by ``as_of_day``: fraud 2 days after the request, legit 7."""
+    timed = [(i, t + (2 if f else 7), bool(f)) for i, t, f in truth]
+    return label_frame([(i, T0 + timedelta(days=d), f) for i, d, f in timed if d <= as_of_day])
 
 
 @pytest.fixture(scope="module")
