@@ -237,7 +237,8 @@ def read_spans(chosen: Sequence[Span]) -> pl.DataFrame:
     so what is computed on them equals what the whole log gives for the rows they hold."""
     ordered = time_spans.in_name_order(chosen)
     if not ordered:
-        return pl.DataFrame(schema=log_columns().base_schema)
+        cols = log_columns()
+        return pl.DataFrame(schema={**cols.base_schema, cols.time: UTC_TS})
     return pl.concat([pl.read_parquet(uri(s.path)) for s in ordered], how="diagonal_relaxed")
 
 

@@ -155,6 +155,23 @@ def test_each_compacted_file_is_read_once_for_its_span(tmp_path, monkeypatch):
     first = compacted_spans(out)
     assert len(first) == DAYS and len(scanned) == DAYS
     assert compacted_spans(out) == first and len(scanned) == DAYS  # the index answers
-    assert first[0].facts == {"answered": {"v1": PER_DAY}}
+    answered = [s.facts["answered"] for s in first]
+    assert sum(a.get("v1", 0) for a in answered) == PROMOTED_ON * PER_DAY + 1  # and the retry
+    assert sum(a.get("v2", 0) for a in answered) == (DAYS - PROMOTED_ON) * PER_DAY + 5 + 1
     late = next(s for s in first if s.rows == PER_DAY + 5)
     assert late.start < T0 + timedelta(days=11) and late.end > T0 + timedelta(days=35)
+
+
+def test_a_champion_silent_since_before_the_cohort_has_an_empty_judged_window(history):
+    out, truth = history
+    labels = _labels(truth, as_of_day=DAYS + 30)
+    newest = T0 + timedelta(days=DAYS + 30)  # a label a month on, and no traffic since
+    start = newest - timedelta(days=14)
+    predictions, files_read = judged_since(compacted_spans(out), start)
+    judged = join_labels(predictions, labels).filter(pl.col("model_version") == "v2")
+    whole = join_labels(read_compacted(out), labels).filter(pl.col("model_version") == "v2")
+
+    got = live_quality(judged, newest)
+
+    assert files_read == 0 and judged.height == 0
+    assert got == live_quality(whole, newest) and got.labelled == 0 and got.recent == 0
