@@ -56,6 +56,7 @@ from serving.monitoring import (
     live_quality,
     live_quality_row,
     log_columns,
+    merge_small,
     quality_cohort,
     read_live_quality,
     schema_skew,
@@ -108,11 +109,15 @@ def _log_dir(settings: Settings, torchserve: TorchServeResource, storage: Loopli
 def prediction_log(
     context: dg.AssetExecutionContext, storage: LooplineStorage, torchserve: TorchServeResource
 ) -> dg.MaterializeResult:
-    """The serving log's newly closed files compacted into parquet, indexed by event time."""
+    """The serving log's newly closed files compacted into parquet, small files merged,
+    each file's event-time span indexed."""
     settings = storage.settings
-    done = compact(_log_dir(settings, torchserve, storage), _log_store(settings))
-    spans = compacted_spans(_log_store(settings))
-    predictions = answered_once(judged_since([s for s in spans if s.path == done.path], None)[0])
+    store = _log_store(settings)
+    done = compact(_log_dir(settings, torchserve, storage), store)
+    new = [s for s in compacted_spans(store) if s.path == done.path]
+    predictions = answered_once(judged_since(new, None)[0])
+    merged = merge_small(store)
+    spans = compacted_spans(store)
     start = predictions[log_columns().time].min() if predictions.height else None
     labelled = 0
     if start is not None:  # the labels these new predictions have already
@@ -126,9 +131,10 @@ def prediction_log(
             "new_errors": done.errors,
             "predictions": predictions.height,
             "labelled": labelled,
+            "merged_files": merged,
             "compacted_files": len(spans),
             "compacted_rows": sum(s.rows for s in spans),
-            "path": dg.MetadataValue.path(str(_log_store(settings))),
+            "path": dg.MetadataValue.path(str(store)),
         }
     )
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "_compacted.json"
 SPANS = "_spans.json"
+MERGING = "_merging.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
 
@@ -149,8 +150,7 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
         for record in file_records(path):
             if (row := _flatten(record, cols)) is not None:
                 rows.append(row)
-    digest = hashlib.sha256("\n".join(p.name for p in todo).encode()).hexdigest()[:16]
-    target = out / f"predictions-{digest}.parquet"
+    target = out / _compacted_name([p.name for p in todo])
     frame = _typed(pl.from_dicts(rows, infer_schema_length=None), cols) if rows else None
     if frame is not None and frame.height:
         write_parquet_atomic(frame, target)
@@ -158,6 +158,12 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     write_json_atomic(sorted({p.name for p in present}), manifest_path)
     errors = 0 if frame is None else frame.filter(pl.col("status") != 200).height
     return Compaction(target if frame is not None else None, len(todo), len(rows), errors)
+
+
+def _compacted_name(sources: Sequence[str]) -> str:
+    """A compacted file's name: a hash of what it was made from, so a retry rewrites it."""
+    digest = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+    return f"predictions-{digest}.parquet"
 
 
 def _typed(frame: pl.DataFrame, cols: LogColumns) -> pl.DataFrame:
@@ -240,6 +246,44 @@ def read_spans(chosen: Sequence[Span]) -> pl.DataFrame:
         cols = log_columns()
         return pl.DataFrame(schema={**cols.base_schema, cols.time: UTC_TS})
     return pl.concat([pl.read_parquet(uri(s.path)) for s in ordered], how="diagonal_relaxed")
+
+
+def merge_small(out_dir: str | Path, *, target_bytes: int = 32 << 20, most_small: int = 32) -> int:
+    """Merge the ``most_small`` oldest (by event time) compacted files under ``target_bytes``
+    into one once there are more of them; returns how many were merged (0: none).
+
+    Each monitoring run compacts what it found into a file of its own: thousands of small
+    files a day, each opened by every window that reaches it. Merged files that stay small are
+    merged again, so files grow towards ``target_bytes``. The merge is written as an intent
+    (``MERGING``) first, then the merged file, then the parts are deleted; a crash in between
+    is finished (or forgotten, if the merged file is not there) by the next call, so no row is
+    ever counted twice or lost."""
+    out = Path(out_dir)
+    _finish_merge(out)
+    small = [s for s in compacted_spans(out) if s.size < target_bytes]
+    if len(small) <= most_small:
+        return 0
+    small.sort(key=lambda s: (s.end is not None, s.end.timestamp() if s.end else 0.0, s.path.name))
+    parts = time_spans.in_name_order(small[:most_small])
+    names = [s.path.name for s in parts]
+    target = out / _compacted_name(names)
+    write_json_atomic({"into": target.name, "parts": names}, out / MERGING)
+    write_parquet_atomic(read_spans(parts), target)
+    _finish_merge(out)
+    return len(parts)
+
+
+def _finish_merge(out: Path) -> None:
+    """Complete a merge whose merged file was written; forget one whose file was not."""
+    intent_path = out / MERGING
+    if not intent_path.exists():
+        return
+    intent = json.loads(intent_path.read_text())
+    if (out / intent["into"]).exists():
+        for name in intent["parts"]:
+            if name != intent["into"]:
+                (out / name).unlink(missing_ok=True)
+    intent_path.unlink()
 
 
 def serving_drift(

@@ -4,8 +4,9 @@ that overlap it, so monitoring costs what its windows hold, not what all history
 Monitoring judges windows of event time (the newest day of traffic, a label-mature week) over
 files that pile up in the order they were written. Each file's span (its first and last event
 time, its rows, and what ``describe`` adds) is computed once, from the columns it needs, and
-kept in a JSON index (rewritten atomically). A file is known by its name and size: one rewritten under its name is described again, one deleted (by retention)
-drops out of the index. Rows without an event time belong to no window; a file holding only
+kept in a JSON index (rewritten atomically). A file is known by its name and size: one
+rewritten under its name is described again, one deleted (by retention, or merged) drops out
+of the index. Rows without an event time belong to no window; a file holding only
 such rows has no span (``start``/``end`` None).
 """
 
@@ -28,6 +29,7 @@ class Span:
     """One file's event-time span (``start``, ``end``: None when no row has a time)."""
 
     path: Path
+    size: int
     rows: int
     start: datetime | None
     end: datetime | None
@@ -54,7 +56,14 @@ def spans(
             entry = {"size": size, **_describe(path, time_column, describe)}
         known[path.name] = entry
         out.append(
-            Span(path, entry["rows"], _time(entry["start"]), _time(entry["end"]), entry["facts"])
+            Span(
+                path,
+                size,
+                entry["rows"],
+                _time(entry["start"]),
+                _time(entry["end"]),
+                entry["facts"],
+            )
         )
     if known != index:
         write_json_atomic(known, index_path)

@@ -149,7 +149,6 @@ def test_a_run_reads_the_new_file_and_its_windows_not_the_history(tmp_path, monk
 
     assert len(reads.under(home.log_dir, ".jsonl")) == 1  # compaction: the new log file
     compacted = reads.under(store, ".parquet")
-    assert len(list(store.glob("*.parquet"))) == HISTORY_DAYS + 1
     # The windows: availability's newest 1,000 requests (5 days), live quality's cohort (the
     # week before the newest label less 7 days of maturity) and the newer requests: 16 days.
     assert len(compacted) <= 16
@@ -158,10 +157,13 @@ def test_a_run_reads_the_new_file_and_its_windows_not_the_history(tmp_path, monk
     meta = result.asset_materializations_for_node("live_performance")[0].metadata
     assert meta["log_files_read"].value <= len(compacted)
     first, second = monitoring_costs(home.instance, job_name=result.dagster_run.job_name)
-    assert (first["prediction_log.compacted_files"], second["prediction_log.compacted_files"]) == (
-        HISTORY_DAYS,
-        HISTORY_DAYS + 1,
+    assert (first["prediction_log.compacted_rows"], second["prediction_log.compacted_rows"]) == (
+        HISTORY_DAYS * PER_DAY,
+        (HISTORY_DAYS + 1) * PER_DAY,
     )
+    # The first run merged the 32 oldest day files into one: 19 files, then 20.
+    assert first["prediction_log.compacted_files"] == HISTORY_DAYS - 32 + 1
+    assert second["prediction_log.compacted_files"] == HISTORY_DAYS - 32 + 2
     assert second["live_performance.log_files_read"] == meta["log_files_read"].value
     assert second["seconds"] > 0 and first["serving_availability.log_files_read"] <= 8
     _assert_as_measured_on_the_whole_history(home, result)

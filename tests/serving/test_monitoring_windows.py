@@ -2,13 +2,16 @@
 of the whole log gives: the drift/availability window, the live-quality cohort and its labels."""
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+import serving.monitoring
 from serving.monitoring import (
+    MERGING,
     answered_once,
     compact,
     compacted_spans,
@@ -16,6 +19,7 @@ from serving.monitoring import (
     join_labels,
     judged_since,
     live_quality,
+    merge_small,
     read_compacted,
     served_window,
 )
@@ -175,3 +179,47 @@ def test_a_champion_silent_since_before_the_cohort_has_an_empty_judged_window(hi
 
     assert files_read == 0 and judged.height == 0
     assert got == live_quality(whole, newest) and got.labelled == 0 and got.recent == 0
+
+
+def _rows(out) -> pl.DataFrame:
+    return read_compacted(out).sort("transaction_id", "model_version")
+
+
+def test_small_files_merge_oldest_first_and_the_windows_do_not_change(tmp_path):
+    out, truth = _history(tmp_path, np.random.default_rng(3))
+    before = _rows(out)
+    window = {"hours": 24.0, "min_rows": 400, "max_rows": 10_000}
+    expected, _ = served_window(compacted_spans(out), "v2", **window)
+
+    assert merge_small(out, most_small=16) == 16
+    spans = compacted_spans(out)
+    assert len(spans) == DAYS - 16 + 1 and not (out / MERGING).exists()
+    merged = max(spans, key=lambda s: s.rows)
+    assert merged.rows == 16 * PER_DAY and merged.end < T0 + timedelta(days=16)
+    assert_frame_equal(_rows(out), before.select(_rows(out).columns))
+    got, _ = served_window(spans, "v2", **window)
+    assert_frame_equal(got, expected)
+    assert merge_small(out, most_small=DAYS) == 0  # few enough small files: nothing to do
+
+
+def test_a_merge_cut_short_is_finished_or_forgotten_and_no_row_counts_twice(tmp_path, monkeypatch):
+    out, _ = _history(tmp_path, np.random.default_rng(4))
+    before = _rows(out).height
+
+    def fail(*args, **kwargs):
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:  # killed after the merged file, before the parts went
+        m.setattr(Path, "unlink", fail)
+        with pytest.raises(OSError):
+            merge_small(out, most_small=16)
+    assert (out / MERGING).exists() and read_compacted(out).height > before
+    assert merge_small(out, most_small=DAYS) == 0
+    assert _rows(out).height == before and not (out / MERGING).exists()
+
+    with monkeypatch.context() as m:  # killed before the merged file was written
+        m.setattr(serving.monitoring, "write_parquet_atomic", fail)
+        with pytest.raises(OSError):
+            merge_small(out, most_small=8)
+    assert merge_small(out, most_small=DAYS) == 0
+    assert _rows(out).height == before and len(compacted_spans(out)) == DAYS - 16 + 1
