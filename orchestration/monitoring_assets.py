@@ -17,7 +17,7 @@ import math
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import dagster as dg
 import polars as pl
@@ -503,20 +503,17 @@ def live_performance(
     m = task.primary_metric
     maturity = timedelta(days=config.label_maturity_days)
     window = timedelta(days=config.quality_window_days)
-    label_spans = _label_spans(settings)
-    newest_label_at, label_batch = _label_state(storage, label_spans)
-    start = newest_label_at - maturity - window if newest_label_at else None
-    spans = compacted_spans(_log_store(settings))
-    answered, files_read = _judged(settings, spans, label_spans, champion.version, start)
+    judged = _judged(storage, champion.version, maturity + window)
+    answered, newest_label_at, label_batch = judged.answered, judged.newest_label_at, judged.batch
     offline = float(champion.metrics.get(m, float("nan")))
     metadata: dict = {
         "champion": champion.version,
         f"offline_{m}": offline,
         f"offline_{m}_se": float(champion.metrics.get(f"{m}_se", float("nan"))),
-        "log_files_read": files_read,
+        "log_files_read": judged.files_read,
     }
     metadata.update(_serving_figures(answered, torchserve, storage))
-    if answered_count(spans, champion.version) == 0:
+    if not judged.served:
         metadata.update(evaluated=False, labelled=0, why="no answered predictions yet")
         return dg.MaterializeResult(metadata=metadata)
     offline_report = _offline_report(champion)
@@ -599,20 +596,29 @@ def _serving_figures(
     return out
 
 
-def _judged(
-    settings: Settings,
-    spans: list[Span],
-    label_spans: list[Span],
-    version: str,
-    start: datetime | None,
-) -> tuple[pl.DataFrame, int]:
-    """``version``'s answered predictions from ``start`` on (all of them before the first
-    label), with their labels, and how many compacted files that read. Live quality judges
-    nothing older: its cohort starts there, and a prediction stays in it, label or not,
-    until the newest label is ``label_maturity + window`` younger than it."""
+class _Judged(NamedTuple):
+    answered: pl.DataFrame
+    newest_label_at: datetime | None
+    batch: str | None
+    files_read: int
+    served: bool
+
+
+def _judged(storage: LooplineStorage, version: str, reach: timedelta) -> _Judged:
+    """``version``'s answered predictions, with their labels, from ``reach`` before the newest
+    label on (all of them before the first label); how far labelling has got; how many
+    compacted files that read; whether ``version`` answered anything at all. Live quality
+    judges nothing older: its cohort starts there, and a prediction stays in it, label or
+    not, until the newest label is ``label_maturity + window`` younger than it."""
+    settings = storage.settings
+    label_spans = _label_spans(settings)
+    newest_label_at, batch = _label_state(storage, label_spans)
+    start = newest_label_at - reach if newest_label_at else None
+    spans = compacted_spans(_log_store(settings))
     predictions, files_read = judged_since(spans, start)
     joined = join_labels(predictions, _labels_since(settings, label_spans, start))
-    return joined.filter(pl.col("model_version") == version), files_read
+    answered = joined.filter(pl.col("model_version") == version)
+    return _Judged(answered, newest_label_at, batch, files_read, answered_count(spans, version) > 0)
 
 
 def _label_state(storage: LooplineStorage, spans: list[Span]) -> tuple[datetime | None, str | None]:
