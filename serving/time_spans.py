@@ -50,7 +50,10 @@ def spans(
     known: dict[str, Any] = {}
     out = []
     for path in sorted(folder.glob(pattern), key=lambda p: p.name):
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # deleted since the listing (retention): not there
+            continue
         entry = index.get(path.name)
         if entry is None or entry["size"] != size:
             entry = {"size": size, **_describe(path, time_column, describe)}

@@ -223,3 +223,11 @@ def test_a_merge_cut_short_is_finished_or_forgotten_and_no_row_counts_twice(tmp_
             merge_small(out, most_small=8)
     assert merge_small(out, most_small=DAYS) == 0
     assert _rows(out).height == before and len(compacted_spans(out)) == DAYS - 16 + 1
+
+
+def test_a_file_deleted_while_it_is_listed_is_left_out_of_the_spans(history, monkeypatch):
+    out, _ = history
+    listed = sorted(out.glob("predictions-*.parquet"))
+    gone = out / "predictions-deleted-by-retention.parquet"
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([*listed, gone]))
+    assert [s.path for s in compacted_spans(out)] == listed
