@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 
 from core.storage import uri, write_json_atomic
+from quality.schema import UTC_TS
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _describe(
 ) -> dict[str, Any]:
     frame = pl.scan_parquet(uri(path))
     if time_column in frame.collect_schema().names():
-        t = pl.col(time_column)
+        t = pl.col(time_column).cast(UTC_TS)  # naive times read as UTC, as the lake's readers do
         bounds = frame.select(t.min().alias("start"), t.max().alias("end"), pl.len().alias("rows"))
     else:
         bounds = frame.select(
@@ -94,11 +95,7 @@ def _describe(
 
 
 def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise ValueError(f"event times must be timezone-aware (UTC), got {value!r}")
-    return value.isoformat()
+    return value.isoformat() if value is not None else None
 
 
 def _time(text: str | None) -> datetime | None:

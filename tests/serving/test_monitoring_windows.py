@@ -24,6 +24,7 @@ from serving.monitoring import (
     served_window,
 )
 from serving.prediction_log import PredictionLog
+from serving.time_spans import spans
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 DAYS, PER_DAY, PROMOTED_ON = 40, 60, 30
@@ -231,3 +232,10 @@ def test_a_file_deleted_while_it_is_listed_is_left_out_of_the_spans(history, mon
     gone = out / "predictions-deleted-by-retention.parquet"
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([*listed, gone]))
     assert [s.path for s in compacted_spans(out)] == listed
+
+
+def test_naive_event_times_are_read_as_utc(tmp_path):
+    naive = datetime(2026, 6, 2, 12, 30)
+    pl.DataFrame({"label_timestamp": [naive]}).write_parquet(tmp_path / "labels-1.parquet")
+    [span] = spans(tmp_path, "*.parquet", "label_timestamp", tmp_path / "index.json")
+    assert span.end == naive.replace(tzinfo=UTC) and span.rows == 1
