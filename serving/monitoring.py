@@ -3,12 +3,13 @@
 ``compact`` turns closed JSON-lines log files into parquet, once each: the output name is a hash
 of the inputs, and a manifest written after it records which files are done (the watermark: a
 run reads only the log files closed since), so a crash between the two only rewrites the same
-file. Each compacted file's event-time span is indexed (``compacted_spans``), so the windows
-monitoring judges (``served_window``, ``judged_since``) read only the files that reach them and
-give what a read of the whole log would. Synthetic traffic (smoke, shadow and watch requests sent by
-the deployment step) is left out. Each row keeps its request, the model's inputs, the names of
-the features it was scored without (``missing_features``), its unknown entities and, per feature
-view, the age of the online row used (``feature_age_s__<view>``; absent in logs older than it).
+file; small compacted files are merged (``merge_small``). Each compacted file's event-time span
+is indexed (``compacted_spans``), so the windows monitoring judges (``served_window``,
+``judged_since``) read only the files that reach them, and give what a read of the whole log
+would. Synthetic traffic (smoke, shadow and watch requests sent by the deployment step) is
+left out. Each row keeps its request, the model's inputs, the names of the features it was
+scored without (``missing_features``), its unknown entities and, per feature view, the age of
+the online row used (``feature_age_s__<view>``; absent in logs older than it).
 
 Availability and drift are separate signals: ``availability`` measures how often features were
 missing and how old the online rows were; ``serving_drift`` compares the values that were
