@@ -6,6 +6,9 @@ or the labels have something new. Availability (unknown entities, missing featur
 online rows) and drift (the distribution of the values present) are separate signals with
 separate alerts. ``live_performance`` appends the live metric over time, realised and
 estimated without labels, to ``monitoring/live_quality.parquet``.
+Each run costs what its windows hold, not what all history holds: compaction reads only the
+log files closed since the last run (its manifest is the watermark), and the windows read only
+the compacted and label files whose event-time span reaches them (``serving.time_spans``).
 What monitoring measures is read by the retrain sensor (``orchestration.retraining``).
 """
 
@@ -14,13 +17,13 @@ import math
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import dagster as dg
 import polars as pl
 
 from core.settings import Settings
-from core.storage import uri, write_json_atomic, write_parquet_atomic
+from core.storage import uri, write_json_atomic
 from core.usecase import active
 from features.views import read_validated
 from models.registry import CHAMPION, Registry
@@ -34,28 +37,34 @@ from orchestration.serving_assets import TorchServeResource
 from orchestration.triggers import (
     TriggerPolicy,
 )
+from serving import time_spans
 from serving.client import TorchServeError
 from serving.monitoring import (
     Availability,
     LiveQuality,
+    answered_count,
+    answered_once,
     append_live_quality,
     availability,
     availability_findings,
     compact,
-    event_window,
+    compacted_spans,
     feature_columns,
     join_labels,
+    judged_since,
     live_metrics,
     live_quality,
     live_quality_row,
     log_columns,
+    merge_small,
     quality_cohort,
-    read_compacted,
     read_live_quality,
     schema_skew,
+    served_window,
     serving_drift,
 )
 from serving.prediction_log import closed_files
+from serving.time_spans import Span
 
 if TYPE_CHECKING:
     from models.evaluate import EvaluationReport
@@ -68,8 +77,28 @@ def _monitoring_dir(settings: Settings) -> Path:
     return settings.home / "monitoring"
 
 
-def _joined_path(settings: Settings) -> Path:
-    return _monitoring_dir(settings) / "joined.parquet"
+def _log_store(settings: Settings) -> Path:
+    """The compacted prediction log."""
+    return _monitoring_dir(settings) / "log"
+
+
+def _label_spans(settings: Settings) -> list[Span]:
+    """The event-time span of every validated label file (indexed under ``monitoring/``)."""
+    declared = active().label
+    return time_spans.spans(
+        settings.validated / declared.dataset,
+        "*.parquet",
+        declared.time,
+        _monitoring_dir(settings) / "label_spans.json",
+    )
+
+
+def _labels_since(settings: Settings, spans: list[Span], start: datetime | None) -> pl.DataFrame:
+    """The labels a prediction at or after ``start`` can have: a label is known no earlier
+    than its request was made, so only files whose span reaches ``start`` are read."""
+    needed = {s.path.name for s in time_spans.since(spans, start)}
+    skipped = [s.path.stem for s in spans if s.path.name not in needed]
+    return read_validated(settings.lake, active().label.dataset, exclude_batches=skipped)
 
 
 def _log_dir(settings: Settings, torchserve: TorchServeResource, storage: LooplineStorage) -> Path:
@@ -80,24 +109,32 @@ def _log_dir(settings: Settings, torchserve: TorchServeResource, storage: Loopli
 def prediction_log(
     context: dg.AssetExecutionContext, storage: LooplineStorage, torchserve: TorchServeResource
 ) -> dg.MaterializeResult:
-    """The serving log compacted into parquet, with labels joined as they arrive."""
+    """The serving log's newly closed files compacted into parquet, small files merged,
+    each file's event-time span indexed."""
     settings = storage.settings
-    done = compact(_log_dir(settings, torchserve, storage), _monitoring_dir(settings) / "log")
-    predictions = read_compacted(_monitoring_dir(settings) / "log")
-    joined = join_labels(predictions, read_validated(settings.lake, active().label.dataset))
-    write_parquet_atomic(joined, _joined_path(settings))
-    labelled = joined.filter(pl.col("label").is_not_null()).height
+    store = _log_store(settings)
+    done = compact(_log_dir(settings, torchserve, storage), store)
+    new = [s for s in compacted_spans(store) if s.path == done.path]
+    predictions = answered_once(judged_since(new, None)[0])
+    merged = merge_small(store)
+    spans = compacted_spans(store)
+    start = predictions[log_columns().time].min() if predictions.height else None
+    labelled = 0
+    if start is not None:  # the labels these new predictions have already
+        joined = join_labels(predictions, _labels_since(settings, _label_spans(settings), start))
+        labelled = joined.filter(pl.col("label").is_not_null()).height
     context.log.info(f"compacted {done.files} log files ({done.rows} records)")
     return dg.MaterializeResult(
         metadata={
             "new_log_files": done.files,
             "new_records": done.rows,
             "new_errors": done.errors,
-            "predictions": joined.height,
+            "predictions": predictions.height,
             "labelled": labelled,
-            "label_coverage": labelled / joined.height if joined.height else 0.0,
-            "refused_requests": predictions.filter(pl.col("status") != 200).height,
-            "path": dg.MetadataValue.path(str(_joined_path(settings))),
+            "merged_files": merged,
+            "compacted_files": len(spans),
+            "compacted_rows": sum(s.rows for s in spans),
+            "path": dg.MetadataValue.path(str(store)),
         }
     )
 
@@ -154,22 +191,14 @@ def champion_of(storage: LooplineStorage):
     return registry, (registry.get(version) if version else None)
 
 
-def _answered(settings: Settings, version: str) -> pl.DataFrame:
-    """Every answered prediction of ``version``, with its label where it has arrived."""
-    path = _joined_path(settings)
-    if not path.exists():
-        return pl.DataFrame()
-    joined = pl.read_parquet(path)
-    return joined.filter((pl.col("model_version") == version) & (pl.col("status") == 200))
-
-
-def _serving_window(settings: Settings, version: str, config: MonitoringConfig) -> pl.DataFrame:
-    """The champion's newest answered predictions by event time (see ``MonitoringConfig``)."""
-    answered = _answered(settings, version)
-    if answered.height == 0:
-        return answered
-    return event_window(
-        answered,
+def _serving_window(
+    settings: Settings, version: str, config: MonitoringConfig
+) -> tuple[pl.DataFrame, int]:
+    """The champion's newest answered predictions by event time (see ``MonitoringConfig``),
+    and how many compacted files it took to find them."""
+    return served_window(
+        compacted_spans(_log_store(settings)),
+        version,
         hours=config.window_hours,
         min_rows=config.window_min_rows,
         max_rows=config.window_max_rows,
@@ -195,14 +224,18 @@ def serving_availability(
     """Unknown entities, missing features and online-row age in the champion's traffic."""
     settings = storage.settings
     _, champion = champion_of(storage)
-    window = _serving_window(settings, champion.version, config) if champion else pl.DataFrame()
+    window, files_read = (
+        _serving_window(settings, champion.version, config) if champion else (pl.DataFrame(), 0)
+    )
     if champion is None or window.height < config.min_rows:
         why = (
             "no champion yet"
             if champion is None
             else f"{window.height} predictions (< {config.min_rows})"
         )
-        yield dg.MaterializeResult(metadata={"measured": False, "why": why})
+        yield dg.MaterializeResult(
+            metadata={"measured": False, "why": why, "log_files_read": files_read}
+        )
         yield dg.AssetCheckResult(
             check_name="feature_availability", passed=True, metadata={"measured": False, "why": why}
         )
@@ -240,6 +273,7 @@ def serving_availability(
             "measured": True,
             "champion": champion.version,
             "requests": measured.requests,
+            "log_files_read": files_read,
             "unknown_entity_rate": measured.unknown_entity_rate,
             "worst_missing_feature": f"{worst} {measured.missing_rate[worst]:.1%}"
             if worst
@@ -307,11 +341,16 @@ def drift_report(
             check_name="serving_drift", passed=True, metadata={"compared": False}
         )
         return
-    serving = _serving_window(settings, champion.version, config)
+    serving, files_read = _serving_window(settings, champion.version, config)
     if serving.height < config.min_rows:
         why = f"{serving.height} predictions of {champion.version} in the window (< {config.min_rows})"
         yield dg.MaterializeResult(
-            metadata={"compared": False, "why": why, "champion": champion.version}
+            metadata={
+                "compared": False,
+                "why": why,
+                "champion": champion.version,
+                "log_files_read": files_read,
+            }
         )
         yield dg.AssetCheckResult(
             check_name="serving_drift", passed=True, metadata={"compared": False, "why": why}
@@ -374,6 +413,7 @@ def drift_report(
             "compared": True,
             "champion": champion.version,
             "rows": serving.height,
+            "log_files_read": files_read,
             "window_end": report["window_end"],
             "max_psi": max(psi.values(), default=0.0),
             "score_psi": psi.get(log_columns().score, float("nan")),
@@ -461,20 +501,21 @@ def live_performance(
         return dg.MaterializeResult(metadata={"evaluated": False, "why": "no champion yet"})
     task = task_of(active().task.type)
     m = task.primary_metric
-    answered = _answered(settings, champion.version)
+    maturity = timedelta(days=config.label_maturity_days)
+    window = timedelta(days=config.quality_window_days)
+    judged = _judged(storage, champion.version, maturity + window)
+    answered, newest_label_at, label_batch = judged.answered, judged.newest_label_at, judged.batch
     offline = float(champion.metrics.get(m, float("nan")))
     metadata: dict = {
         "champion": champion.version,
         f"offline_{m}": offline,
         f"offline_{m}_se": float(champion.metrics.get(f"{m}_se", float("nan"))),
+        "log_files_read": judged.files_read,
     }
     metadata.update(_serving_figures(answered, torchserve, storage))
-    if answered.height == 0:
+    if not judged.served:
         metadata.update(evaluated=False, labelled=0, why="no answered predictions yet")
         return dg.MaterializeResult(metadata=metadata)
-    newest_label_at, label_batch = _label_state(storage)
-    maturity = timedelta(days=config.label_maturity_days)
-    window = timedelta(days=config.quality_window_days)
     offline_report = _offline_report(champion)
     quality = live_quality(
         answered,
@@ -541,7 +582,8 @@ def _slice_plot(offline: "EvaluationReport", live: "EvaluationReport") -> str | 
 def _serving_figures(
     answered: pl.DataFrame, torchserve: TorchServeResource, storage: LooplineStorage
 ) -> dict[str, object]:
-    """Latency of the champion's answers and TorchServe's own counters."""
+    """Latency of the champion's judged answers (live quality's window) and TorchServe's
+    own counters."""
     out: dict[str, object] = {}
     if answered.height:
         out["latency_p50_ms"] = float(answered["latency_ms"].quantile(0.5))
@@ -554,11 +596,35 @@ def _serving_figures(
     return out
 
 
-def _label_state(storage: LooplineStorage) -> tuple[datetime | None, str | None]:
+class _Judged(NamedTuple):
+    answered: pl.DataFrame
+    newest_label_at: datetime | None
+    batch: str | None
+    files_read: int
+    served: bool
+
+
+def _judged(storage: LooplineStorage, version: str, reach: timedelta) -> _Judged:
+    """``version``'s answered predictions, with their labels, from ``reach`` before the newest
+    label on (all of them before the first label); how far labelling has got; how many
+    compacted files that read; whether ``version`` answered anything at all. Live quality
+    judges nothing older: its cohort starts there, and a prediction stays in it, label or
+    not, until the newest label is ``label_maturity + window`` younger than it."""
+    settings = storage.settings
+    label_spans = _label_spans(settings)
+    newest_label_at, batch = _label_state(storage, label_spans)
+    start = newest_label_at - reach if newest_label_at else None
+    spans = compacted_spans(_log_store(settings))
+    predictions, files_read = judged_since(spans, start)
+    joined = join_labels(predictions, _labels_since(settings, label_spans, start))
+    answered = joined.filter(pl.col("model_version") == version)
+    return _Judged(answered, newest_label_at, batch, files_read, answered_count(spans, version) > 0)
+
+
+def _label_state(storage: LooplineStorage, spans: list[Span]) -> tuple[datetime | None, str | None]:
     """The newest label's time (how far labelling has got) and the newest label batch."""
     declared = active().label
-    labels = read_validated(storage.settings.lake, declared.dataset)
-    newest = labels[declared.time].max() if labels.height else None
+    newest = max((s.end for s in spans if s.end is not None), default=None)
     batches = storage.ledger.batches(dataset=declared.dataset, status="validated", limit=1)
     return newest, (batches[0].batch_id if batches else None)
 
@@ -625,6 +691,35 @@ def _slice_rows(live: "EvaluationReport", metric: str) -> list[dict[str, object]
         }
         for s in live.slices
     ]
+
+
+def monitoring_costs(
+    instance: dg.DagsterInstance, job_name: str = "monitoring", limit: int = 1000
+) -> list[dict[str, object]]:
+    """Each finished monitoring run, oldest first: its wall time, the history it ran over
+    (compacted files and rows) and the files each window read, so a long run can show that a
+    run's cost stays flat as history grows."""
+    records = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=limit)
+    out = []
+    for record in reversed(records):
+        if record.start_time is None or record.end_time is None:
+            continue
+        row: dict[str, object] = {
+            "run_id": record.dagster_run.run_id,
+            "started": record.start_time,
+            "seconds": record.end_time - record.start_time,
+        }
+        events = instance.all_logs(
+            record.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        )
+        for event in events:
+            materialization = event.asset_materialization
+            asset = materialization.asset_key.to_user_string()
+            for key in ("compacted_files", "compacted_rows", "log_files_read"):
+                if key in materialization.metadata:
+                    row[f"{asset}.{key}"] = materialization.metadata[key].value
+        out.append(row)
+    return out
 
 
 monitoring_job = dg.define_asset_job(

@@ -20,8 +20,7 @@ from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage
 from serving.client import TorchServeClient
 from serving.config import ServingConfig
-from serving.delivery import DeliveryPolicy, deliver, is_synthetic
-from serving.prediction_log import read_records
+from serving.delivery import DeliveryPolicy, deliver, logged_requests
 from serving.process import TorchServeProcess
 from serving.requests import request_bodies
 
@@ -131,13 +130,9 @@ def replay_requests(
 ) -> tuple[list[dict], str]:
     """Recent real requests from the prediction log; recent rows of the request dataset if none."""
     uc = active()
-    recent: list[dict] = []
-    for record in read_records(config.prediction_log_dir):
-        request = record.get("request")
-        if record.get("status") == 200 and request and not is_synthetic(record[uc.request.id]):
-            recent.append(request)
+    recent = logged_requests(config.prediction_log_dir, limit)
     if recent:
-        return recent[-limit:], "prediction log"
+        return recent, "prediction log"
     dataset = uc.request.dataset
     folder = storage.settings.validated / dataset
     files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime)[-3:]

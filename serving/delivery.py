@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from core.usecase import active
 from models.registry import CHAMPION, Registry
 from models.tasks import of as task_of
 from quality.drift import ks_statistic, psi
+from serving import prediction_log
 from serving.client import TorchServeClient, TorchServeError
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
@@ -37,6 +39,29 @@ SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 def is_synthetic(request_id: str | None) -> bool:
     """Requests the deployment step sent itself (not customer traffic)."""
     return bool(request_id) and request_id.startswith(SYNTHETIC_PREFIXES)
+
+
+def logged_requests(log_dir: str | Path, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` customer requests answered in the prediction log, oldest first.
+
+    The closed files are read newest first, and reading stops at the file that completes
+    ``limit``: a deployment costs the requests it replays, not the whole log."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    key = active().request.id
+    parts: list[list[dict[str, Any]]] = []
+    found = 0
+    for path in reversed(prediction_log.closed_files(log_dir)):
+        part = [
+            r["request"]
+            for r in prediction_log.file_records(path)
+            if r.get("status") == 200 and r.get("request") and not is_synthetic(r.get(key))
+        ]
+        parts.append(part)
+        found += len(part)
+        if found >= limit:
+            break
+    return [request for part in reversed(parts) for request in part][-limit:]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """What monitoring reads from serving: the compacted prediction log, joined to late labels.
 
 ``compact`` turns closed JSON-lines log files into parquet, once each: the output name is a hash
-of the inputs, and a manifest written after it records which files are done, so a crash between
-the two only rewrites the same file. Synthetic traffic (smoke, shadow and watch requests sent by
-the deployment step) is left out. Each row keeps its request, the model's inputs, the names of
-the features it was scored without (``missing_features``), its unknown entities and, per feature
-view, the age of the online row used (``feature_age_s__<view>``; absent in logs older than it).
+of the inputs, and a manifest written after it records which files are done (the watermark: a
+run reads only the log files closed since), so a crash between the two only rewrites the same
+file; small compacted files are merged (``merge_small``). Each compacted file's event-time span
+is indexed (``compacted_spans``), so the windows monitoring judges (``served_window``,
+``judged_since``) read only the files that reach them, and give what a read of the whole log
+would. Synthetic traffic (smoke, shadow and watch requests sent by the deployment step) is
+left out. Each row keeps its request, the model's inputs, the names of the features it was
+scored without (``missing_features``), its unknown entities and, per feature view, the age of
+the online row used (``feature_age_s__<view>``; absent in logs older than it).
 
 Availability and drift are separate signals: ``availability`` measures how often features were
 missing and how old the online rows were; ``serving_drift`` compares the values that were
@@ -29,20 +33,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from core.storage import write_json_atomic, write_parquet_atomic
+from core.storage import uri, write_json_atomic, write_parquet_atomic
 from core.usecase import UseCase, active
 from models.tasks import BINARY, ErrorCurve, expected_mae, task_of_metric
 from models.tasks import of as task_of
 from quality import drift
 from quality.schema import UTC_TS
+from serving import time_spans
 from serving.delivery import SYNTHETIC_PREFIXES
 from serving.prediction_log import closed_files, file_records
+from serving.time_spans import Span
 
 if TYPE_CHECKING:
     from models.evaluate import EvaluationReport
     from models.spec import Slicing
 
 MANIFEST = "_compacted.json"
+SPANS = "_spans.json"
+MERGING = "_merging.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
 
@@ -143,8 +151,7 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
         for record in file_records(path):
             if (row := _flatten(record, cols)) is not None:
                 rows.append(row)
-    digest = hashlib.sha256("\n".join(p.name for p in todo).encode()).hexdigest()[:16]
-    target = out / f"predictions-{digest}.parquet"
+    target = out / _compacted_name([p.name for p in todo])
     frame = _typed(pl.from_dicts(rows, infer_schema_length=None), cols) if rows else None
     if frame is not None and frame.height:
         write_parquet_atomic(frame, target)
@@ -152,6 +159,12 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     write_json_atomic(sorted({p.name for p in present}), manifest_path)
     errors = 0 if frame is None else frame.filter(pl.col("status") != 200).height
     return Compaction(target if frame is not None else None, len(todo), len(rows), errors)
+
+
+def _compacted_name(sources: Sequence[str]) -> str:
+    """A compacted file's name: a hash of what it was made from, so a retry rewrites it."""
+    digest = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+    return f"predictions-{digest}.parquet"
 
 
 def _typed(frame: pl.DataFrame, cols: LogColumns) -> pl.DataFrame:
@@ -184,26 +197,94 @@ def read_compacted(out_dir: str | Path, since: datetime | None = None) -> pl.Dat
     return frame
 
 
-def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """Answered predictions with the label of their request where it has arrived (``label``:
-    0/1 for a classifier, the value for a regressor; and the label dataset's time column), as
-    the use case's ``label`` declares them.
+def answered_once(predictions: pl.DataFrame) -> pl.DataFrame:
+    """Answered predictions, a request scored twice (a client retry) once: its first answer."""
+    return (
+        predictions.filter(pl.col("status") == 200)
+        .sort("logged_at", maintain_order=True)
+        .unique(log_columns().id, keep="first", maintain_order=True)
+    )
 
-    A request scored twice (a client retry) counts once: its first answer.
-    """
+
+def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """Answered predictions (``answered_once``) with the label of their request where it has
+    arrived (``label``: 0/1 for a classifier, the value for a regressor; and the label
+    dataset's time column), as the use case's ``label`` declares them."""
     declared = active().label
     key = log_columns().id
-    answered = (
-        predictions.filter(pl.col("status") == 200)
-        .sort("logged_at")
-        .unique(key, keep="first", maintain_order=True)
-    )
     known = labels.select(
         pl.col(declared.key).alias(key),
         pl.col(declared.column).cast(task_of(active().task.type).label_dtype).alias("label"),
         declared.time,
-    ).unique(key, keep="last")
-    return answered.join(known, on=key, how="left")
+    ).unique(key, keep="last", maintain_order=True)
+    return answered_once(predictions).join(known, on=key, how="left", maintain_order="left")
+
+
+def compacted_spans(out_dir: str | Path) -> list[Span]:
+    """The event-time span of every compacted file, with its answered rows per model version
+    (``facts["answered"]``); each new file is read once for it (``serving.time_spans``)."""
+    out = Path(out_dir)
+    return time_spans.spans(
+        out, "predictions-*.parquet", log_columns().time, out / SPANS, _answered_by_version
+    )
+
+
+def _answered_by_version(frame: pl.LazyFrame) -> dict[str, Any]:
+    counts = frame.filter(pl.col("status") == 200).group_by("model_version").len().collect()
+    return {"answered": {str(v): int(n) for v, n in counts.iter_rows()}}
+
+
+def answered_count(spans: Sequence[Span], version: str) -> int:
+    """How many answers ``version`` gave in the compacted log (retries counted)."""
+    return sum(s.facts.get("answered", {}).get(version, 0) for s in spans)
+
+
+def read_spans(chosen: Sequence[Span]) -> pl.DataFrame:
+    """The rows of these compacted files, in the order a read of the whole folder meets them,
+    so what is computed on them equals what the whole log gives for the rows they hold."""
+    ordered = time_spans.in_name_order(chosen)
+    if not ordered:
+        cols = log_columns()
+        return pl.DataFrame(schema={**cols.base_schema, cols.time: UTC_TS})
+    return pl.concat([pl.read_parquet(uri(s.path)) for s in ordered], how="diagonal_relaxed")
+
+
+def merge_small(out_dir: str | Path, *, target_bytes: int = 32 << 20, most_small: int = 32) -> int:
+    """Merge the ``most_small`` oldest (by event time) compacted files under ``target_bytes``
+    into one once there are more of them; returns how many were merged (0: none).
+
+    Each monitoring run compacts what it found into a file of its own: thousands of small
+    files a day, each opened by every window that reaches it. Merged files that stay small are
+    merged again, so files grow towards ``target_bytes``. The merge is written as an intent
+    (``MERGING``) first, then the merged file, then the parts are deleted; a crash in between
+    is finished (or forgotten, if the merged file is not there) by the next call, so no row is
+    ever counted twice or lost."""
+    out = Path(out_dir)
+    _finish_merge(out)
+    small = [s for s in compacted_spans(out) if s.size < target_bytes]
+    if len(small) <= most_small:
+        return 0
+    small.sort(key=lambda s: (s.end is not None, s.end.timestamp() if s.end else 0.0, s.path.name))
+    parts = time_spans.in_name_order(small[:most_small])
+    names = [s.path.name for s in parts]
+    target = out / _compacted_name(names)
+    write_json_atomic({"into": target.name, "parts": names}, out / MERGING)
+    write_parquet_atomic(read_spans(parts), target)
+    _finish_merge(out)
+    return len(parts)
+
+
+def _finish_merge(out: Path) -> None:
+    """Complete a merge whose merged file was written; forget one whose file was not."""
+    intent_path = out / MERGING
+    if not intent_path.exists():
+        return
+    intent = json.loads(intent_path.read_text())
+    if (out / intent["into"]).exists():
+        for name in intent["parts"]:
+            if name != intent["into"]:
+                (out / name).unlink(missing_ok=True)
+    intent_path.unlink()
 
 
 def serving_drift(
@@ -298,10 +379,13 @@ def event_window(
     hours hold fewer; a seeded uniform sample of ``max_rows`` when they hold more (a sample,
     not the newest rows, so the window still spans whole daily cycles). Event time rather than
     the log's wall-clock ``logged_at``: an accelerated simulated clock and a real one give the
-    same windows.
+    same windows. Ties in event time are ordered by request id, so the window does not depend
+    on the order the rows were read in.
     """
-    time = log_columns().time
-    timed = served.filter(pl.col(time).is_not_null()).sort(time)
+    cols = log_columns()
+    time = cols.time
+    order = [time, cols.id] if cols.id in served.columns else [time]
+    timed = served.filter(pl.col(time).is_not_null()).sort(order)
     if timed.height == 0:
         return timed
     since = timed[time][-1] - timedelta(hours=hours)
@@ -309,8 +393,57 @@ def event_window(
     if recent.height < min_rows:
         recent = timed.tail(min_rows)
     if recent.height > max_rows:
-        recent = recent.sample(max_rows, seed=seed).sort(time)
+        recent = recent.sample(max_rows, seed=seed).sort(order)
     return recent
+
+
+def served_window(
+    spans: Sequence[Span], version: str, *, hours: float, min_rows: int, max_rows: int
+) -> tuple[pl.DataFrame, int]:
+    """``event_window`` of ``version``'s answered predictions in the compacted files of
+    ``spans``, and how many of those files it read.
+
+    Files are read newest event time first, their number doubling each round, until no unread
+    file can change the window: every unread row is older than the newest of ``version`` by
+    more than ``hours``, and ``min_rows`` of its rows are newer than any unread one. The window
+    equals the one of the whole log as long as a request id, retried, keeps its event time.
+    """
+    order = time_spans.newest_first(spans)
+    if not order:
+        return pl.DataFrame(), 0
+    frames: dict[Path, pl.DataFrame] = {}
+    time = pl.col(log_columns().time)
+    answered = pl.DataFrame(schema=log_columns().base_schema)
+    taken = 0
+    while taken < len(order):
+        taken = min(len(order), max(1, 2 * taken))
+        for span in order[:taken]:
+            if span.path not in frames:
+                frames[span.path] = pl.read_parquet(uri(span.path))
+        whole = pl.concat(
+            [frames[s.path] for s in time_spans.in_name_order(order[:taken])],
+            how="diagonal_relaxed",
+        )
+        answered = answered_once(whole).filter(pl.col("model_version") == version)
+        bound = order[taken].end if taken < len(order) else None
+        certain = answered.filter(time.is_not_null() & (time > bound)) if bound else answered
+        if bound is None or (
+            certain.height >= max(min_rows, 1)
+            and certain[log_columns().time].max() - timedelta(hours=hours) >= bound
+        ):
+            break
+    window = event_window(answered, hours=hours, min_rows=min_rows, max_rows=max_rows)
+    return window, taken
+
+
+def judged_since(spans: Sequence[Span], start: datetime | None) -> tuple[pl.DataFrame, int]:
+    """Every prediction of the compacted files of ``spans`` with an event time at or after
+    ``start`` (all if None), and how many files that read: only those whose span reaches it."""
+    chosen = time_spans.since(spans, start)
+    frame = read_spans(chosen)
+    if start is not None:
+        frame = frame.filter(pl.col(log_columns().time) >= start)
+    return frame, len(chosen)
 
 
 def feature_columns(frame: pl.DataFrame) -> list[str]:
