@@ -41,7 +41,7 @@ from models.registry import CHALLENGER, CHAMPION, Registry
 from quality.ledger import FINAL, BatchLedger, BatchRecord
 from quality.schema import time_columns
 from serving.config import ServingConfig
-from serving.monitoring import MANIFEST
+from serving.monitoring import MANIFEST, compacted_spans
 from serving.prediction_log import closed_files
 
 # Dagster's runs are a store too, kept by orchestration/retention_assets.py (Dagster's API).
@@ -166,6 +166,17 @@ def _files(root: Path, pattern: str) -> list[Item]:
     return _present(_item(path, path.name) for path in _visible(root, pattern))
 
 
+def _compacted(root: Path) -> list[Item]:
+    """Compacted prediction files, by their newest event time: a merged file is new on disk
+    but holds old rows (``serving.monitoring``'s merge), so its mtime would keep it longest."""
+    items = []
+    for span in compacted_spans(root) if root.is_dir() else []:
+        item = _item(span.path, span.path.name)
+        if item is not None:
+            items.append(replace(item, time=span.end or item.time))
+    return items
+
+
 def _listers(settings: Settings) -> dict[str, Callable[[], list[Item]]]:
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     return {
@@ -178,7 +189,7 @@ def _listers(settings: Settings) -> dict[str, Callable[[], list[Item]]]:
         "mar": lambda: _files(config.model_store, f"{config.model_name}-*.mar"),
         "training_sets": lambda: _training_sets(settings.training_sets),
         "batch_predictions": lambda: _files(settings.batch_predictions, "*.parquet"),
-        "compacted_log": lambda: _files(settings.monitoring / "log", "predictions-*.parquet"),
+        "compacted_log": lambda: _compacted(settings.monitoring / "log"),
         "prediction_log": lambda: _present(
             _item(p, p.name) for p in closed_files(config.prediction_log_dir)
         ),

@@ -2,9 +2,11 @@
 unfinished work need survives; old batches, models and logs go; the ledger keeps a tombstone
 for every file it deleted, so each landed batch is still accounted for."""
 
+import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import polars as pl
 import pytest
 
 from core.retention import Limits
@@ -13,6 +15,7 @@ from core.settings import Settings
 from models.registry import Registry
 from quality.ledger import BatchLedger
 from serving import stores
+from serving.monitoring import log_columns
 from serving.stores import disk_usage, retain
 from tests.serving import lakekit
 from tests.serving.lakekit import DAY
@@ -138,15 +141,26 @@ def test_logs_go_by_bytes_but_uncompacted_files_stay(home):
     compacted = settings.monitoring / "log"
     compacted.mkdir(parents=True)
     (compacted / "_compacted.json").write_text(__import__("json").dumps(names[:4]))
+    # Compacted files go by the age of their rows, not their mtime: a merge rewrites old rows
+    # into a new file (predictions-0 here: the oldest rows, the newest file on disk).
     for k in range(3):
-        (compacted / f"predictions-{k}.parquet").write_bytes(b"p" * 1000)
+        path = compacted / f"predictions-{k}.parquet"
+        pl.DataFrame(
+            {
+                log_columns().time: [datetime(2026, 1, 1 + k, tzinfo=UTC)] * 50,
+                "status": [200] * 50,
+                "model_version": ["v1"] * 50,
+            }
+        ).write_parquet(path)
+        os.utime(path, (1000 - k, 1000 - k))
+    size = (compacted / "predictions-0.parquet").stat().st_size
     report = retain(
-        _limits(settings, prediction_log=Limits(max_bytes=0), compacted_log=Limits(max_bytes=1500)),
+        _limits(settings, prediction_log=Limits(max_bytes=0), compacted_log=Limits(max_bytes=size)),
         ledger,
     )
     assert sorted(p.name for p in folder.iterdir()) == names[4:]
     assert report.summary()["prediction_log"]["protected"] == {"not compacted yet (fraud)": 2}
-    assert len(list(compacted.glob("predictions-*.parquet"))) == 1
+    assert [p.name for p in compacted.glob("predictions-*.parquet")] == ["predictions-2.parquet"]
 
 
 def test_disk_usage_per_store(home):
