@@ -33,6 +33,8 @@ ENV_VARS = (
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
     "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES",
+    "LOOPLINE_MAX_LANDING_BYTES",
+    "LOOPLINE_LANDING_SETTLE_SECONDS",
 )
 # Retraining trigger overrides: environment variable -> TriggerPolicy field.
 RETRAIN_ENV = {
@@ -99,6 +101,10 @@ class Settings:
     # batches waiting, once the oldest has waited this long, at most this many per run.
     ingest_window_s: float = 0.0
     ingest_max_batches: int = 100
+    # Landing: a larger file is refused unread; a file is taken once its size and modification
+    # time have not changed for this long (a file written in place by scp or SFTP grows).
+    max_landing_bytes: int = 1 << 30
+    landing_settle_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -129,6 +135,10 @@ class Settings:
             raise ValueError(
                 "LOOPLINE_INGEST_WINDOW_SECONDS must be >= 0 and LOOPLINE_INGEST_MAX_BATCHES >= 1"
             )
+        if self.max_landing_bytes < 1 or self.landing_settle_s < 0:
+            raise ValueError(
+                "LOOPLINE_MAX_LANDING_BYTES must be >= 1 and LOOPLINE_LANDING_SETTLE_SECONDS >= 0"
+            )
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
 
@@ -150,6 +160,8 @@ class Settings:
             retrain={name: float(env[var]) for var, name in RETRAIN_ENV.items() if env.get(var)},
             ingest_window_s=float(env.get("LOOPLINE_INGEST_WINDOW_SECONDS") or 0),
             ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
+            max_landing_bytes=int(env.get("LOOPLINE_MAX_LANDING_BYTES") or 1 << 30),
+            landing_settle_s=float(env.get("LOOPLINE_LANDING_SETTLE_SECONDS") or 5.0),
         )
 
     @property
