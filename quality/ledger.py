@@ -205,6 +205,8 @@ class BatchLedger:
                 elif (now - datetime.fromisoformat(row["seen_at"])).total_seconds() >= settle_s:
                     ready.add(name)
             gone = [(name,) for name in seen if name not in files]
+            if not changed and not gone:
+                return ready
             con.execute("begin immediate")
             con.executemany(
                 "insert into landing_files(name, size, mtime_ns, seen_at) values (?,?,?,?) "
