@@ -36,6 +36,9 @@ REFERENCE_MIN_BATCHES = 4
 # An ingest run that fails (a write error, a crash) is launched again under a new run key, up
 # to this many runs in all; then the batch is quarantined with the last error.
 MAX_INGEST_RUNS = 3
+# At most this many runs' worth of new files taken per sensor tick, so that a flood of files
+# is taken over several ticks, each well within the sensor's time limit.
+RUNS_PER_TICK = 10
 BATCH_TAG = "loopline/batch"  # on a run of one batch
 REQUEST_TAG = "loopline/request"  # the run key a run was asked under (the ledger keeps it)
 
@@ -489,6 +492,8 @@ class Tick:
     fresh: dict[str, list[str]] = field(default_factory=dict)  # never asked of a run
     asked: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # key -> dataset -> ids
     requests: list[dg.RunRequest] = field(default_factory=list)
+    runs: dict[str, dg.DagsterRun | None] = field(default_factory=dict)  # run key -> its run
+    received: int = 0  # new files taken this tick
 
 
 @dg.sensor(
@@ -595,7 +600,10 @@ def _take(
         context.log.info(f"{landed.path.name}: batch {existing.status}; moved to {target}")
         return
     if existing is None:
+        if tick.received >= RUNS_PER_TICK * settings.ingest_max_batches:
+            return  # a flood: the next tick takes the next ones (oldest first)
         ledger.receive(landed.batch_id, landed.dataset, landed.path)
+        tick.received += 1
         tick.new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
     _plan(context, settings, ledger, landed.dataset, landed.batch_id, tick.fresh, tick)
 
@@ -666,11 +674,13 @@ def _plan(
             fresh.setdefault(dataset, []).append(batch_id)
         return
     key, attempt = asked_of
-    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: key}), limit=1)
-    if not runs:
+    if key not in tick.runs:  # a run holds up to ingest_max_batches batches: ask once
+        found = context.instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: key}), limit=1)
+        tick.runs[key] = found[0] if found else None
+    run = tick.runs[key]
+    if run is None:
         tick.asked.setdefault(key, {}).setdefault(dataset, []).append(batch_id)
         return
-    run = runs[0]
     if run.status != dg.DagsterRunStatus.FAILURE:
         return  # queued or running (or done, and the batch moved on meanwhile)
     error = _failure(context, run, batch_id)

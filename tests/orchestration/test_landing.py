@@ -9,6 +9,7 @@ import os
 import time
 
 import polars as pl
+import pytest
 
 from core import simulation
 from quality.ingest import batch_id_of
@@ -194,3 +195,29 @@ def test_one_file_the_sensor_cannot_handle_does_not_stop_the_others(platform):
     assert not stuck.exists()
     assert "unsupported file type" in ledger.get(stuck_id).reason
     assert "duplicate" not in [e["event"] for e in ledger.events(stuck_id)]
+
+
+def test_landing_settings_have_defaults_and_refuse_nonsense():
+    from core.settings import Settings
+
+    defaults = Settings.from_env({"LOOPLINE_HOME": "/tmp/x"})
+    assert defaults.max_landing_bytes == 1024**3 and defaults.landing_settle_s == 5.0
+    for env in ({"LOOPLINE_MAX_LANDING_BYTES": "-1"}, {"LOOPLINE_LANDING_SETTLE_SECONDS": "-2"}):
+        with pytest.raises(ValueError, match="LOOPLINE_MAX_LANDING_BYTES must be >= 1"):
+            Settings.from_env({"LOOPLINE_HOME": "/tmp/x", **env})
+
+
+def test_a_flood_of_files_is_taken_over_several_ticks_oldest_first(platform, monkeypatch):
+    monkeypatch.setenv("LOOPLINE_INGEST_MAX_BATCHES", "2")  # 10 runs of 2: 20 files a tick
+    landing = platform.settings.landing
+    names = [f"transactions-f{i:02d}.parquet" for i in range(25)]
+    for i, name in enumerate(names):
+        (landing / name).write_bytes(f"file {i}".encode())
+        os.utime(landing / name, (1_600_000_000 + i, 1_600_000_000 + i))
+    ledger = BatchLedger(platform.settings.ledger_path)
+    first = platform.tick()
+    assert len(first.run_requests) == 10 and len(platform.batch_ids(first)) == 20
+    assert sorted(b.source_name for b in ledger.batches()) == names[:20]
+    second = platform.tick()  # the rest, beside the first tick's runs asked again
+    assert len(platform.batch_ids(second)) == 25
+    assert len(ledger.batches()) == 25
