@@ -37,6 +37,8 @@ ENV_VARS = (
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
     "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES",
+    "LOOPLINE_MAX_LANDING_BYTES",
+    "LOOPLINE_LANDING_SETTLE_SECONDS",
 )
 # Retention (core/retention.py, serving/stores.py): per store, LOOPLINE_RETAIN_<STORE> holds
 # its limits as ``days=N,count=N,bytes=SIZE`` (any of them; ``off``: none). ``days`` counts in
@@ -156,6 +158,10 @@ class Settings:
     rollback_depth: int = 3
     log_max_bytes: int = 16 << 20
     log_backups: int = 3
+    # Landing: a larger file is refused unread; a file is taken once its size and modification
+    # time have not changed for this long (a file written in place by scp or SFTP grows).
+    max_landing_bytes: int = 1 << 30
+    landing_settle_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -194,6 +200,10 @@ class Settings:
             )
         if self.health_stale_intervals <= 0:
             raise ValueError("LOOPLINE_HEALTH_STALE_INTERVALS must be > 0")
+        if self.max_landing_bytes < 1 or self.landing_settle_s < 0:
+            raise ValueError(
+                "LOOPLINE_MAX_LANDING_BYTES must be >= 1 and LOOPLINE_LANDING_SETTLE_SECONDS >= 0"
+            )
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
         if self.retention_grace_min < 0 or self.rollback_depth < 1:
@@ -228,6 +238,8 @@ class Settings:
             rollback_depth=int(env.get("LOOPLINE_RETAIN_ROLLBACK_DEPTH") or 3),
             log_max_bytes=parse_size(env.get("LOOPLINE_LOG_MAX_BYTES") or "16M"),
             log_backups=int(env.get("LOOPLINE_LOG_BACKUPS") or 3),
+            max_landing_bytes=int(env.get("LOOPLINE_MAX_LANDING_BYTES") or 1 << 30),
+            landing_settle_s=float(env.get("LOOPLINE_LANDING_SETTLE_SECONDS") or 5.0),
         )
 
     @property

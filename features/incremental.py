@@ -36,7 +36,7 @@ MANIFEST = Path("feast") / "online_manifest.json"
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: its dataset and id (the content hash the ledger knows it by)."""
+    """A validated batch: its dataset and id (the one the ledger knows it by)."""
 
     dataset: str
     batch_id: str

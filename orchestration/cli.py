@@ -347,7 +347,13 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
     table = Table(title=f"Batches ({settings.ledger_path})")
     for col in ("batch", "dataset", "file", "status", "rows", "received", "reason"):
         table.add_column(col, overflow="fold")
-    colours = {"validated": "green", "quarantined": "red", "stored": "yellow", "received": "cyan"}
+    colours = {
+        "validated": "green",
+        "quarantined": "red",
+        "stored": "yellow",
+        "received": "cyan",
+        "duplicate": "magenta",
+    }
     for b in ledger.batches(dataset=dataset, status=status, limit=limit):
         table.add_row(
             b.batch_id,

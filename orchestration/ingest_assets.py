@@ -1,11 +1,12 @@
 """Ingest and validate: landing folder -> raw batches -> validated batches (or quarantine).
 
-One dynamic partition per landed batch, keyed by the batch's content hash.
+One dynamic partition per landed batch, keyed by the landed file's identity (its name and
+metadata: the sensor reads no file body); the ingest run recognises the same bytes landed twice.
 """
 
 import hashlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +18,15 @@ from core.storage import uri
 from core.usecase import active
 from orchestration.resources import LooplineStorage, lane
 from quality import contracts, drift
-from quality.ingest import UnreadableBatch, quarantine, read_batch, scan_landing, store_batch
+from quality.ingest import (
+    LandedFile,
+    UnreadableBatch,
+    content_id,
+    quarantine,
+    read_batch,
+    scan_landing,
+    store_batch,
+)
 from quality.ledger import FINAL, BatchLedger, BatchRecord
 from quality.schema import datasets, drift_columns, time_columns
 
@@ -27,6 +36,9 @@ REFERENCE_MIN_BATCHES = 4
 # An ingest run that fails (a write error, a crash) is launched again under a new run key, up
 # to this many runs in all; then the batch is quarantined with the last error.
 MAX_INGEST_RUNS = 3
+# At most this many runs' worth of new files taken per sensor tick, so that a flood of files
+# is taken over several ticks, each well within the sensor's time limit.
+RUNS_PER_TICK = 10
 BATCH_TAG = "loopline/batch"  # on a run of one batch
 REQUEST_TAG = "loopline/request"  # the run key a run was asked under (the ledger keeps it)
 
@@ -49,13 +61,21 @@ def _quarantine(
     ledger: BatchLedger,
     dataset: str | None,
     batch_id: str,
-    source: Path,
+    source: Path | None,
     reasons: list[str],
     rows: int | None = None,
+    *,
+    move: bool = False,
 ) -> str:
-    """Keep the file and its reasons in quarantine and record the outcome in the ledger."""
+    """Keep the file (moved, or copied) and its reasons in quarantine and record the outcome
+    in the ledger."""
     where = quarantine(
-        settings.quarantine, batch_id=batch_id, dataset=dataset, source=source, reasons=reasons
+        settings.quarantine,
+        batch_id=batch_id,
+        dataset=dataset,
+        source=source,
+        reasons=reasons,
+        move=move,
     )
     ledger.mark(batch_id, "quarantined", rows=rows, reason="; ".join(reasons))
     return str(where)
@@ -72,20 +92,28 @@ class Step:
 
 
 def store_raw(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: str, log) -> Step:
-    """Keep a landed batch as an immutable parquet file (or quarantine it, unreadable)."""
+    """Keep a landed batch as an immutable parquet file (or quarantine it, unreadable; or
+    recognise it as the same bytes as a batch already taken)."""
     record = ledger.get(batch_id)
     if record is None:
         raise dg.Failure(f"batch {batch_id} is not in the ledger; land files via the sensor")
     dest = settings.raw_file(dataset, batch_id)
     source = _source_of(settings, record)
     if dest.exists():
-        df = pl.read_parquet(uri(dest))  # re-run of a stored batch: idempotent
+        df = pl.read_parquet(uri(dest))  # re-run of a stored batch: its landed file not needed
     else:
+        if source is None:
+            raise dg.Failure(
+                f"batch {batch_id}: source file {record.source_path} is gone and not archived"
+            )
+        owner = ledger.claim_content(batch_id, content_id(source))
+        if owner != batch_id:
+            return _duplicate(settings, ledger, record, owner, source, log)
         try:
             df = read_batch(source, dataset)
         except UnreadableBatch as exc:
             where = _quarantine(settings, ledger, dataset, batch_id, source, [str(exc)])
-            _archive(settings, dataset, batch_id, source)
+            _archive(settings, record, source)
             log.warning(f"batch {batch_id} quarantined: {exc}")
             return Step(
                 {"status": "quarantined", "reason": str(exc), "quarantine": where},
@@ -96,9 +124,11 @@ def store_raw(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: s
                 ],
                 ok=False,
             )
+        ledger.count(batch_id, df.height)
         store_batch(df, dest)
     ledger.mark(batch_id, "stored", rows=df.height)
-    _archive(settings, dataset, batch_id, source)
+    if source is not None:
+        _archive(settings, record, source)
     return Step(
         {
             "status": "stored",
@@ -110,6 +140,24 @@ def store_raw(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: s
         [dg.AssetCheckResult(check_name="readable", passed=True)],
         ok=True,
     )
+
+
+def _duplicate(
+    settings: Settings, ledger: BatchLedger, record: BatchRecord, owner: str, source: Path, log
+) -> Step:
+    """The same bytes as batch ``owner``, landed again: kept aside, never counted twice."""
+    first = ledger.get(owner)
+    reason = f"the same bytes as batch {owner} ({first.source_name if first else 'unknown'})"
+    _move(source, _duplicate_path(settings, record))
+    ledger.note(owner, "duplicate", record.source_path)
+    ledger.mark(record.batch_id, "duplicate", reason=reason)
+    log.info(f"{record.source_name} is {reason}")
+    meta = {"status": "duplicate", "duplicate_of": owner, "source": record.source_name}
+    return Step(meta, [dg.AssetCheckResult(check_name="readable", passed=True)], ok=False)
+
+
+def _duplicate_path(settings: Settings, record: BatchRecord) -> Path:
+    return settings.archive / "duplicates" / f"{record.batch_id}__{record.source_name}"
 
 
 def _raw_asset(dataset: str) -> dg.AssetsDefinition:
@@ -133,22 +181,31 @@ def _raw_asset(dataset: str) -> dg.AssetsDefinition:
     return raw
 
 
-def _source_of(settings: Settings, record: BatchRecord) -> Path:
+def _source_of(settings: Settings, record: BatchRecord) -> Path | None:
+    """Where a batch's landed file is now: still landed, archived, or None (gone)."""
     landed = Path(record.source_path)
     if landed.exists():
         return landed
-    archived = settings.archive / record.dataset / f"{record.batch_id}__{record.source_name}"
-    if archived.exists():
-        return archived
-    raise dg.Failure(f"batch {record.batch_id}: source file {landed} is gone and not archived")
+    archived = _archived_path(settings, record)
+    return archived if archived.exists() else None
 
 
-def _archive(settings: Settings, dataset: str, batch_id: str, source: Path) -> None:
-    """Move the landed original out of the landing folder, keeping it (nothing is deleted)."""
-    target = settings.archive / dataset / f"{batch_id}__{source.name}"
+def _archived_path(settings: Settings, record: BatchRecord) -> Path:
+    return settings.archive / record.dataset / f"{record.batch_id}__{record.source_name}"
+
+
+def _archive(settings: Settings, record: BatchRecord, source: Path) -> None:
+    """Move the landed original out of the landing folder, keeping it (nothing is deleted);
+    a file already in the archive stays where it is."""
+    target = _archived_path(settings, record)
     if source != target and source.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, target)
+        _move(source, target)
+
+
+def _move(source: Path, target: Path) -> None:
+    """A rename within the home (no read, however large the file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
 
 
 def validate(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: str, log) -> Step:
@@ -356,6 +413,8 @@ def _ingest_op(dataset: str) -> dg.OpDefinition:
                 continue
             try:
                 for key, step in _ingest_steps(settings, ledger, dataset, batch_id, context.log):
+                    if step.metadata["status"] == "duplicate":
+                        continue  # nothing stored: the batch it repeats holds these rows
                     context.log_event(
                         dg.AssetMaterialization(key, partition=batch_id, metadata=step.metadata)
                     )
@@ -425,72 +484,146 @@ reference_profile_job = dg.define_asset_job(
 )
 
 
+@dataclass
+class Tick:
+    """What one landing-sensor tick asks: new partitions, and runs."""
+
+    new_keys: dict[str, list[str]] = field(default_factory=dict)  # dataset -> new batches
+    fresh: dict[str, list[str]] = field(default_factory=dict)  # never asked of a run
+    asked: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # key -> dataset -> ids
+    requests: list[dg.RunRequest] = field(default_factory=list)
+    runs: dict[str, dg.DagsterRun | None] = field(default_factory=dict)  # run key -> its run
+    received: int = 0  # new files taken this tick
+
+
 @dg.sensor(
     jobs=[ingest_job, reference_profile_job],
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the landing folder: one dynamic partition per new batch, and one "
-    "ingest run for the batches waiting at a tick.",
+    "ingest run for the batches waiting at a tick. It reads no file body (stat calls only).",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
     settings, ledger = storage.settings, storage.ledger
-    requests: list[dg.RunRequest] = []
-    new_keys: dict[str, list[str]] = {}
-    fresh: dict[str, list[str]] = {}  # dataset -> batches never asked of a run
-    asked: dict[str, dict[str, list[str]]] = {}  # run key -> dataset -> its waiting batches
-    window = timedelta(seconds=settings.ingest_window_s)
-    for landed in scan_landing(settings.landing):
-        if landed.problem:
-            ledger.receive(landed.batch_id, landed.dataset or "unknown", landed.path)
-            _quarantine(
-                settings, ledger, landed.dataset, landed.batch_id, landed.path, [landed.problem]
-            )
-            landed.path.unlink()
-            context.log.warning(f"{landed.path.name}: {landed.problem}")
-            continue
-        existing = ledger.get(landed.batch_id)
-        if existing is not None and existing.source_path != str(landed.path):
-            ledger.receive(landed.batch_id, landed.dataset, landed.path)  # logs the duplicate
-            dup = settings.archive / "duplicates" / f"{landed.batch_id}__{landed.path.name}"
-            dup.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(landed.path, dup)
-            context.log.info(f"{landed.path.name} is a re-landed copy of batch {landed.batch_id}")
-            continue
-        if existing is None:
-            ledger.receive(landed.batch_id, landed.dataset, landed.path)
-            new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
-        _plan(context, settings, ledger, landed.dataset, landed.batch_id, fresh, asked, requests)
-    # Stored but not validated, its run failed after the landed file was archived.
-    for record in ledger.batches(status="stored"):
-        _plan(context, settings, ledger, record.dataset, record.batch_id, None, asked, requests)
+    tick = Tick()
+    landed = scan_landing(settings.landing, settings.max_landing_bytes)
+    for f in _settled(settings, ledger, landed):
+        _guarded(context, ledger, tick, f.batch_id, f.path.name, _take, settings, ledger, f)
+    # Stored but not validated, its run failed after the landed file was archived; or
+    # received, and its landed file gone since: retried, then given up on.
+    here = {f.batch_id for f in landed}
+    waiting = ledger.batches(status="stored") + ledger.batches(status="received")
+    for r in (r for r in waiting if r.batch_id not in here):
+        _guarded(context, ledger, tick, r.batch_id, r.source_name, _retry, settings, ledger, r)
     # Asked before and their run not created yet (a tick whose requests were lost): the same
     # key again, which Dagster launches once.
-    for key, batches in asked.items():
-        requests.append(_request(key, batches))
-    waiting = [(ds, b) for ds, ids in fresh.items() for b in ids]
+    for key, batches in tick.asked.items():
+        tick.requests.append(_request(key, batches))
+    _ask_fresh(settings, ledger, tick)
+    if not settings.reference_profile_path(REQUEST_DATASET).exists():
+        validated = ledger.batches(dataset=REQUEST_DATASET, status="validated")
+        if len(validated) >= REFERENCE_MIN_BATCHES:
+            tick.requests.append(
+                dg.RunRequest(run_key="reference-bootstrap", job_name=reference_profile_job.name)
+            )
+    return dg.SensorResult(
+        run_requests=tick.requests,
+        dynamic_partitions_requests=[
+            PARTITIONS[ds].build_add_request(keys) for ds, keys in tick.new_keys.items()
+        ],
+    )
+
+
+def _settled(settings: Settings, ledger: BatchLedger, landed: list[LandedFile]) -> list[LandedFile]:
+    """The landed files whose size and modification time have not changed for the settle time
+    (a file written in place, by scp or SFTP, is visible while it grows)."""
+    if settings.landing_settle_s <= 0:
+        return landed
+    ready = ledger.settled(
+        {f.path.name: (f.size, f.mtime_ns) for f in landed},
+        settings.landing_settle_s,
+        datetime.now(UTC),
+    )
+    return [f for f in landed if f.path.name in ready]
+
+
+def _guarded(context, ledger: BatchLedger, tick: Tick, batch_id: str, name: str, step, *args):
+    """``step(context, *args, tick)`` for one file or batch; an error is logged and recorded
+    against its batch, and the tick goes on with the others (this one is tried next tick)."""
+    try:
+        step(context, *args, tick)
+    except Exception as exc:  # one bad file must not stop the sensor (and all ingestion)
+        detail = f"{name}: {type(exc).__name__}: {exc}"
+        context.log.error(f"landing sensor: {detail}; left as it is, tried again next tick")
+        ledger.note(batch_id, "sensor_error", detail)
+
+
+def _retry(context, settings: Settings, ledger: BatchLedger, record: BatchRecord, tick: Tick):
+    """A batch not in landing any more that is not done: its retry or its end (``_plan``)."""
+    _plan(context, settings, ledger, record.dataset, record.batch_id, None, tick)
+
+
+def _take(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    ledger: BatchLedger,
+    landed: LandedFile,
+    tick: Tick,
+) -> None:
+    """A settled landed file: refused (moved to quarantine unread), new (a ledger entry and a
+    partition), still waiting for its run, or a finished batch's file left in landing."""
+    if landed.problem:
+        if ledger.get(landed.batch_id) is None:  # else known from a tick that failed to move it
+            ledger.receive(landed.batch_id, landed.dataset or "unknown", landed.path)
+        _quarantine(
+            settings,
+            ledger,
+            landed.dataset,
+            landed.batch_id,
+            landed.path,
+            [landed.problem],
+            move=True,
+        )
+        context.log.warning(f"{landed.path.name}: {landed.problem}")
+        return
+    existing = ledger.get(landed.batch_id)
+    if existing is not None and existing.status in FINAL:
+        target = (
+            _duplicate_path(settings, existing)
+            if existing.status == "duplicate"
+            else _archived_path(settings, existing)
+        )
+        _move(landed.path, target)
+        ledger.note(
+            landed.batch_id, "archived", f"{landed.path} left in landing after {existing.status}"
+        )
+        context.log.info(f"{landed.path.name}: batch {existing.status}; moved to {target}")
+        return
+    if existing is None:
+        if tick.received >= RUNS_PER_TICK * settings.ingest_max_batches:
+            return  # a flood: the next tick takes the next ones (oldest first)
+        ledger.receive(landed.batch_id, landed.dataset, landed.path)
+        tick.received += 1
+        tick.new_keys.setdefault(landed.dataset, []).append(landed.batch_id)
+    _plan(context, settings, ledger, landed.dataset, landed.batch_id, tick.fresh, tick)
+
+
+def _ask_fresh(settings: Settings, ledger: BatchLedger, tick: Tick) -> None:
+    """One ingest run per ``ingest_max_batches`` of the batches never asked of a run, once
+    the micro-batch window is over."""
+    waiting = [(ds, b) for ds, ids in tick.fresh.items() for b in ids]
+    window = timedelta(seconds=settings.ingest_window_s)
     if window and waiting:  # read the ledger only when a window is set (default: none)
         oldest = min(ledger.get(b).received_at for _, b in waiting)
         if datetime.now(UTC) - datetime.fromisoformat(oldest) < window:
-            waiting = []  # the micro-batch window is still open: more may land
+            return  # the micro-batch window is still open: more may land
     for i in range(0, len(waiting), settings.ingest_max_batches):
         chunk: dict[str, list[str]] = {}
         for ds, b in waiting[i : i + settings.ingest_max_batches]:
             chunk.setdefault(ds, []).append(b)
         key = _run_key(chunk)
         ledger.requested([b for ids in chunk.values() for b in ids], key, attempt=1)
-        requests.append(_request(key, chunk))
-    if not settings.reference_profile_path(REQUEST_DATASET).exists():
-        validated = ledger.batches(dataset=REQUEST_DATASET, status="validated")
-        if len(validated) >= REFERENCE_MIN_BATCHES:
-            requests.append(
-                dg.RunRequest(run_key="reference-bootstrap", job_name=reference_profile_job.name)
-            )
-    return dg.SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[
-            PARTITIONS[ds].build_add_request(keys) for ds, keys in new_keys.items()
-        ],
-    )
+        tick.requests.append(_request(key, chunk))
 
 
 def _run_key(batches: dict[str, list[str]]) -> str:
@@ -529,8 +662,7 @@ def _plan(
     dataset: str,
     batch_id: str,
     fresh: dict[str, list[str]] | None,
-    asked: dict[str, dict[str, list[str]]],
-    requests: list[dg.RunRequest],
+    tick: Tick,
 ) -> None:
     """What a waiting batch needs: its first run (``fresh``, None when only a retry is due),
     its asked run once more while that run does not exist yet, a retry under a new run key
@@ -542,34 +674,48 @@ def _plan(
             fresh.setdefault(dataset, []).append(batch_id)
         return
     key, attempt = asked_of
-    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: key}), limit=1)
-    if not runs:
-        asked.setdefault(key, {}).setdefault(dataset, []).append(batch_id)
+    if key not in tick.runs:  # a run holds up to ingest_max_batches batches: ask once
+        found = context.instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: key}), limit=1)
+        tick.runs[key] = found[0] if found else None
+    run = tick.runs[key]
+    if run is None:
+        tick.asked.setdefault(key, {}).setdefault(dataset, []).append(batch_id)
         return
-    run = runs[0]
     if run.status != dg.DagsterRunStatus.FAILURE:
         return  # queued or running (or done, and the batch moved on meanwhile)
     error = _failure(context, run, batch_id)
     if attempt >= MAX_INGEST_RUNS:
-        record = ledger.get(batch_id)
-        source = _source_of(settings, record)
-        reason = f"ingest failed in {attempt} runs; last error: {error}"
-        _quarantine(settings, ledger, dataset, batch_id, source, [reason], _rows(source, dataset))
-        _archive(settings, dataset, batch_id, source)
-        context.log.warning(f"batch {batch_id} quarantined: {reason}")
+        _give_up(
+            context,
+            settings,
+            ledger,
+            batch_id,
+            f"ingest failed in {attempt} runs; last error: {error}",
+        )
         return
     retry = f"{dataset}-{batch_id}-attempt{attempt + 1}"
     ledger.requested([batch_id], retry, attempt + 1)
     context.log.info(f"batch {batch_id}: run {run.run_id} failed ({error}); retrying as {retry}")
-    requests.append(_request(retry, {dataset: [batch_id]}))
+    tick.requests.append(_request(retry, {dataset: [batch_id]}))
 
 
-def _rows(source: Path, dataset: str) -> int | None:
-    """Rows of a batch given up on, so the ledger still reconciles (None when unreadable)."""
-    try:
-        return read_batch(source, dataset).height
-    except UnreadableBatch:
-        return None
+def _give_up(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    ledger: BatchLedger,
+    batch_id: str,
+    reason: str,
+) -> None:
+    """Quarantine a batch its runs kept failing on: its landed file moved in (unread), or,
+    when that file is gone, the reasons alone. Rows as the run counted them, if it did."""
+    record = ledger.get(batch_id)
+    source = _source_of(settings, record)
+    if source is None:
+        reason += "; its landed file is gone (neither in landing nor in the archive)"
+    _quarantine(
+        settings, ledger, record.dataset, batch_id, source, [reason], record.rows, move=True
+    )
+    context.log.warning(f"batch {batch_id} quarantined: {reason}")
 
 
 def _failure(context: dg.SensorEvaluationContext, run: dg.DagsterRun, batch_id: str) -> str:

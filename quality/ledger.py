@@ -1,9 +1,13 @@
 """The batch ledger: every landed batch, what happened to it, and why.
 
 SQLite in WAL mode so the sensor, run workers and the CLI can read and write it at once.
-Status moves forward only: received -> stored -> validated | quarantined. Retention deleting a
-batch's files leaves its row and status as they were and adds a tombstone per store
-(``expired_files``: what went, how many bytes, when), so every landed row stays accounted for.
+Status moves forward only: received -> stored -> validated | quarantined, or received ->
+duplicate (the same bytes as a batch already taken, recognised by the ingest run).
+It also remembers what the landing sensor saw of each file still in the landing folder (size
+and modification time, and since when), so a file is taken only once it has settled.
+Retention deleting a batch's files leaves its row and status as they were and adds a
+tombstone per store (``expired_files``: what went, how many bytes, when), so every landed
+row stays accounted for.
 """
 
 from __future__ import annotations
@@ -15,21 +19,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-STATUSES = ("received", "stored", "validated", "quarantined")
-FINAL = ("validated", "quarantined")
+STATUSES = ("received", "stored", "validated", "quarantined", "duplicate")
+FINAL = ("validated", "quarantined", "duplicate")
 
-_SCHEMA = """
+_BATCHES = """
 create table if not exists batches (
     batch_id     text primary key,
     dataset      text not null,
     source_name  text not null,
     source_path  text not null,
-    status       text not null check (status in ('received','stored','validated','quarantined')),
+    status       text not null
+                 check (status in ('received','stored','validated','quarantined','duplicate')),
     rows         integer,
     reason       text,
     received_at  text not null,
     updated_at   text not null
-);
+)"""
+_SCHEMA = (
+    _BATCHES
+    + """;
 create index if not exists batches_dataset on batches(dataset, received_at);
 create table if not exists batch_events (
     id        integer primary key autoincrement,
@@ -53,7 +61,20 @@ create table if not exists expired_files (
     primary key (store, name)
 );
 create index if not exists expired_files_batch on expired_files(batch_id);
+create table if not exists batch_contents (
+    sha256    text primary key,
+    batch_id  text not null
+);
+create table if not exists landing_files (
+    name      text primary key,
+    size      integer not null,
+    mtime_ns  integer not null,
+    seen_at   text not null
+);
 """
+)
+# A ledger made before the `duplicate` status: its table's check constraint refuses it.
+_BEFORE_DUPLICATES = "'quarantined'))"
 
 
 def _now() -> str:
@@ -80,7 +101,30 @@ class BatchLedger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
+            self._migrate(con)
             con.executescript(_SCHEMA)
+
+    @staticmethod
+    def _migrate(con: sqlite3.Connection) -> None:
+        """Let a ledger made before the ``duplicate`` status take it (one transaction)."""
+
+        def old() -> bool:
+            row = con.execute("select sql from sqlite_master where name='batches'").fetchone()
+            return row is not None and _BEFORE_DUPLICATES in row["sql"].replace(" ", "")
+
+        if not old():
+            return
+        con.execute("begin immediate")
+        try:
+            if old():  # another process may have migrated it meanwhile
+                con.execute("alter table batches rename to batches_before_duplicates")
+                con.execute(_BATCHES)
+                con.execute("insert into batches select * from batches_before_duplicates")
+                con.execute("drop table batches_before_duplicates")
+            con.execute("commit")
+        except BaseException:
+            con.execute("rollback")
+            raise
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -128,6 +172,63 @@ class BatchLedger:
                 "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
                 (batch_id, now, status, reason),
             )
+
+    def note(self, batch_id: str, event: str, detail: str | None = None) -> None:
+        """Record an event of a batch that changes no status (a re-landed copy, a sensor error)."""
+        with self._connect() as con:
+            con.execute(
+                "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
+                (batch_id, _now(), event, detail),
+            )
+
+    def count(self, batch_id: str, rows: int) -> None:
+        """Keep a batch's row count as soon as it is read, so that a batch given up on later
+        still reconciles without anyone reading it again."""
+        with self._connect() as con:
+            con.execute("update batches set rows=? where batch_id=?", (rows, batch_id))
+
+    def claim_content(self, batch_id: str, sha256: str) -> str:
+        """The batch that owns these bytes: ``batch_id`` if none did, else the first that
+        claimed them (the same bytes landed again are that batch's duplicate)."""
+        with self._connect() as con:
+            con.execute(
+                "insert into batch_contents(sha256, batch_id) values (?,?) "
+                "on conflict(sha256) do nothing",
+                (sha256, batch_id),
+            )
+            row = con.execute(
+                "select batch_id from batch_contents where sha256=?", (sha256,)
+            ).fetchone()
+        return row["batch_id"]
+
+    def settled(
+        self, files: dict[str, tuple[int, int]], settle_s: float, now: datetime
+    ) -> set[str]:
+        """The names of ``files`` (name -> (size, mtime_ns)) seen unchanged for ``settle_s``
+        seconds or more; a new or changed file starts its wait ``now``. Files no longer in
+        ``files`` (taken, or removed by their producer) are forgotten."""
+        with self._connect() as con:
+            seen = {r["name"]: r for r in con.execute("select * from landing_files")}
+            ready, changed = set(), []
+            for name, (size, mtime_ns) in files.items():
+                row = seen.get(name)
+                if row is None or (row["size"], row["mtime_ns"]) != (size, mtime_ns):
+                    changed.append((name, size, mtime_ns, now.isoformat()))
+                elif (now - datetime.fromisoformat(row["seen_at"])).total_seconds() >= settle_s:
+                    ready.add(name)
+            gone = [(name,) for name in seen if name not in files]
+            if not changed and not gone:
+                return ready
+            con.execute("begin immediate")
+            con.executemany(
+                "insert into landing_files(name, size, mtime_ns, seen_at) values (?,?,?,?) "
+                "on conflict(name) do update set size=excluded.size, "
+                "mtime_ns=excluded.mtime_ns, seen_at=excluded.seen_at",
+                changed,
+            )
+            con.executemany("delete from landing_files where name=?", gone)
+            con.execute("commit")
+        return ready
 
     def requested(self, batch_ids: list[str], run_key: str, attempt: int) -> None:
         """Record the ingest run each batch was asked of (its ``attempt``-th, one run key for

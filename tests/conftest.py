@@ -25,3 +25,10 @@ def _monday_midnight_default_start(now: datetime | None = None) -> datetime:
 def _history_of_a_fixed_shape(request, monkeypatch):
     if request.node.get_closest_marker("real_clock") is None:
         monkeypatch.setattr(simulator, "default_start", _monday_midnight_default_start)
+
+
+@pytest.fixture(autouse=True)
+def _landed_files_are_whole(monkeypatch):
+    """Tests land files whole (a hidden name, then a rename), so the landing sensor need not
+    wait for them to settle; the tests of files written in place set their own settle time."""
+    monkeypatch.setenv("LOOPLINE_LANDING_SETTLE_SECONDS", "0")

@@ -1,8 +1,15 @@
 """Helpers for orchestration tests: a temp Loopline home, the sensor, and its runs in-process."""
 
+import builtins
+import io
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from core import simulation
@@ -39,7 +46,12 @@ class Platform:
 
         One ingest run takes the batches waiting at a tick (decision 38)."""
         context = dg.build_sensor_context(instance=self.instance, resources=self.resources)
-        result = ingest_assets.landing_sensor(context)
+        with files_opened() as opened:
+            result = ingest_assets.landing_sensor(context)
+        s = self.settings
+        data = [str(d) for d in (s.landing, s.archive, s.quarantine, s.raw, s.validated)]
+        read = [f for f in map(str, opened) if f.startswith(tuple(data))]
+        assert not read, f"the landing sensor read file bodies: {read}"
         for request in result.dynamic_partitions_requests:
             self.instance.add_dynamic_partitions(
                 request.partitions_def_name, list(request.partition_keys)
@@ -93,6 +105,33 @@ class Platform:
                 break
             outcomes += self.run_requests(result)
         return outcomes
+
+
+@contextmanager
+def files_opened() -> Iterator[list]:
+    """The files this thread opens for reading meanwhile, through Python or Polars (others
+    are not seen: a run on another thread may read what it likes)."""
+    opened: list = []
+    me = threading.get_ident()
+
+    def spy(real):
+        def opening(file, *args, **kwargs):
+            mode = args[0] if args else kwargs.get("mode", "r")
+            writes = isinstance(mode, str) and any(c in mode for c in "wax+")
+            if threading.get_ident() == me and not writes:
+                opened.append(file)
+            return real(file, *args, **kwargs)
+
+        return opening
+
+    with ExitStack() as stack:
+        for owner, name in [
+            (builtins, "open"),
+            (io, "open"),
+            *((pl, n) for n in ("read_parquet", "read_csv", "scan_parquet", "scan_csv")),
+        ]:
+            stack.enter_context(mock.patch.object(owner, name, spy(getattr(owner, name))))
+        yield opened
 
 
 @pytest.fixture

@@ -66,3 +66,48 @@ def test_wal_mode_allows_concurrent_writers(tmp_path):
     assert len(BatchLedger(path).batches(status="validated")) == 200
     mode = sqlite3.connect(path).execute("pragma journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_a_landed_file_settles_once_unchanged_for_the_settle_time(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    assert ledger.settled({"a.parquet": (10, 1)}, 5, t0) == set()  # first seen
+    assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=6)) == set()  # grew
+    assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=9)) == set()
+    assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=11)) == {"a.parquet"}
+    # Gone from landing: forgotten, so a new file of that name waits again.
+    assert ledger.settled({}, 5, t0 + timedelta(seconds=12)) == set()
+    assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=13)) == set()
+
+
+def test_the_same_bytes_are_owned_by_the_first_batch_that_claims_them(tmp_path):
+    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+    assert ledger.claim_content("b1", "sha-x") == "b1"
+    assert ledger.claim_content("b1", "sha-x") == "b1"  # a retry of the same batch
+    assert ledger.claim_content("b2", "sha-x") == "b1"
+    assert ledger.claim_content("b2", "sha-y") == "b2"
+
+
+def test_a_ledger_made_before_duplicates_keeps_its_batches_and_takes_the_new_status(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(
+        """
+        create table batches (
+            batch_id text primary key, dataset text not null, source_name text not null,
+            source_path text not null,
+            status text not null check (status in ('received','stored','validated','quarantined')),
+            rows integer, reason text, received_at text not null, updated_at text not null);
+        insert into batches values ('old', 'transactions', 'a', '/a', 'validated', 5, null,
+                                    '2030-01-01', '2030-01-01');
+        """
+    )
+    con.close()
+    ledger = BatchLedger(path)
+    assert ledger.get("old").rows == 5
+    ledger.receive("copy", "transactions", tmp_path / "transactions-b.parquet")
+    ledger.mark("copy", "duplicate", reason="the same bytes as batch old")
+    assert ledger.get("copy").status == "duplicate"
+    assert ledger.summary()["transactions"]["validated_rows"] == 5

@@ -149,7 +149,7 @@ def test_malformed_batches_are_each_quarantined_with_a_reason_and_good_ones_flow
     ledger = BatchLedger(platform.settings.ledger_path)
     landing = platform.settings.landing
     good_batches: list[tuple[str, int]] = []
-    seen: set[str] = set()
+    seen: set[bytes] = set()
 
     @settings(
         max_examples=EXAMPLES,
@@ -164,10 +164,11 @@ def test_malformed_batches_are_each_quarantined_with_a_reason_and_good_ones_flow
         n = FIGURES["malformed"]
         path = simulation.land(payload, landing, "transactions", f"fuzz{n:04d}", fmt)
         bad_id = batch_id_of(path)
-        if bad_id in seen:  # the same bytes drawn twice: a re-landed copy, not a new batch
+        if payload in seen:  # the same bytes drawn twice: a re-landed copy, not a new batch
             platform.ingest_all()
+            assert ledger.get(bad_id).status == "duplicate"
             return
-        seen.add(bad_id)
+        seen.add(payload)
         FIGURES["malformed"] += 1
         if with_good:
             frame = simulator.Simulator(CONFIG).transactions(40 + n)  # windows 0-20 are bad
@@ -186,7 +187,7 @@ def test_malformed_batches_are_each_quarantined_with_a_reason_and_good_ones_flow
         record = ledger.get(batch)
         assert record.status == "validated" and record.rows == rows
     quarantined = ledger.batches(status="quarantined")
-    assert len(quarantined) == FIGURES["malformed"]
+    assert len(quarantined) == FIGURES["malformed"]  # a copy drawn twice is a duplicate
     assert all(r.reason for r in quarantined)
     for r in quarantined:
         assert (platform.settings.quarantine / "transactions" / r.batch_id / "reason.json").exists()
