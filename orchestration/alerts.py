@@ -21,6 +21,7 @@ KINDS = (
     "rollback",
     "promotion",
     "sensor_stalled",
+    "serving_restarted",
 )
 logger = logging.getLogger("loopline.alerts")
 

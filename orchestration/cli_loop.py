@@ -73,6 +73,7 @@ class LivePlatform:
         self.simulator = None
         self._sim_thread: threading.Thread | None = None
         self._owns_serving = False
+        self.keep_serving = None  # orchestration.supervise.KeepServing, when it owns TorchServe
 
     def start(
         self,
@@ -91,6 +92,7 @@ class LivePlatform:
     ) -> None:
         from orchestration import platform
         from orchestration.live import LiveSimulator, Traffic
+        from orchestration.supervise import KeepServing
         from serving.config import ServingConfig
         from serving.process import TorchServeProcess
 
@@ -104,6 +106,7 @@ class LivePlatform:
             self._owns_serving = True  # before start: a stop during start stops it too
             with console.status("starting TorchServe"):
                 self.serving.start(tied=True)
+            self.keep_serving = KeepServing(self.serving).start()
         else:  # the platform's TorchServe, shared by its use cases: join it, leave it running
             self.serving.serve_champion()
         wait_http(f"http://{self.host}:{self.port}/server_info", self.dagster, timeout=180)
@@ -153,6 +156,8 @@ class LivePlatform:
             self._sim_thread.join(timeout=30)
         if self.traffic is not None:
             self.traffic.stop()
+        if self.keep_serving is not None:
+            self.keep_serving.stop()
         if self.serving is not None and self._owns_serving:
             self.serving.stop()
         if self.dagster is not None:

@@ -94,6 +94,7 @@ def run_platform(
 ) -> None:
     """Start the shared TorchServe, then one ``loopline run`` per use case (Dagster UI on
     ``port``, ``port + 1``, ...); stop them all on Ctrl-C, SIGTERM or when one exits."""
+    from orchestration.supervise import KeepServing
     from serving.config import ServingConfig
     from serving.process import TorchServeProcess
 
@@ -101,6 +102,7 @@ def run_platform(
     first = layout.settings(names[0]).ensure()
     serving = TorchServeProcess.attach(ServingConfig.for_settings(first))
     owns_serving = False
+    keep_serving = None
     children: dict[str, subprocess.Popen] = {}
     signals = StopSignals().install()
     try:
@@ -108,6 +110,7 @@ def run_platform(
             owns_serving = True
             with console.status("starting TorchServe for every use case"):
                 serving.start(timeout=timeout_s, tied=True)
+            keep_serving = KeepServing(serving).start()
         cfg = serving.config
         console.print(
             f"[bold]Loopline[/] platform: {', '.join(names)}; TorchServe {cfg.inference_url} "
@@ -132,6 +135,8 @@ def run_platform(
     finally:
 
         def stop() -> None:
+            if keep_serving is not None:
+                keep_serving.stop()
             _stop_children(list(children.values()))
             if owns_serving:
                 serving.stop()

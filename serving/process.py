@@ -295,6 +295,10 @@ class TorchServeProcess:
             return None
         return pid if alive and ours else None
 
+    def alive(self) -> bool:
+        """Whether this instance's process runs (no request made: cheap enough to poll)."""
+        return self._state_pid() is not None
+
     def status(self) -> ServerStatus:
         cfg = self.config
         state = self._state()
