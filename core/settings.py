@@ -29,6 +29,7 @@ ENV_VARS = (
     "LOOPLINE_POSTGRES_URL",
     "LOOPLINE_REDIS_URL",
     "LOOPLINE_SERVING_WORKERS",
+    "LOOPLINE_SERVING_KEY_MINUTES",
     "LOOPLINE_MAX_CONCURRENT_RUNS",
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
@@ -99,6 +100,9 @@ class Settings:
     # batches waiting, once the oldest has waited this long, at most this many per run.
     ingest_window_s: float = 0.0
     ingest_max_batches: int = 100
+    # TorchServe's key lifetime in minutes (0: its default, a week); serving.keys renews keys
+    # when half of it is left.
+    serving_key_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -150,6 +154,7 @@ class Settings:
             retrain={name: float(env[var]) for var, name in RETRAIN_ENV.items() if env.get(var)},
             ingest_window_s=float(env.get("LOOPLINE_INGEST_WINDOW_SECONDS") or 0),
             ingest_max_batches=int(env.get("LOOPLINE_INGEST_MAX_BATCHES") or 100),
+            serving_key_minutes=float(env.get("LOOPLINE_SERVING_KEY_MINUTES") or 0),
         )
 
     @property

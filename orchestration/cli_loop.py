@@ -96,7 +96,11 @@ class LivePlatform:
             # `kill`, a container stop or a CI timeout stop everything, as Ctrl-C does.
             signal.signal(signal.SIGTERM, _interrupt)
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
-        config = ServingConfig.for_home(self.settings.home, self.settings.serving_dir)
+        config = ServingConfig.for_home(
+            self.settings.home,
+            self.settings.serving_dir,
+            token_expiration_min=self.settings.serving_key_minutes,
+        )
         self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
         if not self.serving.status().running:
             with console.status("starting TorchServe"):
