@@ -281,11 +281,9 @@ class PredictionLog:
         try:
             if batch:
                 self._write(batch_line(item.shared, item.rows), item.n)
-                self._unwritten = 0
             else:
                 for record in item:
                     self._write(json_line(record))
-                    self._unwritten -= 1
         finally:
             with self._lock:
                 self._queued -= item.n if batch else len(item)
@@ -297,6 +295,7 @@ class PredictionLog:
         self._file.write(line)
         self._size += len(line)
         self._pending += records
+        self._unwritten -= records
         if self._size >= self.max_file_bytes:
             self._close_current()
             enforce_bound(self.directory, self.max_total_bytes)

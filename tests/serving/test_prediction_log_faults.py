@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving import prediction_log
+from serving.monitoring import compact
 from serving.prediction_log import (
     PredictionLog,
     ReadStats,
@@ -40,6 +41,17 @@ def test_torn_lines_are_skipped_and_counted_not_fatal(tmp_path: Path) -> None:
     single = ReadStats()
     assert [r["i"] for r in file_records(closed_files(tmp_path)[0], single)] == [0]
     assert single.torn_lines == 2
+
+
+def test_compaction_reads_past_a_torn_line(tmp_path: Path) -> None:
+    """Monitoring's compaction (and deployment replay) read the log through these readers."""
+    logs = tmp_path / "logs"
+    with PredictionLog(logs, max_file_age_s=0.0) as log:
+        for _ in range(5):
+            log.log({"logged_at": "2026-12-01T00:00:00+00:00", "status": 400})
+    with open(closed_files(logs)[-1], "ab") as fh:
+        fh.write(b'{"logged_at": "2026-12-01T00:0')  # the worker was killed mid-write
+    assert compact(logs, tmp_path / "compacted").rows == 5
 
 
 class _FlakyDisk:
