@@ -211,9 +211,11 @@ class PredictionLog:
                 self.dropped,
                 self.errors,
             )
+        starts = not self._failing
         self._failing = True
         self._abandon_file()
-        self._write_health()
+        if starts:
+            self._write_health()
 
     def _abandon_file(self) -> None:
         """Gives up the file an error hit: its complete lines stay readable (a torn last line
@@ -236,8 +238,9 @@ class PredictionLog:
                     _publish(path)
                 else:
                     path.unlink(missing_ok=True)
-            except OSError as exc:
-                logger.warning("cannot publish %s yet: %s", path, exc)
+            except OSError as exc:  # while the disk fails, its error was logged already
+                log = logger.debug if self._failing else logger.warning
+                log("cannot publish %s yet: %s", path, exc)
                 return
             self._stranded.remove(path)
 
@@ -333,6 +336,7 @@ class PredictionLog:
 
     def _finish(self) -> None:
         self._close_current()
+        self._publish_stranded()
         enforce_bound(self.directory, self.max_total_bytes)
         self._write_health()
 
