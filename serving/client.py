@@ -2,10 +2,10 @@
 
 Keys are read from TorchServe's ``key_file.json`` and re-read when a call is refused: the
 server may have restarted, or a key been renewed (``serving.keys``), which makes the old one
-invalid at once. A long-lived client therefore follows renewals by itself. Every non-2xx answer raises a
-``TorchServeError`` carrying the status and TorchServe's JSON body. Built for the deployment
-steps: register a version without making it default, call a versioned endpoint, set-default,
-unregister.
+invalid at once, so a long-lived client follows renewals by itself. Every non-2xx answer
+raises a ``TorchServeError`` carrying the status and TorchServe's JSON body. Built for the
+deployment steps: register a version without making it default, call a versioned endpoint,
+set-default, unregister.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Keys:
         """The keys in ``key_file``. TorchServe rewrites the file in place when it renews a
         key, so a half-written file is read again for a moment before it counts as broken."""
         path = Path(key_file)
-        for attempt in range(20):
+        for _ in range(20):
             try:
                 data = json.loads(path.read_text())
                 return cls(
@@ -68,10 +68,9 @@ class Keys:
                     f"no TorchServe key file at {path}: is TorchServe running?"
                 ) from exc
             except (ValueError, KeyError, TypeError) as exc:
-                if attempt == 19:
-                    raise TorchServeError(f"unreadable TorchServe key file {path}: {exc}") from exc
+                error = exc
                 time.sleep(0.05)
-        raise AssertionError("unreachable")
+        raise TorchServeError(f"unreadable TorchServe key file {path}: {error}") from error
 
 
 def _instant(text: str | None) -> datetime | None:
