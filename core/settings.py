@@ -33,6 +33,7 @@ ENV_VARS = (
     "LOOPLINE_SERVING_WORKERS",
     "LOOPLINE_SERVING_PORTS",
     "LOOPLINE_HEALTH_STALE_INTERVALS",
+    "LOOPLINE_SERVING_KEY_MINUTES",
     "LOOPLINE_MAX_CONCURRENT_RUNS",
     "LOOPLINE_RETRAIN_MIN_ROWS",
     "LOOPLINE_RETRAIN_COOLDOWN_MINUTES",
@@ -162,6 +163,9 @@ class Settings:
     # time have not changed for this long (a file written in place by scp or SFTP grows).
     max_landing_bytes: int = 1 << 30
     landing_settle_s: float = 5.0
+    # TorchServe's key lifetime in minutes (0: its default, a week); serving.keys renews keys
+    # when half of it is left.
+    serving_key_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -240,6 +244,7 @@ class Settings:
             log_backups=int(env.get("LOOPLINE_LOG_BACKUPS") or 3),
             max_landing_bytes=int(env.get("LOOPLINE_MAX_LANDING_BYTES") or 1 << 30),
             landing_settle_s=float(env.get("LOOPLINE_LANDING_SETTLE_SECONDS") or 5.0),
+            serving_key_minutes=float(env.get("LOOPLINE_SERVING_KEY_MINUTES") or 0),
         )
 
     @property

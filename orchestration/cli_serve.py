@@ -19,6 +19,8 @@ def _process(**overrides):
     settings = Settings.from_env()
     if overrides.get("workers_per_model") is None:
         overrides["workers_per_model"] = settings.serving_workers
+    if settings.serving_key_minutes:
+        overrides["token_expiration_min"] = settings.serving_key_minutes
     config = ServingConfig(
         serving_dir=settings.serving_dir,
         model_store=settings.model_store,

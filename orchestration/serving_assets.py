@@ -18,7 +18,7 @@ from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
 from orchestration.resources import LooplineStorage
-from serving.client import TorchServeClient
+from serving.client import NotRunning, TorchServeClient
 from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, logged_requests
 from serving.process import TorchServeProcess
@@ -305,7 +305,27 @@ def batch_predictions(
     )
 
 
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Renews TorchServe's keys when half of their lifetime is left.",
+)
+def torchserve_keys_sensor(
+    context: dg.SensorEvaluationContext, storage: LooplineStorage, torchserve: TorchServeResource
+):
+    from serving.keys import renew_keys_if_due
+
+    try:
+        status = renew_keys_if_due(torchserve.process(storage).config)
+    except NotRunning:
+        return dg.SkipReason("TorchServe is not running")
+    if status.renewed:
+        context.log.info(status.describe())
+    return dg.SkipReason(status.describe())
+
+
 defs = dg.Definitions(
     assets=[model_archive, deployment, batch_predictions],
+    sensors=[torchserve_keys_sensor],
     resources={"torchserve": TorchServeResource()},
 )

@@ -1,17 +1,20 @@
 """A small client for TorchServe's inference, management and metrics APIs, with its tokens.
 
-Keys are read from TorchServe's ``key_file.json`` (re-read once when a call is refused, in
-case the server was restarted or a key regenerated). Every non-2xx answer raises a
-``TorchServeError`` carrying the status and TorchServe's JSON body. Built for the deployment
-steps: register a version without making it default, call a versioned endpoint, set-default,
-unregister.
+Keys are read from TorchServe's ``key_file.json`` and re-read when a call is refused: the
+server may have restarted, or a key been renewed (``serving.keys``), which makes the old one
+invalid at once, so a long-lived client follows renewals by itself. Every non-2xx answer
+raises a ``TorchServeError`` carrying the status and TorchServe's JSON body. Built for the
+deployment steps: register a version without making it default, call a versioned endpoint,
+set-default, unregister.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -36,22 +39,43 @@ class NotRunning(TorchServeError):
 
 @dataclass(frozen=True)
 class Keys:
+    """TorchServe's keys: ``api`` asks for new ones and never expires; the other two expire
+    (``*_expires``, UTC) ``token_expiration_min`` after they were made."""
+
     inference: str
     management: str
     api: str | None = None
+    inference_expires: datetime | None = None
+    management_expires: datetime | None = None
 
     @classmethod
     def read(cls, key_file: str | Path) -> Keys:
+        """The keys in ``key_file``. TorchServe rewrites the file in place when it renews a
+        key, so a half-written file is read again for a moment before it counts as broken."""
         path = Path(key_file)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise NotRunning(f"no TorchServe key file at {path}: is TorchServe running?") from exc
-        return cls(
-            inference=data["inference"]["key"],
-            management=data["management"]["key"],
-            api=data.get("API", {}).get("key"),
-        )
+        for _ in range(20):
+            try:
+                data = json.loads(path.read_text())
+                return cls(
+                    inference=data["inference"]["key"],
+                    management=data["management"]["key"],
+                    api=data.get("API", {}).get("key"),
+                    inference_expires=_instant(data["inference"].get("expiration time")),
+                    management_expires=_instant(data["management"].get("expiration time")),
+                )
+            except FileNotFoundError as exc:
+                raise NotRunning(
+                    f"no TorchServe key file at {path}: is TorchServe running?"
+                ) from exc
+            except (ValueError, KeyError, TypeError) as exc:
+                error = exc
+                time.sleep(0.05)
+        raise TorchServeError(f"unreadable TorchServe key file {path}: {error}") from error
+
+
+def _instant(text: str | None) -> datetime | None:
+    """An ISO-8601 instant as TorchServe (Java's ``Instant``) writes it, ``Z`` included."""
+    return datetime.fromisoformat(text) if text else None
 
 
 class TorchServeClient:
@@ -190,6 +214,15 @@ class TorchServeClient:
             raise
         return described[0]["modelVersion"] if described else None
 
+    def renew_key(self, api: str) -> Keys:
+        """Asks TorchServe for a new ``inference`` or ``management`` key (its token API, with
+        the ``API`` key); the old key is refused from then on. Returns the keys after it."""
+        if api not in ("inference", "management"):
+            raise ValueError(f"TorchServe renews inference or management keys, not {api!r}")
+        self._call("POST", self.config.management_url, f"/token?type={api}", "api")
+        self._keys = None
+        return self.keys
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def _json(self, method: str, base: str, path: str, api: str, *, json_body: Any = None) -> Any:
@@ -212,7 +245,8 @@ class TorchServeClient:
         json_body: Any = None,
     ) -> requests.Response:
         for attempt in (0, 1):
-            headers = {"Authorization": f"Bearer {self._key(api)}"} if api else {}
+            key = self._key(api) if api else None
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             data = None
             if json_body is not None:
                 headers["Content-Type"] = "application/json"
@@ -225,8 +259,7 @@ class TorchServeClient:
                 raise NotRunning(f"TorchServe does not answer at {base}: {exc}") from exc
             except requests.RequestException as exc:
                 raise TorchServeError(f"{method} {base}{path} failed: {exc}") from exc
-            if _refused(response) and attempt == 0 and api and not self._fixed_keys:
-                self._keys = None  # the server may have restarted with new keys
+            if _refused(response) and attempt == 0 and api and self._reload_keys(api, key):
                 continue
             break
         if not response.ok:
@@ -241,9 +274,24 @@ class TorchServeClient:
             )
         return response
 
-    def _key(self, api: str | None) -> str:
+    def _reload_keys(self, api: str, refused: str | None) -> bool:
+        """Whether the key file now holds another key for ``api`` than the one refused. A
+        renewal changes TorchServe's key a moment before its key file: the same key read back
+        is read again once after a short wait."""
+        if self._fixed_keys:
+            return False
+        for wait in (0.0, 0.3):
+            time.sleep(wait)
+            self._keys = None
+            if self._key(api) != refused:
+                return True
+        return False
+
+    def _key(self, api: str | None) -> str | None:
         keys = self.keys
-        return keys.management if api == "management" else keys.inference
+        return {"management": keys.management, "inference": keys.inference, "api": keys.api}[
+            api or "inference"
+        ]
 
 
 def _model_path(kind: str, model: str, version: str | None) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from ts.torch_handler.base_handler import BaseHandler
 
+from core.settings import local_path
 from features.store import redis_online_store
 from serving.explain import explain
 from serving.prediction_log import PredictionLog
@@ -48,9 +49,9 @@ class LooplineHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         model_dir = Path(context.system_properties["model_dir"])
-        home = os.environ.get(HOME_ENV)
-        if not home:
+        if not os.environ.get(HOME_ENV):
             raise RuntimeError(f"{HOME_ENV} is not set in the TorchServe worker environment")
+        home = local_path(os.environ[HOME_ENV])  # a path or a file:// URI, as Settings takes it
         settings = json.loads((model_dir / SERVING_FILE).read_text())
         info = ServingInfo.from_model_dir(model_dir)
         self.context = context
@@ -58,7 +59,7 @@ class LooplineHandler(BaseHandler):
         self.max_body_bytes = int(settings.get("max_body_bytes", 256 << 10))
         self.max_items = int(settings.get("max_items_per_request", 512))
         self.log = PredictionLog(
-            Path(home) / "predictions" / info.model_name,
+            home / "predictions" / info.model_name,
             prefix=f"{info.model_name}-{info.model_version}",
         ).start()
         self._close_log_on_sigterm()

@@ -14,6 +14,15 @@ Writes happen on a background thread fed by a queue bounded in records: ``log``,
 ``log_many`` and ``log_rows`` never block the request; what does not fit is dropped and
 counted (``dropped``). A batch's records go in as one item: one wake-up of the writer per batch.
 
+An I/O error (a full or failing disk) never stops the writer: it logs an error, counts the
+records it lost in ``dropped`` and the error in ``errors``, turns ``healthy`` false, abandons the
+file it was writing (published as it stands) and tries a new file with the next records, so
+writing resumes by itself once the disk works. Each writer keeps its counters in a small health
+file (``.health-<prefix>-<pid>.json``) for other processes (``writer_health``).
+
+Readers skip a torn line (cut short by a full disk or a kill mid-write) and count it
+(``ReadStats``): one bad line costs its own records, never the file's.
+
 A line is one record, or a batch of records in columns (``log_rows``, the handler's scored
 batches): ``{<fields every row shares>, "rows": {<field>: [one value per row], ...}}``, where a
 field of ``rows`` may itself be such a mapping of columns (a nested object per row). Readers
@@ -30,6 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -38,12 +48,14 @@ import numpy as np
 import orjson
 
 from core.jsonutil import json_safe
+from core.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
 ROWS = "rows"
 OPEN_SUFFIX = ".jsonl.open"
+HEALTH_PREFIX = ".health-"
 _STOP = object()
 
 
@@ -70,6 +82,12 @@ class PredictionLog:
         self.queue_size = queue_size
         self.dropped = 0
         self.written = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._failing = False
+        self._pending = 0  # records written since the last successful flush
+        self._unwritten = 0  # records of the item being written not written yet
+        self._stranded: list[Path] = []  # finished files an error kept from being published
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queued = 0  # records in the queue, under _lock
         self._lock = threading.Lock()
@@ -137,42 +155,141 @@ class PredictionLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def healthy(self) -> bool:
+        """False from an I/O error until records are written again."""
+        return not self._failing
+
+    @property
+    def health_path(self) -> Path:
+        return self.directory / f"{HEALTH_PREFIX}{self.prefix}-{os.getpid()}.json"
+
     def _run(self) -> None:
         while True:
             try:
                 item = self._queue.get(timeout=1.0)
             except queue.Empty:
-                self._rotate_if_due()
+                self._guarded(self._rotate_if_due)
                 continue
-            if item is _STOP:
-                self._finish()
-                return
-            try:
-                self._write_all(item)
-                while True:  # drain what is already queued, then flush once
+            while item is not _STOP:
+                self._guarded(self._write_all, item)
+                try:  # drain what is already queued, then flush once
                     item = self._queue.get_nowait()
-                    if item is _STOP:
-                        self._finish()
-                        return
-                    self._write_all(item)
-            except queue.Empty:
-                pass
-            except Exception:  # a logging failure must never take the worker down
-                logger.exception("prediction log write failed")
-            if self._file is not None:
-                self._file.flush()
-            self._rotate_if_due()
+                except queue.Empty:
+                    break
+            self._guarded(self._flush)
+            self._guarded(self._rotate_if_due)
+            if item is _STOP:
+                self._guarded(self._finish)
+                return
+
+    def _guarded(self, step: Any, *args: Any) -> None:
+        """Runs one writer step; an error is alerted and counted, never raised: the writer
+        thread must outlive a full disk."""
+        self._unwritten = 0
+        try:
+            step(*args)
+        except OSError as exc:
+            self._io_failed(exc)
+        except Exception:  # a logging bug must never take the worker down
+            logger.exception("prediction log write failed")
+            with self._lock:
+                self.dropped += self._unwritten
+
+    def _io_failed(self, exc: OSError) -> None:
+        lost, self._pending = self._pending + self._unwritten, 0
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.dropped += lost
+        if not self._failing or self.errors % 100 == 0:
+            logger.error(
+                "prediction log in %s cannot write (%s): %d records dropped so far, "
+                "%d errors; retrying with the next records",
+                self.directory,
+                self.last_error,
+                self.dropped,
+                self.errors,
+            )
+        starts = not self._failing
+        self._failing = True
+        self._abandon_file()
+        if starts:
+            self._write_health()
+
+    def _abandon_file(self) -> None:
+        """Gives up the file an error hit: its complete lines stay readable (a torn last line
+        is skipped by readers) once it is published, now or at the next rotation."""
+        fh, path = self._file, self._path
+        self._file, self._path = None, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:  # its unflushed bytes are already counted as dropped
+                logger.warning("closing %s after an error failed too: %s", path, exc)
+        if path is not None:
+            self._stranded.append(path)
+        self._publish_stranded()
+
+    def _publish_stranded(self) -> None:
+        for path in list(self._stranded):
+            try:
+                if path.exists() and path.stat().st_size > 0:
+                    _publish(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:  # while the disk fails, its error was logged already
+                log = logger.debug if self._failing else logger.warning
+                log("cannot publish %s yet: %s", path, exc)
+                return
+            self._stranded.remove(path)
+
+    def _flush(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        self.written += self._pending
+        self._pending = 0
+        if self._failing:
+            self._failing = False
+            logger.warning(
+                "prediction log in %s writes again (%d records dropped, %d errors so far)",
+                self.directory,
+                self.dropped,
+                self.errors,
+            )
+            self._write_health()
+
+    def _write_health(self) -> None:
+        """The writer's counters for other processes; on a failing disk this may fail too
+        (logged): the file then tells once the disk works again."""
+        health = {
+            "pid": os.getpid(),
+            "prefix": self.prefix,
+            "healthy": self.healthy,
+            "written": self.written,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "updated_at": datetime.now(UTC).isoformat(),
+        }
+        try:
+            write_json_atomic(health, self.health_path)
+        except OSError as exc:
+            logger.warning("cannot write %s: %s", self.health_path, exc)
 
     def _write_all(self, item: Sequence[Mapping[str, Any]] | _Batch) -> None:
+        batch = isinstance(item, _Batch)
+        self._unwritten = item.n if batch else len(item)
         try:
-            if isinstance(item, _Batch):
+            if batch:
                 self._write(batch_line(item.shared, item.rows), item.n)
             else:
                 for record in item:
                     self._write(json_line(record))
         finally:
             with self._lock:
-                self._queued -= item.n if isinstance(item, _Batch) else len(item)
+                self._queued -= item.n if batch else len(item)
 
     def _write(self, line: bytes, records: int = 1) -> None:
         if self._file is None:
@@ -180,12 +297,14 @@ class PredictionLog:
         assert self._file is not None
         self._file.write(line)
         self._size += len(line)
-        self.written += records
+        self._pending += records
+        self._unwritten -= records
         if self._size >= self.max_file_bytes:
             self._close_current()
             enforce_bound(self.directory, self.max_total_bytes)
 
     def _open(self) -> None:
+        self._publish_stranded()
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{self.prefix}-{os.getpid()}-{self._seq:06d}"
@@ -201,6 +320,7 @@ class PredictionLog:
         if self._size >= self.max_file_bytes or age >= self.max_file_age_s:
             self._close_current()
             enforce_bound(self.directory, self.max_total_bytes)
+            self._write_health()
 
     def _close_current(self) -> None:
         if self._file is None or self._path is None:
@@ -208,12 +328,17 @@ class PredictionLog:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        _publish(self._path)
-        self._file, self._path = None, None
+        self.written += self._pending
+        self._pending = 0
+        path, self._file, self._path = self._path, None, None
+        self._stranded.append(path)
+        self._publish_stranded()
 
     def _finish(self) -> None:
         self._close_current()
+        self._publish_stranded()
         enforce_bound(self.directory, self.max_total_bytes)
+        self._write_health()
 
 
 # Types orjson would write differently from json_safe (datetimes, dataclasses, subclasses of
@@ -292,12 +417,38 @@ def _row(rows: Mapping[str, Any], i: int) -> dict[str, Any]:
     return {k: _row(v, i) if isinstance(v, Mapping) else v[i] for k, v in rows.items()}
 
 
-def file_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every record of one log file, in order."""
-    with open(path, encoding="utf-8") as fh:
-        for text in fh:
-            if text.strip():
-                yield from records_of(json.loads(text))
+@dataclass
+class ReadStats:
+    """What the readers met: records given, torn lines skipped (and in how many files).
+    A monitoring step passes one in and alerts when ``torn_lines`` is not 0."""
+
+    records: int = 0
+    torn_lines: int = 0
+    files_with_torn_lines: int = 0
+
+
+def file_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Every record of one log file, in order. A torn line (not one JSON object of valid
+    UTF-8) is skipped with a warning and counted in ``stats``."""
+    stats = stats if stats is not None else ReadStats()
+    torn = 0
+    with open(path, "rb") as fh:
+        for number, text in enumerate(fh, 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+                records = list(records_of(line)) if isinstance(line, dict) else None
+            except (ValueError, TypeError, IndexError, AttributeError):
+                records = None
+            if records is None:
+                torn += 1
+                stats.torn_lines += 1
+                stats.files_with_torn_lines += torn == 1
+                logger.warning("%s line %d is torn (%d bytes): skipped", path, number, len(text))
+                continue
+            stats.records += len(records)
+            yield from records
 
 
 def _publish(hidden: Path) -> Path:
@@ -317,6 +468,10 @@ def close_orphans(directory: Path) -> list[Path]:
         if pid != os.getpid() and not _alive(pid) and path.stat().st_size > 0:
             published.append(_publish(path))
         elif pid != os.getpid() and not _alive(pid):
+            path.unlink(missing_ok=True)
+    for path in directory.glob(f"{HEALTH_PREFIX}*.json"):
+        pid_text = path.name[: -len(".json")].rsplit("-", 1)[-1]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
             path.unlink(missing_ok=True)
     return published
 
@@ -355,7 +510,21 @@ def enforce_bound(directory: Path, max_total_bytes: int) -> list[Path]:
     return removed
 
 
-def read_records(directory: str | Path) -> Iterator[dict[str, Any]]:
-    """Every record of the closed files, oldest file first."""
+def read_records(directory: str | Path, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Every record of the closed files, oldest file first (torn lines counted in ``stats``)."""
     for path in closed_files(directory):
-        yield from file_records(path)
+        yield from file_records(path, stats)
+
+
+def writer_health(directory: str | Path) -> list[dict[str, Any]]:
+    """The health files of the writers of ``directory`` whose process still runs: each with
+    ``healthy``, ``written``, ``dropped``, ``errors`` and ``last_error``."""
+    found = []
+    for path in sorted(Path(directory).glob(f"{HEALTH_PREFIX}*.json")):
+        try:
+            health = json.loads(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            continue
+        if isinstance(health, dict) and _alive(int(health.get("pid", 0))):
+            found.append(health)
+    return found

@@ -33,7 +33,9 @@ from core import lifeline
 from core.storage import write_json_atomic
 from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
-from serving.config import ServingConfig, write_properties
+from serving.config import ServingConfig, write_log_config, write_properties
+from serving.keys import renew_keys_if_due
+from serving.output_log import start_copier
 from serving.prediction_log import close_orphans
 
 STATE_FILE = "torchserve.json"
@@ -70,6 +72,7 @@ class TorchServeProcess:
         self.config = config
         self.registry_path = Path(registry_path) if registry_path else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._output: subprocess.Popen[bytes] | None = None  # copies TorchServe's output
 
     @classmethod
     def attach(
@@ -166,11 +169,15 @@ class TorchServeProcess:
             str(properties),
             "--model-store",
             str(cfg.model_store),
+            "--log-config",
+            str(write_log_config(cfg)),
             "--ncs",
         ]
         if tied:
             command = lifeline.tied(command)
-        out = open(cfg.log_dir / OUTPUT_LOG, "ab")  # noqa: SIM115 (handed to the child)
+        self._output, out = start_copier(
+            cfg.log_dir / OUTPUT_LOG, cfg.log_max_bytes, cfg.log_backups
+        )
         try:
             self._proc = subprocess.Popen(
                 command,
@@ -182,7 +189,7 @@ class TorchServeProcess:
                 start_new_session=True,
             )
         finally:
-            out.close()
+            os.close(out)
         write_json_atomic(
             {
                 "pid": self._proc.pid,
@@ -221,12 +228,19 @@ class TorchServeProcess:
             healthy = self.config.key_file.exists() and client.ping()
             if healthy and (champion is None or _worker_ready(client, champion)):
                 return
+            if not healthy and self.config.key_file.exists():
+                _renew_keys(self.config, client)
             time.sleep(0.25)
         raise ServingProcessError(
             f"TorchServe was not ready within {timeout:.0f}s:\n{self.log_tail()}"
         )
 
     def log_tail(self, lines: int = 40) -> str:
+        """The end of ``torchserve.out``; once TorchServe has exited, after its last words
+        have been copied there."""
+        if self._output is not None and self._proc is not None and self._proc.poll() is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._output.wait(timeout=5)
         path = self.config.log_dir / OUTPUT_LOG
         if not path.exists():
             return "(no output)"
@@ -325,6 +339,13 @@ class TorchServeProcess:
             champion=state.get("champion") if state else None,
             versions=versions,
         )
+
+
+def _renew_keys(config: ServingConfig, client: TorchServeClient) -> None:
+    """Keys short-lived enough (minutes, as in a soak) can expire before the first worker is
+    ready: renew them as the key sensor would (the management API may not answer yet)."""
+    with contextlib.suppress(TorchServeError):
+        renew_keys_if_due(config, client=client)
 
 
 def _worker_ready(client: TorchServeClient, version: str) -> bool:

@@ -36,10 +36,16 @@ def archive(serving_home: ServingHome, tmp_path_factory: pytest.TempPathFactory)
 def handler(
     serving_home: ServingHome, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[LooplineHandler]:
+    yield from _worker(archive, tmp_path, monkeypatch, str(serving_home.home))
+
+
+def _worker(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: str
+) -> Iterator[LooplineHandler]:
     model_dir = tmp_path / "unpacked"
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(model_dir)
-    monkeypatch.setenv(HOME_ENV, str(serving_home.home))
+    monkeypatch.setenv(HOME_ENV, home)
     manifest = read_manifest(archive)["manifest"]
     sigterm = signal.getsignal(signal.SIGTERM)
     h = LooplineHandler()
@@ -168,6 +174,23 @@ def test_every_request_lands_in_the_prediction_log(
     assert 0.0 < first["fraud_probability"] < 1.0 and first["latency_ms"] > 0
     refused = [r for r in records if r["status"] == 400 and r["request_excerpt"] == "not json"]
     assert refused and refused[0]["error"]["error"] == "invalid_json"
+
+
+def test_a_file_uri_home_is_the_home_not_a_folder_named_file(
+    serving_home: ServingHome, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scale profile spells LOOPLINE_HOME as an fsspec URI (file:///...)."""
+    monkeypatch.chdir(tmp_path)
+    worker = _worker(archive, tmp_path, monkeypatch, serving_home.home.as_uri())
+    h = next(worker)
+    good = serving_home.requests(2, offset=60)
+    statuses, answers, _ = run_batch(h, [json.dumps(good).encode()])
+    next(worker, None)  # closes the log
+    assert statuses == [200]
+    records = list(read_records(serving_home.home / "predictions" / "fraud"))
+    scored = [r for r in records if r.get("transaction_id") in {g["transaction_id"] for g in good}]
+    assert len(scored) == 2 and not any(r["unknown_entities"] for r in scored)
+    assert not (tmp_path / "file:").exists()
 
 
 def test_answers_hold_the_values_json_dumps_would_write(
