@@ -1,5 +1,5 @@
 """Alerts: drift, decay, missing or stale features (availability), a rejected challenger, a
-rollback.
+rollback, a served version changed behind the registry's back (serving_drift).
 
 Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
 webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
@@ -13,7 +13,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-KINDS = ("drift", "decay", "availability", "challenger_rejected", "rollback", "promotion")
+KINDS = (
+    "drift",
+    "decay",
+    "availability",
+    "challenger_rejected",
+    "rollback",
+    "promotion",
+    "serving_drift",
+)
 logger = logging.getLogger("loopline.alerts")
 
 

@@ -1,13 +1,16 @@
 """The deployment asset against a real TorchServe: first release, a promotion under continuous
-traffic with no failed request, and a forced breach that rolls back."""
+traffic with no failed request, a forced breach that rolls back, and a default changed by hand
+that the reconciler puts back."""
 
 import threading
 import time
 
+import dagster as dg
 import polars as pl
 import pytest
 
 from models.registry import CHAMPION
+from orchestration.serving_assets import reconcile_sensor, served_champion
 from serving.client import TorchServeError
 from tests.e2e.kit import Loop
 
@@ -96,6 +99,27 @@ def test_a_forced_breach_after_promotion_rolls_back(loop):
     events = [e.kind for e in loop.home.registry.events(v3)]
     assert events[-1] == "rolled_back"
     assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
+
+
+def test_a_default_changed_behind_the_registrys_back_is_put_back_by_the_reconciler(loop):
+    v2, v3 = loop.versions[1:]
+    champion = loop.home.registry.get_alias(CHAMPION)
+    assert champion == v2 and loop.client.default_version() == v2
+    loop.client.set_default(v3)  # by hand, through TorchServe's management API
+    assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v3
+
+    resources = {"storage": loop.storage, "torchserve": loop.torchserve}
+    with dg.build_sensor_context(resources=resources) as context:
+        tick = reconcile_sensor(context)
+    assert isinstance(tick, dg.RunRequest)
+    result = dg.materialize([served_champion], resources=resources)
+    metadata = result.asset_materializations_for_node("served_champion")[0].metadata
+    assert metadata["drift"].value is True
+    assert (metadata["served_before"].value, metadata["served"].value) == (v3, v2)
+    assert loop.client.default_version() == v2
+    assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
+    with dg.build_sensor_context(resources=resources) as context:
+        assert isinstance(reconcile_sensor(context), dg.SkipReason)
 
 
 def test_restart_serves_the_registry_champion(loop):

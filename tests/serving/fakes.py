@@ -93,8 +93,9 @@ class FakeServe:
         return out if isinstance(payload, list) else out[0]
 
 
-def stub_registry(tmp_path, n=2) -> Registry:
-    registry = Registry(tmp_path / "registry.sqlite")
+def stub_registry(tmp_path, n=2, path=None) -> Registry:
+    """``n`` versions (v0001...) whose artifact files are never read."""
+    registry = Registry(path or tmp_path / "registry.sqlite")
     for i in range(n):
         registry.register(
             ModelRecord(
