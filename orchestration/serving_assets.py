@@ -315,7 +315,7 @@ def served_champion(
     settings = storage.settings
     process = torchserve.process(storage)
     if not settings.registry_path.exists() or not process.status().healthy:
-        why = "no registry" if not settings.registry_path.exists() else "TorchServe is not running"
+        why = "no registry" if not settings.registry_path.exists() else "TorchServe is not up"
         context.log.info(f"{why}: nothing to reconcile (a start serves the champion)")
         return dg.MaterializeResult(metadata={"changed": False, "skipped": why})
     registry = Registry(settings.registry_path)
@@ -368,7 +368,7 @@ def reconcile_sensor(
         return dg.SkipReason("no model registry yet")
     process = torchserve.process(storage)
     if not process.status().healthy:
-        return dg.SkipReason("TorchServe is not running: its start serves the champion")
+        return dg.SkipReason("TorchServe is not up and healthy: its start serves the champion")
     why = out_of_sync(Registry(settings.registry_path), process.client(timeout=5.0))
     if why is None:
         return dg.SkipReason("TorchServe serves the registry's champion")

@@ -109,17 +109,20 @@ def test_a_default_changed_behind_the_registrys_back_is_put_back_by_the_reconcil
     assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v3
 
     resources = {"storage": loop.storage, "torchserve": loop.torchserve}
-    with dg.build_sensor_context(resources=resources) as context:
-        tick = reconcile_sensor(context)
-    assert isinstance(tick, dg.RunRequest)
-    result = dg.materialize([served_champion], resources=resources)
-    metadata = result.asset_materializations_for_node("served_champion")[0].metadata
-    assert metadata["drift"].value is True
-    assert (metadata["served_before"].value, metadata["served"].value) == (v3, v2)
-    assert loop.client.default_version() == v2
-    assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
-    with dg.build_sensor_context(resources=resources) as context:
-        assert isinstance(reconcile_sensor(context), dg.SkipReason)
+
+    def tick(instance):
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            return reconcile_sensor(context)
+
+    with dg.instance_for_test() as instance:
+        assert isinstance(tick(instance), dg.RunRequest)
+        result = dg.materialize([served_champion], resources=resources, instance=instance)
+        metadata = result.asset_materializations_for_node("served_champion")[0].metadata
+        assert metadata["drift"].value is True
+        assert (metadata["served_before"].value, metadata["served"].value) == (v3, v2)
+        assert loop.client.default_version() == v2
+        assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
+        assert isinstance(tick(instance), dg.SkipReason)
 
 
 def test_restart_serves_the_registry_champion(loop):
