@@ -129,7 +129,11 @@ def test_restart_serves_the_registry_champion(loop):
     loop.stop()
     process = loop.torchserve.process(loop.storage)
     assert not process.status().running
+    v3 = loop.versions[2]
+    loop.home.registry.promote(v3, "promoted while TorchServe was stopped")
+    assert [r.to_version for r in loop.home.registry.releases(pending=True)] == [v3]
     process.start()
-    assert loop.client.default_version() == loop.home.registry.get_alias(CHAMPION)
+    assert loop.client.default_version() == loop.home.registry.get_alias(CHAMPION) == v3
+    assert loop.home.registry.releases(pending=True) == []  # the start confirmed it
     frame = pl.DataFrame(loop.home.requests(3))
     assert frame.height == 3
