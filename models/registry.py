@@ -13,7 +13,7 @@ and so rollback, is replayed from the event log.
 
 The champion alias is the intent of what serves: a promotion or rollback moves it and opens a
 pending release in the same transaction, before TorchServe is touched; the release is closed
-(``confirm_served``) once TorchServe is read back serving it (``serving.release``).
+(``confirm_served``) once TorchServe is read back serving it (``serving.reconciler``).
 """
 
 from __future__ import annotations

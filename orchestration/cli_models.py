@@ -170,7 +170,7 @@ def reconcile() -> None:
 
 
 def _serve_champion() -> str:
-    """Apply the registry's move to TorchServe and confirm it (``serving.release``): this use
+    """Apply the registry's move to TorchServe and confirm it (``serving.reconciler``): this use
     case's model only (the platform's TorchServe is shared with other use cases). The intent
     is already in the registry, so a failure here is finished by the next reconcile."""
     from serving.config import ServingConfig
@@ -180,7 +180,7 @@ def _serve_champion() -> str:
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     process = TorchServeProcess.attach(config, settings.registry_path)
     from serving.client import TorchServeError
-    from serving.release import ReconcileError
+    from serving.reconciler import ReconcileError
 
     if not process.status().healthy:
         return "TorchServe is not running: it serves the champion when it starts"

@@ -4,7 +4,7 @@ registered_model -> model_archive (.mar of that version) -> deployment (register
 smoke, shadow replay, set-default, watch, rollback: ``serving.delivery``). TorchServe is a
 resource: the deployment starts it when it is not running, with the registry's champion. A
 version whose FeatureService has no fresh online rows is refused before TorchServe changes.
-``served_champion`` makes TorchServe serve the registry's champion (``serving.release``);
+``served_champion`` makes TorchServe serve the registry's champion (``serving.reconciler``);
 ``reconcile_sensor`` runs it when the two disagree or a release is left pending.
 """
 
@@ -25,7 +25,7 @@ from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, is_synthetic
 from serving.prediction_log import read_records
 from serving.process import TorchServeProcess
-from serving.release import from_model_store, out_of_sync, reconcile
+from serving.reconciler import from_model_store, out_of_sync, reconcile
 from serving.requests import request_bodies
 
 GROUP = "serving"

@@ -4,7 +4,7 @@ reconcile (TorchServe serves the registry's champion) -> register (not default) 
 on its versioned endpoint -> shadow replay of recent logged requests to champion and challenger
 -> compare -> promotion -> watch error rate and latency for a window -> keep, or roll back to
 the previous version. Promotion and rollback write the registry's intent first, then apply and
-confirm it (``serving.release``), so a crash between the two leaves the registry's champion
+confirm it (``serving.reconciler``), so a crash between the two leaves the registry's champion
 as the truth for the next reconcile. TorchServe's ``set-default`` switches atomically and the
 previous version stays registered, so traffic during a promotion or a rollback never meets a
 missing model. Every step is a registry event.
@@ -33,7 +33,7 @@ from models.registry import CHAMPION, Registry
 from models.tasks import of as task_of
 from quality.drift import ks_statistic, psi
 from serving.client import TorchServeClient, TorchServeError
-from serving.release import Archive, reconcile
+from serving.reconciler import Archive, reconcile
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 
@@ -326,7 +326,7 @@ def deliver(
     ``stale_features``: reasons from ``online_freshness_reasons``; any of them defers the
     version before TorchServe is changed (outcome ``deferred``: not rejected, still promotable
     later), and the served version stays. ``archive``: the model-store lookup ``reconcile``
-    uses for a champion TorchServe lacks (``serving.release.from_model_store``).
+    uses for a champion TorchServe lacks (``serving.reconciler.from_model_store``).
     """
     if not replay:
         raise ValueError("progressive delivery needs at least one request to replay")

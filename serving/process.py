@@ -9,7 +9,7 @@ pid file, worker sockets and unpacked archives there: two instances on one machi
 them. A small state file (``torchserve.json``) lets another process (``loopline serve stop``)
 find and stop the instance. Start writes ``config.properties`` with the registry's champion
 (archived first when needed), so the champion is registered again on every start, then
-reconciles (``serving.release``): a release pending when the last one stopped is confirmed.
+reconciles (``serving.reconciler``): a release pending when the last one stopped is confirmed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
 from serving.config import ServingConfig, write_properties
 from serving.prediction_log import close_orphans
-from serving.release import Reconciliation, from_model_store, reconcile
+from serving.reconciler import Reconciliation, from_model_store, reconcile
 
 STATE_FILE = "torchserve.json"
 OUTPUT_LOG = "torchserve.out"

@@ -7,7 +7,7 @@ import pytest
 
 from models.registry import CHAMPION
 from serving.delivery import DeliveryPolicy, deliver
-from serving.release import ReconcileError, out_of_sync, reconcile
+from serving.reconciler import ReconcileError, out_of_sync, reconcile
 from tests.serving.fakes import REQUESTS, Crash, FakeServe, stub_registry
 
 FAST = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01)
