@@ -10,6 +10,10 @@ a retried registration step idempotent.
 Every mutation is one transaction: a crash mid-registration leaves no half entry. Version
 rows and events cannot be updated or deleted (triggers enforce it); the champion history,
 and so rollback, is replayed from the event log.
+
+The champion alias is the intent of what serves: a promotion or rollback moves it and opens a
+pending release in the same transaction, before TorchServe is touched; the release is closed
+(``confirm_served``) once TorchServe is read back serving it (``serving.reconciler``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +94,22 @@ CREATE TRIGGER IF NOT EXISTS versions_no_delete BEFORE DELETE ON versions
     BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS artifacts_no_update BEFORE UPDATE ON artifacts
     BEGIN SELECT RAISE(ABORT, 'artifact records are immutable'); END;
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('promote', 'rollback')),
+    from_version TEXT REFERENCES versions(version),
+    to_version TEXT NOT NULL REFERENCES versions(version),
+    reason TEXT,
+    outcome TEXT CHECK (outcome IN ('served', 'superseded')),
+    closed_at TEXT
+);
+CREATE INDEX IF NOT EXISTS open_releases ON releases(outcome) WHERE outcome IS NULL;
+CREATE TRIGGER IF NOT EXISTS releases_closed_are_final BEFORE UPDATE ON releases
+    WHEN OLD.outcome IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'a closed release is final'); END;
+CREATE TRIGGER IF NOT EXISTS releases_no_delete BEFORE DELETE ON releases
+    BEGIN SELECT RAISE(ABORT, 'releases are never deleted'); END;
 """
 
 
@@ -159,6 +179,23 @@ class ModelVersion:
 
     def artifact_path(self, name: str) -> Path:
         return Path(self.artifact_dir) / name
+
+
+@dataclass(frozen=True)
+class Release:
+    """A move of the champion (promote or rollback) and whether TorchServe was seen serving it.
+
+    ``outcome`` is None while pending, "served" once TorchServe's default was read back as
+    ``to_version``, "superseded" when a later release moved the champion first."""
+
+    id: int
+    at: str
+    kind: str
+    from_version: str | None
+    to_version: str
+    reason: str | None
+    outcome: str | None
+    closed_at: str | None
 
 
 @dataclass(frozen=True)
@@ -362,6 +399,7 @@ class Registry:
             _set_alias(con, CHAMPION, version)
             if _get_alias(con, CHALLENGER) == version:
                 con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+            _open_release(con, "promote", previous, version, reason)
             _event(
                 con,
                 "promoted",
@@ -382,10 +420,38 @@ class Registry:
                 raise RegistryError(f"no previous champion to roll back to from {current}")
             restored = stack[-2]
             _set_alias(con, CHAMPION, restored)
+            _open_release(con, "rollback", current, restored, reason)
             _event(con, "rolled_back", current, reason, detail={"from": current, "to": restored})
             return restored
 
+    def confirm_served(self, version: str) -> list[Release] | None:
+        """Records that TorchServe was read back serving ``version``: closes every pending
+        release, the newest (the champion's) as "served", older ones as "superseded". None
+        (nothing closed) when the champion is no longer ``version``: a newer release is to be
+        applied first."""
+        with self._transaction() as con:
+            if _get_alias(con, CHAMPION) != version:
+                return None
+            now = _now()
+            pending = [_to_release(r) for r in con.execute(_PENDING).fetchall()]
+            closed = [
+                replace(r, outcome="served" if r is pending[-1] else "superseded", closed_at=now)
+                for r in pending
+            ]
+            con.executemany(
+                "UPDATE releases SET outcome = ?, closed_at = ? WHERE id = ?",
+                [(r.outcome, r.closed_at, r.id) for r in closed],
+            )
+        return closed
+
     # --- reading -------------------------------------------------------------------------
+
+    def releases(self, *, pending: bool = False) -> list[Release]:
+        """Champion moves, oldest first; with ``pending``, those TorchServe was not yet seen
+        serving."""
+        with self._read() as con:
+            query = _PENDING if pending else "SELECT * FROM releases ORDER BY id"
+            return [_to_release(r) for r in con.execute(query).fetchall()]
 
     def get_alias(self, alias: str) -> str | None:
         with self._read() as con:
@@ -521,6 +587,22 @@ def _set_alias(con: sqlite3.Connection, alias: str, version: str) -> None:
         "ON CONFLICT(alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
         (alias, version, _now()),
     )
+
+
+_PENDING = "SELECT * FROM releases WHERE outcome IS NULL ORDER BY id"
+
+
+def _open_release(
+    con: sqlite3.Connection, kind: str, source: str | None, target: str, reason: str | None
+) -> None:
+    con.execute(
+        "INSERT INTO releases (at, kind, from_version, to_version, reason) VALUES (?,?,?,?,?)",
+        (_now(), kind, source, target, reason),
+    )
+
+
+def _to_release(row: sqlite3.Row) -> Release:
+    return Release(**{k: row[k] for k in row.keys()})  # noqa: SIM118 (sqlite3.Row)
 
 
 def _event(

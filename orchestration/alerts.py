@@ -1,5 +1,6 @@
 """Alerts: drift, decay, missing or stale features (availability), a rejected challenger, a
-rollback, a sensor that stopped ticking.
+rollback, a sensor that stopped ticking, a TorchServe restarted after it died, a served
+version changed behind the registry's back (serving_drift).
 
 Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
 webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
@@ -22,6 +23,7 @@ KINDS = (
     "promotion",
     "sensor_stalled",
     "serving_restarted",
+    "serving_drift",
 )
 logger = logging.getLogger("loopline.alerts")
 

@@ -157,16 +157,39 @@ def rollback(reason: str) -> None:
     console.print(_serve_champion())
 
 
+@models.command()
+def reconcile() -> None:
+    """Make TorchServe serve the registry's champion and confirm pending promotions/rollbacks."""
+    registry = _registry()
+    for release in registry.releases(pending=True):
+        console.print(
+            f"pending: {release.kind} {release.from_version or 'none'} -> {release.to_version} "
+            f"({release.reason}) since {release.at[:19]}"
+        )
+    console.print(_serve_champion())
+
+
 def _serve_champion() -> str:
-    """Make the registry's champion TorchServe's default version of this use case's model (the
-    platform's TorchServe, shared with other use cases: theirs are left as they are)."""
+    """Apply the registry's move to TorchServe and confirm it (``serving.reconciler``): this use
+    case's model only (the platform's TorchServe is shared with other use cases). The intent
+    is already in the registry, so a failure here is finished by the next reconcile."""
     from serving.config import ServingConfig
     from serving.process import TorchServeProcess
 
     settings = Settings.from_env()
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     process = TorchServeProcess.attach(config, settings.registry_path)
+    from serving.client import TorchServeError
+    from serving.reconciler import ReconcileError
+
     if not process.status().healthy:
         return "TorchServe is not running: it serves the champion when it starts"
-    served = process.serve_champion()
-    return f"TorchServe {process.config.inference_url}/predictions/{config.model_name}: {served}"
+    try:
+        result = process.serve_champion()
+    except (TorchServeError, ReconcileError) as exc:
+        raise click.ClickException(
+            f"the registry's champion is set, but TorchServe did not follow: {exc}. The "
+            "reconcile sensor finishes it, or `loopline models reconcile`."
+        ) from exc
+    done = result.summary() if result else "no registry"
+    return f"TorchServe {process.config.inference_url}/predictions/{config.model_name}: {done}"

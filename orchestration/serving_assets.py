@@ -4,6 +4,8 @@ registered_model -> model_archive (.mar of that version) -> deployment (register
 smoke, shadow replay, set-default, watch, rollback: ``serving.delivery``). TorchServe is a
 resource: the deployment starts it when it is not running, with the registry's champion. A
 version whose FeatureService has no fresh online rows is refused before TorchServe changes.
+``served_champion`` makes TorchServe serve the registry's champion (``serving.reconciler``);
+``reconcile_sensor`` runs it when the two disagree or a release is left pending.
 """
 
 from datetime import datetime
@@ -17,11 +19,12 @@ from core.usecase import active
 from models.registry import CHAMPION, Registry
 from orchestration import alerts
 from orchestration.ingest_assets import _md_table
-from orchestration.resources import LooplineStorage
+from orchestration.resources import LooplineStorage, lane, run_in_flight
 from serving.client import NotRunning, TorchServeClient
 from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, logged_requests
 from serving.process import TorchServeProcess
+from serving.reconciler import from_model_store, out_of_sync, reconcile
 from serving.requests import request_bodies
 
 GROUP = "serving"
@@ -204,6 +207,7 @@ def deployment(
         replay,
         config.policy(),
         stale_features=stale,
+        archive=from_model_store(registry, serving_config),
         log=context.log.info,
     )
     webhook = config.alert_webhook_url or None
@@ -324,8 +328,80 @@ def torchserve_keys_sensor(
     return dg.SkipReason(status.describe())
 
 
+@dg.asset(group_name=GROUP, kinds={"torchserve"})
+def served_champion(
+    context: dg.AssetExecutionContext, storage: LooplineStorage, torchserve: TorchServeResource
+) -> dg.MaterializeResult:
+    """TorchServe's default version made the registry's champion; pending releases confirmed."""
+    settings = storage.settings
+    process = torchserve.process(storage)
+    if not settings.registry_path.exists() or not process.status().healthy:
+        why = "no registry" if not settings.registry_path.exists() else "TorchServe is not up"
+        context.log.info(f"{why}: nothing to reconcile (a start serves the champion)")
+        return dg.MaterializeResult(metadata={"changed": False, "skipped": why})
+    registry = Registry(settings.registry_path)
+    result = reconcile(registry, process.client(), from_model_store(registry, process.config))
+    context.log.info(result.summary())
+    if result.drift:
+        alerts.send(
+            alerts.Alert(
+                "serving_drift",
+                f"TorchServe served {result.served_before}, not the champion {result.champion}; "
+                "put back",
+                result.to_dict(),
+            )
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "champion": result.champion or "none",
+            "served_before": result.served_before or "none",
+            "served": result.served or "none",
+            "changed": result.changed,
+            "drift": result.drift,
+            "actions": "\n".join(result.actions) or "none",
+            "confirmed_releases": dg.MetadataValue.json(result.confirmed),
+        }
+    )
+
+
+reconcile_job = dg.define_asset_job(
+    "reconcile_serving",
+    selection=dg.AssetSelection.assets(served_champion),
+    executor_def=dg.in_process_executor,
+    # The training pool: one run at a time with the deployments that also move the champion.
+    tags=lane("training"),
+    description="Make TorchServe serve the registry's champion and confirm pending releases.",
+)
+
+
+@dg.sensor(
+    job=reconcile_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Reconciles serving when TorchServe's default is not the registry's champion "
+    "or a promotion or rollback was left unconfirmed.",
+)
+def reconcile_sensor(
+    context: dg.SensorEvaluationContext, storage: LooplineStorage, torchserve: TorchServeResource
+):
+    settings = storage.settings
+    if not settings.registry_path.exists():
+        return dg.SkipReason("no model registry yet")
+    process = torchserve.process(storage)
+    if not process.status().healthy:
+        return dg.SkipReason("TorchServe is not up and healthy: its start serves the champion")
+    why = out_of_sync(Registry(settings.registry_path), process.client(timeout=5.0))
+    if why is None:
+        return dg.SkipReason("TorchServe serves the registry's champion")
+    if run_in_flight(context.instance, reconcile_job.name):
+        return dg.SkipReason(f"{why}; a reconcile run is already queued")
+    context.log.info(why)
+    return dg.RunRequest(tags={"loopline/reconcile": why[:200]})
+
+
 defs = dg.Definitions(
-    assets=[model_archive, deployment, batch_predictions],
-    sensors=[torchserve_keys_sensor],
+    assets=[model_archive, deployment, batch_predictions, served_champion],
+    jobs=[reconcile_job],
+    sensors=[torchserve_keys_sensor, reconcile_sensor],
     resources={"torchserve": TorchServeResource()},
 )

@@ -1,10 +1,13 @@
 """Progressive delivery of a validated challenger to TorchServe.
 
-register (not default) -> smoke test on its versioned endpoint -> shadow replay of recent logged
-requests to champion and challenger -> compare -> ``set-default`` (promotion) -> watch error
-rate and latency for a window -> keep, or roll back to the previous version. TorchServe's
-``set-default`` switches atomically and the previous version stays registered, so traffic during
-a promotion or a rollback never meets a missing model. Every step is a registry event.
+reconcile (TorchServe serves the registry's champion) -> register (not default) -> smoke test
+on its versioned endpoint -> shadow replay of recent logged requests to champion and challenger
+-> compare -> promotion -> watch error rate and latency for a window -> keep, or roll back to
+the previous version. Promotion and rollback write the registry's intent first, then apply and
+confirm it (``serving.reconciler``), so a crash between the two leaves the registry's champion
+as the truth for the next reconcile. TorchServe's ``set-default`` switches atomically and the
+previous version stays registered, so traffic during a promotion or a rollback never meets a
+missing model. Every step is a registry event.
 
 Before any of it, a version is deferred when the online store lacks fresh rows for a feature
 view of its FeatureService (``online_freshness_reasons``): served, it would score every request
@@ -32,6 +35,7 @@ from models.tasks import of as task_of
 from quality.drift import ks_statistic, psi
 from serving import prediction_log
 from serving.client import TorchServeClient, TorchServeError
+from serving.reconciler import Archive, reconcile
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 
@@ -337,6 +341,7 @@ def deliver(
     policy: DeliveryPolicy,
     *,
     stale_features: Sequence[str] = (),
+    archive: Archive | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DeliveryReport:
@@ -345,11 +350,17 @@ def deliver(
     ``replay``: recent real requests (transaction dicts) for smoke, shadow and watch traffic.
     ``stale_features``: reasons from ``online_freshness_reasons``; any of them defers the
     version before TorchServe is changed (outcome ``deferred``: not rejected, still promotable
-    later), and the served version stays.
+    later), and the served version stays. ``archive``: the model-store lookup ``reconcile``
+    uses for a champion TorchServe lacks (``serving.reconciler.from_model_store``).
     """
     if not replay:
         raise ValueError("progressive delivery needs at least one request to replay")
-    served = client.default_version()
+    # Shadow against, and roll back to, the registry's champion, even if TorchServe was left
+    # serving something else (a crash mid-release, a hand-made set-default).
+    start = reconcile(registry, client, archive)
+    if start.changed:
+        log(f"reconciled before delivery: {start.summary()}")
+    served = start.served
     report = DeliveryReport(version=version, previous=served)
 
     def step(name: str, passed: bool, **detail: Any) -> None:
@@ -401,10 +412,9 @@ def deliver(
         if reasons:
             return reject(reasons)
 
-    client.set_default(version)
-    registry_champion = registry.get_alias(CHAMPION)
-    if registry_champion != version:
+    if registry.get_alias(CHAMPION) != version:
         registry.promote(version, reason="passed smoke test and shadow replay")
+    reconcile(registry, client, archive)
     step("promoted", True, previous=served)
     report.outcome = "promoted"
 
@@ -413,8 +423,8 @@ def deliver(
     breach = watch(client, replay, policy, sleep=sleep)
     step("post_promotion_watch", not breach, **({"breach": breach} if breach else {}))
     if breach:
-        client.set_default(served)
         registry.rollback(reason=f"post-promotion watch: {'; '.join(breach)}")
+        reconcile(registry, client, archive)
         report.outcome, report.reasons = "rolled_back", breach
     return report
 

@@ -8,7 +8,8 @@ writes ``key_file.json``), and TMPDIR points at a private folder, because TorchS
 pid file, worker sockets and unpacked archives there: two instances on one machine never share
 them. A small state file (``torchserve.json``) lets another process (``loopline serve stop``)
 find and stop the instance. Start writes ``config.properties`` with the registry's champion
-(archived first when needed), so the champion is registered again on every start.
+(archived first when needed), so the champion is registered again on every start, then
+reconciles (``serving.reconciler``): a release pending when the last one stopped is confirmed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from serving.config import ServingConfig, write_log_config, write_properties
 from serving.keys import renew_keys_if_due
 from serving.output_log import start_copier
 from serving.prediction_log import close_orphans
+from serving.reconciler import Reconciliation, from_model_store, reconcile
 
 STATE_FILE = "torchserve.json"
 OUTPUT_LOG = "torchserve.out"
@@ -113,20 +115,16 @@ class TorchServeProcess:
             archive_version(registry, version, self.config)
         return version
 
-    def serve_champion(self, timeout: float | None = None) -> str | None:
+    def serve_champion(self, timeout: float | None = None) -> Reconciliation | None:
         """On a running instance, make this registry's champion the model's default version
-        (archived and registered if it is not yet): how a use case joins a TorchServe that
-        another one started. Returns the champion, None without one."""
-        champion = self.champion()
-        if champion is None:
+        (archived and registered if it is not yet) and confirm pending releases: how a use
+        case joins a TorchServe that another one started, and how a start finishes a release
+        a crash left half done. None without a registry."""
+        if self.registry_path is None or not self.registry_path.exists():
             return None
+        registry = Registry(self.registry_path)
         client = self.client(timeout=timeout or float(self.config.startup_timeout_s))
-        versions = client.versions()
-        if champion not in versions:
-            client.register(champion, set_default=True)
-        elif not versions[champion]:
-            client.set_default(champion)
-        return champion
+        return reconcile(registry, client, from_model_store(registry, self.config))
 
     def start(self, *, timeout: float | None = None, tied: bool = False) -> ServerStatus:
         """Starts TorchServe, waits until it is healthy and the champion's worker is ready.
@@ -207,6 +205,7 @@ class TorchServeProcess:
         except BaseException:
             self.stop()
             raise
+        self.serve_champion(timeout)  # the champion may have moved while TorchServe started
         return self.status()
 
     def _tmp_dir(self) -> Path:

@@ -1,13 +1,16 @@
 """The deployment asset against a real TorchServe: first release, a promotion under continuous
-traffic with no failed request, and a forced breach that rolls back."""
+traffic with no failed request, a forced breach that rolls back, and a default changed by hand
+that the reconciler puts back."""
 
 import threading
 import time
 
+import dagster as dg
 import polars as pl
 import pytest
 
 from models.registry import CHAMPION
+from orchestration.serving_assets import reconcile_sensor, served_champion
 from serving.client import TorchServeError
 from tests.e2e.kit import Loop
 
@@ -98,11 +101,39 @@ def test_a_forced_breach_after_promotion_rolls_back(loop):
     assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
 
 
+def test_a_default_changed_behind_the_registrys_back_is_put_back_by_the_reconciler(loop):
+    v2, v3 = loop.versions[1:]
+    champion = loop.home.registry.get_alias(CHAMPION)
+    assert champion == v2 and loop.client.default_version() == v2
+    loop.client.set_default(v3)  # by hand, through TorchServe's management API
+    assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v3
+
+    resources = {"storage": loop.storage, "torchserve": loop.torchserve}
+
+    def tick(instance):
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            return reconcile_sensor(context)
+
+    with dg.instance_for_test() as instance:
+        assert isinstance(tick(instance), dg.RunRequest)
+        result = dg.materialize([served_champion], resources=resources, instance=instance)
+        metadata = result.asset_materializations_for_node("served_champion")[0].metadata
+        assert metadata["drift"].value is True
+        assert (metadata["served_before"].value, metadata["served"].value) == (v3, v2)
+        assert loop.client.default_version() == v2
+        assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v2
+        assert isinstance(tick(instance), dg.SkipReason)
+
+
 def test_restart_serves_the_registry_champion(loop):
     loop.stop()
     process = loop.torchserve.process(loop.storage)
     assert not process.status().running
+    v3 = loop.versions[2]
+    loop.home.registry.promote(v3, "promoted while TorchServe was stopped")
+    assert [r.to_version for r in loop.home.registry.releases(pending=True)] == [v3]
     process.start()
-    assert loop.client.default_version() == loop.home.registry.get_alias(CHAMPION)
+    assert loop.client.default_version() == loop.home.registry.get_alias(CHAMPION) == v3
+    assert loop.home.registry.releases(pending=True) == []  # the start confirmed it
     frame = pl.DataFrame(loop.home.requests(3))
     assert frame.height == 3

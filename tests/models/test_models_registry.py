@@ -147,6 +147,37 @@ def test_rejection_records_every_reason_and_blocks_promotion(registry, tmp_path)
     assert registry.events()[-1].detail["forced"] is True
 
 
+def test_a_champion_move_opens_a_pending_release_in_its_own_transaction(registry, tmp_path):
+    v1, v2 = (registry.register(_record(tmp_path, n)) for n in "ab")
+    registry.promote(v1, "first")
+    registry.promote(v2, "better")
+    registry.rollback("worse live")
+    pending = registry.releases(pending=True)
+    assert [(r.kind, r.from_version, r.to_version, r.reason) for r in pending] == [
+        ("promote", None, v1, "first"),
+        ("promote", v1, v2, "better"),
+        ("rollback", v2, v1, "worse live"),
+    ]
+    assert registry.confirm_served(v2) is None  # no longer the champion: nothing closed
+    assert len(registry.releases(pending=True)) == 3
+    closed = registry.confirm_served(v1)
+    assert [r.outcome for r in closed] == ["superseded", "superseded", "served"]
+    assert registry.releases(pending=True) == [] and registry.confirm_served(v1) == []
+    con = sqlite3.connect(registry.path)
+    for sql in ("UPDATE releases SET outcome = NULL", "DELETE FROM releases"):
+        with pytest.raises(sqlite3.DatabaseError, match="final|never deleted"):
+            con.execute(sql)
+    con.close()
+
+
+def test_a_refused_promotion_opens_no_release(registry, tmp_path):
+    v1 = registry.register(_record(tmp_path, "a"))
+    registry.reject(v1, ["worse than the baseline"])
+    with pytest.raises(RegistryError):
+        registry.promote(v1, "try anyway")
+    assert registry.releases() == []
+
+
 def test_event_log_and_versions_are_append_only(registry, tmp_path):
     registry.register(_record(tmp_path, "a"))
     con = sqlite3.connect(registry.path)

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from models.registry import CHAMPION, ModelRecord, Registry
+from models.registry import CHAMPION
 from serving.client import TorchServeError
 from serving.delivery import (
     DeliveryPolicy,
@@ -17,91 +17,7 @@ from serving.delivery import (
     probe,
     score_psi,
 )
-
-REQUESTS = [
-    {
-        "transaction_id": f"t{i}",
-        "card_id": f"c{i % 7}",
-        "merchant_id": "m1",
-        "amount": 10.0 + i,
-        "channel": "online",
-        "country": "US",
-        "timestamp": "2026-11-23T10:00:00Z",
-    }
-    for i in range(40)
-]
-
-
-class FakeServe:
-    """Versions -> scoring function; records every default switch."""
-
-    def __init__(self, behaviours):
-        self.behaviours = behaviours
-        self.registered: dict[str, bool] = {}
-        self.defaults: list[str] = []
-        self.slow: set[str] = set()
-
-    def versions(self, model=None):
-        return dict(self.registered)
-
-    def default_version(self, model=None):
-        return next((v for v, d in self.registered.items() if d), None)
-
-    def register(self, version, set_default=False):
-        self.registered[version] = False
-        if set_default:
-            self.set_default(version)
-
-    def set_default(self, version, model=None):
-        self.registered = {v: v == version for v in self.registered}
-        self.defaults.append(version)
-
-    def unregister(self, version, model=None):
-        del self.registered[version]
-
-    def predict(self, payload, version=None, model=None):
-        via_default = version is None
-        version = version or self.default_version()
-        if via_default and version in self.slow:  # degrades only under production traffic
-            import time
-
-            time.sleep(0.01)
-        score = self.behaviours[version]
-        items = payload if isinstance(payload, list) else [payload]
-        out = []
-        for item in items:
-            p = score(item)
-            if isinstance(p, Exception):
-                raise p
-            out.append(
-                {
-                    "transaction_id": item["transaction_id"],
-                    "fraud_probability": p,
-                    "decision": "decline" if p >= 0.5 else "approve",
-                }
-            )
-        return out if isinstance(payload, list) else out[0]
-
-
-def _registry(tmp_path, n=2) -> Registry:
-    registry = Registry(tmp_path / "registry.sqlite")
-    for i in range(n):
-        registry.register(
-            ModelRecord(
-                model_name="fraud",
-                artifact_dir=str(tmp_path),
-                artifacts={"model.pt": f"{i:064d}"},
-                training_set_version="ts1",
-                feature_service="fraud_model_v1",
-                training_batches=["b1"],
-                hyperparameters={},
-                metrics={},
-                data_window={},
-            ),
-            verify_files=False,
-        )
-    return registry
-
+from tests.serving.fakes import REQUESTS, FakeServe, stub_registry
 
 FAST = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01)
 
@@ -111,7 +27,7 @@ def _low(item):
 
 
 def test_first_version_goes_straight_to_default_after_a_smoke_test(tmp_path):
-    registry = _registry(tmp_path, 1)
+    registry = stub_registry(tmp_path, 1)
     serve = FakeServe({"v0001": _low})
     report = deliver(serve, registry, "v0001", REQUESTS, FAST)
     assert report.outcome == "promoted"
@@ -122,7 +38,7 @@ def test_first_version_goes_straight_to_default_after_a_smoke_test(tmp_path):
 
 
 def test_a_sound_challenger_is_shadowed_promoted_and_watched(tmp_path):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
     deliver(serve, registry, "v0001", REQUESTS, FAST)
     report = deliver(serve, registry, "v0002", REQUESTS, FAST)
@@ -140,7 +56,7 @@ def test_a_sound_challenger_is_shadowed_promoted_and_watched(tmp_path):
 
 
 def test_a_challenger_failing_its_smoke_test_is_rejected_and_unregistered(tmp_path):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = FakeServe(
         {"v0001": _low, "v0002": lambda item: TorchServeError("worker died", status=503)}
     )
@@ -154,7 +70,7 @@ def test_a_challenger_failing_its_smoke_test_is_rejected_and_unregistered(tmp_pa
 
 
 def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: 0.97})
     deliver(serve, registry, "v0001", REQUESTS, FAST)
     report = deliver(serve, registry, "v0002", REQUESTS, FAST)
@@ -165,7 +81,7 @@ def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
 
 
 def test_a_breach_after_promotion_rolls_back_to_the_previous_version(tmp_path):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": _low})
     deliver(serve, registry, "v0001", REQUESTS, FAST)
     serve.slow.add("v0002")
@@ -225,7 +141,7 @@ BATCHES_OF_8 = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01, replay_
 
 def test_a_challenger_slow_only_on_its_first_batch_is_promoted(tmp_path):
     # The smoke test warms batch size 1 only; a fresh worker's first batch of 8 is slow.
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = ColdStart({"v0001": _low, "v0002": _low})
     serve.register("v0001", set_default=True)
     serve.seen.add(("v0001", 8))  # the champion has served such batches
@@ -238,7 +154,7 @@ def test_a_challenger_slow_only_on_its_first_batch_is_promoted(tmp_path):
 
 
 def test_a_challenger_slow_on_every_batch_is_still_rejected(tmp_path):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = ColdStart({"v0001": _low, "v0002": _low}, always_slow={"v0002"})
     serve.register("v0001", set_default=True)
     serve.seen.add(("v0001", 8))
@@ -273,7 +189,7 @@ def test_online_freshness_names_views_without_rows_or_past_their_ttl():
 def test_a_challenger_is_deferred_while_its_features_are_stale_online_and_the_champion_stays(
     tmp_path,
 ):
-    registry = _registry(tmp_path)
+    registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
     deliver(serve, registry, "v0001", REQUESTS, FAST)
     stale = online_freshness_reasons(

@@ -1,0 +1,114 @@
+"""An in-memory TorchServe stand-in and a registry of stub versions, for delivery and release
+tests: no Java, no torch."""
+
+from models.registry import ModelRecord, Registry
+from serving.client import TorchServeError
+
+
+class Crash(BaseException):
+    """The process dying at that point (not an error anything should catch)."""
+
+
+REQUESTS = [
+    {
+        "transaction_id": f"t{i}",
+        "card_id": f"c{i % 7}",
+        "merchant_id": "m1",
+        "amount": 10.0 + i,
+        "channel": "online",
+        "country": "US",
+        "timestamp": "2026-11-23T10:00:00Z",
+    }
+    for i in range(40)
+]
+
+
+class FakeServe:
+    """Versions -> scoring function; records every default switch.
+
+    ``faults``: set-default call number (1-based) -> what goes wrong on that call: "crash"
+    (the caller dies before TorchServe switched), "crash_after" (TorchServe switched, then
+    the caller died), "timeout" (no answer, no switch), "timeout_after" (no answer, switched).
+    """
+
+    def __init__(self, behaviours, faults=None):
+        self.behaviours = behaviours
+        self.registered: dict[str, bool] = {}
+        self.defaults: list[str] = []
+        self.slow: set[str] = set()
+        self.faults: dict[int, str] = dict(faults or {})
+        self.set_default_calls = 0
+
+    def versions(self, model=None):
+        return dict(self.registered)
+
+    def default_version(self, model=None):
+        return next((v for v, d in self.registered.items() if d), None)
+
+    def register(self, version, set_default=False):
+        self.registered[version] = False
+        if set_default:
+            self.set_default(version)
+
+    def set_default(self, version, model=None):
+        self.set_default_calls += 1
+        fault = self.faults.get(self.set_default_calls)
+        if fault == "crash":
+            raise Crash(f"died before set-default {version}")
+        if fault == "timeout":
+            raise TorchServeError(f"PUT set-default {version} failed: read timed out")
+        if version not in self.registered:
+            raise TorchServeError(f"{version} is not registered", status=404)
+        self.registered = {v: v == version for v in self.registered}
+        self.defaults.append(version)
+        if fault == "crash_after":
+            raise Crash(f"died after set-default {version}")
+        if fault == "timeout_after":
+            raise TorchServeError(f"PUT set-default {version} failed: read timed out")
+
+    def unregister(self, version, model=None):
+        del self.registered[version]
+
+    def predict(self, payload, version=None, model=None):
+        via_default = version is None
+        version = version or self.default_version()
+        if via_default and version in self.slow:  # degrades only under production traffic
+            import time
+
+            time.sleep(0.01)
+        score = self.behaviours[version]
+        items = payload if isinstance(payload, list) else [payload]
+        out = []
+        for item in items:
+            p = score(item)
+            if isinstance(p, Exception):
+                raise p
+            out.append(
+                {
+                    "transaction_id": item["transaction_id"],
+                    "fraud_probability": p,
+                    "decision": "decline" if p >= 0.5 else "approve",
+                }
+            )
+        return out if isinstance(payload, list) else out[0]
+
+
+def stub_registry(tmp_path, n=2, path=None) -> Registry:
+    """``n`` versions (v0001...) whose artifact files are never read."""
+    registry = Registry(path or tmp_path / "registry.sqlite")
+    for i in range(n):
+        registry.register(
+            ModelRecord(
+                model_name="fraud",
+                artifact_dir=str(tmp_path),
+                artifacts={"model.pt": f"{i:064d}"},
+                training_set_version="ts1",
+                feature_service="fraud_model_v1",
+                training_batches=["b1"],
+                hyperparameters={},
+                metrics={},
+                data_window={},
+            ),
+            verify_files=False,
+        )
+    return registry
