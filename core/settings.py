@@ -66,6 +66,7 @@ RETAIN_PREFIX = "LOOPLINE_RETAIN_"
 ENV_VARS += (
     *(f"{RETAIN_PREFIX}{store.upper()}" for store in RETENTION_DEFAULTS),
     "LOOPLINE_RETAIN_GRACE_MINUTES",
+    "LOOPLINE_RETENTION_INTERVAL_MINUTES",
     "LOOPLINE_RETAIN_ROLLBACK_DEPTH",
     "LOOPLINE_LOG_MAX_BYTES",
     "LOOPLINE_LOG_BACKUPS",
@@ -156,6 +157,7 @@ class Settings:
     # it), how many champions back rollback must find intact, and process logs' rotation.
     retention: Mapping[str, Limits] = field(default_factory=lambda: dict(RETENTION_DEFAULTS))
     retention_grace_min: float = 30.0
+    retention_interval_min: float = 15.0
     rollback_depth: int = 3
     log_max_bytes: int = 16 << 20
     log_backups: int = 3
@@ -210,6 +212,8 @@ class Settings:
             )
         if self.serving_workers < 1 or self.max_concurrent_runs < 1:
             raise ValueError("serving workers and concurrent runs must be >= 1")
+        if self.retention_interval_min <= 0:
+            raise ValueError("LOOPLINE_RETENTION_INTERVAL_MINUTES must be > 0")
         if self.retention_grace_min < 0 or self.rollback_depth < 1:
             raise ValueError(
                 "LOOPLINE_RETAIN_GRACE_MINUTES must be >= 0 and LOOPLINE_RETAIN_ROLLBACK_DEPTH >= 1"
@@ -239,6 +243,7 @@ class Settings:
             health_stale_intervals=float(env.get("LOOPLINE_HEALTH_STALE_INTERVALS") or 10),
             retention=limits_from_env(env, RETENTION_DEFAULTS, RETAIN_PREFIX),
             retention_grace_min=float(env.get("LOOPLINE_RETAIN_GRACE_MINUTES") or 30),
+            retention_interval_min=float(env.get("LOOPLINE_RETENTION_INTERVAL_MINUTES") or 15),
             rollback_depth=int(env.get("LOOPLINE_RETAIN_ROLLBACK_DEPTH") or 3),
             log_max_bytes=parse_size(env.get("LOOPLINE_LOG_MAX_BYTES") or "16M"),
             log_backups=int(env.get("LOOPLINE_LOG_BACKUPS") or 3),

@@ -8,6 +8,7 @@ than ``LOOPLINE_RETAIN_DAGSTER_RUNS`` go, except the run of each asset's latest 
 (the retrain triggers read those).
 """
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -15,7 +16,7 @@ import dagster as dg
 from core.retention import Item, Plan, format_size, plan
 from core.usecase import active
 from orchestration.feature_assets import validated_batches
-from orchestration.resources import LooplineStorage, lane
+from orchestration.resources import LooplineStorage, lane, run_in_flight
 
 GROUP = "operations"
 FINISHED = [
@@ -141,11 +142,24 @@ retention_job = dg.define_asset_job(
     description="Delete what each store no longer needs, within its limits.",
 )
 
-retention_schedule = dg.ScheduleDefinition(
-    job=retention_job,
-    cron_schedule="*/15 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Retention every 15 minutes (a demo's accelerated data ages fast).",
-)
 
-defs = dg.Definitions(assets=[retention], jobs=[retention_job], schedules=[retention_schedule])
+@dg.sensor(
+    job=retention_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Runs retention every LOOPLINE_RETENTION_INTERVAL_MINUTES (15): an accelerated "
+    "demo's data ages fast, a soak's faster.",
+)
+def retention_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
+    interval_s = storage.settings.retention_interval_min * 60
+    last = float(context.cursor) if context.cursor else 0.0
+    now = time.time()
+    if now - last < interval_s:
+        return dg.SkipReason(f"next retention in {interval_s - (now - last):.0f} s")
+    if run_in_flight(context.instance, retention_job.name):
+        return dg.SkipReason("a retention run is in flight")
+    context.update_cursor(str(now))
+    return dg.RunRequest(run_key=f"retention-{int(now)}")
+
+
+defs = dg.Definitions(assets=[retention], jobs=[retention_job], sensors=[retention_sensor])

@@ -2,6 +2,7 @@
 training window survive, old batches and retired models go, and the metadata says what went."""
 
 import json
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,7 @@ from core.settings import Settings
 from orchestration.definitions import defs
 from orchestration.feature_assets import features_backlog
 from orchestration.resources import LooplineStorage
-from orchestration.retention_assets import retain_runs, retention
+from orchestration.retention_assets import retain_runs, retention, retention_sensor
 from quality.ledger import BatchLedger
 from tests.serving import lakekit
 from tests.serving.lakekit import DAY
@@ -60,10 +61,19 @@ def test_retention_asset_keeps_the_champion_and_removes_the_old(tmp_path, monkey
     assert ledger.summary()["transactions"]["validated_batches"] == 8
 
 
-def test_retention_runs_on_a_schedule():
+def test_retention_runs_every_interval_the_settings_give(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOPLINE_RETENTION_INTERVAL_MINUTES", "0.5")
     repo = defs.get_repository_def()
-    [schedule] = [s for s in repo.schedule_defs if s.job_name == "retention_job"]
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    sensor = repo.get_sensor_def("retention_sensor")
+    assert sensor.job_name == "retention_job"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    storage = LooplineStorage(home=str(tmp_path / "home"))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+        assert isinstance(retention_sensor(context), dg.RunRequest)
+        assert isinstance(retention_sensor(context), dg.SkipReason)  # 30 s not passed yet
+        context.update_cursor(str(time.time() - 31))
+        assert isinstance(retention_sensor(context), dg.RunRequest)
 
 
 def test_expired_batches_are_no_feature_backlog(tmp_path, monkeypatch):
