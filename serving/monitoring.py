@@ -147,9 +147,8 @@ def _flatten(record: dict[str, Any], cols: LogColumns) -> dict[str, Any] | None:
 def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     """Compact the closed log files not compacted yet into one parquet file."""
     out = Path(out_dir)
-    manifest_path = out / MANIFEST
-    done = set(json.loads(manifest_path.read_text())) if manifest_path.exists() else set()
     present = closed_files(log_dir)
+    done = _compacted_names(out)
     todo = [p for p in present if p.name not in done]
     if not todo:
         return Compaction(None, 0, 0, 0)
@@ -169,10 +168,22 @@ def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     if frame is not None and frame.height:
         write_parquet_atomic(frame, target)
     # Files the log's size bound deleted drop out of the manifest, so it stays bounded too.
-    write_json_atomic(sorted({p.name for p in present}), manifest_path)
+    write_json_atomic(sorted({p.name for p in present}), out / MANIFEST)
     errors = 0 if frame is None else frame.filter(pl.col("status") != 200).height
     path = target if frame is not None else None
     return Compaction(path, len(todo), len(rows), errors, stats.torn_lines, tuple(torn_files))
+
+
+def _compacted_names(out: Path) -> set[str]:
+    """The log files compacted already (the manifest: the watermark)."""
+    manifest_path = out / MANIFEST
+    return set(json.loads(manifest_path.read_text())) if manifest_path.exists() else set()
+
+
+def uncompacted(log_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """The closed log files the next compaction will take."""
+    done = _compacted_names(Path(out_dir))
+    return [p for p in closed_files(log_dir) if p.name not in done]
 
 
 def writer_news(log_dir: str | Path, out_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -280,6 +291,36 @@ def _answered_by_version(frame: pl.LazyFrame) -> dict[str, Any]:
 def answered_count(spans: Sequence[Span], version: str) -> int:
     """How many answers ``version`` gave in the compacted log (retries counted)."""
     return sum(s.facts.get("answered", {}).get(version, 0) for s in spans)
+
+
+def served_totals(spans: Sequence[Span], *, latest_rows: int = 10_000) -> dict[str, Any] | None:
+    """Requests, refusals and answers per version over the compacted log, from its span index
+    alone; latency quantiles over the answers among the newest ``latest_rows`` requests (the
+    newest files only). What ``loopline status`` shows: it costs the index and a few files,
+    however long the history. None before anything was compacted."""
+    if not spans:
+        return None
+    by_version: dict[str, int] = {}
+    for span in spans:
+        for version, n in span.facts.get("answered", {}).items():
+            by_version[version] = by_version.get(version, 0) + n
+    newest, taken = [], 0
+    for span in time_spans.newest_first(spans):
+        if taken >= latest_rows:
+            break
+        newest.append(span)
+        taken += span.rows
+    answered = read_spans(newest).filter(pl.col("status") == 200)
+    latency = answered["latency_ms"] if "latency_ms" in answered.columns else pl.Series([])
+    requests = sum(s.rows for s in spans)
+    return {
+        "requests": requests,
+        "refused": requests - sum(by_version.values()),
+        "latency_p50_ms": float(latency.quantile(0.5) or 0.0) if latency.len() else 0.0,
+        "latency_p99_ms": float(latency.quantile(0.99) or 0.0) if latency.len() else 0.0,
+        "latency_answers": answered.height,
+        "by_version": dict(sorted(by_version.items())),
+    }
 
 
 def read_spans(chosen: Sequence[Span]) -> pl.DataFrame:
