@@ -330,7 +330,7 @@ def _serving_line(s: dict[str, Any]) -> str:
 
 def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Table lines for ``summary``'s health: disk by store, key expiry, sensor ticks."""
-    from orchestration.health import tick_line
+    from orchestration.health import release_line, tick_line
 
     if not report:
         return []
@@ -359,6 +359,9 @@ def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     for tick in report["sensors"]:
         colour = "red" if tick["stale"] else "green"
         lines.append((f"sensor {tick['name']}", f"[{colour}]{tick_line(tick)}[/]"))
+    for release in report.get("pending_releases", []):
+        colour = "red" if release["stuck"] else "yellow"
+        lines.append(("release", f"[{colour}]{release_line(release)}[/]"))
     return lines
 
 

@@ -1,5 +1,7 @@
-"""Platform health at a glance: disk use per store, TorchServe key expiry, and the age of each
-sensor's last tick, with an alert when a sensor stops ticking.
+"""Platform health at a glance: disk use per store, TorchServe key expiry, the age of each
+sensor's last tick, with an alert when a sensor stops ticking, and releases (promotions,
+rollbacks) TorchServe was not yet seen serving: one pending over ``STUCK_RELEASE_S`` marks the
+platform not ok.
 
 One report (``health_report``) feeds ``loopline status`` and the Dagster UI. In the UI it is
 the ``platform_health`` asset: the ``platform_health_sensor`` records it every few minutes as a
@@ -33,6 +35,9 @@ DEFAULT_INTERVAL_S = 30
 # A loaded 2-core host delays ticks by tens of seconds: never call a sensor stale sooner.
 MIN_STALE_S = 300.0
 HEALTH_INTERVAL_S = 300
+# The reconciler confirms a release within a minute or two (its sensor ticks every 60 s): one
+# pending longer has TorchServe serving another version than the registry's champion.
+STUCK_RELEASE_S = 300.0
 ASSET = "platform_health"
 CHECK = "sensors_ticking"
 
@@ -133,14 +138,39 @@ def _microseconds(stamp: str) -> str:
     return f"{head}.{digits[:6]}{rest[len(digits) :]}"
 
 
+def pending_releases(settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    """Champion moves TorchServe was not yet seen serving, oldest first, each with its age and
+    whether it is ``stuck`` (pending longer than ``STUCK_RELEASE_S``)."""
+    from models.registry import Registry
+
+    if not settings.registry_path.exists():
+        return []
+    out = []
+    for release in Registry(settings.registry_path).releases(pending=True):
+        age = (now - datetime.fromisoformat(release.at)).total_seconds()
+        out.append(
+            {
+                "id": release.id,
+                "kind": release.kind,
+                "from_version": release.from_version,
+                "to_version": release.to_version,
+                "at": release.at,
+                "age_s": round(age, 1),
+                "stuck": age > STUCK_RELEASE_S,
+            }
+        )
+    return out
+
+
 def health_report(
     settings: Settings,
     instance: dg.DagsterInstance | None,
     now: datetime | None = None,
     declared: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Disk bytes per store, key expiry and sensor ticks (none without an ``instance``);
-    ``ok`` is False when a sensor is stale or the keys have expired."""
+    """Disk bytes per store, key expiry, sensor ticks (none without an ``instance``) and
+    pending releases; ``ok`` is False when a sensor is stale, the keys have expired or a
+    release is stuck."""
     now = now or datetime.now(UTC)
     ticks = (
         sensor_ticks(
@@ -152,13 +182,17 @@ def health_report(
     keys = key_expiry(settings.serving_dir / "key_file.json", now)
     stale = [t.name for t in ticks if t.stale]
     expired = keys is not None and keys["expires_in_s"] <= 0
+    releases = pending_releases(settings, now)
+    stuck = [r["to_version"] for r in releases if r["stuck"]]
     return {
         "at": now.isoformat(),
-        "ok": not stale and not expired,
+        "ok": not stale and not expired and not stuck,
         "disk_bytes": {name: usage["bytes"] for name, usage in disk_usage(settings).items()},
         "keys": keys,
         "sensors": [t.to_dict() for t in ticks],
         "stale_sensors": stale,
+        "pending_releases": releases,
+        "stuck_releases": stuck,
     }
 
 
@@ -204,7 +238,19 @@ def _metadata(report: dict[str, Any]) -> dict[str, Any]:
         age = tick["age_s"]
         meta[f"sensor_age_s/{tick['name']}"] = -1.0 if age is None else round(age, 1)
     meta["stale_sensors"] = ", ".join(report["stale_sensors"]) or "none"
+    meta["pending_releases"] = len(report["pending_releases"])
+    meta["stuck_releases"] = ", ".join(report["stuck_releases"]) or "none"
     return meta
+
+
+def release_line(release: dict[str, Any]) -> str:
+    """One pending release, as a person reads it."""
+    source = f" (from {release['from_version']})" if release["from_version"] else ""
+    stuck = ", STUCK: TorchServe does not serve it" if release["stuck"] else ""
+    return (
+        f"{release['kind']} to {release['to_version']}{source} pending "
+        f"{release['age_s'] / 60:.0f} min{stuck}"
+    )
 
 
 def _check(report: dict[str, Any]) -> dg.AssetCheckEvaluation:

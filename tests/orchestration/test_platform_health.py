@@ -26,7 +26,7 @@ from dagster._core.scheduler.instigation import (
 )
 
 from core.settings import Settings
-from orchestration import health
+from orchestration import cli_loop, health
 from orchestration.cli import main
 from orchestration.definitions import defs
 from orchestration.platform import write_instance_config
@@ -148,3 +148,54 @@ def test_a_fresh_start_is_not_a_stall(tmp_path):
         instance.dispose()
     assert report["sensors"] and report["stale_sensors"] == [] and report["ok"]
     assert report["keys"] is None  # no TorchServe ran
+
+
+def _promoted(settings: Settings) -> str:
+    """A champion promoted now that TorchServe was never seen serving (a pending release)."""
+    from models.registry import ModelRecord, Registry
+
+    registry = Registry(settings.registry_path)
+    record = ModelRecord(
+        model_name="fraud",
+        artifact_dir=str(settings.home / "model0"),
+        artifacts={"model.pt": "0" * 64},
+        training_set_version="ts",
+        feature_service="fraud_model_v1",
+        training_batches=[],
+        hyperparameters={},
+        metrics={"pr_auc": 0.3, "threshold": 0.5},
+        data_window={},
+    )
+    version = registry.register(record, verify_files=False)
+    registry.promote(version, "test")
+    return version
+
+
+def test_status_shows_pending_releases_and_a_stuck_one_marks_the_platform_not_ok(tmp_path):
+    settings = Settings(tmp_path / "home").ensure()
+    version = _promoted(settings)
+
+    fresh = health.health_report(settings, None)
+    [release] = fresh["pending_releases"]
+    assert release["kind"] == "promote" and release["to_version"] == version
+    assert not release["stuck"] and fresh["ok"]  # the reconciler has minutes to confirm it
+
+    later = health.health_report(settings, None, now=NOW + timedelta(minutes=10))
+    assert later["pending_releases"][0]["stuck"] and later["stuck_releases"] == [version]
+    assert later["ok"] is False
+    lines = dict(cli_loop._health_lines(later))
+    assert f"promote to {version} pending 10 min, STUCK" in lines["release"]
+
+    from models.registry import Registry
+
+    Registry(settings.registry_path).confirm_served(version)  # TorchServe was seen serving it
+    done = health.health_report(settings, None, now=NOW + timedelta(minutes=10))
+    assert done["pending_releases"] == [] and done["ok"]
+
+
+def test_status_json_lists_pending_releases(home):
+    settings, _ = home
+    version = _promoted(settings)
+    result = CliRunner().invoke(main, ["status", "--json"], catch_exceptions=False)
+    [release] = json.loads(result.output)["health"]["pending_releases"]
+    assert release["to_version"] == version and release["stuck"] is False
