@@ -2,7 +2,8 @@
 rollback, a sensor that stopped ticking, a TorchServe restarted after it died, a served
 version changed behind the registry's back (serving_drift), torn prediction-log lines skipped
 (prediction_log_damaged), prediction-log writers that failed or dropped records
-(prediction_log_dropping).
+(prediction_log_dropping), a promotion or rollback TorchServe was not seen serving for minutes
+(release_stuck).
 
 Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
 webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
@@ -28,6 +29,7 @@ KINDS = (
     "serving_drift",
     "prediction_log_damaged",
     "prediction_log_dropping",
+    "release_stuck",
 )
 logger = logging.getLogger("loopline.alerts")
 

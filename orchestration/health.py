@@ -4,10 +4,12 @@ rollbacks) TorchServe was not yet seen serving: one pending over ``STUCK_RELEASE
 platform not ok.
 
 One report (``health_report``) feeds ``loopline status`` and the Dagster UI. In the UI it is
-the ``platform_health`` asset: the ``platform_health_sensor`` records it every few minutes as a
-materialization (its metadata plots disk use per store over time) and evaluates the
-``sensors_ticking`` check, which fails, and alerts once per stall, when a sensor's last tick is
-older than ``stale_intervals`` of its interval (and at least ``MIN_STALE_S``). Sensors are the
+the ``platform_health`` asset: the ``platform_health_sensor`` evaluates it every 5 minutes and
+records it as a materialization (its metadata plots disk use per store over time), with the
+``sensors_ticking`` check, when its state changes and hourly (``due``): those records belong to
+no run, so no retention removes them. The check fails, and the sensor alerts once per stall,
+when a sensor's last tick is older than ``stale_intervals`` of its interval (and at least
+``MIN_STALE_S``); a stuck release alerts once as well. Sensors are the
 platform's heartbeat: landing, features, monitoring and retraining all start from one, so a
 sensor that stops (a code server down, a daemon stuck) stops the loop without failing a run.
 A stopped daemon stops this sensor too: ``loopline status`` reads the same report from the
@@ -35,6 +37,7 @@ DEFAULT_INTERVAL_S = 30
 # A loaded 2-core host delays ticks by tens of seconds: never call a sensor stale sooner.
 MIN_STALE_S = 300.0
 HEALTH_INTERVAL_S = 300
+RECORD_EVERY_S = 3600
 # The reconciler confirms a release within a minute or two (its sensor ticks every 60 s): one
 # pending longer has TorchServe serving another version than the registry's champion.
 STUCK_RELEASE_S = 300.0
@@ -296,35 +299,102 @@ def sensors_ticking(context, storage: LooplineStorage):
     )
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What ``platform_health_sensor`` keeps in its cursor: the stalls and stuck releases it
+    alerted on, and when and in what state it last recorded the asset."""
+
+    alerted: tuple[str, ...] = ()
+    at: datetime | None = None
+    state: str | None = None
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> Recorded:
+        data = json.loads(cursor) if cursor else {}
+        if isinstance(data, list):  # before it recorded anything else: the stalled sensors
+            return cls(tuple(data))
+        at = data.get("at")
+        return cls(
+            tuple(data.get("alerted", ())),
+            datetime.fromisoformat(at) if at else None,
+            data.get("state"),
+        )
+
+    def to_cursor(self) -> str:
+        at = self.at.isoformat() if self.at else None
+        return json.dumps({"alerted": list(self.alerted), "at": at, "state": self.state})
+
+
+def health_state(report: dict[str, Any]) -> str:
+    """What a change of is worth recording at once: ok, stale sensors, stuck releases and
+    whether the keys expire within a day (disk bytes change at every tick)."""
+    left = None if report["keys"] is None else report["keys"]["expires_in_s"]
+    expiry = None if left is None else "expired" if left <= 0 else left < 86400
+    return json.dumps(
+        [report["ok"], report["stale_sensors"], report["stuck_releases"], expiry], sort_keys=True
+    )
+
+
+def due(last: Recorded, state: str, now: datetime) -> bool:
+    """Whether to record the asset now: its state changed, or ``RECORD_EVERY_S`` passed.
+    Each record is an event-log entry no retention removes (it belongs to no run): hourly
+    records keep the disk plot and the history at 24 entries a day, not 288."""
+    return (
+        last.at is None or state != last.state or (now - last.at).total_seconds() >= RECORD_EVERY_S
+    )
+
+
 @dg.sensor(
     minimum_interval_seconds=HEALTH_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Records platform_health and its sensors_ticking check; alerts when a sensor "
-    "stops ticking.",
+    description="Evaluates platform health every 5 minutes; records platform_health and its "
+    "sensors_ticking check when it changes and hourly; alerts when a sensor stops ticking or a "
+    "release is stuck.",
 )
 def platform_health_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
     declared = declared_sensors(context.repository_def)
     if declared is not None:
         declared.pop(context.sensor_name, None)  # it is ticking: this is its tick
     report = health_report(storage.settings, context.instance, declared=declared)
-    alerted = set(json.loads(context.cursor)) if context.cursor else set()
-    stale = set(report["stale_sensors"])
-    if stale - alerted:
-        alerts.send(
-            alerts.Alert(
-                "sensor_stalled",
-                f"sensors stopped ticking: {', '.join(sorted(stale))}",
-                {"sensors": [t for t in report["sensors"] if t["stale"]]},
-                severity="error",
-            )
+    last = Recorded.parse(context.cursor)
+    stale, stuck = set(report["stale_sensors"]), set(report["stuck_releases"])
+    _alert_new(report, stale - set(last.alerted), stuck - set(last.alerted))
+    alerted = tuple(sorted(stale | stuck))
+    now, state = datetime.fromisoformat(report["at"]), health_state(report)
+    if not due(last, state, now):
+        return dg.SensorResult(
+            cursor=Recorded(alerted, last.at, last.state).to_cursor(),
+            skip_reason=dg.SkipReason("platform health unchanged; recorded hourly"),
         )
     return dg.SensorResult(
         asset_events=[
             dg.AssetMaterialization(ASSET, metadata=_metadata(report)),
             _check(report),
         ],
-        cursor=json.dumps(sorted(stale)),
+        cursor=Recorded(alerted, now, state).to_cursor(),
     )
+
+
+def _alert_new(report: dict[str, Any], stale: set[str], stuck: set[str]) -> None:
+    if stale:
+        alerts.send(
+            alerts.Alert(
+                "sensor_stalled",
+                f"sensors stopped ticking: {', '.join(sorted(report['stale_sensors']))}",
+                {"sensors": [t for t in report["sensors"] if t["stale"]]},
+                severity="error",
+            )
+        )
+    if stuck:
+        alerts.send(
+            alerts.Alert(
+                "release_stuck",
+                "TorchServe not seen serving the registry's champion: "
+                + "; ".join(release_line(r) for r in report["pending_releases"] if r["stuck"]),
+                {"releases": [r for r in report["pending_releases"] if r["stuck"]]},
+                severity="error",
+            )
+        )
 
 
 defs = dg.Definitions(

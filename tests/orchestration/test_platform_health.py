@@ -5,6 +5,7 @@ ticking."""
 import json
 import logging
 import os
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -104,19 +105,26 @@ def test_status_json_shows_disk_keys_and_sensor_ages(home):
     assert "monitoring_sensor" in text and "STALE" in text and "key expiry" in text
 
 
-def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog):
-    settings, instance = home
-    repository = defs.get_repository_def()
+def _evaluator(settings: Settings, instance: dg.DagsterInstance):
+    """One tick of platform_health_sensor from a cursor."""
 
-    def evaluate(cursor=None) -> dg.SensorResult:
+    def evaluate(cursor: str | None = None) -> dg.SensorResult:
         context = dg.build_sensor_context(
             instance=instance,
             cursor=cursor,
-            repository_def=repository,
+            repository_def=defs.get_repository_def(),
             sensor_name="platform_health_sensor",
             resources={"storage": LooplineStorage(home=str(settings.home))},
         )
         return health.platform_health_sensor(context)
+
+    return evaluate
+
+
+def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog):
+    settings, instance = home
+    repository = defs.get_repository_def()
+    evaluate = _evaluator(settings, instance)
 
     with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
         first = evaluate()
@@ -127,7 +135,7 @@ def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog
     assert materialization.metadata["disk_bytes/landing"].value == 1000
     alerts = [r for r in caplog.records if '"sensor_stalled"' in r.getMessage()]
     assert len(alerts) == 1, "one alert per stall, not one per evaluation"
-    assert again.asset_events[1].passed is False
+    assert again.asset_events == []  # evaluated, unchanged: not recorded again within the hour
 
     # Every declared sensor ticks again: the check passes.
     for sensor in repository.sensor_defs:
@@ -199,3 +207,44 @@ def test_status_json_lists_pending_releases(home):
     result = CliRunner().invoke(main, ["status", "--json"], catch_exceptions=False)
     [release] = json.loads(result.output)["health"]["pending_releases"]
     assert release["to_version"] == version and release["stuck"] is False
+
+
+def test_health_is_recorded_when_it_changes_and_hourly_not_at_every_tick(home):
+    """Each record is an event-log entry no retention removes (it belongs to no run)."""
+    settings, instance = home
+    evaluate = _evaluator(settings, instance)
+    first = evaluate()
+    assert len(first.asset_events) == 2
+    assert evaluate(first.cursor).asset_events == []
+    recorded = health.Recorded.parse(first.cursor)
+    an_hour_ago = health.Recorded(recorded.alerted, NOW - timedelta(minutes=61), recorded.state)
+    assert len(evaluate(an_hour_ago.to_cursor()).asset_events) == 2
+    (settings.landing / "b.csv").write_bytes(b"z" * 10)  # disk use alone: not a change
+    assert evaluate(first.cursor).asset_events == []
+
+    # A day of 5-minute ticks with nothing changing: 24 records, not 288.
+    last, records = health.Recorded(), 0
+    for tick in range(288):
+        now = NOW + timedelta(minutes=5 * tick)
+        if health.due(last, recorded.state, now):
+            last, records = health.Recorded((), now, recorded.state), records + 1
+    assert records == 24
+
+
+def test_a_stuck_release_is_recorded_at_once_and_alerts_once(home, caplog):
+    settings, instance = home
+    evaluate = _evaluator(settings, instance)
+    first = evaluate()
+    version = _promoted(settings)
+    ten_minutes_ago = (NOW - timedelta(minutes=10)).isoformat()
+    with sqlite3.connect(settings.registry_path) as con:  # promoted 10 minutes ago
+        con.execute("UPDATE releases SET at = ?", (ten_minutes_ago,))
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        stuck = evaluate(first.cursor)
+        again = evaluate(stuck.cursor)
+    [materialization, _] = stuck.asset_events  # a change: recorded within the hour
+    assert materialization.metadata["stuck_releases"].value == version
+    assert again.asset_events == []
+    sent = [json.loads(r.getMessage()) for r in caplog.records]
+    [alert] = [a for a in sent if a["alert"] == "release_stuck"]
+    assert version in alert["summary"] and "STUCK" in alert["summary"]
