@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -218,12 +219,15 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
 def _served(settings: Settings) -> dict[str, Any]:
     """Serving figures from what monitoring compacted (its span index and newest files) and
     the availability its last run measured: a status costs what is new, not all history."""
-    from serving.config import ServingConfig
-    from serving.monitoring import compacted_spans, served_totals, uncompacted
+    import shutil
 
+    from serving.config import ServingConfig
+    from serving.monitoring import uncompacted
+
+    shutil.rmtree(settings.monitoring / "status-log", ignore_errors=True)  # older versions' copy
     out: dict[str, Any] = {}
     store = settings.monitoring / "log"
-    totals = served_totals(compacted_spans(store)) if store.is_dir() else None
+    totals = _served_totals(store) if store.is_dir() else None
     log_dir = ServingConfig.for_home(settings.home, settings.serving_dir).prediction_log_dir
     waiting = len(uncompacted(log_dir, store))
     if totals is not None or waiting:
@@ -234,6 +238,17 @@ def _served(settings: Settings) -> dict[str, Any]:
         keys = ("champion", "requests", "unknown_entity_rate", "missing_rate", "staleness_p95_s")
         out["availability"] = {k: report.get(k) for k in (*keys, "window_start", "window_end")}
     return out
+
+
+def _served_totals(store: Path) -> dict[str, Any] | None:
+    """``served_totals`` of the compacted log; read again if a monitoring run merged the
+    newest files away while it read them."""
+    from serving.monitoring import compacted_spans, served_totals
+
+    try:
+        return served_totals(compacted_spans(store))
+    except FileNotFoundError:
+        return served_totals(compacted_spans(store))
 
 
 def _health(settings: Settings) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def test_status_reads_monitorings_newest_files_not_the_log(tmp_path, monkeypatch
     home = _served_in_rounds(tmp_path)
     log_files = len(prediction_log.closed_files(home.log_dir))
     home.serve(50, seed=99)  # closed since monitoring last ran: waiting for it
+    legacy = home.settings.monitoring / "status-log"  # the copy older versions kept
+    legacy.mkdir()
+    (legacy / "predictions-0.parquet").write_bytes(b"x" * 1000)
     opened = Opened(monkeypatch)
 
     data = cli_loop.summary(home.settings)
@@ -58,7 +61,7 @@ def test_status_reads_monitorings_newest_files_not_the_log(tmp_path, monkeypatch
     assert data["availability"]["requests"] == ROUNDS * PER_ROUND  # monitoring's last window
     assert not [p for p in opened.paths if p.parent == home.log_dir], "no log file read"
     assert len(prediction_log.closed_files(home.log_dir)) == log_files + 1
-    assert not (home.settings.monitoring / "status-log").exists()
+    assert not legacy.exists()
 
 
 def test_latency_reads_the_newest_compacted_files_only(tmp_path, monkeypatch):
