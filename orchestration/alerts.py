@@ -1,6 +1,9 @@
 """Alerts: drift, decay, missing or stale features (availability), a rejected challenger, a
 rollback, a sensor that stopped ticking, a TorchServe restarted after it died, a served
-version changed behind the registry's back (serving_drift).
+version changed behind the registry's back (serving_drift), torn prediction-log lines skipped
+(prediction_log_damaged), prediction-log writers that failed or dropped records
+(prediction_log_dropping), a promotion or rollback TorchServe was not seen serving for minutes
+(release_stuck).
 
 Each alert is one structured (JSON) log line on the ``loopline.alerts`` logger and, when a
 webhook URL is configured, a JSON POST to it. Delivery never raises: a dead receiver must not
@@ -24,6 +27,9 @@ KINDS = (
     "sensor_stalled",
     "serving_restarted",
     "serving_drift",
+    "prediction_log_damaged",
+    "prediction_log_dropping",
+    "release_stuck",
 )
 logger = logging.getLogger("loopline.alerts")
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -171,11 +172,11 @@ def _registry(settings: Settings):
 
 
 def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]:
-    """What the loop did: batches, quarantines, models, promotions, drift, serving figures,
-    feature availability (the whole log of answered customer requests) and live quality."""
+    """What the loop did: batches, quarantines, models, promotions, drift, serving figures
+    (the compacted log), feature availability (the window monitoring last judged), live
+    quality and the platform's health."""
     from quality.ledger import BatchLedger
-    from serving.config import ServingConfig
-    from serving.monitoring import availability, compact, read_compacted, read_live_quality
+    from serving.monitoring import read_live_quality
 
     out: dict[str, Any] = {"home": str(settings.home), "lake": str(settings.lake)}
     if settings.ledger_path.exists():
@@ -206,34 +207,48 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
             "drifted": report["drifted"],
             "psi": report["psi"],
         }
-    config = ServingConfig.for_home(settings.home, settings.serving_dir)
-    folder = settings.home / "monitoring" / "status-log"
-    compact(config.prediction_log_dir, folder)
-    logged = read_compacted(folder)
-    if logged.height:
-        answered = logged.filter(logged["status"] == 200)
-        out["serving"] = {
-            "requests": logged.height,
-            "refused": logged.height - answered.height,
-            "latency_p50_ms": float(answered["latency_ms"].quantile(0.5) or 0.0),
-            "latency_p99_ms": float(answered["latency_ms"].quantile(0.99) or 0.0),
-            "by_version": {
-                str(k): int(v) for k, v in answered.group_by("model_version").len().iter_rows()
-            },
-        }
-        measured = availability(answered)
-        out["availability"] = {
-            "requests": measured.requests,
-            "unknown_entity_rate": measured.unknown_entity_rate,
-            "missing_rate": measured.missing_rate,
-            "staleness_p95_s": measured.staleness_p95_s,
-        }
+    out.update(_served(settings))
     out["live_quality"] = [
         {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
         for row in read_live_quality(settings.home / "monitoring").to_dicts()
     ]
     out["health"] = _health(settings)
     return out
+
+
+def _served(settings: Settings) -> dict[str, Any]:
+    """Serving figures from what monitoring compacted (its span index and newest files) and
+    the availability its last run measured: a status costs what is new, not all history."""
+    import shutil
+
+    from serving.config import ServingConfig
+    from serving.monitoring import uncompacted
+
+    shutil.rmtree(settings.monitoring / "status-log", ignore_errors=True)  # older versions' copy
+    out: dict[str, Any] = {}
+    store = settings.monitoring / "log"
+    totals = _served_totals(store) if store.is_dir() else None
+    log_dir = ServingConfig.for_home(settings.home, settings.serving_dir).prediction_log_dir
+    waiting = len(uncompacted(log_dir, store))
+    if totals is not None or waiting:
+        out["serving"] = {**(totals or {}), "log_files_not_compacted": waiting}
+    measured = settings.monitoring / "availability.json"
+    if measured.exists():
+        report = json.loads(measured.read_text())
+        keys = ("champion", "requests", "unknown_entity_rate", "missing_rate", "staleness_p95_s")
+        out["availability"] = {k: report.get(k) for k in (*keys, "window_start", "window_end")}
+    return out
+
+
+def _served_totals(store: Path) -> dict[str, Any] | None:
+    """``served_totals`` of the compacted log; read again if a monitoring run merged the
+    newest files away while it read them."""
+    from serving.monitoring import compacted_spans, served_totals
+
+    try:
+        return served_totals(compacted_spans(store))
+    except FileNotFoundError:
+        return served_totals(compacted_spans(store))
 
 
 def _health(settings: Settings) -> dict[str, Any]:
@@ -289,12 +304,7 @@ def print_summary(data: dict[str, Any]) -> None:
     for what, line in _monitoring_lines(data):
         table.add_row(what, line)
     if "serving" in data:
-        s = data["serving"]
-        table.add_row(
-            "serving",
-            f"{s['requests']} requests ({s['refused']} refused), p50 {s['latency_p50_ms']:.1f} ms, "
-            f"p99 {s['latency_p99_ms']:.1f} ms; by version {s['by_version']}",
-        )
+        table.add_row("serving", _serving_line(data["serving"]))
     for r in data.get("retrainings", []):
         table.add_row("retraining", f"{r['status']}: {r['trigger']} ({r['reason']})")
     latency = data.get("loop_latency")
@@ -321,9 +331,21 @@ def print_summary(data: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _serving_line(s: dict[str, Any]) -> str:
+    line = (
+        f"{s['requests']} requests ({s['refused']} refused), p50 {s['latency_p50_ms']:.1f} ms, "
+        f"p99 {s['latency_p99_ms']:.1f} ms over the newest {s['latency_answers']} answers; "
+        f"by version {s['by_version']}"
+        if "requests" in s
+        else "nothing compacted yet"
+    )
+    waiting = s["log_files_not_compacted"]
+    return line + (f"; {waiting} log files wait for monitoring" if waiting else "")
+
+
 def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Table lines for ``summary``'s health: disk by store, key expiry, sensor ticks."""
-    from orchestration.health import tick_line
+    from orchestration.health import release_line, tick_line
 
     if not report:
         return []
@@ -352,6 +374,9 @@ def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     for tick in report["sensors"]:
         colour = "red" if tick["stale"] else "green"
         lines.append((f"sensor {tick['name']}", f"[{colour}]{tick_line(tick)}[/]"))
+    for release in report.get("pending_releases", []):
+        colour = "red" if release["stuck"] else "yellow"
+        lines.append(("release", f"[{colour}]{release_line(release)}[/]"))
     return lines
 
 
@@ -640,7 +665,7 @@ def measured_by_phase(
     from features.views import read_validated
     from serving.monitoring import join_labels, live_quality, read_compacted
 
-    predictions = read_compacted(settings.home / "monitoring" / "status-log")
+    predictions = read_compacted(settings.monitoring / "log")
     label = active().label
     labels = read_validated(settings.lake, label.dataset)
     if drift_start is None or not predictions.height or not labels.height:

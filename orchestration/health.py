@@ -1,11 +1,15 @@
-"""Platform health at a glance: disk use per store, TorchServe key expiry, and the age of each
-sensor's last tick, with an alert when a sensor stops ticking.
+"""Platform health at a glance: disk use per store, TorchServe key expiry, the age of each
+sensor's last tick, with an alert when a sensor stops ticking, and releases (promotions,
+rollbacks) TorchServe was not yet seen serving: one pending over ``STUCK_RELEASE_S`` marks the
+platform not ok.
 
 One report (``health_report``) feeds ``loopline status`` and the Dagster UI. In the UI it is
-the ``platform_health`` asset: the ``platform_health_sensor`` records it every few minutes as a
-materialization (its metadata plots disk use per store over time) and evaluates the
-``sensors_ticking`` check, which fails, and alerts once per stall, when a sensor's last tick is
-older than ``stale_intervals`` of its interval (and at least ``MIN_STALE_S``). Sensors are the
+the ``platform_health`` asset: the ``platform_health_sensor`` evaluates it every 5 minutes and
+records it as a materialization (its metadata plots disk use per store over time), with the
+``sensors_ticking`` check, when its state changes and hourly (``due``): those records belong to
+no run, so no retention removes them. The check fails, and the sensor alerts once per stall,
+when a sensor's last tick is older than ``stale_intervals`` of its interval (and at least
+``MIN_STALE_S``); a stuck release alerts once as well. Sensors are the
 platform's heartbeat: landing, features, monitoring and retraining all start from one, so a
 sensor that stops (a code server down, a daemon stuck) stops the loop without failing a run.
 A stopped daemon stops this sensor too: ``loopline status`` reads the same report from the
@@ -33,6 +37,10 @@ DEFAULT_INTERVAL_S = 30
 # A loaded 2-core host delays ticks by tens of seconds: never call a sensor stale sooner.
 MIN_STALE_S = 300.0
 HEALTH_INTERVAL_S = 300
+RECORD_EVERY_S = 3600
+# The reconciler confirms a release within a minute or two (its sensor ticks every 60 s): one
+# pending longer has TorchServe serving another version than the registry's champion.
+STUCK_RELEASE_S = 300.0
 ASSET = "platform_health"
 CHECK = "sensors_ticking"
 
@@ -133,14 +141,39 @@ def _microseconds(stamp: str) -> str:
     return f"{head}.{digits[:6]}{rest[len(digits) :]}"
 
 
+def pending_releases(settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    """Champion moves TorchServe was not yet seen serving, oldest first, each with its age and
+    whether it is ``stuck`` (pending longer than ``STUCK_RELEASE_S``)."""
+    from models.registry import Registry
+
+    if not settings.registry_path.exists():
+        return []
+    out = []
+    for release in Registry(settings.registry_path).releases(pending=True):
+        age = (now - datetime.fromisoformat(release.at)).total_seconds()
+        out.append(
+            {
+                "id": release.id,
+                "kind": release.kind,
+                "from_version": release.from_version,
+                "to_version": release.to_version,
+                "at": release.at,
+                "age_s": round(age, 1),
+                "stuck": age > STUCK_RELEASE_S,
+            }
+        )
+    return out
+
+
 def health_report(
     settings: Settings,
     instance: dg.DagsterInstance | None,
     now: datetime | None = None,
     declared: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Disk bytes per store, key expiry and sensor ticks (none without an ``instance``);
-    ``ok`` is False when a sensor is stale or the keys have expired."""
+    """Disk bytes per store, key expiry, sensor ticks (none without an ``instance``) and
+    pending releases; ``ok`` is False when a sensor is stale, the keys have expired or a
+    release is stuck."""
     now = now or datetime.now(UTC)
     ticks = (
         sensor_ticks(
@@ -152,13 +185,17 @@ def health_report(
     keys = key_expiry(settings.serving_dir / "key_file.json", now)
     stale = [t.name for t in ticks if t.stale]
     expired = keys is not None and keys["expires_in_s"] <= 0
+    releases = pending_releases(settings, now)
+    stuck = [r["to_version"] for r in releases if r["stuck"]]
     return {
         "at": now.isoformat(),
-        "ok": not stale and not expired,
+        "ok": not stale and not expired and not stuck,
         "disk_bytes": {name: usage["bytes"] for name, usage in disk_usage(settings).items()},
         "keys": keys,
         "sensors": [t.to_dict() for t in ticks],
         "stale_sensors": stale,
+        "pending_releases": releases,
+        "stuck_releases": stuck,
     }
 
 
@@ -204,7 +241,19 @@ def _metadata(report: dict[str, Any]) -> dict[str, Any]:
         age = tick["age_s"]
         meta[f"sensor_age_s/{tick['name']}"] = -1.0 if age is None else round(age, 1)
     meta["stale_sensors"] = ", ".join(report["stale_sensors"]) or "none"
+    meta["pending_releases"] = len(report["pending_releases"])
+    meta["stuck_releases"] = ", ".join(report["stuck_releases"]) or "none"
     return meta
+
+
+def release_line(release: dict[str, Any]) -> str:
+    """One pending release, as a person reads it."""
+    source = f" (from {release['from_version']})" if release["from_version"] else ""
+    stuck = ", STUCK: TorchServe does not serve it" if release["stuck"] else ""
+    return (
+        f"{release['kind']} to {release['to_version']}{source} pending "
+        f"{release['age_s'] / 60:.0f} min{stuck}"
+    )
 
 
 def _check(report: dict[str, Any]) -> dg.AssetCheckEvaluation:
@@ -250,35 +299,102 @@ def sensors_ticking(context, storage: LooplineStorage):
     )
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What ``platform_health_sensor`` keeps in its cursor: the stalls and stuck releases it
+    alerted on, and when and in what state it last recorded the asset."""
+
+    alerted: tuple[str, ...] = ()
+    at: datetime | None = None
+    state: str | None = None
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> Recorded:
+        data = json.loads(cursor) if cursor else {}
+        if isinstance(data, list):  # before it recorded anything else: the stalled sensors
+            return cls(tuple(data))
+        at = data.get("at")
+        return cls(
+            tuple(data.get("alerted", ())),
+            datetime.fromisoformat(at) if at else None,
+            data.get("state"),
+        )
+
+    def to_cursor(self) -> str:
+        at = self.at.isoformat() if self.at else None
+        return json.dumps({"alerted": list(self.alerted), "at": at, "state": self.state})
+
+
+def health_state(report: dict[str, Any]) -> str:
+    """What a change of is worth recording at once: ok, stale sensors, stuck releases and
+    whether the keys expire within a day (disk bytes change at every tick)."""
+    left = None if report["keys"] is None else report["keys"]["expires_in_s"]
+    expiry = None if left is None else "expired" if left <= 0 else left < 86400
+    return json.dumps(
+        [report["ok"], report["stale_sensors"], report["stuck_releases"], expiry], sort_keys=True
+    )
+
+
+def due(last: Recorded, state: str, now: datetime) -> bool:
+    """Whether to record the asset now: its state changed, or ``RECORD_EVERY_S`` passed.
+    Each record is an event-log entry no retention removes (it belongs to no run): hourly
+    records keep the disk plot and the history at 24 entries a day, not 288."""
+    return (
+        last.at is None or state != last.state or (now - last.at).total_seconds() >= RECORD_EVERY_S
+    )
+
+
 @dg.sensor(
     minimum_interval_seconds=HEALTH_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Records platform_health and its sensors_ticking check; alerts when a sensor "
-    "stops ticking.",
+    description="Evaluates platform health every 5 minutes; records platform_health and its "
+    "sensors_ticking check when it changes and hourly; alerts when a sensor stops ticking or a "
+    "release is stuck.",
 )
 def platform_health_sensor(context: dg.SensorEvaluationContext, storage: LooplineStorage):
     declared = declared_sensors(context.repository_def)
     if declared is not None:
         declared.pop(context.sensor_name, None)  # it is ticking: this is its tick
     report = health_report(storage.settings, context.instance, declared=declared)
-    alerted = set(json.loads(context.cursor)) if context.cursor else set()
-    stale = set(report["stale_sensors"])
-    if stale - alerted:
-        alerts.send(
-            alerts.Alert(
-                "sensor_stalled",
-                f"sensors stopped ticking: {', '.join(sorted(stale))}",
-                {"sensors": [t for t in report["sensors"] if t["stale"]]},
-                severity="error",
-            )
+    last = Recorded.parse(context.cursor)
+    stale, stuck = set(report["stale_sensors"]), set(report["stuck_releases"])
+    _alert_new(report, stale - set(last.alerted), stuck - set(last.alerted))
+    alerted = tuple(sorted(stale | stuck))
+    now, state = datetime.fromisoformat(report["at"]), health_state(report)
+    if not due(last, state, now):
+        return dg.SensorResult(
+            cursor=Recorded(alerted, last.at, last.state).to_cursor(),
+            skip_reason=dg.SkipReason("platform health unchanged; recorded hourly"),
         )
     return dg.SensorResult(
         asset_events=[
             dg.AssetMaterialization(ASSET, metadata=_metadata(report)),
             _check(report),
         ],
-        cursor=json.dumps(sorted(stale)),
+        cursor=Recorded(alerted, now, state).to_cursor(),
     )
+
+
+def _alert_new(report: dict[str, Any], stale: set[str], stuck: set[str]) -> None:
+    if stale:
+        alerts.send(
+            alerts.Alert(
+                "sensor_stalled",
+                f"sensors stopped ticking: {', '.join(sorted(report['stale_sensors']))}",
+                {"sensors": [t for t in report["sensors"] if t["stale"]]},
+                severity="error",
+            )
+        )
+    if stuck:
+        alerts.send(
+            alerts.Alert(
+                "release_stuck",
+                "TorchServe not seen serving the registry's champion: "
+                + "; ".join(release_line(r) for r in report["pending_releases"] if r["stuck"]),
+                {"releases": [r for r in report["pending_releases"] if r["stuck"]]},
+                severity="error",
+            )
+        )
 
 
 defs = dg.Definitions(

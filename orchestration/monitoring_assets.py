@@ -9,6 +9,9 @@ estimated without labels, to ``monitoring/live_quality.parquet``.
 Each run costs what its windows hold, not what all history holds: compaction reads only the
 log files closed since the last run (its manifest is the watermark), and the windows read only
 the compacted and label files whose event-time span reaches them (``serving.time_spans``).
+What served traffic monitoring cannot see is alerted once: torn log lines compaction skipped
+(``prediction_log_damaged``), log writers that failed or dropped records
+(``prediction_log_dropping``).
 What monitoring measures is read by the retrain sensor (``orchestration.retraining``).
 """
 
@@ -41,6 +44,7 @@ from serving import time_spans
 from serving.client import TorchServeError
 from serving.monitoring import (
     Availability,
+    Compaction,
     LiveQuality,
     answered_count,
     answered_once,
@@ -62,8 +66,9 @@ from serving.monitoring import (
     schema_skew,
     served_window,
     serving_drift,
+    writer_news,
 )
-from serving.prediction_log import closed_files
+from serving.prediction_log import closed_files, writer_health
 from serving.time_spans import Span
 
 if TYPE_CHECKING:
@@ -113,7 +118,10 @@ def prediction_log(
     each file's event-time span indexed."""
     settings = storage.settings
     store = _log_store(settings)
-    done = compact(_log_dir(settings, torchserve, storage), store)
+    log_dir = _log_dir(settings, torchserve, storage)
+    done = compact(log_dir, store)
+    writers, news = writer_news(log_dir, store)
+    _alert_log_damage(done, news, log_dir)
     new = [s for s in compacted_spans(store) if s.path == done.path]
     predictions = answered_once(judged_since(new, None)[0])
     merged = merge_small(store)
@@ -134,9 +142,48 @@ def prediction_log(
             "merged_files": merged,
             "compacted_files": len(spans),
             "compacted_rows": sum(s.rows for s in spans),
+            "torn_lines": done.torn_lines,
+            "torn_files": ", ".join(done.torn_files) or "none",
+            "writers_unhealthy": sum(not w.get("healthy", True) for w in writers),
+            "writer_dropped": sum(w.get("dropped", 0) for w in writers),
+            "writers": dg.MetadataValue.json(writers),
             "path": dg.MetadataValue.path(str(store)),
         }
     )
+
+
+def _alert_log_damage(done: Compaction, news: list[dict], log_dir: Path) -> None:
+    """Torn lines compaction skipped, and log writers that failed or dropped records since the
+    last run: what was served but is missing from monitoring's view."""
+    if done.torn_lines:
+        alerts.send(
+            alerts.Alert(
+                "prediction_log_damaged",
+                f"{done.torn_lines} torn prediction-log lines skipped in "
+                f"{len(done.torn_files)} files",
+                {
+                    "torn_lines": done.torn_lines,
+                    "files": list(done.torn_files),
+                    "log": str(log_dir),
+                },
+            )
+        )
+    if news:
+        alerts.send(
+            alerts.Alert(
+                "prediction_log_dropping",
+                "prediction-log writers failing or dropping records: "
+                + "; ".join(
+                    f"{w.get('prefix')}-{w.get('pid')} "
+                    f"{'unhealthy' if not w.get('healthy', True) else 'healthy'}, "
+                    f"{w.get('dropped', 0)} dropped, {w.get('errors', 0)} errors"
+                    + (f" ({w['last_error']})" if w.get("last_error") else "")
+                    for w in news
+                ),
+                {"writers": news, "log": str(log_dir)},
+                severity="error",
+            )
+        )
 
 
 class MonitoringConfig(dg.Config):
@@ -739,16 +786,24 @@ monitoring_job = dg.define_asset_job(
     job=monitoring_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Runs monitoring when the serving log has new closed files or labels arrived.",
+    description="Runs monitoring when the serving log has new closed files, a log writer "
+    "reports a failure or dropped records, or labels arrived.",
 )
 def monitoring_sensor(
     context: dg.SensorEvaluationContext, storage: LooplineStorage, torchserve: TorchServeResource
 ):
     settings = storage.settings
-    files = [p.name for p in closed_files(_log_dir(settings, torchserve, storage))]
+    log_dir = _log_dir(settings, torchserve, storage)
+    files = [p.name for p in closed_files(log_dir)]
     labels = storage.ledger.batches(dataset=active().label.dataset, status="validated", limit=1)
     state = f"{len(files)}:{files[-1] if files else ''}:{labels[0].batch_id if labels else ''}"
-    if state == context.cursor or not files:
+    # A writer that fails may close no file at all: its health alone must start a run.
+    troubled = [w for w in writer_health(log_dir) if w.get("dropped") or not w.get("healthy")]
+    if troubled:
+        state += ":" + ",".join(
+            f"{w.get('pid')}/{w.get('dropped')}/{w.get('healthy')}" for w in troubled
+        )
+    if state == context.cursor or not (files or troubled):
         return dg.SkipReason("nothing new in the serving log or the labels")
     if run_in_flight(context.instance, monitoring_job.name) is not None:
         return dg.SkipReason("a monitoring run is in flight")

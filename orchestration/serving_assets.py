@@ -23,6 +23,7 @@ from orchestration.resources import LooplineStorage, lane, run_in_flight
 from serving.client import NotRunning, TorchServeClient
 from serving.config import ServingConfig
 from serving.delivery import DeliveryPolicy, deliver, logged_requests
+from serving.prediction_log import ReadStats
 from serving.process import TorchServeProcess
 from serving.reconciler import from_model_store, out_of_sync, reconcile
 from serving.requests import request_bodies
@@ -129,11 +130,12 @@ def model_archive(
 
 
 def replay_requests(
-    storage: LooplineStorage, config: ServingConfig, limit: int
+    storage: LooplineStorage, config: ServingConfig, limit: int, stats: ReadStats | None = None
 ) -> tuple[list[dict], str]:
-    """Recent real requests from the prediction log; recent rows of the request dataset if none."""
+    """Recent real requests from the prediction log (torn lines counted in ``stats``);
+    recent rows of the request dataset if none."""
     uc = active()
-    recent = logged_requests(config.prediction_log_dir, limit)
+    recent = logged_requests(config.prediction_log_dir, limit, stats)
     if recent:
         return recent, "prediction log"
     dataset = uc.request.dataset
@@ -197,8 +199,11 @@ def deployment(
     registry = Registry(storage.settings.registry_path)
     client = torchserve.ensure_running(storage, log=context.log.info)
     serving_config = torchserve.serving_config(storage)
-    replay, source = replay_requests(storage, serving_config, config.replay_requests)
+    read = ReadStats()
+    replay, source = replay_requests(storage, serving_config, config.replay_requests, read)
     context.log.info(f"replaying {len(replay)} requests from the {source}")
+    if read.torn_lines:
+        context.log.warning(f"{read.torn_lines} torn prediction-log lines skipped in the replay")
     stale = stale_online_features(storage, registry.get(version).feature_service, context.log)
     report = deliver(
         client,
@@ -246,6 +251,7 @@ def deployment(
             "previous": report.previous or "none",
             "serving": registry.get_alias(CHAMPION) or "none",
             "replay_source": source,
+            "replay_torn_lines": read.torn_lines,
             "steps": dg.MetadataValue.md(_md_table(steps)),
             "reasons": "\n".join(report.reasons) or "none",
             "report": dg.MetadataValue.json(report.to_dict()),

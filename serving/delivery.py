@@ -45,11 +45,14 @@ def is_synthetic(request_id: str | None) -> bool:
     return bool(request_id) and request_id.startswith(SYNTHETIC_PREFIXES)
 
 
-def logged_requests(log_dir: str | Path, limit: int) -> list[dict[str, Any]]:
+def logged_requests(
+    log_dir: str | Path, limit: int, stats: prediction_log.ReadStats | None = None
+) -> list[dict[str, Any]]:
     """The newest ``limit`` customer requests answered in the prediction log, oldest first.
 
     The closed files are read newest first, and reading stops at the file that completes
-    ``limit``: a deployment costs the requests it replays, not the whole log."""
+    ``limit``: a deployment costs the requests it replays, not the whole log. Torn lines are
+    skipped and counted in ``stats`` (monitoring's compaction alerts on them)."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     key = active().request.id
@@ -58,7 +61,7 @@ def logged_requests(log_dir: str | Path, limit: int) -> list[dict[str, Any]]:
     for path in reversed(prediction_log.closed_files(log_dir)):
         part = [
             r["request"]
-            for r in prediction_log.file_records(path)
+            for r in prediction_log.file_records(path, stats)
             if r.get("status") == 200 and r.get("request") and not is_synthetic(r.get(key))
         ]
         parts.append(part)

@@ -3,7 +3,9 @@
 ``compact`` turns closed JSON-lines log files into parquet, once each: the output name is a hash
 of the inputs, and a manifest written after it records which files are done (the watermark: a
 run reads only the log files closed since), so a crash between the two only rewrites the same
-file; small compacted files are merged (``merge_small``). Each compacted file's event-time span
+file; small compacted files are merged (``merge_small``). Torn log lines are skipped and
+counted (``Compaction.torn_lines``); ``writer_news`` tells which log writers failed or dropped
+records since the last run. Each compacted file's event-time span
 is indexed (``compacted_spans``), so the windows monitoring judges (``served_window``,
 ``judged_since``) read only the files that reach them, and give what a read of the whole log
 would. Synthetic traffic (smoke, shadow and watch requests sent by the deployment step) is
@@ -24,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -41,7 +43,7 @@ from quality import drift
 from quality.schema import UTC_TS
 from serving import time_spans
 from serving.delivery import SYNTHETIC_PREFIXES
-from serving.prediction_log import closed_files, file_records
+from serving.prediction_log import ReadStats, closed_files, file_records, writer_health
 from serving.time_spans import Span
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 MANIFEST = "_compacted.json"
 SPANS = "_spans.json"
 MERGING = "_merging.json"
+WRITERS = "_writers.json"
 LIVE_QUALITY_FILE = "live_quality.parquet"
 AGE_PREFIX = "feature_age_s__"
 
@@ -102,10 +105,15 @@ def log_columns() -> LogColumns:
 
 @dataclass(frozen=True)
 class Compaction:
+    """One compaction: its output, the log files and rows it took, the refused requests among
+    them, and the torn lines it skipped (``torn_files``: the files that held them)."""
+
     path: Path | None
     files: int
     rows: int
     errors: int
+    torn_lines: int = 0
+    torn_files: tuple[str, ...] = ()
 
 
 def _flatten(record: dict[str, Any], cols: LogColumns) -> dict[str, Any] | None:
@@ -139,26 +147,72 @@ def _flatten(record: dict[str, Any], cols: LogColumns) -> dict[str, Any] | None:
 def compact(log_dir: str | Path, out_dir: str | Path) -> Compaction:
     """Compact the closed log files not compacted yet into one parquet file."""
     out = Path(out_dir)
-    manifest_path = out / MANIFEST
-    done = set(json.loads(manifest_path.read_text())) if manifest_path.exists() else set()
     present = closed_files(log_dir)
+    done = _compacted_names(out)
     todo = [p for p in present if p.name not in done]
     if not todo:
         return Compaction(None, 0, 0, 0)
     rows = []
     cols = log_columns()
+    stats = ReadStats()
+    torn_files = []
     for path in todo:
-        for record in file_records(path):
+        torn_before = stats.torn_lines
+        for record in file_records(path, stats):
             if (row := _flatten(record, cols)) is not None:
                 rows.append(row)
+        if stats.torn_lines > torn_before:
+            torn_files.append(path.name)
     target = out / _compacted_name([p.name for p in todo])
     frame = _typed(pl.from_dicts(rows, infer_schema_length=None), cols) if rows else None
     if frame is not None and frame.height:
         write_parquet_atomic(frame, target)
     # Files the log's size bound deleted drop out of the manifest, so it stays bounded too.
-    write_json_atomic(sorted({p.name for p in present}), manifest_path)
+    write_json_atomic(sorted({p.name for p in present}), out / MANIFEST)
     errors = 0 if frame is None else frame.filter(pl.col("status") != 200).height
-    return Compaction(target if frame is not None else None, len(todo), len(rows), errors)
+    path = target if frame is not None else None
+    return Compaction(path, len(todo), len(rows), errors, stats.torn_lines, tuple(torn_files))
+
+
+def _compacted_names(out: Path) -> set[str]:
+    """The log files compacted already (the manifest: the watermark)."""
+    manifest_path = out / MANIFEST
+    return set(json.loads(manifest_path.read_text())) if manifest_path.exists() else set()
+
+
+def uncompacted(log_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """The closed log files the next compaction will take."""
+    done = _compacted_names(Path(out_dir))
+    return [p for p in closed_files(log_dir) if p.name not in done]
+
+
+def writer_news(log_dir: str | Path, out_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """The log writers' health (``prediction_log.writer_health``) and, among them, those with
+    news since the last call: a new outage (unhealthy now, healthy then), or records dropped
+    while healthy then (a full queue, or an outage that began and ended in between). The
+    counters seen are kept in ``WRITERS`` beside the compacted log, so an outage is news once,
+    not at every run while it lasts, nor again when the writer recovers."""
+    state_path = Path(out_dir) / WRITERS
+    seen = json.loads(state_path.read_text()) if state_path.exists() else {}
+    writers = writer_health(log_dir)
+    news = []
+    for health in writers:
+        before = seen.get(_writer_key(health), {"healthy": True, "dropped": 0})
+        outage = not health.get("healthy", True) and before["healthy"]
+        dropped = health.get("dropped", 0) > before["dropped"] and before["healthy"]
+        if outage or dropped:
+            news.append(health)
+    now = {
+        _writer_key(h): {"healthy": bool(h.get("healthy", True)), "dropped": h.get("dropped", 0)}
+        for h in writers
+    }
+    if now != seen:
+        write_json_atomic(now, state_path)
+    return writers, news
+
+
+def _writer_key(health: Mapping[str, Any]) -> str:
+    return f"{health.get('prefix')}-{health.get('pid')}"
 
 
 def _compacted_name(sources: Sequence[str]) -> str:
@@ -237,6 +291,36 @@ def _answered_by_version(frame: pl.LazyFrame) -> dict[str, Any]:
 def answered_count(spans: Sequence[Span], version: str) -> int:
     """How many answers ``version`` gave in the compacted log (retries counted)."""
     return sum(s.facts.get("answered", {}).get(version, 0) for s in spans)
+
+
+def served_totals(spans: Sequence[Span], *, latest_rows: int = 10_000) -> dict[str, Any] | None:
+    """Requests, refusals and answers per version over the compacted log, from its span index
+    alone; latency quantiles over the answers among the newest ``latest_rows`` requests (the
+    newest files only). What ``loopline status`` shows: it costs the index and a few files,
+    however long the history. None before anything was compacted."""
+    if not spans:
+        return None
+    by_version: dict[str, int] = {}
+    for span in spans:
+        for version, n in span.facts.get("answered", {}).items():
+            by_version[version] = by_version.get(version, 0) + n
+    newest, taken = [], 0
+    for span in time_spans.newest_first(spans):
+        if taken >= latest_rows:
+            break
+        newest.append(span)
+        taken += span.rows
+    answered = read_spans(newest).filter(pl.col("status") == 200)
+    latency = answered["latency_ms"] if "latency_ms" in answered.columns else pl.Series([])
+    requests = sum(s.rows for s in spans)
+    return {
+        "requests": requests,
+        "refused": requests - sum(by_version.values()),
+        "latency_p50_ms": float(latency.quantile(0.5) or 0.0) if latency.len() else 0.0,
+        "latency_p99_ms": float(latency.quantile(0.99) or 0.0) if latency.len() else 0.0,
+        "latency_answers": answered.height,
+        "by_version": dict(sorted(by_version.items())),
+    }
 
 
 def read_spans(chosen: Sequence[Span]) -> pl.DataFrame:

@@ -36,9 +36,9 @@ def test_replay_takes_the_newest_customer_requests_from_the_newest_files_only(
     opened: list[str] = []
     read = prediction_log.file_records
 
-    def spy(path):
+    def spy(path, stats=None):
         opened.append(Path(path).name)
-        yield from read(path)
+        yield from read(path, stats)
 
     monkeypatch.setattr(prediction_log, "file_records", spy)
     config = SimpleNamespace(prediction_log_dir=tmp_path)
@@ -55,3 +55,16 @@ def test_replay_takes_the_newest_customer_requests_from_the_newest_files_only(
     everything, _ = replay_requests(None, config, 10_000)  # more than the log holds: all of it
     assert [r["transaction_id"] for r in everything] == [f"t{i}" for i in range(total)]
     assert len(opened) == FILES
+
+
+def test_replay_skips_and_counts_a_torn_line(tmp_path):
+    _log_history(tmp_path)
+    newest = prediction_log.closed_files(tmp_path)[-1]
+    lines = newest.read_bytes().splitlines(keepends=True)
+    newest.write_bytes(lines[0][:20] + b"\n" + b"".join(lines[1:]))  # a kill mid-write
+    stats = prediction_log.ReadStats()
+
+    replay, _ = replay_requests(None, SimpleNamespace(prediction_log_dir=tmp_path), 25, stats)
+
+    assert len(replay) == 25 and stats.torn_lines == 1
+    assert f"t{(FILES - 1) * PER_FILE}" not in [r["transaction_id"] for r in replay]

@@ -112,9 +112,9 @@ class Reads:
             monkeypatch.setattr(pl, name, self._spy(getattr(pl, name)))
         records = serving.monitoring.file_records
 
-        def log_file(path):
+        def log_file(path, stats=None):
             self.paths.append(str(path))
-            return records(path)
+            return records(path, stats)
 
         monkeypatch.setattr(serving.monitoring, "file_records", log_file)
 

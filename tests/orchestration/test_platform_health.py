@@ -5,6 +5,7 @@ ticking."""
 import json
 import logging
 import os
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -26,7 +27,7 @@ from dagster._core.scheduler.instigation import (
 )
 
 from core.settings import Settings
-from orchestration import health
+from orchestration import cli_loop, health
 from orchestration.cli import main
 from orchestration.definitions import defs
 from orchestration.platform import write_instance_config
@@ -104,19 +105,26 @@ def test_status_json_shows_disk_keys_and_sensor_ages(home):
     assert "monitoring_sensor" in text and "STALE" in text and "key expiry" in text
 
 
-def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog):
-    settings, instance = home
-    repository = defs.get_repository_def()
+def _evaluator(settings: Settings, instance: dg.DagsterInstance):
+    """One tick of platform_health_sensor from a cursor."""
 
-    def evaluate(cursor=None) -> dg.SensorResult:
+    def evaluate(cursor: str | None = None) -> dg.SensorResult:
         context = dg.build_sensor_context(
             instance=instance,
             cursor=cursor,
-            repository_def=repository,
+            repository_def=defs.get_repository_def(),
             sensor_name="platform_health_sensor",
             resources={"storage": LooplineStorage(home=str(settings.home))},
         )
         return health.platform_health_sensor(context)
+
+    return evaluate
+
+
+def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog):
+    settings, instance = home
+    repository = defs.get_repository_def()
+    evaluate = _evaluator(settings, instance)
 
     with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
         first = evaluate()
@@ -127,7 +135,7 @@ def test_the_health_check_fails_and_alerts_once_when_a_sensor_stops(home, caplog
     assert materialization.metadata["disk_bytes/landing"].value == 1000
     alerts = [r for r in caplog.records if '"sensor_stalled"' in r.getMessage()]
     assert len(alerts) == 1, "one alert per stall, not one per evaluation"
-    assert again.asset_events[1].passed is False
+    assert again.asset_events == []  # evaluated, unchanged: not recorded again within the hour
 
     # Every declared sensor ticks again: the check passes.
     for sensor in repository.sensor_defs:
@@ -148,3 +156,95 @@ def test_a_fresh_start_is_not_a_stall(tmp_path):
         instance.dispose()
     assert report["sensors"] and report["stale_sensors"] == [] and report["ok"]
     assert report["keys"] is None  # no TorchServe ran
+
+
+def _promoted(settings: Settings) -> str:
+    """A champion promoted now that TorchServe was never seen serving (a pending release)."""
+    from models.registry import ModelRecord, Registry
+
+    registry = Registry(settings.registry_path)
+    record = ModelRecord(
+        model_name="fraud",
+        artifact_dir=str(settings.home / "model0"),
+        artifacts={"model.pt": "0" * 64},
+        training_set_version="ts",
+        feature_service="fraud_model_v1",
+        training_batches=[],
+        hyperparameters={},
+        metrics={"pr_auc": 0.3, "threshold": 0.5},
+        data_window={},
+    )
+    version = registry.register(record, verify_files=False)
+    registry.promote(version, "test")
+    return version
+
+
+def test_status_shows_pending_releases_and_a_stuck_one_marks_the_platform_not_ok(tmp_path):
+    settings = Settings(tmp_path / "home").ensure()
+    version = _promoted(settings)
+
+    fresh = health.health_report(settings, None)
+    [release] = fresh["pending_releases"]
+    assert release["kind"] == "promote" and release["to_version"] == version
+    assert not release["stuck"] and fresh["ok"]  # the reconciler has minutes to confirm it
+
+    later = health.health_report(settings, None, now=NOW + timedelta(minutes=10))
+    assert later["pending_releases"][0]["stuck"] and later["stuck_releases"] == [version]
+    assert later["ok"] is False
+    lines = dict(cli_loop._health_lines(later))
+    assert f"promote to {version} pending 10 min, STUCK" in lines["release"]
+
+    from models.registry import Registry
+
+    Registry(settings.registry_path).confirm_served(version)  # TorchServe was seen serving it
+    done = health.health_report(settings, None, now=NOW + timedelta(minutes=10))
+    assert done["pending_releases"] == [] and done["ok"]
+
+
+def test_status_json_lists_pending_releases(home):
+    settings, _ = home
+    version = _promoted(settings)
+    result = CliRunner().invoke(main, ["status", "--json"], catch_exceptions=False)
+    [release] = json.loads(result.output)["health"]["pending_releases"]
+    assert release["to_version"] == version and release["stuck"] is False
+
+
+def test_health_is_recorded_when_it_changes_and_hourly_not_at_every_tick(home):
+    """Each record is an event-log entry no retention removes (it belongs to no run)."""
+    settings, instance = home
+    evaluate = _evaluator(settings, instance)
+    first = evaluate()
+    assert len(first.asset_events) == 2
+    assert evaluate(first.cursor).asset_events == []
+    recorded = health.Recorded.parse(first.cursor)
+    an_hour_ago = health.Recorded(recorded.alerted, NOW - timedelta(minutes=61), recorded.state)
+    assert len(evaluate(an_hour_ago.to_cursor()).asset_events) == 2
+    (settings.landing / "b.csv").write_bytes(b"z" * 10)  # disk use alone: not a change
+    assert evaluate(first.cursor).asset_events == []
+
+    # A day of 5-minute ticks with nothing changing: 24 records, not 288.
+    last, records = health.Recorded(), 0
+    for tick in range(288):
+        now = NOW + timedelta(minutes=5 * tick)
+        if health.due(last, recorded.state, now):
+            last, records = health.Recorded((), now, recorded.state), records + 1
+    assert records == 24
+
+
+def test_a_stuck_release_is_recorded_at_once_and_alerts_once(home, caplog):
+    settings, instance = home
+    evaluate = _evaluator(settings, instance)
+    first = evaluate()
+    version = _promoted(settings)
+    ten_minutes_ago = (NOW - timedelta(minutes=10)).isoformat()
+    with sqlite3.connect(settings.registry_path) as con:  # promoted 10 minutes ago
+        con.execute("UPDATE releases SET at = ?", (ten_minutes_ago,))
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        stuck = evaluate(first.cursor)
+        again = evaluate(stuck.cursor)
+    [materialization, _] = stuck.asset_events  # a change: recorded within the hour
+    assert materialization.metadata["stuck_releases"].value == version
+    assert again.asset_events == []
+    sent = [json.loads(r.getMessage()) for r in caplog.records]
+    [alert] = [a for a in sent if a["alert"] == "release_stuck"]
+    assert version in alert["summary"] and "STUCK" in alert["summary"]
