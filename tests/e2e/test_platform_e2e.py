@@ -330,7 +330,8 @@ def test_two_use_cases_share_one_platform_and_nothing_else(tmp_path):
         said = re.search(r"champion: (\S+) -> (\S+) \(rolled back\)", rolled.stdout)
         assert said, rolled.stdout
         replaced, restored = said.groups()
-        assert restored != replaced and f"/predictions/delivery: {restored}" in rolled.stdout
+        served = f"/predictions/delivery: serving {restored}"
+        assert restored != replaced and served in rolled.stdout, rolled.stdout
         _fraud_is_its_own(layout)
         assert _champions(layout)["delivery"] in (restored, *_promoted_since_rollback(registry))
 
