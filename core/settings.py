@@ -12,6 +12,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
+from core.db import Location, Postgres, schema_name
 from core.retention import Limits, limits_from_env, parse_size
 from core.storage import data_root, is_remote
 from core.usecase import DEFAULT_USECASE
@@ -166,6 +167,10 @@ class Settings:
     # TorchServe's key lifetime in minutes (0: its default, a week); serving.keys renews keys
     # when half of it is left.
     serving_key_minutes: float = 0.0
+    # The use case's name (``LOOPLINE_USECASE``'s last part): in the scale profile its ledger
+    # and registry are schemas ``loopline_<name>_ledger`` and ``loopline_<name>_registry`` of
+    # the Postgres database, so use cases sharing it keep apart.
+    usecase: str = DEFAULT_USECASE
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -245,6 +250,7 @@ class Settings:
             max_landing_bytes=int(env.get("LOOPLINE_MAX_LANDING_BYTES") or 1 << 30),
             landing_settle_s=float(env.get("LOOPLINE_LANDING_SETTLE_SECONDS") or 5.0),
             serving_key_minutes=float(env.get("LOOPLINE_SERVING_KEY_MINUTES") or 0),
+            usecase=Path(env.get("LOOPLINE_USECASE") or DEFAULT_USECASE).name,
         )
 
     @property
@@ -294,12 +300,29 @@ class Settings:
         return self.home / "ledger.sqlite"
 
     @property
+    def ledger_location(self) -> Location:
+        """The batch ledger: ``ledger_path`` locally, a Postgres schema in the scale profile
+        (SQLite's WAL does not work on the network file system a scale home is on)."""
+        return self._location("ledger", self.ledger_path)
+
+    @property
     def models(self) -> Path:
         return self.home / "models"
 
     @property
     def registry_path(self) -> Path:
         return self.home / "registry" / "registry.sqlite"
+
+    @property
+    def registry_location(self) -> Location:
+        """The model registry: ``registry_path`` locally, a Postgres schema in the scale
+        profile."""
+        return self._location("registry", self.registry_path)
+
+    def _location(self, store: str, path: Path) -> Location:
+        if self.scale:
+            return Postgres(self.postgres_url, schema_name("loopline", self.usecase, store))
+        return path
 
     @property
     def serving_dir(self) -> Path:
