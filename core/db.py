@@ -56,6 +56,11 @@ def schema_name(*parts: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", "_".join(parts).lower())[:63]
 
 
+def exists(where: Location) -> bool:
+    """Whether the store at ``where`` was ever made (read-only commands do not make one)."""
+    return Database(where).exists()
+
+
 class Connection(Protocol):
     """What the stores call on a connection: sqlite3's own three methods."""
 
@@ -121,10 +126,14 @@ class Database:
         if isinstance(self.location, Path):
             return self.location.exists()
         with self.connect() as con:
-            row = con.execute(
-                "select 1 from information_schema.schemata where schema_name = ?",
-                (self.location.schema,),
-            ).fetchone()
+            return self._has_schema(con)
+
+    def _has_schema(self, con: Connection) -> bool:
+        assert isinstance(self.location, Postgres)
+        row = con.execute(
+            "select 1 from information_schema.schemata where schema_name = ?",
+            (self.location.schema,),
+        ).fetchone()
         return row is not None
 
     @contextmanager
@@ -164,7 +173,8 @@ class Database:
         if self.exists():
             return
         with self.transaction() as con:
-            con.executescript(f'create schema if not exists "{self.location.schema}"; {script}')
+            if not self._has_schema(con):  # another process may have made it meanwhile
+                con.executescript(f'create schema "{self.location.schema}"; {script}')
 
     @property
     def _lock_key(self) -> int:

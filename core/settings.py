@@ -95,16 +95,17 @@ def default_home(usecase: str | None = None) -> Path:
 def local_path(location: str) -> Path:
     """A local path from a plain path or a ``file://`` URI (fsspec's spelling of the same).
 
-    Other schemes (``s3://``, ``gs://``) are refused with the reason: the home keeps SQLite files
-    (batch ledger, model registry, Feast's registry) and TorchServe's working folder; batch and
-    feature files go to object storage through ``LOOPLINE_LAKE`` instead.
+    Other schemes (``s3://``, ``gs://``) are refused with the reason: the home keeps files that
+    need a file system (Feast's registry, locally the ledger and model registry) and
+    TorchServe's working folder; batch and feature files go to object storage through
+    ``LOOPLINE_LAKE`` instead.
     """
     root = data_root(location)
     if not is_remote(root):
         return root
     raise ValueError(
-        f"{location}: LOOPLINE_HOME must be a local path or a file:// URI (it keeps SQLite "
-        "files); put batch and feature files on object storage with LOOPLINE_LAKE"
+        f"{location}: LOOPLINE_HOME must be a local path or a file:// URI (it keeps files that "
+        "need a file system); put batch and feature files on object storage with LOOPLINE_LAKE"
     )
 
 
@@ -123,8 +124,9 @@ def _ports(value: str | None) -> dict[str, tuple[int, ...]]:
 class Settings:
     """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository, see
     ``default_home``), and the
-    profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster on Postgres, Feast
-    online store on Redis, several TorchServe workers). Connection URLs carry secrets: they
+    profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster, the batch ledger
+    and the model registry on Postgres, Feast online store on Redis, several TorchServe
+    workers). Connection URLs carry secrets: they
     come from the environment only and are kept out of ``repr``.
 
     Batch and feature files (``raw/``, ``validated/``, ``features/``, ``training_sets/``) live
