@@ -36,7 +36,10 @@ class Postgres:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.schema):
-            raise ValueError(f"{self.schema!r} is not a Postgres schema name Loopline makes")
+            raise ValueError(
+                f"{self.schema!r}: a store's Postgres schema is at most 63 lower-case letters, "
+                "digits and underscores (a shorter use case name makes one)"
+            )
 
     def __str__(self) -> str:
         parts = urlsplit(self.url)
@@ -52,8 +55,9 @@ Location = Path | Postgres
 
 
 def schema_name(*parts: str) -> str:
-    """A schema name from free-form parts (a use case's name, a store's)."""
-    return re.sub(r"[^a-z0-9_]", "_", "_".join(parts).lower())[:63]
+    """A schema name from free-form parts (a use case's name, a store's); never cut short, so
+    two stores of one use case never share one."""
+    return re.sub(r"[^a-z0-9_]", "_", "_".join(parts).lower())
 
 
 def exists(where: Location) -> bool:
