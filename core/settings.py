@@ -194,6 +194,7 @@ class Settings:
                     f"LOOPLINE_POSTGRES_URL must start with {POSTGRES_SCHEME}:// (SQLAlchemy 2.1 "
                     "reads plain postgresql:// as psycopg 3; dagster-postgres uses psycopg2)"
                 )
+            self.registry_location  # noqa: B018 (a use case name too long for a schema fails here)
         defaults = _DEFAULTS[self.profile]
         if not self.serving_workers:
             object.__setattr__(self, "serving_workers", defaults["workers"])

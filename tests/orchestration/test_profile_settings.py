@@ -96,7 +96,7 @@ def test_scale_profile_keeps_ledger_and_registry_in_postgres_per_use_case(tmp_pa
     assert other.ledger_location.schema == "loopline_my_case_ledger"
     assert "s3cret" not in f"{fraud.ledger_location} {fraud.registry_location!r}"
     with pytest.raises(ValueError, match="at most 63"):
-        Settings.from_env(scale_env(tmp_path, LOOPLINE_USECASE="x" * 60)).ledger_location
+        Settings.from_env(scale_env(tmp_path, LOOPLINE_USECASE="x" * 60))
 
 
 def test_home_accepts_file_uris_and_refuses_object_storage(tmp_path):
