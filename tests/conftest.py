@@ -31,11 +31,14 @@ def _history_of_a_fixed_shape(request, monkeypatch):
         monkeypatch.setattr(simulator, "default_start", _monday_midnight_default_start)
 
 
-@pytest.fixture(autouse=True)
-def _landed_files_are_whole(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _landed_files_are_whole() -> Iterator[None]:
     """Tests land files whole (a hidden name, then a rename), so the landing sensor need not
-    wait for them to settle; the tests of files written in place set their own settle time."""
-    monkeypatch.setenv("LOOPLINE_LANDING_SETTLE_SECONDS", "0")
+    wait for them to settle; the tests of files written in place set their own settle time.
+    Session-wide, so module-scoped fixtures that land and ingest see it too."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOPLINE_LANDING_SETTLE_SECONDS", "0")
+        yield
 
 
 @pytest.fixture(scope="session")
