@@ -10,6 +10,7 @@ import uuid
 
 import psycopg2
 
+from core.db import exists
 from core.settings import REPO_ROOT, Settings
 from models.registry import Registry
 from orchestration.resources import LooplineStorage
@@ -39,9 +40,10 @@ def test_scale_ledger_and_registry_are_postgres_schemas_not_files_in_the_home(
     for name, value in scale_env(home, postgres_url, first).items():
         monkeypatch.setenv(name, value)
     settings = Settings.from_env()
+    assert not exists(settings.ledger_location)  # `loopline batches`: "no batches yet"
     ledger = LooplineStorage().ledger  # what every asset and sensor uses
     assert ledger.receive("b1", "transactions", home / "landing" / "t.parquet")
-    assert not settings.ledger_path.exists()
+    assert not settings.ledger_path.exists() and exists(settings.ledger_location)
     registry = Registry.for_settings(settings)
     version = registry.register(_record(tmp_path, "a"))
     registry.promote(version, "first")
@@ -64,6 +66,7 @@ def test_scale_ledger_and_registry_are_postgres_schemas_not_files_in_the_home(
 WRITER = """
 import sys
 from pathlib import Path
+from core.db import exists
 from core.settings import Settings
 from models.registry import Registry
 from quality.ledger import BatchLedger
