@@ -3,7 +3,7 @@ validation gate, and the model registry.
 
 training_set -> candidate_model, baseline_model -> evaluation_report (+ model_validation, a
 blocking check) -> registered_model. Artifacts go under ``<home>/models/<run id>/``, the
-registry is ``<home>/registry/registry.sqlite``.
+registry is ``<home>/registry/registry.sqlite`` (a Postgres schema in the scale profile).
 
 torch, Feast and the plotting stack are imported inside the assets that use them (the
 values handed between assets are dataclasses from those modules, so those inputs carry no
