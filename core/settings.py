@@ -12,6 +12,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
+from core.db import Location, Postgres, schema_name
 from core.retention import Limits, limits_from_env, parse_size
 from core.storage import data_root, is_remote
 from core.usecase import DEFAULT_USECASE
@@ -95,16 +96,17 @@ def default_home(usecase: str | None = None) -> Path:
 def local_path(location: str) -> Path:
     """A local path from a plain path or a ``file://`` URI (fsspec's spelling of the same).
 
-    Other schemes (``s3://``, ``gs://``) are refused with the reason: the home keeps SQLite files
-    (batch ledger, model registry, Feast's registry) and TorchServe's working folder; batch and
-    feature files go to object storage through ``LOOPLINE_LAKE`` instead.
+    Other schemes (``s3://``, ``gs://``) are refused with the reason: the home keeps files that
+    need a file system (Feast's registry, locally the ledger and model registry) and
+    TorchServe's working folder; batch and feature files go to object storage through
+    ``LOOPLINE_LAKE`` instead.
     """
     root = data_root(location)
     if not is_remote(root):
         return root
     raise ValueError(
-        f"{location}: LOOPLINE_HOME must be a local path or a file:// URI (it keeps SQLite "
-        "files); put batch and feature files on object storage with LOOPLINE_LAKE"
+        f"{location}: LOOPLINE_HOME must be a local path or a file:// URI (it keeps files that "
+        "need a file system); put batch and feature files on object storage with LOOPLINE_LAKE"
     )
 
 
@@ -123,8 +125,9 @@ def _ports(value: str | None) -> dict[str, tuple[int, ...]]:
 class Settings:
     """All paths under ``LOOPLINE_HOME`` (default ``.loopline/`` in the repository, see
     ``default_home``), and the
-    profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster on Postgres, Feast
-    online store on Redis, several TorchServe workers). Connection URLs carry secrets: they
+    profile: ``local`` (SQLite everywhere, no network) or ``scale`` (Dagster, the batch ledger
+    and the model registry on Postgres, Feast online store on Redis, several TorchServe
+    workers). Connection URLs carry secrets: they
     come from the environment only and are kept out of ``repr``.
 
     Batch and feature files (``raw/``, ``validated/``, ``features/``, ``training_sets/``) live
@@ -168,6 +171,10 @@ class Settings:
     # TorchServe's key lifetime in minutes (0: its default, a week); serving.keys renews keys
     # when half of it is left.
     serving_key_minutes: float = 0.0
+    # The use case's name (``LOOPLINE_USECASE``'s last part): in the scale profile its ledger
+    # and registry are schemas ``loopline_<name>_ledger`` and ``loopline_<name>_registry`` of
+    # the Postgres database, so use cases sharing it keep apart.
+    usecase: str = DEFAULT_USECASE
 
     def __post_init__(self) -> None:
         self.lake  # noqa: B018 (a malformed LOOPLINE_LAKE fails here, not in the first run)
@@ -189,6 +196,7 @@ class Settings:
                     f"LOOPLINE_POSTGRES_URL must start with {POSTGRES_SCHEME}:// (SQLAlchemy 2.1 "
                     "reads plain postgresql:// as psycopg 3; dagster-postgres uses psycopg2)"
                 )
+            self.registry_location  # noqa: B018 (a use case name too long for a schema fails here)
         defaults = _DEFAULTS[self.profile]
         if not self.serving_workers:
             object.__setattr__(self, "serving_workers", defaults["workers"])
@@ -250,6 +258,7 @@ class Settings:
             max_landing_bytes=int(env.get("LOOPLINE_MAX_LANDING_BYTES") or 1 << 30),
             landing_settle_s=float(env.get("LOOPLINE_LANDING_SETTLE_SECONDS") or 5.0),
             serving_key_minutes=float(env.get("LOOPLINE_SERVING_KEY_MINUTES") or 0),
+            usecase=Path(env.get("LOOPLINE_USECASE") or DEFAULT_USECASE).name,
         )
 
     @property
@@ -299,12 +308,29 @@ class Settings:
         return self.home / "ledger.sqlite"
 
     @property
+    def ledger_location(self) -> Location:
+        """The batch ledger: ``ledger_path`` locally, a Postgres schema in the scale profile
+        (SQLite's WAL does not work on the network file system a scale home is on)."""
+        return self._location("ledger", self.ledger_path)
+
+    @property
     def models(self) -> Path:
         return self.home / "models"
 
     @property
     def registry_path(self) -> Path:
         return self.home / "registry" / "registry.sqlite"
+
+    @property
+    def registry_location(self) -> Location:
+        """The model registry: ``registry_path`` locally, a Postgres schema in the scale
+        profile."""
+        return self._location("registry", self.registry_path)
+
+    def _location(self, store: str, path: Path) -> Location:
+        if self.scale:
+            return Postgres(self.postgres_url, schema_name("loopline", self.usecase, store))
+        return path
 
     @property
     def serving_dir(self) -> Path:

@@ -1,8 +1,8 @@
-"""Model registry in SQLite (WAL): versions with lineage, aliases, an append-only event log.
+"""Model registry in SQLite (WAL), or Postgres in the scale profile (``core.db``): versions with lineage, aliases, an append-only event log.
 
 Version ids are sequential ("v0001", "v0002", ...): short enough for a CLI and for
 TorchServe version names, and ordered like promotion history. The sequence number is taken
-inside the registering transaction (BEGIN IMMEDIATE), so concurrent registrations cannot
+inside the registering transaction (the store's only writer), so concurrent registrations cannot
 collide. Each version also stores a content hash over its artifact checksums; registering
 the same artifacts again returns the existing version instead of a duplicate, which makes
 a retried registration step idempotent.
@@ -21,15 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from core.db import POSTGRES, SQLITE, Connection, Database, Location, Postgres
 from core.jsonutil import json_safe
 from models.checksum import sha256_file
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,7 +47,7 @@ EVENT_KINDS = (
 )
 SCHEMA_VERSION = 1
 
-_SCHEMA = f"""
+_TABLES = f"""
 CREATE TABLE IF NOT EXISTS versions (
     version TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
@@ -66,7 +69,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     version TEXT NOT NULL REFERENCES versions(version),
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
+    size_bytes BIGINT NOT NULL,
     PRIMARY KEY (version, path)
 );
 CREATE TABLE IF NOT EXISTS aliases (
@@ -75,7 +78,7 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {{id}},
     at TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in EVENT_KINDS)})),
     version TEXT REFERENCES versions(version),
@@ -84,6 +87,20 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_version ON events(version);
+CREATE TABLE IF NOT EXISTS releases (
+    id {{id}},
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('promote', 'rollback')),
+    from_version TEXT REFERENCES versions(version),
+    to_version TEXT NOT NULL REFERENCES versions(version),
+    reason TEXT,
+    outcome TEXT CHECK (outcome IN ('served', 'superseded')),
+    closed_at TEXT
+);
+CREATE INDEX IF NOT EXISTS open_releases ON releases(outcome) WHERE outcome IS NULL;
+"""
+# Versions, artifacts, the event log and closed releases are never changed: triggers refuse it.
+_SQLITE_TRIGGERS = f"""
 CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
@@ -94,23 +111,42 @@ CREATE TRIGGER IF NOT EXISTS versions_no_delete BEFORE DELETE ON versions
     BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS artifacts_no_update BEFORE UPDATE ON artifacts
     BEGIN SELECT RAISE(ABORT, 'artifact records are immutable'); END;
-CREATE TABLE IF NOT EXISTS releases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('promote', 'rollback')),
-    from_version TEXT REFERENCES versions(version),
-    to_version TEXT NOT NULL REFERENCES versions(version),
-    reason TEXT,
-    outcome TEXT CHECK (outcome IN ('served', 'superseded')),
-    closed_at TEXT
-);
-CREATE INDEX IF NOT EXISTS open_releases ON releases(outcome) WHERE outcome IS NULL;
 CREATE TRIGGER IF NOT EXISTS releases_closed_are_final BEFORE UPDATE ON releases
     WHEN OLD.outcome IS NOT NULL
     BEGIN SELECT RAISE(ABORT, 'a closed release is final'); END;
 CREATE TRIGGER IF NOT EXISTS releases_no_delete BEFORE DELETE ON releases
     BEGIN SELECT RAISE(ABORT, 'releases are never deleted'); END;
+PRAGMA user_version={SCHEMA_VERSION};
 """
+_POSTGRES_TRIGGERS = """
+CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION '%', TG_ARGV[0]; END $$;
+CREATE FUNCTION refuse_closed_release() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF OLD.outcome IS NOT NULL THEN RAISE EXCEPTION 'a closed release is final'; END IF;
+        RETURN NEW;
+    END $$;
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse('the event log is append-only');
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse('the event log is append-only');
+CREATE TRIGGER versions_no_update BEFORE UPDATE ON versions
+    FOR EACH ROW EXECUTE FUNCTION refuse('model versions are immutable');
+CREATE TRIGGER versions_no_delete BEFORE DELETE ON versions
+    FOR EACH ROW EXECUTE FUNCTION refuse('model versions are immutable');
+CREATE TRIGGER artifacts_no_update BEFORE UPDATE ON artifacts
+    FOR EACH ROW EXECUTE FUNCTION refuse('artifact records are immutable');
+CREATE TRIGGER releases_closed_are_final BEFORE UPDATE ON releases
+    FOR EACH ROW EXECUTE FUNCTION refuse_closed_release();
+CREATE TRIGGER releases_no_delete BEFORE DELETE ON releases
+    FOR EACH ROW EXECUTE FUNCTION refuse('releases are never deleted');
+"""
+# What differs between the dialects: the id column, the triggers, reading a JSON field.
+_SCHEMA = {
+    SQLITE: _TABLES.format(id="INTEGER PRIMARY KEY AUTOINCREMENT") + _SQLITE_TRIGGERS,
+    POSTGRES: _TABLES.format(id="BIGSERIAL PRIMARY KEY") + _POSTGRES_TRIGGERS,
+}
+_DETAIL_TO = {SQLITE: "json_extract(detail, '$.to')", POSTGRES: "(detail::json ->> 'to')"}
 
 
 class RegistryError(RuntimeError):
@@ -210,49 +246,35 @@ class Event:
 
 
 class Registry:
-    """The model registry of one model (one SQLite file). Safe across processes."""
+    """The model registry of one model (one SQLite file, or one Postgres schema). Safe across
+    processes."""
 
-    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
-        self.path = Path(path)
-        self.busy_timeout_ms = busy_timeout_ms
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect()
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        finally:
-            con.close()
+    def __init__(self, where: Location | str, busy_timeout_ms: int = 10_000) -> None:
+        """``where``: the SQLite file (a path), or a Postgres schema (``core.db.Postgres``)."""
+        self.location = where if isinstance(where, Postgres) else Path(where)
+        self.db = Database(
+            self.location,
+            timeout_s=busy_timeout_ms / 1000,
+            pragmas=("foreign_keys=ON", "synchronous=FULL"),
+        )
+        self.db.initialize(_SCHEMA[self.db.dialect])
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        con.execute("PRAGMA foreign_keys=ON")
-        con.execute("PRAGMA synchronous=FULL")
-        return con
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Registry:
+        """The registry of the settings' home: its SQLite file, or Postgres in the scale
+        profile."""
+        return cls(settings.registry_location)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
+    @property
+    def path(self) -> Location:
+        """Where the registry is (a file path, or a Postgres schema): for messages."""
+        return self.location
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        con = self._connect()
-        try:
-            yield con
-        finally:
-            con.close()
+    def _transaction(self) -> AbstractContextManager[Connection]:
+        return self.db.transaction()
+
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self.db.connect()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -305,7 +327,7 @@ class Registry:
         return version
 
     def _insert_artifacts(
-        self, con: sqlite3.Connection, version: str, record: ModelRecord, sizes: Mapping[str, int]
+        self, con: Connection, version: str, record: ModelRecord, sizes: Mapping[str, int]
     ) -> None:
         con.executemany(
             "INSERT INTO artifacts VALUES (?,?,?,?)",
@@ -487,7 +509,7 @@ class Registry:
                 rows = con.execute("SELECT * FROM events ORDER BY id").fetchall()
             else:
                 rows = con.execute(
-                    "SELECT * FROM events WHERE version = ? OR json_extract(detail, '$.to') = ? "
+                    f"SELECT * FROM events WHERE version = ? OR {_DETAIL_TO[self.db.dialect]} = ? "
                     "ORDER BY id",
                     (version, version),
                 ).fetchall()
@@ -508,7 +530,7 @@ class Registry:
                 problems.append(f"{rel} does not match its recorded sha256")
         return problems
 
-    def _version(self, con: sqlite3.Connection, row: sqlite3.Row) -> ModelVersion:
+    def _version(self, con: Connection, row: Any) -> ModelVersion:
         version = row["version"]
         artifacts = {
             a["path"]: {"sha256": a["sha256"], "size_bytes": a["size_bytes"]}
@@ -545,7 +567,7 @@ class Registry:
         )
 
 
-def _status(con: sqlite3.Connection, version: str, aliases: list[str]) -> str:
+def _status(con: Connection, version: str, aliases: list[str]) -> str:
     if CHAMPION in aliases:
         return CHAMPION
     last = con.execute(
@@ -558,7 +580,7 @@ def _status(con: sqlite3.Connection, version: str, aliases: list[str]) -> str:
     return CHALLENGER if CHALLENGER in aliases else "registered"
 
 
-def _champion_stack(con: sqlite3.Connection) -> list[str]:
+def _champion_stack(con: Connection) -> list[str]:
     """Replays promotions (push) and rollbacks (pop) to get the champion history."""
     stack: list[str] = []
     for row in con.execute(
@@ -571,17 +593,17 @@ def _champion_stack(con: sqlite3.Connection) -> list[str]:
     return stack
 
 
-def _require_version(con: sqlite3.Connection, version: str) -> None:
+def _require_version(con: Connection, version: str) -> None:
     if con.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is None:
         raise KeyError(f"unknown model version {version!r}")
 
 
-def _get_alias(con: sqlite3.Connection, alias: str) -> str | None:
+def _get_alias(con: Connection, alias: str) -> str | None:
     row = con.execute("SELECT version FROM aliases WHERE alias = ?", (alias,)).fetchone()
     return None if row is None else str(row["version"])
 
 
-def _set_alias(con: sqlite3.Connection, alias: str, version: str) -> None:
+def _set_alias(con: Connection, alias: str, version: str) -> None:
     con.execute(
         "INSERT INTO aliases VALUES (?,?,?) "
         "ON CONFLICT(alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
@@ -593,7 +615,7 @@ _PENDING = "SELECT * FROM releases WHERE outcome IS NULL ORDER BY id"
 
 
 def _open_release(
-    con: sqlite3.Connection, kind: str, source: str | None, target: str, reason: str | None
+    con: Connection, kind: str, source: str | None, target: str, reason: str | None
 ) -> None:
     con.execute(
         "INSERT INTO releases (at, kind, from_version, to_version, reason) VALUES (?,?,?,?,?)",
@@ -601,12 +623,12 @@ def _open_release(
     )
 
 
-def _to_release(row: sqlite3.Row) -> Release:
-    return Release(**{k: row[k] for k in row.keys()})  # noqa: SIM118 (sqlite3.Row)
+def _to_release(row: Any) -> Release:
+    return Release(**{k: row[k] for k in row.keys()})  # noqa: SIM118 (a database row)
 
 
 def _event(
-    con: sqlite3.Connection,
+    con: Connection,
     kind: str,
     version: str | None,
     reason: str | None = None,
@@ -620,7 +642,7 @@ def _event(
     )
 
 
-def _to_event(row: sqlite3.Row) -> Event:
+def _to_event(row: Any) -> Event:
     return Event(
         id=row["id"],
         at=row["at"],

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.db import exists
 from core.settings import Settings
 from orchestration.cli_init import init
 from orchestration.cli_loop import LivePlatform, demo, retrain, status
@@ -340,11 +341,11 @@ def batches(dataset: str | None, status: str | None, limit: int) -> None:
     from quality.ledger import BatchLedger
 
     settings = Settings.from_env()
-    if not settings.ledger_path.exists():
+    if not exists(settings.ledger_location):
         console.print("no batches yet")
         return
-    ledger = BatchLedger(settings.ledger_path)
-    table = Table(title=f"Batches ({settings.ledger_path})")
+    ledger = BatchLedger.for_settings(settings)
+    table = Table(title=f"Batches ({ledger.location})")
     for col in ("batch", "dataset", "file", "status", "rows", "received", "reason"):
         table.add_column(col, overflow="fold")
     colours = {

@@ -24,6 +24,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.db import exists
 from core.lifeline import StopSignals
 from core.settings import Settings
 from core.usecase import active
@@ -102,7 +103,7 @@ class LivePlatform:
         self.signals.install()
         self.dagster = platform.start_dagster(self.settings, host=self.host, port=self.port)
         config = ServingConfig.for_settings(self.settings)
-        self.serving = TorchServeProcess.attach(config, self.settings.registry_path)
+        self.serving = TorchServeProcess.attach(config, self.settings.registry_location)
         if not self.serving.status().running:
             self._owns_serving = True  # before start: a stop during start stops it too
             with console.status("starting TorchServe"):
@@ -168,7 +169,7 @@ class LivePlatform:
 def _registry(settings: Settings):
     from models.registry import Registry
 
-    return Registry(settings.registry_path) if settings.registry_path.exists() else None
+    return Registry.for_settings(settings) if exists(settings.registry_location) else None
 
 
 def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]:
@@ -179,8 +180,8 @@ def summary(settings: Settings, since: datetime | None = None) -> dict[str, Any]
     from serving.monitoring import read_live_quality
 
     out: dict[str, Any] = {"home": str(settings.home), "lake": str(settings.lake)}
-    if settings.ledger_path.exists():
-        out["batches"] = BatchLedger(settings.ledger_path).summary()
+    if exists(settings.ledger_location):
+        out["batches"] = BatchLedger.for_settings(settings).summary()
     registry = _registry(settings)
     if registry is not None:
         versions = registry.list_versions()
@@ -510,7 +511,7 @@ def _skewed_batch_check(platform: LivePlatform, champion: str, wait_s: float) ->
         dataset,
         f"skewed-{k:06d}",
     )
-    ledger = BatchLedger(settings.ledger_path)
+    ledger = BatchLedger.for_settings(settings)
     deadline = time.monotonic() + wait_s
     record = None
     while time.monotonic() < deadline:
@@ -935,7 +936,7 @@ def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dic
     batch = next(
         (
             b
-            for b in BatchLedger(settings.ledger_path).batches()
+            for b in BatchLedger.for_settings(settings).batches()
             if datetime.fromisoformat(b.received_at) <= started
         ),
         None,
@@ -966,9 +967,9 @@ def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dic
 def _progress(settings: Settings) -> str:
     from quality.ledger import BatchLedger
 
-    if not settings.ledger_path.exists():
+    if not exists(settings.ledger_location):
         return "no batches yet"
-    counts = BatchLedger(settings.ledger_path).summary()
+    counts = BatchLedger.for_settings(settings).summary()
     parts = [
         f"{d} {c.get('validated_batches', 0)} ok/{c.get('quarantined_batches', 0)} bad"
         for d, c in sorted(counts.items())

@@ -6,6 +6,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.db import exists
 from core.settings import Settings
 from models.registry import CHAMPION, Registry, RegistryError
 
@@ -22,12 +23,12 @@ METRICS = ("pr_auc", "roc_auc", "log_loss", "brier", "precision", "recall", "thr
 
 def _registry() -> Registry:
     settings = Settings.from_env()
-    if not settings.registry_path.exists():
+    if not exists(settings.registry_location):
         raise click.ClickException(
-            f"no model registry at {settings.registry_path}; train a model first "
+            f"no model registry at {settings.registry_location}; train a model first "
             "(materialize training_job)"
         )
-    return Registry(settings.registry_path)
+    return Registry.for_settings(settings)
 
 
 def _num(value) -> str:
@@ -178,7 +179,7 @@ def _serve_champion() -> str:
 
     settings = Settings.from_env()
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
-    process = TorchServeProcess.attach(config, settings.registry_path)
+    process = TorchServeProcess.attach(config, settings.registry_location)
     from serving.client import TorchServeError
     from serving.reconciler import ReconcileError
 

@@ -27,7 +27,7 @@ def _process(**overrides):
         home=settings.home,
         **overrides,
     )
-    return TorchServeProcess.attach(config, settings.registry_path)
+    return TorchServeProcess.attach(config, settings.registry_location)
 
 
 @click.group()

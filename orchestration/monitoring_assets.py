@@ -233,7 +233,7 @@ class MonitoringConfig(dg.Config):
 
 def champion_of(storage: LooplineStorage):
     """The home's registry and its champion's record (None before the first promotion)."""
-    registry = Registry(storage.settings.registry_path)
+    registry = Registry.for_settings(storage.settings)
     version = registry.get_alias(CHAMPION)
     return registry, (registry.get(version) if version else None)
 

@@ -32,7 +32,7 @@ class LooplineStorage(dg.ConfigurableResource):
 
     @property
     def ledger(self) -> BatchLedger:
-        return BatchLedger(self.settings.ledger_path)
+        return BatchLedger.for_settings(self.settings)
 
     def feature_store(self) -> "FeatureStore":
         """Feast for this home: SQLite online store locally, Redis in the scale profile."""

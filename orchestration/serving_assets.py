@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from core.db import exists
 from core.storage import uri, write_parquet_atomic
 from core.usecase import active
 from models.registry import CHAMPION, Registry
@@ -64,7 +65,7 @@ class TorchServeResource(dg.ConfigurableResource):
 
     def process(self, storage: LooplineStorage) -> TorchServeProcess:
         return TorchServeProcess.attach(
-            self.serving_config(storage), storage.settings.registry_path
+            self.serving_config(storage), storage.settings.registry_location
         )
 
     def ensure_running(self, storage: LooplineStorage, log=None) -> TorchServeClient:
@@ -113,7 +114,7 @@ def model_archive(
     """The registered version as a TorchServe .mar: model, handler and serving metadata."""
     from serving.archive import archive_version, read_manifest
 
-    registry = Registry(storage.settings.registry_path)
+    registry = Registry.for_settings(storage.settings)
     config = torchserve.serving_config(storage)
     mar = archive_version(registry, registered_model, config)
     manifest = read_manifest(mar)
@@ -196,7 +197,7 @@ def deployment(
 ) -> dg.Output[dict]:
     """Progressive delivery: smoke test, shadow replay, promotion, watch, rollback on breach."""
     version = model_archive["version"]
-    registry = Registry(storage.settings.registry_path)
+    registry = Registry.for_settings(storage.settings)
     client = torchserve.ensure_running(storage, log=context.log.info)
     serving_config = torchserve.serving_config(storage)
     read = ReadStats()
@@ -275,7 +276,7 @@ def batch_predictions(
     from serving.batch import score_version
 
     settings = storage.settings
-    registry = Registry(settings.registry_path)
+    registry = Registry.for_settings(settings)
     version = registry.get_alias(CHAMPION)
     if version is None:
         raise dg.Failure("there is no champion to score with")
@@ -341,11 +342,12 @@ def served_champion(
     """TorchServe's default version made the registry's champion; pending releases confirmed."""
     settings = storage.settings
     process = torchserve.process(storage)
-    if not settings.registry_path.exists() or not process.status().healthy:
-        why = "no registry" if not settings.registry_path.exists() else "TorchServe is not up"
+    has_registry = exists(settings.registry_location)
+    if not has_registry or not process.status().healthy:
+        why = "no registry" if not has_registry else "TorchServe is not up"
         context.log.info(f"{why}: nothing to reconcile (a start serves the champion)")
         return dg.MaterializeResult(metadata={"changed": False, "skipped": why})
-    registry = Registry(settings.registry_path)
+    registry = Registry.for_settings(settings)
     result = reconcile(registry, process.client(), from_model_store(registry, process.config))
     context.log.info(result.summary())
     if result.drift:
@@ -391,12 +393,12 @@ def reconcile_sensor(
     context: dg.SensorEvaluationContext, storage: LooplineStorage, torchserve: TorchServeResource
 ):
     settings = storage.settings
-    if not settings.registry_path.exists():
+    if not exists(settings.registry_location):
         return dg.SkipReason("no model registry yet")
     process = torchserve.process(storage)
     if not process.status().healthy:
         return dg.SkipReason("TorchServe is not up and healthy: its start serves the champion")
-    why = out_of_sync(Registry(settings.registry_path), process.client(timeout=5.0))
+    why = out_of_sync(Registry.for_settings(settings), process.client(timeout=5.0))
     if why is None:
         return dg.SkipReason("TorchServe serves the registry's champion")
     if run_in_flight(context.instance, reconcile_job.name):

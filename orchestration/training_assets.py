@@ -3,7 +3,7 @@ validation gate, and the model registry.
 
 training_set -> candidate_model, baseline_model -> evaluation_report (+ model_validation, a
 blocking check) -> registered_model. Artifacts go under ``<home>/models/<run id>/``, the
-registry is ``<home>/registry/registry.sqlite``.
+registry is ``<home>/registry/registry.sqlite`` (a Postgres schema in the scale profile).
 
 torch, Feast and the plotting stack are imported inside the assets that use them (the
 values handed between assets are dataclasses from those modules, so those inputs carry no
@@ -17,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from core.db import Location
 from core.settings import REPO_ROOT
 from core.usecase import active
 from models.registry import CHAMPION, Registry
@@ -206,7 +207,7 @@ def evaluation_report(
     from models.release import Lineage, evaluate_candidate, git_code_version, register_candidate
 
     settings = storage.settings
-    registry = Registry(settings.registry_path)
+    registry = Registry.for_settings(settings)
     champion_version = registry.get_alias(CHAMPION)
     champion = (
         (champion_version, registry.get(champion_version).artifact_dir)
@@ -259,6 +260,13 @@ def evaluation_report(
         metadata=check_metadata,
         description="passed" if decision.passed else "; ".join(decision.reasons),
     )
+
+
+def _where(location: Location) -> dg.MetadataValue:
+    """A registry file as a path in the UI; a Postgres schema as text (no password in it)."""
+    if isinstance(location, Path):
+        return dg.MetadataValue.path(str(location))
+    return dg.MetadataValue.text(str(location))
 
 
 def _evaluation_metadata(evaluation) -> dict:
@@ -317,7 +325,7 @@ def registered_model(
         raise dg.Failure(
             "the gate rejected this candidate: " + "; ".join(evaluation.decision.reasons)
         )
-    registry = Registry(storage.settings.registry_path)
+    registry = Registry.for_settings(storage.settings)
     version = register_candidate(
         registry,
         evaluation,
@@ -338,7 +346,7 @@ def registered_model(
             "version": version,
             "status": registered.status,
             "aliases": ", ".join(registered.aliases) or "none",
-            "registry": dg.MetadataValue.path(str(registry.path)),
+            "registry": _where(registry.location),
             "artifact_dir": dg.MetadataValue.path(registered.artifact_dir),
             **{
                 metric: dg.MetadataValue.float(float(registered.metrics[metric]))

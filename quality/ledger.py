@@ -1,6 +1,7 @@
 """The batch ledger: every landed batch, what happened to it, and why.
 
-SQLite in WAL mode so the sensor, run workers and the CLI can read and write it at once.
+SQLite in WAL mode (Postgres in the scale profile, ``core.db``) so the sensor, run workers and
+the CLI can read and write it at once.
 Status moves forward only: received -> stored -> validated | quarantined, or received ->
 duplicate (the same bytes as a batch already taken, recognised by the ingest run).
 It also remembers what the landing sensor saw of each file still in the landing folder (size
@@ -12,12 +13,15 @@ row stays accounted for.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core.db import SQLITE, Connection, Database, Location, Postgres
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 STATUSES = ("received", "stored", "validated", "quarantined", "duplicate")
 FINAL = ("validated", "quarantined", "duplicate")
@@ -30,7 +34,7 @@ create table if not exists batches (
     source_path  text not null,
     status       text not null
                  check (status in ('received','stored','validated','quarantined','duplicate')),
-    rows         integer,
+    rows         bigint,
     reason       text,
     received_at  text not null,
     updated_at   text not null
@@ -40,7 +44,7 @@ _SCHEMA = (
     + """;
 create index if not exists batches_dataset on batches(dataset, received_at);
 create table if not exists batch_events (
-    id        integer primary key autoincrement,
+    id        {id},
     batch_id  text not null,
     at        text not null,
     event     text not null,
@@ -56,7 +60,7 @@ create table if not exists expired_files (
     store       text not null,
     name        text not null,
     batch_id    text,
-    bytes       integer not null,
+    bytes       bigint not null,
     expired_at  text not null,
     primary key (store, name)
 );
@@ -67,12 +71,14 @@ create table if not exists batch_contents (
 );
 create table if not exists landing_files (
     name      text primary key,
-    size      integer not null,
-    mtime_ns  integer not null,
+    size      bigint not null,
+    mtime_ns  bigint not null,
     seen_at   text not null
 );
 """
 )
+# The one difference between the dialects' schemas: the autoincrementing id.
+_IDS = {SQLITE: "integer primary key autoincrement", "postgres": "bigserial primary key"}
 # A ledger made before the `duplicate` status: its table's check constraint refuses it.
 _BEFORE_DUPLICATES = "'quarantined'))"
 
@@ -97,15 +103,23 @@ class BatchRecord:
 class BatchLedger:
     """Record of every batch that landed; the single source of truth for `loopline batches`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            self._migrate(con)
-            con.executescript(_SCHEMA)
+    def __init__(self, where: Location | str) -> None:
+        """``where``: the SQLite file (a path), or a Postgres schema (``core.db.Postgres``)."""
+        self.location = where if isinstance(where, Postgres) else Path(where)
+        self.db = Database(self.location, timeout_s=30.0, pragmas=("synchronous=normal",))
+        if self.db.dialect == SQLITE:
+            self.location.parent.mkdir(parents=True, exist_ok=True)
+            with self.db.connect() as con:
+                self._migrate(con)
+        self.db.initialize(_SCHEMA.replace("{id}", _IDS[self.db.dialect]))
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> BatchLedger:
+        """The ledger of the settings' home: its SQLite file, or Postgres in the scale profile."""
+        return cls(settings.ledger_location)
 
     @staticmethod
-    def _migrate(con: sqlite3.Connection) -> None:
+    def _migrate(con: Connection) -> None:
         """Let a ledger made before the ``duplicate`` status take it (one transaction)."""
 
         def old() -> bool:
@@ -126,24 +140,12 @@ class BatchLedger:
             con.execute("rollback")
             raise
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            con.execute("pragma journal_mode=wal")
-            con.execute("pragma synchronous=normal")
-            con.execute("pragma busy_timeout=30000")
-            con.row_factory = sqlite3.Row
-            yield con
-        finally:
-            con.close()
-
     def receive(self, batch_id: str, dataset: str, source_path: Path) -> bool:
         """Record a newly landed batch; False (and a `duplicate` event) if its id is known."""
         now = _now()
-        with self._connect() as con:
+        with self.db.connect() as con:
             cur = con.execute(
-                "insert or ignore into batches values (?,?,?,?,'received',null,null,?,?)",
+                "insert into batches values (?,?,?,?,'received',null,null,?,?) on conflict do nothing",
                 (batch_id, dataset, Path(source_path).name, str(source_path), now, now),
             )
             inserted = cur.rowcount == 1
@@ -160,7 +162,7 @@ class BatchLedger:
         if status not in STATUSES:
             raise ValueError(f"unknown batch status {status!r}; expected one of {STATUSES}")
         now = _now()
-        with self._connect() as con:
+        with self.db.connect() as con:
             cur = con.execute(
                 "update batches set status=?, rows=coalesce(?, rows), reason=?, updated_at=? "
                 "where batch_id=?",
@@ -175,7 +177,7 @@ class BatchLedger:
 
     def note(self, batch_id: str, event: str, detail: str | None = None) -> None:
         """Record an event of a batch that changes no status (a re-landed copy, a sensor error)."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             con.execute(
                 "insert into batch_events(batch_id, at, event, detail) values (?,?,?,?)",
                 (batch_id, _now(), event, detail),
@@ -184,13 +186,13 @@ class BatchLedger:
     def count(self, batch_id: str, rows: int) -> None:
         """Keep a batch's row count as soon as it is read, so that a batch given up on later
         still reconciles without anyone reading it again."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             con.execute("update batches set rows=? where batch_id=?", (rows, batch_id))
 
     def claim_content(self, batch_id: str, sha256: str) -> str:
         """The batch that owns these bytes: ``batch_id`` if none did, else the first that
         claimed them (the same bytes landed again are that batch's duplicate)."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             con.execute(
                 "insert into batch_contents(sha256, batch_id) values (?,?) "
                 "on conflict(sha256) do nothing",
@@ -207,7 +209,7 @@ class BatchLedger:
         """The names of ``files`` (name -> (size, mtime_ns)) seen unchanged for ``settle_s``
         seconds or more; a new or changed file starts its wait ``now``. Files no longer in
         ``files`` (taken, or removed by their producer) are forgotten."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             seen = {r["name"]: r for r in con.execute("select * from landing_files")}
             ready, changed = set(), []
             for name, (size, mtime_ns) in files.items():
@@ -217,9 +219,9 @@ class BatchLedger:
                 elif (now - datetime.fromisoformat(row["seen_at"])).total_seconds() >= settle_s:
                     ready.add(name)
             gone = [(name,) for name in seen if name not in files]
-            if not changed and not gone:
-                return ready
-            con.execute("begin immediate")
+        if not changed and not gone:
+            return ready
+        with self.db.transaction() as con:
             con.executemany(
                 "insert into landing_files(name, size, mtime_ns, seen_at) values (?,?,?,?) "
                 "on conflict(name) do update set size=excluded.size, "
@@ -227,28 +229,28 @@ class BatchLedger:
                 changed,
             )
             con.executemany("delete from landing_files where name=?", gone)
-            con.execute("commit")
         return ready
 
     def requested(self, batch_ids: list[str], run_key: str, attempt: int) -> None:
         """Record the ingest run each batch was asked of (its ``attempt``-th, one run key for
         all of them): the next tick asks again under that key until the run exists."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             con.executemany(
-                "insert or replace into batch_requests values (?,?,?)",
+                "insert into batch_requests values (?,?,?) on conflict(batch_id) do update "
+                "set run_key=excluded.run_key, attempt=excluded.attempt",
                 [(b, run_key, attempt) for b in batch_ids],
             )
 
     def request_of(self, batch_id: str) -> tuple[str, int] | None:
         """(run key, attempt) of the batch's latest ingest request, None if never asked."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             row = con.execute(
                 "select run_key, attempt from batch_requests where batch_id=?", (batch_id,)
             ).fetchone()
         return (row["run_key"], row["attempt"]) if row else None
 
     def get(self, batch_id: str) -> BatchRecord | None:
-        with self._connect() as con:
+        with self.db.connect() as con:
             row = con.execute("select * from batches where batch_id=?", (batch_id,)).fetchone()
         return BatchRecord(**dict(row)) if row else None
 
@@ -267,7 +269,7 @@ class BatchLedger:
         if limit:
             sql += " limit ?"
             args.append(limit)
-        with self._connect() as con:
+        with self.db.connect() as con:
             return [BatchRecord(**dict(r)) for r in con.execute(sql, args)]
 
     def events(self, batch_id: str | None = None) -> list[dict]:
@@ -275,16 +277,16 @@ class BatchLedger:
         if batch_id:
             sql += " where batch_id=?"
             args.append(batch_id)
-        with self._connect() as con:
+        with self.db.connect() as con:
             return [dict(r) for r in con.execute(sql + " order by id", args)]
 
     def expire(self, store: str, name: str, *, batch_id: str | None, size: int) -> None:
         """Record that retention deletes ``name`` of ``store`` (written before the delete: a
         crash between the two leaves a tombstone whose file the next pass removes)."""
         now = _now()
-        with self._connect() as con:
+        with self.db.connect() as con:
             con.execute(
-                "insert or ignore into expired_files values (?,?,?,?,?)",
+                "insert into expired_files values (?,?,?,?,?) on conflict do nothing",
                 (store, name, batch_id, size, now),
             )
             if batch_id is not None:
@@ -299,12 +301,12 @@ class BatchLedger:
         if store:
             sql += " where store=?"
             args.append(store)
-        with self._connect() as con:
+        with self.db.connect() as con:
             return [dict(r) for r in con.execute(sql + " order by expired_at, name", args)]
 
     def expired_batches(self, store: str) -> set[str]:
         """Ids of the batches whose ``store`` file retention deleted."""
-        with self._connect() as con:
+        with self.db.connect() as con:
             rows = con.execute(
                 "select batch_id from expired_files where store=? and batch_id is not null",
                 (store,),
@@ -314,11 +316,11 @@ class BatchLedger:
     def summary(self) -> dict[str, dict[str, int]]:
         """Per dataset and status: batch count and row count (the reconciliation view)."""
         out: dict[str, dict[str, int]] = {}
-        with self._connect() as con:
+        with self.db.connect() as con:
             for r in con.execute(
                 "select dataset, status, count(*) n, coalesce(sum(rows),0) r "
                 "from batches group by dataset, status"
             ):
-                out.setdefault(r["dataset"], {})[f"{r['status']}_batches"] = r["n"]
-                out[r["dataset"]][f"{r['status']}_rows"] = r["r"]
+                out.setdefault(r["dataset"], {})[f"{r['status']}_batches"] = int(r["n"])
+                out[r["dataset"]][f"{r['status']}_rows"] = int(r["r"])  # Postgres: a Decimal
         return out

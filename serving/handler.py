@@ -9,7 +9,8 @@ of the batch share one feature lookup and one model call. ``/explanations/<model
 
 The worker is a process entry point, so it reads ``LOOPLINE_HOME`` (``serving.entry`` sets it and
 ``LOOPLINE_USECASE`` from the archive) to find the feature store and the prediction log; the
-model itself, its FeatureService and threshold come from the archive.
+model itself, its FeatureService and threshold come from the archive (a worker never opens the
+model registry, so it needs no Postgres connection in the scale profile).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from core import lifeline
+from core.db import Location, Postgres, exists
 from core.storage import write_json_atomic
 from models.registry import CHAMPION, Registry
 from serving.client import TorchServeClient, TorchServeError
@@ -70,15 +71,19 @@ class ServerStatus:
 class TorchServeProcess:
     """Lifecycle of the TorchServe instance described by ``config``."""
 
-    def __init__(self, config: ServingConfig, registry_path: str | Path | None = None) -> None:
+    def __init__(self, config: ServingConfig, registry: Location | str | None = None) -> None:
+        """``registry``: where the use case's registry is (``Settings.registry_location``), to
+        serve its champion; None to serve what the model store holds."""
         self.config = config
-        self.registry_path = Path(registry_path) if registry_path else None
+        self.registry = (
+            registry if isinstance(registry, Postgres) or not registry else Path(registry)
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._output: subprocess.Popen[bytes] | None = None  # copies TorchServe's output
 
     @classmethod
     def attach(
-        cls, config: ServingConfig, registry_path: str | Path | None = None
+        cls, config: ServingConfig, registry: Location | str | None = None
     ) -> TorchServeProcess:
         """The instance running in ``config.serving_dir`` with the settings it was started
         with (ports may differ from ``config``); ``config`` itself when none runs. The model
@@ -90,9 +95,9 @@ class TorchServeProcess:
         except (FileNotFoundError, json.JSONDecodeError):
             saved = None
         if not saved:
-            return cls(config, registry_path)
+            return cls(config, registry)
         running = replace(ServingConfig.from_dict(saved), model_name=config.model_name)
-        return cls(replace(running, home=config.home), registry_path)
+        return cls(replace(running, home=config.home), registry)
 
     @property
     def state_path(self) -> Path:
@@ -105,9 +110,9 @@ class TorchServeProcess:
 
     def champion(self) -> str | None:
         """The registry's champion version, archived into the model store; None without one."""
-        if self.registry_path is None or not self.registry_path.exists():
+        if self.registry is None or not exists(self.registry):
             return None
-        registry = Registry(self.registry_path)
+        registry = Registry(self.registry)
         version = registry.get_alias(CHAMPION)
         if version is not None:
             from serving.archive import archive_version  # torch and Feast: only when needed
@@ -120,9 +125,9 @@ class TorchServeProcess:
         (archived and registered if it is not yet) and confirm pending releases: how a use
         case joins a TorchServe that another one started, and how a start finishes a release
         a crash left half done. None without a registry."""
-        if self.registry_path is None or not self.registry_path.exists():
+        if self.registry is None or not exists(self.registry):
             return None
-        registry = Registry(self.registry_path)
+        registry = Registry(self.registry)
         client = self.client(timeout=timeout or float(self.config.startup_timeout_s))
         return reconcile(registry, client, from_model_store(registry, self.config))
 

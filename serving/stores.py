@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from core.db import exists
 from core.retention import Item, Limits, Plan, delete, plan, tree_bytes
 from core.settings import RETENTION_DEFAULTS, Settings
 from core.storage import is_remote, write_json_atomic
@@ -90,8 +91,8 @@ def needed(settings: Settings, ledger: BatchLedger, window_days: float | None) -
     """Everything ``retain`` must keep for this home: lineage, ledger state, window, grace."""
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     found = (
-        lineage(Registry(settings.registry_path), settings.rollback_depth, config)
-        if settings.registry_path.exists()
+        lineage(Registry.for_settings(settings), settings.rollback_depth, config)
+        if exists(settings.registry_location)
         else Needed()
     )
     return replace(

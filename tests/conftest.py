@@ -7,10 +7,14 @@ default start is pinned to the Monday midnight (UTC) at or before three weeks ag
 the real clock opts out with ``@pytest.mark.real_clock``.
 """
 
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from core.db import Location, Postgres, schema_name
 from usecases.fraud import simulator
 
 _real_default_start = simulator.default_start
@@ -27,11 +31,34 @@ def _history_of_a_fixed_shape(request, monkeypatch):
         monkeypatch.setattr(simulator, "default_start", _monday_midnight_default_start)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _landed_files_are_whole():
+@pytest.fixture(scope="session", autouse=True)
+def _landed_files_are_whole() -> Iterator[None]:
     """Tests land files whole (a hidden name, then a rename), so the landing sensor need not
     wait for them to settle; the tests of files written in place set their own settle time.
-    Session-wide, so module-scoped fixtures that land files see it too."""
+    Session-wide, so module-scoped fixtures that land and ingest see it too."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOPLINE_LANDING_SETTLE_SECONDS", "0")
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private Postgres for the session (the scale profile's tests and the stores' tests)."""
+    from tests.scale.services import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request, tmp_path) -> Callable[[str], Location]:
+    """Where a store under test keeps its rows, once per backend: a SQLite file under
+    ``tmp_path``, or a fresh schema of the session's Postgres (the scale profile's)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+
+    def at(name: str) -> Location:
+        if url is None:
+            return tmp_path / name
+        return Postgres(url, schema_name("test", Path(name).stem, uuid.uuid4().hex[:12]))
+
+    return at

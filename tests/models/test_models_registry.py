@@ -40,11 +40,12 @@ def _record(tmp_path: Path, name: str, **overrides) -> ModelRecord:
 
 
 @pytest.fixture
-def registry(tmp_path) -> Registry:
-    return Registry(tmp_path / "registry.db")
+def registry(store_at) -> Registry:
+    return Registry(store_at("registry.db"))
 
 
-def test_registry_uses_wal(registry):
+def test_a_local_registry_uses_wal(tmp_path):
+    registry = Registry(tmp_path / "registry.db")
     con = sqlite3.connect(registry.path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
@@ -163,11 +164,10 @@ def test_a_champion_move_opens_a_pending_release_in_its_own_transaction(registry
     closed = registry.confirm_served(v1)
     assert [r.outcome for r in closed] == ["superseded", "superseded", "served"]
     assert registry.releases(pending=True) == [] and registry.confirm_served(v1) == []
-    con = sqlite3.connect(registry.path)
-    for sql in ("UPDATE releases SET outcome = NULL", "DELETE FROM releases"):
-        with pytest.raises(sqlite3.DatabaseError, match="final|never deleted"):
-            con.execute(sql)
-    con.close()
+    with registry.db.connect() as con:
+        for sql in ("UPDATE releases SET outcome = NULL", "DELETE FROM releases"):
+            with pytest.raises(registry.db.errors, match="final|never deleted"):
+                con.execute(sql)
 
 
 def test_a_refused_promotion_opens_no_release(registry, tmp_path):
@@ -180,16 +180,15 @@ def test_a_refused_promotion_opens_no_release(registry, tmp_path):
 
 def test_event_log_and_versions_are_append_only(registry, tmp_path):
     registry.register(_record(tmp_path, "a"))
-    con = sqlite3.connect(registry.path)
-    for sql in (
-        "UPDATE events SET kind = 'promoted'",
-        "DELETE FROM events",
-        "UPDATE versions SET training_set_version = 'other'",
-        "DELETE FROM versions",
-    ):
-        with pytest.raises(sqlite3.DatabaseError, match="append-only|immutable"):
-            con.execute(sql)
-    con.close()
+    with registry.db.connect() as con:
+        for sql in (
+            "UPDATE events SET kind = 'promoted'",
+            "DELETE FROM events",
+            "UPDATE versions SET training_set_version = 'other'",
+            "DELETE FROM versions",
+        ):
+            with pytest.raises(registry.db.errors, match="append-only|immutable"):
+                con.execute(sql)
 
 
 def test_champion_alias_moves_only_by_promotion(registry, tmp_path):
@@ -204,14 +203,21 @@ def test_champion_alias_moves_only_by_promotion(registry, tmp_path):
 
 def test_a_crash_mid_registration_leaves_no_half_entry(registry, tmp_path):
     record = _record(tmp_path, "a")
+    where = registry.location
+    at = (
+        repr(str(where))
+        if isinstance(where, Path)
+        else f"Postgres({where.url!r}, {where.schema!r})"
+    )
     script = textwrap.dedent(
         f"""
         import os
+        from core.db import Postgres
         from models.registry import ModelRecord, Registry
         def crash(*args, **kwargs):
             os._exit(7)  # the process dies after the version row, before artifacts and event
         Registry._insert_artifacts = crash
-        Registry({str(registry.path)!r}).register(ModelRecord(**{record.__dict__!r}))
+        Registry({at}).register(ModelRecord(**{record.__dict__!r}))
         """
     )
     proc = subprocess.run(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.db import Postgres
 from core.settings import ENV_VARS, Settings
 from features.store import redis_online_store, repo_config
 from orchestration.platform import instance_config
@@ -78,6 +79,24 @@ def test_scale_profile_takes_its_connections_from_the_environment(tmp_path):
 def test_a_wrong_profile_setting_is_refused_with_its_reason(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(scale_env(tmp_path, **change))
+
+
+def test_scale_profile_keeps_ledger_and_registry_in_postgres_per_use_case(tmp_path):
+    """Locally the two stores are SQLite files in the home; at scale, schemas of the Postgres
+    database, one pair per use case (several use cases share the database)."""
+    local = Settings.from_env({"LOOPLINE_HOME": str(tmp_path)})
+    assert (local.ledger_location, local.registry_location) == (
+        local.ledger_path,
+        local.registry_path,
+    )
+    fraud = Settings.from_env(scale_env(tmp_path, LOOPLINE_USECASE="usecases/fraud"))
+    other = Settings.from_env(scale_env(tmp_path, LOOPLINE_USECASE="my-case"))
+    assert fraud.ledger_location == Postgres(PG, "loopline_fraud_ledger")
+    assert fraud.registry_location == Postgres(PG, "loopline_fraud_registry")
+    assert other.ledger_location.schema == "loopline_my_case_ledger"
+    assert "s3cret" not in f"{fraud.ledger_location} {fraud.registry_location!r}"
+    with pytest.raises(ValueError, match="at most 63"):
+        Settings.from_env(scale_env(tmp_path, LOOPLINE_USECASE="x" * 60))
 
 
 def test_home_accepts_file_uris_and_refuses_object_storage(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 from quality.ledger import BatchLedger
 
 
-def test_batch_moves_through_statuses_and_keeps_reason(tmp_path):
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+def test_batch_moves_through_statuses_and_keeps_reason(store_at, tmp_path):
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     assert ledger.receive("b1", "transactions", tmp_path / "transactions-a.parquet")
     ledger.mark("b1", "stored", rows=10)
     ledger.mark("b1", "quarantined", reason="missing column 'amount'")
@@ -16,16 +16,16 @@ def test_batch_moves_through_statuses_and_keeps_reason(tmp_path):
     assert [e["event"] for e in ledger.events("b1")] == ["received", "stored", "quarantined"]
 
 
-def test_same_batch_id_is_received_once_and_logged_as_duplicate(tmp_path):
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+def test_same_batch_id_is_received_once_and_logged_as_duplicate(store_at, tmp_path):
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     assert ledger.receive("b1", "labels", tmp_path / "labels-a.parquet")
     assert not ledger.receive("b1", "labels", tmp_path / "labels-copy.parquet")
     assert len(ledger.batches()) == 1
     assert [e["event"] for e in ledger.events("b1")] == ["received", "duplicate"]
 
 
-def test_unknown_status_and_unknown_batch_are_errors(tmp_path):
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+def test_unknown_status_and_unknown_batch_are_errors(store_at, tmp_path):
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     ledger.receive("b1", "cards", tmp_path / "cards-a.parquet")
     with pytest.raises(ValueError, match="unknown batch status"):
         ledger.mark("b1", "done")
@@ -33,8 +33,8 @@ def test_unknown_status_and_unknown_batch_are_errors(tmp_path):
         ledger.mark("nope", "validated")
 
 
-def test_summary_reconciles_rows_per_status(tmp_path):
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+def test_summary_reconciles_rows_per_status(store_at, tmp_path):
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     for i, (status, rows) in enumerate([("validated", 5), ("validated", 7), ("quarantined", 3)]):
         ledger.receive(f"b{i}", "transactions", tmp_path / f"t{i}.parquet")
         ledger.mark(f"b{i}", status, rows=rows)
@@ -43,13 +43,14 @@ def test_summary_reconciles_rows_per_status(tmp_path):
     assert s["validated_batches"] == 2
 
 
-def test_wal_mode_allows_concurrent_writers(tmp_path):
-    path = tmp_path / "ledger.sqlite"
-    BatchLedger(path)
+def test_concurrent_writers_lose_nothing(store_at, tmp_path):
+    """Four writers at once (the sensor, run workers, the CLI), on either backend."""
+    where = store_at("ledger.sqlite")
+    BatchLedger(where)
     errors: list[Exception] = []
 
     def writer(k: int) -> None:
-        ledger = BatchLedger(path)
+        ledger = BatchLedger(where)
         try:
             for i in range(50):
                 ledger.receive(f"w{k}-{i}", "transactions", tmp_path / f"{k}-{i}")
@@ -63,15 +64,20 @@ def test_wal_mode_allows_concurrent_writers(tmp_path):
     for t in threads:
         t.join()
     assert errors == []
-    assert len(BatchLedger(path).batches(status="validated")) == 200
+    assert len(BatchLedger(where).batches(status="validated")) == 200
+
+
+def test_a_local_ledger_is_sqlite_in_wal_mode(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    BatchLedger(path)
     mode = sqlite3.connect(path).execute("pragma journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
-def test_a_landed_file_settles_once_unchanged_for_the_settle_time(tmp_path):
+def test_a_landed_file_settles_once_unchanged_for_the_settle_time(store_at, tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
     assert ledger.settled({"a.parquet": (10, 1)}, 5, t0) == set()  # first seen
     assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=6)) == set()  # grew
@@ -82,8 +88,8 @@ def test_a_landed_file_settles_once_unchanged_for_the_settle_time(tmp_path):
     assert ledger.settled({"a.parquet": (20, 2)}, 5, t0 + timedelta(seconds=13)) == set()
 
 
-def test_the_same_bytes_are_owned_by_the_first_batch_that_claims_them(tmp_path):
-    ledger = BatchLedger(tmp_path / "ledger.sqlite")
+def test_the_same_bytes_are_owned_by_the_first_batch_that_claims_them(store_at):
+    ledger = BatchLedger(store_at("ledger.sqlite"))
     assert ledger.claim_content("b1", "sha-x") == "b1"
     assert ledger.claim_content("b1", "sha-x") == "b1"  # a retry of the same batch
     assert ledger.claim_content("b2", "sha-x") == "b1"

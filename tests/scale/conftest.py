@@ -1,16 +1,11 @@
-"""Session-wide Postgres and Redis for the scale profile's tests, always stopped at the end."""
+"""Session-wide Redis and S3 for the scale profile's tests, always stopped at the end (the
+session's Postgres is in tests/conftest.py: the stores' own tests use it too)."""
 
 from collections.abc import Iterator
 
 import pytest
 
-from tests.scale.services import postgres_server, redis_server, s3_server
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
+from tests.scale.services import redis_server, s3_server
 
 
 @pytest.fixture(scope="session")

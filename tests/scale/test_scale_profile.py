@@ -114,11 +114,18 @@ def test_scale_profile_runs_the_chain_on_postgres(scale, postgres_url):
     assert postgres_url.split(":")[2].split("@")[0] not in config_text
 
     # The runs are rows in Postgres: another client sees every one, and the training run's
-    # materializations are in its event log.
+    # materializations are in its event log. So are the ledger and the registry, in their
+    # own schemas: no SQLite file of theirs in the home (a network volume at scale).
     dsn = postgres_url.replace("+psycopg2", "", 1)
     with psycopg2.connect(dsn) as con, con.cursor() as cur:
         cur.execute("select run_id, status from runs")
         stored = dict(cur.fetchall())
+        ledger_table = f"{settings.ledger_location.schema}.batches"
+        cur.execute(f"select count(*) from {ledger_table} where status = 'validated'")
+        assert cur.fetchone()[0] == len(platform.storage.ledger.batches(status="validated"))
+        cur.execute(f"select version from {settings.registry_location.schema}.versions")
+        assert cur.fetchall() == [("v0001",)]
+    assert not settings.ledger_path.exists() and not settings.registry_path.parent.exists()
     ours = [r.run_id for r in runs["ingested"]] + [runs["training"].run_id]
     assert {stored[run_id] for run_id in ours} == {"SUCCESS"}
     assert instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
@@ -143,14 +150,14 @@ def test_batch_and_feature_files_are_objects_in_the_bucket(scale, s3_bucket):
 
 
 def test_same_training_set_and_model_as_the_local_profile(local, scale):
-    (local_platform, local_runs), (scale_platform, scale_runs, _) = local, scale
+    (local_platform, local_runs), (_, scale_runs, settings) = local, scale
     assert local_runs["training"].success and scale_runs["training"].success
     local_ref = local_runs["training"].output_for_node("training_set")
     scale_ref = scale_runs["training"].output_for_node("training_set")
     assert scale_ref.version == local_ref.version and scale_ref.rows == local_ref.rows
 
-    local_model = Registry(local_platform.settings.registry_path).get("v0001")
-    scale_model = Registry(scale_platform.settings.registry_path).get("v0001")
+    local_model = Registry.for_settings(local_platform.settings).get("v0001")
+    scale_model = Registry.for_settings(settings).get("v0001")
     assert local_model.status == scale_model.status == CHAMPION
     assert scale_model.training_set_version == local_ref.version
     assert scale_model.metrics["pr_auc"] == pytest.approx(local_model.metrics["pr_auc"], abs=1e-6)
@@ -230,11 +237,11 @@ def test_serving_in_the_scale_profile_scores_from_redis_like_local(local, scale)
     env = {"LOOPLINE_PROFILE": "scale", "LOOPLINE_REDIS_URL": settings.redis_url}
     assert handler.online_store({}) is None
     scorers = {}
-    for name, home, online in (
-        ("local", local_platform.settings.home, None),
-        ("scale", settings.home, handler.online_store(env)),
+    for name, home_settings, online in (
+        ("local", local_platform.settings, None),
+        ("scale", settings, handler.online_store(env)),
     ):
-        registry = Registry(Settings(home).registry_path)
+        registry, home = Registry.for_settings(home_settings), home_settings.home
         version = registry.get_alias(CHAMPION)
         scorers[name] = Scorer.load(
             registry.get(version).artifact_dir, home, version_info(registry, version), online
@@ -281,7 +288,7 @@ def test_the_loop_closes_deploy_drift_retrain(scale):
         inference_port=inference, management_port=management, metrics_port=metrics
     )
     resources = {"storage": platform.storage, "torchserve": torchserve}
-    registry = Registry(settings.registry_path)
+    registry = Registry.for_settings(settings)
     champion = registry.get_alias(CHAMPION)
 
     @dg.asset(name="registered_model")
