@@ -144,12 +144,13 @@ def _microseconds(stamp: str) -> str:
 def pending_releases(settings: Settings, now: datetime) -> list[dict[str, Any]]:
     """Champion moves TorchServe was not yet seen serving, oldest first, each with its age and
     whether it is ``stuck`` (pending longer than ``STUCK_RELEASE_S``)."""
+    from core.db import exists
     from models.registry import Registry
 
-    if not settings.registry_path.exists():
+    if not exists(settings.registry_location):
         return []
     out = []
-    for release in Registry(settings.registry_path).releases(pending=True):
+    for release in Registry.for_settings(settings).releases(pending=True):
         age = (now - datetime.fromisoformat(release.at)).total_seconds()
         out.append(
             {

@@ -318,7 +318,7 @@ class Soak:
 
     def unaccounted(self, cutoff: float) -> list[str]:
         """Landed files (before ``cutoff``) without a final ledger status or with other rows."""
-        ledger = BatchLedger(self.settings.ledger_path)
+        ledger = BatchLedger.for_settings(self.settings)
         records = {r.source_name: r for r in ledger.batches()}
         missing = []
         for name, landed in list(self.landed.items()):
@@ -346,7 +346,7 @@ class Soak:
         windows = self.restart_windows()
         failed = [o for o in self.outcomes if not o.ok]
         outside = [o for o in failed if not any(a <= o.at <= b for a, b in windows)]
-        ledger = BatchLedger(self.settings.ledger_path)
+        ledger = BatchLedger.for_settings(self.settings)
         records = {r.source_name: r for r in ledger.batches()}
         report = {
             "config": asdict(self.config),
