@@ -58,7 +58,7 @@ RETENTION_DEFAULTS = {
     "mar": Limits(max_count=10),
     "training_sets": Limits(max_count=10),
     "batch_predictions": Limits(max_count=100, max_bytes=parse_size("1G")),
-    "compacted_log": Limits(max_bytes=parse_size("1G")),
+    "compacted_log": Limits(max_age=timedelta(days=90), max_bytes=parse_size("1G")),
     "prediction_log": Limits(max_bytes=parse_size("512M")),
     # Finished Dagster runs and their event logs, by wall-clock age (orchestration's store).
     "dagster_runs": Limits(max_age=timedelta(days=14)),

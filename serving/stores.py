@@ -169,12 +169,16 @@ def _files(root: Path, pattern: str) -> list[Item]:
 
 def _compacted(root: Path) -> list[Item]:
     """Compacted prediction files, by their newest event time: a merged file is new on disk
-    but holds old rows (``serving.monitoring``'s merge), so its mtime would keep it longest."""
+    but holds old rows (``serving.monitoring``'s merge), so its mtime would keep it longest.
+    Their age is in data time, behind the newest compacted row, as a batch file's is."""
+    spans = compacted_spans(root) if root.is_dir() else []
+    newest = max((s.end for s in spans if s.end), default=None)
     items = []
-    for span in compacted_spans(root) if root.is_dir() else []:
+    for span in spans:
         item = _item(span.path, span.path.name)
         if item is not None:
-            items.append(replace(item, time=span.end or item.time))
+            age = newest - span.end if newest and span.end else None  # data time, as batches
+            items.append(replace(item, time=span.end or item.time, age=age))
     return items
 
 
@@ -323,7 +327,7 @@ def protect(
         elif store == "training_sets":
             reason = needed.training_sets.get(item.name)
         reason = reason or extra(item)
-        out.append(replace(item, age=ages.get(item.batch_id or ""), protected=reason))
+        out.append(replace(item, age=ages.get(item.batch_id or "", item.age), protected=reason))
     return out
 
 

@@ -163,6 +163,25 @@ def test_logs_go_by_bytes_but_uncompacted_files_stay(home):
     assert [p.name for p in compacted.glob("predictions-*.parquet")] == ["predictions-2.parquet"]
 
 
+def test_compacted_predictions_age_in_data_time(home):
+    """Days of compacted predictions are counted back from the newest compacted row, so a
+    month of an accelerated demo ages them as a month of real traffic would."""
+    settings, ledger = home
+    compacted = settings.monitoring / "log"
+    compacted.mkdir(parents=True)
+    for k in range(4):
+        pl.DataFrame(
+            {
+                log_columns().time: [datetime(2026, 1, 1 + 10 * k, tzinfo=UTC)] * 5,
+                "status": [200] * 5,
+                "model_version": ["v1"] * 5,
+            }
+        ).write_parquet(compacted / f"predictions-{k}.parquet")
+    retain(_limits(settings, compacted_log=Limits(max_age=timedelta(days=15))), ledger)
+    kept = sorted(p.name for p in compacted.glob("predictions-*.parquet"))
+    assert kept == ["predictions-2.parquet", "predictions-3.parquet"]
+
+
 def test_disk_usage_per_store(home):
     settings, ledger = home
     lakekit.land(settings, ledger, "b00", NEWEST)

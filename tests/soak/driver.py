@@ -56,7 +56,10 @@ FAULTS = {
     "log_disk_failing": 0.65,
 }
 # Stores retention keeps within limits, whose bytes must stay flat.
-RETAINED = ("raw", "validated", "features", "archive", "quarantine", "compacted_log")
+RETAINED = (
+    *("raw", "validated", "features", "archive", "quarantine"),
+    *("compacted_log", "prediction_log", "models", "mar", "training_sets"),
+)
 
 
 @dataclass
@@ -100,9 +103,10 @@ class Soak:
             "LOOPLINE_RETAIN_GRACE_MINUTES": "1",
             "LOOPLINE_RETAIN_DAGSTER_RUNS": "days=0.1",
             "LOOPLINE_LOG_MAX_BYTES": "2M",
+            "LOOPLINE_RETAIN_PREDICTION_LOG": "bytes=20M",
             **{
                 f"LOOPLINE_RETAIN_{s}": f"days={self.config.retain_days}"
-                for s in ("RAW", "VALIDATED", "FEATURES", "ARCHIVE")
+                for s in ("RAW", "VALIDATED", "FEATURES", "ARCHIVE", "COMPACTED_LOG")
             },
         }
         self.settings = Settings.from_env(self.env)
