@@ -36,6 +36,13 @@ from orchestration.resources import LooplineStorage
 NOW = datetime.now(UTC)
 
 
+@pytest.fixture(autouse=True)
+def _now():
+    """Each test's "now" is when it starts: the suite may run it minutes after collection."""
+    global NOW
+    NOW = datetime.now(UTC)
+
+
 def _ticked(instance: dg.DagsterInstance, name: str, interval: int, ago: timedelta) -> None:
     """A running sensor whose last tick was ``ago``, recorded as the daemon records it."""
     origin = RemoteInstigatorOrigin(
