@@ -45,6 +45,8 @@ class FakeServe:
         self.registered: dict[str, bool] = {}
         self.defaults: list[str] = []
         self.slow: set[str] = set()
+        # Versions that answer differently once they are the default (production traffic).
+        self.production: dict = {}
         self.faults: dict[int, str] = dict(faults or {})
         self.set_default_calls = 0
         self.latency_ms: dict[str, float] = dict(latency_ms or {})
@@ -94,7 +96,7 @@ class FakeServe:
 
             time.sleep(0.01)
         self.now += self.latency_ms.get(version, 1.0) / 1000.0
-        score = self.behaviours[version]
+        score = (via_default and self.production.get(version)) or self.behaviours[version]
         items = payload if isinstance(payload, list) else [payload]
         out = []
         for item in items:

@@ -17,6 +17,7 @@ from serving.delivery import (
     probe,
 )
 from tests.serving.fakes import REQUESTS, FakeServe, stub_registry
+from tests.serving.fakes import requests as many_requests
 
 # A short watch: these tests time with the real clock.
 FAST = DeliveryPolicy(watch_requests=20, watch_interval_s=0.001)
@@ -218,3 +219,92 @@ def test_a_regressor_may_move_live_as_far_as_it_moved_on_the_labelled_test_split
         version="v0006", sent=200, latencies_ms=[5.0] * 200, scores=[m * 60 for m in dry]
     )
     assert compare_shadow(champion, seconds, policy, expected_shift=0.18)  # minutes as seconds
+
+
+def _beta_score(seed):
+    """A version's probability for a request, drawn from ``seed`` and the request: two seeds
+    are two sound retrains, scoring alike without scoring the same."""
+
+    def score(item):
+        return float(np.random.default_rng([seed, int(item["amount"])]).beta(2.0, 8.0))
+
+    return score
+
+
+def _errs_on_every_tenth(score):
+    def answer(item):
+        if int(item["amount"]) % 10 == 9:  # t9, t19...: the smoke test's t0..t7 pass
+            return TorchServeError("worker died", status=503)
+        return score(item)
+
+    return answer
+
+
+def test_four_challengers_only_the_sound_one_is_promoted_and_each_rejection_names_its_reason(
+    tmp_path,
+):
+    champion = _beta_score(0)
+    challengers = {
+        "v0002": ("slower", champion, 5.0),  # the same scores, 5x the latency
+        "v0003": ("shifted", lambda item: min(1.0, champion(item) + 0.2), 1.0),
+        "v0004": ("errors", _errs_on_every_tenth(_beta_score(4)), 1.0),
+        "v0005": ("sound", _beta_score(5), 1.0),
+    }
+    registry = stub_registry(tmp_path, 5)
+    serve = FakeServe(
+        {"v0001": champion, **{v: score for v, (_, score, _) in challengers.items()}},
+        latency_ms={"v0001": 1.0, **{v: ms for v, (_, _, ms) in challengers.items()}},
+    )
+    requests = many_requests(300)
+    deliver(serve, registry, "v0001", requests, FAST)
+    reasons = {}
+    for version, (kind, _, _) in challengers.items():
+        report = deliver(
+            serve, registry, version, requests, FAST, clock=serve.clock, sleep=serve.sleep
+        )
+        reasons[kind] = (report.outcome, report.reasons)
+    assert reasons["sound"] == ("promoted", [])
+    assert registry.get_alias(CHAMPION) == serve.default_version() == "v0005"
+    for kind, expected in [
+        ("slower", "shadow p95 latency 5.0 ms against the champion's 1.0 ms"),
+        ("shifted", "score distribution moved"),
+        ("errors", "shadow error rate 10.00% (30 of 300"),
+    ]:
+        outcome, why = reasons[kind]
+        assert outcome == "rejected" and any(r.startswith(expected) for r in why), (kind, why)
+    assert len(reasons["slower"][1]) == 1 and len(reasons["errors"][1]) == 1
+
+
+def test_the_watch_sees_its_requests_and_rolls_back_a_version_erring_in_production(tmp_path):
+    registry = stub_registry(tmp_path, 3)
+    serve = FakeServe({"v0001": _low, "v0002": _low, "v0003": _low})
+    serve.production["v0003"] = _errs_on_every_tenth(_low)  # fine in shadow, not as default
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    sound = deliver(
+        serve, registry, "v0002", REQUESTS, DeliveryPolicy(), clock=serve.clock, sleep=serve.sleep
+    )
+    watched = next(s for s in sound.steps if s["step"] == "post_promotion_watch")
+    assert sound.outcome == "promoted" and watched["passed"]
+    assert [c["requests"] for c in watched["checks"] if c["check"] == "watch_error_rate"] == [300]
+    report = deliver(
+        serve, registry, "v0003", REQUESTS, DeliveryPolicy(), clock=serve.clock, sleep=serve.sleep
+    )
+    assert report.outcome == "rolled_back", report.reasons
+    assert report.reasons[0].startswith("watch error rate 10.00% (30 of 300")
+    assert registry.get_alias(CHAMPION) == serve.default_version() == "v0002"
+
+
+def test_a_watch_that_sees_too_few_requests_keeps_the_promotion_and_says_so(tmp_path):
+    registry = stub_registry(tmp_path)
+    serve = FakeServe({"v0001": _low, "v0002": _low}, latency_ms={"v0002": 200.0})
+    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    policy = DeliveryPolicy(watch_seconds=30.0, max_latency_ratio=1000.0)
+    report = deliver(
+        serve, registry, "v0002", REQUESTS, policy, clock=serve.clock, sleep=serve.sleep
+    )
+    assert report.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0002"
+    [reason] = report.reasons
+    assert reason.startswith("post-promotion watch inconclusive: ")
+    assert reason.endswith("of 300 requests answered in 30.0 s; the promotion stands")
+    watched = next(s for s in report.steps if s["step"] == "post_promotion_watch")
+    assert not watched["passed"]
