@@ -173,24 +173,37 @@ def error_rate(errors: int, requests: int, *, alpha: float, max_rate: float, nam
 
 
 def flag_rate_change(
-    champion: tuple[int, int], challenger: tuple[int, int], *, alpha: float, max_change: float
+    champion: tuple[int, int],
+    challenger: tuple[int, int],
+    *,
+    expected_change: float,
+    alpha: float,
+    max_change: float,
 ) -> Check:
-    """A classifier's share of positive decisions moved, relative to the champion's: a
-    two-sided two-proportion z-test, and a ratio beyond ``1 + max_change`` either way.
-    ``champion``/``challenger``: (flagged, scored)."""
+    """A classifier's share of positive decisions moved, relative to the champion's, other than
+    as it moved on the gate's test split (``expected_change``, relative): the difference is
+    significant (a two-sided z-test, each rate smoothed by half a decision so that a few
+    decisions do not read as certainty) and the ratio is beyond ``1 + max_change`` of the
+    expected one either way. ``champion``/``challenger``: (flagged, scored)."""
     (a, n), (b, m) = champion, challenger
     if not n or not m:
         return Check("flag_rate_change", NOT_ENOUGH, f"no decisions to compare ({n} and {m})")
     p, r = a / n, b / m
-    pooled = (a + b) / (n + m)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m))
-    z = (r - p) / se if se else 0.0
-    ratio = r / p if p else (math.inf if r else 1.0)
-    detail = {"champion_rate": round(p, 4), "challenger_rate": round(r, 4), "z": round(z, 3)}
-    if abs(z) > _z(alpha / 2) and max(ratio, 1 / ratio if ratio else math.inf) > 1 + max_change:
+    expected = 1.0 + expected_change
+    ps, rs = (a + 0.5) / (n + 1), (b + 0.5) / (m + 1)
+    z = (r - expected * p) / math.sqrt(rs * (1 - rs) / m + expected**2 * ps * (1 - ps) / n)
+    ratio = rs / (expected * ps)
+    detail = {
+        "champion_rate": round(p, 4),
+        "challenger_rate": round(r, 4),
+        "expected_change": round(expected_change, 4),
+        "z": round(z, 3),
+    }
+    if abs(z) > _z(alpha / 2) and max(ratio, 1 / ratio) > 1 + max_change:
         reason = (
-            f"flag rate {r:.2%} against the champion's {p:.2%} ({b} of {m} and {a} of {n}): "
-            f"{ratio:.2f}x, beyond {1 + max_change:.2f}x either way (significant at {alpha:.2%})"
+            f"flag rate {r:.2%} against the champion's {p:.2%} ({b} of {m} and {a} of {n}), "
+            f"where the test split showed {expected_change:+.0%}: {ratio:.2f}x the expected, "
+            f"beyond {1 + max_change:.2f}x either way (significant at {alpha:.2%})"
         )
         return Check("flag_rate_change", FAILED, reason, detail)
     return Check("flag_rate_change", PASSED, detail=detail)
