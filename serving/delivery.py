@@ -2,8 +2,9 @@
 
 reconcile (TorchServe serves the registry's champion) -> register (not default) -> smoke test
 on its versioned endpoint -> shadow replay of recent logged requests to champion and challenger
--> compare -> promotion -> watch error rate and latency for a window -> keep, or roll back to
-the previous version. Promotion and rollback write the registry's intent first, then apply and
+-> compare (``serving.release_checks``: tests with a stated false-rejection rate) -> promotion
+-> watch error rate and p95 latency over a few hundred requests -> keep, or roll back to the
+previous version. Promotion and rollback write the registry's intent first, then apply and
 confirm it (``serving.reconciler``), so a crash between the two leaves the registry's champion
 as the truth for the next reconcile. TorchServe's ``set-default`` switches atomically and the
 previous version stays registered, so traffic during a promotion or a rollback never meets a
@@ -11,7 +12,8 @@ missing model. Every step is a registry event.
 
 Before any of it, a version is deferred when the online store lacks fresh rows for a feature
 view of its FeatureService (``online_freshness_reasons``): served, it would score every request
-without that view's features. The champion keeps serving; the version is not rejected.
+without that view's features. The champion keeps serving; the version is not rejected. A
+shadow check without enough samples to decide defers it too.
 
 Replayed and probe requests carry request ids prefixed ``shadow:``/``smoke:``/``watch:``
 so monitoring can leave them out (``is_synthetic``).
