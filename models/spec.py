@@ -216,8 +216,10 @@ class GatePolicy:
     max_model_bytes: int = 50 * 2**20
     max_latency_ms_batch1: float = 25.0
     max_latency_ms_batch64: float = 60.0
-    latency_percentile: str = "p50"  # a budget check; p95 on a shared 2-core host is noise
-    latency_repeats: int = 50
+    # Customers meet the slow tail: the budget holds the p95, of enough repeats that it is the
+    # tenth slowest call, not the one a scheduling pause on a shared host made slow.
+    latency_percentile: str = "p95"
+    latency_repeats: int = 200
     latency_warmup: int = 5
     latency_threads: int = 1
 

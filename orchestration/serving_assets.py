@@ -82,20 +82,24 @@ class TorchServeResource(dg.ConfigurableResource):
 
 
 class DeploymentConfig(dg.Config):
-    """Bounds for the shadow comparison and the post-promotion watch (serving.delivery)."""
+    """Bounds for the shadow comparison and the post-promotion watch (serving.delivery's
+    DeliveryPolicy, whose defaults these are: each check is a test at ``alpha``)."""
 
-    smoke_requests: int = 8
-    replay_requests: int = 200
-    max_error_rate: float = 0.0
-    max_p95_latency_ms: float = 500.0
-    max_latency_ratio: float = 3.0
-    min_latency_gap_ms: float = 10.0
-    max_score_ks: float = 0.8
-    max_flag_rate_change: float = 0.2
-    max_mean_change: float = 0.2
-    watch_seconds: float = 5.0
-    watch_max_error_rate: float = 0.0
-    watch_max_p95_latency_ms: float = 500.0
+    smoke_requests: int = DeliveryPolicy.smoke_requests
+    replay_requests: int = DeliveryPolicy.replay_requests
+    alpha: float = DeliveryPolicy.alpha
+    min_samples: int = DeliveryPolicy.min_samples
+    max_error_rate: float = DeliveryPolicy.max_error_rate
+    max_p95_latency_ms: float = DeliveryPolicy.max_p95_latency_ms
+    max_latency_ratio: float = DeliveryPolicy.max_latency_ratio
+    min_latency_gap_ms: float = DeliveryPolicy.min_latency_gap_ms
+    min_score_ks: float = DeliveryPolicy.min_score_ks
+    max_flag_rate_change: float = DeliveryPolicy.max_flag_rate_change
+    max_mean_change: float = DeliveryPolicy.max_mean_change
+    watch_requests: int = DeliveryPolicy.watch_requests
+    watch_seconds: float = DeliveryPolicy.watch_seconds
+    watch_max_error_rate: float = DeliveryPolicy.watch_max_error_rate
+    watch_max_p95_latency_ms: float = DeliveryPolicy.watch_max_p95_latency_ms
     alert_webhook_url: str = ""
 
     def policy(self) -> DeliveryPolicy:
@@ -228,7 +232,7 @@ def deployment(
         alerts.send(
             alerts.Alert(
                 "availability",
-                f"{version} not deployed: waiting for fresh online features",
+                f"{version} not deployed yet: {report.reasons[0]}",
                 report.to_dict(),
             ),
             webhook,
@@ -240,6 +244,8 @@ def deployment(
             ),
             webhook,
         )
+    elif report.reasons:  # promoted; the watch saw too few requests to tell
+        context.log.warning("; ".join(report.reasons))
     steps = [
         {"step": s["step"], "passed": s["passed"], "reasons": "; ".join(s.get("reasons", []))}
         for s in report.steps

@@ -2,8 +2,9 @@
 
 reconcile (TorchServe serves the registry's champion) -> register (not default) -> smoke test
 on its versioned endpoint -> shadow replay of recent logged requests to champion and challenger
--> compare -> promotion -> watch error rate and latency for a window -> keep, or roll back to
-the previous version. Promotion and rollback write the registry's intent first, then apply and
+-> compare (``serving.release_checks``: tests with a stated false-rejection rate) -> promotion
+-> watch error rate and p95 latency over a few hundred requests -> keep, or roll back to the
+previous version. Promotion and rollback write the registry's intent first, then apply and
 confirm it (``serving.reconciler``), so a crash between the two leaves the registry's champion
 as the truth for the next reconcile. TorchServe's ``set-default`` switches atomically and the
 previous version stays registered, so traffic during a promotion or a rollback never meets a
@@ -11,7 +12,8 @@ missing model. Every step is a registry event.
 
 Before any of it, a version is deferred when the online store lacks fresh rows for a feature
 view of its FeatureService (``online_freshness_reasons``): served, it would score every request
-without that view's features. The champion keeps serving; the version is not rejected.
+without that view's features. The champion keeps serving; the version is not rejected. A
+shadow check without enough samples to decide defers it too.
 
 Replayed and probe requests carry request ids prefixed ``shadow:``/``smoke:``/``watch:``
 so monitoring can leave them out (``is_synthetic``).
@@ -32,10 +34,10 @@ import numpy as np
 from core.usecase import active
 from models.registry import CHAMPION, Registry
 from models.tasks import of as task_of
-from quality.drift import ks_statistic, psi
-from serving import prediction_log
+from serving import prediction_log, release_checks
 from serving.client import TorchServeClient, TorchServeError
 from serving.reconciler import Archive, reconcile
+from serving.release_checks import Check
 
 SYNTHETIC_PREFIXES = ("smoke:", "shadow:", "watch:")
 
@@ -73,27 +75,41 @@ def logged_requests(
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    """Bounds a challenger must stay within, in shadow and after promotion."""
+    """Bounds a challenger must stay within, in shadow and after promotion.
+
+    Each shadow and watch check is a test (``serving.release_checks``): a challenger that
+    behaves as the champion does fails the shadow with probability at most ``alpha``, shared
+    among its checks (Bonferroni), and the watch likewise. Rates and ratios below are the
+    effects a check must be confident of, not figures the sample merely crosses."""
 
     smoke_requests: int = 8
-    replay_requests: int = 200
-    replay_batch: int = 16
-    max_error_rate: float = 0.0
+    replay_requests: int = 300
+    # One request a call: each call is a latency sample, and customers send one at a time.
+    replay_batch: int = 1
+    alpha: float = 0.01
+    # Latency samples (calls) each version answers before p95s are compared: the shadow
+    # replays its requests again until both reach it. A p95 of a few hundred calls is past
+    # the few a scheduling pause on a shared host makes slow (decision 30).
+    min_samples: int = 300
+    max_error_rate: float = 0.01
     max_p95_latency_ms: float = 500.0
-    # The challenger's median latency against the champion's on the same requests: a slower
-    # model moves the median; a p95 of a few dozen batches is their slowest few, where one
-    # scheduling pause on a shared host read as "3x slower" (decision 30). The ratio counts
-    # only past this many ms over the champion.
-    max_latency_ratio: float = 3.0
-    min_latency_gap_ms: float = 10.0
-    max_score_ks: float = 0.8
-    # A classifier's share of positive decisions; a regressor's mean prediction, relative, as
-    # far from the shift the gate's test split showed (expected_mean_shift).
-    max_flag_rate_change: float = 0.2
+    max_latency_ratio: float = 2.0
+    min_latency_gap_ms: float = 1.0
+    # The smallest score-distribution distance worth a rejection: sound retrains on fresh
+    # fraud-like data differed by KS up to 0.25 on 300 requests; a broken model (a constant,
+    # a feature lost in serving) by 0.5 and more.
+    min_score_ks: float = 0.35
+    # A classifier's share of positive decisions, as a ratio to the champion's either way; a
+    # regressor's mean prediction, relative: each as far from the change the gate's test
+    # split showed (expected_shift).
+    max_flag_rate_change: float = 0.5
     max_mean_change: float = 0.2
-    watch_seconds: float = 5.0
-    watch_interval_s: float = 0.5
-    watch_max_error_rate: float = 0.0
+    # The watch sends watch_requests to the default endpoint, one every watch_interval_s,
+    # and stops early at watch_seconds.
+    watch_requests: int = 300
+    watch_seconds: float = 120.0
+    watch_interval_s: float = 0.02
+    watch_max_error_rate: float = 0.01
     watch_max_p95_latency_ms: float = 500.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,10 +143,21 @@ class Probe:
     def flag_rate(self) -> float:
         return self.flagged / len(self.scores) if self.scores else 0.0
 
+    def add(self, part: Probe, *, scores: bool = True) -> None:
+        """Count ``part``'s calls in this one; its scores only when ``scores`` (a request
+        replayed again is another latency sample, not another score)."""
+        self.sent += part.sent
+        self.errors += part.errors
+        self.latencies_ms += part.latencies_ms
+        if scores:
+            self.scores += part.scores
+            self.flagged += part.flagged
+
     def summary(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "requests": self.sent,
+            "scored": len(self.scores),
             "error_rate": round(self.error_rate, 4),
             "errors": self.errors[:5],
             "p50_ms": round(self.p50_ms, 2) if self.latencies_ms else None,
@@ -174,8 +201,10 @@ def probe(
     *,
     version: str | None,
     batch: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Probe:
-    """Send ``requests`` in lists of ``batch`` to a version (None: the default endpoint)."""
+    """Send ``requests`` in lists of ``batch`` to a version (None: the default endpoint);
+    ``clock`` (seconds) times each call."""
     result = Probe(version or "default")
     task = active().task
     score, positive = task.score, task.decision.positive
@@ -184,13 +213,13 @@ def probe(
     for start in range(0, len(requests), batch):
         chunk = list(requests[start : start + batch])
         result.sent += len(chunk)
-        began = time.perf_counter()
+        began = clock()
         try:
             answer = client.predict(chunk, version=version)
         except TorchServeError as exc:
             result.errors.extend([f"{exc.status}: {exc}"] * len(chunk))
             continue
-        elapsed = (time.perf_counter() - began) * 1000.0
+        elapsed = (clock() - began) * 1000.0
         answers = answer if isinstance(answer, list) else [answer]
         if len(answers) != len(chunk):
             result.errors.extend([f"{len(answers)} answers for {len(chunk)} requests"] * len(chunk))
@@ -214,100 +243,110 @@ def shadow_probes(
     challenger: str,
     *,
     batch: int,
+    min_calls: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[Probe, Probe]:
     """The same requests to both versions, batch by batch in turns, after one unmeasured
     warm-up batch each: both see the same background load at the same moments, and a fresh
-    worker's first call at this batch size (a p95 of a dozen batches is their maximum) does not
-    count against the challenger. A warm-up that fails is not hidden: its batch is measured."""
+    worker's first call at this batch size does not count against the challenger. A warm-up
+    that fails is not hidden: its batch is measured. The requests are replayed again until
+    each version got ``min_calls`` calls (latency samples); scores come from the first pass."""
     warm = list(requests[:batch])
     for version in (champion, challenger):
-        if probe(client, warm, version=version, batch=batch).errors:
+        if probe(client, warm, version=version, batch=batch, clock=clock).errors:
             break
     champ, chall = Probe(champion), Probe(challenger)
-    for i, start in enumerate(range(0, len(requests), batch)):
-        chunk = requests[start : start + batch]
-        order = [(champ, champion), (chall, challenger)]
-        for into, version in order if i % 2 == 0 else reversed(order):
-            part = probe(client, chunk, version=version, batch=batch)
-            into.sent += part.sent
-            into.errors += part.errors
-            into.latencies_ms += part.latencies_ms
-            into.scores += part.scores
-            into.flagged += part.flagged
+    calls = math.ceil(len(requests) / batch)
+    passes = max(1, math.ceil(min_calls / calls)) if calls else 0
+    turn = 0
+    for first in [True] + [False] * (passes - 1):
+        for start in range(0, len(requests), batch):
+            chunk = requests[start : start + batch]
+            order = [(champ, champion), (chall, challenger)]
+            for into, version in order if turn % 2 == 0 else reversed(order):
+                part = probe(client, chunk, version=version, batch=batch, clock=clock)
+                into.add(part, scores=first)
+            turn += 1
     return champ, chall
 
 
-def score_psi(reference: Sequence[float], candidate: Sequence[float], bins: int = 10) -> float:
-    """PSI of challenger scores against champion scores on the same requests (quantile bins)."""
-    ref, cand = np.asarray(reference, float), np.asarray(candidate, float)
-    if ref.size == 0 or cand.size == 0:
-        return 0.0
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    p = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
-    q = np.bincount(np.searchsorted(edges, cand, side="right"), minlength=edges.size + 1)
-    return psi(p / ref.size, q / cand.size)
-
-
-def expected_mean_shift(registry: Registry, version: str) -> float:
-    """How far the challenger's mean prediction moved from the champion's on the gate's test
-    split (relative; 0 when the evaluation did not record both). After concept drift a better
-    regressor moves by design (rain: every delivery slower); the shadow then checks that live
-    traffic moves as the labelled test split did, not that nothing moved (decision 37)."""
+def expected_shift(registry: Registry, version: str) -> float:
+    """How far the challenger moved from the champion on the gate's test split, relative: a
+    regressor's mean prediction, a classifier's flag rate (0 when the evaluation did not record
+    both). After concept drift a better model moves by design (rain: every delivery slower; a
+    new fraud pattern: more declines); the shadow then checks that live traffic moves as the
+    labelled test split did, not that nothing moved (decision 37)."""
+    key = "flag_rate" if task_of(active().task.type).has_threshold else "mean_prediction"
     record = registry.get(version)
     champion = (record.extra.get("compared") or {}).get("champion") or {}
-    before, after = champion.get("mean_prediction"), record.metrics.get("mean_prediction")
-    if before is None or after is None or not before:
+    before, after = champion.get(key), record.metrics.get(key)
+    if before is None or after is None or not before or math.isnan(before + after):
         return 0.0
     return (float(after) - float(before)) / abs(float(before))
+
+
+def shadow_checks(
+    champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
+) -> list[Check]:
+    """The shadow's tests of the challenger against the champion on the same requests, each at
+    ``policy.alpha`` over their number. ``expected_shift``: the change the gate's test split
+    showed (``expected_shift``): a classifier's flag rate and a regressor's mean prediction may
+    move live as far, and a regressor's scores are compared with the champion's moved so."""
+    alpha = policy.alpha / 5
+    if task_of(active().task.type).has_threshold:
+        reference = champion.scores
+        change = release_checks.flag_rate_change(
+            (champion.flagged, len(champion.scores)),
+            (challenger.flagged, len(challenger.scores)),
+            expected_change=expected_shift,
+            alpha=alpha,
+            max_change=policy.max_flag_rate_change,
+        )
+    else:
+        reference = [p + expected_shift * abs(p) for p in champion.scores]
+        change = release_checks.mean_change(
+            champion.scores,
+            challenger.scores,
+            expected_shift=expected_shift,
+            alpha=alpha,
+            max_change=policy.max_mean_change,
+        )
+    return [
+        release_checks.error_rate(
+            len(challenger.errors),
+            challenger.sent,
+            alpha=alpha,
+            max_rate=policy.max_error_rate,
+            name="shadow_error_rate",
+        ),
+        release_checks.p95_latency_limit(
+            challenger.latencies_ms,
+            alpha=alpha,
+            limit_ms=policy.max_p95_latency_ms,
+            name="shadow_p95_latency",
+        ),
+        release_checks.p95_latency_ratio(
+            champion.latencies_ms,
+            challenger.latencies_ms,
+            alpha=alpha,
+            max_ratio=policy.max_latency_ratio,
+            min_gap_ms=policy.min_latency_gap_ms,
+            min_samples=policy.min_samples,
+        ),
+        release_checks.score_shift(
+            reference, challenger.scores, alpha=alpha, min_ks=policy.min_score_ks
+        ),
+        change,
+    ]
 
 
 def compare_shadow(
     champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
 ) -> list[str]:
-    """Reasons the challenger's shadow run is out of bounds (empty: within bounds).
-    ``expected_shift``: a regressor's mean-prediction change the gate's test split showed
-    (``expected_mean_shift``); the live change may differ from it by ``max_mean_change``."""
-    reasons = []
-    if challenger.error_rate > policy.max_error_rate:
-        reasons.append(
-            f"shadow error rate {challenger.error_rate:.2%} > {policy.max_error_rate:.2%}"
-        )
-    if challenger.p95_ms > policy.max_p95_latency_ms:
-        reasons.append(
-            f"shadow p95 latency {challenger.p95_ms:.1f} ms > {policy.max_p95_latency_ms} ms"
-        )
-    if (
-        champion.p50_ms > 0
-        and challenger.p50_ms > policy.max_latency_ratio * champion.p50_ms
-        and challenger.p50_ms - champion.p50_ms > policy.min_latency_gap_ms
-    ):
-        reasons.append(
-            f"shadow p50 latency {challenger.p50_ms:.1f} ms is more than "
-            f"{policy.max_latency_ratio}x the champion's {champion.p50_ms:.1f} ms"
-        )
-    if champion.scores and challenger.scores:
-        ks = ks_statistic(champion.scores, challenger.scores)
-        if ks > policy.max_score_ks:
-            reasons.append(
-                f"score distribution moved: KS {ks:.3f} vs the champion > {policy.max_score_ks}"
-            )
-    if task_of(active().task.type).has_threshold:
-        change = abs(challenger.flag_rate - champion.flag_rate)
-        if change > policy.max_flag_rate_change:
-            reasons.append(
-                f"flag rate {challenger.flag_rate:.2%} differs from the champion's "
-                f"{champion.flag_rate:.2%} by more than {policy.max_flag_rate_change:.0%}"
-            )
-    elif champion.scores and challenger.scores:
-        before, after = float(np.mean(champion.scores)), float(np.mean(challenger.scores))
-        shift = (after - before) / abs(before) if before else 0.0
-        if before and abs(shift - expected_shift) > policy.max_mean_change:
-            reasons.append(
-                f"mean prediction {after:.3f} differs from the champion's {before:.3f} by "
-                f"{shift:+.0%}, where the test split showed {expected_shift:+.0%}: more than "
-                f"{policy.max_mean_change:.0%} apart"
-            )
-    return reasons
+    """Reasons the challenger's shadow run is out of bounds (empty: none is)."""
+    return [
+        c.reason for c in shadow_checks(champion, challenger, policy, expected_shift) if c.failed
+    ]
 
 
 def online_freshness_reasons(
@@ -347,6 +386,7 @@ def deliver(
     archive: Archive | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> DeliveryReport:
     """Take ``version`` (archived in the model store) from registered to default, or back out.
 
@@ -355,6 +395,9 @@ def deliver(
     version before TorchServe is changed (outcome ``deferred``: not rejected, still promotable
     later), and the served version stays. ``archive``: the model-store lookup ``reconcile``
     uses for a champion TorchServe lacks (``serving.reconciler.from_model_store``).
+    A shadow check without enough samples to decide defers the version too; a watch that saw
+    too few requests by its deadline keeps the promotion and says so in the report.
+    ``sleep``/``clock`` pace and time the probes (seconds).
     """
     if not replay:
         raise ValueError("progressive delivery needs at least one request to replay")
@@ -372,19 +415,19 @@ def deliver(
         registry.record_deployment(version, name, passed, detail)
         log(f"{version} {name}: {'ok' if passed else 'FAILED'} {detail}")
 
-    def reject(reasons: list[str]) -> DeliveryReport:
-        report.outcome, report.reasons = "rejected", reasons
-        registry.reject(version, [f"deployment: {r}" for r in reasons])
+    def withdraw(outcome: str, reasons: list[str]) -> DeliveryReport:
+        """Rejected (the model's fault), or deferred: not rejected, only held back, and the
+        next deployment of it (or of a later version) tries again."""
+        report.outcome, report.reasons = outcome, reasons
+        if outcome == "rejected":
+            registry.reject(version, [f"deployment: {r}" for r in reasons])
         if version != served and version in client.versions():
             client.unregister(version)
         return report
 
     if stale_features:
-        # Not the model's fault: the version is not rejected, only held back, and the next
-        # deployment of it (or of a later version) tries again once the features are fresh.
         step("online_features", False, reasons=list(stale_features))
-        report.outcome, report.reasons = "deferred", list(stale_features)
-        return report
+        return withdraw("deferred", list(stale_features))
     if version not in client.versions():
         client.register(version, set_default=False)
     step("registered_in_torchserve", True, default=served)
@@ -395,25 +438,14 @@ def deliver(
     smoke_ok = not smoke.errors and smoke.sent > 0
     step("smoke_test", smoke_ok, **smoke.summary())
     if not smoke_ok:
-        return reject([f"smoke test failed: {smoke.errors[:3]}"])
+        return withdraw("rejected", [f"smoke test failed: {smoke.errors[:3]}"])
 
     if served is not None and served != version:
-        shadow_requests = tagged(list(replay[: policy.replay_requests]), "shadow:")
-        champ, chall = shadow_probes(
-            client, shadow_requests, served, version, batch=policy.replay_batch
-        )
-        reasons = compare_shadow(champ, chall, policy, expected_mean_shift(registry, version))
-        psi = score_psi(champ.scores, chall.scores)
-        step(
-            "shadow_replay",
-            not reasons,
-            champion=champ.summary(),
-            challenger=chall.summary(),
-            score_psi=round(psi, 4),
-            reasons=reasons,
-        )
-        if reasons:
-            return reject(reasons)
+        checks = shadow(client, registry, version, served, replay, policy, step, clock)
+        if any(c.failed for c in checks):
+            return withdraw("rejected", [c.reason for c in checks if c.failed])
+        if any(c.outcome == release_checks.NOT_ENOUGH for c in checks):
+            return withdraw("deferred", [c.reason for c in checks if c.reason])
 
     if registry.get_alias(CHAMPION) != version:
         registry.promote(version, reason="passed smoke test and shadow replay")
@@ -423,13 +455,50 @@ def deliver(
 
     if served is None or served == version:
         return report
-    breach = watch(client, replay, policy, sleep=sleep)
-    step("post_promotion_watch", not breach, **({"breach": breach} if breach else {}))
+    checks = watch(client, replay, policy, sleep=sleep, clock=clock)
+    passed = all(c.outcome == release_checks.PASSED for c in checks)
+    step("post_promotion_watch", passed, checks=[c.to_dict() for c in checks])
+    breach = [c.reason for c in checks if c.failed]
     if breach:
         registry.rollback(reason=f"post-promotion watch: {'; '.join(breach)}")
         reconcile(registry, client, archive)
         report.outcome, report.reasons = "rolled_back", breach
+    else:  # an inconclusive watch (too few requests) keeps the promotion and says so
+        report.reasons = [c.reason for c in checks if c.reason]
     return report
+
+
+def shadow(
+    client: TorchServeClient,
+    registry: Registry,
+    version: str,
+    served: str,
+    replay: Sequence[dict[str, Any]],
+    policy: DeliveryPolicy,
+    step: Callable[..., None],
+    clock: Callable[[], float],
+) -> list[Check]:
+    """Replay requests to the champion and the challenger, test them, record the step."""
+    requests = tagged(list(replay[: policy.replay_requests]), "shadow:")
+    champ, chall = shadow_probes(
+        client,
+        requests,
+        served,
+        version,
+        batch=policy.replay_batch,
+        min_calls=policy.min_samples,
+        clock=clock,
+    )
+    checks = shadow_checks(champ, chall, policy, expected_shift(registry, version))
+    step(
+        "shadow_replay",
+        all(c.outcome == release_checks.PASSED for c in checks),
+        champion=champ.summary(),
+        challenger=chall.summary(),
+        checks=[c.to_dict() for c in checks],
+        reasons=[c.reason for c in checks if c.reason],
+    )
+    return checks
 
 
 def watch(
@@ -438,26 +507,41 @@ def watch(
     policy: DeliveryPolicy,
     *,
     sleep: Callable[[float], None] = time.sleep,
-) -> list[str]:
-    """Probe the default endpoint for ``watch_seconds``; the breaches seen (empty: none)."""
-    deadline = time.monotonic() + policy.watch_seconds
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[Check]:
+    """Send ``watch_requests`` single requests to the default endpoint, one every
+    ``watch_interval_s``, stopping early at ``watch_seconds``; then test its error rate and p95
+    (``policy.alpha`` over the two). Failed checks are breaches; fewer requests answered than
+    ``watch_requests`` adds a ``watch_requests`` check without enough samples."""
+    deadline = clock() + policy.watch_seconds
     seen = Probe("default")
-    requests = tagged(replay[: policy.replay_batch], "watch:")
-    while True:
-        part = probe(client, requests, version=None, batch=policy.replay_batch)
-        seen.sent += part.sent
-        seen.errors += part.errors
-        seen.latencies_ms += part.latencies_ms
-        if time.monotonic() >= deadline:
+    requests = tagged(replay, "watch:")
+    while seen.sent < policy.watch_requests:
+        request = requests[seen.sent % len(requests)]
+        seen.add(probe(client, [request], version=None, batch=1, clock=clock))
+        if clock() >= deadline:
             break
         sleep(policy.watch_interval_s)
-    breaches = []
-    if seen.error_rate > policy.watch_max_error_rate:
-        breaches.append(
-            f"error rate {seen.error_rate:.2%} > {policy.watch_max_error_rate:.2%} after promotion"
+    alpha = policy.alpha / 2
+    checks = [
+        release_checks.error_rate(
+            len(seen.errors),
+            seen.sent,
+            alpha=alpha,
+            max_rate=policy.watch_max_error_rate,
+            name="watch_error_rate",
+        ),
+        release_checks.p95_latency_limit(
+            seen.latencies_ms,
+            alpha=alpha,
+            limit_ms=policy.watch_max_p95_latency_ms,
+            name="watch_p95_latency",
+        ),
+    ]
+    if seen.sent < policy.watch_requests:
+        reason = (
+            f"post-promotion watch inconclusive: {seen.sent} of {policy.watch_requests} "
+            f"requests answered in {policy.watch_seconds} s; the promotion stands"
         )
-    if seen.p95_ms > policy.watch_max_p95_latency_ms:
-        breaches.append(
-            f"p95 latency {seen.p95_ms:.1f} ms > {policy.watch_max_p95_latency_ms} ms after promotion"
-        )
-    return breaches
+        checks.append(Check("watch_requests", release_checks.NOT_ENOUGH, reason))
+    return checks

@@ -9,18 +9,23 @@ class Crash(BaseException):
     """The process dying at that point (not an error anything should catch)."""
 
 
-REQUESTS = [
-    {
-        "transaction_id": f"t{i}",
-        "card_id": f"c{i % 7}",
-        "merchant_id": "m1",
-        "amount": 10.0 + i,
-        "channel": "online",
-        "country": "US",
-        "timestamp": "2026-11-23T10:00:00Z",
-    }
-    for i in range(40)
-]
+def requests(n: int) -> list[dict]:
+    """``n`` distinct transactions (t0...), amounts 10, 11, 12..."""
+    return [
+        {
+            "transaction_id": f"t{i}",
+            "card_id": f"c{i % 7}",
+            "merchant_id": "m1",
+            "amount": 10.0 + i,
+            "channel": "online",
+            "country": "US",
+            "timestamp": "2026-11-23T10:00:00Z",
+        }
+        for i in range(n)
+    ]
+
+
+REQUESTS = requests(40)
 
 
 class FakeServe:
@@ -29,15 +34,29 @@ class FakeServe:
     ``faults``: set-default call number (1-based) -> what goes wrong on that call: "crash"
     (the caller dies before TorchServe switched), "crash_after" (TorchServe switched, then
     the caller died), "timeout" (no answer, no switch), "timeout_after" (no answer, switched).
+
+    ``clock``/``sleep``: a virtual clock (seconds) for delivery's probes; each predict call
+    advances it by its version's ``latency_ms`` (1 ms unless given), so latency tests do not
+    depend on how loaded the host is.
     """
 
-    def __init__(self, behaviours, faults=None):
+    def __init__(self, behaviours, faults=None, latency_ms=None):
         self.behaviours = behaviours
         self.registered: dict[str, bool] = {}
         self.defaults: list[str] = []
         self.slow: set[str] = set()
+        # Versions that answer differently once they are the default (production traffic).
+        self.production: dict = {}
         self.faults: dict[int, str] = dict(faults or {})
         self.set_default_calls = 0
+        self.latency_ms: dict[str, float] = dict(latency_ms or {})
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
     def versions(self, model=None):
         return dict(self.registered)
@@ -76,7 +95,8 @@ class FakeServe:
             import time
 
             time.sleep(0.01)
-        score = self.behaviours[version]
+        self.now += self.latency_ms.get(version, 1.0) / 1000.0
+        score = (via_default and self.production.get(version)) or self.behaviours[version]
         items = payload if isinstance(payload, list) else [payload]
         out = []
         for item in items:
