@@ -81,6 +81,11 @@ class GateDecision:
             }
         )
 
+    def slice_outcomes(self) -> dict[str, int]:
+        """How many slices passed, regressed, or had not enough support."""
+        outcomes = [c["outcome"] for c in self.checks if c["check"].startswith("slice:")]
+        return {name: outcomes.count(name) for name in (PASSED, REGRESSED, NOT_ENOUGH_SUPPORT)}
+
     def to_markdown(self) -> str:
         verdict = self.verdict.upper()
         if self.verdict == NOT_ENOUGH_SUPPORT:
@@ -229,8 +234,8 @@ def _slice_checks(
         add(
             SLICES_COMPARED,
             False,
-            f"slices not compared: the {reference_name} has no row-level scores "
-            "of the challenger's rows",
+            f"slices not compared: the challenger and the {reference_name} hold no "
+            "row-level scores of the same rows (a report read back from JSON holds none)",
         )
         return
     compared = compare_slices(challenger, reference, policy, metric)

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.evaluate import evaluate_scores
+from models.evaluate import EvaluationReport, evaluate_scores
 from models.gate import GatePolicy, validate_challenger
 from tests.models.test_models_gate import GOOD_INFRA
 
@@ -99,6 +99,16 @@ def test_a_slice_with_three_positives_is_not_enough_support_never_passed():
     # The other slices were compared, so the verdict stands, and says what was not verified.
     assert decision.passed and decision.verdict == "passed"
     assert any("country=MT" in w for w in decision.warnings)
+    assert decision.slice_outcomes() == {"passed": 4, "regressed": 0, "not enough support": 1}
+
+
+def test_slices_are_not_compared_without_both_models_scores_on_the_same_rows():
+    frame, y, model = _world(0)
+    (challenger, champion, baseline), _ = _judge(frame, y, model(1, signal=3.0), model(0))
+    read_back = EvaluationReport.from_dict(champion.to_dict())
+    decision = validate_challenger(challenger, baseline, read_back, GOOD_INFRA, POLICY)
+    assert not decision.passed and decision.verdict == "rejected"
+    assert any("slices not compared" in r for r in decision.reasons)
 
 
 @pytest.mark.parametrize("setting", ["block", "warn"])
