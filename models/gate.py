@@ -111,7 +111,9 @@ def validate_challenger(
     infra: InfraReport,
     policy: GatePolicy,
 ) -> GateDecision:
-    """Passes only if the challenger beats baseline and champion, regresses no slice, and is servable."""
+    """Passes only if the challenger beats baseline and champion, regresses no slice
+    significantly, and is servable; with no slice comparable the verdict is "not enough
+    support", which blocks unless ``policy.slices_unsupported`` is "warn"."""
     checks: list[dict[str, Any]] = []
 
     def add(name: str, passed: bool | None, detail: str, outcome: str = "", **values: Any) -> None:
