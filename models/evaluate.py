@@ -93,6 +93,17 @@ class SliceResult:
 
 
 @dataclass(frozen=True)
+class RowScores:
+    """The labels and predictions a report was computed from, and the rows of each slice
+    (``(column, value)`` -> row indices): what comparing two models on the same rows of a slice
+    needs (models.slice_compare). Held in memory only, never in ``to_dict``."""
+
+    y: np.ndarray
+    predictions: np.ndarray
+    slice_rows: dict[tuple[str, str], np.ndarray]
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     """One model on one split; slices and calibration included. JSON round-trips via to_dict."""
 
@@ -108,6 +119,8 @@ class EvaluationReport:
     # A regressor's |error| by decile of its predictions (models.tasks.ErrorCurve): the
     # reference of the label-free MAE estimate in monitoring.
     error_curve: dict[str, list] = field(default_factory=dict)
+    # None for a report read back from JSON: it cannot be compared slice by slice.
+    rows: RowScores | None = field(default=None, compare=False, repr=False)
 
     @property
     def support(self) -> int:
@@ -206,6 +219,7 @@ def evaluate_scores(
         threshold = math.nan
     metrics["ece"] = calibration.ece
     slices: list[SliceResult] = []
+    slice_rows: dict[tuple[str, str], np.ndarray] = {}
     if slice_frame is not None:
         if slice_frame.height != y.size:
             raise ValueError("slice_frame must have one row per prediction")
@@ -221,6 +235,7 @@ def evaluate_scores(
             )
             for value, idx in groups.iter_rows():
                 rows = np.asarray(idx, dtype=np.int64)
+                slice_rows[(column, value)] = rows
                 slices.append(SliceResult(column, value, metrics_of(y[rows], p[rows])))
         slices.sort(key=lambda s: (slice_columns.index(s.column), -s.support, s.value))
     return EvaluationReport(
@@ -234,6 +249,7 @@ def evaluate_scores(
         slices=tuple(slices),
         task=task,
         error_curve=errors,
+        rows=RowScores(y, p, slice_rows),
     )
 
 

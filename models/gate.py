@@ -21,10 +21,21 @@ from core.jsonutil import json_safe
 from models.artifact import golden_check, load_model
 from models.checksum import directory_size
 from models.evaluate import EvaluationReport
+from models.slice_compare import (
+    NOT_ENOUGH_SUPPORT,
+    PASSED,
+    REGRESSED,
+    SliceComparison,
+    compare_slices,
+    same_rows,
+)
 from models.spec import GatePolicy
 from models.tasks import of as task_of
 
 __all__ = ["GatePolicy", "InfraReport", "GateDecision", "infra_validate", "validate_challenger"]
+
+REJECTED = "rejected"
+SLICES_COMPARED = "slices_compared"
 
 
 @dataclass(frozen=True)
@@ -44,24 +55,52 @@ class InfraReport:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """passed only if every check passed; reasons lists every failed check's explanation."""
+    """passed: may the version be registered as a challenger and promoted (no check blocks).
+    verdict: "passed", "rejected", or "not enough support" (no slice could be compared; it
+    blocks or not by ``GatePolicy.slices_unsupported``, and is never reported as passed).
+    reasons: every blocking check's explanation; warnings: what was not verified."""
 
     passed: bool
     reasons: list[str]
     checks: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.verdict:
+            object.__setattr__(self, "verdict", PASSED if self.passed else REJECTED)
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe({"passed": self.passed, "reasons": self.reasons, "checks": self.checks})
+        return json_safe(
+            {
+                "passed": self.passed,
+                "verdict": self.verdict,
+                "reasons": self.reasons,
+                "warnings": self.warnings,
+                "checks": self.checks,
+            }
+        )
+
+    def slice_outcomes(self) -> dict[str, int]:
+        """How many slices passed, regressed, or had not enough support."""
+        outcomes = [c["outcome"] for c in self.checks if c["check"].startswith("slice:")]
+        return {name: outcomes.count(name) for name in (PASSED, REGRESSED, NOT_ENOUGH_SUPPORT)}
 
     def to_markdown(self) -> str:
-        verdict = "PASSED" if self.passed else "REJECTED"
+        verdict = self.verdict.upper()
+        if self.verdict == NOT_ENOUGH_SUPPORT:
+            verdict += " (promotable, unverified)" if self.passed else " (blocked)"
         lines = [f"**Validation gate: {verdict}**", ""]
         if self.reasons:
             lines += ["Reasons:", *[f"- {r}" for r in self.reasons], ""]
+        if self.warnings:
+            lines += ["Not verified:", *[f"- {w}" for w in self.warnings], ""]
         lines += ["| check | result | detail |", "|---|---|---|"]
         for c in self.checks:
-            mark = "pass" if c["passed"] else "FAIL"
-            lines.append(f"| {c['check']} | {mark} | {c['detail']} |")
+            mark = c.get("outcome") or ("passed" if c["passed"] else "failed")
+            lines.append(
+                f"| {c['check']} | {mark if c['passed'] else mark.upper()} | {c['detail']} |"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -72,11 +111,18 @@ def validate_challenger(
     infra: InfraReport,
     policy: GatePolicy,
 ) -> GateDecision:
-    """Passes only if the challenger beats baseline and champion, regresses no slice, and is servable."""
+    """Passes only if the challenger beats baseline and champion, regresses no slice
+    significantly, and is servable; with no slice comparable the verdict is "not enough
+    support", which blocks unless ``policy.slices_unsupported`` is "warn"."""
     checks: list[dict[str, Any]] = []
 
-    def add(name: str, passed: bool, detail: str, **values: Any) -> None:
-        checks.append({"check": name, "passed": bool(passed), "detail": detail, **values})
+    def add(name: str, passed: bool | None, detail: str, outcome: str = "", **values: Any) -> None:
+        """passed None: neither passed nor failed (not enough support), so it blocks nothing."""
+        flag = None if passed is None else bool(passed)
+        outcome = outcome or (PASSED if flag else "failed")
+        checks.append(
+            {"check": name, "passed": flag, "outcome": outcome, "detail": detail, **values}
+        )
 
     task = task_of(challenger.task)
     metric = policy.primary_metric or task.primary_metric
@@ -150,8 +196,27 @@ def validate_challenger(
         challenger, champion or baseline, "champion" if champion else "baseline", policy, add
     )
     _infra_checks(infra, policy, add)
-    reasons = [c["detail"] for c in checks if not c["passed"]]
-    return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
+    return _decision(checks)
+
+
+def _decision(checks: list[dict[str, Any]]) -> GateDecision:
+    blocking = [c for c in checks if c["passed"] is False]
+    unverified = [c for c in checks if c["check"] == SLICES_COMPARED and c["outcome"] != PASSED]
+    if any(c["outcome"] != NOT_ENOUGH_SUPPORT for c in blocking):
+        verdict = REJECTED
+    else:
+        verdict = NOT_ENOUGH_SUPPORT if unverified else PASSED
+    return GateDecision(
+        passed=not blocking,
+        reasons=[c["detail"] for c in blocking],
+        checks=checks,
+        verdict=verdict,
+        warnings=[
+            c["detail"]
+            for c in checks
+            if not c["check"].startswith("slice:") and (c["passed"] is None or c.get("unverified"))
+        ],
+    )
 
 
 def _slice_checks(
@@ -161,47 +226,74 @@ def _slice_checks(
     policy: GatePolicy,
     add: Any,
 ) -> None:
+    """One check per slice (passed, regressed, or not enough support), then one that says
+    whether any slice could be compared at all."""
+    if not challenger.slices:
+        return
     task = task_of(challenger.task)
     metric = policy.slice_metric or policy.primary_metric or task.primary_metric
-    binary = task.count_metric == "positives"
-    evaluated = 0
-    for s in challenger.slices:
-        if s.support < policy.slice_min_support or (
-            binary and s.positives < policy.slice_min_positives
-        ):
-            continue
-        ref = reference.slice(s.column, s.value)
-        if ref is None:
-            continue
-        evaluated += 1
-        mine = s.metrics.get(metric, math.nan)
-        theirs = ref.metrics.get(metric, math.nan)
-        drop = -task.gain(metric, mine, theirs)
-        ok = not math.isnan(drop) and drop <= policy.slice_tolerance
+    if not same_rows(challenger, reference):
         add(
-            f"slice:{s.column}={s.value}",
-            ok,
-            f"slice {s.column}={s.value} (support {s.support}"
-            + (f", {s.positives} positives): " if binary else "): ")
-            + f"{metric} {mine:.4f} vs {reference_name} {theirs:.4f} "
+            SLICES_COMPARED,
+            False,
+            f"slices not compared: the challenger and the {reference_name} hold no "
+            "row-level scores of the same rows (a report read back from JSON holds none)",
+        )
+        return
+    compared = compare_slices(challenger, reference, policy, metric)
+    for c in compared:
+        add(
+            f"slice:{c.column}={c.value}",
+            {PASSED: True, REGRESSED: False}.get(c.outcome),
+            _slice_detail(c, metric, reference_name, policy),
+            outcome=c.outcome,
+            **{k: v for k, v in asdict(c).items() if k not in ("column", "value", "outcome")},
+        )
+    lacking = [f"{c.column}={c.value}" for c in compared if c.outcome == NOT_ENOUGH_SUPPORT]
+    n_compared = len(compared) - len(lacking)
+    listed = ", ".join(lacking[:12]) + (
+        f" and {len(lacking) - 12} more" if len(lacking) > 12 else ""
+    )
+    if n_compared == 0:
+        add(
+            SLICES_COMPARED,
+            None if policy.slices_unsupported == "warn" else False,
+            f"not enough support: none of {len(compared)} slices could be compared with the "
+            f"{reference_name} ({listed}); slice regressions are unverified"
             + (
-                f"within tolerance {policy.slice_tolerance:.4f}"
-                if ok
-                else f"regresses by {drop:.4f}, more than the tolerance {policy.slice_tolerance:.4f}"
+                "; retrain once more labels have arrived, or promote with --force and a reason"
+                if policy.slices_unsupported == "block"
+                else ""
             ),
-            support=s.support,
-            challenger_value=mine,
-            reference_value=theirs,
-            drop=drop,
+            outcome=NOT_ENOUGH_SUPPORT,
         )
-    if evaluated == 0:
-        add(
-            "slices_evaluated",
-            True,
-            f"no slice reached support {policy.slice_min_support}"
-            + (f" with {policy.slice_min_positives} positives" if binary else "")
-            + "; no slice comparison made",
+        return
+    add(
+        SLICES_COMPARED,
+        True,
+        f"{n_compared} of {len(compared)} slices compared with the {reference_name} at "
+        f"family-wise confidence {1 - policy.slice_alpha:.0%}"
+        + (f"; not enough support, unverified: {listed}" if lacking else ""),
+        unverified=bool(lacking),
+        compared=n_compared,
+        not_enough_support=len(lacking),
+    )
+
+
+def _slice_detail(c: SliceComparison, metric: str, reference_name: str, policy: GatePolicy) -> str:
+    head = f"slice {c.column}={c.value} (support {c.support}" + (
+        f", {c.positives} positives): " if c.positives is not None else "): "
+    )
+    values = f"{metric} {c.challenger_value:.4f} vs {reference_name} {c.reference_value:.4f}"
+    if c.outcome == NOT_ENOUGH_SUPPORT:
+        return f"{head}not enough support ({c.why}); {values}"
+    bound = f"gain {c.gain:+.4f}, upper bound {c.upper_bound:+.4f} at {c.confidence:.2%} one-sided"
+    if c.outcome == REGRESSED:
+        return (
+            f"{head}{values}: regresses by {-c.gain:.4f}, significantly ({bound}, below "
+            f"-{policy.slice_tolerance:.4f})"
         )
+    return f"{head}{values}: no significant regression ({bound}, >= -{policy.slice_tolerance:.4f})"
 
 
 def _infra_checks(infra: InfraReport, policy: GatePolicy, add: Any) -> None:

@@ -280,7 +280,7 @@ SE_DRAWS = 200
 _SE_CELLS = 4_000_000  # draws x rows held in memory at once
 
 
-def _weighted_ap(w_pos: np.ndarray, w_all: np.ndarray) -> np.ndarray:
+def weighted_average_precision(w_pos: np.ndarray, w_all: np.ndarray) -> np.ndarray:
     """AP per row of (draws, rows) weights on rank-ordered rows: positive weight and weight."""
     hits = np.cumsum(w_pos, axis=1)
     seen = np.cumsum(w_all, axis=1)
@@ -289,7 +289,8 @@ def _weighted_ap(w_pos: np.ndarray, w_all: np.ndarray) -> np.ndarray:
         return np.sum(w_pos * np.where(seen > 0, hits / seen, 0.0), axis=1) / total
 
 
-def _draw_chunks(rows: int, draws: int) -> list[int]:
+def draw_chunks(rows: int, draws: int) -> list[int]:
+    """Draws per chunk, so a chunk's (draws, rows) weights stay within ``_SE_CELLS``."""
     size = max(1, min(draws, _SE_CELLS // max(rows, 1)))
     return [min(size, draws - start) for start in range(0, draws, size)]
 
@@ -305,9 +306,9 @@ def average_precision_se(
     y_ranked = y[np.argsort(-s, kind="mergesort")]
     rng = np.random.default_rng(seed)
     values = []
-    for chunk in _draw_chunks(y.size, draws):
+    for chunk in draw_chunks(y.size, draws):
         w = rng.poisson(1.0, size=(chunk, y.size)).astype(np.float64)
-        values.append(_weighted_ap(w * y_ranked, w))
+        values.append(weighted_average_precision(w * y_ranked, w))
     ap = np.concatenate(values)
     return float(np.nanstd(ap, ddof=1))
 
@@ -324,9 +325,9 @@ def expected_average_precision_se(
     p_ranked = -np.sort(-p, kind="mergesort")
     rng = np.random.default_rng(seed)
     values = []
-    for chunk in _draw_chunks(p.size, draws):
+    for chunk in draw_chunks(p.size, draws):
         labels = (rng.random((chunk, p.size)) < p_ranked).astype(np.float64)
-        values.append(_weighted_ap(labels, np.ones_like(labels)))
+        values.append(weighted_average_precision(labels, np.ones_like(labels)))
     ap = np.concatenate(values)
     ap = ap[np.isfinite(ap)]
     return float(np.std(ap, ddof=1)) if ap.size > 1 else math.nan

@@ -209,10 +209,23 @@ class GatePolicy:
     min_test_positives: int = 30
     # A regressor's metric needs rows rather than positives.
     min_test_rows: int = 200
+    # Slices (models.slice_compare): a slice regresses only when the one-sided upper bound of
+    # the challenger's gain over the reference, from a paired bootstrap of its rows at
+    # family-wise confidence 1 - slice_alpha over the compared slices, lies below
+    # -slice_tolerance. Below the floors, or with a bound further than
+    # slice_max_margin_tolerances tolerances from its estimate, a slice has "not enough support".
     slice_metric: str | None = None
     slice_tolerance: float = 0.05
-    slice_min_support: int = 500
-    slice_min_positives: int = 20
+    slice_min_support: int = 50
+    slice_min_positives: int = 10
+    slice_alpha: float = 0.05
+    slice_max_margin_tolerances: float = 2.0
+    slice_bootstrap_draws: int = 400
+    slice_seed: int = 0
+    # When no slice has support to be compared: "block" (rejected until more labels arrive,
+    # or promoted by a person with --force and a reason) or "warn" (promotable, the verdict
+    # "not enough support" recorded in the registry and on the card).
+    slices_unsupported: Literal["block", "warn"] = "block"
     max_model_bytes: int = 50 * 2**20
     max_latency_ms_batch1: float = 25.0
     max_latency_ms_batch64: float = 60.0
@@ -222,6 +235,18 @@ class GatePolicy:
     latency_repeats: int = 200
     latency_warmup: int = 5
     latency_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.slices_unsupported not in ("block", "warn"):
+            raise ValueError(
+                f"slices_unsupported must be 'block' or 'warn', got {self.slices_unsupported!r}"
+            )
+        if not 0.0 < self.slice_alpha < 1.0:
+            raise ValueError(f"slice_alpha must lie in (0, 1), got {self.slice_alpha}")
+        if self.slice_tolerance < 0 or self.slice_max_margin_tolerances <= 0:
+            raise ValueError("slice_tolerance must be >= 0 and slice_max_margin_tolerances > 0")
+        if self.slice_bootstrap_draws < 50:
+            raise ValueError("slice_bootstrap_draws must be >= 50 to estimate a spread")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

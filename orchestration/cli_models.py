@@ -113,10 +113,13 @@ def show(version: str) -> None:
 
     gate = mv.extra.get("gate")
     if gate:
-        verdict = "[green]passed[/]" if gate["passed"] else "[red]rejected[/]"
-        console.print(f"Validation gate: {verdict}")
+        verdict = gate.get("verdict") or ("passed" if gate["passed"] else "rejected")
+        colour = "green" if verdict == "passed" else "red" if not gate["passed"] else "yellow"
+        console.print(f"Validation gate: [{colour}]{verdict}[/]")
         for reason in gate["reasons"]:
             console.print(f"  - {reason}")
+        for warning in gate.get("warnings", []):
+            console.print(f"  - not verified: {warning}")
 
     events = Table(title="Events")
     for col in ("at", "event", "reason"):

@@ -74,6 +74,9 @@ class GateConfig(dg.Config):
     slice_tolerance: float = _GATE.slice_tolerance
     slice_min_support: int = _GATE.slice_min_support
     slice_min_positives: int = _GATE.slice_min_positives
+    slice_alpha: float = _GATE.slice_alpha
+    # "block" or "warn": what a verdict of "not enough support" (no slice compared) does.
+    slices_unsupported: str = _GATE.slices_unsupported
     max_model_bytes: int = _GATE.max_model_bytes
     max_latency_ms_batch1: float = _GATE.max_latency_ms_batch1
     max_latency_ms_batch64: float = _GATE.max_latency_ms_batch64
@@ -235,9 +238,12 @@ def evaluation_report(
     )
     decision = evaluation.decision
     check_metadata: dict = {
+        "verdict": decision.verdict,
+        **{f"slices_{k.replace(' ', '_')}": n for k, n in decision.slice_outcomes().items()},
         "champion": champion_version or "none",
         "checks": dg.MetadataValue.md(decision.to_markdown()),
         "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons) or "none"),
+        "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in decision.warnings) or "none"),
         "policy": dg.MetadataValue.json(evaluation.policy.to_dict()),
     }
     if not decision.passed:
@@ -254,11 +260,19 @@ def evaluation_report(
         check_metadata["rejected_version"] = version
         context.log.warning(f"{version} rejected: {'; '.join(decision.reasons)}")
     yield dg.Output(evaluation, metadata=_evaluation_metadata(evaluation))
+    # A promotable "not enough support" verdict shows as a failed check of WARN severity,
+    # which blocks nothing downstream; every other failure is an ERROR and blocks.
     yield dg.AssetCheckResult(
         check_name="model_validation",
-        passed=decision.passed,
+        passed=decision.verdict == "passed",
+        severity=dg.AssetCheckSeverity.WARN if decision.passed else dg.AssetCheckSeverity.ERROR,
         metadata=check_metadata,
-        description="passed" if decision.passed else "; ".join(decision.reasons),
+        description=decision.verdict
+        + (
+            ": " + "; ".join(decision.reasons or decision.warnings)
+            if decision.verdict != "passed"
+            else ""
+        ),
     )
 
 
@@ -290,6 +304,7 @@ def _evaluation_metadata(evaluation) -> dict:
             "test_rows": challenger.support,
             "champion": evaluation.champion_version or "none",
             "gate_passed": evaluation.decision.passed,
+            "gate_verdict": evaluation.decision.verdict,
             "report": dg.MetadataValue.md(evaluation_markdown(reports)),
             "model_card": dg.MetadataValue.md(evaluation.card),
             "calibration": dg.MetadataValue.md(png_markdown(calibration_png(reports), "calib")),

@@ -5,6 +5,7 @@ slice, passes or fails the gate on MAE, survives a save and reload, and gets its
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,13 @@ import pytest
 
 from models.artifact import load_model, save_training_result
 from models.card import model_card
-from models.evaluate import EvaluationReport, evaluate_model, evaluation_markdown, predict
+from models.evaluate import (
+    EvaluationReport,
+    evaluate_model,
+    evaluate_scores,
+    evaluation_markdown,
+    predict,
+)
 from models.gate import validate_challenger
 from models.spec import FeatureSpec, GatePolicy, Slicing
 from models.tasks import REGRESSION, regression_metrics
@@ -147,3 +154,37 @@ def test_a_constant_or_missing_target_is_refused(deliveries):
     )
     with pytest.raises(ValueError, match="null"):
         train_model(holes, SPEC, FAST)
+
+
+def test_a_regressor_regresses_on_a_slice_only_when_its_mae_is_significantly_worse():
+    rng = np.random.default_rng(4)
+    n = 3000
+    zone = rng.choice(["centre", "north", "far"], n, p=[0.5, 0.3, 0.2])
+    y = 20 + rng.gamma(2.0, 5.0, n)
+    shared = rng.normal(0, 3, n)
+
+    def model(seed: int) -> np.ndarray:
+        return y + shared + np.random.default_rng(seed).normal(0, 1, n)
+
+    far = zone == "far"
+    late_on_far = model(1) + np.where(far, 4.0, 0.0)  # four minutes late in one zone
+    frame = pl.DataFrame({"zone": zone})
+    policy = GatePolicy(min_gain_over_champion=-10.0, min_test_rows=100, slice_tolerance=1.0)
+
+    def slices(challenger: np.ndarray) -> dict[str, dict]:
+        reports = [
+            evaluate_scores(name, y, p, math.nan, frame, slice_columns=("zone",), task=REGRESSION)
+            for name, p in (
+                ("challenger", challenger),
+                ("champion", model(0)),
+                ("b", rng.normal(y.mean(), 1.0, n)),
+            )
+        ]
+        decision = validate_challenger(reports[0], reports[2], reports[1], GOOD_INFRA, policy)
+        return {c["check"]: c for c in decision.checks if c["check"].startswith("slice:")}
+
+    flagged = slices(late_on_far)
+    assert flagged["slice:zone=far"]["outcome"] == "regressed"
+    assert "mae" in flagged["slice:zone=far"]["detail"]
+    assert {flagged[f"slice:zone={z}"]["outcome"] for z in ("centre", "north")} == {"passed"}
+    assert {c["outcome"] for c in slices(model(1)).values()} == {"passed"}
