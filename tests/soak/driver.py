@@ -103,7 +103,7 @@ class Soak:
             "LOOPLINE_SERVING_KEY_MINUTES": str(self.config.key_minutes),
             "LOOPLINE_RETENTION_INTERVAL_MINUTES": "1",
             "LOOPLINE_RETAIN_GRACE_MINUTES": "1",
-            "LOOPLINE_RETAIN_DAGSTER_RUNS": "days=0.1",
+            "LOOPLINE_RETAIN_DAGSTER_RUNS": "days=0.01",  # wall-clock: 15 minutes
             "LOOPLINE_LOG_MAX_BYTES": "2M",
             "LOOPLINE_RETAIN_PREDICTION_LOG": "bytes=20M",
             **{
