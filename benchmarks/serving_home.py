@@ -31,7 +31,7 @@ from features.store import (
 from features.training_set import LABEL, assign_splits
 from features.views import TS, ViewBatch, training_entities, views, write_feature_file
 from models.artifact import save_training_result
-from models.registry import ModelRecord, Registry
+from models.registry import CHAMPION, ModelRecord, Registry, Verdict
 from models.spec import FeatureSpec, TrainConfig, feature_spec_of_service
 from models.tasks import of as task_of
 from models.train import train_model
@@ -74,7 +74,8 @@ class UseCaseHome:
                 hyperparameters=result.config.to_dict(),
                 metrics={"threshold": 0.5} if has_threshold else {},
                 data_window=result.data_window,
-            )
+            ),
+            Verdict(True, champion=self.registry.get_alias(CHAMPION)),
         )
         if champion:
             self.registry.promote(version, "bench champion")

@@ -44,8 +44,11 @@ EVENT_KINDS = (
     "alias_set",
     "alias_removed",
     "deployment",
+    "validated",
+    "override",
 )
-SCHEMA_VERSION = 1
+# 2: the gate's verdict ("validated"/"rejected") and forced promotions ("override") are events.
+SCHEMA_VERSION = 2
 
 _TABLES = f"""
 CREATE TABLE IF NOT EXISTS versions (
@@ -245,6 +248,41 @@ class Event:
     detail: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of a version, written in the transaction that registers it.
+
+    ``champion``: the champion it was judged against (None: there was none). A passed verdict
+    makes the version promotable while that champion serves; a failed one never (without an
+    override). ``words``: the gate's own verdict ("passed", "not enough support",
+    "rejected")."""
+
+    passed: bool
+    champion: str | None
+    reasons: Sequence[str] = ()
+    words: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, event: Event) -> Verdict:
+        """The verdict an event of kind "validated" or "rejected" (at the gate) records."""
+        return cls(
+            passed=event.kind == "validated",
+            champion=event.detail.get("champion"),
+            reasons=tuple(event.reasons),
+            words=event.detail.get("verdict", ""),
+            detail=event.detail,
+        )
+
+    def event_detail(self) -> dict[str, Any]:
+        return {
+            **dict(self.detail),
+            "stage": "gate",
+            "champion": self.champion,
+            "verdict": self.words or ("passed" if self.passed else "rejected"),
+        }
+
+
 class Registry:
     """The model registry of one model (one SQLite file, or one Postgres schema). Safe across
     processes."""
@@ -257,6 +295,7 @@ class Registry:
             timeout_s=busy_timeout_ms / 1000,
             pragmas=("foreign_keys=ON", "synchronous=FULL"),
         )
+        _migrate(self.db)
         self.db.initialize(_SCHEMA[self.db.dialect])
 
     @classmethod
@@ -279,13 +318,17 @@ class Registry:
     # --- writing -------------------------------------------------------------------------
 
     def register(
-        self, record: ModelRecord, *, as_challenger: bool = True, verify_files: bool = True
+        self, record: ModelRecord, verdict: Verdict | None, *, verify_files: bool = True
     ) -> str:
-        """Adds a version with its lineage in one transaction; returns its id.
+        """Adds a version with its lineage and the gate's verdict in one transaction; returns
+        its id. A passed verdict makes it the challenger; a failed one records the rejection
+        with every reason; None (a model made outside the gate) leaves it promotable only by
+        an override.
 
         Artifact files are re-hashed first and must match `record.artifacts`, so the registry
         never points at a file it has not seen intact. The same artifacts registered twice
-        return the first version.
+        return the first version, with the new verdict appended when it differs (judged again,
+        against another champion).
         """
         if not record.artifacts:
             raise ValueError("a model version needs at least one artifact file")
@@ -295,7 +338,14 @@ class Registry:
                 "SELECT version FROM versions WHERE content_hash = ?", (record.content_hash,)
             ).fetchone()
             if existing:
-                return str(existing["version"])
+                version = str(existing["version"])
+                last = _last_verdict(con, version)
+                if verdict is not None and (
+                    last is None
+                    or (last.passed, last.champion) != (verdict.passed, verdict.champion)
+                ):
+                    _judge(con, version, verdict)
+                return version
             seq = con.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions").fetchone()[0]
             version = f"v{seq:04d}"
             con.execute(
@@ -319,12 +369,21 @@ class Registry:
                 ),
             )
             self._insert_artifacts(con, version, record, sizes)
-            aliases = []
-            if as_challenger:
-                _set_alias(con, CHALLENGER, version)
-                aliases.append(CHALLENGER)
-            _event(con, "registered", version, detail={"aliases": aliases, "seq": seq})
+            _event(con, "registered", version, detail={"seq": seq})
+            if verdict is not None:
+                _judge(con, version, verdict)
         return version
+
+    def judge(self, version: str, verdict: Verdict) -> None:
+        """Records a new gate verdict for a registered version: judged again, as against a new
+        champion. Its newest verdict is the one promotion reads."""
+        with self._transaction() as con:
+            _require_version(con, version)
+            if _get_alias(con, CHAMPION) == version:
+                raise RegistryError(
+                    f"{version} is the champion: there is nothing to judge it against"
+                )
+            _judge(con, version, verdict)
 
     def _insert_artifacts(
         self, con: Connection, version: str, record: ModelRecord, sizes: Mapping[str, int]
@@ -366,8 +425,10 @@ class Registry:
             con.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
             _event(con, "alias_removed", previous, reason, detail={"alias": alias})
 
-    def reject(self, version: str, reasons: Sequence[str]) -> None:
-        """Records a gate rejection with every reason; a rejected version stops being challenger."""
+    def reject(self, version: str, reasons: Sequence[str], stage: str = "delivery") -> None:
+        """Records a rejection after the gate (delivery, a person) with every reason; a rejected
+        version stops being challenger and is promotable only by an override. The gate's own
+        verdict is written with the version (``register``)."""
         if not reasons:
             raise ValueError("a rejection needs at least one reason")
         with self._transaction() as con:
@@ -382,7 +443,7 @@ class Registry:
                 "rejected",
                 version,
                 reasons=list(reasons),
-                detail={"challenger_alias_cleared": cleared},
+                detail={"stage": stage, "challenger_alias_cleared": cleared},
             )
 
     def record_deployment(
@@ -399,24 +460,43 @@ class Registry:
                 detail={"step": step, "passed": passed, **dict(detail or {})},
             )
 
+    def promotion_refusal(self, version: str) -> str | None:
+        """Why promoting ``version`` now needs an override (None: it may be promoted)."""
+        with self._read() as con:
+            _require_version(con, version)
+            return _refusal(con, version, _get_alias(con, CHAMPION))
+
+    def verdict(self, version: str) -> Verdict | None:
+        """The gate's latest verdict on ``version`` (None: never judged)."""
+        with self._read() as con:
+            return _last_verdict(con, version)
+
     def promote(self, version: str, reason: str, *, force: bool = False) -> str | None:
         """Makes `version` the champion; returns the previous champion (None for the first).
 
-        A version the gate rejected is refused unless `force=True` (recorded in the event).
+        Only a version the gate passed against the current champion, and that no deployment
+        step rejected or rolled back since, is promoted. Anything else is refused unless
+        `force=True`, which needs a reason and is recorded as an "override" event naming what
+        was overridden.
         """
+        if force and not (reason or "").strip():
+            raise RegistryError("an override needs a reason")
         with self._transaction() as con:
             _require_version(con, version)
             previous = _get_alias(con, CHAMPION)
             if previous == version:
                 raise RegistryError(f"{version} is already the champion")
-            verdict = con.execute(
-                "SELECT kind FROM events WHERE version = ? AND kind IN ('rejected', 'promoted') "
-                "ORDER BY id DESC LIMIT 1",
-                (version,),
-            ).fetchone()
-            if verdict and verdict["kind"] == "rejected" and not force:
-                raise RegistryError(
-                    f"{version} was rejected by the gate; pass force=True to override"
+            refusal = _refusal(con, version, previous)
+            if refusal and not force:
+                raise RegistryError(f"{refusal}; an override needs --force and a reason")
+            if refusal:
+                _event(
+                    con,
+                    "override",
+                    version,
+                    reason,
+                    reasons=[refusal],
+                    detail={"action": "promote", "from": previous, "to": version},
                 )
             _set_alias(con, CHAMPION, version)
             if _get_alias(con, CHALLENGER) == version:
@@ -427,9 +507,15 @@ class Registry:
                 "promoted",
                 version,
                 reason,
-                detail={"from": previous, "to": version, "forced": force},
+                detail={"from": previous, "to": version, "forced": bool(refusal)},
             )
             return previous
+
+    def overrides(self) -> list[Event]:
+        """Every forced promotion, oldest first: what skipped the gate, when and why."""
+        with self._read() as con:
+            rows = con.execute("SELECT * FROM events WHERE kind = 'override' ORDER BY id")
+            return [_to_event(r) for r in rows.fetchall()]
 
     def rollback(self, reason: str) -> str:
         """Restores the champion before the current one (per the event log); returns it."""
@@ -578,6 +664,95 @@ def _status(con: Connection, version: str, aliases: list[str]) -> str:
     if last is not None:
         return "rejected" if last["kind"] == "rejected" else "retired"
     return CHALLENGER if CHALLENGER in aliases else "registered"
+
+
+def _judge(con: Connection, version: str, verdict: Verdict) -> None:
+    """Records the gate's verdict; a rejected version stops being the challenger."""
+    if verdict.passed:
+        _set_alias(con, CHALLENGER, version)
+        _event(con, "validated", version, detail=verdict.event_detail())
+        return
+    if not verdict.reasons:
+        raise ValueError("a rejection needs at least one reason")
+    if _get_alias(con, CHALLENGER) == version:
+        con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+    _event(con, "rejected", version, reasons=list(verdict.reasons), detail=verdict.event_detail())
+
+
+def _last_verdict(con: Connection, version: str) -> Verdict | None:
+    rows = con.execute(
+        "SELECT * FROM events WHERE version = ? AND kind IN ('validated', 'rejected') "
+        "ORDER BY id DESC",
+        (version,),
+    ).fetchall()
+    for row in rows:
+        event = _to_event(row)
+        if event.kind == "validated" or event.detail.get("stage") == "gate":
+            return Verdict.of(event)
+    return None
+
+
+def _refusal(con: Connection, version: str, champion: str | None) -> str | None:
+    """Why ``version`` may not replace ``champion`` without an override (None: it may).
+
+    Its newest judgement must be the gate's pass against that very champion; a deployment
+    rejection or a rollback away from it after that pass voids it."""
+    rows = con.execute(
+        "SELECT * FROM events WHERE version = ? AND kind IN ('validated', 'rejected', "
+        "'rolled_back') ORDER BY id DESC LIMIT 1",
+        (version,),
+    ).fetchall()
+    if not rows:
+        return f"{version} has no gate verdict"
+    last = _to_event(rows[0])
+    if last.kind == "rolled_back":
+        return f"{version} was rolled back ({last.reason})"
+    if last.kind == "rejected":
+        stage = "the gate" if last.detail.get("stage") == "gate" else "delivery"
+        return f"{version} was rejected by {stage}: {'; '.join(last.reasons)}"
+    judged = last.detail.get("champion")
+    if judged != champion:
+        return (
+            f"{version} was judged against {judged or 'no champion'}, and the champion is now "
+            f"{champion or 'none'}: evaluate it again"
+        )
+    return None
+
+
+def _migrate(db: Database) -> None:
+    """Brings a registry made by an older Loopline to the current schema (the event kinds'
+    CHECK constraint, the only change so far), in one transaction."""
+    kinds = ", ".join(f"'{k}'" for k in EVENT_KINDS)
+    if db.dialect == SQLITE:
+        if not (isinstance(db.location, Path) and db.location.exists()):
+            return
+        with db.transaction() as con:
+            row = con.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
+            if row is None or "'override'" in row[0]:
+                return
+            con.execute("ALTER TABLE events RENAME TO events_v1")
+            table = _TABLES.split("CREATE TABLE IF NOT EXISTS events")[1].split(";")[0]
+            con.execute(
+                "CREATE TABLE events" + table.format(id="INTEGER PRIMARY KEY AUTOINCREMENT")
+            )
+            con.execute("INSERT INTO events SELECT * FROM events_v1")
+            con.execute("DROP TABLE events_v1")  # its index and triggers go with it
+        return
+    if not db.exists():
+        return
+    with db.transaction() as con:
+        row = con.execute(
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            "JOIN pg_namespace n ON n.oid = c.connamespace "
+            "WHERE c.conname = 'events_kind_check' AND n.nspname = ?",
+            (db.location.schema,),
+        ).fetchone()
+        if row is None or "'override'" in row[0]:
+            return
+        con.execute(
+            "ALTER TABLE events DROP CONSTRAINT events_kind_check, "
+            f"ADD CONSTRAINT events_kind_check CHECK (kind IN ({kinds}))"
+        )
 
 
 def _champion_stack(con: Connection) -> list[str]:

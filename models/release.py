@@ -22,7 +22,7 @@ from models.card import model_card
 from models.checksum import file_checksums
 from models.evaluate import EvaluationReport, evaluate_model
 from models.gate import GateDecision, GatePolicy, InfraReport, infra_validate, validate_challenger
-from models.registry import ModelRecord, Registry
+from models.registry import ModelRecord, Registry, Verdict
 from models.spec import NO_SLICES, FeatureSpec, Slicing
 
 CARD = "MODEL_CARD.md"
@@ -209,18 +209,26 @@ def model_record(
     )
 
 
+def verdict_of(evaluation: Evaluation) -> Verdict:
+    """The gate's decision as the registry records it, with the champion it was judged against."""
+    decision = evaluation.decision
+    return Verdict(
+        passed=decision.passed,
+        champion=evaluation.champion_version,
+        reasons=tuple(decision.reasons),
+        words=decision.verdict,
+        detail={"warnings": list(decision.warnings)},
+    )
+
+
 def register_candidate(
-    registry: Registry,
-    evaluation: Evaluation,
-    *,
-    model_name: str,
-    dagster_run_id: str | None,
-    as_challenger: bool,
+    registry: Registry, evaluation: Evaluation, *, model_name: str, dagster_run_id: str | None
 ) -> str:
-    """Documents the candidate and registers it (idempotent: same files, same version)."""
+    """Documents the candidate and registers it with the gate's verdict, in one transaction
+    (idempotent: same files, same version)."""
     write_documents(evaluation)
     record = model_record(evaluation, model_name=model_name, dagster_run_id=dagster_run_id)
-    return registry.register(record, as_challenger=as_challenger)
+    return registry.register(record, verdict_of(evaluation))
 
 
 def git_code_version(repo: str | Path) -> str | None:

@@ -30,6 +30,8 @@ KINDS = (
     "prediction_log_damaged",
     "prediction_log_dropping",
     "release_stuck",
+    "release_refused",
+    "override",
 )
 logger = logging.getLogger("loopline.alerts")
 

@@ -346,7 +346,7 @@ def _serving_line(s: dict[str, Any]) -> str:
 
 def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Table lines for ``summary``'s health: disk by store, key expiry, sensor ticks."""
-    from orchestration.health import release_line, tick_line
+    from orchestration.health import override_line, release_line, tick_line
 
     if not report:
         return []
@@ -378,6 +378,8 @@ def _health_lines(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     for release in report.get("pending_releases", []):
         colour = "red" if release["stuck"] else "yellow"
         lines.append(("release", f"[{colour}]{release_line(release)}[/]"))
+    for override in report.get("overrides", []):
+        lines.append(("override", f"[yellow]{override_line(override)}[/]"))
     return lines
 
 

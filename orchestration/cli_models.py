@@ -134,15 +134,29 @@ def show(version: str) -> None:
 
 @models.command()
 @click.argument("version")
-@click.option("--reason", default="promoted from the command line", show_default=True)
-@click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
-def promote(version: str, reason: str, force: bool) -> None:
-    """Make VERSION the champion (refused for a rejected version unless --force)."""
+@click.option("--reason", default=None, help="Why; required with --force.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Override: promote a version the gate did not pass against the current champion "
+    "(rejected, never judged, judged against another champion, rolled back). Recorded as an "
+    "override event, shown by `loopline status`.",
+)
+def promote(version: str, reason: str | None, force: bool) -> None:
+    """Make VERSION the champion: only a version the gate passed against the current champion,
+    unless --force with a --reason."""
+    if force and not (reason or "").strip():
+        raise click.UsageError("--force needs --reason: the override is recorded with it")
     registry = _registry()
     try:
-        previous = registry.promote(version, reason, force=force)
+        previous = registry.promote(
+            version, reason or "promoted from the command line", force=force
+        )
     except (KeyError, RegistryError) as exc:
         raise click.ClickException(str(exc.args[0])) from exc
+    override = registry.overrides()[-1:] if force else []
+    if override and override[0].version == version and override[0].detail.get("from") == previous:
+        console.print(f"[yellow]override recorded[/]: {override[0].reasons[0]}")
     console.print(f"champion: {previous or 'none'} -> [green]{version}[/]")
     console.print(_serve_champion())
 

@@ -166,6 +166,20 @@ def pending_releases(settings: Settings, now: datetime) -> list[dict[str, Any]]:
     return out
 
 
+def overrides(settings: Settings, limit: int = 5) -> list[dict[str, Any]]:
+    """The newest forced promotions (versions made champion past the gate), oldest first:
+    when, which version, the person's reason and what the gate had said."""
+    from core.db import exists
+    from models.registry import Registry
+
+    if not exists(settings.registry_location):
+        return []
+    return [
+        {"at": e.at, "version": e.version, "reason": e.reason, "overrode": e.reasons[0]}
+        for e in Registry.for_settings(settings).overrides()[-limit:]
+    ]
+
+
 def health_report(
     settings: Settings,
     instance: dg.DagsterInstance | None,
@@ -197,6 +211,7 @@ def health_report(
         "stale_sensors": stale,
         "pending_releases": releases,
         "stuck_releases": stuck,
+        "overrides": overrides(settings),
     }
 
 
@@ -244,7 +259,18 @@ def _metadata(report: dict[str, Any]) -> dict[str, Any]:
     meta["stale_sensors"] = ", ".join(report["stale_sensors"]) or "none"
     meta["pending_releases"] = len(report["pending_releases"])
     meta["stuck_releases"] = ", ".join(report["stuck_releases"]) or "none"
+    meta["overrides"] = dg.MetadataValue.md(
+        "\n".join(f"- {override_line(o)}" for o in report["overrides"]) or "none"
+    )
     return meta
+
+
+def override_line(override: dict[str, Any]) -> str:
+    """One forced promotion, as a person reads it."""
+    return (
+        f"{override['at'][:19]} {override['version']} forced to champion: {override['reason']} "
+        f"(the gate had said: {override['overrode']})"
+    )
 
 
 def release_line(release: dict[str, Any]) -> str:

@@ -40,7 +40,6 @@ continuous_training_job = dg.define_asset_job(
         | dg.AssetSelection.groups(TRAINING_GROUP)
         | dg.AssetSelection.assets(model_archive, deployment, reference_profile)
     ),
-    config={"ops": {"registered_model": {"config": {"promote_on_pass": False}}}},
     tags=lane("training"),
     # Steps in one process: a process per step cost ~10-30 s of imports each on 2 busy cores,
     # a minute or two per retraining, for a parallelism two cores do not have (decision 36).

@@ -228,6 +228,13 @@ def deployment(
             ),
             webhook,
         )
+    elif report.outcome == "refused":
+        alerts.send(
+            alerts.Alert(
+                "release_refused", f"{version} not deployed: {report.reasons[0]}", report.to_dict()
+            ),
+            webhook,
+        )
     elif report.outcome == "deferred":
         alerts.send(
             alerts.Alert(

@@ -86,13 +86,6 @@ class GateConfig(dg.Config):
         return active().declared("gate", GatePolicy, **self.model_dump())
 
 
-class RegistrationConfig(dg.Config):
-    """promote_on_pass: with no deployment step yet, a version that passed the gate becomes
-    champion at once. Turn it off when a deployment (canary) step promotes instead."""
-
-    promote_on_pass: bool = True
-
-
 def feature_spec(home: Path, service_name: str) -> FeatureSpec:
     """The model's inputs: the FeatureService's features plus the request's own model inputs."""
     from feast import FeatureService
@@ -247,16 +240,11 @@ def evaluation_report(
         "policy": dg.MetadataValue.json(evaluation.policy.to_dict()),
     }
     if not decision.passed:
-        # Registered without the challenger alias, then rejected: the registry keeps the
-        # candidate, its card and every reason, and the champion does not move.
+        # Registered with its rejection in one transaction: the registry keeps the candidate,
+        # its card and every reason; it is never the challenger and the champion does not move.
         version = register_candidate(
-            registry,
-            evaluation,
-            model_name=MODEL_NAME,
-            dagster_run_id=context.run_id,
-            as_challenger=False,
+            registry, evaluation, model_name=MODEL_NAME, dagster_run_id=context.run_id
         )
-        registry.reject(version, decision.reasons)
         check_metadata["rejected_version"] = version
         context.log.warning(f"{version} rejected: {'; '.join(decision.reasons)}")
     yield dg.Output(evaluation, metadata=_evaluation_metadata(evaluation))
@@ -321,12 +309,12 @@ def _evaluation_metadata(evaluation) -> dict:
 @dg.asset(group_name=GROUP, kinds={"sqlite"})
 def registered_model(
     context: dg.AssetExecutionContext,
-    config: RegistrationConfig,
     storage: LooplineStorage,
     candidate_model,
     evaluation_report,
 ) -> dg.Output[str]:
-    """The validated candidate in the model registry with its lineage; challenger or champion."""
+    """The validated candidate in the model registry with its lineage and verdict: the
+    challenger. Only the deployment asset changes what serves (decision 51)."""
     from models.release import register_candidate
     from models.tasks import of as task_of
 
@@ -342,18 +330,12 @@ def registered_model(
         )
     registry = Registry.for_settings(storage.settings)
     version = register_candidate(
-        registry,
-        evaluation,
-        model_name=MODEL_NAME,
-        dagster_run_id=context.run_id,
-        as_challenger=True,
+        registry, evaluation, model_name=MODEL_NAME, dagster_run_id=context.run_id
     )
-    if config.promote_on_pass and registry.get_alias(CHAMPION) != version:
-        previous = registry.promote(
-            version,
-            reason=f"passed model_validation in run {context.run_id} (promote_on_pass)",
-        )
-        context.log.info(f"{version} promoted to champion (was {previous or 'none'})")
+    context.log.info(
+        f"{version} registered as the challenger to {evaluation.champion_version or 'no champion'}"
+        "; the deployment asset takes it to serving"
+    )
     registered = registry.get(version)
     return dg.Output(
         version,
@@ -378,7 +360,8 @@ training_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("training_set") | dg.AssetSelection.groups(GROUP),
     executor_def=dg.in_process_executor,  # one step at a time anyway (decision 36)
     tags=lane("training"),
-    description="Rebuild the training set, then train, evaluate, validate and register a model.",
+    description="Rebuild the training set, then train, evaluate, validate and register a "
+    "challenger (materialize `deployment`, or run continuous_training, to serve it).",
 )
 
 defs = dg.Definitions(

@@ -171,7 +171,7 @@ class Probe:
 class DeliveryReport:
     version: str
     previous: str | None
-    outcome: str = "pending"  # promoted | rejected | rolled_back | deferred
+    outcome: str = "pending"  # promoted | rejected | rolled_back | deferred | refused
     reasons: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
 
@@ -425,6 +425,11 @@ def deliver(
             client.unregister(version)
         return report
 
+    refusal = registry.promotion_refusal(version)
+    if refusal:  # nothing the gate did not pass, against this champion, reaches TorchServe
+        step("gate_verdict", False, reasons=[refusal])
+        report.outcome, report.reasons = "refused", [refusal]
+        return report
     if stale_features:
         step("online_features", False, reasons=list(stale_features))
         return withdraw("deferred", list(stale_features))
@@ -453,13 +458,15 @@ def deliver(
     step("promoted", True, previous=served)
     report.outcome = "promoted"
 
-    if served is None or served == version:
+    if served == version:
         return report
     checks = watch(client, replay, policy, sleep=sleep, clock=clock)
     passed = all(c.outcome == release_checks.PASSED for c in checks)
     step("post_promotion_watch", passed, checks=[c.to_dict() for c in checks])
     breach = [c.reason for c in checks if c.failed]
-    if breach:
+    if breach and served is None:  # the first model: nothing to roll back to, so it serves
+        report.reasons = [*breach, "no previous champion to roll back to: it keeps serving"]
+    elif breach:
         registry.rollback(reason=f"post-promotion watch: {'; '.join(breach)}")
         reconcile(registry, client, archive)
         report.outcome, report.reasons = "rolled_back", breach

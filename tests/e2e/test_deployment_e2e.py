@@ -130,6 +130,7 @@ def test_restart_serves_the_registry_champion(loop):
     process = loop.torchserve.process(loop.storage)
     assert not process.status().running
     v3 = loop.versions[2]
+    loop.home.rejudge(v3)
     loop.home.registry.promote(v3, "promoted while TorchServe was stopped")
     assert [r.to_version for r in loop.home.registry.releases(pending=True)] == [v3]
     process.start()

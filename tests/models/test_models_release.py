@@ -61,9 +61,7 @@ def test_registered_candidate_carries_card_evaluation_and_lineage(saved, trainin
     assert set(evaluation.reports) == {"challenger", "baseline"}
 
     registry = Registry(tmp_path / "registry.sqlite")
-    version = register_candidate(
-        registry, evaluation, model_name="fraud", dagster_run_id="run-2", as_challenger=True
-    )
+    version = register_candidate(registry, evaluation, model_name="fraud", dagster_run_id="run-2")
     mv = registry.get(version)
     assert mv.aliases == [CHALLENGER]
     assert mv.training_set_version == "ts-0001" and mv.training_batches == ["b1", "b2"]
@@ -77,10 +75,7 @@ def test_registered_candidate_carries_card_evaluation_and_lineage(saved, trainin
     # A later registration of the same model leaves its files alone: same version, intact.
     again = replace(evaluation, card="# a different card")
     assert (
-        register_candidate(
-            registry, again, model_name="fraud", dagster_run_id="run-3", as_challenger=True
-        )
-        == version
+        register_candidate(registry, again, model_name="fraud", dagster_run_id="run-3") == version
     )
     assert registry.verify(version) == []
     assert "a different card" not in (candidate.path / CARD).read_text()

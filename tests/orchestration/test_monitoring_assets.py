@@ -14,7 +14,7 @@ import pytest
 
 from core.settings import Settings
 from core.storage import write_parquet_atomic
-from models.registry import ModelRecord, Registry
+from models.registry import CHAMPION, ModelRecord, Registry, Verdict
 from orchestration.monitoring_assets import (
     live_performance,
     prediction_log,
@@ -72,7 +72,9 @@ class Home:
             metrics={"pr_auc": offline_pr_auc, "threshold": 0.5},
             data_window={},
         )
-        version = self.registry.register(record, verify_files=False)
+        version = self.registry.register(
+            record, Verdict(True, self.registry.get_alias(CHAMPION)), verify_files=False
+        )
         self.registry.promote(version, "test")
         return version
 

@@ -167,7 +167,7 @@ def test_a_fresh_start_is_not_a_stall(tmp_path):
 
 def _promoted(settings: Settings) -> str:
     """A champion promoted now that TorchServe was never seen serving (a pending release)."""
-    from models.registry import ModelRecord, Registry
+    from models.registry import ModelRecord, Registry, Verdict
 
     registry = Registry(settings.registry_path)
     record = ModelRecord(
@@ -181,7 +181,7 @@ def _promoted(settings: Settings) -> str:
         metrics={"pr_auc": 0.3, "threshold": 0.5},
         data_window={},
     )
-    version = registry.register(record, verify_files=False)
+    version = registry.register(record, Verdict(True, None), verify_files=False)
     registry.promote(version, "test")
     return version
 

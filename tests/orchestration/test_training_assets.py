@@ -85,9 +85,20 @@ def platform(tmp_path_factory) -> Platform:
     return platform
 
 
+# What the training run alone left in the registry, before the fixture deploys it.
+AFTER_TRAINING: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="module")
 def first_run(platform):
-    return _materialize(platform, GOOD, with_training_set=True)
+    """The first model trained, then promoted as the deployment step would (its own tests are
+    in tests/serving and tests/e2e): training alone only names a challenger."""
+    run = _materialize(platform, GOOD, with_training_set=True)
+    registry = Registry(platform.settings.registry_path)
+    AFTER_TRAINING["aliases"] = registry.aliases()
+    if run.success:
+        registry.promote("v0001", "deployed (the test's stand-in for the deployment step)")
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +121,10 @@ def test_training_set_to_champion_in_one_materialize(platform, first_run):
     registry = Registry(platform.settings.registry_path)
     [mv] = registry.list_versions()
     assert mv.version == "v0001" and mv.status == CHAMPION
-    assert registry.get_alias(CHAMPION) == "v0001"
-    assert [e.kind for e in registry.events("v0001")] == ["registered", "promoted"]
+    # Training named a challenger, with the gate's verdict written with it; it promoted nothing.
+    assert AFTER_TRAINING["aliases"] == {"challenger": "v0001"}
+    assert [e.kind for e in registry.events("v0001")] == ["registered", "validated", "promoted"]
+    assert registry.verdict("v0001").passed and registry.verdict("v0001").champion is None
 
     # Lineage leads back to the training set, its batches, the run and the code.
     lineage = registry.lineage("v0001")
@@ -194,7 +207,9 @@ def test_cli_lists_shows_promotes_and_rolls_back(platform, second_run):
     refused = runner.invoke(main, ["models", "promote", "v0002"], env=env)
     assert refused.exit_code != 0 and "rejected by the gate" in refused.output
 
-    forced = runner.invoke(main, ["models", "promote", "v0002", "--force"], env=env)
+    forced = runner.invoke(
+        main, ["models", "promote", "v0002", "--force", "--reason", "the test says so"], env=env
+    )
     assert forced.exit_code == 0, forced.output
     registry = Registry(platform.settings.registry_path)
     assert registry.get_alias(CHAMPION) == "v0002"

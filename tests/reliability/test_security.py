@@ -16,7 +16,7 @@ import torch
 
 from models.artifact import CHECKSUMS, GOLDEN, SIDECAR, WEIGHTS, load_model, save_model
 from models.checksum import sha256_file
-from models.registry import ModelRecord, Registry
+from models.registry import ModelRecord, Registry, Verdict
 from models.train import train_model
 from quality import contracts
 from quality.ledger import BatchLedger
@@ -108,7 +108,7 @@ def test_ids_carrying_sql_are_simply_not_found(tmp_path, saved_model):
     record = ModelRecord(
         "fraud", str(saved_model), artifacts, "t", "fraud_model_v1", ["b1"], {}, {}, {}
     )
-    version = registry.register(record)
+    version = registry.register(record, Verdict(True, None))
     for bad in INJECTIONS:
         assert ledger.get(bad) is None
         assert ledger.batches(dataset=bad) == [] and ledger.batches(status=bad) == []

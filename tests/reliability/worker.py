@@ -53,7 +53,7 @@ def train(home: str, frame: str, spec: str, out: str, epochs: str) -> None:
     _say("started")
     result = train_model(data, feature_spec, config)
     saved = save_training_result(result, out)
-    Registry(Path(home) / "registry" / "registry.sqlite").register(_record(saved, batch=out))
+    Registry(Path(home) / "registry" / "registry.sqlite").register(_record(saved, batch=out), None)
     _say("done")
 
 
@@ -73,7 +73,7 @@ def register_loop(home: str, model_dir: str, count: str) -> None:
             saved = SavedModel(target, file_checksums(target), directory_size(target))
         else:
             saved = save_model(module, preprocessor, target, metadata={"copy": i})
-        registry.register(_record(saved, batch=str(i)))
+        registry.register(_record(saved, batch=str(i)), None)
     _say("done")
 
 
@@ -127,6 +127,7 @@ def write(home: str, tag: str, count: str) -> None:
                 metrics={},
                 data_window={},
             ),
+            None,
             verify_files=False,
         )
         registry.record_deployment(version, "smoke_test", True, {"writer": tag})

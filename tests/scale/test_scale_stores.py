@@ -12,7 +12,7 @@ import psycopg2
 
 from core.db import exists
 from core.settings import REPO_ROOT, Settings
-from models.registry import Registry
+from models.registry import Registry, Verdict
 from orchestration.resources import LooplineStorage
 from quality.ledger import BatchLedger
 from tests.models.test_models_registry import _record
@@ -45,7 +45,7 @@ def test_scale_ledger_and_registry_are_postgres_schemas_not_files_in_the_home(
     assert ledger.receive("b1", "transactions", home / "landing" / "t.parquet")
     assert not settings.ledger_path.exists() and exists(settings.ledger_location)
     registry = Registry.for_settings(settings)
-    version = registry.register(_record(tmp_path, "a"))
+    version = registry.register(_record(tmp_path, "a"), Verdict(True, None))
     registry.promote(version, "first")
     assert not settings.registry_path.parent.exists()
     assert not [p for p in home.rglob("*") if p.is_file()]
@@ -79,7 +79,7 @@ for i in range(60):
     ledger.receive(f"{me}-{i}", "transactions", root / f"{me}-{i}.parquet")
     ledger.mark(f"{me}-{i}", "validated", rows=i)
     if i % 20 == 0:
-        registry.register(_record(root, f"{me}-{i}"))
+        registry.register(_record(root, f"{me}-{i}"), None)
 """
 
 

@@ -1,7 +1,7 @@
 """An in-memory TorchServe stand-in and a registry of stub versions, for delivery and release
 tests: no Java, no torch."""
 
-from models.registry import ModelRecord, Registry
+from models.registry import CHAMPION, ModelRecord, Registry, Verdict
 from serving.client import TorchServeError
 
 
@@ -113,8 +113,15 @@ class FakeServe:
         return out if isinstance(payload, list) else out[0]
 
 
+def passed(registry: Registry, *versions: str) -> None:
+    """Each version judged, and passed, by the gate against the champion serving now."""
+    for version in versions:
+        registry.judge(version, Verdict(True, champion=registry.get_alias(CHAMPION)))
+
+
 def stub_registry(tmp_path, n=2, path=None) -> Registry:
-    """``n`` versions (v0001...) whose artifact files are never read."""
+    """``n`` versions (v0001...) whose artifact files are never read, each passed by the gate
+    against no champion (call ``passed`` again once a champion serves)."""
     registry = Registry(path or tmp_path / "registry.sqlite")
     for i in range(n):
         registry.register(
@@ -129,6 +136,23 @@ def stub_registry(tmp_path, n=2, path=None) -> Registry:
                 metrics={},
                 data_window={},
             ),
+            Verdict(True, champion=None),
             verify_files=False,
         )
     return registry
+
+
+def deliver_judged(client, registry: Registry, version: str, *args, **kwargs):
+    """``deliver`` of a version the gate passed against the champion serving now (these tests
+    are about delivery; the refusal of an unjudged version has its own)."""
+    from serving.delivery import deliver
+
+    if registry.get_alias(CHAMPION) != version:
+        passed(registry, version)
+    return deliver(client, registry, version, *args, **kwargs)
+
+
+def promote_judged(registry: Registry, version: str, reason: str) -> str | None:
+    """``Registry.promote`` of a version the gate passed against the champion serving now."""
+    passed(registry, version)
+    return registry.promote(version, reason)

@@ -10,7 +10,7 @@ import polars as pl
 
 from core.settings import Settings
 from models.checksum import sha256_file
-from models.registry import ModelRecord, Registry
+from models.registry import CHAMPION, ModelRecord, Registry, Verdict
 from quality.ledger import BatchLedger
 from serving.config import ServingConfig
 
@@ -74,7 +74,8 @@ def register(settings: Settings, run: str, *, promote: bool = True) -> str:
             hyperparameters={},
             metrics={},
             data_window={},
-        )
+        ),
+        Verdict(True, champion=registry.get_alias(CHAMPION)),
     )
     config = ServingConfig.for_home(settings.home, settings.serving_dir)
     config.model_store.mkdir(parents=True, exist_ok=True)

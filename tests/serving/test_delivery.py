@@ -11,12 +11,11 @@ from serving.delivery import (
     DeliveryPolicy,
     Probe,
     compare_shadow,
-    deliver,
     is_synthetic,
     online_freshness_reasons,
     probe,
 )
-from tests.serving.fakes import REQUESTS, FakeServe, stub_registry
+from tests.serving.fakes import REQUESTS, FakeServe, deliver_judged, promote_judged, stub_registry
 from tests.serving.fakes import requests as many_requests
 
 # A short watch: these tests time with the real clock.
@@ -27,22 +26,33 @@ def _low(item):
     return 0.01 + 0.001 * (float(item["amount"]) % 10)
 
 
-def test_first_version_goes_straight_to_default_after_a_smoke_test(tmp_path):
+def test_the_first_version_is_smoke_tested_promoted_and_watched(tmp_path):
     registry = stub_registry(tmp_path, 1)
     serve = FakeServe({"v0001": _low})
-    report = deliver(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
     assert report.outcome == "promoted"
     assert serve.default_version() == "v0001"
     assert registry.get_alias(CHAMPION) == "v0001"
     steps = [e.detail["step"] for e in registry.events("v0001") if e.kind == "deployment"]
-    assert steps == ["registered_in_torchserve", "smoke_test", "promoted"]
+    assert steps == ["registered_in_torchserve", "smoke_test", "promoted", "post_promotion_watch"]
+
+
+def test_a_first_version_breaching_its_watch_keeps_serving_and_says_so(tmp_path):
+    """With no previous champion there is nothing to roll back to: the breach is reported."""
+    registry = stub_registry(tmp_path, 1)
+    serve = FakeServe({"v0001": _low})
+    serve.production["v0001"] = lambda item: TorchServeError("worker died", status=503)
+    report = deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
+    assert report.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0001"
+    assert any("error rate" in r for r in report.reasons), report.reasons
+    assert any("no previous champion" in r for r in report.reasons)
 
 
 def test_a_sound_challenger_is_shadowed_promoted_and_watched(tmp_path):
     registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
-    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, FAST)
     assert report.outcome == "promoted", report.reasons
     assert serve.default_version() == "v0002" and "v0001" in serve.registered
     assert registry.get_alias(CHAMPION) == "v0002"
@@ -61,8 +71,8 @@ def test_a_challenger_failing_its_smoke_test_is_rejected_and_unregistered(tmp_pa
     serve = FakeServe(
         {"v0001": _low, "v0002": lambda item: TorchServeError("worker died", status=503)}
     )
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
-    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, FAST)
     assert report.outcome == "rejected" and "smoke test failed" in report.reasons[0]
     assert serve.default_version() == "v0001" and "v0002" not in serve.registered
     assert registry.get_alias(CHAMPION) == "v0001"
@@ -73,8 +83,8 @@ def test_a_challenger_failing_its_smoke_test_is_rejected_and_unregistered(tmp_pa
 def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
     registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: 0.97})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
-    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, FAST)
     assert report.outcome == "rejected"
     assert any("flag rate" in r for r in report.reasons)
     assert any("KS" in r for r in report.reasons)
@@ -84,10 +94,10 @@ def test_a_challenger_whose_scores_go_wild_in_shadow_is_rejected(tmp_path):
 def test_a_breach_after_promotion_rolls_back_to_the_previous_version(tmp_path):
     registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": _low})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
     serve.slow.add("v0002")
     strict = replace(FAST, watch_max_p95_latency_ms=5.0)
-    report = deliver(serve, registry, "v0002", REQUESTS, strict)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, strict)
     assert report.outcome == "rolled_back" and "watch p95 latency" in report.reasons[0]
     assert serve.defaults == ["v0001", "v0002", "v0001"]
     assert registry.get_alias(CHAMPION) == "v0001"
@@ -131,8 +141,8 @@ def test_a_challenger_slow_only_on_its_first_batch_is_promoted(tmp_path):
     serve = ColdStart({"v0001": _low, "v0002": _low})
     serve.register("v0001", set_default=True)
     serve.seen.add(("v0001", 8))  # the champion has served such batches
-    registry.promote("v0001", reason="first")
-    report = deliver(
+    promote_judged(registry, "v0001", reason="first")
+    report = deliver_judged(
         serve, registry, "v0002", REQUESTS, BATCHES_OF_8, clock=serve.clock, sleep=serve.sleep
     )
     assert report.outcome == "promoted", report.reasons
@@ -146,8 +156,8 @@ def test_a_challenger_slow_on_every_batch_is_still_rejected(tmp_path):
     serve = ColdStart({"v0001": _low, "v0002": _low}, always_slow={"v0002"})
     serve.register("v0001", set_default=True)
     serve.seen.add(("v0001", 8))
-    registry.promote("v0001", reason="first")
-    report = deliver(
+    promote_judged(registry, "v0001", reason="first")
+    report = deliver_judged(
         serve, registry, "v0002", REQUESTS, BATCHES_OF_8, clock=serve.clock, sleep=serve.sleep
     )
     assert report.outcome == "rejected"
@@ -181,11 +191,11 @@ def test_a_challenger_is_deferred_while_its_features_are_stale_online_and_the_ch
 ):
     registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": lambda item: _low(item) * 1.1})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
     stale = online_freshness_reasons(
         {"merchant_stats_fv": (NEWEST_TX - timedelta(days=9), MERCHANT_TTL)}, NEWEST_TX
     )
-    report = deliver(serve, registry, "v0002", REQUESTS, FAST, stale_features=stale)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, FAST, stale_features=stale)
 
     assert report.outcome == "deferred" and report.reasons == stale
     # Held back before TorchServe changed: never registered, never probed, champion serves.
@@ -195,7 +205,7 @@ def test_a_challenger_is_deferred_while_its_features_are_stale_online_and_the_ch
     assert [(d["step"], d["passed"]) for d in steps] == [("online_features", False)]
     # Not the model's fault: not rejected, so the same version deploys once features are fresh.
     assert not [e for e in registry.events("v0002") if e.kind == "rejected"]
-    fresh = deliver(serve, registry, "v0002", REQUESTS, FAST, stale_features=[])
+    fresh = deliver_judged(serve, registry, "v0002", REQUESTS, FAST, stale_features=[])
     assert fresh.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0002"
 
 
@@ -256,10 +266,10 @@ def test_four_challengers_only_the_sound_one_is_promoted_and_each_rejection_name
         latency_ms={"v0001": 1.0, **{v: ms for v, (_, _, ms) in challengers.items()}},
     )
     requests = many_requests(300)
-    deliver(serve, registry, "v0001", requests, FAST)
+    deliver_judged(serve, registry, "v0001", requests, FAST)
     reasons = {}
     for version, (kind, _, _) in challengers.items():
-        report = deliver(
+        report = deliver_judged(
             serve, registry, version, requests, FAST, clock=serve.clock, sleep=serve.sleep
         )
         reasons[kind] = (report.outcome, report.reasons)
@@ -279,14 +289,14 @@ def test_the_watch_sees_its_requests_and_rolls_back_a_version_erring_in_producti
     registry = stub_registry(tmp_path, 3)
     serve = FakeServe({"v0001": _low, "v0002": _low, "v0003": _low})
     serve.production["v0003"] = _errs_on_every_tenth(_low)  # fine in shadow, not as default
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
-    sound = deliver(
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
+    sound = deliver_judged(
         serve, registry, "v0002", REQUESTS, DeliveryPolicy(), clock=serve.clock, sleep=serve.sleep
     )
     watched = next(s for s in sound.steps if s["step"] == "post_promotion_watch")
     assert sound.outcome == "promoted" and watched["passed"]
     assert [c["requests"] for c in watched["checks"] if c["check"] == "watch_error_rate"] == [300]
-    report = deliver(
+    report = deliver_judged(
         serve, registry, "v0003", REQUESTS, DeliveryPolicy(), clock=serve.clock, sleep=serve.sleep
     )
     assert report.outcome == "rolled_back", report.reasons
@@ -297,9 +307,9 @@ def test_the_watch_sees_its_requests_and_rolls_back_a_version_erring_in_producti
 def test_a_watch_that_sees_too_few_requests_keeps_the_promotion_and_says_so(tmp_path):
     registry = stub_registry(tmp_path)
     serve = FakeServe({"v0001": _low, "v0002": _low}, latency_ms={"v0002": 200.0})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
     policy = DeliveryPolicy(watch_seconds=30.0, max_latency_ratio=1000.0)
-    report = deliver(
+    report = deliver_judged(
         serve, registry, "v0002", REQUESTS, policy, clock=serve.clock, sleep=serve.sleep
     )
     assert report.outcome == "promoted" and registry.get_alias(CHAMPION) == "v0002"

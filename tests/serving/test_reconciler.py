@@ -6,9 +6,16 @@ import contextlib
 import pytest
 
 from models.registry import CHAMPION
-from serving.delivery import DeliveryPolicy, deliver
+from serving.delivery import DeliveryPolicy
 from serving.reconciler import ReconcileError, out_of_sync, reconcile
-from tests.serving.fakes import REQUESTS, Crash, FakeServe, stub_registry
+from tests.serving.fakes import (
+    REQUESTS,
+    Crash,
+    FakeServe,
+    deliver_judged,
+    promote_judged,
+    stub_registry,
+)
 
 FAST = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01)
 BREACH = DeliveryPolicy(watch_seconds=0.05, watch_interval_s=0.01, watch_max_p95_latency_ms=5.0)
@@ -21,7 +28,7 @@ def _score(item):
 def _served_v1(tmp_path, n=2):
     registry = stub_registry(tmp_path, n)
     serve = FakeServe({f"v{i + 1:04d}": _score for i in range(n)})
-    deliver(serve, registry, "v0001", REQUESTS, FAST)
+    deliver_judged(serve, registry, "v0001", REQUESTS, FAST)
     assert serve.set_default_calls == 1
     return registry, serve
 
@@ -44,7 +51,9 @@ def test_a_release_interrupted_at_any_step_converges_after_one_reconcile(
     else:
         serve.faults = {call: fault}
     with contextlib.suppress(Crash, ReconcileError):
-        deliver(serve, registry, "v0002", REQUESTS, BREACH if release == "rollback" else FAST)
+        deliver_judged(
+            serve, registry, "v0002", REQUESTS, BREACH if release == "rollback" else FAST
+        )
     # The intent was in the registry before TorchServe was touched.
     assert registry.get_alias(CHAMPION) == expected
 
@@ -64,7 +73,7 @@ def test_a_crash_right_after_torchserve_switched_leaves_registry_and_server_agre
     registry, serve = _served_v1(tmp_path)
     serve.faults = {2: "crash_after"}
     with pytest.raises(Crash):
-        deliver(serve, registry, "v0002", REQUESTS, FAST)
+        deliver_judged(serve, registry, "v0002", REQUESTS, FAST)
     assert serve.default_version() == "v0002" == registry.get_alias(CHAMPION)
     assert [r.to_version for r in registry.releases(pending=True)] == ["v0002"]
     assert "not confirmed" in out_of_sync(registry, serve)
@@ -89,7 +98,7 @@ def test_a_default_changed_behind_the_registrys_back_is_put_back_and_recorded(tm
 
 def test_a_champion_torchserve_lacks_is_archived_and_registered(tmp_path):
     registry = stub_registry(tmp_path)
-    registry.promote("v0001", "first")
+    promote_judged(registry, "v0001", "first")
     serve = FakeServe({"v0001": _score})
     archived = []
     result = reconcile(registry, serve, archived.append)
@@ -111,14 +120,14 @@ def test_a_champion_moved_while_reconciling_is_followed(tmp_path):
     registry, serve = _served_v1(tmp_path, 3)
     serve.register("v0002")
     serve.register("v0003")
-    registry.promote("v0002", "to v2")
+    promote_judged(registry, "v0002", "to v2")
     moved = []
 
     class Racing(FakeServe):
         def set_default(self, version, model=None):
             super().set_default(version, model)
             if not moved:  # someone promotes v0003 while v0002 is being applied
-                moved.append(registry.promote("v0003", "to v3"))
+                moved.append(promote_judged(registry, "v0003", "to v3"))
 
     racing = Racing(serve.behaviours)
     racing.registered = dict(serve.registered)
@@ -133,7 +142,7 @@ def test_delivery_shadows_against_the_registrys_champion_not_a_drifted_default(t
     registry, serve = _served_v1(tmp_path, 3)
     serve.register("v0003")
     serve.set_default("v0003")
-    report = deliver(serve, registry, "v0002", REQUESTS, FAST)
+    report = deliver_judged(serve, registry, "v0002", REQUESTS, FAST)
     assert report.outcome == "promoted" and report.previous == "v0001"
     shadow = next(s for s in report.steps if s["step"] == "shadow_replay")
     assert shadow["champion"]["version"] == "v0001"

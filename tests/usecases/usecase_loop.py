@@ -93,8 +93,6 @@ def main(home: Path) -> dict:
                 "candidate_model": {"config": FAST},
                 "baseline_model": {"config": FAST},
                 "evaluation_report": {"config": GATE},
-                # As continuous_training: only the deployment step promotes.
-                "registered_model": {"config": {"promote_on_pass": False}},
             }
         },
         raise_on_error=False,
