@@ -34,6 +34,7 @@ def test_first_release_starts_torchserve_and_serves_the_new_champion(loop):
         "registered_in_torchserve",
         "smoke_test",
         "promoted",
+        "post_promotion_watch",  # the first release is watched too
     ]
     assert loop.client.default_version() == v1
     assert loop.home.registry.get_alias(CHAMPION) == v1
