@@ -357,8 +357,10 @@ def health_state(report: dict[str, Any]) -> str:
     whether the keys expire within a day (disk bytes change at every tick)."""
     left = None if report["keys"] is None else report["keys"]["expires_in_s"]
     expiry = None if left is None else "expired" if left <= 0 else left < 86400
+    newest_override = [o["at"] for o in report.get("overrides", [])][-1:]
     return json.dumps(
-        [report["ok"], report["stale_sensors"], report["stuck_releases"], expiry], sort_keys=True
+        [report["ok"], report["stale_sensors"], report["stuck_releases"], expiry, newest_override],
+        sort_keys=True,
     )
 
 
@@ -385,8 +387,12 @@ def platform_health_sensor(context: dg.SensorEvaluationContext, storage: Looplin
     report = health_report(storage.settings, context.instance, declared=declared)
     last = Recorded.parse(context.cursor)
     stale, stuck = set(report["stale_sensors"]), set(report["stuck_releases"])
+    overrides = {f"override:{o['at']}": o for o in report["overrides"]}
+    new = set(overrides) - set(last.alerted)
     _alert_new(report, stale - set(last.alerted), stuck - set(last.alerted))
-    alerted = tuple(sorted(stale | stuck))
+    for key in sorted(new):
+        alerts.send(alerts.Alert("override", override_line(overrides[key]), overrides[key]))
+    alerted = tuple(sorted(stale | stuck | set(overrides)))
     now, state = datetime.fromisoformat(report["at"]), health_state(report)
     if not due(last, state, now):
         return dg.SensorResult(

@@ -255,3 +255,46 @@ def test_a_stuck_release_is_recorded_at_once_and_alerts_once(home, caplog):
     sent = [json.loads(r.getMessage()) for r in caplog.records]
     [alert] = [a for a in sent if a["alert"] == "release_stuck"]
     assert version in alert["summary"] and "STUCK" in alert["summary"]
+
+
+def test_an_override_is_recorded_at_once_shown_in_the_ui_and_alerts_once(home, caplog):
+    from dataclasses import replace
+
+    from models.registry import Registry
+
+    settings, instance = home
+    evaluate = _evaluator(settings, instance)
+    _promoted(settings)
+    registry = Registry(settings.registry_path)
+    [champion] = registry.list_versions()
+    record = replace(_record_of(champion), artifacts={"model.pt": "1" * 64})
+    ungated = registry.register(record, None, verify_files=False)
+    registry.confirm_served(champion.version)
+    first = evaluate()
+    with caplog.at_level(logging.WARNING, logger="loopline.alerts"):
+        registry.promote(ungated, "hotfix INC-42", force=True)
+        registry.confirm_served(ungated)
+        recorded = evaluate(first.cursor)
+        again = evaluate(recorded.cursor)
+    [materialization, _] = recorded.asset_events  # a change: recorded within the hour
+    assert "hotfix INC-42" in materialization.metadata["overrides"].value
+    assert again.asset_events == []
+    sent = [json.loads(r.getMessage()) for r in caplog.records]
+    [alert] = [a for a in sent if a["alert"] == "override"]
+    assert ungated in alert["summary"] and "no gate verdict" in alert["summary"]
+
+
+def _record_of(version):
+    from models.registry import ModelRecord
+
+    return ModelRecord(
+        model_name=version.model_name,
+        artifact_dir=version.artifact_dir,
+        artifacts={},
+        training_set_version=version.training_set_version,
+        feature_service=version.feature_service,
+        training_batches=version.training_batches,
+        hyperparameters=version.hyperparameters,
+        metrics=version.metrics,
+        data_window=version.data_window,
+    )
