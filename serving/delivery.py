@@ -285,6 +285,21 @@ def expected_shift(registry: Registry, version: str) -> float:
     return (float(after) - float(before)) / abs(float(before))
 
 
+def availability_checks(
+    seen: Probe, alpha: float, max_rate: float, limit_ms: float, stage: str
+) -> list[Check]:
+    """Error rate and p95 latency of what ``seen`` answered, against absolute bounds: the
+    ``<stage>_error_rate`` and ``<stage>_p95_latency`` checks of the shadow and the watch."""
+    return [
+        release_checks.error_rate(
+            len(seen.errors), seen.sent, alpha=alpha, max_rate=max_rate, name=f"{stage}_error_rate"
+        ),
+        release_checks.p95_latency_limit(
+            seen.latencies_ms, alpha=alpha, limit_ms=limit_ms, name=f"{stage}_p95_latency"
+        ),
+    ]
+
+
 def shadow_checks(
     champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
 ) -> list[Check]:
@@ -312,18 +327,8 @@ def shadow_checks(
             max_change=policy.max_mean_change,
         )
     return [
-        release_checks.error_rate(
-            len(challenger.errors),
-            challenger.sent,
-            alpha=alpha,
-            max_rate=policy.max_error_rate,
-            name="shadow_error_rate",
-        ),
-        release_checks.p95_latency_limit(
-            challenger.latencies_ms,
-            alpha=alpha,
-            limit_ms=policy.max_p95_latency_ms,
-            name="shadow_p95_latency",
+        *availability_checks(
+            challenger, alpha, policy.max_error_rate, policy.max_p95_latency_ms, "shadow"
         ),
         release_checks.p95_latency_ratio(
             champion.latencies_ms,
@@ -529,22 +534,13 @@ def watch(
         if clock() >= deadline:
             break
         sleep(policy.watch_interval_s)
-    alpha = policy.alpha / 2
-    checks = [
-        release_checks.error_rate(
-            len(seen.errors),
-            seen.sent,
-            alpha=alpha,
-            max_rate=policy.watch_max_error_rate,
-            name="watch_error_rate",
-        ),
-        release_checks.p95_latency_limit(
-            seen.latencies_ms,
-            alpha=alpha,
-            limit_ms=policy.watch_max_p95_latency_ms,
-            name="watch_p95_latency",
-        ),
-    ]
+    checks = availability_checks(
+        seen,
+        policy.alpha / 2,
+        policy.watch_max_error_rate,
+        policy.watch_max_p95_latency_ms,
+        "watch",
+    )
     if seen.sent < policy.watch_requests:
         reason = (
             f"post-promotion watch inconclusive: {seen.sent} of {policy.watch_requests} "
