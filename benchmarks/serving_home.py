@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+import torch
 from feast import FeatureStore
 
 from core import simulation
@@ -53,12 +54,18 @@ class UseCaseHome:
     training_frame: pl.DataFrame
     spec: FeatureSpec
 
-    def register(self, seed: int, *, champion: bool = False) -> str:
-        """Trains a model (seed changes its weights), saves and registers it."""
+    def register(self, seed: int, *, champion: bool = False, shift: float = 0.0) -> str:
+        """Trains a model (seed changes its weights), saves and registers it. ``shift`` is
+        added to its final layer's bias before it is saved (a release drill's model whose
+        scores moved: in units of a regressor's target deviation, or of a classifier's logit
+        before calibration); its golden rows and checksums are its own."""
         uc = active()
         result = train_model(
             self.training_frame, self.spec, TrainConfig(**{**FAST.to_dict(), "seed": seed})
         )
+        if shift:
+            with torch.no_grad():
+                result.model.body[-1].bias += shift
         saved = save_training_result(
             result, self.home / "models" / f"seed-{seed}", metadata={"feature_service": SERVICE}
         )
@@ -80,6 +87,11 @@ class UseCaseHome:
         if champion:
             self.registry.promote(version, "bench champion")
         return version
+
+    def rejudge(self, version: str) -> None:
+        """``version`` judged again, and passed, against the champion serving now (as
+        ``tests.serving.kit.ServingHome``'s, for ``tests.e2e.kit.Loop``)."""
+        self.registry.judge(version, Verdict(True, champion=self.registry.get_alias(CHAMPION)))
 
     def requests(self, n: int) -> list[dict]:
         """Valid request bodies for known entities, stamped now (``serving.requests``)."""

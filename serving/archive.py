@@ -6,6 +6,7 @@ preprocessor, golden rows, SHA256SUMS, which the worker verifies on load), the h
 ``serving.json``: model name, registry version id, FeatureService, decision threshold, request
 limits, and the use case and home it serves (one TorchServe serves every use case of a
 platform, so a worker learns its own from its archive). Its TorchServe version is the registry version id.
+A release drill's archive also carries ``faults`` (``serving.faults``); no other does.
 
 torch-model-archiver stages files in ``$TMPDIR/<model name>``, so it runs in a subprocess
 with a private TMPDIR (two builds at once must not share that folder); the result is renamed
@@ -28,6 +29,7 @@ from core.usecase import active
 from models.artifact import CHECKSUMS, GOLDEN, SIDECAR, WEIGHTS, verify_checksums
 from models.registry import Registry
 from serving.config import ServingConfig
+from serving.faults import Faults
 from serving.scoring import SERVING_FILE, ServingInfo, version_info
 
 HANDLER_FILE = "loopline_handler.py"
@@ -46,11 +48,14 @@ def build_archive(
     info: ServingInfo | None = None,
     overwrite: bool = False,
     handler: str | Path = HANDLER_SOURCE,
+    faults: Faults | None = None,
 ) -> Path:
     """Builds ``<model store>/<model name>-<version>.mar``; an existing one is returned as is.
 
     ``info`` defaults to what the model directory's sidecar says (see ServingInfo). ``handler``
     is the source archived as the handler (the serving benchmark's floor archives a no-op one).
+    ``faults``: a release drill's (``serving.faults``); the archive is built anew with them,
+    and is the version's archive from then on (the deployment serves it as any other).
     """
     model_dir = Path(model_dir)
     problems = verify_checksums(model_dir)
@@ -58,7 +63,7 @@ def build_archive(
         raise ArchiveError(f"model at {model_dir} failed verification: {'; '.join(problems)}")
     store = Path(config.model_store)
     target = store / config.mar_name(version)
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite and not faults:
         return target
     info = info or ServingInfo.from_model_dir(
         model_dir, model_version=version, model_name=config.model_name
@@ -73,6 +78,8 @@ def build_archive(
         "usecase": str(active().root.resolve()),
         "home": str(Path(config.home).resolve()),
     }
+    if faults:
+        settings["faults"] = faults.to_dict()
     store.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.model_name}-{version}-", dir=store))
     try:
@@ -117,11 +124,14 @@ def build_archive(
     return target
 
 
-def archive_version(registry: Registry, version: str, config: ServingConfig) -> Path:
+def archive_version(
+    registry: Registry, version: str, config: ServingConfig, *, faults: Faults | None = None
+) -> Path:
     """The archive of a registered version (lineage from the registry: FeatureService,
-    threshold from its metrics when recorded)."""
+    threshold from its metrics when recorded); ``faults`` only for a release drill."""
     info = version_info(registry, version, config.model_name)
-    return build_archive(registry.get(version).artifact_dir, config, version=version, info=info)
+    record = registry.get(version)
+    return build_archive(record.artifact_dir, config, version=version, info=info, faults=faults)
 
 
 def read_manifest(mar: str | Path) -> dict[str, Any]:

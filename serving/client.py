@@ -145,7 +145,9 @@ class TorchServeClient:
         """Registers ``<model>-<version>.mar`` from the model store and waits for its workers.
 
         The version is not the default unless ``set_default``: the deployment step can smoke
-        test it on its versioned endpoint first.
+        test it on its versioned endpoint first. Waiting is a worker's start (imports, model
+        and feature store loaded: 20 s and more on a busy 2-core host), so it is bounded by
+        ``startup_timeout_s``, not by a request's timeout.
         """
         cfg = self.config
         params = {
@@ -160,7 +162,11 @@ class TorchServeClient:
             "synchronous": "true",
         }
         result = self._json(
-            "POST", cfg.management_url, "/models?" + urlencode(params), "management"
+            "POST",
+            cfg.management_url,
+            "/models?" + urlencode(params),
+            "management",
+            timeout=max(self.timeout, cfg.startup_timeout_s),
         )
         if set_default:
             self.set_default(version, model=model)
@@ -225,8 +231,17 @@ class TorchServeClient:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _json(self, method: str, base: str, path: str, api: str, *, json_body: Any = None) -> Any:
-        response = self._call(method, base, path, api, json_body=json_body)
+    def _json(
+        self,
+        method: str,
+        base: str,
+        path: str,
+        api: str,
+        *,
+        json_body: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        response = self._call(method, base, path, api, json_body=json_body, timeout=timeout)
         try:
             return response.json()
         except ValueError as exc:
@@ -243,7 +258,10 @@ class TorchServeClient:
         api: str | None,
         *,
         json_body: Any = None,
+        timeout: float | None = None,
     ) -> requests.Response:
+        """One call (``timeout`` seconds, the client's when None), retried once when its key
+        was renewed meanwhile."""
         for attempt in (0, 1):
             key = self._key(api) if api else None
             headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -253,7 +271,7 @@ class TorchServeClient:
                 data = json.dumps(json_body)
             try:
                 response = self.session.request(
-                    method, base + path, headers=headers, data=data, timeout=self.timeout
+                    method, base + path, headers=headers, data=data, timeout=timeout or self.timeout
                 )
             except requests.ConnectionError as exc:
                 raise NotRunning(f"TorchServe does not answer at {base}: {exc}") from exc

@@ -10,7 +10,9 @@ of the batch share one feature lookup and one model call. ``/explanations/<model
 The worker is a process entry point, so it reads ``LOOPLINE_HOME`` (``serving.entry`` sets it and
 ``LOOPLINE_USECASE`` from the archive) to find the feature store and the prediction log; the
 model itself, its FeatureService and threshold come from the archive (a worker never opens the
-model registry, so it needs no Postgres connection in the scale profile).
+model registry, so it needs no Postgres connection in the scale profile). An archive built for a
+release drill carries faults (``serving.faults``): a delay before each batch, a 500 on every
+Nth request.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from core.settings import local_path
 from features.store import redis_online_store
 from serving.explain import explain
+from serving.faults import Faults
 from serving.prediction_log import PredictionLog
 from serving.requests import Record, RequestError, parse_request
 from serving.scoring import SERVING_FILE, Scorer, ServingInfo
@@ -59,6 +62,10 @@ class LooplineHandler(BaseHandler):
         self.scorer = Scorer.load(model_dir, home, info, online_store=online_store(os.environ))
         self.max_body_bytes = int(settings.get("max_body_bytes", 256 << 10))
         self.max_items = int(settings.get("max_items_per_request", 512))
+        # A drill's faults (serving.faults); None in normal operation: no work per request.
+        self.faults = Faults.from_dict(settings["faults"]) if settings.get("faults") else None
+        if self.faults:
+            logger.warning("drill faults injected by this archive: %s", self.faults.to_dict())
         self.log = PredictionLog(
             home / "predictions" / info.model_name,
             prefix=f"{info.model_name}-{info.model_version}",
@@ -88,8 +95,12 @@ class LooplineHandler(BaseHandler):
         self.context = context
         responses: list[str | bytes | None] = [None] * len(data)
         accepted: list[tuple[int, list[Record], bool, bool]] = []
+        failing = self.faults.strike(len(data)) if self.faults else ()
         for i, item in enumerate(data):
             context.set_response_content_type(i, JSON)
+            if i in failing:
+                responses[i] = self._refuse(context, i, item, self.faults.error(), now)
+                continue
             try:
                 records, single = parse_request(
                     _body(item), max_bytes=self.max_body_bytes, max_items=self.max_items, now=now

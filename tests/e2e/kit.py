@@ -5,10 +5,12 @@ from contextlib import ExitStack
 
 import dagster as dg
 
+from benchmarks.serving_home import UseCaseHome
 from core.storage import write_parquet_atomic
+from core.usecase import active
 from orchestration.resources import LooplineStorage
 from orchestration.serving_assets import TorchServeResource, deployment, model_archive
-from tests.serving.kit import build_serving_home
+from tests.serving.kit import ServingHome, build_serving_home
 
 
 def free_ports(n: int) -> list[int]:
@@ -20,13 +22,20 @@ def free_ports(n: int) -> list[int]:
 
 
 class Loop:
-    def __init__(self, root):
-        self.home = build_serving_home(root / "home", seed=5)
-        self.versions = [self.home.register(seed=s) for s in (1, 2, 3)]
-        # Replay falls back to recent validated transactions while nothing is logged yet.
+    def __init__(
+        self,
+        root,
+        home: ServingHome | UseCaseHome | None = None,
+        seeds: tuple[int, ...] = (1, 2, 3),
+    ):
+        """TorchServe for ``home`` (the fraud kit's by default; any use case's from
+        ``benchmarks.serving_home``), with models of ``seeds`` registered."""
+        self.home = home or build_serving_home(root / "home", seed=5)
+        self.versions = [self.home.register(seed=s) for s in seeds]
+        # Replay falls back to recent validated requests while nothing is logged yet.
         write_parquet_atomic(
-            self.home.transactions.tail(300),
-            self.home.home / "validated" / "transactions" / "recent.parquet",
+            self.home.request_rows.tail(300),
+            self.home.home / "validated" / active().request.dataset / "recent.parquet",
         )
         inference, management, metrics = free_ports(3)
         self.storage = LooplineStorage(home=str(self.home.home))

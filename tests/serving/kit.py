@@ -39,6 +39,11 @@ class ServingHome:
     training_frame: pl.DataFrame
     spec: FeatureSpec
 
+    @property
+    def request_rows(self) -> pl.DataFrame:
+        """The request dataset's rows, by the name ``benchmarks.serving_home`` gives them."""
+        return self.transactions
+
     def passed(self) -> Verdict:
         """The gate's pass against the champion serving now (these tests are not about the
         gate: ``tests/models`` and ``tests/serving/test_release_integrity*`` are)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import time
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,9 +16,10 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 from serving import handler as handler_module
-from serving.archive import build_archive, read_manifest
+from serving.archive import archive_version, build_archive, read_manifest
 from serving.batch import score_frame
 from serving.config import ServingConfig
+from serving.faults import Faults
 from serving.handler import HOME_ENV, LooplineHandler, _body_json
 from serving.prediction_log import read_records
 from serving.scoring import version_info
@@ -283,3 +285,62 @@ def test_the_log_holds_the_age_of_the_online_rows_each_transaction_was_scored_wi
             want = (at - event).total_seconds()
             assert ages[view] == pytest.approx(want, abs=1e-6) and ages[view] > 0
     assert records[good[1]["transaction_id"]]["feature_age_s"]["card_stats_fv"] is None
+
+
+# Release drills (serving.faults): an archive that makes its worker slow or failing.
+
+
+def test_faults_fail_every_nth_request_a_worker_receives_across_batches() -> None:
+    slept: list[float] = []
+    faults = Faults(delay_ms=20, error_every=3)
+    failing = [faults.strike(size, sleep=slept.append) for size in (1, 1, 1, 4, 2)]
+    # Requests 1..9 in batches of 1, 1, 1, 4, 2: the 3rd, 6th and 9th fail.
+    assert failing == [set(), set(), {0}, {2}, {1}]
+    assert slept == [0.02] * 5  # once per batch
+    assert not Faults() and Faults(error_every=10) and Faults(delay_ms=1)
+    assert Faults().strike(5, sleep=slept.append) == set() and len(slept) == 5
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"delay_ms": 50, "error_rate": 0.1}, "unknown faults \\['error_rate'\\]"),
+        ({"delay_ms": -1}, "delay_ms must be finite and >= 0"),
+        ({"delay_ms": "50"}, "delay_ms must be a number"),
+        ({"error_every": 2.5}, "error_every must be an integer"),
+        ({"error_every": -10}, "error_every must be >= 0"),
+    ],
+)
+def test_a_faults_block_that_would_not_drill_what_it_says_is_refused(block, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Faults.from_dict(block)
+
+
+def test_only_a_drill_archive_carries_faults_and_its_worker_is_slow_and_fails_every_nth(
+    serving_home: ServingHome,
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    handler: LooplineHandler,
+) -> None:
+    assert "faults" not in read_manifest(archive)["serving"] and handler.faults is None
+    config = ServingConfig.for_home(serving_home.home, serving_dir=tmp_path / "drill")
+    drill = archive_version(
+        serving_home.registry, "v0001", config, faults=Faults(delay_ms=40, error_every=2)
+    )
+    assert read_manifest(drill)["serving"]["faults"] == {"delay_ms": 40, "error_every": 2}
+    worker = _worker(drill, tmp_path / "worker", monkeypatch, str(serving_home.home))
+    h = next(worker)
+    good = serving_home.requests(3, offset=100)
+    began = time.perf_counter()
+    statuses, answers, _ = run_batch(h, [json.dumps(r) for r in good])
+    elapsed = time.perf_counter() - began
+    next(worker, None)  # closes the log
+    assert statuses == [200, 500, 200] and elapsed >= 0.04
+    assert answers[0]["transaction_id"] == good[0]["transaction_id"]
+    assert (
+        answers[1]["error"] == "injected_fault" and "one request in 2 fails" in answers[1]["reason"]
+    )
+    records = read_records(serving_home.home / "predictions" / "fraud")
+    failed = [r for r in records if r["status"] == 500 and r["error"]["error"] == "injected_fault"]
+    assert [r["request_id"] for r in failed] == ["req-1"]
