@@ -62,7 +62,17 @@ class Loop:
             run_config={
                 "ops": {
                     "deployment": {
-                        "config": {"watch_seconds": 2.0, "replay_requests": 64, **policy}
+                        # These tests are about the release mechanics (traffic through a
+                        # promotion, rollback, reconcile): the kit's FAST 4-epoch models of
+                        # other seeds differ by KS up to ~0.55 on 64 scores, as a sound retrain
+                        # of ~30 validation positives does. The shadow's judgement has its own
+                        # drill (test_release_integrity_e2e) and benchmark (bench_release).
+                        "config": {
+                            "watch_seconds": 2.0,
+                            "replay_requests": 64,
+                            "min_score_ks": 0.8,
+                            **policy,
+                        }
                     }
                 }
             },
