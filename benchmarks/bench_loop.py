@@ -110,7 +110,11 @@ def main() -> None:
         console.print(
             f"anchor: {a['anchor_s']:.1f} s (30 s interval + {a['launch_s']:.1f} s launch)"
         )
-        recording.write(figures(a, None), skipped=["loopline demo (15-25 min): --anchor-only"])
+        recording.write(
+            figures(a, None),
+            variant="anchor-only",
+            skipped=["loopline demo (15-25 min): --anchor-only"],
+        )
         return
     print_table(a, summary)
     recording.write(figures(a, summary), notes=[f"outcome: {summary['outcome']}"])

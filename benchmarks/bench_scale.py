@@ -1,7 +1,8 @@
 """Scale-out profile: online lookups on Redis vs SQLite, TorchServe with 1 vs 2 workers.
 
 Run: ``make bench-scale``, or ``.venv/bin/python -m benchmarks.bench_scale [--lookups 2000]
-[--duration 10] [--rounds 2] [--smoke]``
+[--duration 10] [--rounds 2] [--batch-sizes 32,1] [--smoke]`` (``--smoke``: 20 lookups, 2-s
+runs, one round, batch size 32 only)
 
 Setup (in a temporary home): ``tests.serving.kit.build_serving_home`` (simulated transactions,
 Feast features materialized into SQLite, a trained champion), and a private redis-server
@@ -113,7 +114,7 @@ def serve(home: ServingHome, tmp: Path, args, stack: ExitStack) -> list[tuple[st
     bodies_file = tmp / "bodies.jsonl"
     bodies_file.write_text("".join(json.dumps(b) + "\n" for b in home.requests(BODIES)))
     results: list[tuple[str, Run, Run]] = []
-    for batch_size in (32, 1):
+    for batch_size in args.batch_sizes:
         targets = {}
         # One pair at a time: four TorchServe instances at once do not fit 2 cores' memory
         # and CPU without disturbing each other.
@@ -150,7 +151,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per server, first")
     parser.add_argument("--rounds", type=int, default=2)
-    smoke = {"lookups": 20, "duration": 2.0, "warmup": 1.0, "rounds": 1}
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[32, 1],
+        help="TorchServe batch sizes of (b), comma-separated (default 32,1)",
+    )
+    smoke = {"lookups": 20, "duration": 2.0, "warmup": 1.0, "rounds": 1, "batch_sizes": [32]}
     args, recording = results.parse_args(parser, "bench_scale", smoke)
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk (`make bench-tools` does)")

@@ -140,8 +140,10 @@ def summary_table(latest: dict[str, Latest], published: list[Published], doc: Pa
         machine += " (uncommitted changes)" if m.git_dirty else ""
         goals = [f for f in run.figures if f.goal is not None]
         missed = [f.name for f in goals if f.met is False]
+        unmeasured = sum(f.met is None for f in goals)
         tally = f"{sum(f.met is True for f in goals)} of {len(goals)} met"
         tally += f"; missed: {', '.join(missed)}" if missed else ""
+        tally += f"; {unmeasured} not measured" if unmeasured else ""
         rows.append(
             _row(
                 f"`{key}`",
