@@ -188,7 +188,7 @@ class Recording:
         self.args = args
         self.command = command_line(benchmark, argv)
         self.started = time.monotonic()
-        self.load_at_start = list(os.getloadavg())
+        self.load_at_start = _load()
 
     def write(
         self,
@@ -214,7 +214,7 @@ class Recording:
             command=self.command,
             date=datetime.now(UTC),
             duration_s=round(time.monotonic() - self.started, 1),
-            load_average={"start": self.load_at_start, "end": list(os.getloadavg())},
+            load_average={"start": self.load_at_start, "end": _load()},
             machine=Machine.here(),
             parameters=parameters,
             figures=list(figures),
@@ -281,6 +281,10 @@ def read(path: Path) -> BenchResult:
         return BenchResult.model_validate_json(path.read_bytes())
     except ValueError as exc:
         raise ValueError(f"{path} is not a benchmark results file: {exc}") from exc
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _git(*args: str) -> str | None:
