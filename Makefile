@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml does, so a dependency change reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup services run test lint format bench bench-features clean
+.PHONY: setup services bench-tools run test lint format bench bench-validation bench-training \
+	bench-features clean
 
 setup: $(STAMP)
 
@@ -22,7 +23,8 @@ run: setup
 	$(BIN)/loopline run
 
 # Everything but the soaks (their own targets below); the slowest tests are listed at the end.
-test: setup lint services
+# It runs every benchmark at its smoke size too (tests/benchmarks), hence wrk.
+test: setup lint services bench-tools
 	$(BIN)/pytest -m "not soak" --durations=15
 
 # Postgres and Redis for the scale-out profile's tests (tests/scale start private instances on
@@ -37,6 +39,17 @@ services:
 	       postgresql redis-server >/dev/null; \
 	fi
 
+# wrk, the load generator of the serving and scale benchmarks: Debian's package, installed only
+# when it is missing (as services does for Postgres and Redis).
+bench-tools:
+	@if ! command -v wrk >/dev/null; then \
+	  echo "installing Debian's wrk for the serving benchmarks"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	  && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	       wrk >/dev/null; \
+	fi
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -45,11 +58,31 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup
-	$(BIN)/python -m benchmarks.bench_validation
+# Every benchmark at its documented size (benchmarks/RESULTS.md), each writing its results file
+# under benchmarks/results/; then the README's and RESULTS.md's tables are generated from the
+# newest full-size file of each. Hours on 2 cores, unattended.
+BENCHMARKS := bench-validation bench-training bench-features bench-drift bench-backtest \
+	bench-backtest-delivery bench-serving bench-serving-delivery bench-scale bench-ingest \
+	bench-first-model bench-loop
+.PHONY: $(BENCHMARKS) bench-report
+bench: $(BENCHMARKS)
+	$(MAKE) bench-report
 
+bench-report: setup
+	$(BIN)/python -m benchmarks.report
+
+bench-validation: setup
+	$(BIN)/python -m benchmarks.bench_validation --rows 1000000
+
+# The classifier and the regressor, on the CPU (2 torch threads), each with train_model from Polars.
+bench-training: setup
+	$(BIN)/python -m benchmarks.bench_training --rows 1000000 --epochs 3 --repeats 3 --threads 2 --frame
+	$(BIN)/python -m benchmarks.bench_training --rows 1000000 --epochs 3 --repeats 3 --threads 2 --frame --task regression
+
+# The dense shape (the simulator's 2,000 cards) and the sparse one (40,000 cards).
 bench-features: setup
 	$(BIN)/python -m benchmarks.bench_features
+	$(BIN)/python -m benchmarks.bench_features --cards 40000 --merchants 2000 --lookups 1000
 
 # The full 10-minute soak of tests/reliability (make test runs a 30 s variant of the same test).
 .PHONY: soak
@@ -76,23 +109,27 @@ bench-loop: setup
 
 .PHONY: bench-ingest bench-first-model
 bench-ingest: setup
-	$(BIN)/python -m benchmarks.bench_ingest
+	$(BIN)/python -m benchmarks.bench_ingest --files 100
 
 bench-first-model: setup
 	$(BIN)/python -m benchmarks.bench_first_model
 
 .PHONY: bench-scale
-bench-scale: setup services
+bench-scale: setup services bench-tools
 	$(BIN)/python -m benchmarks.bench_scale
 
 # The serving benchmark's two-hop peer (feast serve + FastAPI) gets its own venv for its own
 # packages (httpx, py-spy); Feast, FastAPI, uvicorn and torch come from .venv through a .pth file,
 # so both sides run the same versions and the product's environment gains nothing.
 PEER := benchmarks/.venv-peer
-.PHONY: bench-serving
+.PHONY: bench-serving bench-serving-delivery
 
-bench-serving: setup $(PEER)/.installed
+bench-serving: setup bench-tools $(PEER)/.installed
 	$(BIN)/python -m benchmarks.bench_serving --peer-python $(PEER)/bin/python
+
+# The delivery demo's regressor (the peer is written for fraud's transactions: it is skipped).
+bench-serving-delivery: setup bench-tools
+	LOOPLINE_USECASE=delivery $(BIN)/python -m benchmarks.bench_serving --rounds 2
 
 $(PEER)/.installed: benchmarks/requirements-peer.txt $(STAMP)
 	@test -x $(PEER)/bin/python || $(BIN)/python -m venv $(PEER)
@@ -118,6 +155,10 @@ $(DRIFT_PEER)/.installed: benchmarks/requirements-drift-peer.txt
 	@touch $@
 
 # 30 simulated days of the demo's scenario through static, nightly and triggers (issue 14).
-.PHONY: bench-backtest
+.PHONY: bench-backtest bench-backtest-delivery
 bench-backtest: setup
 	$(BIN)/python -m benchmarks.bench_backtest
+
+# The delivery demo's rain, 22 served days, drift from the third (issue 16's scenario).
+bench-backtest-delivery: setup
+	LOOPLINE_USECASE=delivery $(BIN)/python -m benchmarks.bench_backtest --days 22 --drift-after 3

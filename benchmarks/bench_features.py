@@ -1,7 +1,7 @@
 """Feature store: point-in-time training sets, online lookups, materialization.
 
 Run: ``.venv/bin/python -m benchmarks.bench_features [--entities 100000]
-[--feature-rows 1000000] [--lookups 2000] [--repeats 3]``
+[--feature-rows 1000000] [--lookups 2000] [--repeats 3] [--smoke]``
 
 Self-contained: synthetic card and merchant feature files (the declared schemas, 10 batch files
 per view, hourly timestamps so ties occur, a tenth of the rows recomputed with a later
@@ -39,6 +39,7 @@ from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
+from benchmarks import results
 from benchmarks.bench_validation import best_of
 from features.incremental import sync_online
 from features.store import (
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--online-only", action="store_true", help="skip (a)")
-    args = parser.parse_args()
+    smoke = {"entities": 2_000, "feature_rows": 20_000, "lookups": 64, "repeats": 1}
+    args, recording = results.parse_args(parser, "bench_features", smoke)
     rng = np.random.default_rng(1)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +201,7 @@ def main() -> None:
             pl.scan_parquet(home / "features" / v / "*.parquet").select(pl.len()).collect().item()
             for v in (CARD_VIEW, MERCHANT_VIEW)
         )
+        t: dict[str, float] = {}
         if not args.online_only:
             loopline(), bare()  # warm-up
             t = best_of(args.repeats, {"loopline": loopline, "feast": feast, "bare": bare})
@@ -338,6 +341,70 @@ def main() -> None:
         print(
             f"    before / loopline            p50 {before[0] / ours[0]:7.1f} x   p99 {before[1] / ours[1]:7.1f} x"
         )
+    figures = training_set_figures(t) + [
+        results.Figure(name="materialize, full", value=first.rows / full, unit="rows/s"),
+        results.Figure(
+            name="materialize, incremental", value=sync.rows / incremental, unit="rows/s"
+        ),
+        *lookup_figures(stats, batch_stats),
+    ]
+    variant = [] if (cards, merchants) == (2000, 300) else [f"{cards}-cards"]
+    variant += ["online-only"] if args.online_only else []
+    recording.write(figures, variant="-".join(variant) or None)
+
+
+def training_set_figures(t: dict[str, float]) -> list[results.Figure]:
+    """(a): Loopline against Feast (goal >= 8x faster) and the bare ASOF JOIN (within 1.5x)."""
+    if not t:
+        return []
+    name = "training set (loopline historical_features)"
+    return [
+        results.compared(
+            name,
+            t["loopline"] * 1000,
+            "ms",
+            "Feast get_historical_features",
+            t["feast"] * 1000,
+            ratio=t["feast"] / t["loopline"],
+            ratio_of="feast / loopline",
+            goal=results.Goal(op=">=", target=8),
+        ),
+        results.compared(
+            name,
+            t["loopline"] * 1000,
+            "ms",
+            "bare DuckDB ASOF JOIN",
+            t["bare"] * 1000,
+            ratio_of="loopline / bare",
+            goal=results.Goal(op="<=", target=1.5),
+        ),
+    ]
+
+
+def lookup_figures(
+    stats: dict[str, tuple[float, float]], batch_stats: dict[str, tuple[float, float]]
+) -> list[results.Figure]:
+    """(b): ``online_features`` p50 and p99 against its Feast SDK path, one request and 32 at a
+    time, and against a direct SQLite read of the same keys (one request)."""
+    ours, sdk = "loopline online_features", "online_features_sdk (before)"
+    out = []
+    for size, table in (("1 request", stats), ("32 requests", batch_stats)):
+        anchors = [(sdk, "its Feast SDK path (online_features_sdk)")]
+        anchors += [("direct SQLite read", "a direct SQLite read")] if size == "1 request" else []
+        for i, q in enumerate(("p50", "p99")):
+            for case, anchor in anchors:
+                out.append(
+                    results.compared(
+                        f"online lookup {q}, {size} (online_features)",
+                        table[ours][i],
+                        "ms",
+                        anchor,
+                        table[case][i],
+                        ratio_of="loopline / anchor",
+                        headline=q == "p50" and case == sdk,
+                    )
+                )
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Ingestion throughput: landed files per minute under the real Dagster daemon.
 
-Run: ``make bench-ingest`` (= ``.venv/bin/python -m benchmarks.bench_ingest``), about 10 min.
+Run: ``make bench-ingest`` (= ``.venv/bin/python -m benchmarks.bench_ingest``), about 10 min;
+``--smoke`` lands 5 files (a minute or two: two Dagster start-ups).
 
 A fresh fraud home runs ``dagster dev`` (daemon, sensors, queued runs, two run slots) as
 ``loopline run`` starts it, with no simulator and no TorchServe. Once its reference data is
@@ -31,6 +32,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import results
 from core import simulation
 from core.settings import Settings
 from orchestration.cli_loop import free_port
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=150)
     parser.add_argument("--rows", type=int, default=2)
-    args = parser.parse_args(argv)
+    args, recording = results.parse_args(parser, "bench_ingest", {"files": 5}, argv)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         ours = measure(Path(tmp) / "batched", args.files, args.rows, None)
         console.print(f"batched: {ours}")
@@ -129,6 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         f"throughput {ratio:.1f}x the per-file anchor; {ours['per_minute']:.0f} files/min "
         f"vs the goal 110 (10x ~11): {'met' if goal else 'MISSED'}"
     )
+    figure = results.compared(
+        "ingestion throughput, one run per tick",
+        ours["per_minute"],
+        "files/min",
+        "the same code, one run per file",
+        anchor["per_minute"],
+        ratio_of="per tick / per file",
+        goal=results.Goal(op=">=", target=110, on="value"),
+    )
+    runs = results.compared("ingest runs", ours["runs"], "runs", "one run per file", anchor["runs"])
+    recording.write([figure, runs])
 
 
 if __name__ == "__main__":

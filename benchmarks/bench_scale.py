@@ -1,7 +1,8 @@
 """Scale-out profile: online lookups on Redis vs SQLite, TorchServe with 1 vs 2 workers.
 
 Run: ``make bench-scale``, or ``.venv/bin/python -m benchmarks.bench_scale [--lookups 2000]
-[--duration 10] [--rounds 2]``
+[--duration 10] [--rounds 2] [--batch-sizes 32,1] [--smoke]`` (``--smoke``: 20 lookups, 2-s
+runs, one round, batch size 32 only)
 
 Setup (in a temporary home): ``tests.serving.kit.build_serving_home`` (simulated transactions,
 Feast features materialized into SQLite, a trained champion), and a private redis-server
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import polars as pl
 
-from benchmarks import bench_serving
+from benchmarks import bench_serving, results
 from benchmarks.bench_serving import Run, Target, load, measure, wrk
 from features.store import feature_store, online_features, redis_online_store
 from serving.process import TorchServeProcess
@@ -113,7 +114,7 @@ def serve(home: ServingHome, tmp: Path, args, stack: ExitStack) -> list[tuple[st
     bodies_file = tmp / "bodies.jsonl"
     bodies_file.write_text("".join(json.dumps(b) + "\n" for b in home.requests(BODIES)))
     results: list[tuple[str, Run, Run]] = []
-    for batch_size in (32, 1):
+    for batch_size in args.batch_sizes:
         targets = {}
         # One pair at a time: four TorchServe instances at once do not fit 2 cores' memory
         # and CPU without disturbing each other.
@@ -150,9 +151,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per server, first")
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[32, 1],
+        help="TorchServe batch sizes of (b), comma-separated (default 32,1)",
+    )
+    smoke = {"lookups": 20, "duration": 2.0, "warmup": 1.0, "rounds": 1, "batch_sizes": [32]}
+    args, recording = results.parse_args(parser, "bench_scale", smoke)
     if shutil.which("wrk") is None:
-        sys.exit("wrk not found: apt-get install wrk")
+        sys.exit("wrk not found: apt-get install wrk (`make bench-tools` does)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     tmp = Path(tempfile.mkdtemp(prefix="loopline-bench-scale-"))
@@ -166,18 +174,55 @@ def main() -> None:
 
         print(f"\n(a) online lookups, {args.lookups} calls each ({load()})")
         print(f"  {'case':<38} {'SQLite ms':>10} {'Redis ms':>10} {'Redis / SQLite':>15}")
-        for case, sqlite, redis, ratio in lookups(home, redis_url, args.lookups):
+        lookup_rows = lookups(home, redis_url, args.lookups)
+        for case, sqlite, redis, ratio in lookup_rows:
             print(f"  {case:<38} {sqlite:>10.3f} {redis:>10.3f} {ratio:>14.2f}x")
 
         print(f"\n(b) TorchServe, {CLIENTS} clients, {args.duration:g} s per run ({load()})")
         pairs = serve(home, tmp, args, stack)
         print(f"\nratios, 2 workers / 1 worker, median of {args.rounds} round(s):")
-        for case in dict.fromkeys(c for c, _, _ in pairs):
-            mine = [(one, two) for c, one, two in pairs if c == case]
-            rps = statistics.median(two.rps / one.rps for one, two in mine)
-            p99 = statistics.median(two.p99_ms / one.p99_ms for one, two in mine)
-            print(f"  {case:<9} throughput {rps:5.2f}x   p99 {p99:5.2f}x")
+        worker_rows = worker_figures(pairs)
+        for rps, p99 in zip(worker_rows[::2], worker_rows[1::2], strict=True):
+            case = rps.name.rsplit(", ", 1)[-1]
+            print(f"  {case:<9} throughput {rps.ratio:5.2f}x   p99 {p99.ratio:5.2f}x")
         print(f"\ntotal {time.monotonic() - started:.0f}s ({load()})")
+        lookup_figures = [
+            results.compared(
+                f"online lookup, Redis: {' '.join(case.split())}",
+                redis,
+                "ms",
+                "SQLite, same keys",
+                sqlite,
+                ratio_of="redis / sqlite",
+                headline=case.startswith("online_features, p50"),
+            )
+            for case, sqlite, redis, _ in lookup_rows
+        ]
+        recording.write(lookup_figures + worker_rows)
+
+
+def worker_figures(pairs: list[tuple[str, Run, Run]]) -> list[results.Figure]:
+    """Per batch size: throughput and p99 of 2 workers against 1, the median of the rounds'
+    ratios (each round's kept), beside each side's median."""
+    out = []
+    for case in dict.fromkeys(c for c, _, _ in pairs):
+        mine = [(one, two) for c, one, two in pairs if c == case]
+        for metric, unit, label in (("rps", "req/s", "throughput"), ("p99_ms", "ms", "p99")):
+            per_round = [getattr(two, metric) / getattr(one, metric) for one, two in mine]
+            out.append(
+                results.compared(
+                    f"serving {label}, 2 TorchServe workers, {CLIENTS} clients, {case}",
+                    statistics.median(getattr(two, metric) for _, two in mine),
+                    unit,
+                    "1 worker",
+                    statistics.median(getattr(one, metric) for one, _ in mine),
+                    ratio=statistics.median(per_round),
+                    ratio_of=f"2 workers / 1 worker, median of {len(mine)} round(s)",
+                    ratios=per_round,
+                    headline=metric == "rps",
+                )
+            )
+    return out
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Run: ``make bench-serving``, or ``[LOOPLINE_USECASE=delivery] .venv/bin/python -m
 benchmarks.bench_serving [--duration 15] [--warmup 5] [--rounds 2]
-[--peer-python benchmarks/.venv-peer/bin/python]``
+[--peer-python benchmarks/.venv-peer/bin/python] [--smoke]`` (``--smoke``: one round of 2-s runs;
+without ``--peer-python`` the peer is skipped and its results file says so).
 
 It serves the active use case (``LOOPLINE_USECASE``, the fraud demo by default). Setup (in a
 temporary home): for the fraud demo, ``tests.serving.kit.build_serving_home`` (simulated
@@ -23,7 +24,8 @@ all serving that champion:
 
 wrk POSTs 512 distinct valid requests in turn (``benchmarks/serving_load.lua``) with the
 inference token. Each round runs every case back to back (the second round in reverse order);
-ratios are taken within a round, and the median over rounds is reported.
+ratios are taken within a round, and the median over rounds is reported (the results file
+keeps each round's ratio beside the medians of both sides' own figures).
 
 (a) loopline vs floor at 1 and 32 clients (goals: p50 <= 1.5x the floor at both, throughput at
     32 clients >= 0.4x the floor);
@@ -54,6 +56,7 @@ from typing import TYPE_CHECKING
 
 import requests
 
+from benchmarks import results
 from benchmarks.serving_home import UseCaseHome, build_usecase_home
 from core.usecase import active
 from features.store import REPO_DIR
@@ -328,25 +331,55 @@ CASES = [  # round order; back-to-back neighbours are the pairs compared
 ]
 
 
-def ratio_table(rounds: list[dict[tuple[str, int], Run]]) -> list[tuple[str, float, str, bool]]:
-    def med(f: Callable[[dict[tuple[str, int], Run]], float]) -> float:
-        return statistics.median(f(r) for r in rounds)
+# The ratios reported: printed label, figure, metric, unit, Loopline's case, the anchor's case
+# and what it is, and the goal (None: context); each needs both cases measured.
+RATIOS = [
+    *(
+        (f"(a) p50 loopline / floor, {c} client(s)", f"serving p50, {c} client(s)", "p50_ms",
+         "ms", ("loopline", c), ("floor", c), "same TorchServe, no-op handler",
+         results.Goal(op="<=", target=1.5))
+        for c in (1, 32)
+    ),
+    ("(a) throughput loopline / floor, 32 clients", "serving throughput, 32 clients", "rps",
+     "req/s", ("loopline", 32), ("floor", 32), "same TorchServe, no-op handler",
+     results.Goal(op=">=", target=0.4)),
+    ("(b) throughput loopline / peer, 32 clients", "serving throughput, 32 clients", "rps",
+     "req/s", ("loopline", 32), ("peer", 32), "`feast serve` + FastAPI model endpoint",
+     results.Goal(op=">=", target=8)),
+    ("(b) p99 loopline / peer, 32 clients", "serving p99, 32 clients", "p99_ms", "ms",
+     ("loopline", 32), ("peer", 32), "`feast serve` + FastAPI model endpoint",
+     results.Goal(op="<", target=1)),
+    ("(c) throughput batched / batch 1, loopline, 32", "serving throughput, dynamic batching "
+     "(32, 5 ms), 32 clients", "rps", "req/s", ("loopline", 32), ("loopline-b1", 32),
+     "batch size 1", results.Goal(op=">=", target=3)),
+    ("    throughput batched / batch 1, floor, 32", "no-op handler throughput, dynamic "
+     "batching, 32 clients", "rps", "req/s", ("floor", 32), ("floor-b1", 32),
+     "batch size 1", None),
+]  # fmt: skip
 
-    rows: list[tuple[str, float, str, bool]] = []
-    for c in (1, 32):
-        v = med(lambda r, c=c: r["loopline", c].p50_ms / r["floor", c].p50_ms)
-        rows.append((f"(a) p50 loopline / floor, {c} client(s)", v, "<= 1.5x", v <= 1.5))
-    v = med(lambda r: r["loopline", 32].rps / r["floor", 32].rps)
-    rows.append(("(a) throughput loopline / floor, 32 clients", v, ">= 0.4x", v >= 0.4))
-    if any(("peer", 32) in r for r in rounds):
-        v = med(lambda r: r["loopline", 32].rps / r["peer", 32].rps)
-        rows.append(("(b) throughput loopline / peer, 32 clients", v, ">= 8x", v >= 8))
-        v = med(lambda r: r["loopline", 32].p99_ms / r["peer", 32].p99_ms)
-        rows.append(("(b) p99 loopline / peer, 32 clients", v, "< 1x", v < 1))
-    v = med(lambda r: r["loopline", 32].rps / r["loopline-b1", 32].rps)
-    rows.append(("(c) throughput batched / batch 1, loopline, 32", v, ">= 3x", v >= 3))
-    v = med(lambda r: r["floor", 32].rps / r["floor-b1", 32].rps)
-    rows.append(("    throughput batched / batch 1, floor, 32", v, "(context)", True))
+
+def ratio_table(rounds: list[dict[tuple[str, int], Run]]) -> list[tuple[str, results.Figure]]:
+    """Each ratio with its printed label: the median of the within-round ratios, beside the
+    medians of both sides' own figures and every round's ratio."""
+    rows = []
+    for label, name, metric, unit, ours, theirs, anchor, goal in RATIOS:
+        if not all(ours in r and theirs in r for r in rounds):
+            continue
+        mine = [getattr(r[ours], metric) for r in rounds]
+        other = [getattr(r[theirs], metric) for r in rounds]
+        per_round = [a / b for a, b in zip(mine, other, strict=True)]
+        figure = results.compared(
+            name,
+            statistics.median(mine),
+            unit,
+            anchor,
+            statistics.median(other),
+            ratio=statistics.median(per_round),
+            ratio_of=f"{ours[0]} / {theirs[0]}, median of {len(rounds)} round(s)",
+            ratios=per_round,
+            goal=goal,
+        )
+        rows.append((label, figure))
     return rows
 
 
@@ -374,9 +407,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--peer-python", help="python of benchmarks/.venv-peer (skip if unset)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    args = parser.parse_args()
+    smoke = {"duration": 2.0, "warmup": 1.0, "rounds": 1}
+    args, recording = results.parse_args(parser, "bench_serving", smoke)
     if shutil.which("wrk") is None:
-        sys.exit("wrk not found: apt-get install wrk")
+        sys.exit("wrk not found: apt-get install wrk (`make bench-tools` does)")
     # A SIGTERM (or Ctrl-C) unwinds the ExitStack, which stops every server started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -412,14 +446,17 @@ def main() -> None:
             )
             for name, p in processes.items()
         }
+        skipped = []
         if active().name != FRAUD:
-            print(
+            skipped.append(
                 f"peer skipped: benchmarks/serving_peer.py serves the {FRAUD} demo's "
-                f"transactions, not {active().name}'s requests; (b) is not measured",
-                flush=True,
+                f"transactions, not {active().name}'s requests; (b) is not measured"
             )
+            print(skipped[-1], flush=True)
         elif args.peer_python:
             targets["peer"] = start_peer(home, os.path.abspath(args.peer_python), tmp, stack)
+        else:
+            skipped.append("peer (feast serve + FastAPI): no --peer-python; (b) is not measured")
         check_targets(targets, bodies)
         print(f"servers up after {time.monotonic() - started:.0f}s; warm-up ({load()})", flush=True)
         for target in targets.values():
@@ -435,10 +472,31 @@ def main() -> None:
             print_runs(sorted(runs, key=lambda r: cases.index((r.case, r.clients))))
 
         print(f"\nratios, median of {args.rounds} round(s), each taken within its round:")
-        for label, value, goal, met in ratio_table(rounds):
-            verdict = "" if goal == "(context)" else ("met" if met else "MISSED")
-            print(f"  {label:<48} {value:7.2f}x  goal {goal:<9} {verdict}")
+        ratios = ratio_table(rounds)
+        for label, f in ratios:
+            goal = f.goal.text(f.unit) if f.goal else "(context)"
+            verdict = "" if f.met is None else ("met" if f.met else "MISSED")
+            print(f"  {label:<48} {f.ratio:7.2f}x  goal {goal:<9} {verdict}")
         print(f"\ntotal {time.monotonic() - started:.0f}s ({load()})")
+        usecase = active().name
+        recording.write(
+            [f for _, f in ratios] + case_figures(rounds),
+            variant=None if usecase == FRAUD else usecase,
+            skipped=skipped,
+            exclude=["keep"],
+        )
+
+
+def case_figures(rounds: list[dict[tuple[str, int], Run]]) -> list[results.Figure]:
+    """Every case's throughput, p50 and p99, the median over rounds."""
+    out = []
+    for case, clients in rounds[0]:
+        runs = [r[case, clients] for r in rounds]
+        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms")):
+            value = statistics.median(getattr(run, metric) for run in runs)
+            name = f"{case}, {clients} client(s): {metric.removesuffix('_ms')}"
+            out.append(results.Figure(name=name, value=value, unit=unit))
+    return out
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m benchmarks.bench_training [--rows 1000000] [--epochs 3]
 [--device auto|cpu|cuda] [--batch-size 2048] [--threads N] [--frame]
-[--task binary_classification|regression]``
+[--task binary_classification|regression] [--smoke]``
 
 Self-contained: synthetic, device-resident tensors shaped like the fraud training set
 (8 numeric features + 8 missing indicators, 4 categoricals) are generated here, labelled for
@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from benchmarks import results
 from models.loop import LossFn, TensorData, autocast_for, fit, make_optimizer, select_device
 from models.network import TabularNet, build_network, count_parameters
 from models.spec import TASK_TYPES, TrainConfig
@@ -201,7 +202,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--frame", action="store_true", help="also time train_model from Polars")
     parser.add_argument("--task", choices=TASK_TYPES, default=BINARY, help="labels and loss")
-    args = parser.parse_args()
+    args, recording = results.parse_args(
+        parser, "bench_training", smoke={"rows": 20_000, "epochs": 1, "repeats": 1, "frame": True}
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,9 +276,36 @@ def main() -> None:
         f"same seed twice (1 epoch, {len(sub)} rows): identical weights "
         f"{all(d == 0 for d in diffs)} (max |diff| {max(diffs):.3g})"
     )
+    figures = [
+        results.compared(
+            "training throughput (loopline fit)",
+            loop_sps,
+            "samples/s",
+            "bare PyTorch loop on the same tensors",
+            bare_sps,
+            ratio=bare_sps / loop_sps,
+            ratio_of="bare / loopline",
+            goal=results.Goal(op="<=", target=1.2),
+        ),
+        results.Figure(name="full fit with validation", value=total, unit="s"),
+        results.Figure(
+            name="same seed twice: largest weight difference",
+            value=max(diffs),
+            unit="abs",
+            goal=results.Goal(op="<=", target=0, on="value"),
+        ),
+    ]
     if args.frame:
         seconds, epochs = frame_end_to_end(args.rows, config, task)
         print(f"train_model end to end from a Polars frame: {seconds:.2f} s ({epochs} epochs)")
+        figures.append(
+            results.Figure(
+                name="train_model end to end from a Polars frame", value=seconds, unit="s"
+            )
+        )
+    variant = [task] if task == REGRESSION else []
+    variant += [device.type] if device.type != "cpu" else []
+    recording.write(figures, variant="-".join(variant) or None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Validation + profiling of one transactions batch against a single-scan DuckDB floor.
 
-Run: ``.venv/bin/python -m benchmarks.bench_validation [--rows 1000000]``
+Run: ``.venv/bin/python -m benchmarks.bench_validation [--rows 1000000] [--smoke]``
 
 (a) Loopline: the soda contract over the parquet file, then the drift columns read, profiled
     (the batch's own profile) and compared with a reference profile.
@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from benchmarks import results
 from quality.contracts import run_contract
 from quality.drift import build_profile, drift_frame, profile_and_compare
 from quality.schema import drift_columns
@@ -82,7 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args, recording = results.parse_args(
+        parser, "bench_validation", smoke={"rows": 20_000, "repeats": 1}
+    )
 
     numeric, categorical = drift_columns("transactions")
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +138,25 @@ def main() -> None:
     print(f"  {'ratio loopline / floor':<{width}}  {ratio:9.2f} x")
     drift = outcome["drift"]
     print(f"  max PSI vs reference (amount shifted): {drift.max_psi:.3f}")
+    recording.write(figures(timings, drift.max_psi))
+
+
+def figures(timings: dict[str, float], max_psi: float) -> list[results.Figure]:
+    """Loopline's parts in ms, its total against the floor (goal <= 3x), and the drift seen."""
+    parts = ("contract (soda, 15 checks)", "profile + compare (4 features)")
+    return [
+        *(results.Figure(name=k, value=timings[k] * 1000, unit="ms") for k in parts),
+        results.compared(
+            "validate + profile a batch (loopline total)",
+            timings["loopline total"] * 1000,
+            "ms",
+            "one DuckDB scan of every column",
+            timings["floor (1 DuckDB scan)"] * 1000,
+            ratio_of="loopline / floor",
+            goal=results.Goal(op="<=", target=3),
+        ),
+        results.Figure(name="max PSI vs reference (amount shifted)", value=max_psi, unit="PSI"),
+    ]
 
 
 if __name__ == "__main__":
