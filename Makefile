@@ -121,3 +121,10 @@ $(DRIFT_PEER)/.installed: benchmarks/requirements-drift-peer.txt
 .PHONY: bench-backtest
 bench-backtest: setup
 	$(BIN)/python -m benchmarks.bench_backtest
+
+# Release integrity (issue 19): 20 sound retrains of the demo data and 20 A/A releases through
+# delivery against a real TorchServe: delivery's false-rejection rate (about 25 min a use case;
+# LOOPLINE_USECASE=delivery for the regressor). JSON results in benchmarks/results/.
+.PHONY: bench-release
+bench-release: setup
+	$(BIN)/python -m benchmarks.bench_release

@@ -19,6 +19,26 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
+def deploy(
+    version: str, storage: LooplineStorage, torchserve: TorchServeResource, run_config: dict
+) -> dict:
+    """A registered ``version`` through the model_archive and deployment assets, as the
+    training job hands it over; the delivery report."""
+
+    @dg.asset(name="registered_model")
+    def registered() -> str:
+        return version
+
+    result = dg.materialize(
+        [registered, model_archive, deployment],
+        resources={"storage": storage, "torchserve": torchserve},
+        run_config=run_config,
+    )
+    if not result.success:
+        raise RuntimeError(f"the deployment run of {version} failed")
+    return result.output_for_node("deployment")
+
+
 class Loop:
     def __init__(self, root):
         self.home = build_serving_home(root / "home", seed=5)
@@ -42,24 +62,13 @@ class Loop:
         against the champion serving now."""
         if self.home.registry.get_alias("champion") != version:
             self.home.rejudge(version)
-
-        @dg.asset(name="registered_model")
-        def registered() -> str:
-            return version
-
-        result = dg.materialize(
-            [registered, model_archive, deployment],
-            resources={"storage": self.storage, "torchserve": self.torchserve},
-            run_config={
-                "ops": {
-                    "deployment": {
-                        "config": {"watch_seconds": 2.0, "replay_requests": 64, **policy}
-                    }
-                }
-            },
+        config = {"watch_seconds": 2.0, "replay_requests": 64, **policy}
+        return deploy(
+            version,
+            self.storage,
+            self.torchserve,
+            {"ops": {"deployment": {"config": config}}},
         )
-        assert result.success
-        return result.output_for_node("deployment")
 
     @property
     def client(self):
