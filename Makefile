@@ -123,8 +123,8 @@ bench-backtest: setup
 	$(BIN)/python -m benchmarks.bench_backtest
 
 # Release integrity (issue 19): 20 sound retrains of the demo data and 20 A/A releases through
-# delivery against a real TorchServe: delivery's false-rejection rate (about 25 min a use case;
-# LOOPLINE_USECASE=delivery for the regressor). JSON results in benchmarks/results/.
+# delivery against a real TorchServe: delivery's false-rejection rate, 18-23 min a use case on
+# 2 cores (LOOPLINE_USECASE=delivery for the regressor). JSON results in benchmarks/results/.
 .PHONY: bench-release
 bench-release: setup
 	$(BIN)/python -m benchmarks.bench_release

@@ -21,14 +21,15 @@ that every shadow replays.
     against. A retrain the gate finds no better than its champion is delivered too, registered
     with a pass that names the gate's verdict: this measures delivery's false rejections, not
     the gate's.
-(b) Anchor, interleaved round by round: an A/A release, the champion's own weights re-saved as
-    a new version (identical behaviour), through the same path.
+(b) Anchor, interleaved round by round: an A/A release, the champion's own weights, threshold
+    and record re-saved as a new version (identical behaviour), through the same path.
 
 Between rounds, ``replay_requests`` new customer requests go to the default endpoint. After
 each round, TorchServe keeps only the champion and its rollback target registered (delivery
 leaves every promoted version registered, a worker each; 40 releases would not fit the host).
 
-A false rejection is a sound retrain rejected or rolled back; a deferral is counted apart.
+A false rejection is a sound retrain rejected or rolled back; a deferral, and a deployment run
+that failed with no decision (TorchServe too slow to answer), are counted apart.
 Goal (issue 19): at most 1 of 20. Results: a table, the headline, and a JSON file under
 ``--out`` named with the date and the use case.
 """
@@ -551,13 +552,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.retrains = 2
     if args.retrains < 1 or (args.aa_rounds is not None and args.aa_rounds < 0):
         parser.error("--retrains must be >= 1 and --aa-rounds >= 0")
+    if args.step_hours < 0:
+        parser.error("--step-hours must be >= 0 (the window moves forward)")
     return args
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    command = " ".join(["python -m benchmarks.bench_release", *argv])
+    command = " ".join(
+        [f"LOOPLINE_USECASE={active().name} python -m benchmarks.bench_release", *argv]
+    )
     # One thread: two OpenMP threads contending with TorchServe and other work on a busy 2-core
     # host trained the same model several times slower.
     torch.set_num_threads(1)
