@@ -509,9 +509,9 @@ def report(
     rounds: list[Round], args: argparse.Namespace, command: str, load: tuple[float, ...]
 ) -> Path:
     """Prints the tables and the headline; writes the JSON result."""
-    delivered = [r for r in rounds if r.index > 0]
-    retrains = summarize([r for r in delivered if r.kind == RETRAIN])
-    anchor = summarize([r for r in delivered if r.kind == AA])
+    measured = [r for r in rounds if r.index > 0]  # round 0: the first champion
+    retrains = summarize([r for r in measured if r.kind == RETRAIN])
+    anchor = summarize([r for r in measured if r.kind == AA])
     console.print(rounds_table(rounds))
     console.print(summary_table(retrains, anchor))
     line = headline(retrains)
