@@ -63,7 +63,7 @@ format: setup
 # newest full-size file of each. Hours on 2 cores, unattended.
 BENCHMARKS := bench-validation bench-training bench-features bench-drift bench-backtest \
 	bench-backtest-delivery bench-serving bench-serving-delivery bench-scale bench-ingest \
-	bench-first-model bench-loop
+	bench-first-model bench-loop bench-release bench-release-delivery
 .PHONY: $(BENCHMARKS) bench-report
 bench: $(BENCHMARKS)
 	$(MAKE) bench-report
@@ -162,3 +162,14 @@ bench-backtest: setup
 # The delivery demo's rain, 22 served days, drift from the third (issue 16's scenario).
 bench-backtest-delivery: setup
 	LOOPLINE_USECASE=delivery $(BIN)/python -m benchmarks.bench_backtest --days 22 --drift-after 3
+
+# Release integrity (issue 19): 20 sound retrains of the demo data and 20 A/A releases through
+# delivery against a real TorchServe: delivery's false-rejection rate, 18-23 min a use case on
+# 2 cores (LOOPLINE_USECASE=delivery for the regressor). JSON results in benchmarks/results/.
+# Its own JSON under benchmarks/results/release/ (not yet the common results format).
+.PHONY: bench-release bench-release-delivery
+bench-release: setup
+	$(BIN)/python -m benchmarks.bench_release
+
+bench-release-delivery: setup
+	LOOPLINE_USECASE=delivery $(BIN)/python -m benchmarks.bench_release

@@ -93,21 +93,30 @@ class UseCaseHome:
         ``tests.serving.kit.ServingHome``'s, for ``tests.e2e.kit.Loop``)."""
         self.registry.judge(version, Verdict(True, champion=self.registry.get_alias(CHAMPION)))
 
-    def requests(self, n: int) -> list[dict]:
-        """Valid request bodies for known entities, stamped now (``serving.requests``)."""
+    def requests(self, n: int, *, offset: int = 0) -> list[dict]:
+        """Valid request bodies for known entities from ``offset`` on, stamped now
+        (``serving.requests``)."""
         now = datetime.now(UTC).isoformat()
         field = active().timestamp_field
-        return [{**b, field: now} for b in request_bodies(self.request_rows.head(n))]
+        return [{**b, field: now} for b in request_bodies(self.request_rows.slice(offset, n))]
 
 
-def build_usecase_home(home: Path, *, seed: int = 11, batches: int = 6) -> UseCaseHome:
-    """The use case's simulator over ``batches`` windows of 12 hours up to now (~500 requests
-    each), features in the online store as of now, the training set split by time."""
+def build_usecase_home(
+    home: Path,
+    *,
+    seed: int = 11,
+    batches: int = 6,
+    batch_span: timedelta = timedelta(hours=12),
+    rows_per_batch: int = 500,
+) -> UseCaseHome:
+    """The use case's simulator over ``batches`` windows of ``batch_span`` up to now (about
+    ``rows_per_batch`` requests each), features in the online store as of now, the training
+    set split by time."""
     uc = active()
     now = datetime.now(UTC)
-    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=12 * batches)
+    start = now.replace(minute=0, second=0, microsecond=0) - batch_span * batches
     config = simulation.scenario(
-        seed=seed, start=start, batch_span=timedelta(hours=12), rows_per_batch=500
+        seed=seed, start=start, batch_span=batch_span, rows_per_batch=rows_per_batch
     )
     sim = simulation.simulator_module(uc).Simulator(config)
     events = [sim.events(k) for k in range(batches)]

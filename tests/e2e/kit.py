@@ -21,6 +21,26 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
+def deploy(
+    version: str, storage: LooplineStorage, torchserve: TorchServeResource, run_config: dict
+) -> dict:
+    """A registered ``version`` through the model_archive and deployment assets, as the
+    training job hands it over; the delivery report."""
+
+    @dg.asset(name="registered_model")
+    def registered() -> str:
+        return version
+
+    result = dg.materialize(
+        [registered, model_archive, deployment],
+        resources={"storage": storage, "torchserve": torchserve},
+        run_config=run_config,
+    )
+    if not result.success:
+        raise RuntimeError(f"the deployment run of {version} failed")
+    return result.output_for_node("deployment")
+
+
 class Loop:
     def __init__(
         self,
@@ -51,34 +71,17 @@ class Loop:
         against the champion serving now."""
         if self.home.registry.get_alias("champion") != version:
             self.home.rejudge(version)
-
-        @dg.asset(name="registered_model")
-        def registered() -> str:
-            return version
-
-        result = dg.materialize(
-            [registered, model_archive, deployment],
-            resources={"storage": self.storage, "torchserve": self.torchserve},
-            run_config={
-                "ops": {
-                    "deployment": {
-                        # These tests are about the release mechanics (traffic through a
-                        # promotion, rollback, reconcile): the kit's FAST 4-epoch models of
-                        # other seeds differ by KS up to ~0.55 on 64 scores, as a sound retrain
-                        # of ~30 validation positives does. The shadow's judgement has its own
-                        # drill (test_release_integrity_e2e) and benchmark (bench_release).
-                        "config": {
-                            "watch_seconds": 2.0,
-                            "replay_requests": 64,
-                            "min_score_ks": 0.8,
-                            **policy,
-                        }
-                    }
-                }
-            },
+        # These tests are about the release mechanics (traffic through a promotion, rollback,
+        # reconcile): the kit's FAST 4-epoch models of other seeds differ by KS up to ~0.55 on
+        # 64 scores, as a sound retrain of ~30 validation positives does. The shadow's
+        # judgement has its own drill (test_release_integrity_e2e) and benchmark (bench_release).
+        config = {"watch_seconds": 2.0, "replay_requests": 64, "min_score_ks": 0.8, **policy}
+        return deploy(
+            version,
+            self.storage,
+            self.torchserve,
+            {"ops": {"deployment": {"config": config}}},
         )
-        assert result.success
-        return result.output_for_node("deployment")
 
     @property
     def client(self):
