@@ -471,13 +471,32 @@ def deliver(
     breach = [c.reason for c in checks if c.failed]
     if breach and served is None:  # the first model: nothing to roll back to, so it serves
         report.reasons = [*breach, "no previous champion to roll back to: it keeps serving"]
+        retire(client, keep={version})
     elif breach:
         registry.rollback(reason=f"post-promotion watch: {'; '.join(breach)}")
         reconcile(registry, client, archive)
+        retire(client, keep=set(client.versions()) - {version})
         report.outcome, report.reasons = "rolled_back", breach
     else:  # an inconclusive watch (too few requests) keeps the promotion and says so
         report.reasons = [c.reason for c in checks if c.reason]
+        retire(client, keep={version, served} - {None})
     return report
+
+
+def retire(client: TorchServeClient, keep: set[str]) -> list[str]:
+    """Unregisters every version of the model but ``keep`` (the champion and its rollback
+    target): each registered version holds a worker process, so a loop that promotes for
+    months would otherwise grow by one per release. An older champion a rollback walks back
+    to is registered again from the model store by ``reconcile``. Returns the versions
+    retired; one that TorchServe refuses to drop is left for the next release."""
+    retired = []
+    for old in sorted(set(client.versions()) - keep):
+        try:
+            client.unregister(old)
+        except TorchServeError:
+            continue
+        retired.append(old)
+    return retired
 
 
 def shadow(

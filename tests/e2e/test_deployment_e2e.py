@@ -106,7 +106,9 @@ def test_a_default_changed_behind_the_registrys_back_is_put_back_by_the_reconcil
     v2, v3 = loop.versions[1:]
     champion = loop.home.registry.get_alias(CHAMPION)
     assert champion == v2 and loop.client.default_version() == v2
-    loop.client.set_default(v3)  # by hand, through TorchServe's management API
+    assert v3 not in loop.client.versions()  # rolled back, so retired from TorchServe
+    loop.client.register(v3, set_default=False)  # by hand, through TorchServe's management API
+    loop.client.set_default(v3)
     assert loop.client.predict(loop.home.requests(1)[0])["model_version"] == v3
 
     resources = {"storage": loop.storage, "torchserve": loop.torchserve}

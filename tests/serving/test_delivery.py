@@ -318,3 +318,18 @@ def test_a_watch_that_sees_too_few_requests_keeps_the_promotion_and_says_so(tmp_
     assert reason.endswith("of 300 requests answered in 30.0 s; the promotion stands")
     watched = next(s for s in report.steps if s["step"] == "post_promotion_watch")
     assert not watched["passed"]
+
+
+def test_torchserve_keeps_only_the_champion_and_its_rollback_target(tmp_path):
+    """Each registered version holds a worker: months of promotions must not pile them up."""
+    registry = stub_registry(tmp_path, 5)
+    serve = FakeServe({f"v000{i}": _low for i in range(1, 6)})
+    for version in ("v0001", "v0002", "v0003"):
+        assert deliver_judged(serve, registry, version, REQUESTS, FAST).outcome == "promoted"
+    assert sorted(serve.registered) == ["v0002", "v0003"]
+    serve.production["v0004"] = lambda item: TorchServeError("worker died", status=503)
+    report = deliver_judged(serve, registry, "v0004", REQUESTS, FAST)
+    assert report.outcome == "rolled_back"
+    assert sorted(serve.registered) == ["v0002", "v0003"]  # the breached one is gone too
+    registry.rollback("v0003 misbehaves")  # back to v0002, still registered: instant
+    assert registry.get_alias(CHAMPION) == "v0002" and "v0002" in serve.registered
