@@ -333,3 +333,22 @@ def test_torchserve_keeps_only_the_champion_and_its_rollback_target(tmp_path):
     assert sorted(serve.registered) == ["v0002", "v0003"]  # the breached one is gone too
     registry.rollback("v0003 misbehaves")  # back to v0002, still registered: instant
     assert registry.get_alias(CHAMPION) == "v0002" and "v0002" in serve.registered
+
+
+def test_delivery_refuses_a_version_the_gate_did_not_pass_against_this_champion(tmp_path):
+    """Nothing reaches TorchServe without the gate's pass against the champion it replaces."""
+    from serving.delivery import deliver
+
+    registry = stub_registry(tmp_path, 2)  # both passed against no champion
+    serve = FakeServe({"v0001": _low, "v0002": _low})
+    assert deliver(serve, registry, "v0001", REQUESTS, FAST).outcome == "promoted"
+    report = deliver(serve, registry, "v0002", REQUESTS, FAST)  # judged before v0001 served
+    assert report.outcome == "refused"
+    assert report.reasons == [
+        "v0002 was judged against no champion, and the champion is now v0001: evaluate it again"
+    ]
+    assert "v0002" not in serve.registered and serve.default_version() == "v0001"
+    assert registry.promotion_refusal("v0002")  # refused, not rejected: a new verdict can pass
+    assert [e.detail["step"] for e in registry.events("v0002") if e.kind == "deployment"] == [
+        "gate_verdict"
+    ]
