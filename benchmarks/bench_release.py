@@ -57,6 +57,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from benchmarks import results
 from benchmarks.serving_home import UseCaseHome, build_usecase_home
 from core.storage import write_parquet_atomic
 from core.usecase import active
@@ -539,30 +540,52 @@ def report(
     return out
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, results.Recording]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--retrains", type=int, default=GOAL_RETRAINS)
     parser.add_argument("--aa-rounds", type=int, default=None, help="default: --retrains")
     parser.add_argument("--step-hours", type=float, default=6.0)
     parser.add_argument("--epochs", type=int, default=None, help="default: the use case's")
-    parser.add_argument("--smoke", action="store_true", help="2 retrains on a small home")
-    parser.add_argument("--out", default=str(HERE / "results" / "release"))
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.retrains = 2
+    parser.add_argument(
+        "--out", default=str(HERE / "results" / "release"), help="every delivery's details"
+    )
+    args, recording = results.parse_args(parser, "bench_release", {"retrains": 2}, argv)
     if args.retrains < 1 or (args.aa_rounds is not None and args.aa_rounds < 0):
         parser.error("--retrains must be >= 1 and --aa-rounds >= 0")
     if args.step_hours < 0:
         parser.error("--step-hours must be >= 0 (the window moves forward)")
-    return args
+    return args, recording
+
+
+def figures(retrains: dict[str, Any], anchor: dict[str, Any]) -> list[results.Figure]:
+    """The common results file's figures: sound retrains wrongly rejected beside the A/A
+    anchor's rejections, and the largest shadow statistics of the sound retrains."""
+    return [
+        results.compared(
+            f"sound retrains rejected (of {retrains['delivered']})",
+            retrains["rejected"],
+            "releases",
+            f"A/A releases of the champion's own weights rejected (of {anchor['delivered']})",
+            anchor["rejected"],
+            ratio=None,
+            goal=results.Goal(
+                op="<=",
+                target=GOAL_MAX_REJECTED * retrains["delivered"] / GOAL_RETRAINS,
+                on="value",
+            ),
+            headline=True,
+        ),
+        results.Figure(name="largest sound-retrain KS", value=retrains["ks_max"], unit="KS"),
+        results.Figure(
+            name="largest sound-retrain p95 ratio", value=retrains["p95_ratio_max"], unit="x"
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse(argv)
-    command = " ".join(
-        [f"LOOPLINE_USECASE={active().name} python -m benchmarks.bench_release", *argv]
-    )
+    args, recording = parse(argv)
+    command = recording.command
     # One thread: two OpenMP threads contending with TorchServe and other work on a busy 2-core
     # host trained the same model several times slower.
     torch.set_num_threads(1)
@@ -573,7 +596,18 @@ def main(argv: list[str] | None = None) -> Path:
             rounds = run(bench, args, Path(tmp) / "home" / "models")
         finally:
             bench.torchserve.process(bench.storage).stop()
-    return report(rounds, args, command, load)
+    details = report(rounds, args, command, load)
+    measured = [r for r in rounds if r.index > 0]
+    recording.write(
+        figures(
+            summarize([r for r in measured if r.kind == RETRAIN]),
+            summarize([r for r in measured if r.kind == AA]),
+        ),
+        variant=None if active().name == "fraud" else active().name,
+        notes=[f"every delivery's checks: {details}"],
+        exclude=("out",),
+    )
+    return details
 
 
 if __name__ == "__main__":

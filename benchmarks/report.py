@@ -44,6 +44,7 @@ ORDER = (
     "bench_ingest",
     "bench_first_model",
     "bench_loop",
+    "bench_release",
 )
 NOT_YET = "not yet measured with `make bench`"
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from benchmarks import results
 from core.usecase import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,7 +27,8 @@ SHADOW = ("ks", "ks_bound", "champion_p95_ms", "challenger_p95_ms", "errors", "r
 def test_the_smoke_run_delivers_each_retrain_and_reports_its_figures(usecase, tmp_path):
     env = {**os.environ, "LOOPLINE_USECASE": usecase}
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_release", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.bench_release", "--smoke", "--out", str(tmp_path),
+         "--results-dir", str(tmp_path / "results")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -56,3 +58,9 @@ def test_the_smoke_run_delivers_each_retrain_and_reports_its_figures(usecase, tm
     assert result["retrains"]["delivered"] == 2 and result["retrains"]["rejected"] == rejected
     assert f"false rejections: {rejected} of 2" in done.stdout
     assert result["policy"]["min_score_ks"] > 0 and result["headline"] in done.stdout
+    # The common results file (issue 20) carries the headline beside its A/A anchor.
+    [common] = (tmp_path / "results").glob("bench_release*-smoke.json")
+    summary = results.read(common)
+    [headline] = [f for f in summary.figures if f.headline]
+    assert headline.value == result["retrains"]["rejected"] and headline.anchor.value == 0
+    assert headline.goal is not None and summary.smoke
