@@ -461,10 +461,12 @@ class Registry:
             )
 
     def promotion_refusal(self, version: str) -> str | None:
-        """Why promoting ``version`` now needs an override (None: it may be promoted)."""
+        """Why promoting ``version`` now needs an override (None: it may be promoted, or it is
+        the champion already and only TorchServe has to follow)."""
         with self._read() as con:
             _require_version(con, version)
-            return _refusal(con, version, _get_alias(con, CHAMPION))
+            champion = _get_alias(con, CHAMPION)
+            return None if champion == version else _refusal(con, version, champion)
 
     def verdict(self, version: str) -> Verdict | None:
         """The gate's latest verdict on ``version`` (None: never judged)."""

@@ -352,3 +352,10 @@ def test_a_registry_made_before_verdicts_is_migrated_with_its_history(tmp_path):
     assert registry.get_alias("champion") == v2 and registry.rollback("worse") == v1
     with registry.db.connect() as con, pytest.raises(registry.db.errors, match="append-only"):
         con.execute("DELETE FROM events")
+
+
+def test_the_champion_itself_needs_no_new_verdict_to_be_served_again(registry, tmp_path):
+    v1 = _passed(registry, "a", tmp_path)
+    registry.promote(v1, "first")
+    _passed(registry, "b", tmp_path)
+    assert registry.promotion_refusal(v1) is None  # delivering it again only syncs TorchServe

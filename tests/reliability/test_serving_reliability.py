@@ -363,6 +363,7 @@ def test_torchserve_killed_during_a_promotion_restarts_serving_the_registry_cham
     process = loop.torchserve.process(loop.storage)
     client = loop.client
     outcome: dict[str, object] = {}
+    loop.home.rejudge(v3)  # the gate's pass against the champion serving now
 
     def promote() -> None:
         @dg.asset(name="registered_model")

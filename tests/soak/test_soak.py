@@ -21,6 +21,9 @@ def test_three_unattended_days_lose_nothing_and_meet_every_fault(tmp_path):
     out = tmp_path / "soak"
     env = {**os.environ, "LOOPLINE_USECASE": "delivery"}
     env.pop("LOOPLINE_HOME", None)
+    # The soak writes a file in place in landing: the platform's own settle time applies, not
+    # the test session's 0 (tests/conftest.py), which let a half-written file be taken.
+    env.pop("LOOPLINE_LANDING_SETTLE_SECONDS", None)
     command = [sys.executable, "-m", "tests.soak.driver", "--days", "3", "--speed", "1440"]
     command += ["--retain-days", "1", "--short", "--out", str(out)]
     done = subprocess.run(
