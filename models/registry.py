@@ -425,7 +425,7 @@ class Registry:
             con.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
             _event(con, "alias_removed", previous, reason, detail={"alias": alias})
 
-    def reject(self, version: str, reasons: Sequence[str], stage: str = "delivery") -> None:
+    def reject(self, version: str, reasons: Sequence[str]) -> None:
         """Records a rejection after the gate (delivery, a person) with every reason; a rejected
         version stops being challenger and is promotable only by an override. The gate's own
         verdict is written with the version (``register``)."""
@@ -435,15 +435,13 @@ class Registry:
             _require_version(con, version)
             if _get_alias(con, CHAMPION) == version:
                 raise RegistryError(f"{version} is the champion; roll back before rejecting it")
-            cleared = _get_alias(con, CHALLENGER) == version
-            if cleared:
-                con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+            cleared = _clear_challenger(con, version)
             _event(
                 con,
                 "rejected",
                 version,
                 reasons=list(reasons),
-                detail={"stage": stage, "challenger_alias_cleared": cleared},
+                detail={"stage": "delivery", "challenger_alias_cleared": cleared},
             )
 
     def record_deployment(
@@ -501,8 +499,7 @@ class Registry:
                     detail={"action": "promote", "from": previous, "to": version},
                 )
             _set_alias(con, CHAMPION, version)
-            if _get_alias(con, CHALLENGER) == version:
-                con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+            _clear_challenger(con, version)
             _open_release(con, "promote", previous, version, reason)
             _event(
                 con,
@@ -668,6 +665,14 @@ def _status(con: Connection, version: str, aliases: list[str]) -> str:
     return CHALLENGER if CHALLENGER in aliases else "registered"
 
 
+def _clear_challenger(con: Connection, version: str) -> bool:
+    """Drops the challenger alias if it names ``version``; whether it did."""
+    if _get_alias(con, CHALLENGER) != version:
+        return False
+    con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+    return True
+
+
 def _judge(con: Connection, version: str, verdict: Verdict) -> None:
     """Records the gate's verdict; a rejected version stops being the challenger."""
     if verdict.passed:
@@ -676,8 +681,7 @@ def _judge(con: Connection, version: str, verdict: Verdict) -> None:
         return
     if not verdict.reasons:
         raise ValueError("a rejection needs at least one reason")
-    if _get_alias(con, CHALLENGER) == version:
-        con.execute("DELETE FROM aliases WHERE alias = ?", (CHALLENGER,))
+    _clear_challenger(con, version)
     _event(con, "rejected", version, reasons=list(verdict.reasons), detail=verdict.event_detail())
 
 
