@@ -23,8 +23,9 @@ run: setup
 	$(BIN)/loopline run
 
 # Everything but the soaks (their own targets below); the slowest tests are listed at the end.
-# It runs every benchmark at its smoke size too (tests/benchmarks), hence wrk.
-test: setup lint services bench-tools
+# It runs every benchmark at its smoke size too (tests/benchmarks), hence wrk and the peers'
+# venvs (the serving benchmark's feast serve + FastAPI, the drift benchmark's Evidently).
+test: setup lint services bench-tools $(PEER)/.installed $(DRIFT_PEER)/.installed
 	$(BIN)/pytest -m "not soak" --durations=15
 
 # Postgres and Redis for the scale-out profile's tests (tests/scale start private instances on
@@ -102,10 +103,12 @@ soak-month: setup
 demo-e2e: setup
 	$(BIN)/pytest -m soak tests/e2e/test_loop_daemon_e2e.py
 
-# Loop latency: `loopline demo` against a default-interval Dagster sensor (15-25 min).
+# Loop latency: `loopline demo` against a default-interval Dagster sensor, with the demo's
+# trigger settings and with `loopline run`'s (15-25 min each).
 .PHONY: bench-loop
 bench-loop: setup
 	$(BIN)/python -m benchmarks.bench_loop
+	$(BIN)/python -m benchmarks.bench_loop --triggers platform
 
 .PHONY: bench-ingest bench-first-model
 bench-ingest: setup
@@ -124,8 +127,13 @@ bench-scale: setup services bench-tools
 PEER := benchmarks/.venv-peer
 .PHONY: bench-serving bench-serving-delivery
 
+# At the demo's key space (the test kit's 120 cards: every lookup soon answered from memory),
+# then at a million cards, 3M simulated transactions, 200k request bodies over every card seen:
+# no cache holds them (setup ~5 min).
 bench-serving: setup bench-tools $(PEER)/.installed
 	$(BIN)/python -m benchmarks.bench_serving --peer-python $(PEER)/bin/python
+	$(BIN)/python -m benchmarks.bench_serving --peer-python $(PEER)/bin/python --rounds 3 \
+	  --scenario n_cards=1000000 --requests 3000000 --bodies 200000
 
 # The delivery demo's regressor (the peer is written for fraud's transactions: it is skipped).
 bench-serving-delivery: setup bench-tools
@@ -165,8 +173,8 @@ bench-backtest-delivery: setup
 
 # Release integrity (issue 19): 20 sound retrains of the demo data and 20 A/A releases through
 # delivery against a real TorchServe: delivery's false-rejection rate, 18-23 min a use case on
-# 2 cores (LOOPLINE_USECASE=delivery for the regressor). JSON results in benchmarks/results/.
-# Its own JSON under benchmarks/results/release/ (not yet the common results format).
+# 2 cores (LOOPLINE_USECASE=delivery for the regressor); each trial's details in
+# benchmarks/results/release/.
 .PHONY: bench-release bench-release-delivery
 bench-release: setup
 	$(BIN)/python -m benchmarks.bench_release

@@ -50,14 +50,17 @@ Measured = Annotated[float | None, AfterValidator(_finite)]
 
 
 class Goal(BaseModel):
-    """A bound on a figure's ratio (the default) or on its value: ``ratio <= 3``."""
+    """A bound on a figure's ratio (the default) or on its value: ``ratio <= 3``; ``every``: on
+    each round's ratio too, not only on their median."""
 
     op: Literal["<=", ">=", "<", ">"]
     target: float
     on: Literal["ratio", "value"] = "ratio"
+    every: bool = False
 
     def text(self, unit: str) -> str:
-        return f"{self.op} {self.target:g}" + ("x" if self.on == "ratio" else f" {unit}")
+        bound = f"{self.op} {self.target:g}" + ("x" if self.on == "ratio" else f" {unit}")
+        return bound + (" in every round" if self.every else "")
 
 
 class Anchor(BaseModel):
@@ -90,7 +93,10 @@ class Figure(BaseModel):
         if self.goal is None:
             return None
         x = self.ratio if self.goal.on == "ratio" else self.value
-        return None if x is None else _OPS[self.goal.op](x, self.goal.target)
+        if x is None:
+            return None
+        rounds = self.ratios if self.goal.every and self.goal.on == "ratio" else None
+        return all(_OPS[self.goal.op](r, self.goal.target) for r in [x, *(rounds or [])])
 
 
 def compared(

@@ -12,9 +12,11 @@ Every request's truth labels the training set, as in the fraud kit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
@@ -96,9 +98,31 @@ class UseCaseHome:
     def requests(self, n: int, *, offset: int = 0) -> list[dict]:
         """Valid request bodies for known entities from ``offset`` on, stamped now
         (``serving.requests``)."""
-        now = datetime.now(UTC).isoformat()
-        field = active().timestamp_field
-        return [{**b, field: now} for b in request_bodies(self.request_rows.slice(offset, n))]
+        return _stamped(self.request_rows.slice(offset, n))
+
+    def spread_requests(self, n: int, *, seed: int = 0) -> list[dict]:
+        """``n`` valid request bodies, one per entity of the request dataset's key as far as
+        there are entities (then repeats), in random order over the whole key space: bodies
+        whose features no cache of recent entities holds."""
+        key = max(self.keys, key=self.keys.__getitem__)
+        rows = self.request_rows.unique(subset=key, keep="last", maintain_order=False)
+        if rows.height < n:
+            rows = pl.concat([rows, self.request_rows.sample(n - rows.height, seed=seed)])
+        return _stamped(rows.sample(n, seed=seed, shuffle=True))
+
+    @property
+    def keys(self) -> dict[str, int]:
+        """Per entity column of the requests that a feature view is keyed on, its distinct
+        values: the key space a lookup reads (cards and merchants, for the fraud demo)."""
+        columns = {c.name for v in self.store.list_feature_views() for c in v.entity_columns}
+        present = sorted(columns & set(self.request_rows.columns))
+        return {c: self.request_rows[c].n_unique() for c in present}
+
+
+def _stamped(rows: pl.DataFrame) -> list[dict]:
+    now = datetime.now(UTC).isoformat()
+    field = active().timestamp_field
+    return [{**b, field: now} for b in request_bodies(rows)]
 
 
 def build_usecase_home(
@@ -108,15 +132,22 @@ def build_usecase_home(
     batches: int = 6,
     batch_span: timedelta = timedelta(hours=12),
     rows_per_batch: int = 500,
+    scenario: Mapping[str, Any] | None = None,
+    training_rows: int | None = None,
 ) -> UseCaseHome:
     """The use case's simulator over ``batches`` windows of ``batch_span`` up to now (about
-    ``rows_per_batch`` requests each), features in the online store as of now, the training
-    set split by time."""
+    ``rows_per_batch`` requests each; ``scenario``: more of its ``ScenarioConfig`` fields, such
+    as the fraud demo's ``n_cards``), features in the online store as of now, the training
+    set (of the newest ``training_rows`` requests, if given) split by time."""
     uc = active()
     now = datetime.now(UTC)
     start = now.replace(minute=0, second=0, microsecond=0) - batch_span * batches
     config = simulation.scenario(
-        seed=seed, start=start, batch_span=batch_span, rows_per_batch=rows_per_batch
+        seed=seed,
+        start=start,
+        batch_span=batch_span,
+        rows_per_batch=rows_per_batch,
+        **(scenario or {}),
     )
     sim = simulation.simulator_module(uc).Simulator(config)
     events = [sim.events(k) for k in range(batches)]
@@ -133,7 +164,8 @@ def build_usecase_home(
         pl.col(uc.label.key).alias(uc.request.id),
         pl.col(uc.label.column).cast(task_of(uc.task.type).label_dtype).alias(LABEL),
     )
-    rows = historical_features(store, training_entities(requests)).join(truth, on=uc.request.id)
+    trained_on = requests if training_rows is None else requests.tail(training_rows)
+    rows = historical_features(store, training_entities(trained_on)).join(truth, on=uc.request.id)
     frame = assign_splits(rows.sort(TS, uc.request.id))
     spec = feature_spec_of_service(store.get_feature_service(SERVICE))
     registry = Registry(home / "registry" / "registry.sqlite")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
@@ -12,7 +11,13 @@ from rich.table import Table
 from core.db import exists
 from core.settings import Settings
 from orchestration.cli_init import init
-from orchestration.cli_loop import LivePlatform, demo, retrain, status
+from orchestration.cli_loop import (
+    LivePlatform,
+    demo,
+    platform_trigger_defaults,
+    retrain,
+    status,
+)
 from orchestration.cli_models import models
 from orchestration.cli_serve import serve
 from orchestration.live import live_simulator_running, request_drift
@@ -251,10 +256,7 @@ def run(
         run_platform(names, host, port, _as_args(ctx, given), timeout_s=startup_timeout)
         return
     uc = active()
-    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "5")
-    # Drift re-arms after a label-maturity period of simulated time.
-    maturity_min = uc.label_maturity.total_seconds() / 60
-    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{maturity_min / speed:.2f}")
+    platform_trigger_defaults(speed)
     settings = Settings.from_env().ensure()
     console.print(f"[bold]Loopline[/] {uc.name}; home: {settings.home}, lake: {settings.lake}")
     if uc.simulator is None and not no_simulator:

@@ -712,12 +712,34 @@ def _recovered_metric(settings: Settings, new: str) -> bool | None:
     return True if done else None
 
 
+# `loopline run`'s retraining cooldown unless LOOPLINE_RETRAIN_COOLDOWN_MINUTES is set.
+RUN_COOLDOWN_MIN = 5
+
+
+def platform_trigger_defaults(speed: float) -> None:
+    """The trigger settings ``loopline run`` gives an accelerated simulator, where the
+    environment does not set them: retrainings ``RUN_COOLDOWN_MIN`` apart, and drift re-armed
+    after a label-maturity period of simulated time. Every other trigger threshold is the use
+    case's declaration or the policy default."""
+    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", str(RUN_COOLDOWN_MIN))
+    maturity_min = active().label_maturity.total_seconds() / 60
+    os.environ.setdefault("LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{maturity_min / speed:.2f}")
+
+
 @click.command()
 @click.option("--drift", type=click.Choice(["concept", "covariate"]), default="concept")
 @click.option("--timeout", default=2100.0, show_default=True, help="Seconds before giving up.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--seed", default=7, show_default=True)
-def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
+@click.option(
+    "--triggers",
+    type=click.Choice(["demo", "platform"]),
+    default="demo",
+    show_default=True,
+    help="demo: demo-sized retraining triggers (1-minute cooldown, the plan's row threshold, a "
+    "third run slot); platform: the settings `loopline run` uses.",
+)
+def demo(drift: str, timeout: float, as_json: bool, seed: int, triggers: str) -> None:
     """Headless, bounded demo on an accelerated clock (the fraud demo's: a simulated day every
     36 s; a use case's simulator may set its own, see DemoPlan): history first, a champion
     trained on it serves live traffic, a bad batch changes nothing, drift is injected, and the
@@ -726,18 +748,17 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int) -> None:
     from core.simulation import SimClock
 
     plan = DemoPlan.of_active()
-    # Demo-sized triggers for the Dagster processes started below (an explicit setting wins).
-    if plan.min_new_labelled_rows is not None:
-        os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", str(plan.min_new_labelled_rows))
-    os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
+    if triggers == "demo":
+        # Demo-sized triggers for the Dagster processes started below (an explicit setting
+        # wins).
+        if plan.min_new_labelled_rows is not None:
+            os.environ.setdefault("LOOPLINE_RETRAIN_MIN_ROWS", str(plan.min_new_labelled_rows))
+        os.environ.setdefault("LOOPLINE_RETRAIN_COOLDOWN_MINUTES", "1")
+        # A third run slot: a training run (minutes) must not hold up ingestion and features.
+        os.environ.setdefault("LOOPLINE_MAX_CONCURRENT_RUNS", "3")
     # Drift re-arms after a label-maturity period of simulated time (the fraud demo's 7 days:
     # 4.2 wall minutes).
-    maturity_min = active().label_maturity.total_seconds() / 60
-    os.environ.setdefault(
-        "LOOPLINE_RETRAIN_DRIFT_REARM_MINUTES", f"{maturity_min / plan.speed:.2f}"
-    )
-    # A third run slot: a training run (minutes) must not hold up ingestion and features.
-    os.environ.setdefault("LOOPLINE_MAX_CONCURRENT_RUNS", "3")
+    platform_trigger_defaults(plan.speed)
     settings = Settings.from_env().ensure()
     clock = SimClock(plan.speed, timedelta(days=plan.headroom_days))
     scenario, live_from = demo_world(plan, seed, clock)
@@ -914,13 +935,16 @@ def _loop_in_flight(settings: Settings) -> bool:
 def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dict[str, Any] | None:
     """Seconds from the batch that set off ``version``'s training run to ``version`` answering.
 
-    The batch is the newest one the landing sensor received before that run started (its
-    trigger condition became true with it); the stages split the time between the sensors
-    (batch received -> run started), training and the gate (-> registered) and delivery
-    (-> promoted -> answering requests).
+    The batch is the one the run's trigger was measured on when the retraining sensor first saw
+    it (``orchestration.triggers.first_seen``: a trigger held back by the cooldown still counts
+    from there), received as the ledger says; a trigger without a batch (serving drift) counts
+    from when the sensor first saw it. The stages split the time between the sensors (->
+    run started), training and the gate (-> registered) and delivery (-> promoted ->
+    answering requests).
     """
     import dagster as dg
 
+    from orchestration.triggers import TRIGGER_BATCH_TAG, TRIGGER_SEEN_TAG
     from quality.ledger import BatchLedger
 
     registry = _registry(settings)
@@ -934,18 +958,18 @@ def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dic
         instance.dispose()
     if run is None or run.start_time is None:
         return None
+    tags = run.dagster_run.tags
     started = datetime.fromtimestamp(run.start_time, UTC)
-    batch = next(
-        (
-            b
-            for b in BatchLedger.for_settings(settings).batches()
-            if datetime.fromisoformat(b.received_at) <= started
-        ),
-        None,
-    )
-    if batch is None:
-        return None
-    received = datetime.fromisoformat(batch.received_at)
+    batch = BatchLedger.for_settings(settings).get(tags.get(TRIGGER_BATCH_TAG) or "")
+    if batch is not None:
+        origin, origin_at = batch.source_name, datetime.fromisoformat(batch.received_at)
+    elif tags.get(TRIGGER_SEEN_TAG):
+        origin, origin_at = (
+            "the sensor first saw the trigger",
+            datetime.fromisoformat(tags[TRIGGER_SEEN_TAG]),
+        )
+    else:  # a run of no sensor's (a person, the schedule): from its own start
+        origin, origin_at = "the run started", started
     promoted = [
         datetime.fromisoformat(e.at)
         for e in registry.events()
@@ -953,12 +977,15 @@ def loop_latency(settings: Settings, version: str, answered_at: datetime) -> dic
     ]
 
     def since(t: datetime) -> float:
-        return round((t - received).total_seconds(), 1)
+        return round((t - origin_at).total_seconds(), 1)
 
     return {
-        "batch": batch.source_name,
+        "batch": origin,
         "run_id": record.dagster_run_id,
-        "trigger": run.dagster_run.tags.get("loopline/trigger"),
+        "trigger": tags.get("loopline/trigger"),
+        "trigger_seen_s": since(datetime.fromisoformat(tags[TRIGGER_SEEN_TAG]))
+        if tags.get(TRIGGER_SEEN_TAG)
+        else None,
         "run_started_s": since(started),
         "registered_s": since(datetime.fromisoformat(record.created_at)),
         "promoted_s": since(promoted[-1]) if promoted else None,

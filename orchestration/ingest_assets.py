@@ -252,7 +252,12 @@ def validate(settings: Settings, ledger: BatchLedger, dataset: str, batch_id: st
     if not dest.exists():
         store_batch(pl.read_parquet(uri(raw_path)), dest)
     ledger.mark(batch_id, "validated", rows=rows)
-    meta = {"status": "validated", "rows": rows, "path": dg.MetadataValue.path(uri(dest))}
+    meta = {
+        "status": "validated",
+        "batch": batch_id,
+        "rows": rows,
+        "path": dg.MetadataValue.path(uri(dest)),
+    }
     skew = _skew_check(settings, dataset, dest) if profiled else None
     if skew is not None and skew.metadata["compared"].value:
         # On the materialization too, where the retraining sensor reads the value skew.

@@ -555,6 +555,7 @@ def live_performance(
     offline = float(champion.metrics.get(m, float("nan")))
     metadata: dict = {
         "champion": champion.version,
+        "label_batch": label_batch or "",  # the newest labels batch joined
         f"offline_{m}": offline,
         f"offline_{m}_se": float(champion.metrics.get(f"{m}_se", float("nan"))),
         "log_files_read": judged.files_read,

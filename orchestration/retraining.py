@@ -6,6 +6,7 @@ check, live decay, a person asking) and starts ``continuous_training`` through t
 decision in ``orchestration.triggers``; ``nightly_retrain`` is the schedule.
 """
 
+import dataclasses
 import json
 import math
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from orchestration.triggers import (
     decide,
     drift_signal,
     estimated_decay_signal,
+    first_seen,
     new_data_signal,
 )
 
@@ -94,12 +96,16 @@ def gather_signals(
     # New since the last retraining started (accepted or not): a rejected candidate must not
     # be retried on the same data at every cooldown.
     cutoff = datetime.fromtimestamp(since, UTC).isoformat() if since else ""
-    new_rows = sum(
-        b.rows or 0
+    counted = [
+        b
         for b in storage.ledger.batches(dataset=active().label.dataset, status="validated")
         if b.updated_at > cutoff
-    )
-    signals.append(new_data_signal(new_rows, policy))
+    ]
+    fresh = new_data_signal(sum(b.rows or 0 for b in counted), policy)
+    if fresh is not None:  # the batch that brought the count over the threshold: the newest
+        newest = max(counted, key=lambda b: b.updated_at)
+        fresh = dataclasses.replace(fresh, batch=newest.batch_id)
+    signals.append(fresh)
     if champion is None:
         return signals
     drift = _latest_metadata(instance, "drift_report")
@@ -109,26 +115,26 @@ def gather_signals(
     if skew and skew[1] > since and skew[0].get("psi"):
         batch_signal = drift_signal(skew[0]["psi"], policy)
         if batch_signal is not None:
-            signals.append(
-                Signal("drift", f"batch value skew: {batch_signal.reason}", batch_signal.value)
-            )
+            reason = f"batch value skew: {batch_signal.reason}"
+            signals.append(Signal("drift", reason, batch_signal.value, batch=skew[0].get("batch")))
     live = _latest_metadata(instance, "live_performance")
     if live and live[1] > since and live[0].get("champion") == champion.version:
         meta = live[0]
         task = task_of(active().task.type)
         m = task.primary_metric
-        signals.append(
-            decay_signal(
-                meta.get(f"live_{m}"),
-                meta.get(f"offline_{m}"),
-                int(meta.get("labelled") or 0),
-                policy,
-                positives=int(meta["positives"]) if meta.get("positives") is not None else None,
-                live_se=_finite(meta.get(f"live_{m}_se")),
-                offline_se=_finite(meta.get(f"offline_{m}_se")),
-                metric=m,
-            )
+        decayed = decay_signal(
+            meta.get(f"live_{m}"),
+            meta.get(f"offline_{m}"),
+            int(meta.get("labelled") or 0),
+            policy,
+            positives=int(meta["positives"]) if meta.get("positives") is not None else None,
+            live_se=_finite(meta.get(f"live_{m}_se")),
+            offline_se=_finite(meta.get(f"offline_{m}_se")),
+            metric=m,
         )
+        # Measured on the labels batch live_performance joined (the estimate, on predictions).
+        label_batch = meta.get("label_batch")
+        signals.append(decayed and dataclasses.replace(decayed, batch=label_batch))
         signals.append(
             estimated_decay_signal(
                 _finite(meta.get(f"estimated_{m}_unlabelled")),
@@ -175,11 +181,14 @@ def retrain_sensor(
     in_flight, last_started = _last_started(context.instance)
     since = last_started.timestamp() if last_started else 0.0
     signals = gather_signals(context.instance, storage, policy, since)
+    now = datetime.now(UTC)
+    seen = first_seen(json.loads(context.cursor or "{}"), signals, now)
+    context.update_cursor(json.dumps(seen))
     decision = decide(
         signals,
         in_flight=in_flight,
         last_started=last_started,
-        now=datetime.now(UTC),
+        now=now,
         policy=policy,
         last_drift=_last_started(context.instance, "drift")[1],
     )
@@ -194,7 +203,9 @@ def retrain_sensor(
     if decision.signal.kind == "decay":
         alerts.send(alerts.Alert("decay", decision.signal.reason))
     context.log.info(f"retraining: {decision.signal.kind}: {decision.why}")
-    return dg.RunRequest(tags=decision.signal.tags())
+    origin = seen.pop(decision.signal.kind, None)  # the next one of this kind starts afresh
+    context.update_cursor(json.dumps(seen))
+    return dg.RunRequest(tags=decision.signal.tags(origin))
 
 
 @dg.schedule(

@@ -7,6 +7,7 @@ start) and asks ``decide``.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
@@ -65,23 +66,55 @@ class TriggerPolicy:
 
 @dataclass(frozen=True)
 class Signal:
-    """One reason to retrain, with the number that crossed its threshold."""
+    """One reason to retrain, with the number that crossed its threshold and the batch whose
+    arrival it was measured on (the labels batch behind a decay or new-data signal, the request
+    batch behind a value skew; None when no batch is: serving drift, the schedule, a person)."""
 
     kind: str
     reason: str
     value: float | None = None
     threshold: float | None = None
+    batch: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PRIORITY:
             raise ValueError(f"unknown trigger {self.kind!r}; expected one of {PRIORITY}")
 
-    def tags(self) -> dict[str, str]:
-        """Run tags shown in the Dagster UI: which trigger, and why."""
+    def tags(self, seen: Mapping[str, str | None] | None = None) -> dict[str, str]:
+        """Run tags shown in the Dagster UI: which trigger, and why; with ``seen`` (``first_seen``'s
+        entry of this kind), where the trigger started: the batch that set it off and when the
+        sensor first saw it (``loopline demo``'s loop latency is measured from that batch)."""
         tags = {"loopline/trigger": self.kind, "loopline/reason": self.reason[:200]}
         if self.value is not None:
             tags["loopline/trigger_value"] = f"{self.value:.6g}"
+        origin = seen or {"batch": self.batch}
+        if origin.get("batch"):
+            tags[TRIGGER_BATCH_TAG] = str(origin["batch"])
+        if origin.get("since"):
+            tags[TRIGGER_SEEN_TAG] = str(origin["since"])
         return tags
+
+
+TRIGGER_BATCH_TAG = "loopline/trigger_batch"
+TRIGGER_SEEN_TAG = "loopline/trigger_seen_at"
+
+
+def first_seen(
+    previous: Mapping[str, Mapping[str, str | None]],
+    signals: list[Signal | None],
+    now: datetime,
+) -> dict[str, dict[str, str | None]]:
+    """Per trigger kind present now: when the sensor first saw it and the batch behind it then,
+    kept from ``previous`` for as long as the kind stays present. A retraining held back (the
+    cooldown, drift's re-arm, one already in flight) so still names the batch that set it off,
+    not the newest one before it fired; a kind gone absent starts afresh."""
+    out: dict[str, dict[str, str | None]] = {}
+    for signal in signals:
+        if signal is None or signal.kind in out:
+            continue
+        kept = previous.get(signal.kind)
+        out[signal.kind] = dict(kept) if kept else {"since": now.isoformat(), "batch": signal.batch}
+    return out
 
 
 @dataclass(frozen=True)

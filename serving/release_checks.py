@@ -172,6 +172,9 @@ def error_rate(errors: int, requests: int, *, alpha: float, max_rate: float, nam
     return Check(name, PASSED, detail=detail)
 
 
+_LEAST_EXPECTED = 0.01
+
+
 def flag_rate_change(
     champion: tuple[int, int],
     challenger: tuple[int, int],
@@ -189,7 +192,9 @@ def flag_rate_change(
     if not n or not m:
         return Check("flag_rate_change", NOT_ENOUGH, f"no decisions to compare ({n} and {m})")
     p, r = a / n, b / m
-    expected = 1.0 + expected_change
+    # A challenger that flagged nothing on the test split (-100%) is expected to flag next to
+    # nothing live: a ratio needs a denominator, so at least a hundredth of the champion's.
+    expected = max(1.0 + expected_change, _LEAST_EXPECTED)
     ps, rs = (a + 0.5) / (n + 1), (b + 0.5) / (m + 1)
     z = (r - expected * p) / math.sqrt(rs * (1 - rs) / m + expected**2 * ps * (1 - ps) / n)
     ratio = rs / (expected * ps)

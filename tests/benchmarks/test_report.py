@@ -232,3 +232,22 @@ def test_published_figures_link_sections_that_exist() -> None:
 def test_the_repository_tables_are_what_its_results_files_say() -> None:
     """The README's and RESULTS.md's tables are regenerated, never edited by hand."""
     assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"
+
+
+def test_a_goal_held_in_every_round_is_missed_when_one_round_misses_it() -> None:
+    """The serving p50 goal holds in every run, not just the median (issue 20): a median
+    within the bound with one round past it is missed, and the table says which bound."""
+    goal = results.Goal(op="<=", target=1.5, every=True)
+
+    def figure(ratios: list[float]) -> results.Figure:
+        return results.compared(
+            "serving p50", 10.0, "ms", "floor", 8.0, ratio=sorted(ratios)[1], ratios=ratios,
+            goal=goal,
+        )  # fmt: skip
+
+    assert figure([1.2, 1.3, 1.4]).met is True
+    assert figure([1.2, 1.3, 1.6]).met is False  # median 1.3 within, one round past
+    assert results.Goal(op="<=", target=1.5).text("ms") == "<= 1.5x"
+    assert goal.text("ms") == "<= 1.5x in every round"
+    saved = results.Figure.model_validate_json(figure([1.2, 1.3, 1.6]).model_dump_json())
+    assert saved.goal == goal and saved.met is False

@@ -102,6 +102,9 @@ def check_the_loop(summary: dict, static: tuple[str, ...]) -> None:
     stages = [latency[k] for k in ("run_started_s", "registered_s", "promoted_s", "answering_s")]
     assert 0 <= stages[0] <= stages[1] <= stages[2] <= stages[3]
     assert latency["trigger"] in triggers
+    if latency["trigger"] != "schedule":  # counted from what set the retraining off
+        assert latency["batch"] != "the run started", latency
+        assert 0 <= latency["trigger_seen_s"] <= latency["run_started_s"], latency
 
     # Honest time: customer requests were scored with their features, so static per-entity
     # attributes served look as in training, and nothing is missing for lack of rows.

@@ -3,6 +3,7 @@
 import json
 import logging
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -10,12 +11,15 @@ import pytest
 
 from orchestration import alerts
 from orchestration.triggers import (
+    TRIGGER_BATCH_TAG,
+    TRIGGER_SEEN_TAG,
     Signal,
     TriggerPolicy,
     decay_signal,
     decide,
     drift_signal,
     estimated_decay_signal,
+    first_seen,
     new_data_signal,
 )
 
@@ -171,6 +175,30 @@ def test_one_retraining_for_many_signals_most_important_first():
     assert {s.kind for s in decision.suppressed} == {"new_data", "schedule", "decay"}
     tags = decision.signal.tags()
     assert tags["loopline/trigger"] == "drift" and "amount" in tags["loopline/reason"]
+
+
+def test_a_held_back_trigger_still_names_the_batch_that_set_it_off():
+    """Loop latency counts from the batch a trigger was measured on when the sensor first saw
+    it (issue 20): a decay held back by the cooldown, seen again on later labels batches, fires
+    naming the first; once gone, the next sighting starts afresh."""
+    decay = replace(decay_signal(0.2, 0.6, 1000, POLICY), batch="labels-07")
+    later = replace(decay, batch="labels-09")
+    seen = first_seen({}, [decay, None], NOW)
+    assert seen == {"decay": {"since": NOW.isoformat(), "batch": "labels-07"}}
+    cooling = decide([decay], in_flight=False, last_started=NOW, now=NOW, policy=POLICY)
+    assert not cooling.fire
+    then = NOW + POLICY.cooldown
+    seen = first_seen(json.loads(json.dumps(seen)), [later], then)  # the sensor's cursor
+    decision = decide([later], in_flight=False, last_started=NOW, now=then, policy=POLICY)
+    assert decision.fire
+    tags = decision.signal.tags(seen[decision.signal.kind])
+    assert tags[TRIGGER_BATCH_TAG] == "labels-07" and tags[TRIGGER_SEEN_TAG] == NOW.isoformat()
+    assert first_seen(seen, [None], then) == {}  # gone: forgotten
+    assert first_seen({}, [later], then)["decay"]["batch"] == "labels-09"
+    # A signal measured on no batch (serving drift) still says when it was first seen.
+    drift = first_seen({}, [drift_signal({"amount": 0.5}, POLICY)], NOW)["drift"]
+    tags = drift_signal({"amount": 0.5}, POLICY).tags(drift)
+    assert TRIGGER_BATCH_TAG not in tags and tags[TRIGGER_SEEN_TAG] == NOW.isoformat()
 
 
 def test_no_signal_no_run():

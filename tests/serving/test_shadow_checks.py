@@ -153,3 +153,13 @@ def test_sound_challengers_are_rejected_at_most_at_the_stated_rate(monkeypatch, 
             champion, challenger = _probe(2 * i), _probe(2 * i + 1)
         rejected += bool(compare_shadow(champion, challenger, policy))
     assert rejected / runs <= policy.alpha, f"{rejected} of {runs} sound challengers rejected"
+
+
+def test_a_challenger_that_flagged_nothing_on_the_test_split_is_still_compared():
+    """A small retrain may flag nothing on the gate's test split (-100%): the shadow compares
+    its live flag rate against next to nothing, rather than fail the delivery on a division
+    by zero (the release benchmark's smoke run found it)."""
+    champion = _probe(1, scores=_mix(1, 30))
+    assert compare_shadow(champion, _probe(2, scores=_mix(2, 0)), POLICY, expected_shift=-1.0) == []
+    [reason] = compare_shadow(champion, _probe(2, scores=_mix(2, 30)), POLICY, expected_shift=-1.0)
+    assert "flag rate 10.00%" in reason and "test split showed -100%" in reason
