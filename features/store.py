@@ -10,10 +10,9 @@ runs the on-demand views through Feast's own code; a test holds it equal, row fo
 
 from __future__ import annotations
 
-import itertools
 import logging
-import operator
 import sqlite3
+import struct
 import threading
 import time
 import weakref
@@ -63,6 +62,7 @@ _KEY_CACHE = 1 << 16
 _VALUE_CACHE = 1 << 16
 _ROW_CACHE = 1 << 14  # entities per view the SQLite reader keeps decoded (~1 KB each)
 _SQLITE_CHUNK = 900
+_READ_INDEX = "_loopline_read"  # the covering index of a view's table (ensure_read_indexes)
 
 
 class _FileRegistryServesWhileMaterializing(logging.Filter):
@@ -219,7 +219,41 @@ def materialize(
         start = _EPOCH if last is None else min(last, changed_since or last)
         store.materialize(start_date=start, end_date=end, feature_views=[view.name])
         loaded[view.name] = (start, end)
+    ensure_read_indexes(store)
     return loaded
+
+
+def ensure_read_indexes(store: FeatureStore) -> list[str]:
+    """The SQLite online store's covering index per view table, for the serving lookup: the
+    columns ``_SqliteReader`` reads, keyed by entity. Feast's own index on the entity key
+    leaves one table seek per (entity, feature) row; at a million cards those seeks are most
+    of a lookup (~1.25 ms for 32 requests, ~0.4 ms with the covering index; decision 53).
+    Created once (a table of 11M rows: ~20 s, +40% on disk), then kept by SQLite on every
+    write. Returns the indexes created now; nothing for other online stores."""
+    if store.config.online_store.type != "sqlite":
+        return []
+    versioning = store.config.registry.enable_online_feature_view_versioning
+    tables = [
+        compute_table_id(store.project, view, versioning)
+        for view in store.list_feature_views()
+        if view.online
+    ]
+    created = []
+    con = sqlite3.connect(SqliteOnlineStore._get_db_path(store.config))
+    try:
+        present = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        for table in tables:
+            index = f"{table}{_READ_INDEX}"
+            if table in present and index not in present:
+                con.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_quote(index)} ON {_quote(table)} "
+                    "(entity_key, feature_name, value, event_ts)"
+                )
+                created.append(index)
+        con.commit()
+    finally:
+        con.close()
+    return created
 
 
 class _ResolvedService:
@@ -295,8 +329,28 @@ class _ViewRead(NamedTuple):
         if cached is None:
             if len(self.keys) >= _KEY_CACHE:
                 self.keys.clear()
-            cached = self.keys[key] = serialize_entity_key(self.entity_key(key), version)
+            cached = self.keys[key] = _plain_serialized(self, key, version) or serialize_entity_key(
+                self.entity_key(key), version
+            )
         return cached
+
+
+def _plain_serialized(read: _ViewRead, key: Any, version: int) -> bytes | None:
+    """``serialize_entity_key`` (version 3) of a single string or int64 key, written directly
+    rather than through its protos (a third of a lookup's time at a million cards); None for
+    any other key, which Feast's own code serializes."""
+    if version != 3 or len(read.join_keys) != 1:
+        return None
+    value_type = read.value_types[0]
+    if value_type == ValueType.STRING and type(key) is str:
+        data = key.encode("utf8")
+    elif value_type == ValueType.INT64 and type(key) is int:
+        data = struct.pack("<q", key)
+    else:
+        return None
+    name = read.join_keys[0].encode("utf8")
+    head = struct.pack("<III", 1, ValueType.STRING.value, len(name))
+    return head + name + struct.pack("<II", value_type.value, len(data)) + data
 
 
 # Key and feature types whose Python value is the ValueProto field's own: built and read
@@ -456,6 +510,8 @@ class _SqliteReader(_OnlineReader):
             kept.clear()
             unread = serialized
         decode = self._decode
+        positions = {name: i for i, name in enumerate(read.features)}
+        width = len(read.features)
         for start in range(0, len(unread), _SQLITE_CHUNK):
             chunk = unread[start : start + _SQLITE_CHUNK]
             query = (
@@ -463,19 +519,31 @@ class _SqliteReader(_OnlineReader):
                 f"WHERE entity_key IN ({','.join('?' * len(chunk))}) ORDER BY entity_key"
             )
             found: dict[bytes, _Found] = {}
-            for key, group in itertools.groupby(con.execute(query, chunk), _first):
-                group = list(group)
-                blobs = {name: blob for _, name, blob, _ in group}
-                values = tuple(decode(blobs[n]) if n in blobs else None for n in read.features)
-                # As Feast: the entity's time is its last row's, read by Feast's converter.
-                stamp = convert_timestamp(group[-1][3]).replace(tzinfo=UTC)
-                found[key] = (_micros(stamp), values)
+            # One pass over the rows (entity by entity, the index's order), the requested
+            # features decoded into their places.
+            current, values, stamp = None, [], None
+            for key, name, blob, stamp_ in con.execute(query, chunk):
+                if key != current:
+                    if current is not None:
+                        found[current] = (_stamp_micros(stamp), tuple(values))
+                    current, values = key, [None] * width
+                at = positions.get(name)
+                if at is not None:
+                    values[at] = decode(blob)
+                stamp = stamp_
+            if current is not None:
+                found[current] = (_stamp_micros(stamp), tuple(values))
             kept.update((key, found.get(key, _NOT_FOUND)) for key in chunk)
         return [kept[key] for key in serialized]
 
 
 _NOT_FOUND = (None, None)
-_first = operator.itemgetter(0)
+
+
+def _stamp_micros(stamp: Any) -> int:
+    """As Feast: the entity's time is its last row's, read by Feast's converter (local time,
+    then taken as UTC)."""
+    return _micros(convert_timestamp(stamp).replace(tzinfo=UTC))
 
 
 def _proto_micros(stamp: datetime) -> int:

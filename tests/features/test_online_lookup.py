@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +13,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from feast import FeatureStore
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import compute_table_id
+from feast.infra.online_stores.sqlite import SqliteOnlineStore
 from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+from feast.value_type import ValueType
 
 import features.store
 from features.declarations import NUMPY_UDF_TAG
@@ -23,6 +29,7 @@ from features.store import (
     _reader,
     _resolve,
     _StoreReader,
+    ensure_read_indexes,
     feature_store,
     historical_features,
     materialize,
@@ -64,6 +71,27 @@ def test_online_features_equal_the_feast_sdk_path(served, at) -> None:
     fast, sdk = online_features(store, rows, at=at), online_features_sdk(store, rows, at=at)
     _assert_same(fast, sdk)
     assert fast.height == rows.height  # duplicated keys in the rows are answered per row
+
+
+def test_lookups_read_the_covering_index_materialize_keeps(served) -> None:
+    """At a million cards a lookup's time was its table seeks, one per (card, feature) row:
+    materialize keeps a covering index per view table, and the lookup's query reads it alone
+    (decision 53). The equality tests above hold with it."""
+    store, _ = served
+    assert ensure_read_indexes(store) == []  # materialize made them
+    path = SqliteOnlineStore._get_db_path(store.config)
+    with closing(sqlite3.connect(path)) as con:
+        for view in store.list_feature_views():
+            table = compute_table_id(store.project, view, False)
+            plan = con.execute(
+                f'EXPLAIN QUERY PLAN SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
+                "WHERE entity_key IN (?, ?) ORDER BY entity_key",
+                (b"a", b"b"),
+            ).fetchall()
+            assert f"USING COVERING INDEX {table}_loopline_read" in plan[0][-1], plan
+        con.execute(f'DROP INDEX "{table}_loopline_read"')  # a home from before the index
+        con.commit()
+    assert ensure_read_indexes(store) == [f"{table}_loopline_read"]
 
 
 def test_the_on_demand_view_runs_on_numpy_columns_and_its_pandas_path_answers_the_same(
@@ -377,3 +405,23 @@ def test_a_view_being_materialized_keeps_serving_its_last_rows(served, caplog) -
     finally:
         view.state = FeatureViewState.AVAILABLE_ONLINE
         store.registry.apply_feature_view(view, store.project, commit=True)
+
+
+@pytest.mark.parametrize(
+    ("value_type", "keys"),
+    [
+        (ValueType.STRING, ["c000042", "", "ü-ß", "m" * 300]),
+        (ValueType.INT64, [0, -5, 2**62, -(2**63)]),
+        (ValueType.INT32, [7]),  # not a plain key: Feast's own serialization
+    ],
+)
+def test_plain_keys_are_serialized_as_feast_serializes_them(value_type, keys) -> None:
+    """A lookup writes single string and int64 keys itself (decision 53): byte for byte
+    Feast's ``serialize_entity_key``, or the SQLite rows would never be found."""
+    read = features.store._ViewRead(None, ["card_id"], [value_type], ["card_id"], [], "t", {})
+    for key in keys:
+        expected = serialize_entity_key(read.entity_key(key), 3)
+        assert read.serialized_key(key, 3) == expected
+        assert (features.store._plain_serialized(read, key, 3) is None) == (
+            value_type == ValueType.INT32
+        )
