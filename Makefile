@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The benchmarks' peers get venvs of their own (see their targets below); defined here, before
+# `test` names them as prerequisites (make expands a rule's prerequisites when it reads it).
+PEER := benchmarks/.venv-peer
+DRIFT_PEER := benchmarks/.venv-drift-peer
 # The stamp changes whenever pyproject.toml does, so a dependency change reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
@@ -124,7 +128,6 @@ bench-scale: setup services bench-tools
 # The serving benchmark's two-hop peer (feast serve + FastAPI) gets its own venv for its own
 # packages (httpx, py-spy); Feast, FastAPI, uvicorn and torch come from .venv through a .pth file,
 # so both sides run the same versions and the product's environment gains nothing.
-PEER := benchmarks/.venv-peer
 .PHONY: bench-serving bench-serving-delivery
 
 # At the demo's key space (the test kit's 120 cards: every lookup soon answered from memory),
@@ -151,7 +154,6 @@ clean:
 
 # Drift statistics vs Evidently (issue 6). Evidently gets its own venv with its own pandas (<3),
 # not the product's site-packages: what it pulls in cannot reach .venv.
-DRIFT_PEER := benchmarks/.venv-drift-peer
 .PHONY: bench-drift
 
 bench-drift: setup $(DRIFT_PEER)/.installed
