@@ -101,9 +101,9 @@ class UseCaseHome:
         return _stamped(self.request_rows.slice(offset, n))
 
     def spread_requests(self, n: int, *, seed: int = 0) -> list[dict]:
-        """``n`` valid request bodies, one per entity of the request dataset's key as far as
-        there are entities (then repeats), in random order over the whole key space: bodies
-        whose features no cache of recent entities holds."""
+        """``n`` valid request bodies, one per entity of the largest key space (``keys``: the
+        fraud demo's cards) as far as there are entities (then repeats), in random order:
+        bodies whose features no cache of recent entities holds."""
         key = max(self.keys, key=self.keys.__getitem__)
         rows = self.request_rows.unique(subset=key, keep="last", maintain_order=False)
         if rows.height < n:
