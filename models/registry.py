@@ -219,6 +219,12 @@ class ModelVersion:
     def artifact_path(self, name: str) -> Path:
         return Path(self.artifact_dir) / name
 
+    def trained_until(self) -> dt.datetime | None:
+        """The event time of the newest row the model learned from: its train split's end
+        (its validation and test rows, newer, were only evaluated on). None when unrecorded."""
+        end = (self.data_window.get("splits") or {}).get("train", {}).get("end")
+        return dt.datetime.fromisoformat(end) if end else None
+
 
 @dataclass(frozen=True)
 class Release:

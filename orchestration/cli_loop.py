@@ -859,16 +859,17 @@ def demo(drift: str, timeout: float, as_json: bool, seed: int, triggers: str) ->
 
 
 def _replaced_after(platform: LivePlatform, drift_start: datetime) -> str | None:
-    """The newest champion whose training data reaches past ``drift_start`` (it learned from
+    """The newest champion whose train split reaches past ``drift_start`` (it learned from
     drifted labels), once TorchServe serves it; else None. A promotion of a model trained on
-    the old world alone (a retraining started before drifted labels matured) is no recovery."""
+    the old world alone is no recovery, even when its test split (newer rows it was only
+    evaluated on) holds drifted rows: a retraining on new data just after the drift."""
     registry = _registry(platform.settings)
     promoted = [e.version for e in registry.events() if e.kind == "promoted"]
     served = _champion_served(platform)
     if not promoted or served != promoted[-1]:
         return None
-    end = registry.get(served).data_window.get("end")
-    return served if end and datetime.fromisoformat(end) > drift_start else None
+    until = registry.get(served).trained_until()
+    return served if until is not None and until > drift_start else None
 
 
 def _print_phases(data: dict[str, Any]) -> None:

@@ -67,8 +67,8 @@ def _drifted_champion(layout: Layout, name: str, registry: Registry, drift_from:
     if champion is None or registry.get_alias(CHAMPION) != champion:
         return None
     record = registry.get(champion)
-    trained_until = datetime.fromisoformat(record.data_window["splits"]["train"]["end"])
-    return record if trained_until > drift_from else None
+    until = record.trained_until()
+    return record if until is not None and until > drift_from else None
 
 
 def _adapted(layout: Layout, name: str, proc, log):

@@ -68,3 +68,47 @@ def test_a_use_case_declares_how_its_demo_runs(monkeypatch) -> None:
     monkeypatch.setattr(simulation, "simulator_module", lambda: fake)
     with pytest.raises(click.ClickException, match="unknown fields \\['sped'\\]"):
         DemoPlan.of_active()
+
+
+def _version(name: str, train_end_days: float, test_end_days: float):
+    from models.registry import ModelVersion
+
+    def at(days: float) -> str:
+        return (DRIFT + timedelta(days=days)).isoformat()
+
+    window = {
+        "start": at(-60),
+        "end": at(test_end_days),
+        "splits": {
+            "train": {"start": at(-60), "end": at(train_end_days)},
+            "test": {"start": at(train_end_days + 1), "end": at(test_end_days)},
+        },
+    }
+    return ModelVersion(
+        name, 1, "fraud", "", "", "", None, None, "", "", [], window, {}, {}, {}, {}, [], ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("train_end", "test_end", "recovered"),
+    [(-9, 3, False), (2, 9, True), (-1, -0.5, False)],
+    ids=["drift-only-in-test", "drift-in-train", "before-drift"],
+)
+def test_recovery_needs_a_champion_that_trained_on_drifted_rows(
+    monkeypatch, train_end: float, test_end: float, recovered: bool
+) -> None:
+    # A retraining just after the drift may be promoted with drifted rows in its test split
+    # only: it never learned the new world (a demo once called that a recovery while the new
+    # champion served at a live PR-AUC of 0.004).
+    from orchestration import cli_loop
+
+    record = _version("v0002", train_end, test_end)
+    registry = types.SimpleNamespace(
+        events=lambda: [types.SimpleNamespace(kind="promoted", version="v0002")],
+        get=lambda version: record,
+    )
+    monkeypatch.setattr(cli_loop, "_registry", lambda settings: registry)
+    monkeypatch.setattr(cli_loop, "_champion_served", lambda platform: "v0002")
+    platform = types.SimpleNamespace(settings=None)
+    assert cli_loop._replaced_after(platform, DRIFT) == ("v0002" if recovered else None)
+    assert record.trained_until() == DRIFT + timedelta(days=train_end)
