@@ -28,32 +28,42 @@ run: setup
 
 # Everything but the soaks (their own targets below); the slowest tests are listed at the end.
 # It runs every benchmark at its smoke size too (tests/benchmarks), hence wrk and the peers'
-# venvs (the serving benchmark's feast serve + FastAPI, the drift benchmark's Evidently).
-test: setup lint services bench-tools $(PEER)/.installed $(DRIFT_PEER)/.installed
+# venvs (the serving benchmark's feast serve + FastAPI, the drift benchmark's Evidently). On a
+# fresh machine the installs run side by side (test-deps, -j3): Debian's packages in one
+# apt-get, the drift peer's venv beside the product's, the serving peer's after it.
+test:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target test-deps
 	$(BIN)/pytest -m "not soak" --durations=15
 
-# Postgres and Redis for the scale-out profile's tests (tests/scale start private instances on
-# loopback ports): Debian's packages, installed only when their binaries are missing.
-services:
-	@if { ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; } \
-	    || ! command -v redis-server >/dev/null; then \
-	  echo "installing Debian's postgresql and redis-server for the scale-profile tests"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-	  && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	       postgresql redis-server >/dev/null; \
-	fi
+.PHONY: test-deps system-packages
+test-deps: lint system-packages $(PEER)/.installed $(DRIFT_PEER)/.installed
 
-# wrk, the load generator of the serving and scale benchmarks: Debian's package, installed only
-# when it is missing (as services does for Postgres and Redis).
+# Debian's packages, each installed only when its binary is missing, all in one apt-get (two at
+# once would wait on dpkg's lock): Postgres and Redis for the scale-out profile's tests
+# (tests/scale start private instances on loopback ports), wrk for the serving and scale
+# benchmarks. $(call apt_install,<packages>) with any of: postgresql redis-server wrk.
+HAS_postgresql := { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1
+HAS_redis-server := command -v redis-server >/dev/null
+HAS_wrk := command -v wrk >/dev/null
+define apt_install
+missing=""; $(foreach p,$(1),$(HAS_$(p)) || missing="$$missing $(p)";) \
+if [ -n "$$missing" ]; then \
+  echo "installing Debian's$$missing"; \
+  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+  && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+       $$missing >/dev/null; \
+fi
+endef
+
+services:
+	@$(call apt_install,postgresql redis-server)
+
 bench-tools:
-	@if ! command -v wrk >/dev/null; then \
-	  echo "installing Debian's wrk for the serving benchmarks"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-	  && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	       wrk >/dev/null; \
-	fi
+	@$(call apt_install,wrk)
+
+system-packages:
+	@$(call apt_install,postgresql redis-server wrk)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ class InfraReport:
 class GateDecision:
     """passed: may the version be registered as a challenger and promoted (no check blocks).
     verdict: "passed", "rejected", or "not enough support" (no slice could be compared; it
-    blocks or not by ``GatePolicy.slices_unsupported``, and is never reported as passed).
+    blocks or not by ``GatePolicy.slices_unsupported`` once a champion serves, and is never
+    reported as passed).
     reasons: every blocking check's explanation; warnings: what was not verified."""
 
     passed: bool
@@ -113,7 +114,8 @@ def validate_challenger(
 ) -> GateDecision:
     """Passes only if the challenger beats baseline and champion, regresses no slice
     significantly, and is servable; with no slice comparable the verdict is "not enough
-    support", which blocks unless ``policy.slices_unsupported`` is "warn"."""
+    support", which blocks a replacement of the champion unless ``policy.slices_unsupported``
+    is "warn" (a first model, with no champion, is promotable with that verdict)."""
     checks: list[dict[str, Any]] = []
 
     def add(name: str, passed: bool | None, detail: str, outcome: str = "", **values: Any) -> None:
@@ -192,8 +194,12 @@ def validate_challenger(
             margin=margin,
         )
 
+    # Slices are compared with the model in production. With none yet (a first model, judged
+    # against the baseline, which serves nobody), "not enough support" is recorded but never
+    # blocks: blocking would leave nothing serving until labels pile up (decision 54).
+    slice_policy = policy if champion else replace(policy, slices_unsupported="warn")
     _slice_checks(
-        challenger, champion or baseline, "champion" if champion else "baseline", policy, add
+        challenger, champion or baseline, "champion" if champion else "baseline", slice_policy, add
     )
     _infra_checks(infra, policy, add)
     return _decision(checks)

@@ -222,9 +222,10 @@ class GatePolicy:
     slice_max_margin_tolerances: float = 2.0
     slice_bootstrap_draws: int = 400
     slice_seed: int = 0
-    # When no slice has support to be compared: "block" (rejected until more labels arrive,
-    # or promoted by a person with --force and a reason) or "warn" (promotable, the verdict
-    # "not enough support" recorded in the registry and on the card).
+    # When no slice has support to be compared with the champion: "block" (rejected until
+    # more labels arrive, or promoted by a person with --force and a reason) or "warn"
+    # (promotable, the verdict "not enough support" recorded in the registry and on the card).
+    # A first model (no champion) is promotable either way, with that verdict (decision 54).
     slices_unsupported: Literal["block", "warn"] = "block"
     max_model_bytes: int = 50 * 2**20
     max_latency_ms_batch1: float = 25.0

@@ -131,6 +131,26 @@ def test_a_verdict_where_no_slice_has_support_is_not_a_pass(setting):
         assert "NOT ENOUGH SUPPORT (promotable, unverified)" in decision.to_markdown()
 
 
+def test_a_first_model_is_not_blocked_for_want_of_slice_support():
+    # With nothing in production, blocking leaves nothing serving until labels pile up (the
+    # fraud demo's first model, +0.11 PR-AUC over the baseline, waited for more batches): the
+    # verdict still says "not enough support", never passed, and nothing regressed is waved on.
+    frame, y, model = _world(1, n=2000, rate=0.01)
+    weak = np.linspace(0.0, 1.0, y.size)
+    challenger, baseline = (
+        evaluate_scores(name, y, p, 0.5, frame, slice_columns=("country",))
+        for name, p in (("challenger", model(1, signal=3.0)), ("baseline", weak))
+    )
+    assert POLICY.slices_unsupported == "block"
+    decision = validate_challenger(challenger, baseline, None, GOOD_INFRA, POLICY)
+    assert decision.passed and decision.verdict == "not enough support"
+    assert "NOT ENOUGH SUPPORT (promotable, unverified)" in decision.to_markdown()
+    assert any("slice regressions are unverified" in w for w in decision.warnings)
+    # A champion in production keeps the declared block.
+    _, blocked = _judge(frame, y, model(1, signal=3.0), model(0))
+    assert not blocked.passed and blocked.verdict == "not enough support"
+
+
 @pytest.mark.slow
 def test_sound_challengers_are_flagged_on_some_slice_at_most_alpha_of_the_time():
     """100 seeded sound retrains, each on its own test rows: the share wrongly rejected for a

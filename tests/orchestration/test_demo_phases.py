@@ -57,8 +57,10 @@ def test_a_phase_never_evaluated_reads_as_none() -> None:
 
 def test_a_use_case_declares_how_its_demo_runs(monkeypatch) -> None:
     """The simulator module's DEMO dict sets the demo's clock and story; the fraud demo keeps
-    the defaults; an unknown field is refused with the known ones."""
-    assert DemoPlan.of_active() == DemoPlan()  # fraud: 2,400x, 64 days, 48-hour windows
+    the default clock and a concept drift a model can learn; an unknown field is refused with
+    the known ones."""
+    fraud = DemoPlan.of_active()  # fraud: 2,400x, 64 days, 48-hour windows
+    assert fraud == DemoPlan(scenario={"concept_merchant_share": 0.15})
     delivery = load("delivery").module("simulator")
     monkeypatch.setattr(simulation, "simulator_module", lambda: delivery)
     plan = DemoPlan.of_active()
