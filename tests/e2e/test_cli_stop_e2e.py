@@ -36,6 +36,15 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid}: gone"
+    return f"{pid}: {words[:200]}"
+
+
 def _held(ports: list[int]) -> list[int]:
     """The ports some process listens on (SO_REUSEADDR: closed connections do not count)."""
     held = []
@@ -105,7 +114,13 @@ def test_loopline_run_leaves_nothing_running(tmp_path, stop):
         assert _held(ports) == ports
 
         stop(proc)
-        out = proc.communicate(timeout=180)[0]
+        try:
+            out = proc.communicate(timeout=180)[0]
+        except subprocess.TimeoutExpired:  # say where it hung: what it printed, and what runs
+            left = [_cmdline(pid) for pid in _processes_mentioning(str(home))]
+            os.killpg(proc.pid, signal.SIGKILL)
+            printed = proc.communicate()[0]
+            pytest.fail(f"still running 180 s after the stop; processes {left}:\n{printed[-4000:]}")
         if stop is not _sigkill:
             assert "Aborted" not in out and "stopped" in out.splitlines(), out[-2000:]
         if stop in (_sigterm_three_times, _sigint_then_sigterm):

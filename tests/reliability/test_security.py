@@ -190,6 +190,9 @@ def test_the_dagster_webserver_binds_loopback_by_default(monkeypatch, tmp_path):
             started["cmd"] = cmd
             self.pid = 0
 
+        def poll(self) -> int:  # the log rotator's thread asks: exited at once
+            return 0
+
     monkeypatch.setattr(platform.subprocess, "Popen", Recorder)
     platform.start_dagster(Settings(tmp_path / "home").ensure())
     cmd = started["cmd"]
