@@ -95,12 +95,7 @@ def gather_signals(
         signals.append(Signal("manual", reason))
     # New since the last retraining started (accepted or not): a rejected candidate must not
     # be retried on the same data at every cooldown.
-    cutoff = datetime.fromtimestamp(since, UTC).isoformat() if since else ""
-    counted = [
-        b
-        for b in storage.ledger.batches(dataset=active().label.dataset, status="validated")
-        if b.updated_at > cutoff
-    ]
+    counted = labels_since(storage, since)
     fresh = new_data_signal(sum(b.rows or 0 for b in counted), policy)
     if fresh is not None:  # the batch that brought the count over the threshold: the newest
         newest = max(counted, key=lambda b: b.updated_at)
@@ -149,6 +144,16 @@ def gather_signals(
     return signals
 
 
+def labels_since(storage: LooplineStorage, since: float) -> list:
+    """The labels batches validated since ``since`` (a timestamp; 0: all of them)."""
+    cutoff = datetime.fromtimestamp(since, UTC).isoformat() if since else ""
+    return [
+        b
+        for b in storage.ledger.batches(dataset=active().label.dataset, status="validated")
+        if b.updated_at > cutoff
+    ]
+
+
 def _finite(value: object) -> float | None:
     """A metadata number, None where it was not measured (NaN)."""
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
@@ -191,6 +196,7 @@ def retrain_sensor(
         now=now,
         policy=policy,
         last_drift=_last_started(context.instance, "drift")[1],
+        new_labels=bool(labels_since(storage, since)),
     )
     if not decision.fire:
         return dg.SkipReason(decision.why)

@@ -18,6 +18,10 @@ from models.tasks import of as task_of
 # Highest first: a person asking wins, then what says the model is wrong, then plain freshness.
 PRIORITY = ("manual", "drift", "decay", "new_data", "schedule")
 BYPASSES_COOLDOWN = frozenset({"manual", "schedule"})
+# Triggers that wait for labels newer than the last retraining's start: with none, it would
+# train on the same labelled rows and give the same candidate (decay fires at every monitoring
+# run while the champion stays decayed).
+NEEDS_NEW_LABELS = frozenset({"drift", "decay"})
 
 
 @dataclass(frozen=True)
@@ -279,10 +283,13 @@ def decide(
     now: datetime,
     policy: TriggerPolicy,
     last_drift: datetime | None = None,
+    new_labels: bool = True,
 ) -> Decision:
     """Fire at most one retraining: never while one is in flight, never inside the cooldown
     (except for a person asking or the nightly schedule), drift never within ``drift_rearm``
-    of the last drift-triggered retraining (``last_drift``), the most important signal first."""
+    of the last drift-triggered retraining (``last_drift``), drift and decay never without
+    ``new_labels`` (a labels batch since the last retraining started), the most important
+    signal first."""
     present = sorted((s for s in signals if s is not None), key=lambda s: PRIORITY.index(s.kind))
     if not present:
         return Decision(False, None, "no trigger")
@@ -290,20 +297,26 @@ def decide(
         return Decision(False, None, "a retraining is already in flight", tuple(present))
     cooling = last_started is not None and now - last_started < policy.cooldown
     rearming = last_drift is not None and now - last_drift < policy.drift_rearm
+    stale = not new_labels and last_started is not None
+    held: list[str] = []
     for signal in present:
         if cooling and signal.kind not in BYPASSES_COOLDOWN:
+            left = policy.cooldown - (now - last_started)  # type: ignore[operator]
+            held.append(f"cooling down for {int(left.total_seconds())} s more")
             continue
         if rearming and signal.kind == "drift":
+            left = policy.drift_rearm - (now - last_drift)  # type: ignore[operator]
+            held.append(f"drift already answered: it re-arms in {_duration(left)}")
+            continue
+        if stale and signal.kind in NEEDS_NEW_LABELS:
+            held.append(
+                f"{signal.kind} waits for labels newer than the last retraining (it would "
+                "train on the same rows)"
+            )
             continue
         rest = tuple(s for s in present if s is not signal)
         return Decision(True, signal, signal.reason, rest)
-    if not cooling:
-        left = policy.drift_rearm - (now - last_drift)  # type: ignore[operator]
-        why = f"drift already answered: it re-arms in {_duration(left)}"
-    else:
-        left = policy.cooldown - (now - last_started)  # type: ignore[operator]
-        why = f"cooling down for {int(left.total_seconds())} s more"
-    return Decision(False, None, why, tuple(present))
+    return Decision(False, None, held[0], tuple(present))
 
 
 def _duration(span: timedelta) -> str:

@@ -158,6 +158,24 @@ def test_drift_already_answered_waits_a_label_maturity_period_other_triggers_do_
         last_drift=answered,
     )
     assert not cooling.fire and "cooling down" in cooling.why
+
+
+def test_drift_and_decay_wait_for_labels_the_last_retraining_did_not_have():
+    # A demo ran two retrainings a minute apart on the same labelled rows (decay, measured
+    # again at each monitoring run, outlasts the cooldown): the same candidate, rejected twice.
+    drift = drift_signal({"amount": 0.9}, POLICY)
+    decay = decay_signal(0.2, 0.6, 1000, POLICY)
+    last = NOW - timedelta(hours=1)
+    kwargs = {"in_flight": False, "last_started": last, "now": NOW, "policy": POLICY}
+    held = decide([drift, decay], new_labels=False, **kwargs)
+    assert not held.fire and "drift waits for labels newer than the last retraining" in held.why
+    assert [s.kind for s in held.suppressed] == ["drift", "decay"]
+    assert decide([decay], new_labels=True, **kwargs).signal.kind == "decay"
+    # A person, the schedule and new data are not held; nor is a first retraining.
+    for kind in ("manual", "schedule"):
+        assert decide([decay, Signal(kind, "asked")], new_labels=False, **kwargs).fire
+    first = decide([decay], new_labels=False, **{**kwargs, "last_started": None})
+    assert first.fire and first.signal.kind == "decay"
     with pytest.raises(ValueError, match="drift_rearm"):
         TriggerPolicy(drift_rearm=timedelta(days=-1))
 
