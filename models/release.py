@@ -200,6 +200,7 @@ def model_record(
             "baseline_artifact_dir": str(evaluation.baseline.path),
             "champion_at_evaluation": evaluation.champion_version,
             "compared": {n: r.metrics for n, r in evaluation.reports.items() if n != "challenger"},
+            "score_ks_vs_champion": score_ks_vs_champion(evaluation),
             "gate": evaluation.decision.to_dict(),
             "infra": evaluation.infra.to_dict(),
             "policy": evaluation.policy.to_dict(),
@@ -207,6 +208,20 @@ def model_record(
             "training": training,
         },
     )
+
+
+def score_ks_vs_champion(evaluation: Evaluation) -> float | None:
+    """How far apart the challenger's and the champion's scores of the gate's test split lie
+    (two-sample KS; None without a champion or its row-level scores). The shadow lets live
+    scores move as far (decision 55): a retrain on a drifted world, or one whose Platt scaling
+    met another fraud rate, scores differently by design, and the gate judged it so."""
+    from quality.drift import ks_statistic
+
+    champion = evaluation.reports.get("champion")
+    challenger = evaluation.challenger
+    if champion is None or champion.rows is None or challenger.rows is None:
+        return None
+    return round(ks_statistic(champion.rows.predictions, challenger.rows.predictions), 4)
 
 
 def verdict_of(evaluation: Evaluation) -> Verdict:

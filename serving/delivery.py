@@ -285,6 +285,13 @@ def expected_shift(registry: Registry, version: str) -> float:
     return (float(after) - float(before)) / abs(float(before))
 
 
+def expected_ks(registry: Registry, version: str) -> float:
+    """The KS between the challenger's and the champion's scores on the gate's test split (0
+    when not recorded): how far the shadow may see them apart live (decision 55)."""
+    value = registry.get(version).extra.get("score_ks_vs_champion")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
+
+
 def availability_checks(
     seen: Probe, alpha: float, max_rate: float, limit_ms: float, stage: str
 ) -> list[Check]:
@@ -301,12 +308,18 @@ def availability_checks(
 
 
 def shadow_checks(
-    champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
+    champion: Probe,
+    challenger: Probe,
+    policy: DeliveryPolicy,
+    expected_shift: float = 0.0,
+    expected_ks: float = 0.0,
 ) -> list[Check]:
     """The shadow's tests of the challenger against the champion on the same requests, each at
     ``policy.alpha`` over their number. ``expected_shift``: the change the gate's test split
     showed (``expected_shift``): a classifier's flag rate and a regressor's mean prediction may
-    move live as far, and a regressor's scores are compared with the champion's moved so."""
+    move live as far, and a regressor's scores are compared with the champion's moved so.
+    ``expected_ks``: the scores' KS on the test split (``expected_ks``), which live scores may
+    reach."""
     alpha = policy.alpha / 5
     if task_of(active().task.type).has_threshold:
         reference = champion.scores
@@ -339,19 +352,26 @@ def shadow_checks(
             min_samples=policy.min_samples,
         ),
         release_checks.score_shift(
-            reference, challenger.scores, alpha=alpha, min_ks=policy.min_score_ks
+            reference,
+            challenger.scores,
+            alpha=alpha,
+            min_ks=policy.min_score_ks,
+            expected_ks=expected_ks,
         ),
         change,
     ]
 
 
 def compare_shadow(
-    champion: Probe, challenger: Probe, policy: DeliveryPolicy, expected_shift: float = 0.0
+    champion: Probe,
+    challenger: Probe,
+    policy: DeliveryPolicy,
+    expected_shift: float = 0.0,
+    expected_ks: float = 0.0,
 ) -> list[str]:
     """Reasons the challenger's shadow run is out of bounds (empty: none is)."""
-    return [
-        c.reason for c in shadow_checks(champion, challenger, policy, expected_shift) if c.failed
-    ]
+    checks = shadow_checks(champion, challenger, policy, expected_shift, expected_ks)
+    return [c.reason for c in checks if c.failed]
 
 
 def online_freshness_reasons(
@@ -520,7 +540,9 @@ def shadow(
         min_calls=policy.min_samples,
         clock=clock,
     )
-    checks = shadow_checks(champ, chall, policy, expected_shift(registry, version))
+    checks = shadow_checks(
+        champ, chall, policy, expected_shift(registry, version), expected_ks(registry, version)
+    )
     step(
         "shadow_replay",
         all(c.outcome == release_checks.PASSED for c in checks),

@@ -50,24 +50,38 @@ def _z(alpha: float) -> float:
 
 
 def score_shift(
-    champion: Sequence[float], challenger: Sequence[float], *, alpha: float, min_ks: float
+    champion: Sequence[float],
+    challenger: Sequence[float],
+    *,
+    alpha: float,
+    min_ks: float,
+    expected_ks: float = 0.0,
 ) -> Check:
-    """Two-sample Kolmogorov-Smirnov: the scores' distributions differ.
+    """Two-sample Kolmogorov-Smirnov: the scores' distributions differ more than they did on
+    the gate's test split (``expected_ks``, the same two models' KS there).
 
     The asymptotic critical value ``c(alpha) * sqrt((n + m) / (n m))`` shrinks as the samples
-    grow; ``min_ks`` is the smallest distance worth a rejection. Scores of the same requests
-    are positively correlated, which makes the test conservative, not liberal."""
+    grow; ``min_ks`` is the smallest distance worth a rejection, beyond ``expected_ks``. Scores
+    of the same requests are positively correlated, which makes the test conservative, not
+    liberal."""
     n, m = len(champion), len(challenger)
     if not n or not m:
         return Check("score_shift", NOT_ENOUGH, f"no scores to compare ({n} and {m})")
     ks = ks_statistic(champion, challenger)
     critical = math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
-    bound = max(critical, min_ks)
-    detail = {"ks": round(ks, 4), "critical": round(bound, 4), "n": n, "m": m}
+    bound = expected_ks + max(critical, min_ks)
+    detail = {
+        "ks": round(ks, 4),
+        "expected_ks": round(expected_ks, 4),
+        "critical": round(bound, 4),
+        "n": n,
+        "m": m,
+    }
     if ks > bound:
         reason = (
             f"score distribution moved: KS {ks:.3f} vs the champion over {n} and {m} scores, "
-            f"beyond {bound:.3f} (significant at {alpha:.2%}, at least {min_ks})"
+            f"where the test split showed {expected_ks:.3f}: beyond {bound:.3f} (significant "
+            f"at {alpha:.2%}, at least {min_ks} more)"
         )
         return Check("score_shift", FAILED, reason, detail)
     return Check("score_shift", PASSED, detail=detail)

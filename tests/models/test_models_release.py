@@ -15,6 +15,7 @@ from models.release import (
     evaluate_candidate,
     git_code_version,
     register_candidate,
+    score_ks_vs_champion,
 )
 from models.spec import feature_spec_from_fields
 from models.train import train_baseline, train_model
@@ -91,6 +92,16 @@ def test_champion_is_evaluated_beside_the_challenger(saved, training_set):
     # The same model as champion gains nothing, so the gate refuses it.
     assert not evaluation.decision.passed
     assert any("does not beat champion" in r for r in evaluation.decision.reasons)
+    # Its scores of the test split are the challenger's own: the shadow allows no move (KS 0).
+    assert score_ks_vs_champion(evaluation) == 0.0
+    other = evaluate_candidate(
+        training_set, candidate, baseline, POLICY, LINEAGE, champion=("v0007", baseline.path)
+    )
+    assert 0.0 < score_ks_vs_champion(other) <= 1.0
+    assert (
+        score_ks_vs_champion(evaluate_candidate(training_set, candidate, baseline, POLICY, LINEAGE))
+        is None
+    )
 
 
 def test_code_version_is_the_commit_and_marks_uncommitted_changes(tmp_path):

@@ -12,6 +12,7 @@ from serving.delivery import (
     DeliveryPolicy,
     Probe,
     compare_shadow,
+    expected_ks,
     expected_shift,
     shadow_checks,
 )
@@ -80,6 +81,26 @@ def test_a_significant_but_small_score_move_is_a_sound_retrain_not_a_rejection()
     [check] = [c for c in shadow_checks(champion, recalibrated, POLICY) if c.name == "score_shift"]
     assert check.outcome == "passed" and check.detail["ks"] > 0.152  # the critical value
     assert compare_shadow(champion, recalibrated, POLICY) == []
+
+
+def test_scores_may_move_live_as_far_as_they_did_on_the_labelled_test_split():
+    """A retrain on a drifted world (or one whose Platt scaling met another fraud rate) scores
+    differently from the champion by design: three such challengers, passed by the gate, were
+    refused by the shadow at KS 0.36-0.71 in a demo, and the old champion kept serving the
+    drifted world. The test split's KS of the same two models is the allowance."""
+    rng = np.random.default_rng(5)
+    champion = _probe(1, scores=rng.uniform(0.0, 0.2, N))
+    moved = _probe(2, scores=rng.uniform(0.1, 0.3, N))  # KS about 0.5
+    record = SimpleNamespace(metrics={}, extra={"score_ks_vs_champion": 0.45})
+    registry = SimpleNamespace(get=lambda version: record)
+    assert expected_ks(registry, "v0002") == 0.45
+    assert compare_shadow(champion, moved, POLICY, expected_ks=0.45) == []
+    # Further than the test split showed, by more than the minimum effect: refused.
+    far = _probe(2, scores=rng.uniform(0.25, 0.45, N))  # KS 1.0
+    [reason] = compare_shadow(champion, far, POLICY, expected_ks=0.45)
+    assert "where the test split showed 0.450" in reason
+    # Not recorded (a first release, an older registry): no allowance.
+    assert expected_ks(SimpleNamespace(get=lambda v: SimpleNamespace(extra={})), "v1") == 0.0
 
 
 def test_a_doubled_flag_rate_is_rejected_relative_to_the_champions():
