@@ -661,8 +661,10 @@ def measured_by_phase(
     the prediction log and the labels once the demo ends, with ``live_quality`` (the loop's
     own points judge only the champion of the moment, on a trailing week: a champion replaced
     before its predictions' labels matured is never judged there): before the drift, after it
-    (the old champion), after recovery (the first champion trained on drifted labels) and, if
-    the loop promoted again since, ``final`` (the champion at the end)."""
+    (every champion whose train split ends before the drift: the first, and any retrained on
+    new data before drifted labels reached training), after recovery (the first champion
+    trained on drifted labels) and, if the loop promoted again since, ``final`` (the champion
+    at the end)."""
     import polars as pl
 
     from features.views import read_validated
@@ -677,10 +679,17 @@ def measured_by_phase(
     newest = labels[label.time].max()
     t, version = pl.col("timestamp"), pl.col("model_version")
     before = joined.filter(t < drift_start)
-    old = before["model_version"].unique().to_list()  # the champion(s) that never saw drift
+    after = joined.filter(t >= drift_start)
+    registry = _registry(settings)
+
+    def never_saw_drift(name: str) -> bool:
+        until = registry.get(name).trained_until() if registry else None
+        return until is None or until <= drift_start
+
+    old = [v for v in after["model_version"].unique().to_list() if never_saw_drift(v)]
     phases = {
         "before_drift": before,
-        "after_drift": joined.filter((t >= drift_start) & version.is_in(old)),
+        "after_drift": after.filter(version.is_in(old)),
         "after_recovery": joined.filter(version == (new or "")),
     }
     if final and final != new and drift_start is not None:

@@ -130,5 +130,8 @@ def check_the_loop(summary: dict, static: tuple[str, ...]) -> None:
         assert phases[name] is not None or measured[name] is not None, (name, phases)
     assert "after_recovery" in measured  # reported, measured once both classes are labelled
     assert new not in measured["before_drift"]["versions"]
+    # After the drift: every champion that never trained on it (a retraining on new data just
+    # after the drift included), never the recovered one.
+    assert new not in (measured["after_drift"] or {}).get("versions", [])
     # The new champion learned from drifted labels: its training data reaches past the drift.
     assert phases["drift_start"] is not None and new == phases["new_champion"]
