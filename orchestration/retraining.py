@@ -83,9 +83,14 @@ def _latest_metadata(instance: dg.DagsterInstance, key: str) -> tuple[dict, floa
 
 
 def gather_signals(
-    instance: dg.DagsterInstance, storage: LooplineStorage, policy: TriggerPolicy, since: float
+    instance: dg.DagsterInstance,
+    storage: LooplineStorage,
+    policy: TriggerPolicy,
+    since: float,
+    counted: list | None = None,
 ) -> list[Signal | None]:
-    """Every trigger's signal now; drift and decay only when measured after ``since``."""
+    """Every trigger's signal now; drift and decay only when measured after ``since``.
+    ``counted``: ``labels_since(storage, since)``, when the caller has read it already."""
     settings = storage.settings
     registry, champion = champion_of(storage)
     signals: list[Signal | None] = []
@@ -95,7 +100,7 @@ def gather_signals(
         signals.append(Signal("manual", reason))
     # New since the last retraining started (accepted or not): a rejected candidate must not
     # be retried on the same data at every cooldown.
-    counted = labels_since(storage, since)
+    counted = labels_since(storage, since) if counted is None else counted
     fresh = new_data_signal(sum(b.rows or 0 for b in counted), policy)
     if fresh is not None:  # the batch that brought the count over the threshold: the newest
         newest = max(counted, key=lambda b: b.updated_at)
@@ -185,7 +190,8 @@ def retrain_sensor(
     policy = retrain_policy.policy()
     in_flight, last_started = _last_started(context.instance)
     since = last_started.timestamp() if last_started else 0.0
-    signals = gather_signals(context.instance, storage, policy, since)
+    fresh_labels = labels_since(storage, since)
+    signals = gather_signals(context.instance, storage, policy, since, fresh_labels)
     now = datetime.now(UTC)
     seen = first_seen(json.loads(context.cursor or "{}"), signals, now)
     context.update_cursor(json.dumps(seen))
@@ -196,7 +202,7 @@ def retrain_sensor(
         now=now,
         policy=policy,
         last_drift=_last_started(context.instance, "drift")[1],
-        new_labels=bool(labels_since(storage, since)),
+        new_labels=bool(fresh_labels),
     )
     if not decision.fire:
         return dg.SkipReason(decision.why)
